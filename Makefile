@@ -1,0 +1,30 @@
+# The two set-up commands of the README. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned to the release this project is tested on (CPU or CUDA build both work).
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## The main job on embedded defaults: the BUSI-style CV pipeline on the kfp local runner,
+## MLflow on SQLite (./mlflow.db, ./mlruns), the built-in demo dataset, CPU, no network.
+run: $(STAMP)
+	$(BIN)/m2snet pipeline run --local
+
+## The test suite (opt-in: `make test-slow` for the long real-data runs).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) mlflow.db mlruns .m2snet

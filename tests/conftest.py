@@ -1,0 +1,33 @@
+"""Shared test fixtures.
+
+Service fixtures (SeaweedFS S3, mlflow server, PostgreSQL) live in tests/fixtures/services.py and
+are loaded as a plugin so every test module can ask for them by name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.fixtures.services"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The real BUSI set sits beside the checkout (../shared/data/busi); a user's clone has none.
+BUSI_ROOT = Path(os.environ.get("M2SNET_BUSI_ROOT", REPO_ROOT.parent / "shared" / "data" / "busi"))
+
+# Keep tests on few threads: CI has two cores and several tests start subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests never reach the network (no hub downloads of pretrained weights).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("M2SNET_OFFLINE", "1")
+# Never let a test write to a user's default MLflow store.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def busi_root() -> Path:
+    if not (BUSI_ROOT / "benign").is_dir():
+        pytest.skip(f"real BUSI data not found at {BUSI_ROOT} (set M2SNET_BUSI_ROOT to run this test)")
+    return BUSI_ROOT
