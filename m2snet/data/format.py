@@ -1,0 +1,265 @@
+"""The one on-disk dataset format every importer writes and every consumer reads.
+
+Layout (nnU-Net-like; documented in the README)::
+
+    DEST/dataset.json         format_version, name, source_format, n_classes, mask_classes, labels, ...
+    DEST/manifest.csv         one row per case (columns: MANIFEST_COLUMNS)
+    DEST/images/<case_id>.png 8-bit RGB
+    DEST/masks/<case_id>.png  8-bit L: 0/1 for binary sets, class ids 0..n_classes-1 otherwise
+
+``n_classes`` follows the models' convention: 1 means a binary mask (0 background, 1 lesion),
+k > 1 means class ids 0..k-1 with 0 = background.
+
+PNG bytes are written with fixed options (no compression level drift, no metadata), so the same
+pixels always give the same bytes: the manifest's sha256 is therefore a content identity and the
+DVC hash of a regenerated dataset does not move.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable
+
+from m2snet.common import M2SNetError, sha256_bytes, write_json
+
+FORMAT_VERSION = 1
+DATASET_JSON = "dataset.json"
+MANIFEST_CSV = "manifest.csv"
+IMAGES_DIR = "images"
+MASKS_DIR = "masks"
+BINARY_MASK_CLASSES = ["background", "lesion"]
+
+MANIFEST_COLUMNS = [
+    "case_id", "label", "image", "mask", "source_image", "source_masks",
+    "height", "width", "sha256", "mask_sha256", "lesion_area", "group",
+]
+# Several source masks of one case are joined with this separator in the manifest.
+SOURCE_MASKS_SEP = ";"
+
+_CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def safe_case_id(*parts: str) -> str:
+    """A filesystem- and URL-safe id from source names: ``("benign", "benign (12)")`` -> ``benign_0012``.
+
+    Runs of unsafe characters become one underscore; purely numeric parts are zero-padded to four
+    digits so that ids sort like the source numbering. A part equal to the previous one's prefix
+    (BUSI repeats the class in the file name) is not repeated.
+    """
+    out: list[str] = []
+    for part in parts:
+        part = str(part)
+        if out and part.lower().startswith(out[-1].lower()):
+            part = part[len(out[-1]):]
+        part = re.sub(r"[^A-Za-z0-9.-]+", "_", part).strip("_.-")
+        if not part:
+            continue
+        if part.isdigit():
+            part = f"{int(part):04d}"
+        out.append(part)
+    case_id = "_".join(out)
+    # A lone number in parentheses ("benign (12)") leaves "benign_12": pad the trailing number too.
+    case_id = re.sub(r"(?<=_)(\d{1,3})$", lambda m: f"{int(m.group(1)):04d}", case_id)
+    if not _CASE_ID_RE.match(case_id):
+        raise M2SNetError(f"cannot make a safe case id from {parts!r}")
+    return case_id
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """One image and its mask, as listed in manifest.csv (paths resolved against the dataset root)."""
+
+    case_id: str
+    label: str
+    image_path: Path
+    mask_path: Path
+    height: int
+    width: int
+    sha256: str
+    lesion_area: int
+    group: str
+    mask_sha256: str = ""
+    source_image: str = ""
+    source_masks: tuple[str, ...] = ()
+
+    def to_row(self, root: Path) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "label": self.label,
+            "image": self.image_path.relative_to(root).as_posix(),
+            "mask": self.mask_path.relative_to(root).as_posix(),
+            "source_image": self.source_image,
+            "source_masks": SOURCE_MASKS_SEP.join(self.source_masks),
+            "height": self.height,
+            "width": self.width,
+            "sha256": self.sha256,
+            "mask_sha256": self.mask_sha256,
+            "lesion_area": self.lesion_area,
+            "group": self.group,
+        }
+
+
+@dataclass
+class DatasetInfo:
+    """A loaded dataset directory: its dataset.json fields and its cases."""
+
+    root: Path
+    name: str
+    source_format: str
+    n_classes: int
+    mask_classes: list[str]
+    labels: list[str]
+    cases: list[CaseRecord]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def version(self) -> str:
+        """The DVC directory hash of the dataset (``<md5>.dir``), the value ``dvc add`` writes.
+
+        Computed from the files, so it is right whether or not the directory is DVC-tracked
+        and a stale .dvc file cannot lie about it.
+        """
+        from m2snet.data.versioning import dataset_version
+
+        return dataset_version(self.root)
+
+    def case(self, case_id: str) -> CaseRecord:
+        try:
+            return self._by_id[case_id]
+        except KeyError:
+            raise M2SNetError(f"{self.root / MANIFEST_CSV}: no case {case_id!r}") from None
+
+    @cached_property
+    def _by_id(self) -> dict[str, CaseRecord]:
+        return {c.case_id: c for c in self.cases}
+
+    @property
+    def is_binary(self) -> bool:
+        return self.n_classes == 1
+
+
+def encode_png(image: "Any") -> bytes:
+    """PNG bytes of a PIL image with fixed options, so equal pixels give equal bytes."""
+    buf = io.BytesIO()
+    # compress_level fixed, optimize off and no pnginfo: zlib output then depends on pixels only.
+    image.save(buf, format="PNG", compress_level=6, optimize=False)
+    return buf.getvalue()
+
+
+def write_png(path: Path, image: "Any") -> str:
+    """Write ``image`` as PNG at ``path``; return the sha256 of the bytes written."""
+    data = encode_png(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return sha256_bytes(data)
+
+
+def write_dataset(
+    root: Path,
+    cases: Iterable[CaseRecord],
+    *,
+    name: str,
+    source_format: str,
+    n_classes: int,
+    mask_classes: list[str],
+    labels: list[str],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write dataset.json and manifest.csv for cases whose PNGs are already under ``root``."""
+    from m2snet import __version__
+
+    cases = sorted(cases, key=lambda c: c.case_id)
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "source_format": source_format,
+        "n_classes": n_classes,
+        "mask_classes": list(mask_classes),
+        "labels": list(labels),
+        "n_cases": len(cases),
+        "created_by": f"m2snet {__version__}",
+    }
+    meta.update(extra or {})
+    write_json(root / DATASET_JSON, meta)
+    tmp = root / f".{MANIFEST_CSV}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for case in cases:
+            writer.writerow(case.to_row(root))
+    os.replace(tmp, root / MANIFEST_CSV)
+
+
+def _int(value: str, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise M2SNetError(f"{where}: expected an integer, got {value!r}") from None
+
+
+def load_dataset(root: str | os.PathLike) -> DatasetInfo:
+    """Read a dataset directory written by an importer (or ``m2snet data demo`` + import)."""
+    import json
+
+    root = Path(root).resolve()
+    meta_path, manifest_path = root / DATASET_JSON, root / MANIFEST_CSV
+    if not meta_path.is_file():
+        raise M2SNetError(
+            f"{meta_path}: not found; {root} is not an m2snet dataset "
+            "(create one with `m2snet data import` or `m2snet data demo`)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise M2SNetError(f"{meta_path}: invalid JSON ({err})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise M2SNetError(
+            f"{meta_path}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    if not manifest_path.is_file():
+        raise M2SNetError(f"{manifest_path}: not found")
+    with open(manifest_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise M2SNetError(f"{manifest_path}: missing columns {sorted(missing)}")
+        cases = []
+        for lineno, row in enumerate(reader, start=2):
+            where = f"{manifest_path}:{lineno}"
+            cases.append(
+                CaseRecord(
+                    case_id=row["case_id"],
+                    label=row["label"],
+                    image_path=root / row["image"],
+                    mask_path=root / row["mask"],
+                    height=_int(row["height"], where),
+                    width=_int(row["width"], where),
+                    sha256=row["sha256"],
+                    lesion_area=_int(row["lesion_area"], where),
+                    group=row["group"],
+                    mask_sha256=row["mask_sha256"],
+                    source_image=row["source_image"],
+                    source_masks=tuple(s for s in row["source_masks"].split(SOURCE_MASKS_SEP) if s),
+                )
+            )
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise M2SNetError(f"{manifest_path}: duplicate case ids {dup[:5]}")
+    known = {"name", "source_format", "n_classes", "mask_classes", "labels"}
+    return DatasetInfo(
+        root=root,
+        name=str(meta.get("name", root.name)),
+        source_format=str(meta.get("source_format", "")),
+        n_classes=int(meta.get("n_classes", 1)),
+        mask_classes=list(meta.get("mask_classes", BINARY_MASK_CLASSES)),
+        labels=list(meta.get("labels", sorted({c.label for c in cases}))),
+        cases=cases,
+        meta={k: v for k, v in meta.items() if k not in known},
+    )

@@ -1,0 +1,431 @@
+"""Importers: one per public layout, each writing the one m2snet format (see m2snet.data.format).
+
+An importer only knows its layout: ``scan(src)`` lists the cases (image, its mask files, label,
+group) and ``mask_to_classes`` turns a decoded source mask into class ids. Everything else --
+decoding, size checks, union of several masks, writing PNGs, the manifest, validation and the
+atomic move into place -- is shared in :func:`import_dataset`, so every format gets the same checks.
+
+Registry: ``@register_importer("name")``; ``list_importers()``; ``get_importer(name, **options)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from m2snet.common import M2SNetError, atomic_directory
+from m2snet.data.format import (
+    BINARY_MASK_CLASSES, IMAGES_DIR, MASKS_DIR, CaseRecord, DatasetInfo, load_dataset, safe_case_id,
+    write_dataset, write_png,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class SourceCase:
+    """One case as found in a source layout."""
+
+    case_id: str
+    label: str
+    group: str
+    image: Path
+    masks: list[Path]
+
+
+@dataclass
+class Importer:
+    """Base importer for binary masks. Subclasses set ``name``/``description`` and implement ``scan``.
+
+    ``threshold``: None = the mask must already be binary (exactly two levels, 0 and one other);
+    a number = pixels above it are lesion (for JPEG masks, whose edges carry compression noise).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    n_classes: ClassVar[int] = 1
+    mask_classes: ClassVar[list[str]] = BINARY_MASK_CLASSES
+    # Labels whose cases must contain a lesion / must not; checked by validation.
+    lesion_labels: ClassVar[list[str]] = []
+    empty_labels: ClassVar[list[str]] = []
+    allow_duplicates_default: ClassVar[bool] = False
+
+    threshold: int | None = None
+
+    def scan(self, src: Path) -> list[SourceCase]:
+        raise NotImplementedError
+
+    def mask_to_classes(self, mask: np.ndarray, path: Path) -> np.ndarray:
+        """Grey mask (uint8 [H, W]) -> class ids (uint8 [H, W]); raise M2SNetError on invalid values."""
+        if self.threshold is not None:
+            return (mask > self.threshold).astype(np.uint8)
+        values = np.unique(mask)
+        if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+            shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
+            raise M2SNetError(
+                f"{path}: mask is not binary (values {shown}); expected 0 and one lesion value "
+                "(pass a threshold for JPEG-compressed masks)"
+            )
+        return (mask > 0).astype(np.uint8)
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_IMPORTERS: dict[str, type[Importer]] = {}
+
+
+def register_importer(name: str) -> Callable[[type[Importer]], type[Importer]]:
+    def deco(cls: type[Importer]) -> type[Importer]:
+        if name in _IMPORTERS:
+            raise ValueError(f"importer {name!r} registered twice")
+        cls.name = name
+        _IMPORTERS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_importers() -> list[str]:
+    return sorted(_IMPORTERS)
+
+
+def get_importer(name: str, **options: Any) -> Importer:
+    try:
+        cls = _IMPORTERS[name]
+    except KeyError:
+        raise M2SNetError(f"unknown format {name!r}; known formats: {', '.join(list_importers())}") from None
+    known = {f.name for f in fields(cls)}
+    unknown = set(options) - known
+    if unknown:
+        raise M2SNetError(f"format {name!r} has no option(s) {sorted(unknown)}; it accepts {sorted(known)}")
+    return cls(**options)
+
+
+# --------------------------------------------------------------------------- helpers for layouts
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def _find_dir(src: Path, *names: str) -> Path:
+    """The first existing sub-directory of ``src`` among ``names`` (case-insensitive)."""
+    if src.is_dir():
+        by_lower = {p.name.lower(): p for p in src.iterdir() if p.is_dir()}
+        for name in names:
+            if name.lower() in by_lower:
+                return by_lower[name.lower()]
+    raise M2SNetError(f"{src}: expected a sub-directory named one of {list(names)}")
+
+
+def _pair_by_stem(images_dir: Path, masks_dir: Path, suffix: str = "") -> list[tuple[Path, list[Path]]]:
+    """Each image with the mask of the same stem (+ ``suffix``), any image extension."""
+    masks = {p.stem: p for p in _images_in(masks_dir)} if masks_dir.is_dir() else {}
+    images = [p for p in _images_in(images_dir) if not (suffix and p.stem.endswith(suffix))]
+    return [(img, [masks[img.stem + suffix]] if img.stem + suffix in masks else []) for img in images]
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+@register_importer("busi")
+@dataclass
+class BusiImporter(Importer):
+    """BUSI as distributed: ``{benign,malignant,normal}/X.png`` + ``X_mask.png`` [+ ``X_mask_1.png`` ...].
+
+    Several masks of one image are merged by union. Masks come as 1-bit, RGB and RGBA (alpha ignored).
+    BUSI holds exact-duplicate images, so duplicates are allowed by default and recorded.
+    """
+
+    description: ClassVar[str] = "BUSI breast ultrasound (benign/ malignant/ normal/, X_mask.png)"
+    lesion_labels: ClassVar[list[str]] = ["benign", "malignant"]
+    empty_labels: ClassVar[list[str]] = ["normal"]
+    allow_duplicates_default: ClassVar[bool] = True
+    classes: tuple[str, ...] = ("benign", "malignant", "normal")
+
+    def scan(self, src: Path) -> list[SourceCase]:
+        import re
+
+        present = [c for c in self.classes if (src / c).is_dir()]
+        if not present:
+            raise M2SNetError(f"{src}: no BUSI class folders found (expected {', '.join(self.classes)})")
+        cases = []
+        mask_re = re.compile(r"^(?P<stem>.+)_mask(_\d+)?$")
+        for label in present:
+            files = _images_in(src / label)
+            masks: dict[str, list[Path]] = {}
+            images = []
+            for p in files:
+                m = mask_re.match(p.stem)
+                if m:
+                    masks.setdefault(m.group("stem"), []).append(p)
+                else:
+                    images.append(p)
+            for img in images:
+                cases.append(SourceCase(safe_case_id(label, img.stem), label, label, img, sorted(masks.pop(img.stem, []))))
+            for stem, orphan in masks.items():
+                raise M2SNetError(f"{orphan[0]}: mask without an image (expected {src / label / (stem + '.png')})")
+        return cases
+
+
+@register_importer("kvasir")
+@dataclass
+class KvasirImporter(Importer):
+    """Kvasir-SEG: ``images/X.jpg`` + ``masks/X.jpg``; JPEG masks thresholded (default > 127)."""
+
+    description: ClassVar[str] = "Kvasir-SEG polyps (images/, masks/, JPEG masks)"
+    lesion_labels: ClassVar[list[str]] = ["polyp"]
+    threshold: int | None = 127
+
+    def scan(self, src: Path) -> list[SourceCase]:
+        pairs = _pair_by_stem(_find_dir(src, "images"), _find_dir(src, "masks"))
+        return [SourceCase(safe_case_id(img.stem), "polyp", "kvasir", img, m) for img, m in pairs]
+
+
+@register_importer("pranet")
+@dataclass
+class PraNetImporter(Importer):
+    """PraNet polyp layout: ``TrainDataset/{images,masks}``, ``TestDataset/<name>/{images,masks}``.
+
+    The group is ``train`` or the test subset's name (CVC-300, Kvasir, ...), so evaluation can
+    report per subset.
+    """
+
+    description: ClassVar[str] = "PraNet polyp benchmark (TrainDataset/, TestDataset/<name>/)"
+    lesion_labels: ClassVar[list[str]] = ["polyp"]
+    threshold: int | None = 127
+
+    def scan(self, src: Path) -> list[SourceCase]:
+        subsets: list[tuple[str, Path]] = []
+        if (src / "TrainDataset").is_dir():
+            subsets.append(("train", src / "TrainDataset"))
+        if (src / "TestDataset").is_dir():
+            subsets += [(p.name, p) for p in sorted((src / "TestDataset").iterdir()) if p.is_dir()]
+        if not subsets:
+            raise M2SNetError(f"{src}: expected TrainDataset/ and/or TestDataset/<name>/ (PraNet layout)")
+        cases = []
+        for group, folder in subsets:
+            for img, masks in _pair_by_stem(_find_dir(folder, "images"), _find_dir(folder, "masks")):
+                cases.append(SourceCase(safe_case_id(group, img.stem), "polyp", group, img, masks))
+        return cases
+
+
+@register_importer("cvc-clinicdb")
+@dataclass
+class ClinicDbImporter(Importer):
+    """CVC-ClinicDB: ``Original/N.tif`` + ``Ground Truth/N.tif`` (TIFF, or the PNG re-release)."""
+
+    description: ClassVar[str] = "CVC-ClinicDB polyps (Original/, Ground Truth/, TIFF)"
+    lesion_labels: ClassVar[list[str]] = ["polyp"]
+    threshold: int | None = 127
+
+    def scan(self, src: Path) -> list[SourceCase]:
+        root = src / "PNG" if (src / "PNG").is_dir() and not (src / "Original").is_dir() else src
+        pairs = _pair_by_stem(_find_dir(root, "Original", "images"), _find_dir(root, "Ground Truth", "GroundTruth", "masks"))
+        return [SourceCase(safe_case_id("clinicdb", img.stem), "polyp", "clinicdb", img, m) for img, m in pairs]
+
+
+@register_importer("covid-ct")
+@dataclass
+class CovidCtImporter(Importer):
+    """COVID-19 CT infection slices (Inf-Net layout): ``Imgs/X.jpg`` + ``GT/X.png``.
+
+    Slices without infection are legitimate, so no lesion is required.
+    """
+
+    description: ClassVar[str] = "COVID-19 CT infection slices (Imgs/, GT/)"
+    threshold: int | None = 127
+
+    def scan(self, src: Path) -> list[SourceCase]:
+        pairs = _pair_by_stem(_find_dir(src, "Imgs", "images"), _find_dir(src, "GT", "masks"))
+        return [SourceCase(safe_case_id(img.stem), "ct", "covid", img, m) for img, m in pairs]
+
+
+# GOALS 2022 layer masks: grey level -> (class id, name). Class 0 is background, as everywhere in
+# m2snet; the three layers the challenge scores are 1..3.
+GOALS_LEVELS = {255: (0, "background"), 0: (1, "RNFL"), 80: (2, "GCIPL"), 160: (3, "choroid")}
+
+
+@register_importer("goals")
+@dataclass
+class GoalsImporter(Importer):
+    """GOALS 2022 OCT: ``Image/N.png`` + ``Layer_Masks/N.png`` (optionally under ``Train/``).
+
+    Grey levels map to classes: 255 -> 0 background, 0 -> 1 RNFL, 80 -> 2 GCIPL, 160 -> 3 choroid.
+    Any other level is an error naming the file.
+    """
+
+    description: ClassVar[str] = "GOALS 2022 OCT layers (Image/, Layer_Masks/; 4 classes)"
+    n_classes: ClassVar[int] = 4
+    mask_classes: ClassVar[list[str]] = [GOALS_LEVELS[k][1] for k in (255, 0, 80, 160)]
+
+    def scan(self, src: Path) -> list[SourceCase]:
+        root = src / "Train" if (src / "Train").is_dir() else src
+        pairs = _pair_by_stem(_find_dir(root, "Image", "images"), _find_dir(root, "Layer_Masks", "masks"))
+        return [SourceCase(safe_case_id("goals", img.stem), "oct", "goals", img, m) for img, m in pairs]
+
+    def mask_to_classes(self, mask: np.ndarray, path: Path) -> np.ndarray:
+        lut = np.full(256, 255, dtype=np.uint8)
+        for level, (cls, _) in GOALS_LEVELS.items():
+            lut[level] = cls
+        out = lut[mask]
+        if (out == 255).any():
+            bad = sorted(set(np.unique(mask).tolist()) - set(GOALS_LEVELS))
+            raise M2SNetError(f"{path}: layer mask has grey levels {bad[:8]} outside the GOALS levels {sorted(GOALS_LEVELS)}")
+        return out
+
+
+@register_importer("folder")
+@dataclass
+class FolderImporter(Importer):
+    """A generic pair of folders: ``<images_dir>/X.ext`` + ``<masks_dir>/X<mask_suffix>.ext``."""
+
+    description: ClassVar[str] = "generic images/ + masks/ folders (options: images_dir, masks_dir, mask_suffix, threshold, label)"
+    images_dir: str = "images"
+    masks_dir: str = "masks"
+    mask_suffix: str = ""
+    label: str = "lesion"
+    threshold: int | None = None
+
+    def scan(self, src: Path) -> list[SourceCase]:
+        images, masks = src / self.images_dir, src / self.masks_dir
+        if not images.is_dir():
+            raise M2SNetError(f"{images}: images folder not found")
+        pairs = _pair_by_stem(images, masks, self.mask_suffix)
+        return [SourceCase(safe_case_id(img.stem), self.label, "", img, m) for img, m in pairs]
+
+
+# --------------------------------------------------------------------------- the shared import
+
+
+def _decode(path: Path, what: str):
+    """Open and fully decode an image, turning any decoder failure into an error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            try:  # some TIFFs (e.g. float or odd compressions) only tifffile reads
+                import tifffile
+
+                arr = tifffile.imread(path)
+                if arr.dtype != np.uint8:
+                    arr = np.clip(arr, 0, 255).astype(np.uint8)
+                return Image.fromarray(arr)
+            except Exception:  # noqa: BLE001 - fall through to the clear error below
+                pass
+        raise M2SNetError(f"{path}: cannot decode {what} ({err})") from None
+
+
+def _grey(mask_image) -> np.ndarray:
+    """A source mask of any mode as uint8 [H, W]: max over colour channels, alpha ignored."""
+    if mask_image.mode == "1":
+        return np.asarray(mask_image, dtype=np.uint8) * 255
+    if mask_image.mode in ("RGB", "RGBA", "P", "LA", "CMYK"):
+        arr = np.asarray(mask_image.convert("RGB"))
+        return arr.max(axis=2)
+    if mask_image.mode in ("I;16", "I", "F"):
+        return np.clip(np.asarray(mask_image), 0, 255).astype(np.uint8)
+    return np.asarray(mask_image.convert("L"))
+
+
+def _convert_case(importer: Importer, case: SourceCase, src: Path, out: Path) -> CaseRecord:
+    from PIL import Image
+
+    if not case.masks:
+        raise M2SNetError(f"{case.image}: no mask found for this image")
+    image = _decode(case.image, "image")
+    width, height = image.size
+    merged = np.zeros((height, width), dtype=np.uint8)
+    for mask_path in case.masks:
+        mask_image = _decode(mask_path, "mask")
+        if mask_image.size != image.size:
+            raise M2SNetError(
+                f"{mask_path}: mask is {mask_image.size[0]}x{mask_image.size[1]} but its image "
+                f"{case.image.name} is {width}x{height}"
+            )
+        classes = importer.mask_to_classes(_grey(mask_image), mask_path)
+        # Union of several masks: for class ids, a later non-background label wins.
+        merged = np.where(classes > 0, classes, merged)
+    image_path, mask_path = out / IMAGES_DIR / f"{case.case_id}.png", out / MASKS_DIR / f"{case.case_id}.png"
+    sha = write_png(image_path, image.convert("RGB"))
+    mask_sha = write_png(mask_path, Image.fromarray(merged, mode="L"))
+    return CaseRecord(
+        case_id=case.case_id, label=case.label, image_path=image_path, mask_path=mask_path,
+        height=height, width=width, sha256=sha, lesion_area=int((merged > 0).sum()), group=case.group,
+        mask_sha256=mask_sha, source_image=case.image.relative_to(src).as_posix(),
+        source_masks=tuple(m.relative_to(src).as_posix() for m in case.masks),
+    )
+
+
+def import_dataset(
+    fmt: str,
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    allow_duplicates: bool | None = None,
+    overwrite: bool = False,
+    name: str | None = None,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> DatasetInfo:
+    """Convert ``src`` (layout ``fmt``) into an m2snet dataset at ``dest``, validated, atomically.
+
+    Every problem found while converting (undecodable image, missing mask, mask of the wrong size,
+    non-binary mask) is collected and reported together, naming each file; then validation runs on
+    the converted copy. Only a complete and valid dataset is moved to ``dest``; on any failure
+    nothing is left behind.
+    """
+    from tqdm.auto import tqdm
+
+    from m2snet.data.validation import validate_dataset
+
+    importer = get_importer(fmt, **(options or {}))
+    src, dest = Path(src), Path(dest)
+    if not src.is_dir():
+        raise M2SNetError(f"{src}: source directory not found")
+    cases = importer.scan(src)
+    if not cases:
+        raise M2SNetError(f"{src}: no images found for format {fmt!r} ({importer.description})")
+    ids = [c.case_id for c in cases]
+    clashes = sorted({i for i in ids if ids.count(i) > 1})
+    if clashes:
+        raise M2SNetError(f"{src}: several source images map to the same case id: {clashes[:5]}")
+    allow = importer.allow_duplicates_default if allow_duplicates is None else allow_duplicates
+    with atomic_directory(dest, overwrite=overwrite) as tmp:
+        records, problems = [], []
+        for case in tqdm(cases, desc=f"import {fmt}", disable=not progress, leave=False):
+            try:
+                records.append(_convert_case(importer, case, src, tmp))
+            except M2SNetError as err:
+                problems.append(str(err))
+        if problems:
+            raise M2SNetError(
+                f"{src}: {len(problems)} of {len(cases)} cases could not be imported:\n  " + "\n  ".join(problems)
+            )
+        write_dataset(
+            tmp, records, name=name or dest.name, source_format=fmt, n_classes=importer.n_classes,
+            mask_classes=importer.mask_classes, labels=sorted({r.label for r in records}),
+            extra={
+                "allow_duplicates": allow,
+                "lesion_labels": importer.lesion_labels,
+                "empty_labels": importer.empty_labels,
+                "import_options": importer.options(),
+            },
+        )
+        report = validate_dataset(tmp, write_report=True)
+        if not report.success:
+            raise M2SNetError(f"{src}: the imported data is not valid:\n{report.summary(shown_root=dest)}")
+    log.info("imported %d cases (%s) into %s", len(records), fmt, dest)
+    return load_dataset(dest)
