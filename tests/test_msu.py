@@ -1,0 +1,193 @@
+"""The fast MSU filter equals the dense all-ones convolution it replaces (outputs, BN running
+statistics, gradients), in train and eval mode, and the whole M2SNet agrees in both forms."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m2snet.models import create_model
+from m2snet.models.units import MultiScaleSubtraction, OnesFilterBN
+
+
+class DenseOnesReference(nn.Module):
+    """The reference's F_k written out independently: a real all-ones Conv2d, BatchNorm2d, ReLU."""
+
+    def __init__(self, k: int, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, k, padding=k // 2)
+        nn.init.ones_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.conv.requires_grad_(False)
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return F.relu(self.norm(self.conv(x)))
+
+
+def _randomise_bn(bn: nn.BatchNorm2d, gen: torch.Generator) -> None:
+    # Per-channel affine and running stats that differ by channel: the broadcast must respect them.
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(bn.num_features, generator=gen))
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen) * 10)
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) * 50 + 1)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_filter_equals_dense_conv(k: int, train: bool) -> None:
+    gen = torch.Generator().manual_seed(k)
+    channels = 8
+    ref = DenseOnesReference(k, channels)
+    _randomise_bn(ref.norm, gen)
+    outs = {}
+    for impl in ("fast", "dense"):
+        f = OnesFilterBN(k, channels, impl=impl)
+        f.norm.load_state_dict(ref.norm.state_dict())
+        outs[impl] = f
+    ref.train(train)
+    for f in outs.values():
+        f.train(train)
+
+    x = torch.randn(3, channels, 9, 11, generator=gen)
+    upstream = torch.randn(3, channels, 9, 11, generator=gen)  # a non-uniform dL/dy
+    results = {}
+    for name, module in {"reference": ref, **outs}.items():
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        (y * upstream).sum().backward()
+        results[name] = (y.detach(), xi.grad, module.norm.weight.grad, module.norm.bias.grad,
+                         module.norm.running_mean.clone(), module.norm.running_var.clone())
+    names = ("output", "input grad", "BN weight grad", "BN bias grad", "running_mean", "running_var")
+    for impl in ("fast", "dense"):
+        for name, got, want in zip(names, results[impl], results["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{impl} {name} (train={train})")
+    # the output is NOT the same in every channel (per-channel affine after the broadcast)
+    assert not torch.allclose(results["fast"][0][:, 0], results["fast"][0][:, 1])
+    if train:  # running stats really moved, in the same way
+        assert not torch.allclose(results["fast"][4], ref.norm.running_mean.new_zeros(channels))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_multiscale_subtraction_batches_filters_exactly(train: bool) -> None:
+    """The MSU's joint computation (both filters, both inputs in one batch of kernels) equals
+    calling F3 and F5 on a then on b: outputs, gradients and the order of running-stat updates."""
+    gen = torch.Generator().manual_seed(3)
+    joint = [OnesFilterBN(3, 4), OnesFilterBN(5, 4)]
+    for f in joint:
+        _randomise_bn(f.norm, gen)
+        f.train(train)
+    single = copy.deepcopy(joint)
+    a0, b0 = torch.randn(2, 4, 6, 7, generator=gen), torch.randn(2, 4, 6, 7, generator=gen)
+    a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    d = MultiScaleSubtraction(joint)(a, b)
+    d.square().sum().backward()
+    a2, b2 = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    want = (a2 - b2).abs() + sum((f(a2) - f(b2)).abs() for f in single)
+    want.square().sum().backward()
+    torch.testing.assert_close(d, want)
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+    for fj, fs in zip(joint, single):
+        torch.testing.assert_close(fj.norm.weight.grad, fs.norm.weight.grad)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(fj.norm, name), getattr(fs.norm, name))
+    with torch.no_grad():  # the in-place inference path (train mode: batch stats, same output)
+        torch.testing.assert_close(MultiScaleSubtraction(joint)(a0, b0), want.detach())
+    assert (d >= (a0 - b0).abs() - 1e-6).all()
+
+
+def test_fixed_filter_checkpoint_keys_validated() -> None:
+    f = OnesFilterBN(3, 4)
+    state = {**f.state_dict(), "weight": torch.ones(4, 4, 3, 3), "bias": torch.zeros(4)}
+    f.load_state_dict(state)  # the reference's fixed tensors are accepted when they are fixed
+    state["weight"] = torch.full((4, 4, 3, 3), 2.0)
+    with pytest.raises(RuntimeError, match="weight: the fixed filter must be all 1"):
+        f.load_state_dict(state)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_m2snet_fast_equals_dense(train: bool) -> None:
+    """The whole network: fast float32 against the dense form run in float64.
+
+    float64 is the referee because the dense float32 form is itself the less exact one (its box
+    sums add 64 x k x k large terms; its input gradients were seen ~1e-3 off float64 relative to
+    their scale, the fast form's ~1e-5).
+    """
+    torch.manual_seed(0)
+    fast = create_model("m2snet", pretrained=False, msu_impl="fast")
+    dense = create_model("m2snet", pretrained=False, msu_impl="dense")
+    x = torch.randn(2, 3, 64, 64)
+    if not train:
+        # Calibrate the running statistics first (momentum None = plain average of the batches),
+        # otherwise a random network's eval outputs reach 1e10 and only relative checks mean much.
+        for m in fast.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+        with torch.no_grad():
+            fast.train()(x)
+    dense.load_state_dict(fast.state_dict())
+    # the dense form also holds the fixed all-ones filters (as fixed parameters), nothing else
+    assert set(dense.state_dict()) - set(fast.state_dict()) == {
+        "conv_3.weight", "conv_3.bias", "conv_5.weight", "conv_5.bias"}
+    fast.load_state_dict(dense.state_dict())  # and the two load each other's checkpoints
+    dense.double()
+    fast.train(train), dense.train(train)
+    results = []
+    for model in (fast, dense):
+        xi = x.clone().to(next(model.parameters()).dtype).requires_grad_(True)
+        y = model(xi)
+        y.square().mean().backward()
+        results.append([t.float() for t in (y.detach(), xi.grad, model.conv_3.norm.weight.grad,
+                                            model.conv_5.norm.bias.grad, model.conv_5.norm.running_var,
+                                            model.conv_3.norm.running_mean)])
+    names = ("output", "input grad", "conv_3 BN weight grad", "conv_5 BN bias grad",
+             "conv_5 running_var", "conv_3 running_mean")
+    for name, got, want in zip(names, *results):
+        # measured: <= 6e-6 of the tensor's scale in train mode, 1.2e-4 for eval input grads
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-4 * want.abs().max().item(), msg=name)
+    if not train:  # inference without autograd takes the in-place path: same numbers
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), results[0][0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_m2snet_fast_equals_dense_cuda() -> None:
+    """On CUDA, a training step: fast float32 (TF32 off) against dense float64, and under
+    bfloat16 autocast the fast form no further from float64 than the dense form is."""
+    torch.manual_seed(0)
+    fast = create_model("m2snet", pretrained=False, msu_impl="fast").cuda()
+    dense = create_model("m2snet", pretrained=False, msu_impl="dense").cuda()
+    dense.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 128, 128, device="cuda")
+
+    def step(model: nn.Module, dtype: torch.dtype, amp: bool) -> list[torch.Tensor]:
+        model = copy.deepcopy(model).to(dtype)
+        xi = x.to(dtype).requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            y = model(xi)
+        y.float().square().mean().backward()
+        return [t.double() for t in (y.detach(), xi.grad, model.conv_5.norm.weight.grad)]
+
+    def rel(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:
+        return [((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want)]
+
+    old_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref = step(dense, torch.float64, amp=False)
+        fast32 = rel(step(fast, torch.float32, amp=False), ref)
+        fast16 = rel(step(fast, torch.float32, amp=True), ref)
+        dense16 = rel(step(dense, torch.float32, amp=True), ref)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old_tf32
+    # cuDNN's float32 algorithms (shared encoder) dominate here: 7e-6 (output), 1.3e-3 (input
+    # grad), 8e-4 (BN grad) were measured on an H200
+    assert max(fast32) < 5e-3, fast32
+    assert all(f <= 2 * d + 1e-3 for f, d in zip(fast16, dense16)), (fast16, dense16)
