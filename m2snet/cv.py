@@ -1,0 +1,256 @@
+"""K-fold cross-validation: train and evaluate each fold, aggregate as the paper's BUSI table.
+
+``run_cv`` opens one parent MLflow run (or reuses ``parent_run_id``, so folds can run as separate
+jobs) with one child run per fold. ``train_fold`` trains one fold, evaluates its best checkpoint
+on the fold's validation cases at their original sizes, and logs metrics, artifacts and the pyfunc
+model to the fold's run. ``aggregate_cv`` turns per-fold metrics into mean +- std in percent.
+
+Std over folds is the sample standard deviation (ddof=1; 0 for a single fold).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from m2snet.common import M2SNetError, git_commit, write_json
+from m2snet.evaluation.metrics import BUSI_TABLE
+from m2snet.training.config import TrainConfig
+
+log = logging.getLogger("m2snet.cv")
+
+# The paper's Tab. 4 (BUSI, M2SNet), in percent: (mean, std).
+PAPER_BUSI_M2SNET = {"iou": (71.52, 1.19), "precision": (84.00, 0.55), "recall": (79.97, 1.65),
+                     "specificity": (98.35, 0.20), "dice": (79.21, 1.28)}
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    metrics: dict[str, float]  # per-image means on the fold's validation cases (fractions, not %)
+    out_dir: Path
+    best_checkpoint: Path
+    per_case_csv: Path | None = None
+    overlay_png: Path | None = None
+    learning_curves_png: Path | None = None
+    history: list[dict] = field(default_factory=list, repr=False)
+    run_id: str | None = None
+    model_uri: str | None = None
+
+
+@dataclass
+class CVSummary:
+    """mean +- std over folds, in percent, for every metric present in all folds."""
+
+    n_folds: int
+    folds: list[int]
+    mean: dict[str, float]
+    std: dict[str, float]
+
+    def table(self, columns: Sequence[tuple[str, str]] = BUSI_TABLE, title: str = "") -> str:
+        """A Markdown table: one row, the paper's BUSI columns."""
+        head = "| " + " | ".join(["", *[c for c, _ in columns]]) + " |"
+        sep = "|" + "---|" * (len(columns) + 1)
+        row = "| " + " | ".join([title or f"{self.n_folds} folds",
+                                 *[f"{self.mean[k]:.2f} ± {self.std[k]:.2f}" if k in self.mean else "n/a"
+                                   for _, k in columns]]) + " |"
+        return "\n".join([head, sep, row])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_folds": self.n_folds, "folds": self.folds, "mean_percent": self.mean, "std_percent": self.std}
+
+    def flat_metrics(self, prefix: str = "cv_") -> dict[str, float]:
+        out = {f"{prefix}{k}_mean": v for k, v in self.mean.items()}
+        out.update({f"{prefix}{k}_std": v for k, v in self.std.items()})
+        return out
+
+
+def aggregate_cv(per_fold: Sequence[Mapping[str, float]] | Sequence[FoldResult],
+                 folds: Sequence[int] | None = None) -> CVSummary:
+    """Mean +- std (percent) over folds of each metric (fractions in, percent out).
+
+    Accepts FoldResult objects or plain metric dicts (e.g. read back from each fold's
+    ``eval/metrics.json`` by a pipeline step). ``n_cases`` and other counts are not aggregated.
+    """
+    import numpy as np
+
+    rows = [r.metrics if isinstance(r, FoldResult) else dict(r) for r in per_fold]
+    if not rows:
+        raise M2SNetError("aggregate_cv: no fold results to aggregate")
+    if folds is None:
+        folds = [r.fold if isinstance(r, FoldResult) else i for i, r in enumerate(per_fold)]
+    keys = [k for k in rows[0] if k != "n_cases" and all(k in r for r in rows)]
+    mean, std = {}, {}
+    for k in keys:
+        vals = np.array([float(r[k]) for r in rows])
+        if not k.startswith("med"):  # MED is a distance in pixels; every other metric a fraction
+            vals = vals * 100.0
+        mean[k] = float(np.nanmean(vals))
+        std[k] = float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return CVSummary(n_folds=len(rows), folds=list(folds), mean=mean, std=std)
+
+
+def _fold_tracker(parent, tracking, fold_dir: Path, fold: int, resume: bool):
+    from m2snet.tracking import Tracker
+
+    run_file = fold_dir / "mlflow_run.json"
+    if resume and run_file.is_file():
+        import json
+
+        return Tracker.start(parent.cfg if parent else tracking, run_id=json.loads(run_file.read_text())["run_id"])
+    if parent is not None:
+        return parent.child(f"fold-{fold}", tags={"m2snet.fold": str(fold)})
+    if tracking is not None:
+        return Tracker.start(tracking, run_name=f"fold-{fold}", tags={"m2snet.fold": str(fold)})
+    return None
+
+
+def train_fold(
+    cfg: TrainConfig,
+    fold: int,
+    out_dir: str | os.PathLike,
+    *,
+    parent=None,
+    tracking=None,
+    resume: bool = False,
+    log_model: bool = True,
+    tta_flip: bool = False,
+    with_sod: bool = True,
+    fold_dir: str | os.PathLike | None = None,
+) -> FoldResult:
+    """Train fold ``fold`` of ``cfg.split`` into ``out_dir/fold<k>``, evaluate, log to MLflow.
+
+    ``parent``: a :class:`m2snet.tracking.Tracker` of the CV (the fold becomes a child run);
+    ``tracking``: a TrackingConfig for a stand-alone fold run; neither = no tracking.
+    ``fold_dir`` overrides the output directory (``m2snet train`` writes exactly to ``--out``).
+    """
+    from m2snet.evaluation.evaluate import evaluate
+    from m2snet.training.trainer import train
+
+    if not cfg.split:
+        raise M2SNetError("cross-validation needs a split file (--split)")
+    fold_dir = Path(fold_dir) if fold_dir is not None else Path(out_dir) / f"fold{fold}"
+    fold_cfg = cfg.override(fold=fold, out_dir=str(fold_dir))
+    resume = resume and (fold_dir / "last.pt").is_file()
+    tracker = _fold_tracker(parent, tracking, fold_dir, fold, resume)
+    try:
+        result = train(fold_cfg, resume=resume, tracker=tracker)
+        if not result.val_cases:
+            raise M2SNetError(f"{cfg.split}: fold {fold} has no validation cases")
+        ev = evaluate([result.best_checkpoint], cfg.data, case_ids=result.val_cases, out_dir=fold_dir / "eval",
+                      tta_flip=tta_flip, device=result.device, batch_size=max(1, cfg.batch_size),
+                      with_sod=with_sod, progress=cfg.progress)
+        fr = FoldResult(fold=fold, metrics=ev.metrics, out_dir=fold_dir, best_checkpoint=result.best_checkpoint,
+                        per_case_csv=ev.per_case_csv, overlay_png=ev.overlay_png,
+                        learning_curves_png=fold_dir / "learning_curves.png", history=result.history)
+        if tracker is not None:
+            fr.run_id = tracker.run_id
+            tracker.log_metrics({f"final_{k}": v for k, v in ev.metrics.items()}, step=cfg.epochs)
+            # The paper's names as well, so runs compare on "dice", "iou", ... directly.
+            tracker.log_metrics({k: v for k, v in ev.metrics.items()}, step=cfg.epochs, flush=True)
+            tracker.set_tags({"m2snet.best_epoch": result.best_epoch})
+            for path, where in ((ev.per_case_csv, "eval"), (ev.metrics_json, "eval"), (ev.overlay_png, "eval"),
+                                (fold_dir / "learning_curves.png", "plots"), (fold_dir / "history.json", "train"),
+                                (fold_dir / "train_config.json", "train")):
+                if path is not None and Path(path).is_file():
+                    tracker.log_artifact(path, where)
+            if not log_model:
+                tracker.log_artifact(result.best_checkpoint, "checkpoints")
+            else:
+                # The pyfunc model carries best.pt as its artifact "checkpoint_0": not uploaded twice.
+                from m2snet.pyfunc import log_segmentation_model
+
+                info = log_segmentation_model([result.best_checkpoint], name="model", run_id=tracker.run_id,
+                                              tracking_uri=tracker.cfg.resolved_uri(), tta_flip=tta_flip)
+                fr.model_uri = info.model_uri
+                tracker.set_tags({"m2snet.model_uri": info.model_uri})
+        write_json(fold_dir / "fold_result.json", {"fold": fold, "metrics": fr.metrics, "run_id": fr.run_id,
+                                                   "model_uri": fr.model_uri,
+                                                   "best_checkpoint": str(fr.best_checkpoint)})
+    except BaseException:
+        if tracker is not None:
+            tracker.__exit__(RuntimeError, None, None)
+        raise
+    if tracker is not None:
+        tracker.end("FINISHED")
+    return fr
+
+
+@dataclass
+class CVResult:
+    summary: CVSummary
+    folds: list[FoldResult]
+    out_dir: Path
+    parent_run_id: str | None = None
+
+
+def run_cv(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    folds: Sequence[int] | None = None,
+    *,
+    tracking=None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    resume: bool = False,
+    log_models: bool = True,
+    tta_flip: bool = False,
+    with_sod: bool = True,
+) -> CVResult:
+    """Train + evaluate the listed folds (default: all) under one parent run; print the table."""
+    from m2snet.data.split import load_split
+    from m2snet.evaluation.plots import cv_learning_curves
+    from m2snet.tracking import Tracker
+
+    if not cfg.split:
+        raise M2SNetError("cross-validation needs a split file (--split)")
+    split = load_split(cfg.split)
+    folds = list(range(split.n_folds)) if folds is None else list(folds)
+    for k in folds:
+        split.fold(k)  # range check with a clear error
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parent = None
+    if tracking is not None:
+        if parent_run_id is None and resume and (out / "mlflow_parent.json").is_file():
+            import json
+
+            parent_run_id = json.loads((out / "mlflow_parent.json").read_text())["run_id"]
+        parent = (Tracker.start(tracking, run_id=parent_run_id) if parent_run_id else
+                  Tracker.start(tracking, run_name=run_name or f"cv-{cfg.model}", tags={"m2snet.kind": "cv"}))
+        write_json(out / "mlflow_parent.json", {"run_id": parent.run_id, "tracking_uri": tracking.resolved_uri()})
+        from m2snet.data.format import load_dataset
+
+        # The children record what actually happened (pretrained source, device); the parent
+        # records the shared inputs.
+        parent.log_params({**{f"config.{k}": v for k, v in cfg.to_dict().items()},
+                           "data_version": load_dataset(cfg.data).version, "split_sha256": split.sha256,
+                           "git_commit": git_commit(), "seed": cfg.seed, "n_folds": split.n_folds,
+                           "folds": ",".join(map(str, folds))})
+    results: list[FoldResult] = []
+    try:
+        for k in folds:
+            log.info("=== fold %d (%d of %d) ===", k, len(results) + 1, len(folds))
+            results.append(train_fold(cfg, k, out, parent=parent, resume=resume, log_model=log_models,
+                                      tta_flip=tta_flip, with_sod=with_sod))
+        summary = aggregate_cv(results)
+        write_json(out / "cv_summary.json", {**summary.to_dict(),
+                                             "per_fold": {r.fold: r.metrics for r in results}})
+        (out / "cv_table.md").write_text(summary.table(title=cfg.model) + "\n")
+        curves = cv_learning_curves({r.fold: r.history for r in results}, out / "cv_learning_curves.png",
+                                    title=f"{cfg.model}: {len(results)} folds")
+        if parent is not None:
+            parent.log_metrics(summary.flat_metrics(), step=0, flush=True)
+            for path in (out / "cv_summary.json", out / "cv_table.md", curves):
+                parent.log_artifact(path, "cv")
+    except BaseException as err:
+        if parent is not None:
+            parent.__exit__(type(err), err, None)
+        raise
+    if parent is not None:
+        parent.end("FINISHED")
+    log.info("cross-validation (%s):\n%s", cfg.model, summary.table(title=cfg.model))
+    return CVResult(summary=summary, folds=results, out_dir=out, parent_run_id=parent.run_id if parent else None)

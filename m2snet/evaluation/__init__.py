@@ -1,0 +1,1 @@
+"""Evaluation: per-image metrics, evaluation of checkpoints, figures."""

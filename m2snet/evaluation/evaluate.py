@@ -1,0 +1,143 @@
+"""Evaluate a checkpoint (or an ensemble of checkpoints) on cases of a dataset directory.
+
+Writes ``per_case.csv`` (one row per case: id, label, size, every metric), ``metrics.json``
+(per-image means) and ``overlays.png`` (the best and worst cases by Dice: image, ground truth,
+prediction). Predictions are scored at each case's original size, threshold 0.5 (see
+:mod:`m2snet.evaluation.metrics` for the metric definitions and the empty-mask convention).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from m2snet.common import M2SNetError, write_json
+from m2snet.evaluation.metrics import case_metrics, mean_metrics
+from m2snet.evaluation.plots import OverlayCase, overlay_grid
+from m2snet.evaluation.predict import Predictor
+
+log = logging.getLogger("m2snet.evaluation")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # per-image means
+    rows: list[dict] = field(repr=False)  # per-case rows (as in the CSV)
+    per_case_csv: Path | None = None
+    metrics_json: Path | None = None
+    overlay_png: Path | None = None
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.rows)
+
+
+def _load_pair(case) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    with Image.open(case.image_path) as im:
+        image = np.asarray(im.convert("RGB"))
+    with Image.open(case.mask_path) as m:
+        mask = np.asarray(m.convert("L"))
+    return image, mask
+
+
+def evaluate_predictor(
+    predictor: Predictor,
+    data: str | os.PathLike,
+    case_ids: Sequence[str] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    n_overlay: int = 3,
+    with_sod: bool = True,
+    progress: bool = False,
+    title: str = "",
+) -> EvalResult:
+    """Score ``predictor`` on ``case_ids`` (default: every case) of the dataset at ``data``."""
+    from tqdm import tqdm
+
+    from m2snet.data.format import load_dataset
+
+    info = load_dataset(data)
+    if info.n_classes != predictor.n_classes:
+        raise M2SNetError(
+            f"{data}: dataset has n_classes={info.n_classes} but the model predicts {predictor.n_classes}"
+        )
+    cases = [info.case(c) for c in case_ids] if case_ids is not None else list(info.cases)
+    if not cases:
+        raise M2SNetError(f"{data}: no cases to evaluate")
+    rows: list[dict] = []
+    keep: list[tuple[float, OverlayCase]] = []
+    bar = tqdm(total=len(cases), desc="evaluate", unit="img", disable=not progress)
+    for start in range(0, len(cases), predictor.batch_size):
+        chunk = cases[start:start + predictor.batch_size]
+        pairs = [_load_pair(c) for c in chunk]
+        probs = predictor.predict_proba([p[0] for p in pairs])
+        for case, (image, mask), prob in zip(chunk, pairs, probs):
+            m = case_metrics(prob, mask, predictor.n_classes, with_sod=with_sod)
+            pred = predictor.to_mask(prob)
+            rows.append({"case_id": case.case_id, "label": case.label, "height": image.shape[0],
+                         "width": image.shape[1], **m,
+                         "pred_foreground_fraction": float((pred > 0).mean())})
+            keep.append((m["dice"], OverlayCase(case.case_id, image, mask, pred, m["dice"])))
+        bar.update(len(chunk))
+    bar.close()
+    # Means over the metric columns only (not the id/label/size columns of the CSV).
+    skip = {"case_id", "label", "height", "width"}
+    result = EvalResult(metrics=mean_metrics([{k: v for k, v in r.items() if k not in skip} for r in rows]),
+                        rows=rows)
+    result.metrics["n_cases"] = float(len(rows))
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result.per_case_csv = out / "per_case.csv"
+        with open(result.per_case_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        result.metrics_json = out / "metrics.json"
+        write_json(result.metrics_json, result.metrics)
+        # Best and worst cases by Dice (stable order: ties broken by case id).
+        ordered = sorted(keep, key=lambda t: (t[0], t[1].case_id))
+        worst = [c for _, c in ordered[:n_overlay]]
+        best = [c for _, c in ordered[::-1][:n_overlay] if c not in worst]
+        for c in best:
+            c.tag = "best"
+        for c in worst:
+            c.tag = "worst"
+        result.overlay_png = overlay_grid(best + worst, out / "overlays.png", title=title)
+    log.info("evaluated %d cases: %s", len(rows),
+             ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k in
+                       ("dice", "iou", "precision", "recall", "specificity", "med")))
+    return result
+
+
+def evaluate(
+    checkpoints: Sequence[str | os.PathLike],
+    data: str | os.PathLike,
+    case_ids: Sequence[str] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    tta_flip: bool = False,
+    device: str = "auto",
+    batch_size: int = 8,
+    n_overlay: int = 3,
+    with_sod: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """Load the checkpoint(s) (averaging their probabilities) and evaluate on the dataset."""
+    import torch
+
+    from m2snet.common import resolve_device
+
+    device = resolve_device(device)
+    predictor = Predictor.from_checkpoints(list(checkpoints), device=device, tta_flip=tta_flip,
+                                           batch_size=batch_size)
+    with torch.inference_mode():
+        return evaluate_predictor(predictor, data, case_ids, out_dir, n_overlay=n_overlay,
+                                  with_sod=with_sod, progress=progress,
+                                  title=", ".join(Path(c).name for c in checkpoints))

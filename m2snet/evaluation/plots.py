@@ -1,0 +1,115 @@
+"""Figures: an overlay grid of cases (image | ground truth | prediction) and learning curves.
+
+matplotlib runs on the Agg backend (no display needed, safe in workers and containers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@dataclass
+class OverlayCase:
+    case_id: str
+    image: np.ndarray  # [H, W, 3] uint8
+    gt: np.ndarray  # [H, W] class ids / 0-1
+    pred: np.ndarray  # [H, W] class ids / 0-1
+    score: float  # shown in the title (Dice)
+    tag: str = ""  # "best" / "worst"
+
+
+def _tint(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """Blend a colour over the image where mask > 0 (class ids get shades of the colour)."""
+    out = image.astype(np.float32).copy()
+    m = np.asarray(mask) > 0
+    out[m] = 0.5 * out[m] + 0.5 * np.asarray(color, dtype=np.float32)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def overlay_grid(cases: Sequence[OverlayCase], out_path: str | Path, title: str = "") -> Path:
+    """One row per case: the image, the ground truth (green) and the prediction (red)."""
+    plt = _pyplot()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    n = max(1, len(cases))
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    for row, case in zip(axes, cases):
+        row[0].imshow(case.image)
+        row[0].set_title(f"{case.tag} {case.case_id}".strip(), fontsize=8)
+        row[1].imshow(_tint(case.image, case.gt, (0, 255, 0)))
+        row[1].set_title("ground truth", fontsize=8)
+        row[2].imshow(_tint(case.image, case.pred, (255, 0, 0)))
+        row[2].set_title(f"prediction (Dice {case.score:.3f})", fontsize=8)
+        for ax in row:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+    return out_path
+
+
+def learning_curves(history: Sequence[dict], out_path: str | Path, title: str = "") -> Path:
+    """Train loss and validation Dice/IoU per epoch (history rows from the trainer)."""
+    plt = _pyplot()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker="o", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    for key in ("val_dice", "val_iou"):
+        vals = [h.get(key, np.nan) for h in history]
+        if not np.all(np.isnan(np.asarray(vals, dtype=float))):
+            ax2.plot(epochs, vals, marker="o", label=key)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation metric")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+    return out_path
+
+
+def cv_learning_curves(histories: dict[int, Sequence[dict]], out_path: str | Path, title: str = "") -> Path:
+    """Train loss and validation Dice per epoch, one line per fold."""
+    plt = _pyplot()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for fold, history in sorted(histories.items()):
+        epochs = [h["epoch"] for h in history]
+        ax1.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker="o", label=f"fold {fold}")
+        ax2.plot(epochs, [h.get("val_dice", np.nan) for h in history], marker="o", label=f"fold {fold}")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation Dice")
+    ax2.set_ylim(0, 1)
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,117 @@
+"""Inference shared by evaluation and the MLflow pyfunc model.
+
+A :class:`Predictor` holds one or more models (an ensemble, e.g. the folds of a CV) trained at
+the same input size and normalisation. It resizes each image to the model's square input size,
+averages the models' probabilities (and the horizontally flipped pass with ``tta_flip``), and
+resizes the probability map back to each image's original size before any thresholding, as
+the paper scores predictions at the original resolution.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from m2snet.common import M2SNetError
+from m2snet.training.checkpoint import DEFAULT_NORMALIZATION, load_model_from_checkpoint
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """A PIL image / array (grey, RGB or RGBA) as uint8 [H, W, 3]."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise M2SNetError(f"image of shape {arr.shape}: expected [H, W], [H, W, 3] or [H, W, 4]")
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return arr
+
+
+class Predictor:
+    def __init__(self, models: Sequence[torch.nn.Module], meta: dict, device: str = "cpu",
+                 tta_flip: bool = False, batch_size: int = 8):
+        if not models:
+            raise ValueError("Predictor needs at least one model")
+        self.models = [m.to(device).eval() for m in models]
+        self.meta = meta
+        self.device = device
+        self.size = int(meta["image_size"])
+        self.n_classes = int(meta.get("n_classes", 1))
+        norm = meta.get("normalization") or DEFAULT_NORMALIZATION
+        self.mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.tta_flip = tta_flip
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | os.PathLike], device: str = "cpu",
+                         tta_flip: bool = False, batch_size: int = 8) -> "Predictor":
+        models, metas = [], []
+        for p in paths:
+            model, meta = load_model_from_checkpoint(p, device)
+            models.append(model)
+            metas.append(meta)
+        first = metas[0]
+        for p, meta in zip(paths, metas):
+            for key in ("image_size", "n_classes", "normalization"):
+                if meta.get(key) != first.get(key):
+                    raise M2SNetError(
+                        f"{Path(p)}: {key}={meta.get(key)!r} differs from {Path(paths[0])} "
+                        f"({first.get(key)!r}); an ensemble needs the same {key}"
+                    )
+        return cls(models, first, device=device, tta_flip=tta_flip, batch_size=batch_size)
+
+    def _batch_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        from PIL import Image
+
+        # Resize exactly as the training data pipeline does (PIL bilinear on the uint8 image).
+        resized = [np.array(Image.fromarray(im).resize((self.size, self.size), Image.BILINEAR))
+                   for im in images]
+        x = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in resized]).float()
+        return ((x - self.mean) / self.std).to(self.device)
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.n_classes == 1 else torch.softmax(logits, dim=1)
+
+    @torch.no_grad()
+    def predict_proba(self, images: Sequence) -> list[np.ndarray]:
+        """Probabilities at each image's original size: [H, W] (binary) or [C, H, W]."""
+        arrays = [to_rgb_array(im) for im in images]
+        out: list[np.ndarray] = []
+        for start in range(0, len(arrays), self.batch_size):
+            chunk = arrays[start:start + self.batch_size]
+            # Images of different sizes are resized to one square size, so they batch together.
+            x = self._batch_tensor(chunk)
+            prob = torch.zeros((x.shape[0], self.n_classes, self.size, self.size), device=self.device)
+            passes = 0
+            for model in self.models:
+                prob += self._probs(model(x).float())
+                passes += 1
+                if self.tta_flip:
+                    prob += self._probs(model(torch.flip(x, dims=[3])).float()).flip(dims=[3])
+                    passes += 1
+            prob /= passes
+            for p, im in zip(prob, chunk):
+                h, w = im.shape[:2]
+                p = F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                p = p.cpu().numpy()
+                out.append(p[0] if self.n_classes == 1 else p)
+        return out
+
+    def to_mask(self, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """Binary: 0/1 uint8 by threshold; multi-class: argmax class ids."""
+        if self.n_classes == 1:
+            return (prob >= threshold).astype(np.uint8)
+        return prob.argmax(axis=0).astype(np.uint8)

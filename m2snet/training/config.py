@@ -1,0 +1,185 @@
+"""The one typed configuration of a training run.
+
+Every knob of the trainer lives in :class:`TrainConfig`. The config is saved next to the run
+(``train_config.json``) and inside every checkpoint, and can be loaded back from a JSON or YAML
+file; CLI options override single fields (``--set key=value``) on top of a file.
+
+Defaults are the paper's / reference script's recipe (spec "Training recipe"): SGD with
+Nesterov momentum 0.9, weight decay 5e-4, backbone max LR 0.005 and head max LR 0.05 on the
+triangular schedule, batch 16, 352 px with multi-scale batches, flip + rotation, AMP on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from m2snet.common import M2SNetError, write_json
+
+# The reference's multi-scale set at a 352 px base size (spec: "every batch resized to one of ...").
+REFERENCE_SCALES = (224, 256, 288, 320, 352)
+REFERENCE_BASE_SIZE = 352
+
+
+@dataclass
+class TrainConfig:
+    # --- data -----------------------------------------------------------------------------------
+    data: str = ""  # dataset directory (m2snet.data layout)
+    split: str | None = None  # split file; None = train on all cases, no validation
+    fold: int = 0  # which fold of the split file
+    cache: bool = True  # read decoded+resized arrays from the preprocessed cache (m2snet.data.cache)
+    cache_dir: str | None = None  # None = m2snet.data.cache.default_cache_dir()
+    num_workers: int = 0
+    max_train_cases: int | None = None  # subsample (first N after a seeded shuffle) for quick runs
+    max_val_cases: int | None = None
+    # --- model / loss ---------------------------------------------------------------------------
+    model: str = "m2snet"
+    model_config: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
+    pretrained: bool | str = True  # True = hub when reachable, path = local weights, False = random
+    lossnet_weight: float = 0.1  # lambda of L_f; 0 disables the LossNet term
+    lossnet_pretrained: bool | str = True
+    # --- optimisation (spec recipe) -------------------------------------------------------------
+    epochs: int = 50
+    batch_size: int = 16
+    backbone_lr: float = 0.005
+    head_lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    schedule: Literal["triangle", "constant"] = "triangle"
+    schedule_unit: Literal["epoch", "step"] = "epoch"  # triangle evaluated per epoch or per step
+    grad_clip: float | None = None  # max grad norm; None = no clipping (reference has none)
+    # --- input / augmentation -------------------------------------------------------------------
+    size: int = 352  # base train size; the multi-scale set is REFERENCE_SCALES scaled by size/352
+    multiscale: bool = True
+    augment: bool = True  # flip + rotation within +-10 degrees (done by the dataset)
+    # --- hardware -------------------------------------------------------------------------------
+    device: str = "auto"
+    amp: bool = True  # mixed precision; only takes effect on CUDA
+    channels_last: bool = False  # CUDA only
+    compile: bool = False  # torch.compile; CUDA only
+    # --- reproducibility ------------------------------------------------------------------------
+    seed: int = 42
+    deterministic: bool = False
+    # --- output ---------------------------------------------------------------------------------
+    out_dir: str = "runs/train"
+    val_every: int = 1
+    keep_last_checkpoint: bool = True  # last.pt holds optimizer + RNG state for --resume
+    progress: bool = True  # tqdm bar
+
+    # -------------------------------------------------------------------------------------------
+    def scales(self) -> list[int]:
+        """The multi-scale set for this base size.
+
+        The reference set {224, ..., 352} spans [0.636, 1] x 352 in steps of 32 (the encoder's
+        stride; smp decoders need multiples of 32). For another base size we keep every multiple
+        of 32 in [size * 224/352, size]: 352 gives the reference set, 256 gives {192, 224, 256},
+        and a tiny test size like 64 gives just {64}.
+        """
+        if not self.multiscale:
+            return [self.size]
+        low = self.size * REFERENCE_SCALES[0] / REFERENCE_BASE_SIZE
+        return [s for s in range(32, self.size + 1, 32) if s >= low - 1e-6]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise M2SNetError(f"{source}: unknown training option(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**data)
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise M2SNetError(f"{path}: config file not found")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as err:  # noqa: BLE001 - any parse error is the user's file
+            raise M2SNetError(f"{path}: cannot parse config ({err})") from err
+        if not isinstance(data, dict):
+            raise M2SNetError(f"{path}: config must be a mapping of option -> value")
+        return cls.from_dict(data, source=str(path))
+
+    def override(self, **changes: Any) -> "TrainConfig":
+        """A copy with the given fields replaced (None values are ignored: 'not given on the CLI')."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        merged = {**self.to_dict(), **changes}
+        return type(self).from_dict(merged, source="overrides")
+
+    def override_strings(self, assignments: list[str]) -> "TrainConfig":
+        """Apply ``key=value`` strings (from ``--set``), parsing each value by the field's type."""
+        hints = get_type_hints(type(self))
+        changes: dict[str, Any] = {}
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in hints:
+                raise M2SNetError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(hints)}")
+            changes[key] = _parse_value(raw.strip(), hints[key], key)
+        return self.override(**changes)
+
+    def validate(self, source: str = "config") -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs={self.epochs} must be >= 1")
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size} must be >= 1")
+        if self.size < 32 or self.size % 32:
+            problems.append(f"size={self.size} must be a multiple of 32 (the encoder's stride)")
+        if self.schedule not in ("triangle", "constant"):
+            problems.append(f"schedule={self.schedule!r} must be 'triangle' or 'constant'")
+        if self.schedule_unit not in ("epoch", "step"):
+            problems.append(f"schedule_unit={self.schedule_unit!r} must be 'epoch' or 'step'")
+        if self.num_workers < 0:
+            problems.append("num_workers must be >= 0")
+        if problems:
+            raise M2SNetError(f"{source}: " + "; ".join(problems))
+
+
+def _parse_value(raw: str, hint: Any, key: str) -> Any:
+    """Parse a CLI string by the dataclass annotation (bool | str, int | None, dict, ...)."""
+    if raw.lower() in ("none", "null") and type(None) in get_args(hint):
+        return None
+    if get_origin(hint) is dict or hint is dict:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise M2SNetError(f"--set {key}=...: expected a JSON object ({err})") from err
+    candidates = [a for a in (get_args(hint) or (hint,)) if a is not type(None)]
+    if get_origin(hint) is Literal:
+        if raw not in get_args(hint):
+            raise M2SNetError(f"--set {key}={raw}: must be one of {get_args(hint)}")
+        return raw
+    for typ in candidates:
+        if typ is bool:
+            if raw.lower() in ("true", "1", "yes", "on"):
+                return True
+            if raw.lower() in ("false", "0", "no", "off"):
+                return False
+        elif typ in (int, float):
+            try:
+                return typ(raw)
+            except ValueError:
+                continue
+        elif typ is str:
+            return raw
+    raise M2SNetError(f"--set {key}={raw}: cannot parse as {hint}")

@@ -1,0 +1,33 @@
+"""The learning-rate schedule of the reference recipe.
+
+lr(e) = max_lr * (1 - |2 (e + 1) / (E + 1) - 1|): a linear rise to the middle of training and a
+linear decay after it (a triangle). ``e`` counts epochs (reference) or optimisation steps
+(``schedule_unit="step"``, the same triangle at finer grain). The factor is never 0 for
+0 <= e < E, so the first and last epochs still learn.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def triangle_factor(index: int, total: int) -> float:
+    """The multiplier of max_lr at 0-based ``index`` of ``total`` epochs (or steps)."""
+    if total < 1:
+        raise ValueError("total must be >= 1")
+    return 1.0 - abs(2.0 * (index + 1) / (total + 1) - 1.0)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, total: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A LambdaLR over each param group's initial (max) LR. ``total`` is epochs or steps.
+
+    The optimizer's LR is set to the factor of index 0 straight away (LambdaLR does this on
+    construction), and ``scheduler.step()`` moves to the next epoch/step.
+    """
+    if kind == "triangle":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: triangle_factor(min(i, total - 1), total))
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    raise ValueError(f"unknown schedule {kind!r}")

@@ -1,0 +1,362 @@
+"""The training loop: one loop for every registered model (M2SNet, MSNet, the baselines).
+
+Recipe (defaults of :class:`TrainConfig`, spec "Training recipe"): SGD + Nesterov, backbone and
+head parameter groups with their own max LR on the triangular schedule, multi-scale batches, AMP
+on CUDA. Each epoch ends with a validation pass (Dice/IoU per image at the train size) and an
+atomic checkpoint (``last.pt``: everything needed to resume; ``best.pt``: the best validation Dice,
+slim). Resuming restores model, optimizer, scheduler, AMP scaler and every RNG; the order of the
+training cases comes from a DataLoader generator seeded by (seed, epoch), so a resumed run
+reproduces the uninterrupted one exactly on CPU in deterministic mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, default_collate
+
+from m2snet import __version__
+from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
+from m2snet.training.checkpoint import (
+    DEFAULT_NORMALIZATION, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, slim,
+)
+from m2snet.training.config import TrainConfig
+from m2snet.training.schedule import build_scheduler
+
+log = logging.getLogger("m2snet.training")
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+@dataclass
+class EpochEnd:
+    """What callbacks see after each epoch (e.g. Optuna reporting/pruning, or a test that stops)."""
+
+    epoch: int  # 1-based epochs completed
+    epochs: int
+    metrics: dict[str, float]
+    out_dir: Path
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_score: float  # validation Dice of best.pt (or -train loss without validation)
+    config: TrainConfig
+    pretrained_source: str | None = None
+    loss_pretrained_source: str | None = None
+    dataset_version: str | None = None
+    split_sha256: str | None = None
+    train_cases: list[str] = field(default_factory=list, repr=False)
+    val_cases: list[str] = field(default_factory=list, repr=False)
+    device: str = "cpu"
+
+
+class MultiScaleCollate:
+    """Stack a batch, then resize the whole batch to one scale drawn from ``scales``.
+
+    The scale comes from torch's global RNG: in the main process that RNG is checkpointed, and in
+    DataLoader workers torch seeds it from the loader's generator, so the draws are reproducible.
+    Images are resized bilinearly, masks with nearest neighbour (targets stay 0/1 or class ids).
+    """
+
+    def __init__(self, scales: Sequence[int]):
+        self.scales = list(scales)
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        out = default_collate(batch)
+        if len(self.scales) > 1:
+            size = self.scales[int(torch.randint(len(self.scales), ()))]
+            if size != out["image"].shape[-1]:
+                out["image"] = F.interpolate(out["image"], size=(size, size), mode="bilinear",
+                                             align_corners=False)
+                mask = out["mask"]
+                if mask.dtype == torch.long:  # class ids [B, H, W]
+                    out["mask"] = F.interpolate(mask[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+                else:
+                    out["mask"] = F.interpolate(mask, size=(size, size), mode="nearest")
+        return out
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s shuffling generator: a function of (seed, epoch) only."""
+    return (seed * 1_000_003 + epoch * 7919) % (2 ** 63 - 1)
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Backbone and head groups with their own max LR (the reference: 0.005 / 0.05)."""
+    backbone = [p for p in model.backbone_parameters() if p.requires_grad]
+    head = [p for p in model.head_parameters() if p.requires_grad]
+    ids = {id(p) for p in backbone} | {id(p) for p in head}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
+    if missing:
+        raise M2SNetError(f"model {cfg.model!r}: parameters in neither backbone nor head: {missing[:5]}")
+    return [{"params": backbone, "lr": cfg.backbone_lr, "name": "backbone"},
+            {"params": head, "lr": cfg.head_lr, "name": "head"}]
+
+
+def _subsample(ids: list[str], n: int | None, seed: int) -> list[str]:
+    if n is None or n >= len(ids):
+        return list(ids)
+    return sorted(random.Random(seed).sample(sorted(ids), n))
+
+
+def resolve_cases(cfg: TrainConfig):
+    """(dataset info, train ids, val ids, split sha256) for the config's data/split/fold."""
+    from m2snet.data.format import load_dataset
+
+    if not cfg.data:
+        raise M2SNetError("no dataset given (TrainConfig.data / --data)")
+    info = load_dataset(cfg.data)
+    split_sha = None
+    if cfg.split:
+        from m2snet.data.split import load_split
+
+        split = load_split(cfg.split)
+        fold = split.fold(cfg.fold)
+        train_ids, val_ids, split_sha = list(fold.train), list(fold.val), split.sha256
+        known = {c.case_id for c in info.cases}
+        unknown = [c for c in train_ids + val_ids if c not in known]
+        if unknown:
+            raise M2SNetError(f"{cfg.split}: {len(unknown)} case ids not in {cfg.data} (e.g. {unknown[:3]}); "
+                              "was the split made for another dataset?")
+    else:
+        train_ids, val_ids = [c.case_id for c in info.cases], []
+    train_ids = _subsample(train_ids, cfg.max_train_cases, cfg.seed)
+    val_ids = _subsample(val_ids, cfg.max_val_cases, cfg.seed + 1)
+    if not train_ids:
+        raise M2SNetError(f"{cfg.data}: no training cases (fold {cfg.fold})")
+    return info, train_ids, val_ids, split_sha
+
+
+@torch.no_grad()
+def validate(model, loader, loss_fn, device, n_classes: int, amp: bool) -> dict[str, float]:
+    """Mean per-image Dice/IoU (threshold 0.5) and loss at the train size."""
+    from m2snet.evaluation.metrics import binary_metrics, multiclass_dice
+
+    model.eval()
+    dices, ious, losses = [], [], []
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["mask"].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.split(":")[0], enabled=amp):
+            logits = model(x)
+        logits = logits.float()
+        losses.append(float(loss_fn(logits, y)["loss"]) * x.shape[0])
+        if n_classes == 1:
+            pred = (torch.sigmoid(logits) >= 0.5).cpu().numpy()[:, 0]
+            gt = (y > 0.5).cpu().numpy()[:, 0]
+            for p, g in zip(pred, gt):
+                m = binary_metrics(p, g)
+                dices.append(m["dice"])
+                ious.append(m["iou"])
+        else:
+            pred = logits.argmax(1).cpu().numpy()
+            for p, g in zip(pred, y.cpu().numpy()):
+                dices.append(multiclass_dice(p, g, n_classes)["dice"])
+    model.train()
+    n = max(1, len(dices))
+    out = {"val_dice": float(np.mean(dices)), "val_loss": sum(losses) / n}
+    if ious:
+        out["val_iou"] = float(np.mean(ious))
+    return out
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    tracker=None,
+    callbacks: Sequence[Callable[[EpochEnd], None]] = (),
+) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` (fold ``cfg.fold`` of ``cfg.split``) into ``cfg.out_dir``.
+
+    ``resume``: continue from ``out_dir/last.pt`` (an error if there is none). ``tracker``: an
+    :class:`m2snet.tracking.Tracker` receiving params and per-epoch metrics. ``callbacks`` run after
+    each epoch's checkpoint is written (raise to stop: the run stays resumable).
+    """
+    from tqdm import tqdm
+
+    from m2snet.data.dataset import SegmentationDataset
+    from m2snet.losses import TotalLoss
+    from m2snet.models import create_model
+
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    last_path, best_path = out / LAST, out / BEST
+    if resume and not last_path.is_file():
+        raise M2SNetError(f"{last_path}: nothing to resume (no checkpoint); start without --resume")
+    if not resume and last_path.exists():
+        raise M2SNetError(f"{out}: already holds a run ({LAST}); use --resume to continue it or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(cfg.device)
+    on_cuda = device.startswith("cuda")
+    amp = cfg.amp and on_cuda
+    seed_everything(cfg.seed, cfg.deterministic)
+
+    info, train_ids, val_ids, split_sha = resolve_cases(cfg)
+    n_classes = info.n_classes
+    cache_dir = None
+    if cfg.cache:
+        from m2snet.data.cache import default_cache_dir
+
+        cache_dir = cfg.cache_dir or default_cache_dir()
+    train_ds = SegmentationDataset(info, train_ids, cfg.size, augment=cfg.augment, cache_dir=cache_dir)
+    val_ds = SegmentationDataset(info, val_ids, cfg.size, augment=False, cache_dir=cache_dir) if val_ids else None
+
+    model_config = {"n_classes": n_classes, **cfg.model_config}
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **model_config).to(device)
+    if cfg.channels_last and on_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = TotalLoss(n_classes=n_classes, lossnet_weight=cfg.lossnet_weight,
+                        lossnet_pretrained=cfg.lossnet_pretrained).to(device)
+    pretrained_source = getattr(model, "pretrained_source", None)
+    loss_source = getattr(loss_fn, "pretrained_source", None)
+    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.head_lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    total = cfg.epochs if cfg.schedule_unit == "epoch" else cfg.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, cfg.schedule, total)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    forward = torch.compile(model) if (cfg.compile and on_cuda) else model
+
+    dataset_version = info.version
+    base_meta = {
+        "model_name": cfg.model, "model_config": model_config, "n_classes": n_classes,
+        "image_size": cfg.size, "normalization": DEFAULT_NORMALIZATION, "train_config": cfg.to_dict(),
+        "pretrained_source": pretrained_source, "dataset_version": dataset_version,
+        "split_sha256": split_sha, "fold": cfg.fold if cfg.split else None,
+        "git_commit": git_commit(), "m2snet_version": __version__,
+        "mask_classes": getattr(info, "mask_classes", None),
+    }
+
+    history: list[dict[str, float]] = []
+    best = {"epoch": 0, "score": -math.inf}
+    start_epoch = 0
+    if resume:
+        ckpt = load_checkpoint(last_path)
+        if ckpt["train_config"] != cfg.to_dict():
+            diff = sorted(k for k, v in cfg.to_dict().items() if ckpt["train_config"].get(k) != v)
+            raise M2SNetError(f"{last_path}: config differs from the checkpoint's in {diff}; resume with the same config")
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"])
+        history, best, start_epoch = list(ckpt["history"]), dict(ckpt["best"]), int(ckpt["epoch"])
+        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.epochs)
+    cfg.save(out / "train_config.json")
+
+    if tracker is not None:
+        from m2snet.tracking import run_params
+
+        tracker.log_params(run_params(cfg.to_dict(), dataset_version=dataset_version, split_sha256=split_sha,
+                                      pretrained=pretrained_source, loss_pretrained=loss_source,
+                                      device=device, seed=cfg.seed,
+                                      extra={"n_train": len(train_ids), "n_val": len(val_ids)}))
+        write_json(out / "mlflow_run.json", {"run_id": tracker.run_id, "tracking_uri": tracker.cfg.resolved_uri()})
+
+    collate = MultiScaleCollate(cfg.scales() if cfg.multiscale else [cfg.size])
+    log.info("training %s on %d cases (%d val) for %d epochs on %s; scales %s; pretrained: %s",
+             cfg.model, len(train_ids), len(val_ids), cfg.epochs, device, collate.scales, pretrained_source)
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                            collate_fn=collate, pin_memory=on_cuda, drop_last=False,
+                            generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
+        lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
+        sums = {"loss": 0.0, "structure": 0.0, "lossnet": 0.0}
+        seen = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
+                   leave=False)
+        for step, batch in enumerate(bar):
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["mask"].to(device, non_blocking=True)
+            if cfg.channels_last and on_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.split(":")[0], enabled=amp):
+                logits = forward(x)
+            losses = loss_fn(logits.float(), y)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise M2SNetError(
+                    f"{out}: loss became {float(loss.detach())} at epoch {epoch + 1} step {step + 1} "
+                    f"(backbone_lr={optimizer.param_groups[0]['lr']:.3g}, head_lr={optimizer.param_groups[1]['lr']:.3g}); "
+                    "lower the learning rates or check the data; the last good checkpoint is "
+                    f"{last_path if last_path.exists() else 'not written yet'}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if cfg.schedule_unit == "step":
+                scheduler.step()
+            n = x.shape[0]
+            seen += n
+            for k in sums:
+                if k in losses:
+                    sums[k] += float(losses[k].detach()) * n
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        bar.close()
+        if cfg.schedule_unit == "epoch":
+            scheduler.step()
+        train_s = time.perf_counter() - t0
+        row: dict[str, float] = {"epoch": epoch + 1, "train_loss": sums["loss"] / seen,
+                                 "train_structure": sums["structure"] / seen,
+                                 "train_lossnet": sums["lossnet"] / seen, **lrs,
+                                 "train_img_per_s": seen / train_s}
+        if val_ds is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+            val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False,
+                                    num_workers=cfg.num_workers, pin_memory=on_cuda,
+                                    generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1))
+            row.update(validate(forward, val_loader, loss_fn, device, n_classes, amp))
+        row["epoch_seconds"] = time.perf_counter() - t0
+        history.append(row)
+        score = row.get("val_dice", -row["train_loss"])
+        payload = {**base_meta, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   "epoch": epoch + 1, "metrics": row}
+        if score > best["score"]:
+            best = {"epoch": epoch + 1, "score": score}
+            save_checkpoint(best_path, slim(payload))
+        save_checkpoint(last_path, {**payload, "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                    "rng": capture_rng_state(), "history": history, "best": best})
+        log.info("epoch %d/%d: loss %.4f%s | %.1f img/s | %.1fs%s", epoch + 1, cfg.epochs, row["train_loss"],
+                 "".join(f" {k} {row[k]:.4f}" for k in ("val_dice", "val_iou") if k in row),
+                 row["train_img_per_s"], row["epoch_seconds"], " *best*" if best["epoch"] == epoch + 1 else "")
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1, flush=True)
+        for cb in callbacks:
+            cb(EpochEnd(epoch + 1, cfg.epochs, row, out))
+
+    write_json(out / "history.json", history)
+    if history:
+        from m2snet.evaluation.plots import learning_curves
+
+        learning_curves(history, out / "learning_curves.png", title=f"{cfg.model} fold {cfg.fold}")
+    return TrainResult(
+        out_dir=out, best_checkpoint=best_path, last_checkpoint=last_path, history=history,
+        best_epoch=int(best["epoch"]), best_score=float(best["score"]), config=cfg,
+        pretrained_source=pretrained_source, loss_pretrained_source=loss_source,
+        dataset_version=dataset_version, split_sha256=split_sha, train_cases=train_ids, val_cases=val_ids,
+        device=device,
+    )

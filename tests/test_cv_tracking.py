@@ -1,0 +1,162 @@
+"""Cross-validation + MLflow tracking against real servers (SQLite / PostgreSQL back ends, S3 artifacts),
+and the tracking layer's behaviour when the server is down."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m2snet.common import free_port
+from m2snet.tracking import Tracker, TrackingConfig, TrackingError, flatten_params
+
+BUSI_METRICS = ("iou", "precision", "recall", "specificity", "dice")
+
+
+def test_flatten_params_drops_secrets_and_strips_url_passwords():
+    flat = flatten_params({"config": {"lr": 0.1, "scales": [224, 256]}, "aws_secret_access_key": "s3cr3t",
+                           "db": "postgresql://root:hunter2@127.0.0.1/test", "api_token": "t"})
+    assert flat == {"config.lr": "0.1", "config.scales": "[224, 256]", "db": "postgresql://root:***@127.0.0.1/test"}
+
+
+def test_aggregate_cv_mean_std_percent():
+    from m2snet.cv import aggregate_cv
+
+    s = aggregate_cv([{"dice": 0.7, "iou": 0.5, "med": 2.0, "n_cases": 3}, {"dice": 0.8, "iou": 0.7, "med": 4.0, "n_cases": 4}])
+    assert s.mean["dice"] == pytest.approx(75.0) and s.std["dice"] == pytest.approx(np.std([70, 80], ddof=1))
+    assert s.mean["med"] == pytest.approx(3.0) and "n_cases" not in s.mean
+    assert "| 2 folds | 60.00 ± 14.14 |" in s.table()
+
+
+def test_unreachable_server_fails_clearly_after_retries():
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", retries=2, backoff_s=0.05)
+    t0 = time.time()
+    with pytest.raises(TrackingError, match=r"tracking server http://127.0.0.1:\d+ unreachable: .* after 3 tries .*Connection"):
+        Tracker.start(cfg, run_name="nowhere")
+    assert time.time() - t0 < 60
+
+
+def test_server_killed_mid_run_loses_no_accepted_metric(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from m2snet.services import start_mlflow_server
+    from m2snet.tracking import replay_spool
+
+    port = free_port()
+    backend, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")
+    server = start_mlflow_server(backend, artifacts, port=port, workdir=tmp_path)
+    try:
+        cfg = TrackingConfig(uri=server.url, retries=1, backoff_s=0.05, spool_dir=str(tmp_path / "spool"))
+        tracker = Tracker.start(cfg, run_name="flaky")
+        tracker.log_metrics({"loss": 1.0}, step=1, flush=True)
+        server.stop()  # the server goes away mid-run
+        tracker.log_metrics({"loss": 0.5, "dice": 0.4}, step=2)  # accepted into the buffer
+        with pytest.raises(TrackingError, match=r"unreachable.*2 accepted metric values kept .*mlflow-pending-"):
+            tracker.flush()
+        assert tracker.pending == 2
+        spool = next((tmp_path / "spool").glob("mlflow-pending-*.jsonl"))
+        server = start_mlflow_server(backend, artifacts, port=port, workdir=tmp_path)
+        tracker.flush()  # the same process sends what it kept
+        assert tracker.pending == 0
+        assert replay_spool(spool, cfg) == 2  # the spool (for another process) replays idempotently
+        tracker.end()
+        client = MlflowClient(server.url)
+        assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == \
+            [(1, 1.0), (2, 0.5)]
+        assert client.get_run(tracker.run_id).data.metrics["dice"] == 0.4
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cv_data(tmp_path_factory):
+    from m2snet.data.demo import make_demo_dataset
+    from m2snet.data.importers import import_dataset
+    from m2snet.data.split import make_split
+
+    base = tmp_path_factory.mktemp("cvdata")
+    make_demo_dataset(base / "raw", n_per_class=(3, 3, 2), size=64, seed=3)
+    import_dataset("busi", base / "raw", base / "ds", progress=False)
+    make_split(base / "ds", n_folds=4, seed=0, out=base / "split.json")
+    return base
+
+
+def _cv_config(base: Path, **kw):
+    from m2snet.training.config import TrainConfig
+
+    options = dict(data=str(base / "ds"), split=str(base / "split.json"), epochs=1, batch_size=2, size=64,
+                   pretrained=False, lossnet_weight=0.0, lossnet_pretrained=False, device="cpu",
+                   progress=False, max_train_cases=2, cache_dir=str(base / "cache"))
+    return TrainConfig(**{**options, **kw})
+
+
+def _check_fold_run(client, run, url: str, n_val: int, load_model: bool = True):
+    import mlflow
+
+    from m2snet.pyfunc import decode_mask, encode_image
+
+    for k in BUSI_METRICS:
+        assert 0.0 <= run.data.metrics[k] <= 1.0
+    assert run.data.params["pretrained"] == "none (random init)"
+    assert run.data.params["config.size"] == "64" and len(run.data.params["split_sha256"]) == 64
+    assert run.data.params["data_version"].endswith(".dir")
+    assert run.data.metrics["final_n_cases"] == n_val
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/overlays.png", "eval/per_case.csv", "eval/metrics.json"} <= arts
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [1]
+    assert run.data.tags["m2snet.model_uri"].startswith("models:/")
+    if not load_model:
+        return
+    mlflow.set_tracking_uri(url)
+    try:
+        model = mlflow.pyfunc.load_model(run.data.tags["m2snet.model_uri"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    import pandas as pd
+
+    image = (np.random.default_rng(0).random((45, 75)) * 255).astype(np.uint8)
+    out = model.predict(pd.DataFrame({"image": [encode_image(image)]}))
+    assert decode_mask(out["mask"][0]).shape == (45, 75)
+
+
+def test_cv_smoke_four_folds_against_mlflow_server_sqlite_s3(cv_data, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from m2snet.cv import run_cv
+    from m2snet.data.split import load_split
+    from m2snet.tracking import iter_child_runs
+
+    res = run_cv(_cv_config(cv_data), tmp_path / "cv", tracking=TrackingConfig(uri=mlflow_server.url,
+                                                                               experiment="cv-sqlite"))
+    client = MlflowClient(mlflow_server.url)
+    children = list(iter_child_runs(client, res.parent_run_id))
+    assert sorted(r.info.run_name for r in children) == ["fold-0", "fold-1", "fold-2", "fold-3"]
+    split = load_split(cv_data / "split.json")
+    for run in children:
+        assert run.info.status == "FINISHED"
+        # every fold logged a model; loading one of them (120 MB from S3) is enough for the test
+        _check_fold_run(client, run, mlflow_server.url, len(split.fold(int(run.data.tags["m2snet.fold"])).val),
+                        load_model=run.info.run_name == "fold-2")
+    parent = client.get_run(res.parent_run_id)
+    for k in BUSI_METRICS:
+        assert parent.data.metrics[f"cv_{k}_mean"] == pytest.approx(res.summary.mean[k])
+    assert {a.path for a in client.list_artifacts(res.parent_run_id, "cv")} >= {"cv/cv_summary.json", "cv/cv_learning_curves.png"}
+    assert "aws_secret_access_key" not in " ".join(parent.data.params)
+
+
+def test_cv_fold_against_mlflow_server_postgres_s3(cv_data, mlflow_server_pg, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from m2snet.cv import run_cv
+    from m2snet.tracking import iter_child_runs
+
+    res = run_cv(_cv_config(cv_data, lossnet_weight=0.1), tmp_path / "cv", folds=[1],
+                 tracking=TrackingConfig(uri=mlflow_server_pg.url, experiment="cv-pg"))
+    client = MlflowClient(mlflow_server_pg.url)
+    (child,) = iter_child_runs(client, res.parent_run_id)
+    assert child.data.tags["m2snet.fold"] == "1" and res.summary.folds == [1]
+    from m2snet.data.split import load_split
+
+    _check_fold_run(client, child, mlflow_server_pg.url, len(load_split(cv_data / "split.json").fold(1).val))

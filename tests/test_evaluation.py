@@ -1,0 +1,140 @@
+"""Metrics (checked against torchmetrics / known values), MED, and checkpoint evaluation end to end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from m2snet.evaluation.metrics import (
+    binary_metrics, case_metrics, mean_euclidean_distance, mean_metrics, multiclass_dice, sod_metrics,
+)
+
+
+def test_binary_metrics_agree_with_torchmetrics():
+    from torchmetrics.functional.classification import (
+        binary_f1_score, binary_jaccard_index, binary_precision, binary_recall, binary_specificity,
+    )
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        gt = rng.random((40, 50)) > 0.7
+        pred = rng.random((40, 50)) > 0.6
+        ours = binary_metrics(pred, gt)
+        p, t = torch.from_numpy(pred).int(), torch.from_numpy(gt).int()
+        ref = {"dice": binary_f1_score(p, t), "iou": binary_jaccard_index(p, t), "precision": binary_precision(p, t),
+               "recall": binary_recall(p, t), "specificity": binary_specificity(p, t)}
+        for k, v in ref.items():
+            assert ours[k] == pytest.approx(float(v), abs=1e-6), k
+
+
+def test_empty_mask_convention():
+    empty = np.zeros((8, 8), bool)
+    spot = empty.copy()
+    spot[2:4, 2:4] = True
+    # normal case predicted empty: perfect
+    assert binary_metrics(empty, empty) == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0,
+                                            "specificity": 1.0}
+    # normal case with a false positive: Dice/IoU/precision/recall 0, specificity < 1
+    fp = binary_metrics(spot, empty)
+    assert (fp["dice"], fp["iou"], fp["precision"], fp["recall"]) == (0.0, 0.0, 0.0, 0.0)
+    assert fp["specificity"] == pytest.approx(60 / 64)
+    # lesion missed entirely: precision 0 (nothing predicted, something to find), specificity 1
+    miss = binary_metrics(empty, spot)
+    assert (miss["dice"], miss["precision"], miss["recall"], miss["specificity"]) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_sod_metrics_perfect_and_imperfect():
+    gt = np.zeros((32, 32), bool)
+    gt[8:20, 10:24] = True
+    perfect = sod_metrics(gt.astype(float), gt)
+    assert perfect["mae"] == 0.0
+    assert perfect["s_measure"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["weighted_f_measure"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["mean_e_measure"] > 0.99
+    noisy = sod_metrics(np.clip(gt * 0.7 + np.random.default_rng(0).random(gt.shape) * 0.3, 0, 1), gt)
+    assert 0 < noisy["mae"] < 0.3 and noisy["s_measure"] < perfect["s_measure"]
+    assert noisy["weighted_f_measure"] < 1.0
+
+
+def test_multiclass_dice_and_med():
+    h, w = 30, 20
+    gt = np.zeros((h, w), np.uint8)
+    gt[5:10] = 1
+    gt[10:18] = 2
+    pred = np.roll(gt, 2, axis=0)  # every boundary shifted down by 2 rows
+    med = mean_euclidean_distance(pred, gt, 3)
+    assert med["med_c1"] == pytest.approx(2.0) and med["med_c2"] == pytest.approx(2.0) and med["med"] == 2.0
+    d = multiclass_dice(pred, gt, 3)
+    assert d["dice_c1"] == pytest.approx(2 * 3 / 10) and d["dice_c2"] == pytest.approx(2 * 6 / 16)
+    # a layer missing from the prediction in a column costs the image height there
+    pred2 = gt.copy()
+    pred2[:, :5][pred2[:, :5] == 1] = 0
+    assert mean_euclidean_distance(pred2, gt, 3)["med_c1"] == pytest.approx(5 * h / w)
+    prob = np.stack([(gt == c).astype(float) for c in range(3)])
+    m = case_metrics(prob, gt, n_classes=3)
+    assert m["dice"] == 1.0 and m["med"] == 0.0
+    assert mean_metrics([{"a": 1.0, "b": float("nan")}, {"a": 0.0, "b": 2.0}]) == {"a": 0.5, "b": 2.0}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A BUSI-layout dataset with non-square images and a 1-epoch checkpoint."""
+    from PIL import Image
+
+    from m2snet.data.demo import make_demo_dataset
+    from m2snet.data.importers import import_dataset
+    from m2snet.training.config import TrainConfig
+    from m2snet.training.trainer import train
+
+    base = tmp_path_factory.mktemp("evaldata")
+    make_demo_dataset(base / "raw", n_per_class=(2, 1, 1), size=64, seed=1)
+    # Make one case non-square so "original size" is really exercised.
+    for name in ("benign (1).png", "benign (1)_mask.png"):
+        p = base / "raw" / "benign" / name
+        im = Image.open(p)
+        im.resize((80, 56), Image.NEAREST).save(p)
+    info = import_dataset("busi", base / "raw", base / "ds", progress=False)
+    res = train(TrainConfig(data=str(base / "ds"), epochs=1, batch_size=2, size=64, pretrained=False,
+                            lossnet_weight=0.0, device="cpu", progress=False, out_dir=str(base / "run"),
+                            cache_dir=str(base / "cache")))
+    return base / "ds", res.best_checkpoint, info
+
+
+def test_evaluate_writes_per_case_csv_metrics_and_overlays(trained, tmp_path):
+    from m2snet.evaluation.evaluate import evaluate
+
+    data, ckpt, info = trained
+    res = evaluate([ckpt], data, out_dir=tmp_path / "ev", device="cpu", progress=False)
+    rows = list(csv.DictReader(open(res.per_case_csv)))
+    assert len(rows) == len(info.cases) == res.n_cases
+    sizes = {c.case_id: (c.height, c.width) for c in info.cases}
+    assert (56, 80) in sizes.values()
+    for r in rows:
+        assert (int(r["height"]), int(r["width"])) == sizes[r["case_id"]]
+        for k in ("dice", "iou", "precision", "recall", "specificity", "s_measure", "mean_e_measure",
+                  "weighted_f_measure", "mae"):
+            assert 0.0 <= float(r[k]) <= 1.0
+    # the means are the per-image averages of the CSV
+    assert res.metrics["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]))
+    assert res.overlay_png.stat().st_size > 1000 and res.metrics_json.is_file()
+    # an ensemble of the same checkpoint twice with flip TTA runs and gives probabilities in range
+    tta = evaluate([ckpt, ckpt], data, case_ids=[info.cases[0].case_id], device="cpu", tta_flip=True,
+                   progress=False)
+    assert tta.n_cases == 1 and 0.0 <= tta.metrics["dice"] <= 1.0
+
+
+def test_predictor_flip_tta_averages_flipped_pass(trained):
+    from m2snet.evaluation.predict import Predictor
+
+    _, ckpt, info = trained
+    image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(info.cases[0].image_path).convert("RGB"))
+    plain = Predictor.from_checkpoints([ckpt])
+    tta = Predictor.from_checkpoints([ckpt], tta_flip=True)
+    p = plain.predict_proba([image])[0]
+    q = plain.predict_proba([image[:, ::-1]])[0][:, ::-1]
+    assert p.shape == image.shape[:2]
+    np.testing.assert_allclose(tta.predict_proba([image])[0], (p + q) / 2, atol=1e-5)

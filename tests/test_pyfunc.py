@@ -1,0 +1,145 @@
+"""The MLflow pyfunc model: an ensemble of checkpoints, base64 images in, base64 masks out."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m2snet.training.checkpoint import DEFAULT_NORMALIZATION, save_checkpoint
+
+
+def _random_checkpoint(path: Path, seed: int) -> Path:
+    """A checkpoint in the trainer's format for a randomly initialised MSNet (no training needed)."""
+    from m2snet.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("msnet", n_classes=1, pretrained=False).eval()
+    return save_checkpoint(path, {
+        "model_name": "msnet", "model_config": {"n_classes": 1}, "n_classes": 1, "image_size": 64,
+        "normalization": DEFAULT_NORMALIZATION, "state_dict": model.state_dict(), "train_config": {},
+        "epoch": 1, "metrics": {},
+    })
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pyfunc")
+    return [_random_checkpoint(base / "a.pt", 1), _random_checkpoint(base / "b.pt", 2)]
+
+
+def _png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_ensemble_pyfunc_logs_loads_and_predicts_masks_at_input_size(checkpoints, tmp_path, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    from m2snet.evaluation.predict import Predictor
+    from m2snet.pyfunc import decode_mask, encode_image, log_segmentation_model
+    from m2snet.tracking import Tracker, TrackingConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="pyfunc-test")
+    tracker = Tracker.start(cfg, run_name="ensemble")
+    info = log_segmentation_model(checkpoints, name="model", run_id=tracker.run_id, tracking_uri=cfg.uri,
+                                  registered_model_name="m2snet-pyfunc-test")
+    tracker.end()
+    assert info.signature.inputs.input_names() == ["image"]
+    assert info.saved_input_example_info is not None
+
+    mlflow.set_tracking_uri(cfg.uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/model")
+        registered = mlflow.pyfunc.load_model("models:/m2snet-pyfunc-test/1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    rng = np.random.default_rng(0)
+    grey = (rng.random((50, 70)) * 255).astype(np.uint8)
+    rgb = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
+    frame = pd.DataFrame({"image": [encode_image(_png(grey)), encode_image(_png(rgb, "JPEG"))]})
+    out = model.predict(frame)
+    assert list(out.columns) == ["mask", "foreground_fraction"] and len(out) == 2
+    masks = [decode_mask(m) for m in out["mask"]]
+    assert masks[0].shape == (50, 70) and masks[1].shape == (48, 64)
+    for m, frac in zip(masks, out["foreground_fraction"]):
+        assert set(np.unique(m)) <= {0, 255}
+        assert frac == pytest.approx((m > 0).mean())
+    # the ensemble averages the two models' probabilities before thresholding
+    both = Predictor.from_checkpoints(checkpoints)
+    singles = [Predictor.from_checkpoints([c]) for c in checkpoints]
+    expect = (singles[0].predict_proba([grey])[0] + singles[1].predict_proba([grey])[0]) / 2
+    np.testing.assert_allclose(both.predict_proba([grey])[0], expect, atol=1e-5)
+    np.testing.assert_array_equal(masks[0], (expect >= 0.5).astype(np.uint8) * 255)
+    assert registered.predict(frame.iloc[:1])["mask"][0] == out["mask"][0]
+
+
+def test_bad_image_input_is_a_clear_400_error(checkpoints):
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from m2snet.pyfunc import SegmentationPyfunc
+
+    class Ctx:
+        artifacts = {"checkpoint_0": str(checkpoints[0])}
+        model_config = {}
+
+    model = SegmentationPyfunc()
+    model.load_context(Ctx())
+    with pytest.raises(MlflowException, match="row 1: column 'image' is not base64 PNG/JPEG"):
+        model.predict(None, pd.DataFrame({"image": [__import__("base64").b64encode(_png(np.zeros((8, 8), np.uint8))).decode(),
+                                                    "not-an-image"]}))
+    with pytest.raises(MlflowException, match="string column 'image'"):
+        model.predict(None, pd.DataFrame({"x": ["a"]}))
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_json_round_trip(checkpoints, tmp_path):
+    """``mlflow models serve --env-manager local`` answers JSON with a mask of the input's size."""
+    import json
+    import urllib.request
+
+    from m2snet.common import free_port
+    from m2snet.pyfunc import decode_mask, encode_image, log_segmentation_model
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run():
+            info = log_segmentation_model(checkpoints[:1], name="model")
+        local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", local, "--env-manager",
+                             "local", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    try:
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[encode_image(_png(np.full((40, 30), 90, np.uint8)))]]}})
+        deadline = time.time() + 120
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+                reply = json.loads(urllib.request.urlopen(req, timeout=30).read())
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(1)
+        assert decode_mask(reply["predictions"][0]["mask"]).shape == (40, 30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,181 @@
+"""Trainer: config, schedule, multi-scale collate, exact resume, NaN stop, checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2snet.common import M2SNetError
+from m2snet.training.config import TrainConfig
+from m2snet.training.schedule import build_scheduler, triangle_factor
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """A 6-case demo dataset (64 px) in the m2snet layout, with a 2-fold split."""
+    from m2snet.data.demo import make_demo_dataset
+    from m2snet.data.importers import import_dataset
+    from m2snet.data.split import make_split
+
+    base = tmp_path_factory.mktemp("tiny")
+    make_demo_dataset(base / "raw", n_per_class=(2, 2, 2), size=64, seed=0)
+    import_dataset("busi", base / "raw", base / "ds", progress=False)
+    make_split(base / "ds", n_folds=2, seed=0, out=base / "split.json")
+    return base / "ds", base / "split.json"
+
+
+def tiny_config(data: Path, split: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), split=str(split), fold=0, model="m2snet", epochs=2, batch_size=2, size=64,
+                pretrained=False, lossnet_weight=0.0, lossnet_pretrained=False, device="cpu",
+                deterministic=True, progress=False, out_dir=str(out), cache_dir=str(out.parent / "cache"),
+                max_train_cases=2, max_val_cases=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --- config / schedule ------------------------------------------------------------------------
+def test_triangle_schedule_matches_formula():
+    assert [round(triangle_factor(e, 3), 6) for e in range(3)] == [0.5, 1.0, 0.5]
+    # E = 4: lr(e) = 1 - |2 (e+1)/5 - 1| -> 0.4, 0.8, 0.8, 0.4
+    assert [round(triangle_factor(e, 4), 6) for e in range(4)] == [0.4, 0.8, 0.8, 0.4]
+    p1, p2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p1], "lr": 0.005}, {"params": [p2], "lr": 0.05}], lr=0.05)
+    sched = build_scheduler(opt, "triangle", 3)
+    seen = []
+    for _ in range(3):
+        seen.append([round(g["lr"], 8) for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert seen == [[0.0025, 0.025], [0.005, 0.05], [0.0025, 0.025]]
+
+
+def test_config_file_roundtrip_and_overrides(tmp_path):
+    cfg = TrainConfig(data="d", epochs=3, model_config={"msu_impl": "dense"})
+    cfg.save(tmp_path / "c.json")
+    assert TrainConfig.from_file(tmp_path / "c.json") == cfg
+    (tmp_path / "c.yaml").write_text("epochs: 7\nhead_lr: 0.01\npretrained: false\n")
+    y = TrainConfig.from_file(tmp_path / "c.yaml")
+    assert (y.epochs, y.head_lr, y.pretrained) == (7, 0.01, False)
+    o = y.override_strings(["batch_size=4", "pretrained=/w/res2net.pth", "max_train_cases=none",
+                            "model_config={\"msu_impl\": \"fast\"}", "schedule_unit=step"])
+    assert (o.batch_size, o.pretrained, o.max_train_cases, o.model_config, o.schedule_unit) == \
+        (4, "/w/res2net.pth", None, {"msu_impl": "fast"}, "step")
+    (tmp_path / "bad.yaml").write_text("epoch: 3\n")
+    with pytest.raises(M2SNetError, match=r"bad.yaml: unknown training option\(s\) \['epoch'\]"):
+        TrainConfig.from_file(tmp_path / "bad.yaml")
+    with pytest.raises(M2SNetError, match="size=100 must be a multiple of 32"):
+        cfg.override(size=100)
+
+
+def test_multiscale_set_scales_with_base_size():
+    assert TrainConfig(size=352).scales() == [224, 256, 288, 320, 352]
+    assert TrainConfig(size=256).scales() == [192, 224, 256]
+    assert TrainConfig(size=64).scales() == [64]
+    assert TrainConfig(size=352, multiscale=False).scales() == [352]
+
+
+def test_multiscale_collate_resizes_whole_batch_and_keeps_binary_masks():
+    from m2snet.training.trainer import MultiScaleCollate
+
+    torch.manual_seed(0)
+    collate = MultiScaleCollate([96, 128])
+    batch = [{"image": torch.randn(3, 128, 128), "mask": (torch.rand(1, 128, 128) > 0.5).float(), "case_id": str(i)}
+             for i in range(3)]
+    sizes = set()
+    for _ in range(12):
+        out = collate(batch)
+        s = out["image"].shape[-1]
+        sizes.add(s)
+        assert out["image"].shape == (3, 3, s, s) and out["mask"].shape == (3, 1, s, s)
+        assert set(out["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert sizes == {96, 128}
+    multi = [{"image": torch.randn(3, 128, 128), "mask": torch.randint(0, 4, (128, 128)), "case_id": "a"}] * 2
+    for _ in range(6):
+        out = collate(multi)
+        assert out["mask"].dtype == torch.long and out["mask"].max() <= 3
+
+
+# --- training ----------------------------------------------------------------------------------
+def test_resume_reproduces_uninterrupted_run_exactly(tiny_data, tmp_path):
+    from m2snet.training.checkpoint import load_checkpoint
+    from m2snet.training.trainer import train
+
+    data, split = tiny_data
+    straight = train(tiny_config(data, split, tmp_path / "straight"))
+    assert [h["epoch"] for h in straight.history] == [1, 2]
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(info):
+        if info.epoch == 1:
+            raise Killed
+
+    cfg = tiny_config(data, split, tmp_path / "resumed")
+    with pytest.raises(Killed):
+        train(cfg, callbacks=[kill_after_first_epoch])
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    with pytest.raises(M2SNetError, match="use --resume"):
+        train(cfg)
+    resumed = train(cfg, resume=True)
+
+    a = load_checkpoint(straight.last_checkpoint)
+    b = load_checkpoint(resumed.last_checkpoint)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    assert a["scheduler"] == b["scheduler"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path):
+    from m2snet.training.trainer import train
+
+    data, split = tiny_data
+    with pytest.raises(M2SNetError, match=r"last.pt: nothing to resume"):
+        train(tiny_config(data, split, tmp_path / "none"), resume=True)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(tiny_data, tmp_path):
+    from m2snet.training.trainer import train
+
+    data, split = tiny_data
+    cfg = tiny_config(data, split, tmp_path / "nan", backbone_lr=1e30, head_lr=1e30, schedule="constant",
+                      epochs=3, max_train_cases=3)
+    with pytest.raises(M2SNetError, match=r"loss became (nan|inf|-inf) at epoch \d+ step \d+"):
+        train(cfg)
+
+
+def test_checkpoint_loads_back_and_records_the_run(tiny_data, tmp_path):
+    from m2snet.training.checkpoint import load_model_from_checkpoint
+    from m2snet.training.trainer import train
+
+    data, split = tiny_data
+    res = train(tiny_config(data, split, tmp_path / "run", epochs=1, model="msnet"))
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["model"] == "msnet" and saved["epochs"] == 1
+    assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 0
+    model, meta = load_model_from_checkpoint(res.best_checkpoint)
+    assert meta["model_name"] == "msnet" and meta["image_size"] == 64 and meta["n_classes"] == 1
+    assert meta["epoch"] == 1 and "val_dice" in meta["metrics"] and "optimizer" not in meta
+    assert meta["normalization"]["mean"] == pytest.approx([124.55, 118.90, 102.94])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (1, 1, 64, 64)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(M2SNetError, match="junk.pt: not a readable torch checkpoint"):
+        load_model_from_checkpoint(tmp_path / "junk.pt")
+
+
+def test_baseline_unet_trains_through_the_same_loop(tiny_data, tmp_path):
+    from m2snet.training.trainer import train
+
+    data, split = tiny_data
+    res = train(tiny_config(data, split, tmp_path / "unet", epochs=1, model="unet", max_train_cases=2))
+    assert res.history[0]["train_loss"] > 0 and res.best_checkpoint.is_file()
