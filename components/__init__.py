@@ -1,0 +1,30 @@
+"""Kubeflow Pipelines v2 components: one thin component per pipeline step.
+
+Each component body imports ``m2snet`` and calls ONE library function in ``m2snet.pipeline``;
+all logic lives in the library (the CLI and these components are two doors onto it). The
+component's source is embedded into the compiled pipeline YAML, so bodies import inside the
+function, and the image they run in is ``m2snet.pipeline.COMPONENT_IMAGE`` (docker/Dockerfile).
+
+Artifacts: the dataset and the split travel as ``Dataset`` artifacts (a directory / a JSON file),
+fold checkpoints as ``Model`` artifacts, scores as ``Metrics`` artifacts.
+"""
+
+from components.aggregate import aggregate_cv
+from components.evaluate import evaluate_fold
+from components.prepare import prepare_dataset
+from components.promote import promote_model
+from components.register import register_model
+from components.split import split_dataset
+from components.train import train_fold
+from components.tune import tune_hyperparameters
+
+__all__ = [
+    "aggregate_cv",
+    "evaluate_fold",
+    "prepare_dataset",
+    "promote_model",
+    "register_model",
+    "split_dataset",
+    "train_fold",
+    "tune_hyperparameters",
+]

@@ -1,0 +1,24 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from m2snet.pipeline import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def prepare_dataset(
+    dataset: Output[Dataset],
+    preset: str,
+    data_path: str = "",
+    dvc_repo: str = "",
+    dvc_rev: str = "",
+    dvc_path: str = "data/busi",
+    pipeline_run_id: str = "",
+    experiment: str = "",
+) -> str:
+    """Fetch (DVC revision / path / built-in demo set), import and validate the dataset; return its version."""
+    from m2snet import pipeline
+
+    return pipeline.prepare_dataset(
+        dataset.path, preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev,
+        dvc_path=dvc_path, pipeline_run_id=pipeline_run_id, experiment=experiment,
+    )

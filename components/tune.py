@@ -1,0 +1,25 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Output
+
+from m2snet.pipeline import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def tune_hyperparameters(
+    dataset: Input[Dataset],
+    split: Input[Dataset],
+    best_params: Output[Artifact],
+    preset: str,
+    train_overrides: str = "{}",
+    n_trials: int = -1,
+    storage: str = "",
+    pipeline_run_id: str = "",
+    experiment: str = "",
+) -> str:
+    """Optuna study on an inner split of fold 0's training cases; writes the best params as JSON."""
+    from m2snet import pipeline
+
+    return pipeline.tune_step(
+        dataset.path, split.path, best_params.path, preset=preset, train_overrides=train_overrides,
+        n_trials=n_trials, storage=storage, pipeline_run_id=pipeline_run_id, experiment=experiment,
+    )

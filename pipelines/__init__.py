@@ -1,0 +1,1 @@
+"""Kubeflow pipeline definitions; each is compiled to a YAML file committed beside it."""

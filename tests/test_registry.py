@@ -1,0 +1,119 @@
+"""Registry and promotion rules on a real MLflow registry (SQLite store, trivial pyfunc models)."""
+
+from __future__ import annotations
+
+import pytest
+
+from m2snet.common import M2SNetError
+from m2snet.registry import (
+    PREVIOUS,
+    PRODUCTION,
+    PromotionPolicy,
+    decide,
+    find_version_by_key,
+    promote,
+    register_model_version,
+    rollback,
+    version_by_alias,
+)
+
+
+@pytest.fixture()
+def mlflow_sqlite(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Env only: mlflow.set_registry_uri() would also export MLFLOW_REGISTRY_URI for good, and later
+    # tests' subprocesses would register into this (deleted) store. The registry defaults to tracking.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("registry-test")
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def _log_trivial_model(value: float) -> str:
+    import mlflow
+    import mlflow.pyfunc
+
+    class Constant(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return [value] * len(model_input)
+
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=Constant())
+    return info.model_uri if info.model_uri else f"runs:/{run.info.run_id}/model"
+
+
+def test_decide_rule():
+    policy = PromotionPolicy(floor=0.5, margin=0.01)
+    assert decide(0.7, None, policy)[0]
+    assert not decide(0.4, None, policy)[0]  # below the floor
+    assert not decide(0.705, 0.70, policy)[0]  # beats production, but not by the margin
+    assert decide(0.72, 0.70, policy)[0]
+    assert not decide(None, 0.70, policy)[0]
+    with pytest.raises(M2SNetError):
+        PromotionPolicy(floor=2.0)
+
+
+def test_register_is_idempotent_and_promotion_gates(mlflow_sqlite):
+    name = "toy-seg"
+    uri_a = _log_trivial_model(1.0)
+    v1 = register_model_version(uri_a, name, idempotency_key="run-A", tags={"cv_dice": 0.70})
+    again = register_model_version(uri_a, name, idempotency_key="run-A", tags={"cv_dice": 0.70})
+    assert again.version == v1.version  # a retried register step does not create a second version
+    assert find_version_by_key(name, "run-A").version == v1.version
+    assert find_version_by_key(name, "run-Z") is None
+
+    policy = PromotionPolicy(floor=0.5, margin=0.02)
+    first = promote(name, v1.version, policy)
+    assert first.promoted and first.production_version is None
+    assert version_by_alias(name, PRODUCTION).version == v1.version
+    assert version_by_alias(name, PREVIOUS) is None
+    # Promoting the production version again (a retry) changes nothing.
+    assert promote(name, v1.version, policy).promoted
+    assert version_by_alias(name, PREVIOUS) is None
+
+    # Better, but not by the margin: production stays.
+    v2 = register_model_version(_log_trivial_model(2.0), name, idempotency_key="run-B", tags={"cv_dice": 0.71})
+    d2 = promote(name, v2.version, policy)
+    assert not d2.promoted and "margin" in d2.reason
+    assert version_by_alias(name, PRODUCTION).version == v1.version
+
+    # Clearly better: production moves, the old one becomes previous.
+    v3 = register_model_version(_log_trivial_model(3.0), name, idempotency_key="run-C", tags={"cv_dice": 0.80})
+    assert promote(name, v3.version, policy).promoted
+    assert version_by_alias(name, PRODUCTION).version == v3.version
+    assert version_by_alias(name, PREVIOUS).version == v1.version
+
+    # --force skips the gate; rollback goes back one step and cannot be repeated blindly.
+    assert promote(name, v2.version, policy, force=True).promoted
+    assert version_by_alias(name, PRODUCTION).version == v2.version
+    back = rollback(name)
+    assert back.version == str(v3.version) and version_by_alias(name, PRODUCTION).version == v3.version
+    with pytest.raises(M2SNetError, match="nothing to roll back"):
+        rollback(name)
+    with pytest.raises(M2SNetError, match="not found"):
+        promote(name, "99", policy)
+
+
+def test_promote_and_rollback_cli(mlflow_sqlite):
+    from typer.testing import CliRunner
+
+    from m2snet.cli import app
+
+    name = "toy-cli"
+    v1 = register_model_version(_log_trivial_model(1.0), name, idempotency_key="a", tags={"cv_dice": 0.6})
+    v2 = register_model_version(_log_trivial_model(2.0), name, idempotency_key="b", tags={"cv_dice": 0.3})
+    runner = CliRunner()
+    res = runner.invoke(app, ["promote", name, str(v1.version), "--floor", "0.5"])
+    assert res.exit_code == 0 and "promoted" in res.output
+    res = runner.invoke(app, ["promote", name, str(v2.version), "--floor", "0.5"])
+    assert res.exit_code == 1 and "below the floor" in res.output
+    res = runner.invoke(app, ["promote", name, str(v2.version), "--force"])
+    assert res.exit_code == 0
+    assert str(version_by_alias(name, PRODUCTION).version) == str(v2.version)
+    res = runner.invoke(app, ["rollback", name])
+    assert res.exit_code == 0, res.output
+    assert str(version_by_alias(name, PRODUCTION).version) == str(v1.version)

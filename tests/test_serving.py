@@ -1,0 +1,97 @@
+"""Serving the production model: `mlflow models serve` answers a PNG with its mask; `m2snet predict` writes files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def production_model(tmp_path_factory):
+    """A 1-epoch tiny model, logged as the pyfunc, registered and promoted to `production` (SQLite store)."""
+    import mlflow
+
+    from m2snet.data.demo import make_demo_dataset
+    from m2snet.data.importers import import_dataset
+    from m2snet.data.split import make_split
+    from m2snet.pipeline import train_config
+    from m2snet.pyfunc import log_segmentation_model
+    from m2snet.registry import PromotionPolicy, promote, register_model_version
+    from m2snet.training.trainer import train
+
+    root = tmp_path_factory.mktemp("serving")
+    mp = pytest.MonkeyPatch()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    make_demo_dataset(root / "raw", n_per_class=3, size=64)
+    import_dataset("busi", root / "raw", root / "ds", progress=False)
+    make_split(root / "ds", n_folds=2, seed=0, out=root / "split.json")
+    cfg = train_config("tiny", data=str(root / "ds"), split=str(root / "split.json"), fold=0,
+                       out_dir=str(root / "fold0"))
+    result = train(cfg)
+    mlflow.set_experiment("serving-test")
+    with mlflow.start_run() as run:
+        info = log_segmentation_model([result.best_checkpoint], run_id=run.info.run_id)
+    mv = register_model_version(info.model_uri, "serve-test", idempotency_key="serving-fixture",
+                                tags={"cv_dice": 0.9})
+    assert promote("serve-test", mv.version, PromotionPolicy(floor=0.0)).promoted
+    yield {"uri": uri, "root": root, "image": root / "raw" / "benign" / "benign (1).png"}
+    mlflow.set_tracking_uri(None)
+    mp.undo()
+
+
+def test_mlflow_models_serve_returns_a_mask(production_model):
+    from m2snet.serving import request_masks, start_model_server
+
+    image_path = production_model["image"]
+    size = Image.open(image_path).size
+    # A second, differently sized image: masks come back at each input's own size.
+    other = Image.open(image_path).resize((80, 56))
+    buf = io.BytesIO()
+    other.save(buf, format="PNG")
+    server = start_model_server("models:/serve-test@production", workdir=production_model["root"] / "serve",
+                                env={"MLFLOW_TRACKING_URI": production_model["uri"]})
+    try:
+        masks = request_masks(server.url, [image_path, buf.getvalue()])
+    finally:
+        server.stop()
+    assert not server.process.alive()
+    assert masks[0].shape[:2] == (size[1], size[0])
+    assert masks[1].shape[:2] == (56, 80)
+    assert set(np.unique(masks[0])) <= {0, 255}
+
+
+def test_predict_cli_writes_masks_and_overlays(production_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from m2snet.cli import app
+
+    folder = production_model["root"] / "raw" / "malignant"
+    res = CliRunner().invoke(app, ["predict", str(folder), str(production_model["image"]),
+                                   "--model", "models:/serve-test@production", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    masks = sorted(tmp_path.glob("*_mask.png"))
+    overlays = sorted(tmp_path.glob("*_overlay.png"))
+    assert len(masks) == len(overlays) == 4  # 3 malignant images (their *_mask files skipped) + 1 benign
+    for m in masks:
+        src = next(p for p in [*folder.iterdir(), production_model["image"]] if p.stem + "_mask" == m.stem)
+        assert Image.open(m).size == Image.open(src).size
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "missing.png"), "--model", "models:/serve-test@production"])
+    assert res.exit_code != 0 and "no such image" in str(res.exception)
+
+
+def test_overlay_marks_the_mask_outline():
+    from m2snet.serving import OVERLAY_COLOR, overlay
+
+    image = np.zeros((9, 9, 3), np.uint8)
+    mask = np.zeros((9, 9), np.uint8)
+    mask[2:7, 2:7] = 255
+    out = overlay(image, mask)
+    assert tuple(out[2, 2]) == OVERLAY_COLOR  # outline: solid colour
+    assert 0 < out[4, 4, 0] < OVERLAY_COLOR[0]  # inside: blended
+    assert tuple(out[0, 0]) == (0, 0, 0)  # background untouched

@@ -1,0 +1,113 @@
+"""Optuna tuning on a tiny demo set: shared study, per-epoch reports, nested MLflow runs, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from m2snet.common import M2SNetError
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from m2snet.data.demo import make_demo_dataset
+    from m2snet.data.importers import import_dataset
+    from m2snet.data.split import make_split
+
+    root = tmp_path_factory.mktemp("tune-data")
+    make_demo_dataset(root / "raw", n_per_class=4, size=64)
+    import_dataset("busi", root / "raw", root / "ds", progress=False)
+    make_split(root / "ds", n_folds=2, seed=0, out=root / "split.json")
+    return root
+
+
+def _base(root):
+    from m2snet.pipeline import train_config
+
+    return train_config("tiny", data=str(root / "ds"), split=str(root / "split.json"), fold=0,
+                        out_dir=str(root / "unused"))
+
+
+def test_inner_split_never_touches_the_fold_validation_cases(tiny_data, tmp_path):
+    from m2snet.data.split import load_split
+    from m2snet.tuning import write_inner_split
+
+    outer = load_split(tiny_data / "split.json").fold(0)
+    inner = load_split(write_inner_split(tiny_data / "ds", tiny_data / "split.json", 0, tmp_path / "i.json")).fold(0)
+    assert set(inner.train) | set(inner.val) == set(outer.train)
+    assert not set(inner.val) & set(inner.train)
+    assert not (set(inner.train) | set(inner.val)) & set(outer.val)
+
+
+def test_shared_study_reports_epochs_and_logs_nested_runs(tiny_data, tmp_path, monkeypatch):
+    import mlflow
+    import optuna
+
+    from m2snet.tracking import Tracker, TrackingConfig
+    from m2snet.tuning import TuningConfig, make_storage, tune
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    storage = f"journal:{tmp_path / 'study.log'}"
+    cfg = TuningConfig(n_trials=2, epochs=2, storage=storage, study_name="s1")
+    parent = Tracker.start(TrackingConfig(experiment="tune-test"), run_name="parent")
+    result = tune(_base(tiny_data), cfg, tmp_path / "w1", parent=parent)
+    parent.end()
+
+    assert result.n_complete + result.n_pruned == 2
+    assert set(result.best_params) == {"head_lr", "backbone_lr"}
+    assert cfg.head_lr[0] <= result.best_params["head_lr"] <= cfg.head_lr[1]
+    assert result.best_params["backbone_lr"] < result.best_params["head_lr"] * cfg.backbone_ratio[1] + 1e-12
+    assert json.loads((tmp_path / "w1" / "best_params.json").read_text())["best_params"] == result.best_params
+    assert any(p.endswith("optimization_history.png") for p in result.plots)
+
+    study = optuna.load_study(study_name="s1", storage=make_storage(storage))
+    # The trainer's on-epoch callback reported every epoch's validation Dice to Optuna.
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in study.trials)
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("tune-test")
+    runs = client.search_runs([exp.experiment_id])
+    tune_run = next(r for r in runs if r.info.run_name == "tune")
+    assert tune_run.data.tags["mlflow.parentRunId"] == parent.run_id
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]
+    assert sorted(r.info.run_name for r in trials) == ["trial-0", "trial-1"]
+    assert all("val_dice" in r.data.metrics for r in trials)
+    artifacts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "optuna_plots")}
+    assert "optuna_plots/optimization_history.png" in artifacts
+
+    # A second worker on the same storage finds the study full (load_if_exists + MaxTrialsCallback) ...
+    again = tune(_base(tiny_data), cfg, tmp_path / "w2", tracking=False)
+    assert again.n_complete + again.n_pruned == 2 and again.best_params == result.best_params
+    # ... and asking for one more trial runs exactly one.
+    more = tune(_base(tiny_data), TuningConfig(n_trials=3, epochs=1, storage=storage, study_name="s1"),
+                tmp_path / "w3", tracking=False)
+    assert more.n_complete + more.n_pruned == 3
+
+
+def test_bad_tuning_settings_are_user_errors(tiny_data, tmp_path):
+    from m2snet.tuning import TuningConfig, make_storage, tune
+
+    with pytest.raises(M2SNetError, match="n_trials"):
+        tune(_base(tiny_data), TuningConfig(n_trials=0), tmp_path, tracking=False)
+    with pytest.raises(M2SNetError, match="storage"):
+        make_storage("not-a-url")
+    with pytest.raises(M2SNetError, match="split"):
+        tune(dataclasses.replace(_base(tiny_data), split=None), TuningConfig(n_trials=1), tmp_path, tracking=False)
+
+
+def test_study_is_shared_through_postgresql(pg_database):
+    """Two workers opening the study on the cluster's kind of storage see one study (load_if_exists)."""
+    from m2snet.tuning import TuningConfig, make_storage, open_study, suggest
+
+    cfg = TuningConfig(n_trials=2, storage=pg_database, study_name="shared")
+    worker_a = open_study(cfg, make_storage(pg_database))
+    worker_b = open_study(cfg, make_storage(pg_database))
+    assert worker_a._study_id == worker_b._study_id
+    trial = worker_a.ask()
+    params = suggest(trial, cfg)
+    worker_a.tell(trial, 0.5)
+    assert [t.value for t in worker_b.trials] == [0.5]
+    assert params["backbone_lr"] == params["head_lr"] * worker_b.trials[0].params["backbone_ratio"]
