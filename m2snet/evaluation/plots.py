@@ -39,11 +39,21 @@ def _tint(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]) -> n
     return out.clip(0, 255).astype(np.uint8)
 
 
+def _save(plt, fig, out_path: str | Path, title: str = "") -> Path:
+    """Title the figure (leaving it room above the panels), write the PNG, free the figure."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+    return out_path
+
+
 def overlay_grid(cases: Sequence[OverlayCase], out_path: str | Path, title: str = "") -> Path:
     """One row per case: the image, the ground truth (green) and the prediction (red)."""
     plt = _pyplot()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     n = max(1, len(cases))
     fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
     for row, case in zip(axes, cases):
@@ -55,19 +65,12 @@ def overlay_grid(cases: Sequence[OverlayCase], out_path: str | Path, title: str 
         row[2].set_title(f"prediction (Dice {case.score:.3f})", fontsize=8)
         for ax in row:
             ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=80)
-    plt.close(fig)
-    return out_path
+    return _save(plt, fig, out_path, title)
 
 
 def learning_curves(history: Sequence[dict], out_path: str | Path, title: str = "") -> Path:
     """Train loss and validation Dice/IoU per epoch (history rows from the trainer)."""
     plt = _pyplot()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [h.get("train_loss", np.nan) for h in history], marker="o", label="train loss")
@@ -82,19 +85,12 @@ def learning_curves(history: Sequence[dict], out_path: str | Path, title: str = 
     ax2.set_ylabel("validation metric")
     ax2.set_ylim(0, 1)
     ax2.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=80)
-    plt.close(fig)
-    return out_path
+    return _save(plt, fig, out_path, title)
 
 
 def cv_learning_curves(histories: dict[int, Sequence[dict]], out_path: str | Path, title: str = "") -> Path:
     """Train loss and validation Dice per epoch, one line per fold."""
     plt = _pyplot()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for fold, history in sorted(histories.items()):
         epochs = [h["epoch"] for h in history]
@@ -107,9 +103,4 @@ def cv_learning_curves(histories: dict[int, Sequence[dict]], out_path: str | Pat
     ax2.set_ylim(0, 1)
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=80)
-    plt.close(fig)
-    return out_path
+    return _save(plt, fig, out_path, title)
