@@ -108,6 +108,27 @@ def _fold_tracker(parent, tracking, fold_dir: Path, fold: int, resume: bool):
     return None
 
 
+TRAINING_ARTIFACTS = ("history.json", "train_config.json", "learning_curves.png")
+
+
+def log_training_artifacts(tracker, run_dir: str | os.PathLike) -> None:
+    """The trainer's history, resolved config and learning curves of ``run_dir`` -> artifacts ``train/``."""
+    for name in TRAINING_ARTIFACTS:
+        path = Path(run_dir) / name
+        if path.is_file():
+            tracker.log_artifact(path, "train")
+
+
+def log_evaluation(tracker, ev, step: int = 0) -> None:
+    """An evaluation's metrics (as ``final_<m>`` and under the paper's plain names, so runs compare on
+    ``dice``, ``iou``, ... directly) and its per-case CSV, metrics JSON and overlays -> ``eval/``."""
+    tracker.log_metrics({f"final_{k}": v for k, v in ev.metrics.items()}, step=step)
+    tracker.log_metrics(dict(ev.metrics), step=step, flush=True)
+    for path in (ev.per_case_csv, ev.metrics_json, ev.overlay_png):
+        if path is not None and Path(path).is_file():
+            tracker.log_artifact(path, "eval")
+
+
 def train_fold(
     cfg: TrainConfig,
     fold: int,
@@ -148,15 +169,9 @@ def train_fold(
                         learning_curves_png=fold_dir / "learning_curves.png", history=result.history)
         if tracker is not None:
             fr.run_id = tracker.run_id
-            tracker.log_metrics({f"final_{k}": v for k, v in ev.metrics.items()}, step=cfg.epochs)
-            # The paper's names as well, so runs compare on "dice", "iou", ... directly.
-            tracker.log_metrics({k: v for k, v in ev.metrics.items()}, step=cfg.epochs, flush=True)
             tracker.set_tags({"m2snet.best_epoch": result.best_epoch})
-            for path, where in ((ev.per_case_csv, "eval"), (ev.metrics_json, "eval"), (ev.overlay_png, "eval"),
-                                (fold_dir / "learning_curves.png", "plots"), (fold_dir / "history.json", "train"),
-                                (fold_dir / "train_config.json", "train")):
-                if path is not None and Path(path).is_file():
-                    tracker.log_artifact(path, where)
+            log_training_artifacts(tracker, fold_dir)
+            log_evaluation(tracker, ev, step=cfg.epochs)
             if not log_model:
                 tracker.log_artifact(result.best_checkpoint, "checkpoints")
             else:

@@ -295,6 +295,7 @@ def train_fold_step(
     experiment: str = "",
 ) -> dict[str, Any]:
     """Train fold ``fold`` with the tuned learning rates as a child run of the parent; checkpoint in ``out_dir``."""
+    from m2snet.cv import log_training_artifacts
     from m2snet.training.trainer import BEST, LAST, train
 
     tuned = json.loads(Path(best_params_path).read_text())["best_params"] if best_params_path else {}
@@ -307,9 +308,7 @@ def train_fold_step(
         result = train(cfg, tracker=run)
         if run:
             run.log_params({"tuned": tuned})
-            for name in ("history.json", "train_config.json", "learning_curves.png"):
-                if (Path(out_dir) / name).is_file():
-                    run.log_artifact(Path(out_dir) / name, "train")
+            log_training_artifacts(run, out_dir)
             run.end("FINISHED")  # evaluate_fold_step reopens it
     except BaseException:
         if run:
@@ -340,6 +339,7 @@ def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
 
 def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: str, out_dir: str) -> dict[str, float]:
     """Evaluate the fold's best checkpoint on its validation cases (original size); log to the fold's run."""
+    from m2snet.cv import log_evaluation
     from m2snet.data.split import load_split
     from m2snet.evaluation.evaluate import evaluate
     from m2snet.tracking import Tracker, TrackingConfig
@@ -351,10 +351,7 @@ def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: 
     if run_file.is_file():
         run = Tracker.start(TrackingConfig(), run_id=json.loads(run_file.read_text())["run_id"])
         try:
-            run.log_metrics(ev.metrics, flush=True)
-            for path in (ev.per_case_csv, ev.metrics_json, ev.overlay_png):
-                if path is not None and Path(path).is_file():
-                    run.log_artifact(path, "eval")
+            log_evaluation(run, ev)
             run.end("FINISHED")
         except BaseException:
             run.end("FAILED")
