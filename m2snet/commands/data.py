@@ -122,13 +122,18 @@ def split(
     folds: int = typer.Option(4, help="Number of folds."),
     seed: int = typer.Option(42, help="Seed of the assignment."),
     out: Optional[Path] = typer.Option(None, help="Split file (default: DEST.split-<k>fold-seed<S>.json beside DEST)."),
+    group_by: str = typer.Option("cluster", help="What stays in one fold: 'cluster' (exact + near duplicates, "
+                                 "the manifest's group) or 'sha256' (byte-identical only: the old, leaky rule)."),
 ) -> None:
-    """Write a K-fold split: stratified by label, exact duplicates in one fold, deterministic for a seed."""
+    """Write a K-fold split: stratified by label, duplicate clusters in one fold, deterministic for a seed."""
     from m2snet.data.split import make_split
 
-    result = make_split(dest, n_folds=folds, seed=seed, out=out)
+    result = make_split(dest, n_folds=folds, seed=seed, out=out, group_by=group_by)  # type: ignore[arg-type]
     for k, counts in enumerate(result.counts):
         typer.echo(f"fold {k}: {sum(counts.values())} val cases {counts}")
+    kept = result.groups_kept_together
+    typer.echo(f"kept together ({result.group}): {kept.get('groups', 0)} groups of duplicates "
+               f"({kept.get('cases', 0)} cases), each in one fold")
     typer.echo(f"wrote {result.path} (sha256 {result.sha256})")
 
 

@@ -35,6 +35,18 @@ class TrainConfig:
     num_workers: int = 0
     max_train_cases: int | None = None  # subsample (first N after a seeded shuffle) for quick runs
     max_val_cases: int | None = None
+    # --- model selection (which checkpoint is THE result of the run) ----------------------------
+    # "final": the last epoch (the paper's, the reference's and nnU-Net's practice); the fold's
+    #   validation cases are scored every epoch for the learning curves only.
+    # "inner": the best epoch by Dice on an inner validation set carved out of the fold's TRAINING
+    #   cases (grouped, stratified); the fold's validation cases are not read during training.
+    # "fold_best": the best epoch by Dice on the fold's own validation cases -- test-set selection.
+    #   It exists only to measure the first version's optimism (bench/busi_cv.py --protocol old);
+    #   runs record it and the CV table says so.
+    selection: Literal["final", "inner", "fold_best"] = "final"
+    inner_val_fraction: float = 0.2  # selection="inner": share of the fold's training cases held out
+    # Refuse a split whose folds put two copies of one image (a duplicate cluster) on both sides.
+    leak_check: bool = True
     # --- model / loss ---------------------------------------------------------------------------
     model: str = "m2snet"
     model_config: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
@@ -149,6 +161,10 @@ class TrainConfig:
             problems.append(f"schedule={self.schedule!r} must be 'triangle' or 'constant'")
         if self.schedule_unit not in ("epoch", "step"):
             problems.append(f"schedule_unit={self.schedule_unit!r} must be 'epoch' or 'step'")
+        if self.selection not in ("final", "inner", "fold_best"):
+            problems.append(f"selection={self.selection!r} must be 'final', 'inner' or 'fold_best'")
+        if not 0 < self.inner_val_fraction < 1:
+            problems.append(f"inner_val_fraction={self.inner_val_fraction} must be within (0, 1)")
         if self.num_workers < 0:
             problems.append("num_workers must be >= 0")
         if problems:
