@@ -79,9 +79,15 @@ def test_split_cli_and_bad_input(demo_ds, tmp_path):
 
 def test_busi_folds_within_one_case_per_class_and_duplicates_together(busi_root, tmp_path):
     """On the real BUSI listing (sha256 of the source images; no full import needed, so it is fast)."""
-    cases = []
-    for sc in BusiImporter().scan(busi_root):
-        cases.append(CaseRecord(sc.case_id, sc.label, sc.image, sc.masks[0], 0, 0, sha256_file(sc.image), 0, sc.label))
+    scanned = [(sc, sha256_file(sc.image)) for sc in BusiImporter().scan(busi_root)]
+    # group = the exact-duplicate cluster id (smallest case id with the same bytes), as format 2 records it.
+    first_of: dict[str, str] = {}
+    for sc, sha in sorted(scanned, key=lambda t: t[0].case_id):
+        first_of.setdefault(sha, sc.case_id)
+    cases = [
+        CaseRecord(sc.case_id, sc.label, sc.image, sc.masks[0], 0, 0, sha, 0, first_of[sha], subset=sc.subset)
+        for sc, sha in scanned
+    ]
     info = DatasetInfo(busi_root, "busi", "busi", 1, ["background", "lesion"], ["benign", "malignant", "normal"], cases)
     info.__dict__["version"] = "not-computed-for-this-test"
     assert Counter(c.label for c in cases) == {"benign": 437, "malignant": 210, "normal": 133}
