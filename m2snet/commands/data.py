@@ -54,15 +54,20 @@ def demo(
     typer.echo(f"wrote demo dataset (BUSI layout) to {dest}; next: m2snet data import --format busi {dest} DEST")
 
 
-def _near_duplicate_config(near_duplicates: str, threshold: Optional[int]):
-    """The --near-duplicates on|off and --near-duplicate-threshold options as one config (None = recorded/default)."""
+def _near_duplicate_config(near_duplicates: Optional[str], threshold: Optional[int]):
+    """--near-duplicates on|off and --near-duplicate-threshold as one config; None when neither is given
+    (import: the default detector; validate: the settings recorded at import)."""
     from m2snet.data.duplicates import NearDuplicateConfig
 
-    if near_duplicates not in ("on", "off"):
+    if near_duplicates not in (None, "on", "off"):
         raise M2SNetError(f"--near-duplicates {near_duplicates!r}: expected on or off")
     if near_duplicates == "off":
+        if threshold is not None:
+            raise M2SNetError("--near-duplicate-threshold has no effect with --near-duplicates off")
         return NearDuplicateConfig(enabled=False)
-    return None if threshold is None else NearDuplicateConfig(max_distance=threshold)
+    if near_duplicates is None and threshold is None:
+        return None
+    return NearDuplicateConfig() if threshold is None else NearDuplicateConfig(max_distance=threshold)
 
 
 _NEAR_HELP = "Cluster near-duplicate images (resized, slightly cropped, re-encoded copies) with exact ones: on or off."
@@ -96,7 +101,7 @@ def import_(
         None, "--allow-label-conflicts/--no-allow-label-conflicts",
         help="Accept duplicate clusters holding two labels (a warning; kept in one fold). Default: yes for busi (known there), no otherwise.",
     ),
-    near_duplicates: str = typer.Option("on", "--near-duplicates", help=_NEAR_HELP),
+    near_duplicates: Optional[str] = typer.Option(None, "--near-duplicates", help=_NEAR_HELP + " Default: on."),
     near_duplicate_threshold: Optional[int] = typer.Option(None, "--near-duplicate-threshold", help=_THRESHOLD_HELP),
     overwrite: bool = typer.Option(False, help="Replace DEST if it exists."),
     option: List[str] = typer.Option([], "--option", "-o", help="Importer option KEY=VALUE (e.g. threshold=127, mask_suffix=_mask)."),
@@ -155,7 +160,9 @@ def validate(
     allow_label_conflicts: Optional[bool] = typer.Option(
         None, "--allow-label-conflicts/--no-allow-label-conflicts", help="Override the policy recorded in dataset.json."
     ),
-    near_duplicates: str = typer.Option("on", "--near-duplicates", help=_NEAR_HELP + " Default: as recorded at import."),
+    near_duplicates: Optional[str] = typer.Option(
+        None, "--near-duplicates", help=_NEAR_HELP + " Default: the settings recorded at import (dataset.json)."
+    ),
     near_duplicate_threshold: Optional[int] = typer.Option(None, "--near-duplicate-threshold", help=_THRESHOLD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:

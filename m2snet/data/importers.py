@@ -393,13 +393,14 @@ def _mask_content_problem(importer: Importer, mask_image, path: Path) -> str | N
     """Why a decoded source mask is not a mask (a colour photo, a grey photo), or None.
 
     A mask is single-channel, or colour with channels that agree (RGB masks of BUSI, JPEG masks of
-    Kvasir); for a binary set with a threshold it must also be two-level apart from its edges.
+    Kvasir); for a binary set it must also be two-level apart from its (JPEG-blurred) edges. The
+    exact value check of unthresholded masks comes later, in ``mask_to_classes``.
     """
     colour = _colour_fraction(mask_image)
     if colour > _MAX_COLOUR_FRACTION:
         return (f"{path}: mask is a colour image ({100 * colour:.0f}% of pixels have channels that disagree); "
                 "a mask must be single-channel or grey")
-    if importer.n_classes == 1 and importer.threshold is not None:
+    if importer.n_classes == 1:
         mid = _mid_fraction(_grey(mask_image))
         if mid > _MAX_MID_FRACTION:
             return (f"{path}: mask is not a two-level map ({100 * mid:.0f}% of pixels are mid-grey, "
@@ -422,9 +423,9 @@ class SwappedCase(M2SNetError):
 
 
 def _convert_case(
-    importer: Importer, case: SourceCase, src: Path, out: Path, notes: list[str],
-) -> tuple[CaseRecord, np.ndarray]:
-    """Check, convert and write one case; return its record and its perceptual hashes."""
+    importer: Importer, case: SourceCase, src: Path, out: Path, notes: list[str], hashes: bool = True,
+) -> tuple[CaseRecord, np.ndarray | None]:
+    """Check, convert and write one case; return its record and its perceptual hashes (when ``hashes``)."""
     from PIL import Image
 
     if not case.masks:
@@ -435,8 +436,6 @@ def _convert_case(
     for mask_path in case.masks:
         mask_image = _decode(mask_path, "mask", notes)
         problem = _mask_content_problem(importer, mask_image, mask_path)
-        if problem is None and importer.threshold is None and importer.n_classes == 1 and _mid_fraction(_grey(mask_image)) > _MAX_MID_FRACTION:
-            problem = f"{mask_path}: mask is a grey picture, not a two-level map"
         if problem is not None and _looks_like_mask(image):
             raise SwappedCase(
                 f"{case.image}: images and masks look swapped: this image is a two-level grey map and its "
@@ -463,7 +462,7 @@ def _convert_case(
         source_image=case.image.relative_to(src).as_posix(),
         source_masks=tuple(m.relative_to(src).as_posix() for m in case.masks),
     )
-    return record, perceptual_hashes(rgb)
+    return record, perceptual_hashes(rgb) if hashes else None
 
 
 def _problems_message(src: Path, fmt: str, n_cases: int, problems: list[M2SNetError]) -> str:
@@ -531,7 +530,7 @@ def import_dataset(
         records, hashes, problems = [], [], []
         for case in tqdm(cases, desc=f"import {fmt}", disable=not progress, leave=False):
             try:
-                record, phash = _convert_case(importer, case, src, tmp, notes)
+                record, phash = _convert_case(importer, case, src, tmp, notes, hashes=near.enabled)
             except M2SNetError as err:
                 problems.append(err)
                 continue
@@ -541,7 +540,7 @@ def import_dataset(
             raise M2SNetError(_problems_message(src, fmt, len(cases), problems))
         dups = find_duplicates(
             [r.case_id for r in records], [r.label for r in records], [r.sha256 for r in records],
-            np.stack(hashes), near,
+            np.stack(hashes) if near.enabled else None, near,
         )
         records = [replace(r, group=dups.group_of[r.case_id]) for r in records]
         if dups.conflicts and not allow_conflicts:
