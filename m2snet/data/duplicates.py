@@ -74,8 +74,8 @@ def perceptual_hashes(image: Any) -> np.ndarray:
     for k, scale in enumerate(CROP_SCALES):
         dx, dy = round(w * (1 - scale) / 2), round(h * (1 - scale) / 2)
         crop = grey if scale == 1.0 else grey.crop((dx, dy, w - dx, h - dy))
-        bits = imagehash.phash(crop, hash_size=8).hash.flatten()
-        out[k] = np.uint64(int("".join("1" if b else "0" for b in bits), 2))
+        bits = imagehash.phash(crop, hash_size=8).hash.flatten()  # 64 bools, row-major
+        out[k] = np.packbits(bits).view(">u8")[0]
     return out
 
 
