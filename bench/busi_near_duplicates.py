@@ -111,7 +111,7 @@ def main() -> None:
 
     print("\n4. clusters by threshold (exact + near, union-find)")
     sha = [__import__("hashlib").sha256(p.read_bytes()).hexdigest() for p in paths]
-    for bits in (6, 8, DEFAULT_MAX_DISTANCE, 10, 12):
+    for bits in sorted({6, 8, DEFAULT_MAX_DISTANCE, 10, 12}):
         t = time.perf_counter()
         rep = find_duplicates(names, labels, sha, hashes, NearDuplicateConfig(max_distance=bits))
         dt = time.perf_counter() - t
