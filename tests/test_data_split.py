@@ -46,7 +46,7 @@ def test_split_is_stratified_deterministic_and_hashed(demo_ds, tmp_path):
     a_info = load_dataset(demo_ds)
     _check_folds(a, a_info)
     data = json.loads((tmp_path / "a.json").read_text())
-    assert data["format_version"] == 2 and data["stratify"] == "label" and data["group"] in ("cluster", "sha256")
+    assert data["format_version"] == 2 and data["stratify"] == "label" and data["group"] == "cluster"
     assert data["dataset_version"] == a_info.version == a.dataset_version
     assert load_split(tmp_path / "a.json").fold(2).val == a.folds[2].val
     with pytest.raises(M2SNetError, match="fold 4 out of range"):
@@ -79,9 +79,15 @@ def test_split_cli_and_bad_input(demo_ds, tmp_path):
 
 def test_busi_folds_within_one_case_per_class_and_duplicates_together(busi_root, tmp_path):
     """On the real BUSI listing (sha256 of the source images; no full import needed, so it is fast)."""
-    cases = []
-    for sc in BusiImporter().scan(busi_root):
-        cases.append(CaseRecord(sc.case_id, sc.label, sc.image, sc.masks[0], 0, 0, sha256_file(sc.image), 0, sc.case_id))
+    scanned = [(sc, sha256_file(sc.image)) for sc in BusiImporter().scan(busi_root)]
+    # group = the exact-duplicate cluster id (smallest case id with the same bytes), as format 2 records it.
+    first_of: dict[str, str] = {}
+    for sc, sha in sorted(scanned, key=lambda t: t[0].case_id):
+        first_of.setdefault(sha, sc.case_id)
+    cases = [
+        CaseRecord(sc.case_id, sc.label, sc.image, sc.masks[0], 0, 0, sha, 0, first_of[sha], subset=sc.subset)
+        for sc, sha in scanned
+    ]
     info = DatasetInfo(busi_root, "busi", "busi", 1, ["background", "lesion"], ["benign", "malignant", "normal"], cases)
     info.__dict__["version"] = "not-computed-for-this-test"
     assert Counter(c.label for c in cases) == {"benign": 437, "malignant": 210, "normal": 133}
@@ -134,8 +140,6 @@ def test_duplicate_clusters_never_straddle_folds_or_inner_splits(tmp_path):
     assert old_across > 0  # the first version's rule leaked these clusters
 
 
-@pytest.mark.skipif(__import__("m2snet.data.format", fromlist=["x"]).FORMAT_VERSION < 2,
-                    reason="dataset format 1 has no duplicate clusters in `group`")
 def test_training_refuses_a_split_that_leaks_a_cluster(tmp_path, demo_ds):
     """A split made by the old rule, on a dataset whose manifest clusters two cases, is refused."""
     import csv

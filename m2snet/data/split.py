@@ -172,8 +172,6 @@ def make_split(
         raise M2SNetError(f"--folds must be at least 2, got {n_folds}")
     if group_by not in ("cluster", "sha256"):
         raise M2SNetError(f"group_by={group_by!r} must be 'cluster' or 'sha256'")
-    if info.meta.get("format_version", 2) < 2:  # TEMP until the data layer writes clusters to `group`
-        group_by = "sha256"
     groups = case_groups(info.cases, group_by)
     if len(groups) < n_folds:
         raise M2SNetError(
@@ -222,7 +220,7 @@ def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float 
     if missing:
         raise M2SNetError(f"{info.root}: inner split names unknown cases {missing[:5]}")
     cases = [by_id[i] for i in sorted(case_ids)]
-    groups = case_groups(cases, "cluster" if info.meta.get("format_version", 2) >= 2 else "sha256")
+    groups = case_groups(cases, "cluster")
     k = max(2, round(1 / val_fraction))
     if len(groups) < k:
         raise M2SNetError(f"{info.root}: {len(cases)} training cases in {len(groups)} distinct images are too few "

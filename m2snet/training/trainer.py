@@ -153,7 +153,7 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
         if unknown:
             raise M2SNetError(f"{cfg.split}: {len(unknown)} case ids not in {cfg.data} (e.g. {unknown[:3]}); "
                               "was the split made for another dataset?")
-        if cfg.leak_check and info.meta.get("format_version", 2) >= 2:
+        if cfg.leak_check:
             leaks = groups_across(info.cases, {**{c: 0 for c in train_ids}, **{c: 1 for c in val_ids}})
             if leaks:
                 raise M2SNetError(
