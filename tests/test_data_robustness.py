@@ -97,9 +97,8 @@ def test_one_swapped_case_is_named_and_a_colour_photo_mask_is_refused(tmp_path):
     assert "images/cju1.jpg: images and masks look swapped" in message
     assert "masks/cju2.jpg: mask is a colour image" in message
     # A grey photo as a (JPEG, thresholded) mask is no two-level map either.
-    Image.fromarray(np.asarray(_photo(1).convert("L"))).save(src / "masks" / "cju1.jpg", quality=90)
-    _polyp_mask_img = Image.fromarray(_polyp_mask(2), "L")
-    _polyp_mask_img.save(src / "masks" / "cju2.jpg", quality=90)
+    _photo(1).convert("L").save(src / "masks" / "cju1.jpg", quality=90)
+    Image.fromarray(_polyp_mask(2), "L").save(src / "masks" / "cju2.jpg", quality=90)
     _photo(1).save(src / "images" / "cju1.jpg", quality=90)
     with pytest.raises(M2SNetError, match=r"masks/cju1\.jpg: mask is not a two-level map"):
         import_dataset("kvasir", src, tmp_path / "out", progress=False)
@@ -273,10 +272,10 @@ def test_covid_ct_names_the_doctor_label_level_and_reads_it(tmp_path):
     root.mkdir()
     with pytest.raises(M2SNetError, match=r"Doctor-label/Imgs and Doctor-label/GT"):
         import_dataset("covid-ct", root, tmp_path / "out", progress=False)
+    (root / "Doctor-label" / "Imgs").mkdir(parents=True)
+    (root / "Doctor-label" / "GT").mkdir()
     for i in range(2):
-        ct = make_case(0, "benign", i + 1, 64)[0]
-        Image.fromarray(ct).save(root / "Doctor-label" / "Imgs" / f"Image{i}.jpg" if (root / "Doctor-label" / "Imgs").mkdir(parents=True, exist_ok=True) is None else None)
-        (root / "Doctor-label" / "GT").mkdir(exist_ok=True)
+        Image.fromarray(make_case(0, "benign", i + 1, 64)[0]).save(root / "Doctor-label" / "Imgs" / f"Image{i}.jpg")
         Image.fromarray(_polyp_mask(i)).save(root / "Doctor-label" / "GT" / f"Image{i}.png")
     info = import_dataset("covid-ct", root, tmp_path / "out", progress=False)
     assert [c.source_image for c in info.cases] == ["Doctor-label/Imgs/Image0.jpg", "Doctor-label/Imgs/Image1.jpg"]
