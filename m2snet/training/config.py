@@ -67,6 +67,9 @@ class TrainConfig:
     # --- output ---------------------------------------------------------------------------------
     out_dir: str = "runs/train"
     val_every: int = 1
+    # Re-estimate the BatchNorm statistics of the saved checkpoints over the training cases after
+    # the last epoch (m2snet.training.bn_recalibration; README "The model").
+    recalibrate_bn: bool = True
     keep_last_checkpoint: bool = True  # last.pt holds optimizer + RNG state for --resume
     progress: bool = True  # tqdm bar
 
