@@ -181,14 +181,14 @@ class OnesFilterBN(nn.Module):
         if not self.per_site:
             return self.norm(y)
         bn, row = self.norm, self._rows(site, 1)
-        momentum = 0.0
-        if bn.training and bn.track_running_stats:
+        momentum, track = 0.0, bn.track_running_stats
+        if bn.training and track:
             count = self.site_num_batches_tracked[row]
             count.add_(1)
             momentum = 1.0 / float(count) if bn.momentum is None else bn.momentum
         # F.batch_norm updates the row views in place, i.e. the site's rows of the buffers.
-        return F.batch_norm(y, self.site_running_mean[row][0], self.site_running_var[row][0],
-                            bn.weight, bn.bias, bn.training or not bn.track_running_stats, momentum, bn.eps)
+        mean, var = (self.site_running_mean[row][0], self.site_running_var[row][0]) if track else (None, None)
+        return F.batch_norm(y, mean, var, bn.weight, bn.bias, bn.training or not track, momentum, bn.eps)
 
     def _rows(self, site: int | None, groups: int) -> slice:
         if site is None:
