@@ -98,6 +98,8 @@ def build_model(meta: dict[str, Any]) -> torch.nn.Module:
     cfg = dict(meta.get("model_config") or {})
     cfg["pretrained"] = False
     cfg.setdefault("n_classes", meta.get("n_classes", 1))
+    if "conv_3.site_running_mean" in (meta.get("state_dict") or {}):
+        cfg.setdefault("msu_norm", "per_site")  # M2SNet trained with per-site filter statistics
     # LossNet-style pretrained knobs of the model (if any) must not trigger downloads either.
     return create_model(meta["model_name"], **cfg)
 

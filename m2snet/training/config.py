@@ -79,6 +79,10 @@ class TrainConfig:
     # --- output ---------------------------------------------------------------------------------
     out_dir: str = "runs/train"
     val_every: int = 1
+    # Re-estimate the BatchNorm statistics of the saved checkpoints over the training cases after
+    # the last epoch (m2snet.training.bn_recalibration). Off: on BUSI it helped at 128 px / 128
+    # cases and hurt at 352 px / 585 cases (README "The model").
+    recalibrate_bn: bool = False
     keep_last_checkpoint: bool = True  # last.pt holds optimizer + RNG state for --resume
     progress: bool = True  # tqdm bar
 

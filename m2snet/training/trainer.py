@@ -392,6 +392,11 @@ def train(
         for cb in callbacks:
             cb(EpochEnd(epoch + 1, cfg.epochs, row, out))
 
+    if cfg.recalibrate_bn:  # the saved weights' BatchNorm statistics, from their training cases
+        from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
+
+        recalibrate_run_checkpoints((best_path, last_path), model, SegmentationDataset(
+            info, train_ids, cfg.size, cache_dir=cache_dir), cfg.batch_size, cfg.seed, device, cfg.num_workers)
     write_json(out / "history.json", history)
     if history:
         from m2snet.evaluation.plots import learning_curves
