@@ -64,7 +64,8 @@ def main() -> None:
         result = train(cfg)
         seconds = time.perf_counter() - t0
         curves[norm] = [round(r["val_dice"], 4) for r in result.history]
-        info, train_ids, val_ids, _ = resolve_cases(cfg)
+        cases = resolve_cases(cfg)
+        info, train_ids, val_ids = cases.info, cases.train, cases.reported
         val = SegmentationDataset(info, val_ids, args.size)
         calib = recalibration_loader(SegmentationDataset(info, train_ids, args.size), args.batch, cfg.seed)
         model, _ = load_model_from_checkpoint(result.last_checkpoint, args.device)

@@ -232,7 +232,7 @@ def test_trainer_recalibrates_its_checkpoints(tmp_path, tiny_data) -> None:
                       progress=False, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
                       max_train_cases=2, max_val_cases=1, recalibrate_bn=True)
     result = train(cfg)
-    for path in (result.best_checkpoint, result.last_checkpoint):
+    for path in (result.checkpoint, result.last_checkpoint):
         ckpt = load_checkpoint(path)
         assert ckpt["bn_recalibration"]["images"] == 2 and ckpt["bn_recalibration"]["per_site_filters"] == 2
         assert int(ckpt["state_dict"]["conv_3.site_num_batches_tracked"][0]) == 1  # reset, then 1 batch

@@ -226,7 +226,8 @@ def recalibrate_checkpoint(
     batch_size = batch_size or int(train_cfg.get("batch_size") or 16)
     cfg = TrainConfig(data=str(data), split=str(split) if split else None, fold=fold, max_train_cases=max_cases,
                       seed=seed)
-    info, train_ids, _, split_sha = resolve_cases(cfg)
+    cases = resolve_cases(cfg)
+    info, train_ids, split_sha = cases.info, cases.train, cases.split_sha256
     if info.n_classes != int(meta.get("n_classes", 1)):
         raise M2SNetError(f"{data}: {info.n_classes} classes, but {checkpoint} predicts {meta.get('n_classes')}")
     device = resolve_device(device)

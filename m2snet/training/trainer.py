@@ -395,7 +395,7 @@ def train(
     if cfg.recalibrate_bn:  # the saved weights' BatchNorm statistics, from their training cases
         from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
 
-        recalibrate_run_checkpoints((best_path, last_path), model, SegmentationDataset(
+        recalibrate_run_checkpoints((model_path, last_path), model, SegmentationDataset(
             info, train_ids, cfg.size, cache_dir=cache_dir), cfg.batch_size, cfg.seed, device, cfg.num_workers)
     write_json(out / "history.json", history)
     if history:
