@@ -49,6 +49,9 @@ MODES: dict[str, dict] = {
                          "fused_optimizer": True},
 }
 REFERENCE = "reference"
+# A speed mode must keep each step's loss within this relative difference of the eager step's
+# (mixed precision and a different kernel order change the last bits; a wrong graph changes more).
+NUMERICS_RTOL = 0.02
 
 
 def reference_model(checkout: str) -> torch.nn.Module:
@@ -96,6 +99,29 @@ def batch_at(size: int, batch: int, device: str, seed: int = 0) -> tuple[torch.T
     x = torch.randn(batch, 3, size, size, generator=gen)
     y = (torch.rand(batch, 1, size, size, generator=gen) > 0.5).float()
     return x.to(device), y.to(device)
+
+
+def loss_curves(variant: str, modes: list[str], device: str, size: int, batch: int, n_steps: int,
+                amp: bool = True, lossnet_weight: float = 0.1) -> dict[str, list[float]]:
+    """The total loss of ``n_steps`` training steps per mode, from the same initial weights on the
+    same batches (blob-shaped masks), so that a speed mode can be checked against eager numerics."""
+    from m2snet.losses import TotalLoss
+
+    torch.manual_seed(0)
+    loss_fn = TotalLoss(n_classes=1, lossnet_weight=lossnet_weight, lossnet_pretrained=False).to(device)
+    batches = []
+    for i in range(n_steps):
+        x, noise = batch_at(size, batch, device, seed=1000 + i)
+        batches.append((x, (torch.nn.functional.avg_pool2d(noise, 15, 1, 7) > 0.5).float()))
+    curves = {}
+    for mode in modes:
+        step, _ = make_step(variant, mode, device, size, batch, loss_fn, amp=amp)
+        curves[mode] = [float(step(x, y)["loss"]) for x, y in batches]
+    return curves
+
+
+def max_relative_difference(curve: list[float], reference: list[float]) -> float:
+    return max(abs(a - b) / max(abs(b), 1e-8) for a, b in zip(curve, reference))
 
 
 def runner(step, x: torch.Tensor, y: torch.Tensor, steps: int) -> Callable[[], None]:
@@ -161,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first (compiling) step")
     parser.add_argument("--steps", type=int, default=3, help="consecutive steps per timed run")
     parser.add_argument("--multiscale", action="store_true", help="also time the 5-scale multi-scale batches")
+    parser.add_argument("--check-numerics", type=int, default=0, metavar="N",
+                        help="also compare N steps' losses of each mode with eager (m2snet_fast)")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too")
     parser.add_argument("--lossnet-weight", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None)
@@ -224,6 +252,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"multiscale {variant:13s} {mode:18s} {ms['img_per_s']:7.1f} img/s; first step {firsts}",
                   flush=True)
             write(args.json_out, out)
+
+    if args.check_numerics:
+        curves = loss_curves("m2snet_fast", ["eager", *[m for m in modes if m != "eager"]], device, size, batch,
+                             args.check_numerics, amp=not args.no_amp, lossnet_weight=args.lossnet_weight)
+        out["numerics"] = {"rtol": NUMERICS_RTOL, "curves": curves,
+                           "max_rel_diff": {m: max_relative_difference(c, curves["eager"]) for m, c in curves.items()}}
+        for mode, diff in out["numerics"]["max_rel_diff"].items():
+            verdict = "ok" if diff <= NUMERICS_RTOL else "DIFFERS"
+            print(f"numerics m2snet_fast {mode:18s} max relative loss difference vs eager over "
+                  f"{args.check_numerics} steps: {diff:.2e} ({verdict}, tolerance {NUMERICS_RTOL})", flush=True)
+        write(args.json_out, out)
 
     where = out["cuda_device"] or f"cpu ({out['threads']} threads)"
     print(f"\n{where}, torch {out['torch']}, batch {batch}, {size} px, "
