@@ -22,17 +22,17 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 M2SNET_OFFLINE=1 HF_HUB_OFFLINE=1
 
 if [ -n "${TINY:-}" ]; then  # logic check on a CPU: tiny sizes, numbers meaningless
-  DEV=(--device cpu --threads 1); SIZE=64; BATCH=2; REPEATS=2; STEPS=1; NUMERICS=2; WORKERS=(0 2)
-  T_EAGER=300; T_DATA=120; T_COMPILED=300; T_EXTRA=300
+  DEV=(--device cpu --threads 1); SIZE=64; BATCH=2; REPEATS=1; WARMUP=1; STEPS=1; NUMERICS=2; WORKERS=(0 2)
+  T_EAGER=900; T_DATA=300; T_COMPILED=900; T_EXTRA=900
 else
-  DEV=(--device cuda); SIZE=352; BATCH=16; REPEATS=${REPEATS:-5}; STEPS=3; NUMERICS=${NUMERICS:-10}
+  DEV=(--device cuda); SIZE=352; BATCH=16; REPEATS=${REPEATS:-5}; WARMUP=2; STEPS=3; NUMERICS=${NUMERICS:-10}
   WORKERS=(0 8 16); T_EAGER=${T_EAGER:-60}; T_DATA=${T_DATA:-50}; T_COMPILED=${T_COMPILED:-140}
   T_EXTRA=${T_EXTRA:-180}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" | tee -a "$OUT/gpu.txt"
 COMMON=("${DEV[@]}" --size "$SIZE" --batch "$BATCH")
-TS=(--repeats "$REPEATS" --steps "$STEPS" --warmup 2)
+TS=(--repeats "$REPEATS" --steps "$STEPS" --warmup "$WARMUP")
 
 step() {  # step NAME LIMIT_S ARGS...: run one bench under a time limit, log to $OUT/NAME.log
   local name=$1 limit=$2

@@ -119,6 +119,30 @@ def export_onnx(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike
     return ExportReport(out, len(predictor.models), predictor.size, diff, batch_norms)
 
 
+def model_checkpoints(model_uri: str, dst: str | os.PathLike) -> list[Path]:
+    """The checkpoint files of a logged / registered m2snet pyfunc model (``models:/NAME@alias``,
+    ``runs:/...``, or a local model directory), downloaded into ``dst``, in ensemble order."""
+    import mlflow.artifacts
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    local = Path(model_uri)
+    if not local.is_dir():
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        except MlflowException as err:
+            raise M2SNetError(f"{model_uri}: cannot download from {mlflow.get_tracking_uri()} ({err.message})") from None
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        raise M2SNetError(f"{model_uri}: not an MLflow model (no MLmodel file)")
+    artifacts = (yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+                 .get("artifacts") or {})
+    keys = sorted((k for k in artifacts if k.startswith("checkpoint_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if not keys:
+        raise M2SNetError(f"{model_uri}: no checkpoint_<i> artifacts; is it an m2snet pyfunc model?")
+    return [local / artifacts[k]["path"] for k in keys]
+
+
 def read_onnx_meta(path: str | os.PathLike) -> dict:
     """The m2snet metadata of an exported file (without loading the graph's weights)."""
     import onnx
