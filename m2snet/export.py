@@ -96,12 +96,15 @@ def export_onnx(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp_path = Path(tmp) / out.name
-        with torch.no_grad(), warnings.catch_warnings():
+        # Traced with grad enabled: the fast MSU's no-grad path writes in place (``out=``), which
+        # the TorchScript exporter cannot translate; the graph is the same either way.
+        with torch.enable_grad(), warnings.catch_warnings():
             # The exporter warns that a shape comparison becomes a constant: it is, at a fixed input size.
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (x,), str(tmp_path), dynamo=False, opset_version=OPSET,
                               input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
                               dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+        with torch.no_grad():
             expected = graph(x).numpy()
         model = onnx.load(str(tmp_path))
         entry = model.metadata_props.add()
