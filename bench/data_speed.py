@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
                  "threads": torch.get_num_threads(), "size": size, "batch": batch, "loader": []}
     with tempfile.TemporaryDirectory(prefix="m2snet-data-speed-") as tmp:
         work = Path(tmp)
+        start = time.perf_counter()
         info = dataset(args, work)
-        out["cases"] = len(info.cases)
+        out["cases"], out["import_s"] = len(info.cases), time.perf_counter() - start
+        print(f"dataset ready in {out['import_s']:.1f} s", flush=True)
         from m2snet.data.cache import build_cache
 
         start = time.perf_counter()

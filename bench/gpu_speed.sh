@@ -23,10 +23,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 M2SNET_OFFL
 
 if [ -n "${TINY:-}" ]; then  # logic check on a CPU: tiny sizes, numbers meaningless
   DEV=(--device cpu --threads 1); SIZE=64; BATCH=2; REPEATS=1; WARMUP=1; STEPS=1; NUMERICS=2; WORKERS=(0 2)
+  MAX_BATCHES=10
   T_EAGER=900; T_DATA=300; T_COMPILED=900; T_EXTRA=900
 else
   DEV=(--device cuda); SIZE=352; BATCH=16; REPEATS=${REPEATS:-5}; WARMUP=2; STEPS=3; NUMERICS=${NUMERICS:-10}
-  WORKERS=(0 8 16); T_EAGER=${T_EAGER:-60}; T_DATA=${T_DATA:-50}; T_COMPILED=${T_COMPILED:-140}
+  WORKERS=(0 8); MAX_BATCHES=25; T_EAGER=${T_EAGER:-60}; T_DATA=${T_DATA:-70}; T_COMPILED=${T_COMPILED:-130}
   T_EXTRA=${T_EXTRA:-180}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
@@ -51,6 +52,7 @@ if [ -d "${BUSI:-.device/busi}/benign" ]; then DATA=(--busi "${BUSI:-.device/bus
 MODEL_FROM=()
 [ -f "$OUT/train_eager.json" ] && MODEL_FROM=(--model-from "$OUT/train_eager.json")
 step data "$T_DATA" bench/data_speed.py "${DATA[@]}" "${COMMON[@]}" --workers "${WORKERS[@]}" --epochs 2 \
+  --max-batches "$MAX_BATCHES" \
   "${MODEL_FROM[@]}" --skip-model --json "$OUT/data.json"
 
 step train_compiled "$T_COMPILED" bench/train_speed.py "${COMMON[@]}" "${TS[@]}" \
