@@ -1,10 +1,10 @@
-"""CLI commands of the model area: model-info, convert-reference, recalibrate-bn, list-models."""
+"""CLI commands of the model area: model-info, convert-reference, recalibrate-bn, list-models, export."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -86,9 +86,31 @@ def list_models_command() -> None:
         typer.echo(name)
 
 
+def export_command(
+    sources: List[str] = typer.Argument(..., help="Checkpoint file(s) (an ensemble) or one model URI "
+                                                   "(models:/NAME@production, runs:/..., a model directory)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),
+    tta_flip: bool = typer.Option(False, "--tta-flip", help="Average with the horizontally flipped pass."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Max |ONNX Runtime - PyTorch| on probabilities."),
+) -> None:
+    """Export a checkpoint or a fold ensemble as ONNX (BatchNorm folded), checked against PyTorch."""
+    import tempfile
+
+    from m2snet.export import DEFAULT_ATOL, export_onnx, model_checkpoints
+
+    with tempfile.TemporaryDirectory(prefix="m2snet-export-") as tmp:
+        paths = [Path(s) for s in sources]
+        if len(sources) == 1 and not paths[0].is_file():
+            paths = model_checkpoints(sources[0], tmp)
+        report = export_onnx(paths, out, tta_flip=tta_flip, atol=DEFAULT_ATOL if atol is None else atol)
+    typer.echo(f"wrote {report.path}: {report.n_models} model(s) at {report.image_size} px, "
+               f"max |ONNX Runtime - PyTorch| {report.max_abs_diff:.2e}, BatchNorm nodes left {report.batch_norms_left}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root `m2snet` app."""
     app.command("model-info")(model_info_command)
     app.command("convert-reference")(convert_reference_command)
     app.command("recalibrate-bn")(recalibrate_bn_command)
     app.command("list-models")(list_models_command)
+    app.command("export")(export_command)

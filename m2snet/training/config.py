@@ -71,8 +71,15 @@ class TrainConfig:
     # --- hardware -------------------------------------------------------------------------------
     device: str = "auto"
     amp: bool = True  # mixed precision; only takes effect on CUDA
-    channels_last: bool = False  # CUDA only
-    compile: bool = False  # torch.compile; CUDA only
+    # Speed knobs of the training step (m2snet.training.trainer.TrainStep; bench/train_speed.py
+    # measures each). CUDA only: on CPU the step is today's eager one whatever they say.
+    channels_last: bool = False  # NHWC activations and weights (tensor-core friendly convolutions)
+    compile: bool = False  # torch.compile (inductor) the model
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    # False: one static graph per (batch, scale) shape, compiled on first use (the multi-scale set
+    # has 5 scales, x2 for a short last batch); True: one dynamic-shape graph for all of them.
+    compile_dynamic: bool = False
+    fused_optimizer: bool = False  # SGD(fused=True): one kernel, and no host sync under GradScaler
     # --- reproducibility ------------------------------------------------------------------------
     seed: int = 42
     deterministic: bool = False
@@ -169,6 +176,8 @@ class TrainConfig:
             problems.append(f"selection={self.selection!r} must be 'final', 'inner' or 'fold_best'")
         if not 0 < self.inner_val_fraction < 1:
             problems.append(f"inner_val_fraction={self.inner_val_fraction} must be within (0, 1)")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
+            problems.append(f"compile_mode={self.compile_mode!r} is not a torch.compile mode this trainer supports")
         if self.num_workers < 0:
             problems.append("num_workers must be >= 0")
         if problems:

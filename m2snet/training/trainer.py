@@ -113,6 +113,58 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
             {"params": head, "lr": cfg.head_lr, "name": "head"}]
 
 
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> torch.optim.Optimizer:
+    """SGD over :func:`param_groups`; ``fused_optimizer`` (CUDA) updates every tensor in one kernel."""
+    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.head_lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                           fused=True if (cfg.fused_optimizer and on_cuda) else None)
+
+
+class TrainStep:
+    """One optimisation step: forward under autocast, total loss, backward, optimizer step.
+
+    The trainer's loop and ``bench/train_speed.py`` both run this, so the bench times what trains.
+    The speed knobs of :class:`TrainConfig` (channels_last, compile, fused optimizer) act on CUDA
+    only; on CPU this is the plain eager step. Returns the detached loss terms without reading
+    them back to the host, so that on CUDA the next step can be queued while this one runs.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 cfg: TrainConfig, device: str) -> None:
+        self.model, self.loss_fn, self.optimizer, self.cfg = model, loss_fn, optimizer, cfg
+        self.device_type = device.split(":")[0]
+        on_cuda = self.device_type == "cuda"
+        self.amp = cfg.amp and on_cuda
+        self.channels_last = cfg.channels_last and on_cuda
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        if self.channels_last:  # in place: the optimizer keeps the same parameter objects
+            model.to(memory_format=torch.channels_last)
+        self.forward = model
+        if cfg.compile and on_cuda:
+            import torch._dynamo as dynamo
+
+            # Static shapes: one graph per (batch size, scale); make room for all of them (the
+            # default limit of 8 would silently fall back to eager for the later scales).
+            n_shapes = 2 * len(cfg.scales())
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, n_shapes + 2)
+            self.forward = torch.compile(model, mode=cfg.compile_mode, dynamic=cfg.compile_dynamic)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=self.device_type, enabled=self.amp):
+            logits = self.forward(x)
+        losses = self.loss_fn(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {k: v.detach() for k, v in losses.items()}
+
+
 def _subsample(ids: list[str], n: int | None, seed: int) -> list[str]:
     if n is None or n >= len(ids):
         return list(ids)
@@ -258,19 +310,16 @@ def train(
 
     model_config = {"n_classes": n_classes, **cfg.model_config}
     model = create_model(cfg.model, pretrained=cfg.pretrained, **model_config).to(device)
-    if cfg.channels_last and on_cuda:
-        model = model.to(memory_format=torch.channels_last)
     loss_fn = TotalLoss(n_classes=n_classes, lossnet_weight=cfg.lossnet_weight,
                         lossnet_pretrained=cfg.lossnet_pretrained).to(device)
     pretrained_source = getattr(model, "pretrained_source", None)
     loss_source = getattr(loss_fn, "pretrained_source", None)
-    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.head_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    optimizer = build_optimizer(model, cfg, on_cuda)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     total = cfg.epochs if cfg.schedule_unit == "epoch" else cfg.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.schedule, total)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    forward = torch.compile(model) if (cfg.compile and on_cuda) else model
+    train_step = TrainStep(model, loss_fn, optimizer, cfg, device)
+    scaler, forward = train_step.scaler, train_step.forward
 
     dataset_version = info.version
     base_meta = {
@@ -327,37 +376,35 @@ def train(
         seen = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
                    leave=False)
-        for step, batch in enumerate(bar):
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["mask"].to(device, non_blocking=True)
-            if cfg.channels_last and on_cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.split(":")[0], enabled=amp):
-                logits = forward(x)
-            losses = loss_fn(logits.float(), y)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
+        pending = None  # (step, n, losses) of the previous step, read once the next one is queued
+
+        def account(step: int, n: int, losses: dict[str, torch.Tensor]) -> None:
+            nonlocal seen
+            loss = float(losses["loss"])
+            if not math.isfinite(loss):
                 raise M2SNetError(
-                    f"{out}: loss became {float(loss.detach())} at epoch {epoch + 1} step {step + 1} "
+                    f"{out}: loss became {loss} at epoch {epoch + 1} step {step + 1} "
                     f"(backbone_lr={optimizer.param_groups[0]['lr']:.3g}, head_lr={optimizer.param_groups[1]['lr']:.3g}); "
                     "lower the learning rates or check the data; the last good checkpoint is "
                     f"{last_path if last_path.exists() else 'not written yet'}"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if cfg.schedule_unit == "step":
-                scheduler.step()
-            n = x.shape[0]
             seen += n
             for k in sums:
                 if k in losses:
-                    sums[k] += float(losses[k].detach()) * n
+                    sums[k] += float(losses[k]) * n
             bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+
+        for step, batch in enumerate(bar):
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["mask"].to(device, non_blocking=True)
+            losses = train_step(x, y)
+            if cfg.schedule_unit == "step":
+                scheduler.step()
+            if pending is not None:
+                account(*pending)
+            pending = (step, x.shape[0], losses)
+        if pending is not None:
+            account(*pending)
         bar.close()
         if cfg.schedule_unit == "epoch":
             scheduler.step()
