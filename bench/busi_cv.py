@@ -74,7 +74,7 @@ def parse_models(text: str) -> list[tuple[str, str, dict]]:
 
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        label, _, spec = item.rpartition("=") if "=" in item.split(":")[0] else ("", "", item)
+        label, _, spec = item.partition("=") if "=" in item.split(":")[0] else ("", "", item)
         name, *pairs = spec.split(":")
         kwargs = {}
         for pair in pairs:

@@ -15,7 +15,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_speed}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null; then  # pure-python wheels the machine lacks, if any carried
+if [ -z "${NO_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then  # pure-python wheels the machine lacks, if any carried
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi

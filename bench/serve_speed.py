@@ -7,7 +7,7 @@ latency and images/s at batch 1 and 8, medians of ``--repeats`` round-robin runs
 difference of the probabilities the two return.
 
     python bench/serve_speed.py --threads 2                        # 4 random-weight M2SNet folds, 352 px
-    python bench/serve_speed.py --checkpoints runs/f*/best.pt      # real checkpoints
+    python bench/serve_speed.py --checkpoints runs/f*/model.pt      # real checkpoints
     python bench/serve_speed.py --size 64 --folds 2 --repeats 1    # quick look
 
 Target: ONNX Runtime >= 2x faster than PyTorch for the 4-fold ensemble.
