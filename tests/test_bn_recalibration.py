@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from m2snet.common import M2SNetError
 from m2snet.models import create_model
 from m2snet.training.bn_recalibration import (
     filter_batch_statistics, recalibrate_bn, site_stats_inherited,
@@ -198,11 +199,13 @@ def test_recalibrate_bn_cli_upgrades_a_reference_checkpoint(tmp_path, tiny_data)
                               "--fold", "0", "--out", str(out), "--size", "64", "--batch-size", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     n_train = len(load_split(split).fold(0).train)
-    assert f"over {n_train} training cases" in res.output and "msu_norm per_site" in res.output
+    used = n_train - n_train % 2  # the last partial batch is dropped
+    assert f"over {used} of {n_train} training cases" in res.output and "msu_norm per_site" in res.output
     model, meta = load_model_from_checkpoint(out)
     assert model.msu_norm == "per_site" and not site_stats_inherited(model)
     record = meta["bn_recalibration"]
-    assert (record["images"], record["size"], record["fold"], record["msu_norm"]) == (n_train - n_train % 2, 64, 0, "per_site")
+    assert (record["images"], record["cases"], record["size"], record["fold"], record["msu_norm"]) == (
+        used, n_train, 64, 0, "per_site")
     source = load_checkpoint(tmp_path / "ref.pt")["state_dict"]
     assert not torch.equal(model.state_dict()["resnet.layer1.0.bn1.running_mean"],
                            source["resnet.layer1.0.bn1.running_mean"])
@@ -212,12 +215,14 @@ def test_recalibrate_bn_cli_upgrades_a_reference_checkpoint(tmp_path, tiny_data)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
 
+    # user errors are M2SNetError (m2snet.cli.main prints them as one line, exit 2), nothing written
     bad = runner.invoke(app, ["recalibrate-bn", str(tmp_path / "missing.pt"), "--data", str(data), "--out",
                               str(tmp_path / "x.pt")])
-    assert bad.exit_code == 2 and "missing.pt: checkpoint not found" in bad.output
+    assert isinstance(bad.exception, M2SNetError) and "missing.pt: checkpoint not found" in str(bad.exception)
     bad = runner.invoke(app, ["recalibrate-bn", str(tmp_path / "ref.pt"), "--data", str(data), "--out",
                               str(tmp_path / "x.pt"), "--msu-norm", "both"])
-    assert bad.exit_code == 2 and "msu_norm must be 'shared' or 'per_site'" in bad.output
+    assert isinstance(bad.exception, M2SNetError)
+    assert "msu_norm must be 'shared' or 'per_site'" in str(bad.exception)
     assert not (tmp_path / "x.pt").exists()
 
 

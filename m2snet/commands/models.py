@@ -73,7 +73,7 @@ def recalibrate_bn_command(
         checkpoint, out, data=data, split=split, fold=fold, msu_norm=None if msu_norm == "keep" else msu_norm,
         size=size, batch_size=batch_size, max_cases=max_cases, device=device)
     mode = f", msu_norm {info['msu_norm']}" if info.get("msu_norm") else ""
-    typer.echo(f"recalibrated {info['norms']} BatchNorms over {info['images']} training cases "
+    typer.echo(f"recalibrated {info['norms']} BatchNorms over {info['images']} of {info['cases']} training cases "
                f"({info['batches']} batches at {info['size']} px{mode})")
     typer.echo(f"wrote {path}")
 
