@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from m2snet.common import M2SNetError
-from m2snet.models.pretrained import read_state_dict, strip_prefixes
+from m2snet.models.pretrained import read_state_dict, strip_prefixes, weights_from_checkpoint
 
 Checkpoint = str | os.PathLike | Mapping[str, torch.Tensor]
 FIXED_FILTER_KEYS = ("conv_3.weight", "conv_3.bias", "conv_5.weight", "conv_5.bias")
@@ -91,7 +91,8 @@ def convert_reference(
     if head is None:
         raise M2SNetError(f"{where}: no output1.0.weight: not an M2SNet/MSNet reference checkpoint")
     n_classes = int(head.shape[0])
-    net = create_model(name, n_classes=n_classes, pretrained=False)
+    with weights_from_checkpoint():  # the reference weights are loaded next
+        net = create_model(name, n_classes=n_classes, pretrained=False)
     _load_state(net, state, where)
     source: dict[str, Any] = {"reference": where}
     if not isinstance(ckpt, Mapping):
