@@ -590,6 +590,19 @@ class LocalRunResult:
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
+    def ui_links(self, base: str) -> dict[str, str]:
+        """MLflow UI pages of this run under ``base`` (the UI's URL): the runs table, the parent run, the model.
+
+        MLflow 3.17's UI picks an experiment's landing page from its GenAI / model-training switch
+        (``workflowType``, kept in the browser), not from the experiment's kind tag: the links set it.
+        """
+        base, ml = base.rstrip("/"), "?workflowType=machine_learning"
+        return {
+            "runs": f"{base}/#/experiments/{self.experiment_id}/runs{ml}",
+            "run": f"{base}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}{ml}",
+            "model": f"{base}/#/models/{self.model_name}/versions/{self.version}{ml}",
+        }
+
 
 class PipelineTaskFailed(M2SNetError):
     """A task of a local pipeline run failed; the message names it, its error and its log file."""

@@ -299,13 +299,17 @@ class RunView:
         from rich.table import Table
 
         styles = {"queued": "dim", "running": "bold cyan", "done": "green", "failed": "bold red", "skipped": "dim"}
-        table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
-        for col in ("", "task", "state", "time", "progress / result", "log"):
-            table.add_column(col, no_wrap=True)
         marks = {"queued": "·", "running": "▶", "done": "✓", "failed": "✗", "skipped": "-"}
+        table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+        table.add_column("", no_wrap=True)
+        table.add_column("task", no_wrap=True, min_width=18)
+        table.add_column("time", no_wrap=True, justify="right", min_width=9)
+        table.add_column("status", no_wrap=True, overflow="ellipsis", ratio=3)
+        table.add_column("log", no_wrap=True, overflow="ellipsis", ratio=2)
         for task in self.tasks.values():
-            detail = task.result if task.state == "done" else task.progress
-            table.add_row(marks[task.state], task.label, task.state, _duration(task.seconds), detail,
+            status = {"running": task.progress or "running", "done": task.result or "done",
+                      "failed": "FAILED"}.get(task.state, task.state)
+            table.add_row(marks[task.state], task.label, _duration(task.seconds), status,
                           task.log.name if task.state not in ("queued", "skipped") else "",
                           style=styles[task.state])
         return table

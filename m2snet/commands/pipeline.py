@@ -86,9 +86,11 @@ def _print_summary(result: Any) -> None:
     echo(f"model {result.model_name} version {result.version}: {state}")
     if reason:
         echo(f"  why: {reason}")
+    links = result.ui_links(ui)
     echo(f"MLflow ({uri}): experiment {result.experiment_id}, parent run {result.parent_run_id}")
-    echo(f"  runs:  {ui}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}")
-    echo(f"  model: {ui}/#/models/{result.model_name}/versions/{result.version}")
+    echo(f"  this run: {links['run']}")
+    echo(f"  all runs: {links['runs']}")
+    echo(f"  model:    {links['model']}")
     echo(f"logs: {result.log_dir}/  (<task>.log per task, pipeline.log for the runner)")
     echo(f"task outputs: {result.pipeline_root}")
     echo("\nwhere to look next:")
