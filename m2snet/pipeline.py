@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from m2snet import __version__
-from m2snet.common import M2SNetError, write_json
-
+from m2snet.common import M2SNetError, git_commit, write_json
 from m2snet.tracking import DatasetLineage
 
 if TYPE_CHECKING:
@@ -219,8 +218,6 @@ def prepare_dataset(
         elif p.tracked_demo:
             src = tracked_demo_dataset()
             source_desc = f"data.dvc ({src})"
-            from m2snet.common import git_commit
-
             repo_dir = src.parent.parent  # the checkout whose data.dvc tracks data/demo
             where = {"uri": str(repo_dir), "dvc_rev": git_commit(repo_dir), "dvc_path": "data/demo"}
         else:
@@ -482,9 +479,10 @@ def run_description(parent: "Tracker") -> str:
             table = Path(parent.client.download_artifacts(parent.run_id, "cv/cv_table.md", tmp)).read_text().strip()
         except Exception as err:  # noqa: BLE001 - the description is best effort; say what is missing
             table = f"(no CV table: {type(err).__name__})"
-    lines = [f"### Cross-validation (percent, mean ± std over folds)", "", table, ""]
+    lines = ["### Cross-validation (percent, mean ± std over folds)", "", table, ""]
     if tags.get("m2snet.registered_model"):
-        lines.append(f"- **Model:** `{tags['m2snet.registered_model']}` -- {tags.get('m2snet.promotion', 'not promoted')}")
+        decision = tags.get("m2snet.promotion", "not promoted")
+        lines.append(f"- **Model:** `{tags['m2snet.registered_model']}` -- {decision}")
     if params.get("data_version"):
         lines.append(f"- **Data:** `{params['data_version']}` from {params.get('data_source', '?')}; "
                      f"split sha256 `{params.get('split_sha256', '?')[:16]}`")

@@ -1,6 +1,6 @@
 """The local run's console (m2snet.runview) on the real kfp local runner, with two tiny components."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: kfp reads the components' real parameter types.
 
 import io
 import sys
