@@ -115,9 +115,10 @@ def planned_tasks(n_folds: int) -> list[str]:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
-    if seconds < 60:
+    if seconds < 59.5:
         return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60:02d} s"
 
 
 class _ThreadRouter:
