@@ -11,6 +11,7 @@ fold checkpoints as ``Model`` artifacts, scores as ``Metrics`` artifacts.
 
 from components.aggregate import aggregate_cv
 from components.evaluate import evaluate_fold
+from components.finalize import finalize_run
 from components.prepare import prepare_dataset
 from components.promote import promote_model
 from components.register import register_model
@@ -21,6 +22,7 @@ from components.tune import tune_hyperparameters
 __all__ = [
     "aggregate_cv",
     "evaluate_fold",
+    "finalize_run",
     "prepare_dataset",
     "promote_model",
     "register_model",

@@ -12,13 +12,14 @@ def prepare_dataset(
     dvc_repo: str = "",
     dvc_rev: str = "",
     dvc_path: str = "data/busi",
+    importer: str = "busi",
     pipeline_run_id: str = "",
     experiment: str = "",
 ) -> str:
-    """Fetch (DVC revision / path / built-in demo set), import and validate the dataset; return its version."""
+    """Fetch (DVC revision / path / demo set), import a raw layout with ``importer``, validate; return the version."""
     from m2snet import pipeline
 
     return pipeline.prepare_dataset(
         dataset.path, preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev,
-        dvc_path=dvc_path, pipeline_run_id=pipeline_run_id, experiment=experiment,
+        dvc_path=dvc_path, importer=importer, pipeline_run_id=pipeline_run_id, experiment=experiment,
     )

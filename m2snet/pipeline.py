@@ -23,18 +23,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from m2snet import __version__
-from m2snet.common import M2SNetError, write_json
+from m2snet.common import M2SNetError, git_commit, write_json
+from m2snet.tracking import DatasetLineage
 
 if TYPE_CHECKING:
+    from m2snet.runview import RunView
     from m2snet.tracking import Tracker
     from m2snet.training.config import TrainConfig
 
@@ -194,6 +197,7 @@ def prepare_dataset(
     p = get_preset(preset)
     with tempfile.TemporaryDirectory(prefix="m2snet-prepare-") as tmp:
         source_desc: str
+        where: dict[str, str]  # the dataset input's source in MLflow
         if dvc_rev or dvc_repo:
             from dvc.repo import Repo
 
@@ -204,19 +208,24 @@ def prepare_dataset(
             except Exception as err:  # noqa: BLE001 - DVC raises many types; name the inputs
                 raise M2SNetError(f"dvc get {repo} {dvc_path} --rev {dvc_rev or 'HEAD'} failed: {err}") from err
             source_desc = f"dvc:{repo}@{dvc_rev or 'HEAD'}:{dvc_path}"
+            where = {"uri": repo, "dvc_rev": dvc_rev or "HEAD", "dvc_path": dvc_path}
         elif data_path:
             src = Path(data_path)
             if not src.is_dir():
                 raise M2SNetError(f"data_path {src}: directory not found")
             source_desc = str(src)
+            where = {"uri": str(src.resolve())}
         elif p.tracked_demo:
             src = tracked_demo_dataset()
             source_desc = f"data.dvc ({src})"
+            repo_dir = src.parent.parent  # the checkout whose data.dvc tracks data/demo
+            where = {"uri": str(repo_dir), "dvc_rev": git_commit(repo_dir), "dvc_path": "data/demo"}
         else:
             from m2snet.data.demo import make_demo_dataset
 
             src = make_demo_dataset(Path(tmp) / "demo", n_per_class=p.demo_cases_per_class, size=p.demo_size)
             source_desc = f"demo({p.demo_cases_per_class}/class, {p.demo_size}px)"
+            where = {"uri": source_desc}
         if (src / "dataset.json").is_file():
             # Already in m2snet format (e.g. a DVC-tracked imported dataset): copy, then re-validate.
             if out.exists():
@@ -234,6 +243,11 @@ def prepare_dataset(
     if parent is not None:
         parent.log_params({"preset": preset, "data_source": source_desc, "data_version": version,
                            "n_cases": len(info.cases)})
+        imported = "" if (src / "dataset.json").is_file() else importer
+        # An import names the dataset after its output directory (the kfp artifact's): name it after the source.
+        name = info.name if info.name != out.name else Path(where.get("dvc_path") or src).name
+        parent.log_dataset(DatasetLineage(name=name, digest=version, **where, importer=imported,
+                                          n_cases=len(info.cases)))
     return version
 
 
@@ -309,6 +323,7 @@ def train_fold_step(
     tuned = {k: v for k, v in tuned.items() if k not in _overrides(train_overrides)}
     parent = parent_run(pipeline_run_id, experiment)
     run = parent.child(f"fold-{fold}", tags=fold_tags(fold)) if parent else None
+    log_fold_lineage(parent, run, split_path, fold)
     try:
         result = fit_fold(cfg, fold, out_dir, tracker=run, tuned=tuned)
         if run:
@@ -328,6 +343,18 @@ def train_fold_step(
         "metrics": {k: float(v) for k, v in last_row.items() if k.startswith("val_")},
         "checkpoint": str(result.checkpoint),
     }
+
+
+def log_fold_lineage(parent: "Tracker | None", run: "Tracker | None", split_path: str, fold: int) -> None:
+    """A fold run logs its parent's dataset input, tagged with the fold and the split file's hash."""
+    from m2snet.common import sha256_file
+
+    if parent is None or run is None:
+        return
+    split_sha = sha256_file(split_path)
+    parent.log_params({"split_sha256": split_sha})  # the same value from every fold: idempotent
+    for lineage in parent.dataset_inputs():
+        run.log_dataset(lineage, tags={"fold": fold, "split_sha256": split_sha})
 
 
 def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
@@ -395,7 +422,7 @@ def register_step(
     """Register the folds' ensemble as ONE model version (once per pipeline run); return the version."""
     from m2snet.common import sha256_file
     from m2snet.pyfunc import log_segmentation_model
-    from m2snet.registry import SCORE_TAG, find_version_by_key, register_model_version
+    from m2snet.registry import SCORE_TAG, describe_version, find_version_by_key, register_model_version
     from m2snet.tracking import TrackingConfig
 
     checkpoints = [_fold_checkpoint(d) for d in model_dirs]
@@ -417,8 +444,9 @@ def register_step(
     parent = parent_run(pipeline_run_id, experiment)
     info = log_segmentation_model(checkpoints, name="model", run_id=parent.run_id if parent else None,
                                   tracking_uri=TrackingConfig().resolved_uri())
-    mv = register_model_version(info.model_uri, model_name, idempotency_key=key, tags=tags,
-                                description=f"{len(checkpoints)}-fold ensemble; data {dataset_version}")
+    description = describe_version(n_folds=len(checkpoints), dataset_version=dataset_version, split_sha256=split_sha,
+                                   cv_metrics=cv_metrics, pipeline_run_id=pipeline_run_id)
+    mv = register_model_version(info.model_uri, model_name, idempotency_key=key, tags=tags, description=description)
     if parent is not None:
         parent.set_tags({"m2snet.registered_model": f"{model_name}/{mv.version}"})
     return str(mv.version)
@@ -436,6 +464,69 @@ def promote_step(model_name: str, version: str, *, floor: float, margin: float, 
                          + decision.reason})
         parent.end("FINISHED")
     return decision.promoted
+
+
+def run_description(parent: "Tracker") -> str:
+    """A finished pipeline run's description in MLflow (markdown): the CV table, the model and its fate."""
+    run = parent.client.get_run(parent.run_id)
+    tags, params = run.data.tags, run.data.params
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            table = Path(parent.client.download_artifacts(parent.run_id, "cv/cv_table.md", tmp)).read_text().strip()
+        except Exception as err:  # noqa: BLE001 - the description is best effort; say what is missing
+            table = f"(no CV table: {type(err).__name__})"
+    lines = ["### Cross-validation (percent, mean ± std over folds)", "", table, ""]
+    if tags.get("m2snet.registered_model"):
+        decision = tags.get("m2snet.promotion", "not promoted")
+        lines.append(f"- **Model:** `{tags['m2snet.registered_model']}` -- {decision}")
+    if params.get("data_version"):
+        lines.append(f"- **Data:** `{params['data_version']}` from {params.get('data_source', '?')}; "
+                     f"split sha256 `{params.get('split_sha256', '?')[:16]}`")
+    return "\n".join(lines)
+
+
+def _close_open_children(parent: "Tracker") -> list[str]:
+    """Mark the parent's still-RUNNING descendants FAILED (a fold whose task died); return all failed ones."""
+    from m2snet.tracking import iter_child_runs
+
+    failed, todo = [], [parent.run_id]
+    while todo:
+        for child in iter_child_runs(parent.client, todo.pop()):
+            todo.append(child.info.run_id)
+            if child.info.status == "RUNNING":
+                parent.client.set_terminated(child.info.run_id, status="FAILED")
+                failed.append(child.info.run_name)
+            elif child.info.status == "FAILED":
+                failed.append(child.info.run_name)
+    return sorted(failed)
+
+
+def finalize_step(state: str, error_message: str = "", *, pipeline_run_id: str = "", experiment: str = "") -> str:
+    """The pipeline's exit handler: close the parent MLflow run whatever happened.
+
+    Returns the registered model version (``""`` when the run failed or registered none): the
+    pipeline's output, which KFP only takes from the top level, outside the exit handler's group.
+
+    Success: the parent's description becomes the CV table and the promotion decision. Failure
+    (any state but SUCCEEDED): still-running child runs and the parent are marked FAILED, with the
+    error and the failed runs in tags and the description (the parent is created if the first step
+    failed before making it, so every pipeline run is visible in MLflow).
+    """
+    parent = parent_run(pipeline_run_id, experiment, create=state != "SUCCEEDED")
+    if parent is None:
+        return ""
+    if state == "SUCCEEDED":
+        parent.set_description(run_description(parent))
+        parent.end("FINISHED")
+        registered = parent.client.get_run(parent.run_id).data.tags.get("m2snet.registered_model", "")
+        return registered.rpartition("/")[2]
+    failed_runs = _close_open_children(parent)
+    parent.set_tags({"m2snet.status": state.lower(), "m2snet.error": error_message[:4000] or "(none given)",
+                     **({"m2snet.failed_runs": ", ".join(failed_runs)} if failed_runs else {})})
+    parent.set_description(f"**Pipeline {state}.** {error_message}"
+                           + (f"\n\nFailed MLflow runs: {', '.join(failed_runs)}" if failed_runs else ""))
+    parent.end("FAILED")
+    return ""
 
 
 # --- compile / local run / submit --------------------------------------------------------------
@@ -465,6 +556,14 @@ def compile_pipeline(out: str | os.PathLike | None = None) -> Path:
 
 
 @dataclass
+class TaskSummary:
+    label: str
+    state: str  # done | failed | skipped | queued
+    seconds: float | None
+    log: Path
+
+
+@dataclass
 class LocalRunResult:
     model_name: str
     version: str
@@ -476,9 +575,82 @@ class LocalRunResult:
     tracking_uri: str
     pipeline_root: Path
     seconds: float
+    log_dir: Path | None = None
+    tasks: list[TaskSummary] = field(default_factory=list)
+    promotion: str = ""  # the promotion decision and its reason
+    experiment_id: str = ""
+    notes: list[str] = field(default_factory=list)  # warnings the run showed once (e.g. random init)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    def ui_links(self, base: str) -> dict[str, str]:
+        """MLflow UI pages of this run under ``base`` (the UI's URL): the runs table, the parent run, the model.
+
+        MLflow 3.17's UI picks an experiment's landing page from its GenAI / model-training switch
+        (``workflowType``, kept in the browser), not from the experiment's kind tag: the links set it.
+        """
+        base, ml = base.rstrip("/"), "?workflowType=machine_learning"
+        return {
+            "runs": f"{base}/#/experiments/{self.experiment_id}/runs{ml}",
+            "run": f"{base}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}{ml}",
+            "model": f"{base}/#/models/{self.model_name}/versions/{self.version}{ml}",
+        }
+
+
+class PipelineTaskFailed(M2SNetError):
+    """A task of a local pipeline run failed; the message names it, its error and its log file."""
+
+    def __init__(self, message: str, task: str, log: Path, parent_run_id: str | None):
+        super().__init__(message)
+        self.task, self.log, self.parent_run_id = task, log, parent_run_id
+
+
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)\b.*)$")
+
+
+def _error_line(log_tail: str) -> str:
+    """The last exception of a task log (the traceback's last line, with its continuation lines) on one line."""
+    lines = log_tail.splitlines()
+    found = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
+    if not found:
+        return ""
+    first = lines[found[-1]]
+    indent = len(first) - len(first.lstrip())
+    message = [_ERROR_LINE.match(first)[1]]
+    for line in lines[found[-1] + 1:]:  # a multi-line message: its lines are indented deeper
+        if not line.strip() or len(line) - len(line.lstrip()) <= indent:
+            break
+        message.append(line.strip())
+    return " ".join(message)[:1000]
+
+
+def _record_failure(view: "RunView", experiment: str, err: Exception) -> PipelineTaskFailed:
+    """The local runner's side of a failure: the parent run names the failed task, its log tail and file."""
+    from m2snet.tracking import TrackingError
+
+    failed = view.failed[0] if view.failed else None
+    if failed is None:  # the runner itself failed, not a task
+        return PipelineTaskFailed(f"local pipeline run failed: {err} (runner log: {view.main_log})", "pipeline",
+                                  view.main_log, None)
+    tail = failed.tail()
+    error = _error_line(tail) or "no exception in the log"
+    parent_id = None
+    try:
+        parent = parent_run(view.pipeline_run_id, experiment, create=True)
+        if parent is not None:
+            parent_id = parent.run_id
+            parent.set_tags({"m2snet.failed_task": failed.label, "m2snet.failed_log": str(failed.log),
+                             "m2snet.error": error})
+            parent.set_description(f"**Pipeline FAILED in task `{failed.label}`:** {error}\n\n"
+                                   f"Log: `{failed.log}` (also an artifact of this run, logs/); its tail:\n\n"
+                                   f"```\n{tail[-8000:]}\n```")
+            parent.log_artifact(failed.log, "logs")
+            parent.end("FAILED")
+    except (M2SNetError, TrackingError, OSError) as record_err:  # the failure itself must still be reported
+        log.error("could not record the failure on the MLflow parent run: %s", record_err)
+    return PipelineTaskFailed(f"pipeline task '{failed.label}' failed: {error} -- full log: {failed.log}",
+                              failed.label, failed.log, parent_id)
 
 
 def run_local(
@@ -487,6 +659,7 @@ def run_local(
     data_path: str = "",
     dvc_repo: str = "",
     dvc_rev: str = "",
+    importer: str = "busi",
     work_dir: str | os.PathLike = ".m2snet/pipeline",
     experiment: str = DEFAULT_EXPERIMENT,
     model_name: str = DEFAULT_MODEL_NAME,
@@ -498,20 +671,32 @@ def run_local(
     floor: float | None = None,
     margin: float | None = None,
     threads: int | None = None,
+    display: str = "plain",
 ) -> LocalRunResult:
     """Run the pipeline on the kfp local runner (subprocesses in this Python environment).
 
-    The local runner executes the same components, ParallelFor fan-out and Collected fan-in as a
-    cluster (at most two loop iterations at once); GPU requests, limits, retries and Secrets are
-    left out of the local variant. MLflow: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``
-    (made absolute, so every task subprocess writes to the same store).
+    The local runner executes the same components, ParallelFor fan-out, Collected fan-in and exit
+    handler as a cluster (at most two loop iterations at once); GPU requests, limits, retries and
+    Secrets are left out of the local variant. MLflow: ``$MLFLOW_TRACKING_URI`` or
+    ``sqlite:///mlflow.db`` (made absolute, so every task subprocess writes to the same store).
+
+    Console (``display``, see :class:`m2snet.runview.RunView`): ``"live"`` a live task table,
+    ``"plain"`` a line per task start/end, ``"stream"`` everything the runner prints, ``"auto"``
+    live on a terminal else plain. Every task's full output is in ``<work_dir>/logs/<time>/<task>.log``.
+    A failed task raises :class:`PipelineTaskFailed` naming it and its log, after the parent MLflow
+    run was marked FAILED with the log's tail.
     """
     from kfp import local
 
-    from m2snet.registry import PRODUCTION, version_by_alias
+    from m2snet.registry import PRODUCTION, find_version_by_key, version_by_alias
+    from m2snet.runview import RunView
     from m2snet.tracking import DEFAULT_TRACKING_URI
 
+    from m2snet.data.importers import list_importers
+
     p = get_preset(preset)
+    if importer not in list_importers():  # fail before starting anything
+        raise M2SNetError(f"--importer {importer!r}: unknown layout; choose one of {list_importers()}")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
@@ -522,30 +707,47 @@ def run_local(
     module = _pipeline_module()
     pipeline_fn = module.build_pipeline(cluster=False, local_threads=threads or max(1, (os.cpu_count() or 2) // 2))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    folds = n_folds or p.n_folds
     arguments = dict(
-        preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, n_folds=n_folds or p.n_folds,
+        preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, n_folds=folds,
         seed=seed, n_trials=n_trials, tuning_storage=tuning_storage,
         train_overrides=json.dumps(dict(train_overrides or {})), experiment=experiment, model_name=model_name,
         promote_floor=p.promote_floor if floor is None else floor,
         promote_margin=p.promote_margin if margin is None else margin,
     )
-    log.info("local pipeline run: preset %s, MLflow %s, kfp root %s", preset, uri, root)
+    view = RunView(work / "logs" / time.strftime("%Y%m%d-%H%M%S"), n_folds=folds,
+                   n_trials=n_trials if n_trials > 0 else p.n_trials, mode=display)
+    # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
     import warnings
 
-    with warnings.catch_warnings():
+    failure: Exception | None = None
+    with warnings.catch_warnings(), view:
+        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {uri}\nlogs: {view.log_dir}/")
+        log.info("local pipeline run: preset %s, MLflow %s, kfp root %s", preset, uri, root)
         # The SubprocessRunner warns that our image name has no "python" in it: we run in this env.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
             task = pipeline_fn(**arguments)
-        except RuntimeError as err:  # the local runner's "inner task failed": its log is above
-            raise M2SNetError(f"local pipeline run failed: {err} (task logs above; artifacts under {root})") from err
+        except RuntimeError as err:  # the local runner's "inner task failed"
+            failure = err
+            view.mark_skipped()
     seconds = time.perf_counter() - t0
-    outputs = getattr(task, "outputs", {}) or {}
-    version = str(outputs.get("Output") if isinstance(outputs, dict) else task.output)
+    if failure is not None or view.failed:
+        raise _record_failure(view, experiment, failure or RuntimeError("a task failed")) from failure
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    outputs = getattr(task, "outputs", {}) or {}
+    version = outputs.get("Output") if isinstance(outputs, dict) else getattr(task, "output", "")
+    version = str(version) if version else ""
+    if not version and view.pipeline_run_id:
+        mv = find_version_by_key(model_name, view.pipeline_run_id, client)
+        version = str(mv.version) if mv is not None else ""
+    if not version:
+        raise M2SNetError(f"local pipeline run finished but registered no version of {model_name!r} "
+                          f"(runner log: {view.main_log})")
     mv = client.get_model_version(model_name, version)
     pipeline_run_id = mv.tags.get("pipeline_run_id", "")
     parent = parent_run(pipeline_run_id, experiment, create=False)
@@ -557,12 +759,16 @@ def run_local(
                 table = Path(client.download_artifacts(parent.run_id, "cv/cv_table.md", tmp)).read_text()
             except Exception as err:  # noqa: BLE001 - the table is a convenience here
                 log.warning("could not read the CV table of run %s: %s", parent.run_id, err)
+    exp = client.get_experiment_by_name(experiment)
     return LocalRunResult(
         model_name=model_name, version=version, pipeline_run_id=pipeline_run_id,
         parent_run_id=parent.run_id if parent else None,
         production_version=str(prod.version) if prod is not None else None,
         promoted=prod is not None and str(prod.version) == version, cv_table=table.strip(), tracking_uri=uri,
-        pipeline_root=root, seconds=seconds,
+        pipeline_root=root, seconds=seconds, log_dir=view.log_dir,
+        tasks=[TaskSummary(t.label, t.state, t.seconds, t.log) for t in view.tasks.values()],
+        promotion=mv.tags.get("promotion_decision", ""), experiment_id=exp.experiment_id if exp else "",
+        notes=list(view.notes),
     )
 
 

@@ -152,6 +152,36 @@ def register_model_version(
     return _wait_ready(client, name, mv.version)
 
 
+PROMOTION_MARK = "**Promotion:**"  # the line of a version's description that promote() rewrites
+
+
+def describe_version(*, n_folds: int, dataset_version: str, split_sha256: str, cv_metrics: Mapping[str, Any],
+                     pipeline_run_id: str = "") -> str:
+    """A registered version's description (markdown): what the model is and what it scored."""
+    def pct(name: str) -> str:
+        mean, std = cv_metrics.get(f"cv_{name}_mean"), cv_metrics.get(f"cv_{name}_std")
+        if mean is None:
+            return "n/a"
+        return f"{float(mean):.2f} %" + (f" ± {float(std):.2f}" if std is not None else "")
+
+    lines = [
+        f"Ensemble of {n_folds} fold models (mean of their foreground probabilities) from one "
+        f"{n_folds}-fold cross-validation.",
+        "",
+        f"- **CV Dice:** {pct('dice')} (mean ± std over folds); IoU {pct('iou')}",
+        f"- **Data version:** `{dataset_version}` (DVC hash); split sha256 `{split_sha256[:16]}`",
+    ]
+    if pipeline_run_id:
+        lines.append(f"- **Pipeline run:** `{pipeline_run_id}`")
+    return "\n".join(lines)
+
+
+def _with_decision(description: str | None, decision: "PromotionDecision") -> str:
+    base = (description or "").split(PROMOTION_MARK)[0].rstrip()
+    verdict = "promoted to `production`" if decision.promoted else "not promoted"
+    return f"{base}\n\n{PROMOTION_MARK} {verdict} -- {decision.reason}".lstrip()
+
+
 def version_score(mv: "ModelVersion", metric_tag: str = SCORE_TAG) -> float | None:
     raw = mv.tags.get(metric_tag)
     if raw is None:
@@ -216,6 +246,7 @@ def promote(
         production_version=current_version, production_score=prod_score,
     )
     client.set_model_version_tag(name, version, "promotion_decision", ("promoted: " if ok else "rejected: ") + reason)
+    client.update_model_version(name, version, description=_with_decision(candidate.description, decision))
     log.info("model %s version %s: %s (%s)", name, version, "PROMOTED" if ok else "not promoted", reason)
     return decision
 

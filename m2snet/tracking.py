@@ -41,6 +41,12 @@ T = TypeVar("T")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "m2snet"
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
+# The experiment tag MLflow 3's UI reads to pick an experiment's landing page: "custom_model_development"
+# opens the training runs table (its default for untagged experiments is the GenAI overview).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # a run's / experiment's description in the UI (markdown)
+MAX_DATASET_DIGEST = 36  # MLflow's limit; a DVC directory hash ("<md5>.dir") is exactly 36
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private_key)", re.I)
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
 # MLflow error codes that retrying cannot fix (a bad request, not an unreachable server).
@@ -132,10 +138,16 @@ def make_client(cfg: TrackingConfig):
 
 
 def ensure_experiment(client, cfg: TrackingConfig) -> str:
-    """The experiment id of ``cfg.experiment``, created if missing (artifacts in ./mlruns for sqlite)."""
+    """The experiment id of ``cfg.experiment``, created if missing (artifacts in ./mlruns for sqlite).
+
+    The experiment is tagged as a model-training one (:data:`EXPERIMENT_KIND`), so MLflow 3's UI
+    opens it on its runs table rather than on the GenAI traces overview.
+    """
     def get_or_create() -> str:
         exp = client.get_experiment_by_name(cfg.experiment)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # created by an older m2snet or by hand
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         location = None
         uri = cfg.resolved_uri()
@@ -143,7 +155,8 @@ def ensure_experiment(client, cfg: TrackingConfig) -> str:
             # A database store with no server: artifacts go to ./mlruns beside the database.
             location = Path("mlruns").resolve().as_uri()
         try:
-            return client.create_experiment(cfg.experiment, artifact_location=location)
+            return client.create_experiment(cfg.experiment, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception as err:  # noqa: BLE001 - a concurrent creator won the race
             exp = client.get_experiment_by_name(cfg.experiment)
             if exp is None:
@@ -219,6 +232,27 @@ class Tracker:
                        f"log {len(chunk)} params", self.cfg)
         self._logged_params.update(flat)
 
+    def set_description(self, markdown: str) -> None:
+        """The run's description (the UI's "Description" box / overview)."""
+        self.set_tags({NOTE_TAG: markdown})
+
+    def log_dataset(self, lineage: "DatasetLineage", context: str = "training",
+                    tags: dict[str, Any] | None = None) -> None:
+        """Record the dataset as an MLflow dataset input (the runs table's Dataset column, lineage)."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        input_tags = [InputTag("mlflow.data.context", context)]
+        input_tags += [InputTag(k, str(v)) for k, v in (tags or {}).items() if v not in (None, "")]
+        item = DatasetInput(lineage.to_mlflow(), input_tags)
+        with_retry(lambda: self.client.log_inputs(self.run_id, datasets=[item]),
+                   f"log dataset {lineage.name}@{lineage.digest}", self.cfg)
+
+    def dataset_inputs(self) -> list["DatasetLineage"]:
+        """The datasets this run logged (e.g. a parent's, for its fold runs to log too)."""
+        run = with_retry(lambda: self.client.get_run(self.run_id), f"read run {self.run_id}", self.cfg)
+        inputs = run.inputs.dataset_inputs if run.inputs else []
+        return [DatasetLineage.from_mlflow(i.dataset) for i in inputs]
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -279,6 +313,57 @@ class Tracker:
         else:
             fn = lambda: self.client.log_artifact(self.run_id, str(path), artifact_path)  # noqa: E731
         with_retry(fn, f"upload artifact {path.name}", self.cfg)
+
+
+@dataclass(frozen=True)
+class DatasetLineage:
+    """Which data a run used, as MLflow records a dataset input.
+
+    ``digest`` is the m2snet data version (the DVC directory hash), ``source`` says where the
+    data came from: a DVC repository + revision + path, or a directory.
+    """
+
+    name: str
+    digest: str
+    uri: str  # a directory, or the DVC repository (URL or path)
+    dvc_rev: str = ""
+    dvc_path: str = ""
+    importer: str = ""  # the raw layout it was imported from, if it was
+    n_cases: int | None = None
+
+    @property
+    def source_type(self) -> str:
+        # MLflow's UI links "external" sources by their "url" and shows "local" ones by their "uri".
+        return "external" if re.match(r"^(https?|ssh|git)://|^git@", self.uri) else "local"
+
+    def source(self) -> dict[str, Any]:
+        key = "url" if self.source_type == "external" else "uri"
+        extra = {"dvc_rev": self.dvc_rev, "dvc_path": self.dvc_path, "importer": self.importer}
+        return {key: self.uri, **{k: v for k, v in extra.items() if v}}
+
+    def to_mlflow(self):
+        from mlflow.entities import Dataset
+
+        if len(self.digest) > MAX_DATASET_DIGEST:
+            raise M2SNetError(f"dataset {self.name}: digest {self.digest!r} is longer than MLflow's "
+                              f"{MAX_DATASET_DIGEST} characters")
+        profile = {"num_cases": self.n_cases} if self.n_cases is not None else None
+        return Dataset(name=self.name, digest=self.digest, source_type=self.source_type,
+                       source=json.dumps(self.source()), profile=json.dumps(profile) if profile else None)
+
+    @classmethod
+    def from_mlflow(cls, ds) -> "DatasetLineage":
+        try:
+            source = json.loads(ds.source or "{}")
+        except json.JSONDecodeError:
+            source = {"uri": ds.source}
+        try:
+            n_cases = json.loads(ds.profile).get("num_cases") if ds.profile else None
+        except (json.JSONDecodeError, AttributeError):
+            n_cases = None
+        return cls(name=ds.name, digest=ds.digest, uri=source.get("url") or source.get("uri") or "",
+                   dvc_rev=source.get("dvc_rev", ""), dvc_path=source.get("dvc_path", ""),
+                   importer=source.get("importer", ""), n_cases=n_cases)
 
 
 def replay_spool(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> int:

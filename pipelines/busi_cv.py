@@ -3,6 +3,7 @@
     DVC data / path / demo -> prepare (import + validate) -> split
       -> ParallelFor fold: tune (Optuna, on the fold's inner split) -> train -> evaluate
       -> Collected: aggregate (CV table) -> register -> promote
+    exit handler (always): finalize -> the parent MLflow run FINISHED with its CV table, or FAILED with why
 
 ``build_pipeline(cluster=True)`` is what gets compiled to ``busi_cv.yaml`` (and submitted): the
 training tasks request one NVIDIA GPU, CPU/memory limits, retries and read the MLflow/S3
@@ -21,6 +22,7 @@ from kfp import dsl
 from components import (
     aggregate_cv,
     evaluate_fold,
+    finalize_run,
     prepare_dataset,
     promote_model,
     register_model,
@@ -79,6 +81,7 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         dvc_repo: str = "",
         dvc_rev: str = "",
         dvc_path: str = "data/busi",
+        importer: str = "busi",  # the raw layout of data_path / the DVC path (m2snet-format data needs none)
         n_folds: int = 4,
         seed: int = 42,
         n_trials: int = -1,
@@ -90,51 +93,55 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         promote_margin: float = 0.005,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        data = prepare(prepare_dataset(
-            preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, dvc_path=dvc_path,
-            pipeline_run_id=run_id, experiment=experiment,
-        ), "prepare + validate")
-        split = prepare(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed), "split")
-        with dsl.ParallelFor(split.outputs["Output"], parallelism=4) as fold:
-            # Nested tuning: each fold tunes on an inner split of its own training cases, so no
-            # reported fold ever took part in choosing the learning rates it is scored with.
-            tune = prepare(tune_hyperparameters(
-                dataset=data.outputs["dataset"], split=split.outputs["split"], preset=preset, fold=fold,
-                train_overrides=train_overrides, n_trials=n_trials, storage=tuning_storage,
+        # Runs after everything else, whether it succeeded or not: no parent run is left RUNNING.
+        finalize = prepare(finalize_run(pipeline_run_id=run_id, experiment=experiment), "finalize")
+        with dsl.ExitHandler(finalize, name="cv-pipeline"):
+            data = prepare(prepare_dataset(
+                preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, dvc_path=dvc_path,
+                importer=importer, pipeline_run_id=run_id, experiment=experiment,
+            ), "prepare + validate")
+            split = prepare(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed), "split")
+            with dsl.ParallelFor(split.outputs["Output"], parallelism=4) as fold:
+                # Nested tuning: each fold tunes on an inner split of its own training cases, so no
+                # reported fold ever took part in choosing the learning rates it is scored with.
+                tune = prepare(tune_hyperparameters(
+                    dataset=data.outputs["dataset"], split=split.outputs["split"], preset=preset, fold=fold,
+                    train_overrides=train_overrides, n_trials=n_trials, storage=tuning_storage,
+                    pipeline_run_id=run_id, experiment=experiment,
+                ), "tune fold (Optuna)")
+                train = prepare(train_fold(
+                    dataset=data.outputs["dataset"], split=split.outputs["split"],
+                    best_params=tune.outputs["best_params"], fold=fold, preset=preset,
+                    train_overrides=train_overrides, pipeline_run_id=run_id, experiment=experiment,
+                ), "train fold")
+                if cluster:
+                    (train.set_accelerator_type(TRAIN_GPU).set_accelerator_limit(1)
+                     .set_cpu_limit(TRAIN_CPU_LIMIT).set_memory_limit(TRAIN_MEMORY_LIMIT)
+                     .set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0))
+                    from kfp import kubernetes
+
+                    # GPU nodes are commonly tainted so that only GPU work lands there.
+                    kubernetes.add_toleration(train, key=TRAIN_GPU, operator="Exists", effect="NoSchedule")
+                evaluation = prepare(evaluate_fold(
+                    dataset=data.outputs["dataset"], split=split.outputs["split"],
+                    model=train.outputs["model"], fold=fold,
+                ), "evaluate fold")
+
+            table = prepare(aggregate_cv(
+                fold_metrics=dsl.Collected(evaluation.outputs["metrics"]),
                 pipeline_run_id=run_id, experiment=experiment,
-            ), "tune fold (Optuna)")
-            train = prepare(train_fold(
-                dataset=data.outputs["dataset"], split=split.outputs["split"],
-                best_params=tune.outputs["best_params"], fold=fold, preset=preset,
-                train_overrides=train_overrides, pipeline_run_id=run_id, experiment=experiment,
-            ), "train fold")
-            if cluster:
-                (train.set_accelerator_type(TRAIN_GPU).set_accelerator_limit(1)
-                 .set_cpu_limit(TRAIN_CPU_LIMIT).set_memory_limit(TRAIN_MEMORY_LIMIT)
-                 .set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0))
-                from kfp import kubernetes
-
-                # GPU nodes are commonly tainted so that only GPU work lands there.
-                kubernetes.add_toleration(train, key=TRAIN_GPU, operator="Exists", effect="NoSchedule")
-            evaluation = prepare(evaluate_fold(
-                dataset=data.outputs["dataset"], split=split.outputs["split"],
-                model=train.outputs["model"], fold=fold,
-            ), "evaluate fold")
-
-        table = prepare(aggregate_cv(
-            fold_metrics=dsl.Collected(evaluation.outputs["metrics"]),
-            pipeline_run_id=run_id, experiment=experiment,
-        ), "aggregate CV")
-        version = prepare(register_model(
-            models=dsl.Collected(train.outputs["model"]), cv_metrics=table.outputs["cv_metrics"],
-            split=split.outputs["split"], model_name=model_name, dataset_version=data.outputs["Output"],
-            pipeline_run_id=run_id, experiment=experiment,
-        ), "register")
-        prepare(promote_model(
-            model_name=model_name, version=version.output, floor=promote_floor, margin=promote_margin,
-            pipeline_run_id=run_id, experiment=experiment,
-        ), "promote")
-        return version.output
+            ), "aggregate CV")
+            version = prepare(register_model(
+                models=dsl.Collected(train.outputs["model"]), cv_metrics=table.outputs["cv_metrics"],
+                split=split.outputs["split"], model_name=model_name, dataset_version=data.outputs["Output"],
+                pipeline_run_id=run_id, experiment=experiment,
+            ), "register")
+            prepare(promote_model(
+                model_name=model_name, version=version.output, floor=promote_floor, margin=promote_margin,
+                pipeline_run_id=run_id, experiment=experiment,
+            ), "promote")
+        # Pipeline outputs must come from the top level: the exit handler returns the registered version.
+        return finalize.output
 
     return busi_cv
 

@@ -66,7 +66,14 @@ def test_yaml_is_a_pipeline_spec_with_gpu_training(fresh_yaml):
     assert set(loop["dag"]["tasks"]) == {"tune-hyperparameters", "train-fold", "evaluate-fold"}
     assert loop["dag"]["tasks"]["tune-hyperparameters"]["inputs"]["parameters"]["fold"]
     assert loop["dag"]["tasks"]["train-fold"]["retryPolicy"]["maxRetryCount"] == 2
-    root_tasks = spec["root"]["dag"]["tasks"]
+    # An exit handler closes the MLflow parent run whatever happens: the steps run inside its group,
+    # the finalize task after it, even when a step failed.
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "finalize-run"}
+    assert root["finalize-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["finalize-run"]["inputs"]["parameters"]["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
+    assert spec["root"]["outputDefinitions"]["parameters"]["Output"]  # the registered version, from finalize
+    root_tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     loop_task = next(t for n, t in root_tasks.items() if n.startswith("for-loop"))
     assert loop_task["parameterIterator"]["items"]["inputParameter"]
     assert {"prepare-dataset", "split-dataset", "aggregate-cv", "register-model",
@@ -161,6 +168,8 @@ def test_cli_submit_and_run_argument_errors():
     assert "not a parameter" in str(res.exception)
     res = runner.invoke(app, ["pipeline", "run"])
     assert "--local" in str(res.exception)
+    res = runner.invoke(app, ["pipeline", "run", "--local", "--importer", "nope"])
+    assert "unknown layout" in str(res.exception) and "kvasir" in str(res.exception)
     res = runner.invoke(app, ["pipeline", "compile", "--check"])
     assert res.exit_code == 0, res.output
 
@@ -173,3 +182,13 @@ def test_cluster_defaults_are_the_busi_preset(fresh_yaml):
     assert params["promote_floor"]["defaultValue"] == busi.promote_floor
     assert params["promote_margin"]["defaultValue"] == busi.promote_margin
     assert params["n_folds"]["defaultValue"] == busi.n_folds
+
+
+def test_importer_reaches_the_prepare_step(fresh_yaml):
+    """`--importer` is a pipeline parameter that the prepare task receives (any raw layout, not only BUSI)."""
+    spec, _ = _spec(fresh_yaml)
+    assert spec["root"]["inputDefinitions"]["parameters"]["importer"]["defaultValue"] == "busi"
+    body = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    given = body["prepare-dataset"]["inputs"]["parameters"]["importer"]["componentInputParameter"]
+    assert given == "pipelinechannel--importer"
+    assert "importer" in spec["components"]["comp-prepare-dataset"]["inputDefinitions"]["parameters"]

@@ -1,19 +1,56 @@
 """The whole pipeline on the kfp local runner (TINY preset) against a real `mlflow server` + SeaweedFS.
 
 One module-scoped run of every step (prepare -> split -> 4 x (tune -> train -> evaluate) -> aggregate ->
-register -> promote); a second, smaller run that cannot beat it must leave `production` alone.
+register -> promote -> exit handler); a second, smaller run through the CLI, on a raw Kvasir-layout set,
+that cannot beat it must leave `production` alone and print a short console. A run on corrupt data
+must fail cleanly. The MLflow UI is then loaded in headless Chromium on what the runs recorded.
 """
 
 from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 EXPERIMENT = "pipeline-test"
 MODEL = "m2snet-tiny"
+# Headless Debian chromium, offline and without first-run / sync / update traffic.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def _kvasir_layout(root: Path) -> Path:
+    """A raw Kvasir-SEG layout (images/*.jpg, masks/*.jpg) made of the demo set's lesion cases."""
+    from PIL import Image
+
+    from m2snet.data.demo import make_demo_dataset
+
+    busi = make_demo_dataset(root / "busi", n_per_class={"benign": 4, "malignant": 4, "normal": 0}, size=64)
+    for img in sorted(busi.rglob("*).png")):
+        stem = img.stem.replace(" (", "").replace(")", "")
+        for sub, src in (("images", img), ("masks", img.with_name(img.stem + "_mask.png"))):
+            (root / "kvasir" / sub).mkdir(parents=True, exist_ok=True)
+            Image.open(src).convert("RGB").save(root / "kvasir" / sub / f"{stem}.jpg", quality=95)
+    return root / "kvasir"
+
+
+def _cli(*args: str, cwd: Path, url: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+    """`m2snet ARGS` as a user runs it: a subprocess whose stdout is not a terminal."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "m2snet.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def runs(mlflow_server, tmp_path_factory):
+    from mlflow import MlflowClient
+
     from m2snet.pipeline import run_local
 
     work = tmp_path_factory.mktemp("pipeline")
@@ -23,9 +60,16 @@ def runs(mlflow_server, tmp_path_factory):
     try:
         first = run_local("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL)
         # Cannot beat production by a margin of 1.0 (Dice is at most 1): the gate must reject it.
-        second = run_local("tiny", work_dir=work / "run2", experiment=EXPERIMENT, model_name=MODEL,
-                           n_folds=2, n_trials=1, margin=1.0)
-        yield {"first": first, "second": second, "work": work, "url": mlflow_server.url}
+        kvasir = _kvasir_layout(work / "raw")
+        cli = _cli("pipeline", "run", "--local", "--preset", "tiny", "--data", str(kvasir), "--importer", "kvasir",
+                   "--work-dir", str(work / "run2"), "--experiment", EXPERIMENT, "--model-name", MODEL,
+                   "--folds", "2", "--trials", "1", "--margin", "1.0", cwd=work, url=mlflow_server.url)
+        assert cli.returncode == 0, f"{cli.stdout}\n{cli.stderr}"
+        client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+        latest = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda mv: int(mv.version))
+        second = SimpleNamespace(version=str(latest.version), promoted="NOT promoted" not in cli.stdout)
+        yield {"first": first, "second": second, "cli": cli, "kvasir": kvasir, "work": work,
+               "url": mlflow_server.url}
     finally:
         mp.undo()
 
@@ -46,14 +90,28 @@ def test_first_run_logs_parent_folds_and_trials(runs):
     assert parent.data.params["preset"] == "tiny" and parent.data.params["data_version"]
     assert "cv_dice_mean" in parent.data.metrics and "cv_dice_std" in parent.data.metrics
     assert "promoted" in parent.data.tags["m2snet.promotion"]
+    # The UI opens the experiment on its training runs, not on MLflow 3's GenAI overview.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The parent's description is the CV table with the model and its promotion decision.
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| CV |" in note and f"{MODEL}/{first.version}" in note and "promoted" in note
+    # Data lineage: the parent and every fold log the dataset as an MLflow dataset input.
+    version = parent.data.params["data_version"]
+    (given,) = parent.inputs.dataset_inputs
+    assert given.dataset.digest == version and given.dataset.source_type == "local"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "cv")} >= {"cv/cv_table.md", "cv/cv_summary.json"}
 
     children = [r for r in runs_all if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     folds = sorted((r for r in children if r.data.tags.get("m2snet.kind") == "fold"),
                    key=lambda r: int(r.data.tags["m2snet.fold"]))
     assert [r.data.tags["m2snet.fold"] for r in folds] == ["0", "1", "2", "3"]
+    split_sha = parent.data.params["split_sha256"]
     for r in folds:
         assert r.info.status == "FINISHED"
+        (given,) = r.inputs.dataset_inputs
+        tags = {t.key: t.value for t in given.tags}
+        assert given.dataset.digest == version and tags["split_sha256"] == split_sha == r.data.params["split_sha256"]
+        assert tags["fold"] == r.data.tags["m2snet.fold"] and tags["mlflow.data.context"] == "training"
         assert {"dice", "iou", "precision", "recall", "specificity", "val_dice"} <= set(r.data.metrics)
         assert r.data.params["tuned.head_lr"]  # the tuned learning rates reached training
     # Nested tuning: one study per fold, each on that fold's inner split; its best LR trains that fold.
@@ -78,6 +136,8 @@ def test_first_run_registers_one_version_and_promotes_it(runs):
     for tag in ("data_version", "split_sha256", "pipeline_run_id", "cv_dice", "cv_dice_mean", "n_folds"):
         assert mv.tags.get(tag), tag
     assert mv.tags["n_folds"] == "4"
+    assert mv.description.startswith("Ensemble of 4 fold models") and mv.tags["data_version"] in mv.description
+    assert "**Promotion:** promoted to `production`" in mv.description
     assert mv.tags["pipeline_run_id"] == first.pipeline_run_id
     assert 0.0 <= float(mv.tags["cv_dice"]) <= 1.0
     assert "Dice" in first.cv_table and "±" in first.cv_table
@@ -116,3 +176,135 @@ def test_production_model_predicts_masks(runs, tmp_path, monkeypatch):
     for p in out:
         assert Image.open(p.mask).size == Image.open(p.image).size
         assert p.overlay.is_file()
+
+
+def test_cli_console_is_short_and_says_where_to_look(runs):
+    """The README's command on a non-terminal stdout: a line per task start/end and the summary, < 80 lines."""
+    out = runs["cli"].stdout
+    lines = out.splitlines()
+    assert len(lines) < 80, out
+    # The runner's executor JSON, library notices and progress bars are in the task logs, not here.
+    for noise in ("KFP Executor", "executorInput", "parameterValues", "CloudPickle", "it/s]", "FutureWarning"):
+        assert noise not in out + runs["cli"].stderr, noise
+    assert "Cross-validation" in out and "| CV |" in out
+    assert "NOT promoted" in out and re.search(r"why: .*margin", out)
+    assert f"model {MODEL} version {runs['second'].version}" in out and "#/models/" in out
+    # Random init is true for the tiny preset's training: said once, and never by the tasks that load checkpoints.
+    assert out.count("random weights") == 1
+    log_dir = Path(re.search(r"^logs: (\S+)/", out, re.M)[1])
+    done = re.findall(r"done in .*log: (\S+\.log)", out)
+    assert {"prepare-dataset.log", "train-fold-1.log", "evaluate-fold-1.log", "register-model.log",
+            "finalize-run.log"} <= set(done)
+    for name in done:  # every task's full stream, the KFP executor's included
+        assert "KFP Executor" in (log_dir / name).read_text(), name
+    for name in ("evaluate-fold-0.log", "evaluate-fold-1.log", "register-model.log", "promote-model.log"):
+        assert "random weights" not in (log_dir / name).read_text(), name
+    assert "random weights" in (log_dir / "train-fold-0.log").read_text()
+
+
+def test_any_importer_reaches_the_pipeline(runs):
+    """`--data RAW --importer kvasir`: the prepare step imported the Kvasir layout; lineage says so."""
+    client = _client(runs["url"])
+    mv = client.get_model_version(MODEL, runs["second"].version)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (parent,) = client.search_runs([exp.experiment_id],
+                                   filter_string=f"tags.`m2snet.pipeline_run_id` = '{mv.tags['pipeline_run_id']}'")
+    assert parent.data.params["data_source"] == str(runs["kvasir"])
+    (given,) = parent.inputs.dataset_inputs
+    assert given.dataset.name == "kvasir" and '"importer": "kvasir"' in given.dataset.source
+    assert given.dataset.digest == mv.tags["data_version"]
+
+
+def test_corrupt_data_fails_cleanly(mlflow_server, tmp_path):
+    """A step that fails (an undecodable image): exit 2 naming the task and its log; parent run FAILED."""
+    from mlflow import MlflowClient
+
+    from m2snet.data.demo import make_demo_dataset
+
+    raw = make_demo_dataset(tmp_path / "raw", n_per_class=2, size=64)
+    bad = sorted(raw.rglob("*).png"))[0]
+    bad.write_bytes(b"\x89PNG but not really")
+    res = _cli("pipeline", "run", "--local", "--preset", "tiny", "--data", str(raw), "--work-dir",
+               str(tmp_path / "work"), "--experiment", "pipeline-failure", cwd=tmp_path, url=mlflow_server.url,
+               timeout=900)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "error: pipeline task 'prepare + validate' failed" in res.stderr and bad.name in res.stderr
+    log = Path(re.search(r"full log: (\S+\.log)", res.stderr)[1])
+    assert log.name == "prepare-dataset.log" and "Traceback" in log.read_text()
+    assert re.search(r"prepare \+ validate\s+FAILED after", res.stdout)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    exp = client.get_experiment_by_name("pipeline-failure")
+    (parent,) = client.search_runs([exp.experiment_id])
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["m2snet.failed_task"] == "prepare + validate"
+    assert parent.data.tags["m2snet.failed_log"] == str(log)
+    assert "cannot decode" in parent.data.tags["m2snet.error"] and bad.name in parent.data.tags["mlflow.note.content"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "logs")] == ["logs/prepare-dataset.log"]
+
+
+def test_exit_handler_closes_the_runs_a_dead_task_left_open(mlflow_server, monkeypatch):
+    """finalize_step on a failed pipeline: the parent and its RUNNING children end FAILED, with the error."""
+    from m2snet.pipeline import finalize_step, parent_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    parent = parent_run("dead-fold", "pipeline-exit")
+    fold = parent.child("fold-1", tags={"m2snet.kind": "fold"})
+    fold.log_metrics({"val_dice": 0.5}, step=0, flush=True)  # then its pod was killed: never ended
+    assert finalize_step("FAILED", "Task train-fold failed.", pipeline_run_id="dead-fold",
+                         experiment="pipeline-exit") == ""
+    client = parent.client
+    assert client.get_run(fold.run_id).info.status == "FAILED"
+    run = client.get_run(parent.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["m2snet.failed_runs"] == "fold-1"
+    assert run.data.tags["m2snet.error"] == "Task train-fold failed."
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        if found := shutil.which(name):
+            return found
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+
+
+def _render(url: str, want: list[str], profile: Path, screenshot: Path | None = None) -> str:
+    """The DOM of ``url`` once the MLflow UI (a JS app) has rendered every string in ``want``.
+
+    Chromium's virtual time runs the page's scripts and XHRs to completion; a page still missing a
+    string is loaded again with a larger budget (a slow, shared CI box).
+    """
+    chrome = _chromium()
+    dom, missing = "", want
+    for i, budget in enumerate((15_000, 40_000, 90_000)):
+        argv = [chrome, *CHROMIUM_FLAGS, f"--user-data-dir={profile}-{i}", f"--virtual-time-budget={budget}"]
+        dom = subprocess.run([*argv, "--dump-dom", url], capture_output=True, text=True, timeout=300).stdout
+        missing = [w for w in want if w not in dom]
+        if not missing:
+            if screenshot is not None:
+                subprocess.run([*argv, "--window-size=1600,900", f"--screenshot={screenshot}", url],
+                               capture_output=True, timeout=300, check=True)
+                assert screenshot.stat().st_size > 10_000, screenshot
+            return dom
+    raise AssertionError(f"{url}: {missing} not on the rendered page ({len(dom)} bytes of DOM)")
+
+
+def test_mlflow_ui_shows_folds_lineage_and_production(runs, tmp_path):
+    """The MLflow UI, rendered in headless chromium: the runs table with the four folds and the data
+    digest, a fold run's dataset input, and the registered version with its `production` alias."""
+    from m2snet.pipeline import LocalRunResult
+
+    first: LocalRunResult = runs["first"]
+    client = _client(runs["url"])
+    links = first.ui_links(runs["url"])
+    digest = client.get_run(first.parent_run_id).data.params["data_version"]
+    shots = Path(os.environ.get("M2SNET_SCREENSHOT_DIR") or tmp_path)
+    # Sorted by name, the table lists child runs flat (by start time it nests them under their parent).
+    runs_table = links["runs"] + "&orderByKey=attributes.run_name&orderByAsc=true"
+    dom = _render(runs_table, ["fold-0", "fold-1", "fold-2", "fold-3", f"pipeline-{first.pipeline_run_id}", digest],
+                  tmp_path / "profile-runs", shots / "mlflow-runs-table.png")
+    assert dom.count(digest) >= 5  # the Dataset column of the parent and of every fold
+    fold = next(r for r in client.search_runs([first.experiment_id], filter_string="attributes.run_name = 'fold-1'")
+                if r.data.tags.get("mlflow.parentRunId") == first.parent_run_id)
+    fold_page = links["run"].replace(first.parent_run_id, fold.info.run_id)
+    _render(fold_page, ["fold-1", digest, "training", f"pipeline-{first.pipeline_run_id}"], tmp_path / "profile-fold")
+    _render(links["model"], ["production", "Ensemble of 4 fold models", digest, "Promotion"],
+            tmp_path / "profile-model", shots / "mlflow-model-version.png")

@@ -36,10 +36,12 @@ def _set_overrides(preset: str, sets: list[str]) -> dict[str, Any]:
 def run_cmd(
     local: bool = typer.Option(False, "--local", help="Run on the kfp local runner (required: clusters use `submit`)."),
     preset: str = typer.Option("demo", help="tiny | demo | busi (see m2snet.pipeline.PRESETS)."),
-    data: str = typer.Option("", help="Dataset directory (m2snet format or raw BUSI layout); default: the demo set."),
+    data: str = typer.Option("", help="Dataset directory (m2snet format, or a raw layout: see --importer); "
+                                      "default: the demo set."),
+    importer: str = typer.Option("busi", help="Layout of a raw --data / DVC dataset (`m2snet data formats`)."),
     dvc_repo: str = typer.Option("", help="Git/DVC repository to fetch the data from (dvc get)."),
     dvc_rev: str = typer.Option("", help="DVC revision (git tag/commit) of the data."),
-    work_dir: Path = typer.Option(Path(".m2snet/pipeline"), help="Where the local runner keeps task outputs."),
+    work_dir: Path = typer.Option(Path(".m2snet/pipeline"), help="Where the local runner keeps task outputs and logs."),
     experiment: str = typer.Option("m2snet-busi-cv", help="MLflow experiment."),
     model_name: str = typer.Option("m2snet-busi", help="Registered model name."),
     folds: Optional[int] = typer.Option(None, help="Number of CV folds (default: the preset's, 4)."),
@@ -50,6 +52,7 @@ def run_cmd(
     floor: Optional[float] = typer.Option(None, help="Promotion floor on CV Dice (0..1); default: the preset's."),
     margin: Optional[float] = typer.Option(None, help="Margin over production's CV Dice; default: the preset's."),
     threads: Optional[int] = typer.Option(None, help="Torch threads per task (two fold tasks run at once)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Stream every task's full output (the logs are kept too)."),
 ) -> None:
     """Run the whole pipeline: data -> validate -> split -> tune -> 4 folds -> CV table -> register -> promote."""
     from m2snet.pipeline import run_local
@@ -58,27 +61,43 @@ def run_cmd(
         raise M2SNetError("pipeline run: add --local (the kfp local runner); submit to a cluster with "
                           "`m2snet pipeline submit --host URL`")
     result = run_local(
-        preset, data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, work_dir=work_dir, experiment=experiment,
-        model_name=model_name, n_folds=folds, n_trials=trials, seed=seed,
+        preset, data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, work_dir=work_dir,
+        experiment=experiment, model_name=model_name, n_folds=folds, n_trials=trials, seed=seed,
         train_overrides=_set_overrides(preset, set_), tuning_storage=tuning_storage, floor=floor, margin=margin,
-        threads=threads,
+        threads=threads, display="stream" if verbose else "auto",
     )
+    _print_summary(result)
+
+
+def _print_summary(result: Any) -> None:
+    """What a finished run produced and where to look: the CV table, the decision, MLflow, the logs."""
     uri = result.tracking_uri
-    typer.echo("")
+    local_store = uri.startswith(("sqlite:", "postgresql", "mysql", "file:")) or "://" not in uri
+    ui = "http://127.0.0.1:5000" if local_store else uri.rstrip("/")
+    echo = typer.echo
+    echo("")
     typer.secho(f"pipeline finished in {result.seconds / 60:.1f} min", bold=True)
-    typer.echo(f"\nCross-validation (percent, mean ± std over folds):\n{result.cv_table or '(no table)'}\n")
-    state = ("now `production`" if result.promoted else
-             f"NOT promoted: `production` stays at version {result.production_version}")
-    typer.echo(f"registered model: {result.model_name} version {result.version} -- {state}")
-    typer.echo(f"MLflow parent run: {result.parent_run_id}  (tracking URI {uri})")
-    typer.echo(f"task outputs: {result.pipeline_root}")
-    typer.echo("\nwhere to look next:")
-    if uri.startswith(("sqlite:", "postgresql")):
-        typer.echo(f"  mlflow ui --backend-store-uri {uri}          # then open http://127.0.0.1:5000")
+    echo(f"\nCross-validation (percent, mean ± std over folds):\n{result.cv_table or '(no table)'}\n")
+    verdict, _, reason = result.promotion.partition(": ")
+    if result.promoted:
+        state = "promoted to `production`"
     else:
-        typer.echo(f"  open {uri}")
-    typer.echo(f"  m2snet predict --model models:/{result.model_name}@production IMAGE.png --out predictions/")
-    typer.echo(f"  mlflow models serve -m models:/{result.model_name}@production --env-manager local -p 5001")
+        state = f"NOT promoted (`production` stays at version {result.production_version})"
+    echo(f"model {result.model_name} version {result.version}: {state}")
+    if reason:
+        echo(f"  why: {reason}")
+    links = result.ui_links(ui)
+    echo(f"MLflow ({uri}): experiment {result.experiment_id}, parent run {result.parent_run_id}")
+    echo(f"  this run: {links['run']}")
+    echo(f"  all runs: {links['runs']}")
+    echo(f"  model:    {links['model']}")
+    echo(f"logs: {result.log_dir}/  (<task>.log per task, pipeline.log for the runner)")
+    echo(f"task outputs: {result.pipeline_root}")
+    echo("\nwhere to look next:")
+    if local_store:
+        echo(f"  mlflow ui --backend-store-uri {uri}    # then open the links above")
+    echo(f"  m2snet predict --model models:/{result.model_name}@production IMAGE.png --out predictions/")
+    echo(f"  mlflow models serve -m models:/{result.model_name}@production --env-manager local -p 5001")
 
 
 @pipeline_app.command("compile")

@@ -4,7 +4,8 @@ hub cache, or from a local file; otherwise random weights and a logged warning.
 One loader for every network that wants ImageNet weights (the Res2Net encoder, the smp encoders,
 the LossNet VGG-16), so offline behaviour is the same everywhere:
 
-- ``pretrained=False``: random weights, a warning, source ``None``.
+- ``pretrained=False``: random weights, a warning, source ``None``; no warning
+  inside :func:`weights_from_checkpoint`, where the weights are loaded right after.
 - ``pretrained="<path>"``: a local ``.safetensors`` / ``.pth`` file; a wrong file is an
   :class:`M2SNetError` (never a silent fallback, the user asked for that file).
 - ``pretrained=True``: the hub. With ``HF_HUB_OFFLINE=1`` or ``M2SNET_OFFLINE=1`` the network is
@@ -15,6 +16,8 @@ the LossNet VGG-16), so offline behaviour is the same everywhere:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -35,6 +38,24 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 StateDict = Mapping[str, torch.Tensor]
 KeyFilter = Callable[[StateDict], dict[str, torch.Tensor]]
+
+# True while a network is built only to receive a checkpoint's weights: "random weights" is untrue then.
+_WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("m2snet_weights_follow", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint():
+    """Build models whose weights are loaded next (a checkpoint, a reference file): no random-init warning."""
+    token = _WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FOLLOW.reset(token)
+
+
+def _warn_random_init(message: str) -> None:
+    if not _WEIGHTS_FOLLOW.get():
+        log.warning(message)
 
 
 def offline() -> bool:
@@ -129,7 +150,7 @@ def load_pretrained(
     module starting with one of ``ignore_missing`` may be absent (e.g. a classifier head).
     """
     if pretrained is False or pretrained is None:
-        log.warning("%s: pretrained=False, using random weights", what)
+        _warn_random_init(f"{what}: pretrained=False, using random weights")
         return None
     if pretrained is True:
         # The local hub cache first (no network), then the hub itself unless offline / unreachable.
@@ -144,8 +165,8 @@ def load_pretrained(
             found = _hub_file(hub_id, allow_network=True)
             reason = "hub download failed"
         if found is None:
-            log.warning("%s: no pretrained weights (%s); using RANDOM weights. Pass a local weights "
-                        "file to use ImageNet weights.", what, reason)
+            _warn_random_init(f"{what}: no pretrained weights ({reason}); using RANDOM weights. Pass a local "
+                              "weights file to use ImageNet weights.")
             return None
         path, source = found
     else:

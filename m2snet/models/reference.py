@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from m2snet.common import M2SNetError
-from m2snet.models.pretrained import read_state_dict, strip_prefixes
+from m2snet.models.pretrained import read_state_dict, strip_prefixes, weights_from_checkpoint
 from m2snet.models.units import SITE_BUFFERS
 
 Checkpoint = str | os.PathLike | Mapping[str, torch.Tensor]
@@ -96,7 +96,8 @@ def convert_reference(
         raise M2SNetError(f"{where}: no output1.0.weight: not an M2SNet/MSNet reference checkpoint")
     n_classes = int(head.shape[0])
     config: dict[str, Any] = {"n_classes": n_classes, **({"msu_norm": "shared"} if name == "m2snet" else {})}
-    net = create_model(name, pretrained=False, **config)
+    with weights_from_checkpoint():  # the reference weights are loaded next
+        net = create_model(name, pretrained=False, **config)
     _load_state(net, state, where)
     source: dict[str, Any] = {"reference": where}
     if not isinstance(ckpt, Mapping):

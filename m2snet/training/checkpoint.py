@@ -94,14 +94,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def build_model(meta: dict[str, Any]) -> torch.nn.Module:
     """Instantiate the checkpoint's architecture with random init (weights are loaded after)."""
     from m2snet.models import create_model
+    from m2snet.models.pretrained import weights_from_checkpoint
 
     cfg = dict(meta.get("model_config") or {})
     cfg["pretrained"] = False
     cfg.setdefault("n_classes", meta.get("n_classes", 1))
     if "conv_3.site_running_mean" in (meta.get("state_dict") or {}):
         cfg.setdefault("msu_norm", "per_site")  # M2SNet trained with per-site filter statistics
-    # LossNet-style pretrained knobs of the model (if any) must not trigger downloads either.
-    return create_model(meta["model_name"], **cfg)
+    # LossNet-style pretrained knobs of the model (if any) must not trigger downloads either; the
+    # checkpoint's weights follow, so no "random weights" warning.
+    with weights_from_checkpoint():
+        return create_model(meta["model_name"], **cfg)
 
 
 def load_model_from_checkpoint(
