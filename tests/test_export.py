@@ -20,8 +20,21 @@ def exported(tmp_path_factory):
     from m2snet.export import export_onnx
 
     base = tmp_path_factory.mktemp("export")
-    checkpoints = [_random_checkpoint(base / "a.pt", 1), _random_checkpoint(base / "b.pt", 2)]
+    checkpoints = [_random_checkpoint(base / "a.pt", 1), _m2snet_checkpoint(base / "b.pt", 2)]
     return checkpoints, export_onnx(checkpoints, base / "ensemble.onnx")
+
+
+def _m2snet_checkpoint(path, seed):
+    """An M2SNet checkpoint: its fast MSU has an in-place no-grad path the exporter must not meet."""
+    import torch
+
+    from m2snet.models import create_model
+    from m2snet.training.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(seed)
+    payload = load_checkpoint(_random_checkpoint(path, seed))
+    model = create_model("m2snet", n_classes=1, pretrained=False).eval()
+    return save_checkpoint(path, {**payload, "model_name": "m2snet", "state_dict": model.state_dict()})
 
 
 def test_export_folds_batchnorm_and_matches_pytorch(exported) -> None:
