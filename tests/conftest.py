@@ -34,3 +34,16 @@ def busi_root() -> Path:
     if not (BUSI_ROOT / "benign").is_dir():
         pytest.skip(f"real BUSI data not found at {BUSI_ROOT} (set M2SNET_BUSI_ROOT to run this test)")
     return BUSI_ROOT
+
+
+def make_tiny_dataset(base: Path, n_per_class=(2, 2, 2), size: int = 64, n_folds: int = 2,
+                      seed: int = 0) -> tuple[Path, Path]:
+    """A demo dataset in the m2snet layout under ``base/ds`` with a K-fold split ``base/split.json``."""
+    from m2snet.data.demo import make_demo_dataset
+    from m2snet.data.importers import import_dataset
+    from m2snet.data.split import make_split
+
+    make_demo_dataset(base / "raw", n_per_class=n_per_class, size=size, seed=seed)
+    import_dataset("busi", base / "raw", base / "ds", progress=False)
+    make_split(base / "ds", n_folds=n_folds, seed=0, out=base / "split.json")
+    return base / "ds", base / "split.json"

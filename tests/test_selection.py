@@ -17,15 +17,9 @@ from m2snet.training.config import TrainConfig
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
     """A 15-case demo set (48 px) with a 3-fold split."""
-    from m2snet.data.demo import make_demo_dataset
-    from m2snet.data.importers import import_dataset
-    from m2snet.data.split import make_split
+    from tests.conftest import make_tiny_dataset
 
-    base = tmp_path_factory.mktemp("selection")
-    make_demo_dataset(base / "raw", n_per_class=(6, 5, 4), size=48, seed=3)
-    import_dataset("busi", base / "raw", base / "ds", progress=False)
-    make_split(base / "ds", n_folds=3, seed=0, out=base / "split.json")
-    return base / "ds", base / "split.json"
+    return make_tiny_dataset(tmp_path_factory.mktemp("selection"), n_per_class=(6, 5, 4), size=48, n_folds=3, seed=3)
 
 
 def _cfg(ds: Path, split: Path, out: Path, **kw) -> TrainConfig:

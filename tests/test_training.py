@@ -16,15 +16,9 @@ from m2snet.training.schedule import build_scheduler, triangle_factor
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     """A 6-case demo dataset (64 px) in the m2snet layout, with a 2-fold split."""
-    from m2snet.data.demo import make_demo_dataset
-    from m2snet.data.importers import import_dataset
-    from m2snet.data.split import make_split
+    from tests.conftest import make_tiny_dataset
 
-    base = tmp_path_factory.mktemp("tiny")
-    make_demo_dataset(base / "raw", n_per_class=(2, 2, 2), size=64, seed=0)
-    import_dataset("busi", base / "raw", base / "ds", progress=False)
-    make_split(base / "ds", n_folds=2, seed=0, out=base / "split.json")
-    return base / "ds", base / "split.json"
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"), n_per_class=(2, 2, 2), size=64)
 
 
 def tiny_config(data: Path, split: Path, out: Path, **kw) -> TrainConfig:
