@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow test-container image bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+## The component image (docker/Dockerfile) with docker or podman; see docker/build.sh for its settings.
+image:
+	docker/build.sh
+
+## The pipeline with every step in that image (builds it first; podman or docker).
+test-container: $(STAMP)
+	$(BIN)/python -m pytest -m container
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns .m2snet

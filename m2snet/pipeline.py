@@ -485,6 +485,22 @@ class LocalRunResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
+RUNNERS = ("subprocess", "container")
+
+
+def _kfp_runner(runner: str, *, data_path: str, tracking_uri: str):
+    """A context giving the kfp local runner: subprocesses here, or containers of COMPONENT_IMAGE."""
+    import contextlib
+
+    from kfp import local
+
+    if runner == "container":
+        from m2snet.container import container_runner
+
+        return container_runner(COMPONENT_IMAGE, data_path=data_path, tracking_uri=tracking_uri)
+    return contextlib.nullcontext(local.SubprocessRunner(use_venv=False))
+
+
 def run_local(
     preset: str = "demo",
     *,
@@ -502,8 +518,10 @@ def run_local(
     floor: float | None = None,
     margin: float | None = None,
     threads: int | None = None,
+    runner: str = "subprocess",
 ) -> LocalRunResult:
-    """Run the pipeline on the kfp local runner (subprocesses in this Python environment).
+    """Run the pipeline on the kfp local runner: ``runner`` "subprocess" (this Python environment) or
+    "container" (every step in COMPONENT_IMAGE through docker/podman, see m2snet.container).
 
     The local runner executes the same components, ParallelFor fan-out and Collected fan-in as a
     cluster (at most two loop iterations at once); GPU requests, limits, retries and Secrets are
@@ -515,6 +533,8 @@ def run_local(
     from m2snet.registry import PRODUCTION, version_by_alias
     from m2snet.tracking import DEFAULT_TRACKING_URI
 
+    if runner not in RUNNERS:
+        raise M2SNetError(f"unknown runner {runner!r}; choose one of {list(RUNNERS)}")
     p = get_preset(preset)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -525,7 +545,8 @@ def run_local(
     root.mkdir(parents=True, exist_ok=True)
     module = _pipeline_module()
     pipeline_fn = module.build_pipeline(cluster=False, local_threads=threads or max(1, (os.cpu_count() or 2) // 2))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    if data_path and runner == "container":
+        data_path = str(Path(data_path).resolve())  # mounted at the same path; the step's cwd is not ours
     arguments = dict(
         preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, n_folds=n_folds or p.n_folds,
         seed=seed, n_trials=n_trials, tuning_storage=tuning_storage,
@@ -537,9 +558,10 @@ def run_local(
     t0 = time.perf_counter()
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _kfp_runner(runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
         # The SubprocessRunner warns that our image name has no "python" in it: we run in this env.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        local.init(runner=kfp_runner, pipeline_root=str(root), raise_on_error=True)
         try:
             task = pipeline_fn(**arguments)
         except RuntimeError as err:  # the local runner's "inner task failed": its log is above
