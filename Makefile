@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow test-container image bench clean
+.PHONY: run test test-slow test-container image constraints bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test-slow: $(STAMP)
 ## The component image (docker/Dockerfile) with docker or podman; see docker/build.sh for its settings.
 image:
 	docker/build.sh
+
+## Pin the image's dependencies to this (tested) environment's versions.
+constraints: $(STAMP)
+	{ sed -n '1,2p' docker/constraints.txt; $(BIN)/pip freeze --exclude-editable; } > docker/constraints.tmp
+	mv docker/constraints.tmp docker/constraints.txt
 
 ## The pipeline with every step in that image (builds it first; podman or docker).
 test-container: $(STAMP)

@@ -113,14 +113,19 @@ def container_runner(image: str, *, data_path: str = "", tracking_uri: str) -> I
         mounts.append(docker.types.Mount(target=src, source=src, type="bind", read_only=True))
     with docker_api() as url:
         _require_image(url, image)
+        from kfp.local import docker_task_handler
+
         previous = os.environ.get("DOCKER_HOST")
         os.environ["DOCKER_HOST"] = url  # kfp's handler calls docker.from_env() per task
+        kfp_run = docker_task_handler.run_docker_container
+        docker_task_handler.run_docker_container = run_step_container
         try:
             yield local.DockerRunner(
                 network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
                 environment={**step_environment(), "MLFLOW_TRACKING_URI": tracking_uri}, mounts=mounts,
             )
         finally:
+            docker_task_handler.run_docker_container = kfp_run
             if previous is None:
                 os.environ.pop("DOCKER_HOST", None)
             else:
@@ -138,3 +143,21 @@ def _require_image(url: str, image: str) -> None:
         raise M2SNetError(f"image {image} not found on {url}; {BUILD_HINT}") from None
     finally:
         client.close()
+
+
+def run_step_container(client, image: str, command: list[str], volumes: dict, **run_args) -> int:
+    """Run one step's container to its end; its exit code (stands in for kfp's run_docker_container).
+
+    kfp starts the container with auto_remove and then reads its logs and exit status: when the
+    step ends first, podman has already removed it and answers 500 (not docker's 404), and even on
+    docker kfp then assumes success. Here the container is removed only after its status is read.
+    """
+    run_args.pop("auto_remove", None)
+    container = client.containers.run(image=image, command=command, volumes=volumes, detach=True,
+                                      stdout=True, stderr=True, **run_args)
+    try:
+        for line in container.logs(stream=True, follow=True):
+            print(line.decode(errors="replace"), end="")
+        return int(container.wait()["StatusCode"])
+    finally:
+        container.remove(force=True)
