@@ -32,7 +32,8 @@ image:
 
 ## Pin the image's dependencies to this (tested) environment's versions.
 constraints: $(STAMP)
-	{ sed -n '1,2p' docker/constraints.txt; $(BIN)/pip freeze --exclude-editable; } > docker/constraints.tmp
+	{ sed -n '1,3p' docker/constraints.txt; $(BIN)/pip freeze --exclude-editable \
+	  | grep -v -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-(bindings|pathfinder|toolkit))=='; } > docker/constraints.tmp
 	mv docker/constraints.tmp docker/constraints.txt
 
 ## The pipeline with every step in that image (builds it first; podman or docker).

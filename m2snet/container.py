@@ -33,6 +33,7 @@ FORWARDED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "M2SNET_")
 # sets no CONTAINERS_CONF and runc is installed.
 PODMAN_CONF = Path(__file__).resolve().parents[1] / "docker" / "containers.conf"
 BUILD_HINT = "build it with docker/build.sh (or `make image`)"
+STEP_API_TIMEOUT_S = 600
 
 
 def _ping(base_url: str) -> bool:
@@ -152,7 +153,12 @@ def run_step_container(client, image: str, command: list[str], volumes: dict, **
     step ends first, podman has already removed it and answers 500 (not docker's 404), and even on
     docker kfp then assumes success. Here the container is removed only after its status is read.
     """
+    import docker
+
     run_args.pop("auto_remove", None)
+    # The engine may hold its storage lock for minutes (a concurrent image build commits a layer): the
+    # SDK's default 60 s read timeout would fail a step that has finished well.
+    client.api.timeout = STEP_API_TIMEOUT_S
     container = client.containers.run(image=image, command=command, volumes=volumes, detach=True,
                                       stdout=True, stderr=True, **run_args)
     try:
@@ -160,4 +166,7 @@ def run_step_container(client, image: str, command: list[str], volumes: dict, **
             print(line.decode(errors="replace"), end="")
         return int(container.wait()["StatusCode"])
     finally:
-        container.remove(force=True)
+        try:
+            container.remove(force=True)
+        except docker.errors.APIError as err:  # the step's result stands; say what is left behind
+            log.warning("could not remove step container %s: %s", container.short_id, err)
