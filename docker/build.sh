@@ -92,6 +92,11 @@ for key in "${!pip[@]}"; do
     fi
   done
   if [[ $local_value == 1 && $ENGINE != podman ]]; then continue; fi
+  # Build arguments are recorded in the image's history: never forward an index URL with a password.
+  if [[ $value =~ ://[^/[:space:]]*@ ]]; then
+    echo "build.sh: not forwarding pip's $key (it holds credentials); pass them with a pip.conf secret" >&2
+    continue
+  fi
   args+=(--build-arg "PIP_$(tr 'a-z-' 'A-Z_' <<<"$key")=$value")
 done
 for path in "${!mounts[@]}"; do args+=(--volume "$path:$path:ro"); done
