@@ -2,10 +2,10 @@
 step in a container of it (kfp's DockerRunner on podman or docker), against a real `mlflow server` +
 SeaweedFS on the host's loopback.
 
-The image tests are opt-in (marker ``container``, ``make test-container``): it needs podman (or a docker daemon) and, on
-a machine without a cached image, builds one: about 1.5 min for the debootstrap base (made once), then
-the Python layers (torch with its CUDA wheels is most of it; minutes even from a local wheel mirror),
-then ~2 min for the pipeline. Later runs rebuild only the layers whose files changed.
+The image tests are opt-in (marker ``container``, ``make test-container``; .ci/run runs them): they
+need podman (or a docker daemon). Measured on the 2-core box: 9 min on a machine without the image
+(docker/build.sh 369 s: the debootstrap base 81 s, the layers 288 s; then the pipeline 137 s), about
+6 min with the image cached (only layers whose files changed are rebuilt).
 """
 
 from __future__ import annotations
