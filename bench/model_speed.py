@@ -1,4 +1,5 @@
-"""Speed of M2SNet (fast MSU) vs M2SNet (dense all-ones MSU) vs MSNet.
+"""Speed of M2SNet (fast MSU; shared or per-site filter statistics) vs M2SNet (dense all-ones MSU)
+vs MSNet.
 
 Times the forward pass (eval mode, no grad) and a training step (train mode, forward +
 TotalLoss with LossNet + backward + SGD step) at batch 1 and 4, on CPU and CUDA when present.
@@ -23,8 +24,9 @@ from typing import Callable
 import torch
 
 VARIANTS = {  # label -> (registry name, config)
-    "m2snet_fast": ("m2snet", {"msu_impl": "fast"}),
-    "m2snet_dense": ("m2snet", {"msu_impl": "dense"}),
+    "m2snet_fast": ("m2snet", {"msu_impl": "fast", "msu_norm": "shared"}),
+    "m2snet_fast_per_site": ("m2snet", {"msu_impl": "fast", "msu_norm": "per_site"}),
+    "m2snet_dense": ("m2snet", {"msu_impl": "dense", "msu_norm": "shared"}),
     "msnet": ("msnet", {}),
 }
 
@@ -136,24 +138,25 @@ def main(argv: list[str] | None = None) -> dict:
                 row.update(device=device, batch=batch, variant=label)
                 results.append(row)
                 cols = "  ".join(f"{k} {v:9.1f}" for k, v in row.items() if k.endswith("_ms"))
-                print(f"{device:5s} batch {batch}  {label:13s} {cols}", flush=True)
+                print(f"{device:5s} batch {batch}  {label:20s} {cols}", flush=True)
 
-    print(f"\n{'device':6s} {'batch':>5s} {'variant':14s} {'forward ms':>11s} {'train step ms':>14s}")
+    print(f"\n{'device':6s} {'batch':>5s} {'variant':20s} {'forward ms':>11s} {'train step ms':>14s}")
     for r in results:
         train = f"{r['train_step_ms']:14.1f}" if "train_step_ms" in r else f"{'-':>14s}"
-        print(f"{r['device']:6s} {r['batch']:5d} {r['variant']:14s} {r['forward_ms']:11.1f} {train}")
+        print(f"{r['device']:6s} {r['batch']:5d} {r['variant']:20s} {r['forward_ms']:11.1f} {train}")
     ratios = []
     by_key = {(r["device"], r["batch"], r["variant"]): r for r in results}
     for device in devices:
         for batch in args.batches:
             fast = by_key.get((device, batch, "m2snet_fast"))
-            for other, label in (("msnet", "m2snet/msnet"), ("m2snet_dense", "dense/fast")):
+            for other, label in (("msnet", "m2snet/msnet"), ("m2snet_dense", "dense/fast"),
+                                 ("m2snet_fast_per_site", "per_site/shared")):
                 ref = by_key.get((device, batch, other))
                 if not fast or not ref:
                     continue
                 for metric in ("forward_ms", "train_step_ms"):
                     if metric in fast:
-                        value = fast[metric] / ref[metric] if label == "m2snet/msnet" else ref[metric] / fast[metric]
+                        value = ref[metric] / fast[metric] if label != "m2snet/msnet" else fast[metric] / ref[metric]
                         ratios.append({"device": device, "batch": batch, "ratio": label,
                                        "metric": metric, "value": value})
     print("\nratios (m2snet/msnet: <= 1.1 wanted; dense/fast: >= 1.8 wanted)")

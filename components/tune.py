@@ -10,16 +10,17 @@ def tune_hyperparameters(
     split: Input[Dataset],
     best_params: Output[Artifact],
     preset: str,
+    fold: int = 0,
     train_overrides: str = "{}",
     n_trials: int = -1,
     storage: str = "",
     pipeline_run_id: str = "",
     experiment: str = "",
 ) -> str:
-    """Optuna study on an inner split of fold 0's training cases; writes the best params as JSON."""
+    """Nested tuning: an Optuna study on an inner split of fold ``fold``'s training cases; best params as JSON."""
     from m2snet import pipeline
 
     return pipeline.tune_step(
-        dataset.path, split.path, best_params.path, preset=preset, train_overrides=train_overrides,
+        dataset.path, split.path, best_params.path, preset=preset, fold=fold, train_overrides=train_overrides,
         n_trials=n_trials, storage=storage, pipeline_run_id=pipeline_run_id, experiment=experiment,
     )

@@ -16,7 +16,7 @@ from m2snet.commands import models as model_commands
 from m2snet.commands import pipeline as pipeline_commands
 from m2snet.commands import services as service_commands
 from m2snet.commands import train as train_commands
-from m2snet.common import M2SNetError
+from m2snet.common import M2SNetError, Terminated
 
 app = typer.Typer(
     name="m2snet",
@@ -50,6 +50,10 @@ def main() -> None:
     except M2SNetError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except Terminated:
+        # SIGTERM during an atomic write: the partial output is already removed; exit as SIGTERM would.
+        typer.secho("terminated: partial output removed", fg=typer.colors.RED, err=True)
+        sys.exit(128 + 15)
 
 
 if __name__ == "__main__":

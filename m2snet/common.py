@@ -45,12 +45,29 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: POSIX has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open()``/``mkdir()`` would give: 0644 / 0755 under the usual umask 022.
+
+    ``tempfile.mkstemp``/``mkdtemp`` create 0600 / 0700 whatever the umask; a temporary renamed into
+    place gets this mode first, so other users, containers and pipeline steps can read it.
+    """
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
             f.write("\n")
@@ -61,27 +78,110 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception while an atomic directory is being written, so it is cleaned up."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block (main thread only), SIGTERM raises :class:`Terminated` instead of killing.
+
+    SIGINT already raises KeyboardInterrupt. The previous handler is restored on exit; a SIGTERM
+    that arrives then still ends the process, with the exit status a default SIGTERM gives (143).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_PARTIAL_SUFFIX = ".partial"
+
+
+def _partial_prefix(dest: Path) -> str:
+    return f".{dest.name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
+def remove_stale_partials(dest: str | os.PathLike) -> list[Path]:
+    """Remove temporary directories left beside ``dest`` by a killed writer (SIGKILL, power loss).
+
+    A partial is named ``.<dest name>.<host>-<pid>.<random>.partial``; it is stale when it was made
+    on this host by a process that no longer runs (or carries no pid: an older m2snet's). A partial
+    of a live process (a concurrent writer) is left alone. Returns what was removed.
+    """
+    import re
+    import socket
+
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    prefix, host = _partial_prefix(dest), socket.gethostname()
+    tagged = re.compile(rf"^{re.escape(prefix)}(?P<host>.+)-(?P<pid>\d+)\.[^.]+{re.escape(_PARTIAL_SUFFIX)}$")
+    removed = []
+    for path in dest.parent.iterdir():
+        if not (path.name.startswith(prefix) and path.name.endswith(_PARTIAL_SUFFIX) and path.is_dir()):
+            continue
+        m = tagged.match(path.name)
+        if m and (m.group("host") != host or _pid_alive(int(m.group("pid")))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s: a partial output left by a killed run", path)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; move it to ``dest`` only on success.
 
-    On any exception the temporary directory is removed and ``dest`` is left untouched,
-    so a failed import or export never leaves a half-written output behind.
+    On any exception, Ctrl-C (SIGINT) or SIGTERM the temporary directory is removed and ``dest``
+    is left untouched, so a failed import or export never leaves a half-written output behind.
+    What a SIGKILL leaves is removed by the next write to the same ``dest``
+    (:func:`remove_stale_partials`). The result has the process umask's mode (0755 under 022),
+    not mkdtemp's private 0700.
     """
+    import socket
+
     dest = Path(dest)
     if dest.exists() and not overwrite:
         if not dest.is_dir() or any(dest.iterdir()):
             raise M2SNetError(f"{dest}: already exists and is not empty (use --overwrite to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    remove_stale_partials(dest)
+    with _sigterm_raises():
+        tmp = Path(tempfile.mkdtemp(
+            dir=dest.parent, prefix=f"{_partial_prefix(dest)}{socket.gethostname()}-{os.getpid()}.", suffix=_PARTIAL_SUFFIX,
+        ))
+        try:
+            os.chmod(tmp, umask_mode(directory=True))
+            yield tmp
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:

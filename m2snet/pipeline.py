@@ -259,8 +259,13 @@ def tune_step(
     experiment: str = "",
     workdir: str | None = None,
 ) -> str:
-    """Tune the learning rates on an inner split of ``fold``'s training cases; write the best params (JSON)."""
-    from m2snet.tuning import TuningConfig, tune
+    """Nested tuning of ONE fold: a study on an inner split of ``fold``'s training cases; write its best params.
+
+    The pipeline runs one per fold, inside the fold loop, so no fold is scored on cases that took
+    part in choosing its learning rates.
+    """
+    from m2snet.cv import tune_fold
+    from m2snet.tuning import TuningConfig
 
     p = get_preset(preset)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="m2snet-tune-"))
@@ -271,10 +276,10 @@ def tune_step(
         n_trials=n_trials if n_trials > 0 else p.n_trials, epochs=p.tune_epochs,
         storage=storage or None, seed=base.seed,
         # One study per pipeline run unless the caller shares a named storage on purpose.
-        study_name=f"m2snet-{pipeline_run_id}" if pipeline_run_id else "m2snet",
+        study_name=f"m2snet-{pipeline_run_id}-fold{fold}" if pipeline_run_id else f"m2snet-fold{fold}",
     )
     try:
-        result = tune(base, cfg, work, parent=parent_run(pipeline_run_id, experiment))
+        result = tune_fold(base, fold, cfg, work, parent=parent_run(pipeline_run_id, experiment))
     finally:
         if not workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -294,21 +299,19 @@ def train_fold_step(
     pipeline_run_id: str = "",
     experiment: str = "",
 ) -> dict[str, Any]:
-    """Train fold ``fold`` with the tuned learning rates as a child run of the parent; checkpoint in ``out_dir``."""
-    from m2snet.cv import log_training_artifacts
-    from m2snet.training.trainer import BEST, LAST, train
+    """Train fold ``fold`` with ITS tuned learning rates as a child run of the parent; checkpoint in ``out_dir``."""
+    from m2snet.cv import fit_fold, fold_tags
+    from m2snet.training.trainer import LAST, SELECTED
 
     tuned = json.loads(Path(best_params_path).read_text())["best_params"] if best_params_path else {}
     # Explicit user overrides win over tuned values: the user asked for them.
-    fields = {**tuned, **_overrides(train_overrides)}
-    cfg = train_config(preset, fields, data=dataset_dir, split=split_path, fold=fold, out_dir=out_dir)
+    cfg = train_config(preset, train_overrides, data=dataset_dir, split=split_path, fold=fold, out_dir=out_dir)
+    tuned = {k: v for k, v in tuned.items() if k not in _overrides(train_overrides)}
     parent = parent_run(pipeline_run_id, experiment)
-    run = parent.child(f"fold-{fold}", tags={"m2snet.fold": str(fold), "m2snet.kind": "fold"}) if parent else None
+    run = parent.child(f"fold-{fold}", tags=fold_tags(fold)) if parent else None
     try:
-        result = train(cfg, tracker=run)
+        result = fit_fold(cfg, fold, out_dir, tracker=run, tuned=tuned)
         if run:
-            run.log_params({"tuned": tuned})
-            log_training_artifacts(run, out_dir)
             run.end("FINISHED")  # evaluate_fold_step reopens it
     except BaseException:
         if run:
@@ -316,46 +319,41 @@ def train_fold_step(
         raise
     # last.pt (optimizer + RNG state) only serves --resume inside this pod: do not ship it.
     (Path(out_dir) / LAST).unlink(missing_ok=True)
-    best = Path(out_dir) / BEST
     last_row = result.history[-1] if result.history else {}
     return {
-        "model_metadata": {"fold": fold, "checkpoint": BEST, "run_id": run.run_id if run else "",
-                           "best_epoch": result.best_epoch, "dataset_version": result.dataset_version,
-                           "split_sha256": result.split_sha256, "pretrained": result.pretrained_source or "none"},
-        "metrics": {k: float(v) for k, v in last_row.items() if k.startswith("val_")} | {
-            "best_val_dice": float(result.best_score)},
-        "checkpoint": str(best),
+        "model_metadata": {"fold": fold, "checkpoint": SELECTED, "run_id": run.run_id if run else "",
+                           "selection": cfg.selection, "selected_epoch": result.selected_epoch,
+                           "dataset_version": result.dataset_version, "split_sha256": result.split_sha256,
+                           "pretrained": result.pretrained_source or "none"},
+        "metrics": {k: float(v) for k, v in last_row.items() if k.startswith("val_")},
+        "checkpoint": str(result.checkpoint),
     }
 
 
 def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
-    from m2snet.training.trainer import BEST
+    from m2snet.training.trainer import SELECTED
 
-    path = Path(model_dir) / BEST
+    path = Path(model_dir) / SELECTED
     if not path.is_file():
-        raise M2SNetError(f"{model_dir}: no {BEST} checkpoint (the training step's Model artifact)")
+        raise M2SNetError(f"{model_dir}: no {SELECTED} checkpoint (the training step's Model artifact)")
     return path
 
 
 def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: str, out_dir: str) -> dict[str, float]:
-    """Evaluate the fold's best checkpoint on its validation cases (original size); log to the fold's run."""
-    from m2snet.cv import log_evaluation
+    """Score the fold's selected checkpoint on its validation cases (original size); log to the fold's run."""
+    from m2snet.cv import fold_run, score_fold
     from m2snet.data.split import load_split
-    from m2snet.evaluation.evaluate import evaluate
-    from m2snet.tracking import Tracker, TrackingConfig
 
-    ckpt = _fold_checkpoint(model_dir)
     val = load_split(split_path).fold(fold).val
-    ev = evaluate([ckpt], dataset_dir, case_ids=val, out_dir=out_dir, progress=False)
-    run_file = Path(model_dir) / "mlflow_run.json"
-    if run_file.is_file():
-        run = Tracker.start(TrackingConfig(), run_id=json.loads(run_file.read_text())["run_id"])
-        try:
-            log_evaluation(run, ev)
+    run = fold_run(model_dir)
+    try:
+        ev = score_fold(_fold_checkpoint(model_dir), dataset_dir, val, out_dir, tracker=run)
+        if run:
             run.end("FINISHED")
-        except BaseException:
+    except BaseException:
+        if run:
             run.end("FAILED")
-            raise
+        raise
     return {k: float(v) for k, v in ev.metrics.items()}
 
 
@@ -367,15 +365,13 @@ def aggregate_step(
     experiment: str = "",
 ) -> dict[str, float]:
     """The CV table (mean +- std in percent) -> ``out_dir/cv_table.md`` + ``cv_summary.json``; logged on the parent."""
-    from m2snet.cv import aggregate_cv
+    from m2snet.cv import aggregate_cv, write_cv_summary
 
     rows = [{k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for m in fold_metrics]
     summary = aggregate_cv(rows)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    write_cv_summary(summary, [{"fold": k, **r} for k, r in enumerate(rows)], out, "CV")
     table = summary.table(title="CV")
-    (out / "cv_table.md").write_text(table + "\n")
-    write_json(out / "cv_summary.json", {**summary.to_dict(), "per_fold": rows})
     flat = summary.flat_metrics()
     parent = parent_run(pipeline_run_id, experiment)
     if parent is not None:

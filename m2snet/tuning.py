@@ -4,8 +4,10 @@ Search space (both log scale): the head's max learning rate, and the backbone/he
 reference uses 0.005 / 0.05 = 0.1). Searching the ratio rather than two independent rates keeps
 the space small and well conditioned: most of the effect is the overall scale.
 
-Objective: the best validation Dice of a short training run on an INNER split of one CV fold's
-training cases (that fold's validation cases are never seen). Each epoch's validation Dice is
+Objective: the final validation Dice of a short training run on an INNER split of one CV fold's
+training cases (``m2snet.data.split.inner_split``: stratified, duplicate groups on one side). The
+fold's validation cases are never seen, and since every fold tunes on its own inner split (nested
+tuning, ``m2snet.cv.tune_fold``), no fold is scored on cases that chose its hyper-parameters. Each epoch's validation Dice is
 reported to Optuna through the trainer's ``callbacks`` hook so a MedianPruner can stop poor trials
 early.
 
@@ -23,10 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import shutil
 import warnings
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,49 +139,6 @@ def best_training_params(study: "optuna.Study") -> dict[str, float]:
     return {"head_lr": float(p["head_lr"]), "backbone_lr": float(p["head_lr"] * p["backbone_ratio"])}
 
 
-# --- inner split --------------------------------------------------------------------------------
-def write_inner_split(data: str | Path, split: str | Path, fold: int, out: str | Path,
-                      val_fraction: float = 0.2, seed: int = 42) -> Path:
-    """Split fold ``fold``'s TRAINING cases into inner train/val (stratified by label), as a 1-fold split file.
-
-    Cases sharing an image hash stay on one side (same rule as the CV split).
-    """
-    from m2snet.data.format import load_dataset
-    from m2snet.data.split import SPLIT_FORMAT_VERSION, load_split
-
-    info = load_dataset(data)
-    outer = load_split(split)
-    train_ids = outer.fold(fold).train
-    by_id = {c.case_id: c for c in info.cases}
-    missing = [i for i in train_ids if i not in by_id]
-    if missing:
-        raise M2SNetError(f"{split}: fold {fold} names cases missing from {data}: {missing[:5]}")
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for cid in train_ids:
-        c = by_id[cid]
-        groups[(c.label, c.sha256)].append(cid)
-    by_label: dict[str, list[list[str]]] = defaultdict(list)
-    for (label, _), members in sorted(groups.items()):
-        by_label[label].append(sorted(members))
-    rng = random.Random(seed)
-    inner_val: list[str] = []
-    for label in sorted(by_label):
-        label_groups = by_label[label]
-        rng.shuffle(label_groups)
-        n_val = max(1, round(val_fraction * len(label_groups))) if len(label_groups) > 1 else 0
-        for g in label_groups[:n_val]:
-            inner_val += g
-    inner_train = sorted(set(train_ids) - set(inner_val))
-    if not inner_val or not inner_train:
-        raise M2SNetError(f"{split}: fold {fold} has too few training cases ({len(train_ids)}) for an inner split")
-    write_json(out, {
-        "format_version": SPLIT_FORMAT_VERSION, "n_folds": 1, "seed": seed, "stratify": "label",
-        "group": "sha256", "dataset_version": outer.dataset_version, "inner_of": {"split": str(split), "fold": fold},
-        "folds": [{"fold": 0, "train": inner_train, "val": sorted(inner_val)}],
-    })
-    return Path(out)
-
-
 # --- plots --------------------------------------------------------------------------------------
 def save_study_plots(study: "optuna.Study", out_dir: str | Path) -> list[Path]:
     """Optuna's matplotlib plots as PNGs; a plot that needs more finished trials is skipped with a note."""
@@ -247,14 +204,21 @@ def tune(
     out_dir.mkdir(parents=True, exist_ok=True)
     storage_url = cfg.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
     study = open_study(cfg, make_storage(storage_url))
-    inner = write_inner_split(base.data, base.split, base.fold, out_dir / "inner_split.json",
-                              cfg.inner_val_fraction, cfg.seed)
-    trial_base = base.override(split=str(inner), fold=0, epochs=cfg.epochs or base.epochs, val_every=1)
+    from m2snet.data.format import load_dataset
+    from m2snet.data.split import load_split, write_inner_split
+
+    inner = write_inner_split(load_dataset(base.data), load_split(base.split), base.fold,
+                              out_dir / "inner_split.json", cfg.inner_val_fraction, cfg.seed)
+    # A trial scores its final epoch on the inner validation cases (the selection rule the CV uses).
+    trial_base = base.override(split=str(inner), fold=0, epochs=cfg.epochs or base.epochs, val_every=1,
+                               selection="final")
 
     run: Tracker | None = None
     if tracking:
         tags = {"m2snet.kind": "tuning", "optuna.study": cfg.study_name}
-        run = parent.child("tune", tags=tags) if parent else Tracker.start(TrackingConfig(), run_name="tune", tags=tags)
+        tags["m2snet.fold"] = str(base.fold)
+        name = f"tune-fold-{base.fold}"
+        run = parent.child(name, tags=tags) if parent else Tracker.start(TrackingConfig(), run_name=name, tags=tags)
         run.log_params({"tuning": {k: v for k, v in asdict(cfg).items() if k != "storage"},
                         "tuning.storage": redact(storage_url), "tuning.fold": base.fold,
                         "tuning.inner_split": str(inner)})
@@ -279,7 +243,7 @@ def tune(
         status = "FAILED"
         try:
             result = train(tcfg, tracker=child, callbacks=[report])
-            value = float(result.best_score)
+            value = float(result.selection_score)
             if not math.isfinite(value):
                 raise M2SNetError(f"trial {trial.number}: objective is {value}")
             status = "FINISHED"

@@ -1,7 +1,8 @@
 """The BUSI-style cross-validation pipeline.
 
-    DVC data / path / demo -> prepare (import + validate) -> split -> tune (Optuna)
-      -> ParallelFor fold: train -> evaluate -> Collected: aggregate (CV table) -> register -> promote
+    DVC data / path / demo -> prepare (import + validate) -> split
+      -> ParallelFor fold: tune (Optuna, on the fold's inner split) -> train -> evaluate
+      -> Collected: aggregate (CV table) -> register -> promote
 
 ``build_pipeline(cluster=True)`` is what gets compiled to ``busi_cv.yaml`` (and submitted): the
 training tasks request one NVIDIA GPU, CPU/memory limits, retries and read the MLflow/S3
@@ -94,13 +95,14 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
             pipeline_run_id=run_id, experiment=experiment,
         ), "prepare + validate")
         split = prepare(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed), "split")
-        tune = prepare(tune_hyperparameters(
-            dataset=data.outputs["dataset"], split=split.outputs["split"], preset=preset,
-            train_overrides=train_overrides, n_trials=n_trials, storage=tuning_storage,
-            pipeline_run_id=run_id, experiment=experiment,
-        ), "tune (Optuna)")
-
         with dsl.ParallelFor(split.outputs["Output"], parallelism=4) as fold:
+            # Nested tuning: each fold tunes on an inner split of its own training cases, so no
+            # reported fold ever took part in choosing the learning rates it is scored with.
+            tune = prepare(tune_hyperparameters(
+                dataset=data.outputs["dataset"], split=split.outputs["split"], preset=preset, fold=fold,
+                train_overrides=train_overrides, n_trials=n_trials, storage=tuning_storage,
+                pipeline_run_id=run_id, experiment=experiment,
+            ), "tune fold (Optuna)")
             train = prepare(train_fold(
                 dataset=data.outputs["dataset"], split=split.outputs["split"],
                 best_params=tune.outputs["best_params"], fold=fold, preset=preset,

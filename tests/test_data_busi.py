@@ -10,6 +10,7 @@ from PIL import Image
 
 from m2snet.data.format import load_dataset
 from m2snet.data.importers import import_dataset
+from m2snet.data.validation import report_paths
 
 
 def _union_of_source_masks(paths) -> np.ndarray:
@@ -36,8 +37,18 @@ def test_busi_import_counts_merges_validates_and_reports_duplicates(busi_root, t
     # Normal cases have empty masks, lesion cases do not (validation enforces it; check the data too).
     assert all((c.lesion_area == 0) == (c.label == "normal") for c in info.cases)
 
-    report = json.loads((dest / "validation.json").read_text())
+    report_json, report_html = report_paths(dest)
+    report = json.loads(report_json.read_text())
     assert report["success"] is True
     assert report["duplicates"] == [["benign_0433", "malignant_0145"]]
-    assert "benign_0433" in (dest / "validation.html").read_text()
+    assert "benign_0433" in report_html.read_text()
+
+    # Near duplicates (measured in bench/busi_near_duplicates.py): the known twins share a group,
+    # the byte-identical pair under two labels is one of the 8 label conflicts (warnings for BUSI).
+    clusters = report["duplicate_clusters"]
+    assert (clusters["duplicate_clusters"], clusters["cases_in_clusters"], clusters["label_conflicts"]) == (146, 329, 8)
+    assert info.case("benign_0001").group == info.case("benign_0318").group == "benign_0001"
+    assert info.case("benign_0433").group == info.case("malignant_0145").group == "benign_0433"
+    assert ["benign_0433", "malignant_0145"] in [c["case_ids"] for c in report["label_conflicts"]]
+    assert set(report["foreground_fraction"]) == {"benign", "malignant", "normal"}
     assert load_dataset(dest).version == info.version

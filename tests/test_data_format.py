@@ -56,7 +56,10 @@ def test_demo_images_look_like_the_classes(tmp_path):
 
 def test_import_writes_the_documented_format(demo_dataset):
     meta = json.loads((demo_dataset / "dataset.json").read_text())
-    assert meta["format_version"] == 1 and meta["n_classes"] == 1 and meta["source_format"] == "busi"
+    assert meta["format_version"] == 2 and meta["n_classes"] == 1 and meta["source_format"] == "busi"
+    # Only facts about the data: the name and the writer's version would change the dataset version.
+    assert "name" not in meta and "created_by" not in meta
+    assert meta["near_duplicates"] == {"method": "phash64-centre-crops", "max_distance": 8, "hash_bits": 64}
     assert meta["labels"] == ["benign", "malignant", "normal"] and meta["mask_classes"] == ["background", "lesion"]
     with open(demo_dataset / "manifest.csv") as f:
         reader = csv.DictReader(f)
@@ -64,6 +67,7 @@ def test_import_writes_the_documented_format(demo_dataset):
         rows = list(reader)
     assert len(rows) == 12
     row = next(r for r in rows if r["case_id"] == "benign_0004")
+    assert row["group"] == "benign_0004" and row["subset"] == ""  # a distinct image is its own cluster
     assert row["source_image"] == "benign/benign (4).png"
     assert row["source_masks"] == "benign/benign (4)_mask.png;benign/benign (4)_mask_1.png"
     image = Image.open(demo_dataset / row["image"])

@@ -82,16 +82,18 @@ def test_kvasir_jpeg_masks_are_thresholded(tmp_path):
     assert abs(int(out.sum()) - int((_mask(0) > 0).sum())) < 20
 
 
-def test_pranet_groups_are_subsets(tmp_path):
+def test_pranet_subsets_are_recorded(tmp_path):
     src = tmp_path / "pranet"
     for k, (folder, n) in enumerate((("TrainDataset", 2), ("TestDataset/CVC-300", 1), ("TestDataset/Kvasir", 2))):
         for i in range(n):
             _save(src / folder / "images" / f"{i + 1}.png", _image(10 * k + i))
             _save(src / folder / "masks" / f"{i + 1}.png", _mask(i))
     info = import_dataset("pranet", src, tmp_path / "out", progress=False)
-    groups = sorted({(c.group, c.case_id) for c in info.cases})
-    assert groups == [("CVC-300", "CVC-300_0001"), ("Kvasir", "Kvasir_0001"), ("Kvasir", "Kvasir_0002"),
-                      ("train", "train_0001"), ("train", "train_0002")]
+    subsets = sorted({(c.subset, c.case_id) for c in info.cases})
+    assert subsets == [("CVC-300", "CVC-300_0001"), ("Kvasir", "Kvasir_0001"), ("Kvasir", "Kvasir_0002"),
+                       ("train", "train_0001"), ("train", "train_0002")]
+    # Distinct images: each case is its own duplicate cluster.
+    assert all(c.group == c.case_id for c in info.cases)
 
 
 def test_cvc_clinicdb_reads_tiff(tmp_path):

@@ -1,4 +1,4 @@
-"""Splits: stratified, duplicates grouped, deterministic, hashed; on the demo and on real BUSI."""
+"""Splits: stratified, duplicate clusters grouped, deterministic, hashed; on the demo and on real BUSI."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_split_is_stratified_deterministic_and_hashed(demo_ds, tmp_path):
     a_info = load_dataset(demo_ds)
     _check_folds(a, a_info)
     data = json.loads((tmp_path / "a.json").read_text())
-    assert data["format_version"] == 1 and data["stratify"] == "label" and data["group"] == "sha256"
+    assert data["format_version"] == 2 and data["stratify"] == "label" and data["group"] == "cluster"
     assert data["dataset_version"] == a_info.version == a.dataset_version
     assert load_split(tmp_path / "a.json").fold(2).val == a.folds[2].val
     with pytest.raises(M2SNetError, match="fold 4 out of range"):
@@ -79,9 +79,15 @@ def test_split_cli_and_bad_input(demo_ds, tmp_path):
 
 def test_busi_folds_within_one_case_per_class_and_duplicates_together(busi_root, tmp_path):
     """On the real BUSI listing (sha256 of the source images; no full import needed, so it is fast)."""
-    cases = []
-    for sc in BusiImporter().scan(busi_root):
-        cases.append(CaseRecord(sc.case_id, sc.label, sc.image, sc.masks[0], 0, 0, sha256_file(sc.image), 0, sc.label))
+    scanned = [(sc, sha256_file(sc.image)) for sc in BusiImporter().scan(busi_root)]
+    # group = the exact-duplicate cluster id (smallest case id with the same bytes), as format 2 records it.
+    first_of: dict[str, str] = {}
+    for sc, sha in sorted(scanned, key=lambda t: t[0].case_id):
+        first_of.setdefault(sha, sc.case_id)
+    cases = [
+        CaseRecord(sc.case_id, sc.label, sc.image, sc.masks[0], 0, 0, sha, 0, first_of[sha], subset=sc.subset)
+        for sc, sha in scanned
+    ]
     info = DatasetInfo(busi_root, "busi", "busi", 1, ["background", "lesion"], ["benign", "malignant", "normal"], cases)
     info.__dict__["version"] = "not-computed-for-this-test"
     assert Counter(c.label for c in cases) == {"benign": 437, "malignant": 210, "normal": 133}
@@ -93,3 +99,71 @@ def test_busi_folds_within_one_case_per_class_and_duplicates_together(busi_root,
         _check_folds(split, info)
         fold_of = {cid: k for k, f in enumerate(split.folds) for cid in f.val}
         assert fold_of["benign_0433"] == fold_of["malignant_0145"]
+
+
+def _synthetic_info(tmp_path, groups: dict[str, str], labels: dict[str, str], sha: dict[str, str] | None = None):
+    cases = [CaseRecord(cid, labels[cid], tmp_path / f"{cid}.png", tmp_path / f"{cid}_m.png", 8, 8,
+                        (sha or {}).get(cid, f"sha-{cid}"), 1, groups[cid]) for cid in sorted(labels)]
+    info = DatasetInfo(tmp_path, "synthetic", "busi", 1, ["background", "lesion"], ["a", "b"], cases)
+    info.__dict__["version"] = "synthetic-version"
+    return info
+
+
+def test_duplicate_clusters_never_straddle_folds_or_inner_splits(tmp_path):
+    """Planted clusters (the manifest's group) stay in one fold and on one side of every inner split,
+    across labels too; the old sha256-only rule would have split most of them."""
+    from m2snet.data.split import groups_across, inner_split
+
+    labels = {f"c{i:03d}": "a" if i % 3 else "b" for i in range(60)}
+    groups = {cid: cid for cid in labels}
+    clusters = [("c001", "c002", "c003"), ("c004", "c005"), ("c010", "c030"), ("c012", "c013"),  # c012: a/b
+                ("c020", "c041", "c042", "c043")]
+    for members in clusters:
+        for cid in members:
+            groups[cid] = members[0]
+    sha = {"c050": "same", "c051": "same"}  # an exact pair with no shared cluster id still groups
+    info = _synthetic_info(tmp_path, groups, labels, sha)
+    old_across = 0
+    for seed in range(6):
+        split = make_split(info, n_folds=4, seed=seed, out=tmp_path / f"s{seed}.json")
+        fold_of = {cid: k for k, f in enumerate(split.folds) for cid in f.val}
+        assert groups_across(info.cases, fold_of) == []
+        assert fold_of["c050"] == fold_of["c051"]
+        assert split.groups_kept_together == {"groups": 6, "cases": 15}
+        for k in range(4):
+            train, val = inner_split(info, split.fold(k).train, 0.25, seed)
+            assert sorted(train + val) == sorted(split.fold(k).train) and not set(train) & set(val)
+            assert groups_across(info.cases, {**{c: 0 for c in train}, **{c: 1 for c in val}}) == []
+        old = make_split(info, n_folds=4, seed=seed, out=tmp_path / f"old{seed}.json", group_by="sha256")
+        assert old.group == "sha256"
+        old_across += len(groups_across(info.cases, {cid: k for k, f in enumerate(old.folds) for cid in f.val}))
+    assert old_across > 0  # the first version's rule leaked these clusters
+
+
+def test_training_refuses_a_split_that_leaks_a_cluster(tmp_path, demo_ds):
+    """A split made by the old rule, on a dataset whose manifest clusters two cases, is refused."""
+    import csv
+
+    from m2snet.training.config import TrainConfig
+    from m2snet.training.trainer import resolve_cases
+
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(demo_ds, ds)
+    split = make_split(ds, n_folds=2, seed=0, out=tmp_path / "s.json")
+    a, b = split.fold(0).val[0], split.fold(0).train[0]  # now declare them near-duplicates
+    rows = list(csv.DictReader((ds / "manifest.csv").open()))
+    for row in rows:
+        if row["case_id"] == b:
+            row["group"] = min(a, b)
+        if row["case_id"] == a:
+            row["group"] = min(a, b)
+    with (ds / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cfg = TrainConfig(data=str(ds), split=str(tmp_path / "s.json"), fold=0)
+    with pytest.raises(M2SNetError, match="duplicate group"):
+        resolve_cases(cfg)
+    assert resolve_cases(cfg.override(leak_check=False)).reported == split.fold(0).val

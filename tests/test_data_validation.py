@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from m2snet.cli import app
 from m2snet.data.demo import make_demo_dataset
 from m2snet.data.importers import import_dataset
-from m2snet.data.validation import REPORT_HTML, REPORT_JSON, validate_dataset
+from m2snet.data.validation import report_paths, validate_dataset
 from m2snet.data.versioning import dataset_version
 
 
@@ -25,13 +25,15 @@ def ds(tmp_path) -> Path:
 
 def test_valid_dataset_report_is_deterministic(ds):
     version = dataset_version(ds)
-    html_before = (ds / REPORT_HTML).read_bytes()
+    report_json, report_html = report_paths(ds)
+    assert report_json == ds.parent / "ds.validation.json" and report_html == ds.parent / "ds.validation.html"
+    html_before = report_html.read_bytes()
     result = CliRunner().invoke(app, ["data", "validate", str(ds)])
     assert result.exit_code == 0, result.output
     assert "OK: every expectation met" in result.output
     # Re-validating rewrites identical bytes, so a DVC-tracked dataset keeps its hash.
-    assert (ds / REPORT_HTML).read_bytes() == html_before and dataset_version(ds) == version
-    report = json.loads((ds / REPORT_JSON).read_text())
+    assert report_html.read_bytes() == html_before and dataset_version(ds) == version
+    report = json.loads(report_json.read_text())
     assert report["success"] and report["class_counts"] == {"benign": 3, "malignant": 2, "normal": 2}
 
 
@@ -56,7 +58,7 @@ def test_every_offending_file_and_expectation_is_listed(ds):
     failing = {(o.column, r["case_id"]) for o in report.failures for r in o.offending}
     assert {("image_decodes", "benign_0001"), ("mask_size_matches", "benign_0002"),
             ("mask_values_valid", "malignant_0001"), ("lesion_area", "benign_0003")} <= failing
-    page = (ds / REPORT_HTML).read_text()
+    page = report_paths(ds)[1].read_text()
     assert "INVALID" in page and "benign_0003" in page and "malignant_0001" in page
 
 

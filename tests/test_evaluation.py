@@ -100,7 +100,7 @@ def trained(tmp_path_factory):
     res = train(TrainConfig(data=str(base / "ds"), epochs=1, batch_size=2, size=64, pretrained=False,
                             lossnet_weight=0.0, device="cpu", progress=False, out_dir=str(base / "run"),
                             cache_dir=str(base / "cache")))
-    return base / "ds", res.best_checkpoint, info
+    return base / "ds", res.checkpoint, info
 
 
 def test_evaluate_writes_per_case_csv_metrics_and_overlays(trained, tmp_path):

@@ -49,10 +49,15 @@ def test_non_square_input_and_gradients_reach_encoder() -> None:
     assert model.conv_3.norm.weight.grad.abs().sum() > 0  # the shared MSU BatchNorm trains
 
 
-def test_msu_filters_are_shared_once() -> None:
-    model = create_model("m2snet", pretrained=False)
+@pytest.mark.parametrize("msu_norm", ["shared", "per_site"])
+def test_msu_filters_are_shared_once(msu_norm: str) -> None:
+    model = create_model("m2snet", pretrained=False, msu_norm=msu_norm)
     keys = [k for k in model.state_dict() if "conv_3" in k or "conv_5" in k]
-    assert all(k.startswith(("conv_3.norm.", "conv_5.norm.")) for k in keys) and len(keys) == 10
+    norm_keys = [k for k in keys if k.startswith(("conv_3.norm.", "conv_5.norm."))]
+    assert len(norm_keys) == 10  # the reference's keys, in both modes
+    site_keys = sorted(set(keys) - set(norm_keys))  # per_site: the per-site statistics, no parameter
+    assert len(site_keys) == (8 if msu_norm == "per_site" else 0), site_keys
+    assert not any(k in dict(model.named_parameters()) for k in site_keys)
     assert model.x5_x4.combine.filters == (model.conv_3, model.conv_5)
     assert model.x2_x1.combine.filters[0] is model.x4_x3_x2.combine.filters[0]
 
@@ -66,6 +71,10 @@ def test_bad_names_and_options() -> None:
         create_model("msnet", pretrained=False, n_classes=0)
     with pytest.raises(ValueError, match="msu_impl"):
         create_model("msnet", pretrained=False, msu_impl="dense")
+    with pytest.raises(ValueError, match="msu_norm='shared' only applies to unit='msu'"):
+        create_model("msnet", pretrained=False, msu_norm="shared")
+    with pytest.raises(ValueError, match="msu_norm must be 'shared' or 'per_site', got 'both'"):
+        create_model("m2snet", pretrained=False, msu_norm="both")
 
 
 def test_pretrained_from_local_file(tmp_path) -> None:

@@ -60,15 +60,17 @@ def test_yaml_is_a_pipeline_spec_with_gpu_training(fresh_yaml):
     others = [n for n, e in executors.items() if "accelerator" in e["container"].get("resources", {})]
     assert others == ["exec-train-fold"]
 
-    # The fold loop: ParallelFor over the split's fold list, with train -> evaluate inside and retries on train.
+    # The fold loop: ParallelFor over the split's fold list, with nested tuning -> train -> evaluate
+    # inside (each fold tunes on its own inner split) and retries on train.
     loop = next(c for n, c in spec["components"].items() if n.startswith("comp-for-loop"))
-    assert set(loop["dag"]["tasks"]) == {"train-fold", "evaluate-fold"}
+    assert set(loop["dag"]["tasks"]) == {"tune-hyperparameters", "train-fold", "evaluate-fold"}
+    assert loop["dag"]["tasks"]["tune-hyperparameters"]["inputs"]["parameters"]["fold"]
     assert loop["dag"]["tasks"]["train-fold"]["retryPolicy"]["maxRetryCount"] == 2
     root_tasks = spec["root"]["dag"]["tasks"]
     loop_task = next(t for n, t in root_tasks.items() if n.startswith("for-loop"))
     assert loop_task["parameterIterator"]["items"]["inputParameter"]
-    assert {"prepare-dataset", "split-dataset", "tune-hyperparameters", "aggregate-cv", "register-model",
-            "promote-model"} <= set(root_tasks)
+    assert {"prepare-dataset", "split-dataset", "aggregate-cv", "register-model",
+            "promote-model"} <= set(root_tasks) and "tune-hyperparameters" not in root_tasks
     # Collected fan-in: aggregate and register consume the loop's outputs.
     assert "fold_metrics" in root_tasks["aggregate-cv"]["inputs"]["artifacts"]
     assert "models" in root_tasks["register-model"]["inputs"]["artifacts"]

@@ -1,6 +1,6 @@
 """The whole pipeline on the kfp local runner (TINY preset) against a real `mlflow server` + SeaweedFS.
 
-One module-scoped run of every step (prepare -> split -> tune -> 4 x (train -> evaluate) -> aggregate ->
+One module-scoped run of every step (prepare -> split -> 4 x (tune -> train -> evaluate) -> aggregate ->
 register -> promote); a second, smaller run that cannot beat it must leave `production` alone.
 """
 
@@ -56,14 +56,18 @@ def test_first_run_logs_parent_folds_and_trials(runs):
         assert r.info.status == "FINISHED"
         assert {"dice", "iou", "precision", "recall", "specificity", "val_dice"} <= set(r.data.metrics)
         assert r.data.params["tuned.head_lr"]  # the tuned learning rates reached training
-    tune = next(r for r in children if r.info.run_name == "tune")
-    trials = [r for r in runs_all if r.data.tags.get("mlflow.parentRunId") == tune.info.run_id]
-    assert len(trials) == 2 and all(r.info.run_name.startswith("trial-") for r in trials)
-    plots = {a.path for a in client.list_artifacts(tune.info.run_id, "optuna_plots")}
-    assert "optuna_plots/optimization_history.png" in plots
-    # The tuned head LR is the one the folds trained with.
-    best = tune.data.params["best.head_lr"]
-    assert all(float(r.data.params["config.head_lr"]) == pytest.approx(float(best)) for r in folds)
+    # Nested tuning: one study per fold, each on that fold's inner split; its best LR trains that fold.
+    tunes = {r.data.tags["m2snet.fold"]: r for r in children if r.data.tags.get("m2snet.kind") == "tuning"}
+    assert sorted(tunes) == ["0", "1", "2", "3"]
+    for fold_run in folds:
+        tune = tunes[fold_run.data.tags["m2snet.fold"]]
+        assert tune.info.run_name == f"tune-fold-{fold_run.data.tags['m2snet.fold']}"
+        trials = [r for r in runs_all if r.data.tags.get("mlflow.parentRunId") == tune.info.run_id]
+        assert len(trials) == 2 and all(r.info.run_name.startswith("trial-") for r in trials)
+        plots = {a.path for a in client.list_artifacts(tune.info.run_id, "optuna_plots")}
+        assert "optuna_plots/optimization_history.png" in plots
+        assert float(fold_run.data.params["config.head_lr"]) == pytest.approx(float(tune.data.params["best.head_lr"]))
+        assert fold_run.data.params["config.selection"] == "final" and fold_run.data.tags["m2snet.selection"] == "final"
 
 
 def test_first_run_registers_one_version_and_promotes_it(runs):
@@ -78,7 +82,7 @@ def test_first_run_registers_one_version_and_promotes_it(runs):
     assert 0.0 <= float(mv.tags["cv_dice"]) <= 1.0
     assert "Dice" in first.cv_table and "±" in first.cv_table
     # The local runner's task outputs exist (checkpoints were shipped as Model artifacts, without last.pt).
-    checkpoints = list(first.pipeline_root.rglob("best.pt"))
+    checkpoints = list(first.pipeline_root.rglob("model.pt"))
     assert len(checkpoints) == 4 and not list(first.pipeline_root.rglob("last.pt"))
 
 

@@ -36,7 +36,7 @@ def production_model(tmp_path_factory):
     result = train(cfg)
     mlflow.set_experiment("serving-test")
     with mlflow.start_run() as run:
-        info = log_segmentation_model([result.best_checkpoint], run_id=run.info.run_id)
+        info = log_segmentation_model([result.checkpoint], run_id=run.info.run_id)
     mv = register_model_version(info.model_uri, "serve-test", idempotency_key="serving-fixture",
                                 tags={"cv_dice": 0.9})
     assert promote("serve-test", mv.version, PromotionPolicy(floor=0.0)).promoted

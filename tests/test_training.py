@@ -161,7 +161,7 @@ def test_checkpoint_loads_back_and_records_the_run(tiny_data, tmp_path):
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["model"] == "msnet" and saved["epochs"] == 1
     assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 0
-    model, meta = load_model_from_checkpoint(res.best_checkpoint)
+    model, meta = load_model_from_checkpoint(res.checkpoint)
     assert meta["model_name"] == "msnet" and meta["image_size"] == 64 and meta["n_classes"] == 1
     assert meta["epoch"] == 1 and "val_dice" in meta["metrics"] and "optimizer" not in meta
     assert meta["normalization"]["mean"] == pytest.approx([124.55, 118.90, 102.94])
@@ -178,4 +178,4 @@ def test_baseline_unet_trains_through_the_same_loop(tiny_data, tmp_path):
 
     data, split = tiny_data
     res = train(tiny_config(data, split, tmp_path / "unet", epochs=1, model="unet", max_train_cases=2))
-    assert res.history[0]["train_loss"] > 0 and res.best_checkpoint.is_file()
+    assert res.history[0]["train_loss"] > 0 and res.checkpoint.is_file()

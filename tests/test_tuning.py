@@ -31,11 +31,12 @@ def _base(root):
 
 
 def test_inner_split_never_touches_the_fold_validation_cases(tiny_data, tmp_path):
-    from m2snet.data.split import load_split
-    from m2snet.tuning import write_inner_split
+    from m2snet.data.format import load_dataset
+    from m2snet.data.split import load_split, write_inner_split
 
     outer = load_split(tiny_data / "split.json").fold(0)
-    inner = load_split(write_inner_split(tiny_data / "ds", tiny_data / "split.json", 0, tmp_path / "i.json")).fold(0)
+    inner = load_split(write_inner_split(load_dataset(tiny_data / "ds"), load_split(tiny_data / "split.json"), 0,
+                                         tmp_path / "i.json")).fold(0)
     assert set(inner.train) | set(inner.val) == set(outer.train)
     assert not set(inner.val) & set(inner.train)
     assert not (set(inner.train) | set(inner.val)) & set(outer.val)

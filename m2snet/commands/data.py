@@ -54,6 +54,40 @@ def demo(
     typer.echo(f"wrote demo dataset (BUSI layout) to {dest}; next: m2snet data import --format busi {dest} DEST")
 
 
+def _near_duplicate_config(near_duplicates: Optional[str], threshold: Optional[int]):
+    """--near-duplicates on|off and --near-duplicate-threshold as one config; None when neither is given
+    (import: the default detector; validate: the settings recorded at import)."""
+    from m2snet.data.duplicates import NearDuplicateConfig
+
+    if near_duplicates not in (None, "on", "off"):
+        raise M2SNetError(f"--near-duplicates {near_duplicates!r}: expected on or off")
+    if near_duplicates == "off":
+        if threshold is not None:
+            raise M2SNetError("--near-duplicate-threshold has no effect with --near-duplicates off")
+        return NearDuplicateConfig(enabled=False)
+    if near_duplicates is None and threshold is None:
+        return None
+    return NearDuplicateConfig() if threshold is None else NearDuplicateConfig(max_distance=threshold)
+
+
+_NEAR_HELP = "Cluster near-duplicate images (resized, slightly cropped, re-encoded copies) with exact ones: on or off."
+_THRESHOLD_HELP = (
+    "Near-duplicate threshold: most differing bits of the 64-bit perceptual hash (default 8, chosen on BUSI: "
+    "see README 'Near duplicates')."
+)
+
+
+def _report_payload(report: dict) -> dict:
+    """The duplicate counts and label conflicts of a report, as printed by --json."""
+    clusters = report.get("duplicate_clusters") or {}
+    keys = ("exact_duplicate_groups", "duplicate_clusters", "near_duplicate_clusters", "cases_in_clusters", "label_conflicts")
+    return {
+        "duplicate_counts": {k: clusters.get(k, 0) for k in keys},
+        "near_duplicates": clusters.get("near_duplicates"),
+        "label_conflicts": [c["case_ids"] for c in report.get("label_conflicts", [])],
+    }
+
+
 @data_app.command("import")
 def import_(
     src: Path = typer.Argument(..., help="The dataset as distributed."),
@@ -63,30 +97,49 @@ def import_(
         None, "--allow-duplicates/--no-allow-duplicates",
         help="Accept exact-duplicate images (reported, kept in one fold). Default: yes for busi, no otherwise.",
     ),
+    allow_label_conflicts: Optional[bool] = typer.Option(
+        None, "--allow-label-conflicts/--no-allow-label-conflicts",
+        help="Accept duplicate clusters holding two labels (a warning; kept in one fold). Default: yes for busi (known there), no otherwise.",
+    ),
+    near_duplicates: Optional[str] = typer.Option(None, "--near-duplicates", help=_NEAR_HELP + " Default: on."),
+    near_duplicate_threshold: Optional[int] = typer.Option(None, "--near-duplicate-threshold", help=_THRESHOLD_HELP),
     overwrite: bool = typer.Option(False, help="Replace DEST if it exists."),
     option: List[str] = typer.Option([], "--option", "-o", help="Importer option KEY=VALUE (e.g. threshold=127, mask_suffix=_mask)."),
-    name: Optional[str] = typer.Option(None, help="Dataset name (default: DEST's name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Convert a public dataset layout into the m2snet format (validated; nothing is left behind on error)."""
+    """Convert a public dataset layout into the m2snet format (validated; nothing is left behind on error or kill)."""
     from m2snet.data.importers import import_dataset
-    from m2snet.data.validation import REPORT_JSON
+    from m2snet.data.validation import report_paths
 
     info = import_dataset(
-        format, src, dest, allow_duplicates=allow_duplicates, overwrite=overwrite, name=name,
-        options=_parse_options(option),
+        format, src, dest, allow_duplicates=allow_duplicates, allow_label_conflicts=allow_label_conflicts,
+        near_duplicates=_near_duplicate_config(near_duplicates, near_duplicate_threshold),
+        overwrite=overwrite, options=_parse_options(option),
     )
-    report = json.loads((info.root / REPORT_JSON).read_text())
+    report_json, report_html = report_paths(info.root)
+    report = json.loads(report_json.read_text())
+    extra = _report_payload(report)
     if as_json:
         typer.echo(json.dumps({
             "dest": str(info.root), "format": format, "n_cases": len(info.cases),
             "class_counts": report["class_counts"], "duplicates": report["duplicates"],
-            "allow_duplicates": report["allow_duplicates"], "version": info.version,
+            "allow_duplicates": report["allow_duplicates"], "allow_label_conflicts": report["allow_label_conflicts"],
+            **extra, "notes": report["notes"], "report": str(report_json), "version": info.version,
         }, indent=2))
-    else:
-        typer.echo(f"imported {len(info.cases)} cases into {info.root}: {report['class_counts']}")
-        if report["duplicates"]:
-            typer.echo(f"exact-duplicate images (allowed, kept in one fold): {report['duplicates']}")
+        return
+    typer.echo(f"imported {len(info.cases)} cases into {info.root}: {report['class_counts']}")
+    counts = extra["duplicate_counts"]
+    if report["duplicates"]:
+        typer.echo(f"exact-duplicate images (allowed, kept in one fold): {report['duplicates']}")
+    typer.echo(
+        f"duplicate clusters: {counts['duplicate_clusters']} ({counts['cases_in_clusters']} cases; "
+        f"{counts['near_duplicate_clusters']} with near duplicates), label conflicts: {counts['label_conflicts']}"
+    )
+    for ids in extra["label_conflicts"]:
+        typer.echo(f"label conflict (allowed): {', '.join(ids)}")
+    for note in report["notes"]:
+        typer.echo(f"note: {note}")
+    typer.echo(f"report: {report_html}")
 
 
 @data_app.command("formats")
@@ -104,14 +157,28 @@ def validate(
     allow_duplicates: Optional[bool] = typer.Option(
         None, "--allow-duplicates/--no-allow-duplicates", help="Override the policy recorded in dataset.json."
     ),
+    allow_label_conflicts: Optional[bool] = typer.Option(
+        None, "--allow-label-conflicts/--no-allow-label-conflicts", help="Override the policy recorded in dataset.json."
+    ),
+    near_duplicates: Optional[str] = typer.Option(
+        None, "--near-duplicates", help=_NEAR_HELP + " Default: the settings recorded at import (dataset.json)."
+    ),
+    near_duplicate_threshold: Optional[int] = typer.Option(None, "--near-duplicate-threshold", help=_THRESHOLD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check every case (great-expectations); write validation.html/.json into DEST; exit 1 when invalid."""
-    from m2snet.data.validation import REPORT_HTML, validate_dataset
+    """Check every case (great-expectations) and its duplicate clusters; write DEST.validation.html/.json beside DEST; exit 1 when invalid."""
+    from m2snet.data.validation import report_paths, validate_dataset
 
-    report = validate_dataset(dest, allow_duplicates=allow_duplicates)
-    typer.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.summary())
-    typer.echo(f"report: {Path(dest) / REPORT_HTML}", err=True)
+    report = validate_dataset(
+        dest, allow_duplicates=allow_duplicates, allow_label_conflicts=allow_label_conflicts,
+        near_duplicates=_near_duplicate_config(near_duplicates, near_duplicate_threshold),
+    )
+    payload = report.to_dict()
+    if as_json:
+        typer.echo(json.dumps({**payload, **_report_payload(payload)}, indent=2, default=str))
+    else:
+        typer.echo(report.summary())
+    typer.echo(f"report: {report_paths(dest)[1]}", err=True)
     if not report.success:
         raise typer.Exit(1)
 
@@ -122,13 +189,18 @@ def split(
     folds: int = typer.Option(4, help="Number of folds."),
     seed: int = typer.Option(42, help="Seed of the assignment."),
     out: Optional[Path] = typer.Option(None, help="Split file (default: DEST.split-<k>fold-seed<S>.json beside DEST)."),
+    group_by: str = typer.Option("cluster", help="What stays in one fold: 'cluster' (exact + near duplicates, "
+                                 "the manifest's group) or 'sha256' (byte-identical only: the old, leaky rule)."),
 ) -> None:
-    """Write a K-fold split: stratified by label, exact duplicates in one fold, deterministic for a seed."""
+    """Write a K-fold split: stratified by label, duplicate clusters in one fold, deterministic for a seed."""
     from m2snet.data.split import make_split
 
-    result = make_split(dest, n_folds=folds, seed=seed, out=out)
+    result = make_split(dest, n_folds=folds, seed=seed, out=out, group_by=group_by)  # type: ignore[arg-type]
     for k, counts in enumerate(result.counts):
         typer.echo(f"fold {k}: {sum(counts.values())} val cases {counts}")
+    kept = result.groups_kept_together
+    typer.echo(f"kept together ({result.group}): {kept.get('groups', 0)} groups of duplicates "
+               f"({kept.get('cases', 0)} cases), each in one fold")
     typer.echo(f"wrote {result.path} (sha256 {result.sha256})")
 
 

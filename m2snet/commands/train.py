@@ -68,7 +68,10 @@ def register(app: typer.Typer) -> None:
         experiment: str = EXPERIMENT,
         no_track: bool = NO_TRACK,
     ) -> None:
-        """Train one model (one fold of a split, or all cases); evaluate the best checkpoint on the fold."""
+        """Train one model (one fold of a split, or all cases); evaluate the selected checkpoint on the fold.
+
+        The checkpoint is the final epoch's (--set selection=inner: the best epoch on an inner split of
+        the fold's training cases); the fold's validation cases never choose it."""
         from m2snet.cv import train_fold
         from m2snet.training.trainer import train
         from m2snet.tracking import Tracker
@@ -80,27 +83,26 @@ def register(app: typer.Typer) -> None:
         if cfg.split:
             fr = train_fold(cfg, cfg.fold, Path(cfg.out_dir).parent, tracking=tracking, resume=resume,
                             tta_flip=tta_flip, fold_dir=cfg.out_dir)
-            typer.echo(f"best checkpoint: {fr.best_checkpoint}")
+            typer.echo(f"checkpoint: {fr.checkpoint} (selection={cfg.selection}, epoch {fr.selected_epoch})")
             typer.echo("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in fr.metrics.items()))
             if fr.model_uri:
                 typer.echo(f"mlflow run {fr.run_id}, model {fr.model_uri}")
             return
         tracker = None
         if tracking is not None:
-            import json
+            from m2snet.cv import fold_run
 
-            run_file = Path(cfg.out_dir) / "mlflow_run.json"
-            run_id = json.loads(run_file.read_text())["run_id"] if resume and run_file.is_file() else None
-            tracker = Tracker.start(tracking, run_name=f"train-{cfg.model}", run_id=run_id)
+            tracker = (fold_run(cfg.out_dir, tracking) if resume else None) or Tracker.start(
+                tracking, run_name=f"train-{cfg.model}")
         with tracker or _Null():
             result = train(cfg, resume=resume, tracker=tracker)
             if tracker is not None:
                 from m2snet.pyfunc import log_segmentation_model
 
-                tracker.log_artifact(result.best_checkpoint, "checkpoints")
-                log_segmentation_model([result.best_checkpoint], run_id=tracker.run_id,
+                tracker.log_artifact(result.checkpoint, "checkpoints")
+                log_segmentation_model([result.checkpoint], run_id=tracker.run_id,
                                        tracking_uri=tracking.resolved_uri())
-        typer.echo(f"best checkpoint: {result.best_checkpoint} (epoch {result.best_epoch})")
+        typer.echo(f"checkpoint: {result.checkpoint} (selection={cfg.selection}, epoch {result.selected_epoch})")
 
     @app.command("evaluate")
     def evaluate_cmd(
@@ -143,6 +145,9 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Resume unfinished folds in --out."),
         parent_run_id: Optional[str] = typer.Option(None, "--parent-run-id", help="Attach folds to this CV run (folds as separate jobs)."),
         tta_flip: bool = typer.Option(False, "--tta-flip"),
+        tune_trials: int = typer.Option(0, "--tune-trials", help="Nested tuning: an Optuna study of N trials per "
+                                        "fold on an inner split of that fold's training cases (0 = no tuning)."),
+        tune_epochs: Optional[int] = typer.Option(None, "--tune-epochs", help="Epochs per trial (default: --epochs)."),
         no_log_model: bool = typer.Option(False, "--no-log-model", help="Do not log a pyfunc model per fold."),
         tracking_uri: Optional[str] = TRACK_URI,
         experiment: str = EXPERIMENT,
@@ -153,8 +158,14 @@ def register(app: typer.Typer) -> None:
 
         cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
                       model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
+        tuning = None
+        if tune_trials > 0:
+            from m2snet.tuning import TuningConfig
+
+            tuning = TuningConfig(n_trials=tune_trials, epochs=tune_epochs, seed=cfg.seed)
         res = run_cv(cfg, out, _folds(folds), tracking=_tracking(no_track, tracking_uri, experiment),
-                     parent_run_id=parent_run_id, resume=resume, log_models=not no_log_model, tta_flip=tta_flip)
+                     parent_run_id=parent_run_id, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
+                     tuning=tuning)
         typer.echo(res.summary.table(title=cfg.model))
         if res.parent_run_id:
             typer.echo(f"mlflow parent run: {res.parent_run_id}")

@@ -187,4 +187,4 @@ def build_demo_dataset(
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.raw.") as raw:
         make_demo_dataset(Path(raw) / "busi", n_per_class=n_per_class, size=size, seed=seed)
-        return import_dataset("busi", Path(raw) / "busi", dest, overwrite=overwrite, name=dest.name, progress=progress)
+        return import_dataset("busi", Path(raw) / "busi", dest, overwrite=overwrite, progress=progress)

@@ -2,7 +2,7 @@
 
 Layout (nnU-Net-like; documented in the README)::
 
-    DEST/dataset.json         format_version, name, source_format, n_classes, mask_classes, labels, ...
+    DEST/dataset.json         format_version, source_format, n_classes, mask_classes, labels, ...
     DEST/manifest.csv         one row per case (columns: MANIFEST_COLUMNS)
     DEST/images/<case_id>.png 8-bit RGB
     DEST/masks/<case_id>.png  8-bit L: 0/1 for binary sets, class ids 0..n_classes-1 otherwise
@@ -13,6 +13,15 @@ k > 1 means class ids 0..k-1 with 0 = background.
 PNG bytes are written with fixed options (no compression level drift, no metadata), so the same
 pixels always give the same bytes: the manifest's sha256 is therefore a content identity and the
 DVC hash of a regenerated dataset does not move.
+
+The directory holds the data and nothing else, so its DVC hash (the dataset version) is a function
+of the data: no name (the name is the directory's), no creator version, no validation report (that
+is written beside the directory, like split files).
+
+Format 2 (this one): ``group`` is the duplicate-cluster id (exact + near duplicates, see
+m2snet.data.duplicates: the smallest case id of the cluster, a singleton's own id); ``subset`` is
+the source's own subset name where a layout has one (PraNet: ``train``, ``CVC-300``, ...).
+Format 1 stored the subset in ``group`` and is refused with a request to re-import.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from typing import Any, Iterable
 
 from m2snet.common import M2SNetError, sha256_bytes, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DATASET_JSON = "dataset.json"
 MANIFEST_CSV = "manifest.csv"
 IMAGES_DIR = "images"
@@ -37,7 +46,7 @@ BINARY_MASK_CLASSES = ["background", "lesion"]
 
 MANIFEST_COLUMNS = [
     "case_id", "label", "image", "mask", "source_image", "source_masks",
-    "height", "width", "sha256", "mask_sha256", "lesion_area", "group",
+    "height", "width", "sha256", "mask_sha256", "lesion_area", "group", "subset",
 ]
 # Several source masks of one case are joined with this separator in the manifest.
 SOURCE_MASKS_SEP = ";"
@@ -83,7 +92,8 @@ class CaseRecord:
     width: int
     sha256: str
     lesion_area: int
-    group: str
+    group: str  # duplicate-cluster id: the smallest case_id of its cluster (its own id when unique)
+    subset: str = ""  # the source layout's subset (PraNet: train / test set name), else ""
     mask_sha256: str = ""
     source_image: str = ""
     source_masks: tuple[str, ...] = ()
@@ -102,6 +112,7 @@ class CaseRecord:
             "mask_sha256": self.mask_sha256,
             "lesion_area": self.lesion_area,
             "group": self.group,
+            "subset": self.subset,
         }
 
 
@@ -164,26 +175,24 @@ def write_dataset(
     root: Path,
     cases: Iterable[CaseRecord],
     *,
-    name: str,
     source_format: str,
     n_classes: int,
     mask_classes: list[str],
     labels: list[str],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write dataset.json and manifest.csv for cases whose PNGs are already under ``root``."""
-    from m2snet import __version__
+    """Write dataset.json and manifest.csv for cases whose PNGs are already under ``root``.
 
+    Only facts that change what the data means go into dataset.json: it is part of the version.
+    """
     cases = sorted(cases, key=lambda c: c.case_id)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "name": name,
         "source_format": source_format,
         "n_classes": n_classes,
         "mask_classes": list(mask_classes),
         "labels": list(labels),
         "n_cases": len(cases),
-        "created_by": f"m2snet {__version__}",
     }
     meta.update(extra or {})
     write_json(root / DATASET_JSON, meta)
@@ -218,6 +227,12 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise M2SNetError(f"{meta_path}: invalid JSON ({err})") from None
+    if meta.get("format_version") == 1:
+        raise M2SNetError(
+            f"{meta_path}: format_version 1 (written by an older m2snet) is no longer read: format 2 "
+            "groups near-duplicate images in the manifest's `group` column; re-import the source with "
+            "`m2snet data import` (or regenerate the demo with `m2snet data demo DEST --formatted`)"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise M2SNetError(
             f"{meta_path}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
@@ -242,7 +257,8 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
                     width=_int(row["width"], where),
                     sha256=row["sha256"],
                     lesion_area=_int(row["lesion_area"], where),
-                    group=row["group"],
+                    group=row["group"] or row["case_id"],
+                    subset=row["subset"],
                     mask_sha256=row["mask_sha256"],
                     source_image=row["source_image"],
                     source_masks=tuple(s for s in row["source_masks"].split(SOURCE_MASKS_SEP) if s),
@@ -252,10 +268,10 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise M2SNetError(f"{manifest_path}: duplicate case ids {dup[:5]}")
-    known = {"name", "source_format", "n_classes", "mask_classes", "labels"}
+    known = {"source_format", "n_classes", "mask_classes", "labels"}
     return DatasetInfo(
         root=root,
-        name=str(meta.get("name", root.name)),
+        name=root.name,
         source_format=str(meta.get("source_format", "")),
         n_classes=int(meta.get("n_classes", 1)),
         mask_classes=list(meta.get("mask_classes", BINARY_MASK_CLASSES)),

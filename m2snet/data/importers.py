@@ -1,9 +1,11 @@
 """Importers: one per public layout, each writing the one m2snet format (see m2snet.data.format).
 
 An importer only knows its layout: ``scan(src)`` lists the cases (image, its mask files, label,
-group) and ``mask_to_classes`` turns a decoded source mask into class ids. Everything else --
-decoding, size checks, union of several masks, writing PNGs, the manifest, validation and the
-atomic move into place -- is shared in :func:`import_dataset`, so every format gets the same checks.
+subset) and ``mask_to_classes`` turns a decoded source mask into class ids. Everything else --
+decoding by content, content sanity checks (a mask is a single-channel two-level map, images and
+masks not swapped), size checks, union of several masks, writing PNGs, exact and near-duplicate
+clusters, the manifest, validation and the atomic move into place -- is shared in
+:func:`import_dataset`, so every format gets the same checks.
 
 Registry: ``@register_importer("name")``; ``list_importers()``; ``get_importer(name, **options)``.
 """
@@ -12,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from m2snet.common import M2SNetError, atomic_directory
+from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates, perceptual_hashes
 from m2snet.data.format import (
     BINARY_MASK_CLASSES, IMAGES_DIR, MASKS_DIR, CaseRecord, DatasetInfo, load_dataset, safe_case_id,
     write_dataset, write_png,
@@ -35,7 +38,7 @@ class SourceCase:
 
     case_id: str
     label: str
-    group: str
+    subset: str
     image: Path
     masks: list[Path]
 
@@ -56,6 +59,8 @@ class Importer:
     lesion_labels: ClassVar[list[str]] = []
     empty_labels: ClassVar[list[str]] = []
     allow_duplicates_default: ClassVar[bool] = False
+    # Cases of one duplicate cluster under different labels: an error unless the set is known for it.
+    allow_label_conflicts_default: ClassVar[bool] = False
 
     threshold: int | None = None
 
@@ -142,13 +147,15 @@ class BusiImporter(Importer):
     """BUSI as distributed: ``{benign,malignant,normal}/X.png`` + ``X_mask.png`` [+ ``X_mask_1.png`` ...].
 
     Several masks of one image are merged by union. Masks come as 1-bit, RGB and RGBA (alpha ignored).
-    BUSI holds exact-duplicate images, so duplicates are allowed by default and recorded.
+    BUSI holds exact-duplicate images, some under two labels (Pawlowska et al. 2023), so duplicates
+    and label conflicts are allowed by default: recorded, reported as warnings, kept in one fold.
     """
 
     description: ClassVar[str] = "BUSI breast ultrasound (benign/ malignant/ normal/, X_mask.png)"
     lesion_labels: ClassVar[list[str]] = ["benign", "malignant"]
     empty_labels: ClassVar[list[str]] = ["normal"]
     allow_duplicates_default: ClassVar[bool] = True
+    allow_label_conflicts_default: ClassVar[bool] = True
     classes: tuple[str, ...] = ("benign", "malignant", "normal")
 
     def scan(self, src: Path) -> list[SourceCase]:
@@ -170,7 +177,7 @@ class BusiImporter(Importer):
                 else:
                     images.append(p)
             for img in images:
-                cases.append(SourceCase(safe_case_id(label, img.stem), label, label, img, sorted(masks.pop(img.stem, []))))
+                cases.append(SourceCase(safe_case_id(label, img.stem), label, "", img, sorted(masks.pop(img.stem, []))))
             for stem, orphan in masks.items():
                 raise M2SNetError(f"{orphan[0]}: mask without an image (expected {src / label / (stem + '.png')})")
         return cases
@@ -187,7 +194,7 @@ class KvasirImporter(Importer):
 
     def scan(self, src: Path) -> list[SourceCase]:
         pairs = _pair_by_stem(_find_dir(src, "images"), _find_dir(src, "masks"))
-        return [SourceCase(safe_case_id(img.stem), "polyp", "kvasir", img, m) for img, m in pairs]
+        return [SourceCase(safe_case_id(img.stem), "polyp", "", img, m) for img, m in pairs]
 
 
 @register_importer("pranet")
@@ -195,8 +202,8 @@ class KvasirImporter(Importer):
 class PraNetImporter(Importer):
     """PraNet polyp layout: ``TrainDataset/{images,masks}``, ``TestDataset/<name>/{images,masks}``.
 
-    The group is ``train`` or the test subset's name (CVC-300, Kvasir, ...), so evaluation can
-    report per subset.
+    The manifest's ``subset`` is ``train`` or the test subset's name (CVC-300, Kvasir, ...), so
+    evaluation can report per subset.
     """
 
     description: ClassVar[str] = "PraNet polyp benchmark (TrainDataset/, TestDataset/<name>/)"
@@ -212,9 +219,9 @@ class PraNetImporter(Importer):
         if not subsets:
             raise M2SNetError(f"{src}: expected TrainDataset/ and/or TestDataset/<name>/ (PraNet layout)")
         cases = []
-        for group, folder in subsets:
+        for subset, folder in subsets:
             for img, masks in _pair_by_stem(_find_dir(folder, "images"), _find_dir(folder, "masks")):
-                cases.append(SourceCase(safe_case_id(group, img.stem), "polyp", group, img, masks))
+                cases.append(SourceCase(safe_case_id(subset, img.stem), "polyp", subset, img, masks))
         return cases
 
 
@@ -230,7 +237,7 @@ class ClinicDbImporter(Importer):
     def scan(self, src: Path) -> list[SourceCase]:
         root = src / "PNG" if (src / "PNG").is_dir() and not (src / "Original").is_dir() else src
         pairs = _pair_by_stem(_find_dir(root, "Original", "images"), _find_dir(root, "Ground Truth", "GroundTruth", "masks"))
-        return [SourceCase(safe_case_id("clinicdb", img.stem), "polyp", "clinicdb", img, m) for img, m in pairs]
+        return [SourceCase(safe_case_id("clinicdb", img.stem), "polyp", "", img, m) for img, m in pairs]
 
 
 @register_importer("covid-ct")
@@ -238,15 +245,27 @@ class ClinicDbImporter(Importer):
 class CovidCtImporter(Importer):
     """COVID-19 CT infection slices (Inf-Net layout): ``Imgs/X.jpg`` + ``GT/X.png``.
 
+    The published training set nests them one level down,
+    ``TrainingSet/LungInfection-Train/Doctor-label/{Imgs,GT}``: a ``Doctor-label/`` folder is entered
+    when SRC has one (the ``Pseudo-label/`` sibling holds machine labels and is not read).
     Slices without infection are legitimate, so no lesion is required.
     """
 
-    description: ClassVar[str] = "COVID-19 CT infection slices (Imgs/, GT/)"
+    description: ClassVar[str] = "COVID-19 CT infection slices (Imgs/, GT/; or Doctor-label/{Imgs,GT})"
     threshold: int | None = 127
 
     def scan(self, src: Path) -> list[SourceCase]:
-        pairs = _pair_by_stem(_find_dir(src, "Imgs", "images"), _find_dir(src, "GT", "masks"))
-        return [SourceCase(safe_case_id(img.stem), "ct", "covid", img, m) for img, m in pairs]
+        root = src / "Doctor-label" if (src / "Doctor-label").is_dir() else src
+        try:
+            images, masks = _find_dir(root, "Imgs", "images"), _find_dir(root, "GT", "masks")
+        except M2SNetError:
+            raise M2SNetError(
+                f"{src}: expected Imgs/ and GT/ (Inf-Net COVID-SemiSeg layout), or Doctor-label/Imgs and "
+                "Doctor-label/GT as in the published TrainingSet/LungInfection-Train/Doctor-label/; point SRC "
+                "at the folder that holds them"
+            ) from None
+        pairs = _pair_by_stem(images, masks)
+        return [SourceCase(safe_case_id(img.stem), "ct", "", img, m) for img, m in pairs]
 
 
 # GOALS 2022 layer masks: grey level -> (class id, name). Class 0 is background, as everywhere in
@@ -270,7 +289,7 @@ class GoalsImporter(Importer):
     def scan(self, src: Path) -> list[SourceCase]:
         root = src / "Train" if (src / "Train").is_dir() else src
         pairs = _pair_by_stem(_find_dir(root, "Image", "images"), _find_dir(root, "Layer_Masks", "masks"))
-        return [SourceCase(safe_case_id("goals", img.stem), "oct", "goals", img, m) for img, m in pairs]
+        return [SourceCase(safe_case_id("goals", img.stem), "oct", "", img, m) for img, m in pairs]
 
     def mask_to_classes(self, mask: np.ndarray, path: Path) -> np.ndarray:
         lut = np.full(256, 255, dtype=np.uint8)
@@ -305,14 +324,31 @@ class FolderImporter(Importer):
 
 # --------------------------------------------------------------------------- the shared import
 
+# PIL's format names for the extensions a source may use; a file whose content is another format
+# is decoded by its content and the disagreement noted.
+_EXT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+# Content checks on source masks, before anything is converted.
+_CHANNEL_DISAGREE = 48  # grey levels by which the channels of a colour pixel differ
+_MAX_COLOUR_FRACTION = 0.01  # an RGB mask may have this many such pixels (JPEG chroma noise at edges)
+_MID_GREY = (32, 223)  # neither background nor lesion in a two-level map
+_MAX_MID_FRACTION = 0.10  # a thresholded (JPEG) mask may have this many mid-grey pixels (its edges)
+_TWO_LEVEL_FRACTION = 0.98  # an image this much black or white looks like a mask
 
-def _decode(path: Path, what: str):
-    """Open and fully decode an image, turning any decoder failure into an error naming the file."""
+
+def _decode(path: Path, what: str, notes: list[str] | None = None):
+    """Open and fully decode an image by its content, turning any decoder failure into an error naming the file.
+
+    When the content's format is not the one the extension names (a JPEG saved as ``.png``), the
+    file is still read, and a note saying so is appended to ``notes``.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
+            expected = _EXT_FORMATS.get(path.suffix.lower())
+            if notes is not None and expected and im.format and im.format != expected:
+                notes.append(f"{path}: content is {im.format}, not the {expected} its extension says (read as {im.format})")
             return im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if path.suffix.lower() in (".tif", ".tiff"):
@@ -328,8 +364,16 @@ def _decode(path: Path, what: str):
         raise M2SNetError(f"{path}: cannot decode {what} ({err})") from None
 
 
+def _colour_fraction(image) -> float:
+    """Fraction of pixels whose colour channels disagree (0 for single-channel images)."""
+    if image.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return 0.0
+    arr = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return float(((arr.max(axis=2) - arr.min(axis=2)) > _CHANNEL_DISAGREE).mean())
+
+
 def _grey(mask_image) -> np.ndarray:
-    """A source mask of any mode as uint8 [H, W]: max over colour channels, alpha ignored."""
+    """A source mask of any mode as uint8 [H, W]: max over colour channels (they agree), alpha ignored."""
     if mask_image.mode == "1":
         return np.asarray(mask_image, dtype=np.uint8) * 255
     if mask_image.mode in ("RGB", "RGBA", "P", "LA", "CMYK"):
@@ -340,33 +384,102 @@ def _grey(mask_image) -> np.ndarray:
     return np.asarray(mask_image.convert("L"))
 
 
-def _convert_case(importer: Importer, case: SourceCase, src: Path, out: Path) -> CaseRecord:
+def _mid_fraction(grey: np.ndarray) -> float:
+    lo, hi = _MID_GREY
+    return float(((grey > lo) & (grey < hi)).mean())
+
+
+def _mask_content_problem(importer: Importer, mask_image, path: Path) -> str | None:
+    """Why a decoded source mask is not a mask (a colour photo, a grey photo), or None.
+
+    A mask is single-channel, or colour with channels that agree (RGB masks of BUSI, JPEG masks of
+    Kvasir); for a binary set it must also be two-level apart from its (JPEG-blurred) edges. The
+    exact value check of unthresholded masks comes later, in ``mask_to_classes``.
+    """
+    colour = _colour_fraction(mask_image)
+    if colour > _MAX_COLOUR_FRACTION:
+        return (f"{path}: mask is a colour image ({100 * colour:.0f}% of pixels have channels that disagree); "
+                "a mask must be single-channel or grey")
+    if importer.n_classes == 1:
+        mid = _mid_fraction(_grey(mask_image))
+        if mid > _MAX_MID_FRACTION:
+            return (f"{path}: mask is not a two-level map ({100 * mid:.0f}% of pixels are mid-grey, "
+                    f"at most {100 * _MAX_MID_FRACTION:.0f}% expected at lesion edges)")
+    return None
+
+
+def _looks_like_mask(image) -> bool:
+    """A single-channel (or channel-agreeing) image that is almost all black and white, with both."""
+    if _colour_fraction(image) > _MAX_COLOUR_FRACTION:
+        return False
+    grey = _grey(image)
+    lo, hi = _MID_GREY
+    black, white = float((grey <= lo).mean()), float((grey >= hi).mean())
+    return black + white >= _TWO_LEVEL_FRACTION and white > 0 and black > 0
+
+
+class SwappedCase(M2SNetError):
+    """A case whose image looks like a mask and whose mask looks like a photo."""
+
+
+def _convert_case(
+    importer: Importer, case: SourceCase, src: Path, out: Path, notes: list[str], hashes: bool = True,
+) -> tuple[CaseRecord, np.ndarray | None]:
+    """Check, convert and write one case; return its record and its perceptual hashes (when ``hashes``)."""
     from PIL import Image
 
     if not case.masks:
         raise M2SNetError(f"{case.image}: no mask found for this image")
-    image = _decode(case.image, "image")
+    image = _decode(case.image, "image", notes)
     width, height = image.size
     merged = np.zeros((height, width), dtype=np.uint8)
     for mask_path in case.masks:
-        mask_image = _decode(mask_path, "mask")
+        mask_image = _decode(mask_path, "mask", notes)
+        problem = _mask_content_problem(importer, mask_image, mask_path)
+        if problem is not None and _looks_like_mask(image):
+            raise SwappedCase(
+                f"{case.image}: images and masks look swapped: this image is a two-level grey map and its "
+                f"mask {mask_path.name} is a photo ({problem.split(': ', 1)[1]})"
+            )
         if mask_image.size != image.size:
             raise M2SNetError(
                 f"{mask_path}: mask is {mask_image.size[0]}x{mask_image.size[1]} but its image "
                 f"{case.image.name} is {width}x{height}"
             )
+        if problem is not None:
+            raise M2SNetError(problem)
         classes = importer.mask_to_classes(_grey(mask_image), mask_path)
         # Union of several masks: for class ids, a later non-background label wins.
         merged = np.where(classes > 0, classes, merged)
+    rgb = image.convert("RGB")
     image_path, mask_path = out / IMAGES_DIR / f"{case.case_id}.png", out / MASKS_DIR / f"{case.case_id}.png"
-    sha = write_png(image_path, image.convert("RGB"))
+    sha = write_png(image_path, rgb)
     mask_sha = write_png(mask_path, Image.fromarray(merged, mode="L"))
-    return CaseRecord(
+    record = CaseRecord(
         case_id=case.case_id, label=case.label, image_path=image_path, mask_path=mask_path,
-        height=height, width=width, sha256=sha, lesion_area=int((merged > 0).sum()), group=case.group,
-        mask_sha256=mask_sha, source_image=case.image.relative_to(src).as_posix(),
+        height=height, width=width, sha256=sha, lesion_area=int((merged > 0).sum()),
+        group=case.case_id, subset=case.subset, mask_sha256=mask_sha,
+        source_image=case.image.relative_to(src).as_posix(),
         source_masks=tuple(m.relative_to(src).as_posix() for m in case.masks),
     )
+    return record, perceptual_hashes(rgb) if hashes else None
+
+
+def _problems_message(src: Path, fmt: str, n_cases: int, problems: list[M2SNetError]) -> str:
+    """All conversion problems in one message; a mostly swapped dataset is said once, clearly."""
+    swapped = [p for p in problems if isinstance(p, SwappedCase)]
+    head = f"{src}: {len(problems)} of {n_cases} cases could not be imported"
+    if len(swapped) * 2 > n_cases:
+        fix = ("-o images_dir=masks -o masks_dir=images" if fmt == "folder"
+               else "rename the image and mask folders into each other")
+        examples = "\n  ".join(str(p) for p in swapped[:3])
+        others = [str(p) for p in problems if not isinstance(p, SwappedCase)]
+        return (
+            f"{src}: images and masks look swapped in {len(swapped)} of {n_cases} cases: the 'images' are "
+            f"two-level grey maps and the 'masks' are photos. Swap the folders ({fix}) and import again.\n"
+            f"  e.g. {examples}" + ("".join(f"\n  {o}" for o in others[:20]))
+        )
+    return head + ":\n  " + "\n  ".join(str(p) for p in problems)
 
 
 def import_dataset(
@@ -375,26 +488,31 @@ def import_dataset(
     dest: str | os.PathLike,
     *,
     allow_duplicates: bool | None = None,
+    allow_label_conflicts: bool | None = None,
+    near_duplicates: NearDuplicateConfig | None = None,
     overwrite: bool = False,
-    name: str | None = None,
     options: dict[str, Any] | None = None,
     progress: bool = True,
     validate: bool = True,
 ) -> DatasetInfo:
     """Convert ``src`` (layout ``fmt``) into an m2snet dataset at ``dest``, validated, atomically.
 
-    ``validate=False`` skips the great-expectations pass (the per-file conversion checks still run);
-    it exists for machines without great-expectations, such as a bare GPU box running a benchmark
-    on data already validated elsewhere, and is logged as a warning.
+    ``validate=False`` skips the great-expectations pass (the per-file conversion checks and the
+    duplicate clustering still run); it exists for machines without great-expectations, such as a
+    bare GPU box running a benchmark on data already validated elsewhere, and is logged as a warning.
 
     Every problem found while converting (undecodable image, missing mask, mask of the wrong size,
-    non-binary mask) is collected and reported together, naming each file; then validation runs on
-    the converted copy. Only a complete and valid dataset is moved to ``dest``; on any failure
-    nothing is left behind.
+    a mask that is a photo, images and masks swapped) is collected and reported together, naming
+    each file; then duplicates are clustered (exact + near, ``near_duplicates``; the cluster id is
+    the manifest's ``group``) and validation runs on the converted copy. Only a complete and valid
+    dataset is moved to ``dest``; on any failure, Ctrl-C or SIGTERM nothing is left behind, and a
+    partial directory left by a SIGKILLed import is removed by the next import to ``dest``. The
+    validation report is written beside ``dest`` (``<dest>.validation.{json,html}``).
     """
     from tqdm.auto import tqdm
 
     importer = get_importer(fmt, **(options or {}))
+    near = near_duplicates or NearDuplicateConfig()
     src, dest = Path(src), Path(dest)
     if not src.is_dir():
         raise M2SNetError(f"{src}: source directory not found")
@@ -406,34 +524,58 @@ def import_dataset(
     if clashes:
         raise M2SNetError(f"{src}: several source images map to the same case id: {clashes[:5]}")
     allow = importer.allow_duplicates_default if allow_duplicates is None else allow_duplicates
+    allow_conflicts = importer.allow_label_conflicts_default if allow_label_conflicts is None else allow_label_conflicts
+    notes: list[str] = []
     with atomic_directory(dest, overwrite=overwrite) as tmp:
-        records, problems = [], []
+        records, hashes, problems = [], [], []
         for case in tqdm(cases, desc=f"import {fmt}", disable=not progress, leave=False):
             try:
-                records.append(_convert_case(importer, case, src, tmp))
+                record, phash = _convert_case(importer, case, src, tmp, notes, hashes=near.enabled)
             except M2SNetError as err:
-                problems.append(str(err))
+                problems.append(err)
+                continue
+            records.append(record)
+            hashes.append(phash)
         if problems:
+            raise M2SNetError(_problems_message(src, fmt, len(cases), problems))
+        dups = find_duplicates(
+            [r.case_id for r in records], [r.label for r in records], [r.sha256 for r in records],
+            np.stack(hashes) if near.enabled else None, near,
+        )
+        records = [replace(r, group=dups.group_of[r.case_id]) for r in records]
+        if dups.conflicts and not allow_conflicts:
             raise M2SNetError(
-                f"{src}: {len(problems)} of {len(cases)} cases could not be imported:\n  " + "\n  ".join(problems)
+                f"{src}: {len(dups.conflicts)} duplicate cluster(s) hold cases with different labels (label conflicts):\n  "
+                + "\n  ".join(c.describe() for c in dups.conflicts)
+                + "\n  fix the labels, or accept them with --allow-label-conflicts (they stay in one fold)"
             )
+        for conflict in dups.conflicts:
+            log.warning("label conflict (allowed for %s): %s", fmt, conflict.describe())
         write_dataset(
-            tmp, records, name=name or dest.name, source_format=fmt, n_classes=importer.n_classes,
+            tmp, records, source_format=fmt, n_classes=importer.n_classes,
             mask_classes=importer.mask_classes, labels=sorted({r.label for r in records}),
             extra={
                 "allow_duplicates": allow,
+                "allow_label_conflicts": allow_conflicts,
+                "near_duplicates": near.to_meta(),
                 "lesion_labels": importer.lesion_labels,
                 "empty_labels": importer.empty_labels,
                 "import_options": importer.options(),
             },
         )
+        report = None
         if validate:
             from m2snet.data.validation import validate_dataset
 
-            report = validate_dataset(tmp, write_report=True)
+            report = validate_dataset(tmp, write_report=False, notes=notes)
+            if not report.success:
+                raise M2SNetError(f"{src}: the imported data is not valid:\n{report.summary(shown_root=dest)}")
         else:
             log.warning("%s: great-expectations validation skipped (validate=False)", dest)
-        if validate and not report.success:
-            raise M2SNetError(f"{src}: the imported data is not valid:\n{report.summary(shown_root=dest)}")
+    for note in notes:
+        log.warning("note: %s", note)
+    info = load_dataset(dest)
+    if report is not None:
+        report.write(info)
     log.info("imported %d cases (%s) into %s", len(records), fmt, dest)
-    return load_dataset(dest)
+    return info

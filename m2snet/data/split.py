@@ -1,8 +1,12 @@
-"""K-fold cross-validation splits: stratified by class label, exact duplicates kept together.
+"""K-fold cross-validation splits: stratified by class label, duplicate clusters kept together.
 
-Why groups: BUSI holds exact-duplicate images (same bytes, even under different labels). If the
-two copies land in different folds, a model is validated on an image it trained on. Cases with
-the same sha256 are therefore one group, and a group goes to one fold whole.
+Why groups: BUSI holds the same scan several times -- byte-identical copies, and near-identical
+ones saved at another size or crop (even under two labels). If two copies land in different folds,
+a model is validated on an image it trained on and the CV table is optimistic. The data layer
+clusters exact and near duplicates (``m2snet.data.duplicates``) and writes each case's cluster
+to the manifest as ``group``; here a group is the union of cases sharing a cluster OR an image
+hash, and a group goes to one fold whole. Inner splits (tuning, ``selection="inner"``) follow the
+same rule inside a fold's training cases (:func:`inner_split`).
 
 Why this assignment rather than sklearn's StratifiedGroupKFold: we need folds within one case of
 each other per class (the BUSI protocol's four folds) and byte-stable output for a seed with no
@@ -18,12 +22,18 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Sequence
 
 from m2snet.common import M2SNetError, sha256_file, write_json
-from m2snet.data.format import DatasetInfo, load_dataset
+from m2snet.data.format import CaseRecord, DatasetInfo, load_dataset
 
-SPLIT_FORMAT_VERSION = 1
+# What keeps cases together: "cluster" = the manifest's duplicate cluster (exact + near) and the
+# image hash; "sha256" = byte-identical images only (the first version's rule, kept so that its
+# optimism can be measured: bench/busi_cv.py --protocol old).
+GroupBy = Literal["cluster", "sha256"]
+
+SPLIT_FORMAT_VERSION = 2
+READABLE_SPLIT_VERSIONS = (1, 2)  # version 1: groups by sha256 only
 
 
 @dataclass(frozen=True)
@@ -42,10 +52,11 @@ class Split:
     folds: list[Fold]
     dataset_version: str | None
     stratify: str = "label"
-    group: str = "sha256"
+    group: str = "cluster"  # "sha256" in version-1 files and old-protocol splits
     path: Path | None = None
     sha256: str | None = None
     counts: list[dict[str, int]] = field(default_factory=list)
+    groups_kept_together: dict[str, int] = field(default_factory=dict)
 
     def fold(self, k: int) -> Fold:
         if not 0 <= k < self.n_folds:
@@ -59,12 +70,56 @@ def default_split_path(root: str | os.PathLike, n_folds: int, seed: int) -> Path
     return root.parent / f"{root.name}.split-{n_folds}fold-seed{seed}.json"
 
 
-def _groups(info: DatasetInfo) -> list[list[int]]:
-    """Indices of cases grouped by identical image content (sha256)."""
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, case in enumerate(info.cases):
-        by_hash[case.sha256 or case.case_id].append(i)
-    return list(by_hash.values())
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+
+def case_groups(cases: Sequence[CaseRecord], group_by: GroupBy = "cluster") -> list[list[int]]:
+    """Indices of ``cases`` that must share a fold, each list sorted, in order of first member.
+
+    ``cluster``: cases with the same manifest ``group`` (duplicate cluster) or the same image hash;
+    ``sha256``: the same image hash only.
+    """
+    uf = _UnionFind(len(cases))
+    first: dict[tuple[str, str], int] = {}
+    for i, case in enumerate(cases):
+        keys = [("sha256", case.sha256 or case.case_id)]
+        if group_by == "cluster" and case.group:
+            keys.append(("group", case.group))
+        for key in keys:
+            if key in first:
+                uf.union(first[key], i)
+            else:
+                first[key] = i
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(cases)):
+        members[uf.find(i)].append(i)
+    return sorted(members.values(), key=lambda g: g[0])
+
+
+def groups_across(cases: Sequence[CaseRecord], side_of: dict[str, int]) -> list[list[str]]:
+    """Duplicate groups (``cluster`` rule) whose cases sit on more than one side of a split.
+
+    ``side_of`` maps case id -> fold (or 0 = train, 1 = val); cases not in it are ignored.
+    """
+    found = []
+    for g in case_groups(cases, "cluster"):
+        ids = [cases[i].case_id for i in g if cases[i].case_id in side_of]
+        if len({side_of[c] for c in ids}) > 1:
+            found.append(sorted(ids))
+    return found
 
 
 def assign_folds(labels: list[str], groups: list[list[int]], n_folds: int, seed: int) -> list[int]:
@@ -109,12 +164,15 @@ def make_split(
     n_folds: int = 4,
     seed: int = 42,
     out: str | os.PathLike | None = None,
+    group_by: GroupBy = "cluster",
 ) -> Split:
     """Compute the split of a dataset and write it as JSON (to ``out`` or the default path)."""
     info = root if isinstance(root, DatasetInfo) else load_dataset(root)
     if n_folds < 2:
         raise M2SNetError(f"--folds must be at least 2, got {n_folds}")
-    groups = _groups(info)
+    if group_by not in ("cluster", "sha256"):
+        raise M2SNetError(f"group_by={group_by!r} must be 'cluster' or 'sha256'")
+    groups = case_groups(info.cases, group_by)
     if len(groups) < n_folds:
         raise M2SNetError(
             f"{info.root}: {len(info.cases)} cases in {len(groups)} distinct images cannot fill {n_folds} folds"
@@ -128,20 +186,63 @@ def make_split(
         train = sorted(ids[i] for i in range(len(ids)) if fold_of[i] != k)
         folds.append({"fold": k, "train": train, "val": val})
         counts.append(dict(sorted(Counter(labels[i] for i in range(len(ids)) if fold_of[i] == k).items())))
+    multi = [g for g in groups if len(g) > 1]
     payload: dict[str, Any] = {
         "format_version": SPLIT_FORMAT_VERSION,
         "n_folds": n_folds,
         "seed": seed,
         "stratify": "label",
-        "group": "sha256",
+        "group": group_by,
         "dataset": info.name,
         "dataset_version": info.version,
+        # Clusters of more than one case, each kept in one fold (the count `data split` prints).
+        "groups_kept_together": {"groups": len(multi), "cases": sum(map(len, multi))},
         "val_label_counts": counts,
         "folds": folds,
     }
     path = Path(out) if out is not None else default_split_path(info.root, n_folds, seed)
     write_json(path, payload)
     return load_split(path)
+
+
+def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float = 0.2,
+                seed: int = 42) -> tuple[list[str], list[str]]:
+    """(inner train, inner val) of ``case_ids``: stratified by label, duplicate groups on one side.
+
+    The same assignment as the outer split, with k = round(1 / val_fraction) folds of which the
+    first is the inner validation set: tuning and ``selection="inner"`` never read the outer
+    fold's validation cases, and never see one copy of an image while scoring the other.
+    """
+    if not 0 < val_fraction < 1:
+        raise M2SNetError(f"inner validation fraction {val_fraction} must be within (0, 1)")
+    by_id = {c.case_id: c for c in info.cases}
+    missing = [i for i in case_ids if i not in by_id]
+    if missing:
+        raise M2SNetError(f"{info.root}: inner split names unknown cases {missing[:5]}")
+    cases = [by_id[i] for i in sorted(case_ids)]
+    groups = case_groups(cases, "cluster")
+    k = max(2, round(1 / val_fraction))
+    if len(groups) < k:
+        raise M2SNetError(f"{info.root}: {len(cases)} training cases in {len(groups)} distinct images are too few "
+                          f"for an inner validation set of {val_fraction:.0%}")
+    fold_of = assign_folds([c.label for c in cases], groups, k, seed)
+    val = [c.case_id for c, f in zip(cases, fold_of) if f == 0]
+    train = [c.case_id for c, f in zip(cases, fold_of) if f != 0]
+    return train, val
+
+
+def write_inner_split(info: DatasetInfo, outer: "Split", fold: int, out: str | os.PathLike,
+                      val_fraction: float = 0.2, seed: int = 42) -> Path:
+    """Fold ``fold``'s training cases split by :func:`inner_split`, as a 1-fold split file."""
+    train, val = inner_split(info, outer.fold(fold).train, val_fraction, seed)
+    write_json(out, {
+        "format_version": SPLIT_FORMAT_VERSION, "n_folds": 1, "seed": seed, "stratify": "label",
+        "group": "cluster", "dataset": info.name, "dataset_version": outer.dataset_version,
+        "inner_of": {"split": str(outer.path), "split_sha256": outer.sha256, "fold": fold,
+                     "val_fraction": val_fraction},
+        "folds": [{"fold": 0, "train": train, "val": val}],
+    })
+    return Path(out)
 
 
 def load_split(path: str | os.PathLike) -> Split:
@@ -152,7 +253,7 @@ def load_split(path: str | os.PathLike) -> Split:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise M2SNetError(f"{path}: invalid JSON ({err})") from None
-    if data.get("format_version") != SPLIT_FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_SPLIT_VERSIONS:
         raise M2SNetError(f"{path}: unsupported split format_version {data.get('format_version')!r}")
     try:
         folds = [Fold(int(f["fold"]), list(f["train"]), list(f["val"])) for f in data["folds"]]
@@ -168,6 +269,7 @@ def load_split(path: str | os.PathLike) -> Split:
         dataset_version=data.get("dataset_version"),
         stratify=data.get("stratify", "label"),
         group=data.get("group", "sha256"),
+        groups_kept_together=dict(data.get("groups_kept_together", {})),
         path=path.resolve(),
         sha256=sha256_file(path),
         counts=list(data.get("val_label_counts", [])),

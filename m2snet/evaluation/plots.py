@@ -104,3 +104,21 @@ def cv_learning_curves(histories: dict[int, Sequence[dict]], out_path: str | Pat
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
     return _save(plt, fig, out_path, title)
+
+
+def compare_val_dice(runs: dict[str, Sequence[Sequence[dict]]], out_path: str | Path, title: str = "") -> Path:
+    """Per-epoch validation Dice of several CV runs, mean over folds (band: min..max), one line each."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, folds in runs.items():
+        epochs = min(len(h) for h in folds)
+        dice = np.array([[row.get("val_dice", np.nan) for row in h[:epochs]] for h in folds], dtype=float)
+        x = np.arange(1, epochs + 1)
+        (line,) = ax.plot(x, np.nanmean(dice, axis=0), marker="o", label=label)
+        ax.fill_between(x, np.nanmin(dice, axis=0), np.nanmax(dice, axis=0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Dice (train size; mean, min..max over folds)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out_path, title)

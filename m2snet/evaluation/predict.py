@@ -85,6 +85,18 @@ class Predictor:
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.n_classes == 1 else torch.softmax(logits, dim=1)
 
+    def ensemble_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised [N, 3, S, S] -> the models' mean probabilities [N, C, S, S] (what ONNX exports)."""
+        prob = torch.zeros((x.shape[0], self.n_classes, self.size, self.size), device=x.device)
+        passes = 0
+        for model in self.models:
+            prob += self._probs(model(x).float())
+            passes += 1
+            if self.tta_flip:
+                prob += self._probs(model(torch.flip(x, dims=[3])).float()).flip(dims=[3])
+                passes += 1
+        return prob / passes
+
     @torch.no_grad()
     def predict_proba(self, images: Sequence) -> list[np.ndarray]:
         """Probabilities at each image's original size: [H, W] (binary) or [C, H, W]."""
@@ -93,16 +105,7 @@ class Predictor:
         for start in range(0, len(arrays), self.batch_size):
             chunk = arrays[start:start + self.batch_size]
             # Images of different sizes are resized to one square size, so they batch together.
-            x = self._batch_tensor(chunk)
-            prob = torch.zeros((x.shape[0], self.n_classes, self.size, self.size), device=self.device)
-            passes = 0
-            for model in self.models:
-                prob += self._probs(model(x).float())
-                passes += 1
-                if self.tta_flip:
-                    prob += self._probs(model(torch.flip(x, dims=[3])).float()).flip(dims=[3])
-                    passes += 1
-            prob /= passes
+            prob = self.ensemble_probs(self._batch_tensor(chunk))
             for p, im in zip(prob, chunk):
                 h, w = im.shape[:2]
                 p = F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0]

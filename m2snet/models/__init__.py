@@ -2,7 +2,7 @@
 
 Names: m2snet, msnet, m2snet_au, m2snet_aspp, m2snet_denseaspp, fpn, unet, unetplusplus.
 Common config: ``n_classes=1``, ``pretrained=True`` (hub when reachable; a path = local file;
-False = random), ``msu_impl="fast" | "dense"`` (m2snet only). Every model has
+False = random), ``msu_impl="fast" | "dense"`` and ``msu_norm="per_site" | "shared"`` (m2snet only). Every model has
 ``pretrained_source``, ``backbone_parameters()`` and ``head_parameters()``.
 """
 

@@ -50,4 +50,9 @@ def model_info(name: str, size: int = 352, n_classes: int = 1, **config: Any) ->
     fixed = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return ModelInfo(name=name, input_size=size, n_classes=n_classes, trainable_params=trainable,
                      fixed_params=fixed, gmacs=count_macs(model, size) / 1e9,
-                     config={k: v for k, v in config.items() if k != "pretrained"})
+                     config={**{k: v for k, v in config.items() if k != "pretrained"}, **_modes(model)})
+
+
+def _modes(model: torch.nn.Module) -> dict[str, Any]:
+    """Options that change what the model computes even at their default (listed by model-info)."""
+    return {"msu_norm": model.msu_norm} if hasattr(model, "msu_norm") else {}

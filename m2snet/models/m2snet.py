@@ -22,6 +22,7 @@ from m2snet.models.units import (
     DenseASPPSubtraction,
     FusionUnit,
     MSUImpl,
+    MSUNorm,
     MultiScaleSubtraction,
     OnesFilterBN,
     addition,
@@ -30,6 +31,8 @@ from m2snet.models.units import (
 )
 
 UnitKind = Literal["msu", "su", "au", "aspp", "denseaspp"]
+# per_site: measured on BUSI (README "The model"); "shared" is the reference.
+DEFAULT_MSU_NORM: MSUNorm = "per_site"
 
 # The pyramid, in the order the reference registers it: (unit name, deeper input, shallower input).
 # Inputs name the reduced encoder levels x1..x5 or earlier units' outputs.
@@ -58,6 +61,9 @@ class M2SNet(SegmentationModel):
         pretrained: True (hub), a local weights file, or False (random).
         msu_impl: ``"fast"`` (one-channel box filter) or ``"dense"`` (all-ones 64x64xkxk conv);
             only for ``unit="msu"``; both give the same numbers.
+        msu_norm: ``"per_site"`` (default: one running mean / variance per call site of the
+            shared filters, 10 units x 2 inputs) or ``"shared"`` (the reference: one for all 20
+            calls); only for ``unit="msu"``. Same parameters and training; see README "The model".
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class M2SNet(SegmentationModel):
         unit: UnitKind = "msu",
         pretrained: bool | str | os.PathLike = True,
         msu_impl: MSUImpl = "fast",
+        msu_norm: MSUNorm = DEFAULT_MSU_NORM,
         channels: int = 64,
     ) -> None:
         super().__init__()
@@ -78,21 +85,26 @@ class M2SNet(SegmentationModel):
         assert c1 == channels, "x1 enters the pyramid unreduced, so it must have `channels` channels"
 
         if unit == "msu":
-            # One F3 and one F5 for the whole network, as in the reference.
-            self.conv_3 = OnesFilterBN(3, channels, msu_impl)
-            self.conv_5 = OnesFilterBN(5, channels, msu_impl)
+            # One F3 and one F5 for the whole network, as in the reference (per_site: with one
+            # running statistic per call site, the two inputs of each of the pyramid's units).
+            self.msu_norm = msu_norm
+            sites = 2 * len(PYRAMID)
+            self.conv_3 = OnesFilterBN(3, channels, msu_impl, msu_norm, sites)
+            self.conv_5 = OnesFilterBN(5, channels, msu_impl, msu_norm, sites)
         elif msu_impl != "fast":
             raise ValueError(f"msu_impl={msu_impl!r} only applies to unit='msu', not {unit!r}")
+        elif msu_norm != DEFAULT_MSU_NORM:
+            raise ValueError(f"msu_norm={msu_norm!r} only applies to unit='msu', not {unit!r}")
 
         self.x5_dem_1 = ConvBNReLU(c5, channels)
         self.x4_dem_1 = ConvBNReLU(c4, channels)
         self.x3_dem_1 = ConvBNReLU(c3, channels)
         self.x2_dem_1 = ConvBNReLU(c2, channels)
-        for name, _, _ in PYRAMID[:-1]:
-            self.add_module(name, FusionUnit(self._combine(unit, channels), channels))
+        for index, (name, _, _) in enumerate(PYRAMID[:-1]):
+            self.add_module(name, FusionUnit(self._combine(unit, channels, index), channels))
         self.x5_dem_4 = ConvBNReLU(channels, channels)
         name = PYRAMID[-1][0]
-        self.add_module(name, FusionUnit(self._combine(unit, channels), channels))
+        self.add_module(name, FusionUnit(self._combine(unit, channels, len(PYRAMID) - 1), channels))
         for name, _ in LEVELS:
             self.add_module(name, ConvBNReLU(channels, channels))
         self.x5_dem_5 = ConvBNReLU(c5, channels)
@@ -101,9 +113,9 @@ class M2SNet(SegmentationModel):
         self.output2 = ConvBNReLU(channels, channels)
         self.output1 = nn.Sequential(nn.Conv2d(channels, n_classes, 3, padding=1))
 
-    def _combine(self, unit: UnitKind, channels: int) -> Combine:
+    def _combine(self, unit: UnitKind, channels: int, index: int) -> Combine:
         if unit == "msu":
-            return MultiScaleSubtraction((self.conv_3, self.conv_5))
+            return MultiScaleSubtraction((self.conv_3, self.conv_5), unit=index)
         if unit == "su":
             return subtraction
         if unit == "au":

@@ -19,6 +19,7 @@ from torch import nn
 
 from m2snet.common import M2SNetError
 from m2snet.models.pretrained import read_state_dict, strip_prefixes
+from m2snet.models.units import SITE_BUFFERS
 
 Checkpoint = str | os.PathLike | Mapping[str, torch.Tensor]
 FIXED_FILTER_KEYS = ("conv_3.weight", "conv_3.bias", "conv_5.weight", "conv_5.bias")
@@ -54,7 +55,8 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) ->
     own = model.state_dict()
     fixed = {k for k in FIXED_FILTER_KEYS if k in state}
     unexpected = sorted(set(state) - set(own) - (fixed if hasattr(model, "conv_3") else set()))
-    missing = sorted(set(own) - set(state))
+    # msu_norm="per_site": the per-site statistics start as copies of the shared ones (flagged)
+    missing = sorted(k for k in set(own) - set(state) if k.rpartition(".")[2] not in SITE_BUFFERS)
     wrong = sorted(f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
                    for k in set(state) & set(own) if state[k].shape != own[k].shape)
     problems = [f"{what} ({len(keys)}): {_show(keys)}" for what, keys in
@@ -77,7 +79,9 @@ def convert_reference(
 ) -> Path:
     """Convert a reference checkpoint into an m2snet checkpoint (the trainer's format, slim form)
     that evaluation, the registry and serving load. ``model``: ``m2snet`` / ``msnet`` (default:
-    detected from the keys). ``n_classes`` comes from the checkpoint's ``output1`` head."""
+    detected from the keys). ``n_classes`` comes from the checkpoint's ``output1`` head.
+    M2SNet is converted as the reference has it, ``msu_norm="shared"``; ``m2snet recalibrate-bn``
+    upgrades it to per-site statistics."""
     from m2snet import __version__
     from m2snet.common import git_commit, sha256_file
     from m2snet.models import create_model
@@ -91,14 +95,15 @@ def convert_reference(
     if head is None:
         raise M2SNetError(f"{where}: no output1.0.weight: not an M2SNet/MSNet reference checkpoint")
     n_classes = int(head.shape[0])
-    net = create_model(name, n_classes=n_classes, pretrained=False)
+    config: dict[str, Any] = {"n_classes": n_classes, **({"msu_norm": "shared"} if name == "m2snet" else {})}
+    net = create_model(name, pretrained=False, **config)
     _load_state(net, state, where)
     source: dict[str, Any] = {"reference": where}
     if not isinstance(ckpt, Mapping):
         source["reference_sha256"] = sha256_file(ckpt)
     payload = {
         "model_name": name,
-        "model_config": {"n_classes": n_classes},
+        "model_config": config,
         "state_dict": {k: v.detach().to("cpu") for k, v in net.state_dict().items()},
         "n_classes": n_classes,
         "image_size": image_size,

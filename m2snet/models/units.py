@@ -17,13 +17,21 @@ DenseASPP-MSU       |a - b| + sum_r |D_r(a) - D_r(b)|, densely chained      ``m2
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger("m2snet.models")
+
 MSUImpl = Literal["fast", "dense"]
+MSUNorm = Literal["shared", "per_site"]
+MSU_NORMS = ("shared", "per_site")
+# Buffers of a per-site filter; a checkpoint without them (the reference's, or a shared model's) is
+# loaded by copying the shared statistics to every site (see OnesFilterBN._load_from_state_dict).
+SITE_BUFFERS = ("site_running_mean", "site_running_var", "site_num_batches_tracked", "site_stats_from_shared")
 
 
 def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -57,13 +65,27 @@ class OnesFilterBN(nn.Module):
     per-channel affine (and per-channel running statistics, which may differ after loading a
     checkpoint) then broadcast s to C channels in one fused multiply-add. Outputs, running
     statistics and gradients equal the dense form to float rounding (tests/test_msu.py).
+
+    ``norm="shared"`` is the reference: one running mean / variance for every call, although the
+    20 calls of a forward pass (10 units x 2 inputs) see box sums whose scale differs by pyramid
+    level, so in eval mode each call is normalised with a statistic of the others' mixture.
+    ``norm="per_site"`` keeps the shared affine weight and bias (same parameters, same training
+    in train mode, same reference keys) but holds one running mean / variance per call site in
+    ``site_running_mean`` / ``site_running_var`` [sites, C]: a call passes its ``site`` (row) and
+    reads and updates only that row; ``norm.running_*`` are then unused and left as loaded.
     """
 
-    def __init__(self, kernel_size: int, channels: int = 64, impl: MSUImpl = "fast") -> None:
+    def __init__(self, kernel_size: int, channels: int = 64, impl: MSUImpl = "fast",
+                 norm: MSUNorm = "shared", sites: int = 0) -> None:
         super().__init__()
         if impl not in ("fast", "dense"):
             raise ValueError(f"msu_impl must be 'fast' or 'dense', got {impl!r}")
+        if norm not in MSU_NORMS:
+            raise ValueError(f"msu_norm must be 'shared' or 'per_site', got {norm!r}")
+        if norm == "per_site" and sites < 1:
+            raise ValueError(f"msu_norm='per_site' needs the number of call sites, got sites={sites}")
         self.kernel_size, self.channels, self.impl = kernel_size, channels, impl
+        self.norm_mode, self.sites = norm, sites if norm == "per_site" else 0
         self.norm = nn.BatchNorm2d(channels)
         if impl == "dense":
             # Fixed (requires_grad=False) parameters, as the reference's CPU checkpoints hold them:
@@ -74,9 +96,30 @@ class OnesFilterBN(nn.Module):
         else:
             # The 1-channel box kernel is a real conv2d so that FlopCounterMode sees the fast cost.
             self.register_buffer("box", torch.ones(1, 1, kernel_size, kernel_size), persistent=False)
+        if self.per_site:
+            self.register_buffer("site_running_mean", torch.zeros(sites, channels))
+            self.register_buffer("site_running_var", torch.ones(sites, channels))
+            self.register_buffer("site_num_batches_tracked", torch.zeros(sites, dtype=torch.long))
+            # True while the site rows are copies of a shared statistic (a reference checkpoint was
+            # loaded): eval outputs are then the reference's until recalibrate_bn estimates them.
+            self.register_buffer("site_stats_from_shared", torch.tensor(False))
+
+    @property
+    def per_site(self) -> bool:
+        return self.norm_mode == "per_site"
+
+    def reset_running_stats(self) -> None:
+        """Reset the shared and the per-site running statistics (BatchNorm2d's reset, per row)."""
+        self.norm.reset_running_stats()
+        if self.per_site:
+            self.site_running_mean.zero_()
+            self.site_running_var.fill_(1)
+            self.site_num_batches_tracked.zero_()
+            self.site_stats_from_shared.fill_(False)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, channels={self.channels}, impl={self.impl!r}"
+        sites = f", norm='per_site', sites={self.sites}" if self.per_site else ""
+        return f"kernel_size={self.kernel_size}, channels={self.channels}, impl={self.impl!r}{sites}"
 
     # The fixed tensors conv_k.weight / conv_k.bias may or may not be in a checkpoint (reference:
     # plain tensors on GPU, parameters on CPU; ours: only in the dense form). Either way is
@@ -92,18 +135,40 @@ class OnesFilterBN(nn.Module):
                                   f"{self.channels} channels")
             elif not torch.all(value == fill):
                 error_msgs.append(f"{prefix}{name}: the fixed filter must be all {fill:g}, got other values")
+        if self.per_site and prefix + "site_running_mean" not in state_dict:
+            self._sites_from_shared(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         for name in ("weight", "bias"):
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _sites_from_shared(self, state_dict, prefix: str) -> None:
+        # A checkpoint without per-site statistics (the reference's, or msu_norm="shared"): every
+        # site starts from the shared statistic, so eval outputs equal the shared model's; flagged
+        # so that recalibration (m2snet.training.bn_recalibration) is known to be due.
+        shared = {name: state_dict.get(f"{prefix}norm.{name}")
+                  for name in ("running_mean", "running_var", "num_batches_tracked")}
+        if shared["running_mean"] is None or shared["running_var"] is None:
+            return  # nothing to copy: the missing keys are reported as such
+        rows = (self.sites, self.channels)
+        state_dict[prefix + "site_running_mean"] = shared["running_mean"].expand(rows).clone()
+        state_dict[prefix + "site_running_var"] = shared["running_var"].expand(rows).clone()
+        count = shared["num_batches_tracked"]
+        state_dict[prefix + "site_num_batches_tracked"] = (
+            count.expand(self.sites).clone() if count is not None else torch.zeros(self.sites, dtype=torch.long))
+        state_dict[prefix + "site_stats_from_shared"] = torch.tensor(True)
+        log.warning("%snorm: no per-site statistics in the checkpoint; copied the shared running "
+                    "statistics to all %d sites (eval outputs as with msu_norm='shared'); "
+                    "`m2snet recalibrate-bn` estimates them per site", prefix, self.sites)
+
+    def forward(self, x: torch.Tensor, site: int | None = None) -> torch.Tensor:
+        """F_k(x); ``site``: the call site's row of the per-site statistics (per_site only)."""
         if self.impl == "dense":
             y = F.conv2d(x, self.weight, self.bias, padding=self.kernel_size // 2)
-            return F.relu(self.norm(y), inplace=True)
+            return F.relu(self._dense_norm(y, site), inplace=True)
         s = F.conv2d(x.sum(dim=1, keepdim=True), self.box.to(x.dtype), padding=self.kernel_size // 2)
-        mean, var = self.statistics(s.unsqueeze(0), dims=(1, 2, 3, 4))  # one group: [1]
+        mean, var = self.statistics(s.unsqueeze(0), dims=(1, 2, 3, 4), site=site)  # one group: [1]
         scale, shift = self.affine(mean, var)  # [1, C]
         c = self.channels
         return F.relu(torch.addcmul(shift.view(1, c, 1, 1).to(s.dtype), s,
@@ -111,7 +176,29 @@ class OnesFilterBN(nn.Module):
 
     # The fast form's BatchNorm, split in two so that several inputs (groups) and several filters
     # can share kernels (see ones_filter_differences).
-    def statistics(self, s: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dense_norm(self, y: torch.Tensor, site: int | None) -> torch.Tensor:
+        """The dense form's BatchNorm: ``self.norm``, or per site the same affine on one row."""
+        if not self.per_site:
+            return self.norm(y)
+        bn, row = self.norm, self._rows(site, 1)
+        momentum, track = 0.0, bn.track_running_stats
+        if bn.training and track:
+            count = self.site_num_batches_tracked[row]
+            count.add_(1)
+            momentum = 1.0 / float(count) if bn.momentum is None else bn.momentum
+        # F.batch_norm updates the row views in place, i.e. the site's rows of the buffers.
+        mean, var = (self.site_running_mean[row][0], self.site_running_var[row][0]) if track else (None, None)
+        return F.batch_norm(y, mean, var, bn.weight, bn.bias, bn.training or not track, momentum, bn.eps)
+
+    def _rows(self, site: int | None, groups: int) -> slice:
+        if site is None:
+            raise ValueError("msu_norm='per_site': the filter must be called with its site index")
+        if not 0 <= site <= self.sites - groups:
+            raise ValueError(f"site {site} (+{groups - 1}) out of range for {self.sites} sites")
+        return slice(site, site + groups)
+
+    def statistics(self, s: torch.Tensor, dims: tuple[int, ...],
+                   site: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, var) the BatchNorm normalises with, for each group along ``s``'s dim 0.
 
         Training: the batch statistics of each group (BatchNorm2d over C identical channels has
@@ -119,15 +206,25 @@ class OnesFilterBN(nn.Module):
         order, exactly as separate BatchNorm2d calls would. Eval: the running statistics [C].
         Statistics are in float32 even under autocast: box sums are large and their variance
         overflows float16 (BatchNorm2d also keeps its statistics in float32).
+
+        Per site, group g is site ``site + g``: training updates rows site.. of the per-site
+        statistics in one step (distinct rows, so order does not matter); eval returns those rows
+        [groups, C]: an indexed view, no extra compute.
         """
         bn = self.norm
+        rows = self._rows(site, s.shape[0]) if self.per_site else None
         if not bn.training and bn.track_running_stats:
+            if rows is not None:
+                return self.site_running_mean[rows], self.site_running_var[rows]
             return bn.running_mean, bn.running_var
         var, mean = torch.var_mean(s.float(), dim=dims, unbiased=False)  # [groups]
         if bn.training and bn.track_running_stats:
             n = s[0].numel()
-            for g in range(s.shape[0]):
-                self._update_running_stats(mean[g], var[g], n)
+            if rows is not None:
+                self._update_site_stats(rows, mean, var, n)
+            else:
+                for g in range(s.shape[0]):
+                    self._update_running_stats(mean[g], var[g], n)
         return mean.unsqueeze(-1), var.unsqueeze(-1)  # [groups, 1]
 
     def affine(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +240,18 @@ class OnesFilterBN(nn.Module):
         if scale.dim() == 1:  # per-channel (running statistics): one row for every group
             return scale.view(1, c), shift.view(1, c)
         return scale.expand(-1, c), shift.expand(-1, c)
+
+    @torch.no_grad()
+    def _update_site_stats(self, rows: slice, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        # BatchNorm2d's update, on each site's row (its own count for momentum=None averaging).
+        bn = self.norm
+        count = self.site_num_batches_tracked[rows]
+        count.add_(1)
+        unbiased = var * (n / max(n - 1, 1))
+        for buf, value in ((self.site_running_mean, mean), (self.site_running_var, unbiased)):
+            row = buf[rows]
+            weight = (1.0 / count.to(buf.dtype)).unsqueeze(-1) if bn.momentum is None else bn.momentum
+            row.lerp_(value.to(buf.dtype).unsqueeze(-1).expand_as(row), weight)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
@@ -172,13 +281,14 @@ def _stacked_box(sizes: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 
 
 def ones_filter_differences(filters: Sequence[OnesFilterBN], a: torch.Tensor,
-                            b: torch.Tensor) -> torch.Tensor:
+                            b: torch.Tensor, site: int | None = None) -> torch.Tensor:
     """sum_k |F_k(a) - F_k(b)| for fast-form filters, all filters and both inputs at once.
 
     Equal to calling each filter on a then on b (same outputs, running-statistics updates in
     the same order), but in a handful of kernels instead of a dozen per filter call: on a GPU
     these small elementwise launches, not arithmetic, are the MSU's cost. Shapes inside:
     s [2 inputs, B, K filters, H, W] -> y [2, B, K, C, H, W] -> sum over K of |y_a - y_b|.
+    ``site``: per-site filters use rows ``site`` (for a) and ``site + 1`` (for b).
     """
     batch, channels, height, width = b.shape
     sums = torch.cat([a.sum(dim=1, keepdim=True), b.sum(dim=1, keepdim=True)])  # [2B, 1, H, W]
@@ -188,7 +298,7 @@ def ones_filter_differences(filters: Sequence[OnesFilterBN], a: torch.Tensor,
     s = F.conv2d(sums, box, padding=box.shape[-1] // 2).reshape(2, batch, len(filters), height, width)
     scales, shifts = [], []
     for i, f in enumerate(filters):
-        mean, var = f.statistics(s[:, :, i], dims=(1, 2, 3))
+        mean, var = f.statistics(s[:, :, i], dims=(1, 2, 3), site=site)
         scale, shift = f.affine(mean, var)  # [2 | 1, C]
         scales.append(scale.expand(2, channels))
         shifts.append(shift.expand(2, channels))
@@ -219,17 +329,23 @@ def addition(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class MultiScaleSubtraction:
-    """MSU: |a - b| + sum_k |F_k(a) - F_k(b)| with the network's shared fixed filters F_k."""
+    """MSU: |a - b| + sum_k |F_k(a) - F_k(b)| with the network's shared fixed filters F_k.
 
-    def __init__(self, filters: Sequence[nn.Module]) -> None:
+    ``unit``: this unit's index in the pyramid; its two inputs are the call sites ``2 * unit``
+    (a, the deeper map) and ``2 * unit + 1`` (b) of per-site filters (ignored by shared ones).
+    """
+
+    def __init__(self, filters: Sequence[nn.Module], unit: int | None = None) -> None:
         self.filters = tuple(filters)
+        self.site = None if unit is None else 2 * unit
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        site = self.site
         if all(f.impl == "fast" for f in self.filters):
-            return torch.abs(a - b) + ones_filter_differences(self.filters, a, b)
+            return torch.abs(a - b) + ones_filter_differences(self.filters, a, b, site)
         d = torch.abs(a - b)
         for f in self.filters:  # dense: the reference's computation, filter by filter
-            d = d + torch.abs(f(a) - f(b))
+            d = d + torch.abs(f(a, site) - f(b, None if site is None else site + 1))
         return d
 
 

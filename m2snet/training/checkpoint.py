@@ -13,15 +13,17 @@ Format (a ``torch.save`` dict; ``format_version`` 1):
     train_config     TrainConfig.to_dict() of the run
     epoch            epochs completed (1-based count)
     metrics          validation metrics of that epoch ({} without validation)
+    selection        the rule that chose this checkpoint (TrainConfig.selection: final / inner / fold_best)
+    selected_epoch   (model.pt only) the epoch the rule chose
     pretrained_source  where the initial weights came from (None = random init)
     dataset_version, split_sha256, git_commit, m2snet_version   provenance
     -- only in the "full" (resumable) checkpoint ``last.pt``:
     optimizer, scheduler, scaler   their state_dicts
     rng              {"python", "numpy", "torch", "cuda"} generator states
     history          list of per-epoch dicts (loss, lr, val metrics, seconds)
-    best             {"epoch", "score"} of the best checkpoint so far
+    selected         {"epoch", "score"} of the checkpoint selected so far
 
-``best.pt`` is the slim form (no optimizer/RNG state): what evaluation, the pyfunc model,
+``model.pt`` is the slim form (no optimizer/RNG state): what evaluation, the pyfunc model,
 the registry and serving load via :func:`load_model_from_checkpoint`.
 """
 
@@ -43,7 +45,7 @@ from m2snet.data.dataset import MEAN, STD
 FORMAT_VERSION = 1
 # Input normalisation the data pipeline applies (reference recipe, on 0..255 RGB).
 DEFAULT_NORMALIZATION = {"mean": list(MEAN), "std": list(STD)}
-RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "history", "best")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "history", "selected")
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -96,6 +98,8 @@ def build_model(meta: dict[str, Any]) -> torch.nn.Module:
     cfg = dict(meta.get("model_config") or {})
     cfg["pretrained"] = False
     cfg.setdefault("n_classes", meta.get("n_classes", 1))
+    if "conv_3.site_running_mean" in (meta.get("state_dict") or {}):
+        cfg.setdefault("msu_norm", "per_site")  # M2SNet trained with per-site filter statistics
     # LossNet-style pretrained knobs of the model (if any) must not trigger downloads either.
     return create_model(meta["model_name"], **cfg)
 

@@ -35,6 +35,18 @@ class TrainConfig:
     num_workers: int = 0
     max_train_cases: int | None = None  # subsample (first N after a seeded shuffle) for quick runs
     max_val_cases: int | None = None
+    # --- model selection (which checkpoint is THE result of the run) ----------------------------
+    # "final": the last epoch (the paper's, the reference's and nnU-Net's practice); the fold's
+    #   validation cases are scored every epoch for the learning curves only.
+    # "inner": the best epoch by Dice on an inner validation set carved out of the fold's TRAINING
+    #   cases (grouped, stratified); the fold's validation cases are not read during training.
+    # "fold_best": the best epoch by Dice on the fold's own validation cases -- test-set selection.
+    #   It exists only to measure the first version's optimism (bench/busi_cv.py --protocol old);
+    #   runs record it and the CV table says so.
+    selection: Literal["final", "inner", "fold_best"] = "final"
+    inner_val_fraction: float = 0.2  # selection="inner": share of the fold's training cases held out
+    # Refuse a split whose folds put two copies of one image (a duplicate cluster) on both sides.
+    leak_check: bool = True
     # --- model / loss ---------------------------------------------------------------------------
     model: str = "m2snet"
     model_config: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
@@ -59,14 +71,25 @@ class TrainConfig:
     # --- hardware -------------------------------------------------------------------------------
     device: str = "auto"
     amp: bool = True  # mixed precision; only takes effect on CUDA
-    channels_last: bool = False  # CUDA only
-    compile: bool = False  # torch.compile; CUDA only
+    # Speed knobs of the training step (m2snet.training.trainer.TrainStep; bench/train_speed.py
+    # measures each). CUDA only: on CPU the step is today's eager one whatever they say.
+    channels_last: bool = False  # NHWC activations and weights (tensor-core friendly convolutions)
+    compile: bool = False  # torch.compile (inductor) the model
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    # False: one static graph per (batch, scale) shape, compiled on first use (the multi-scale set
+    # has 5 scales, x2 for a short last batch); True: one dynamic-shape graph for all of them.
+    compile_dynamic: bool = False
+    fused_optimizer: bool = False  # SGD(fused=True): one kernel, and no host sync under GradScaler
     # --- reproducibility ------------------------------------------------------------------------
     seed: int = 42
     deterministic: bool = False
     # --- output ---------------------------------------------------------------------------------
     out_dir: str = "runs/train"
     val_every: int = 1
+    # Re-estimate the BatchNorm statistics of the saved checkpoints over the training cases after
+    # the last epoch (m2snet.training.bn_recalibration). Off: on BUSI it helped at 128 px / 128
+    # cases and hurt at 352 px / 585 cases (README "The model").
+    recalibrate_bn: bool = False
     keep_last_checkpoint: bool = True  # last.pt holds optimizer + RNG state for --resume
     progress: bool = True  # tqdm bar
 
@@ -149,6 +172,12 @@ class TrainConfig:
             problems.append(f"schedule={self.schedule!r} must be 'triangle' or 'constant'")
         if self.schedule_unit not in ("epoch", "step"):
             problems.append(f"schedule_unit={self.schedule_unit!r} must be 'epoch' or 'step'")
+        if self.selection not in ("final", "inner", "fold_best"):
+            problems.append(f"selection={self.selection!r} must be 'final', 'inner' or 'fold_best'")
+        if not 0 < self.inner_val_fraction < 1:
+            problems.append(f"inner_val_fraction={self.inner_val_fraction} must be within (0, 1)")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
+            problems.append(f"compile_mode={self.compile_mode!r} is not a torch.compile mode this trainer supports")
         if self.num_workers < 0:
             problems.append("num_workers must be >= 0")
         if problems:

@@ -3,8 +3,9 @@
 Recipe (defaults of :class:`TrainConfig`, spec "Training recipe"): SGD + Nesterov, backbone and
 head parameter groups with their own max LR on the triangular schedule, multi-scale batches, AMP
 on CUDA. Each epoch ends with a validation pass (Dice/IoU per image at the train size) and an
-atomic checkpoint (``last.pt``: everything needed to resume; ``best.pt``: the best validation Dice,
-slim). Resuming restores model, optimizer, scheduler, AMP scaler and every RNG; the order of the
+atomic checkpoint (``last.pt``: everything needed to resume; ``model.pt``: the run's result, slim,
+chosen by ``TrainConfig.selection`` -- the final epoch by default, so the cases a fold reports on
+never pick the checkpoint; see :func:`resolve_cases`). Resuming restores model, optimizer, scheduler, AMP scaler and every RNG; the order of the
 training cases comes from a DataLoader generator seeded by (seed, epoch), so a resumed run
 reproduces the uninterrupted one exactly on CPU in deterministic mode.
 """
@@ -35,7 +36,7 @@ from m2snet.training.schedule import build_scheduler
 log = logging.getLogger("m2snet.training")
 
 LAST = "last.pt"
-BEST = "best.pt"
+SELECTED = "model.pt"  # the checkpoint the selection rule chose: what evaluation and serving use
 
 
 @dataclass
@@ -51,18 +52,21 @@ class EpochEnd:
 @dataclass
 class TrainResult:
     out_dir: Path
-    best_checkpoint: Path
+    checkpoint: Path  # model.pt, chosen by config.selection
     last_checkpoint: Path
     history: list[dict[str, float]]
-    best_epoch: int
-    best_score: float  # validation Dice of best.pt (or -train loss without validation)
+    selected_epoch: int
+    selection_score: float  # the selected epoch's val_dice on the selection cases (or -train loss without)
     config: TrainConfig
     pretrained_source: str | None = None
     loss_pretrained_source: str | None = None
     dataset_version: str | None = None
     split_sha256: str | None = None
     train_cases: list[str] = field(default_factory=list, repr=False)
+    # The fold's validation cases: what the fold reports; under selection="final"/"inner" the run
+    # never chose anything on them.
     val_cases: list[str] = field(default_factory=list, repr=False)
+    selection_cases: list[str] = field(default_factory=list, repr=False)  # scored every epoch
     device: str = "cpu"
 
 
@@ -109,14 +113,81 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
             {"params": head, "lr": cfg.head_lr, "name": "head"}]
 
 
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> torch.optim.Optimizer:
+    """SGD over :func:`param_groups`; ``fused_optimizer`` (CUDA) updates every tensor in one kernel."""
+    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.head_lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                           fused=True if (cfg.fused_optimizer and on_cuda) else None)
+
+
+class TrainStep:
+    """One optimisation step: forward under autocast, total loss, backward, optimizer step.
+
+    The trainer's loop and ``bench/train_speed.py`` both run this, so the bench times what trains.
+    The speed knobs of :class:`TrainConfig` (channels_last, compile, fused optimizer) act on CUDA
+    only; on CPU this is the plain eager step. Returns the detached loss terms without reading
+    them back to the host, so that on CUDA the next step can be queued while this one runs.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 cfg: TrainConfig, device: str) -> None:
+        self.model, self.loss_fn, self.optimizer, self.cfg = model, loss_fn, optimizer, cfg
+        self.device_type = device.split(":")[0]
+        on_cuda = self.device_type == "cuda"
+        self.amp = cfg.amp and on_cuda
+        self.channels_last = cfg.channels_last and on_cuda
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        if self.channels_last:  # in place: the optimizer keeps the same parameter objects
+            model.to(memory_format=torch.channels_last)
+        self.forward = model
+        if cfg.compile and on_cuda:
+            import torch._dynamo as dynamo
+
+            # Static shapes: one graph per (batch size, scale); make room for all of them (the
+            # default limit of 8 would silently fall back to eager for the later scales).
+            n_shapes = 2 * len(cfg.scales())
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, n_shapes + 2)
+            self.forward = torch.compile(model, mode=cfg.compile_mode, dynamic=cfg.compile_dynamic)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=self.device_type, enabled=self.amp):
+            logits = self.forward(x)
+        losses = self.loss_fn(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {k: v.detach() for k, v in losses.items()}
+
+
 def _subsample(ids: list[str], n: int | None, seed: int) -> list[str]:
     if n is None or n >= len(ids):
         return list(ids)
     return sorted(random.Random(seed).sample(sorted(ids), n))
 
 
-def resolve_cases(cfg: TrainConfig):
-    """(dataset info, train ids, val ids, split sha256) for the config's data/split/fold."""
+@dataclass
+class FoldCases:
+    """Which cases a run trains on, scores every epoch, and leaves for the fold's report."""
+
+    info: Any  # DatasetInfo
+    train: list[str]
+    epoch_val: list[str]  # scored after every epoch (learning curves; selection for inner/fold_best)
+    reported: list[str]  # the fold's validation cases (empty without a split)
+    split_sha256: str | None
+
+
+def resolve_cases(cfg: TrainConfig) -> FoldCases:
+    """The cases of the config's data/split/fold under its selection rule (see TrainConfig.selection).
+
+    With ``leak_check``, a fold that puts two copies of one image (a duplicate cluster of the
+    manifest, or the same bytes) on both sides is an error: the split was made by an older rule.
+    """
     from m2snet.data.format import load_dataset
 
     if not cfg.data:
@@ -124,7 +195,7 @@ def resolve_cases(cfg: TrainConfig):
     info = load_dataset(cfg.data)
     split_sha = None
     if cfg.split:
-        from m2snet.data.split import load_split
+        from m2snet.data.split import groups_across, inner_split, load_split
 
         split = load_split(cfg.split)
         fold = split.fold(cfg.fold)
@@ -134,13 +205,26 @@ def resolve_cases(cfg: TrainConfig):
         if unknown:
             raise M2SNetError(f"{cfg.split}: {len(unknown)} case ids not in {cfg.data} (e.g. {unknown[:3]}); "
                               "was the split made for another dataset?")
+        if cfg.leak_check:
+            leaks = groups_across(info.cases, {**{c: 0 for c in train_ids}, **{c: 1 for c in val_ids}})
+            if leaks:
+                raise M2SNetError(
+                    f"{cfg.split}: fold {cfg.fold} has {len(leaks)} duplicate group(s) on both sides "
+                    f"(e.g. {leaks[0]}): the validation cases would be scored on copies of training images. "
+                    f"Re-split with `m2snet data split {cfg.data}` (groups duplicate clusters), or set "
+                    "leak_check=false to measure a leaky split on purpose")
+        if cfg.selection == "inner":
+            train_ids, epoch_val = inner_split(info, train_ids, cfg.inner_val_fraction, cfg.seed)
+            epoch_val = _subsample(epoch_val, cfg.max_val_cases, cfg.seed + 2)
+        else:
+            epoch_val = None  # the fold's validation cases, subsampled below
     else:
-        train_ids, val_ids = [c.case_id for c in info.cases], []
+        train_ids, val_ids, epoch_val = [c.case_id for c in info.cases], [], []
     train_ids = _subsample(train_ids, cfg.max_train_cases, cfg.seed)
     val_ids = _subsample(val_ids, cfg.max_val_cases, cfg.seed + 1)
     if not train_ids:
         raise M2SNetError(f"{cfg.data}: no training cases (fold {cfg.fold})")
-    return info, train_ids, val_ids, split_sha
+    return FoldCases(info, train_ids, val_ids if epoch_val is None else epoch_val, val_ids, split_sha)
 
 
 @torch.no_grad()
@@ -197,7 +281,7 @@ def train(
 
     cfg.validate()
     out = Path(cfg.out_dir)
-    last_path, best_path = out / LAST, out / BEST
+    last_path, model_path = out / LAST, out / SELECTED
     if resume and not last_path.is_file():
         raise M2SNetError(f"{last_path}: nothing to resume (no checkpoint); start without --resume")
     if not resume and last_path.exists():
@@ -209,7 +293,12 @@ def train(
     amp = cfg.amp and on_cuda
     seed_everything(cfg.seed, cfg.deterministic)
 
-    info, train_ids, val_ids, split_sha = resolve_cases(cfg)
+    cases = resolve_cases(cfg)
+    info, train_ids, split_sha = cases.info, cases.train, cases.split_sha256
+    val_ids = cases.epoch_val
+    if cfg.selection == "fold_best":
+        log.warning("selection=fold_best: the checkpoint is chosen on the cases the fold reports "
+                    "(test-set selection); its metrics are optimistic")
     n_classes = info.n_classes
     cache_dir = None
     if cfg.cache:
@@ -221,19 +310,16 @@ def train(
 
     model_config = {"n_classes": n_classes, **cfg.model_config}
     model = create_model(cfg.model, pretrained=cfg.pretrained, **model_config).to(device)
-    if cfg.channels_last and on_cuda:
-        model = model.to(memory_format=torch.channels_last)
     loss_fn = TotalLoss(n_classes=n_classes, lossnet_weight=cfg.lossnet_weight,
                         lossnet_pretrained=cfg.lossnet_pretrained).to(device)
     pretrained_source = getattr(model, "pretrained_source", None)
     loss_source = getattr(loss_fn, "pretrained_source", None)
-    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.head_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    optimizer = build_optimizer(model, cfg, on_cuda)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     total = cfg.epochs if cfg.schedule_unit == "epoch" else cfg.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.schedule, total)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    forward = torch.compile(model) if (cfg.compile and on_cuda) else model
+    train_step = TrainStep(model, loss_fn, optimizer, cfg, device)
+    scaler, forward = train_step.scaler, train_step.forward
 
     dataset_version = info.version
     base_meta = {
@@ -241,12 +327,12 @@ def train(
         "image_size": cfg.size, "normalization": DEFAULT_NORMALIZATION, "train_config": cfg.to_dict(),
         "pretrained_source": pretrained_source, "dataset_version": dataset_version,
         "split_sha256": split_sha, "fold": cfg.fold if cfg.split else None,
-        "git_commit": git_commit(), "m2snet_version": __version__,
+        "git_commit": git_commit(), "m2snet_version": __version__, "selection": cfg.selection,
         "mask_classes": getattr(info, "mask_classes", None),
     }
 
     history: list[dict[str, float]] = []
-    best = {"epoch": 0, "score": -math.inf}
+    selected = {"epoch": 0, "score": -math.inf}
     start_epoch = 0
     if resume:
         ckpt = load_checkpoint(last_path)
@@ -258,7 +344,7 @@ def train(
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         restore_rng_state(ckpt["rng"])
-        history, best, start_epoch = list(ckpt["history"]), dict(ckpt["best"]), int(ckpt["epoch"])
+        history, selected, start_epoch = list(ckpt["history"]), dict(ckpt["selected"]), int(ckpt["epoch"])
         log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.epochs)
     cfg.save(out / "train_config.json")
 
@@ -268,7 +354,12 @@ def train(
         tracker.log_params(run_params(cfg.to_dict(), dataset_version=dataset_version, split_sha256=split_sha,
                                       pretrained=pretrained_source, loss_pretrained=loss_source,
                                       device=device, seed=cfg.seed,
-                                      extra={"n_train": len(train_ids), "n_val": len(val_ids)}))
+                                      extra={"n_train": len(train_ids), "n_val": len(cases.reported),
+                                             "n_epoch_val": len(val_ids),
+                                             "epoch_val_cases": {"final": "fold validation (curves only)",
+                                                                 "inner": "inner split of the training cases",
+                                                                 "fold_best": "fold validation (SELECTS: leaky)",
+                                                                 }[cfg.selection] if cfg.split else "none"}))
         write_json(out / "mlflow_run.json", {"run_id": tracker.run_id, "tracking_uri": tracker.cfg.resolved_uri()})
 
     collate = MultiScaleCollate(cfg.scales() if cfg.multiscale else [cfg.size])
@@ -285,37 +376,35 @@ def train(
         seen = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
                    leave=False)
-        for step, batch in enumerate(bar):
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["mask"].to(device, non_blocking=True)
-            if cfg.channels_last and on_cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.split(":")[0], enabled=amp):
-                logits = forward(x)
-            losses = loss_fn(logits.float(), y)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
+        pending = None  # (step, n, losses) of the previous step, read once the next one is queued
+
+        def account(step: int, n: int, losses: dict[str, torch.Tensor]) -> None:
+            nonlocal seen
+            loss = float(losses["loss"])
+            if not math.isfinite(loss):
                 raise M2SNetError(
-                    f"{out}: loss became {float(loss.detach())} at epoch {epoch + 1} step {step + 1} "
+                    f"{out}: loss became {loss} at epoch {epoch + 1} step {step + 1} "
                     f"(backbone_lr={optimizer.param_groups[0]['lr']:.3g}, head_lr={optimizer.param_groups[1]['lr']:.3g}); "
                     "lower the learning rates or check the data; the last good checkpoint is "
                     f"{last_path if last_path.exists() else 'not written yet'}"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if cfg.schedule_unit == "step":
-                scheduler.step()
-            n = x.shape[0]
             seen += n
             for k in sums:
                 if k in losses:
-                    sums[k] += float(losses[k].detach()) * n
+                    sums[k] += float(losses[k]) * n
             bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+
+        for step, batch in enumerate(bar):
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["mask"].to(device, non_blocking=True)
+            losses = train_step(x, y)
+            if cfg.schedule_unit == "step":
+                scheduler.step()
+            if pending is not None:
+                account(*pending)
+            pending = (step, x.shape[0], losses)
+        if pending is not None:
+            account(*pending)
         bar.close()
         if cfg.schedule_unit == "epoch":
             scheduler.step()
@@ -334,29 +423,38 @@ def train(
         score = row.get("val_dice", -row["train_loss"])
         payload = {**base_meta, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                    "epoch": epoch + 1, "metrics": row}
-        if score > best["score"]:
-            best = {"epoch": epoch + 1, "score": score}
-            save_checkpoint(best_path, slim(payload))
+        final = epoch + 1 == cfg.epochs
+        if (final and cfg.selection == "final") or (cfg.selection != "final" and score > selected["score"]):
+            selected = {"epoch": epoch + 1, "score": score}
+            save_checkpoint(model_path, slim({**payload, "selected_epoch": epoch + 1}))
         save_checkpoint(last_path, {**payload, "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                    "rng": capture_rng_state(), "history": history, "best": best})
+                                    "rng": capture_rng_state(), "history": history, "selected": selected})
         log.info("epoch %d/%d: loss %.4f%s | %.1f img/s | %.1fs%s", epoch + 1, cfg.epochs, row["train_loss"],
                  "".join(f" {k} {row[k]:.4f}" for k in ("val_dice", "val_iou") if k in row),
-                 row["train_img_per_s"], row["epoch_seconds"], " *best*" if best["epoch"] == epoch + 1 else "")
+                 row["train_img_per_s"], row["epoch_seconds"],
+                 " *selected*" if selected["epoch"] == epoch + 1 else "")
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1, flush=True)
         for cb in callbacks:
             cb(EpochEnd(epoch + 1, cfg.epochs, row, out))
 
+    if cfg.recalibrate_bn:  # the saved weights' BatchNorm statistics, from their training cases
+        from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
+
+        recalibrate_run_checkpoints((model_path, last_path), model, SegmentationDataset(
+            info, train_ids, cfg.size, cache_dir=cache_dir), cfg.batch_size, cfg.seed, device, cfg.num_workers)
     write_json(out / "history.json", history)
     if history:
         from m2snet.evaluation.plots import learning_curves
 
         learning_curves(history, out / "learning_curves.png", title=f"{cfg.model} fold {cfg.fold}")
+    if tracker is not None:
+        tracker.log_metrics({"selected_epoch": selected["epoch"]}, step=cfg.epochs, flush=True)
     return TrainResult(
-        out_dir=out, best_checkpoint=best_path, last_checkpoint=last_path, history=history,
-        best_epoch=int(best["epoch"]), best_score=float(best["score"]), config=cfg,
+        out_dir=out, checkpoint=model_path, last_checkpoint=last_path, history=history,
+        selected_epoch=int(selected["epoch"]), selection_score=float(selected["score"]), config=cfg,
         pretrained_source=pretrained_source, loss_pretrained_source=loss_source,
-        dataset_version=dataset_version, split_sha256=split_sha, train_cases=train_ids, val_cases=val_ids,
-        device=device,
+        dataset_version=dataset_version, split_sha256=split_sha, train_cases=train_ids,
+        val_cases=cases.reported, selection_cases=val_ids, device=device,
     )

@@ -1,0 +1,186 @@
+"""ONNX export of one checkpoint or a fold ensemble, served through ONNX Runtime.
+
+The exported graph is :meth:`Predictor.ensemble_probs`: the normalised batch [N, 3, S, S] at the
+models' input size to the mean probability of every model (and of the flipped pass with
+``tta_flip``). What surrounds it (decoding, resizing, normalising, resizing back, thresholding)
+stays in :class:`Predictor`, shared with PyTorch serving, so both back ends give the same masks.
+
+Export runs in eval mode through the TorchScript-based exporter: it folds every BatchNorm that
+follows a convolution into the convolution's weights (the written graph is checked to hold no
+BatchNormalization node) and keeps the batch axis dynamic. The torch.export-based exporter gives
+the same graph but took 10x longer on the M2SNet here. After writing, ONNX Runtime runs the file
+on a random batch against PyTorch; a difference above ``atol`` is an error and leaves nothing at
+the output path. The checkpoints' metadata (input size, classes, normalisation, tta_flip) rides in
+the file's metadata, so the file alone is enough to serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from m2snet.common import M2SNetError
+from m2snet.evaluation.predict import Predictor
+
+log = logging.getLogger(__name__)
+
+META_KEY = "m2snet"
+INPUT, OUTPUT = "image", "probability"
+DEFAULT_ATOL = 1e-4  # on probabilities in [0, 1]; fp32 kernels differ by ~1e-6 here
+OPSET = 17
+
+
+class EnsembleProbabilities(nn.Module):
+    """The graph that is exported: a Predictor's models (registered here) and its ensemble mean."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.models = nn.ModuleList(predictor.models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor.ensemble_probs(x)
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    n_models: int
+    image_size: int
+    max_abs_diff: float  # ONNX Runtime vs PyTorch on the check batch
+    batch_norms_left: int
+
+
+def onnx_meta(predictor: Predictor) -> dict:
+    meta = predictor.meta
+    return {"image_size": predictor.size, "n_classes": predictor.n_classes,
+            "normalization": meta.get("normalization"), "tta_flip": predictor.tta_flip,
+            "n_models": len(predictor.models), "model_name": meta.get("model_name"),
+            "dataset_version": meta.get("dataset_version")}
+
+
+def ort_session(path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def export_onnx(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike, *, tta_flip: bool = False,
+                atol: float = DEFAULT_ATOL, check_batch: int = 2) -> ExportReport:
+    """Write the checkpoints' ensemble as one ONNX graph at ``out`` (see the module docstring)."""
+    import onnx
+
+    out = Path(out)
+    if not checkpoints:
+        raise M2SNetError("export: no checkpoint given")
+    predictor = Predictor.from_checkpoints(checkpoints, device="cpu", tta_flip=tta_flip)
+    graph = EnsembleProbabilities(predictor).eval()
+    x = torch.randn(check_batch, 3, predictor.size, predictor.size, generator=torch.Generator().manual_seed(0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp_path = Path(tmp) / out.name
+        # Traced with grad enabled: the fast MSU's no-grad path writes in place (``out=``), which
+        # the TorchScript exporter cannot translate; the graph is the same either way.
+        with torch.enable_grad(), warnings.catch_warnings():
+            # The exporter warns that a shape comparison becomes a constant: it is, at a fixed input size.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (x,), str(tmp_path), dynamo=False, opset_version=OPSET,
+                              input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
+                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+        with torch.no_grad():
+            expected = graph(x).numpy()
+        model = onnx.load(str(tmp_path))
+        entry = model.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(onnx_meta(predictor))
+        onnx.save(model, str(tmp_path))
+        batch_norms = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
+        got = ort_session(tmp_path).run([OUTPUT], {INPUT: x.numpy()})[0]
+        diff = float(np.abs(got - expected).max())
+        if not diff <= atol:
+            raise M2SNetError(f"{out}: ONNX Runtime differs from PyTorch by {diff:.3g} (> atol {atol:g}); "
+                              "not written")
+        os.replace(tmp_path, out)
+    log.info("exported %d model(s) to %s: max |ORT - PyTorch| %.2e, %d BatchNorm left", len(predictor.models),
+             out, diff, batch_norms)
+    return ExportReport(out, len(predictor.models), predictor.size, diff, batch_norms)
+
+
+def model_checkpoints(model_uri: str, dst: str | os.PathLike) -> list[Path]:
+    """The checkpoint files of a logged / registered m2snet pyfunc model (``models:/NAME@alias``,
+    ``runs:/...``, or a local model directory), downloaded into ``dst``, in ensemble order."""
+    import mlflow.artifacts
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    local = Path(model_uri)
+    if not local.is_dir():
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        except MlflowException as err:
+            raise M2SNetError(f"{model_uri}: cannot download from {mlflow.get_tracking_uri()} ({err.message})") from None
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        raise M2SNetError(f"{model_uri}: not an MLflow model (no MLmodel file)")
+    artifacts = (yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+                 .get("artifacts") or {})
+    keys = sorted((k for k in artifacts if k.startswith("checkpoint_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if not keys:
+        raise M2SNetError(f"{model_uri}: no checkpoint_<i> artifacts; is it an m2snet pyfunc model?")
+    return [local / artifacts[k]["path"] for k in keys]
+
+
+def read_onnx_meta(path: str | os.PathLike) -> dict:
+    """The m2snet metadata of an exported file (without loading the graph's weights)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise M2SNetError(f"{path}: ONNX file not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
+        raise M2SNetError(f"{path}: not an ONNX file ({err})") from None
+    for entry in model.metadata_props:
+        if entry.key == META_KEY:
+            return json.loads(entry.value)
+    raise M2SNetError(f"{path}: no {META_KEY!r} metadata; export it with `m2snet export`")
+
+
+class OnnxPredictor(Predictor):
+    """A :class:`Predictor` whose ensemble runs in ONNX Runtime (same pre- and post-processing)."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", batch_size: int = 8,
+                 threads: int | None = None) -> None:
+        meta = read_onnx_meta(path)
+        self.path = Path(path)
+        self.session = ort_session(path, device, threads)
+        self.models = []
+        self.meta = meta
+        self.device = "cpu"  # inputs are handed to ONNX Runtime as numpy arrays
+        self.size = int(meta["image_size"])
+        self.n_classes = int(meta["n_classes"])
+        norm = meta["normalization"]
+        self.mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.tta_flip = bool(meta["tta_flip"])
+        self.batch_size = batch_size
+
+    def ensemble_probs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: x.cpu().numpy()})[0])

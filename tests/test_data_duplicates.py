@@ -1,0 +1,143 @@
+"""Near-duplicate clusters (issue 8): planted resized, cropped and re-encoded copies are found, one
+under another label is a label conflict, unrelated images stay apart; options and outputs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from m2snet.cli import app
+from m2snet.common import M2SNetError
+from m2snet.data.demo import make_demo_dataset
+from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates, near_pairs, perceptual_hashes
+from m2snet.data.format import load_dataset
+from m2snet.data.importers import import_dataset
+from m2snet.data.validation import report_paths, validate_dataset
+
+
+def _jpeg(im: Image.Image, quality: int = 70) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    return Image.open(buf).convert("L")
+
+
+def _copy_as(src: Path, image: Image.Image, label: str, index: int, mask: np.ndarray | None = None) -> None:
+    image.save(src / label / f"{label} ({index}).png")
+    if mask is None:
+        mask = np.zeros((image.height, image.width), np.uint8)
+        mask[image.height // 3:image.height // 2, image.width // 3:image.width // 2] = 255
+    Image.fromarray(mask).save(src / label / f"{label} ({index})_mask.png")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    """The demo (distinct images) plus planted copies of benign (1), benign (2) and malignant (1)."""
+    src = tmp_path_factory.mktemp("planted") / "src"
+    make_demo_dataset(src, n_per_class=(6, 4, 3), size=96, seed=11)
+    b1 = Image.open(src / "benign" / "benign (1).png")
+    b2 = Image.open(src / "benign" / "benign (2).png")
+    m1 = Image.open(src / "malignant" / "malignant (1).png")
+    w, h = b1.size
+    _copy_as(src, b1.resize((int(w * 0.7), int(h * 0.7)), Image.BILINEAR), "benign", 7)  # resized
+    _copy_as(src, b1.crop((6, 2, w - 1, h - 5)), "benign", 8)  # cropped unevenly, 1-6% per side
+    _copy_as(src, _jpeg(b2), "benign", 9)  # re-encoded
+    _copy_as(src, _jpeg(m1.resize((80, 80), Image.BILINEAR), 80), "normal", 4, np.zeros((80, 80), np.uint8))  # other label
+    return src
+
+
+EXPECTED_CLUSTERS = [
+    ["benign_0001", "benign_0007", "benign_0008"],
+    ["benign_0002", "benign_0009"],
+    ["malignant_0001", "normal_0004"],
+]
+
+
+def test_planted_near_duplicates_are_clustered(planted, tmp_path):
+    info = import_dataset("busi", planted, tmp_path / "ds", progress=False)
+    clusters = {}
+    for case in info.cases:
+        clusters.setdefault(case.group, []).append(case.case_id)
+    multi = sorted(sorted(ids) for ids in clusters.values() if len(ids) > 1)
+    assert multi == EXPECTED_CLUSTERS
+    # The group is the smallest case id; singletons are their own group.
+    assert all(case.group == min(clusters[case.group]) for case in info.cases)
+    assert info.case("benign_0003").group == "benign_0003"
+    report = json.loads(report_paths(info.root)[0].read_text())["duplicate_clusters"]
+    assert report["duplicate_clusters"] == 3 and report["near_duplicate_clusters"] == 3
+    assert report["cases_in_clusters"] == 7 and report["exact_duplicate_groups"] == 0
+    conflict = [c for c in report["clusters"] if c["label_conflict"]]
+    assert [c["case_ids"] for c in conflict] == [["malignant_0001", "normal_0004"]]
+    link = conflict[0]["links"][0]
+    assert link["kind"] == "near" and link["similarity"] == 1 - link["bits"] / 64 and link["bits"] <= 8
+    page = report_paths(info.root)[1].read_text()
+    assert "label conflict (allowed)" in page and "normal_0004" in page
+
+
+def test_near_duplicates_off_and_threshold(planted, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "import", "-f", "busi", str(planted), str(tmp_path / "off"), "--near-duplicates", "off", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout[result.stdout.index("{"):])
+    assert payload["near_duplicates"] is None and payload["duplicate_counts"]["duplicate_clusters"] == 0
+    assert all(c.group == c.case_id for c in load_dataset(tmp_path / "off").cases)
+    # Validating the 'off' dataset with near duplicates on reports the clusters without failing the
+    # group check (the manifest was made with other settings).
+    result = runner.invoke(app, ["data", "validate", str(tmp_path / "off"), "--near-duplicate-threshold", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout[result.stdout.index("{"):])
+    assert payload["duplicate_counts"]["duplicate_clusters"] == 3 and payload["duplicate_counts"]["label_conflicts"] == 1
+    # Threshold 0: only identical hashes; the unevenly cropped copy falls out, the resized one stays.
+    result = runner.invoke(app, ["data", "import", "-f", "busi", str(planted), str(tmp_path / "t0"), "--near-duplicate-threshold", "0"])
+    assert result.exit_code == 0, result.output
+    t0 = load_dataset(tmp_path / "t0")
+    assert t0.case("benign_0008").group == "benign_0008" and t0.case("benign_0007").group == "benign_0001"
+    bad = runner.invoke(app, ["data", "import", "-f", "busi", str(planted), str(tmp_path / "x"), "--near-duplicates", "maybe"])
+    assert bad.exit_code != 0 and "expected on or off" in str(bad.exception)
+
+
+def test_edited_images_make_the_recorded_groups_stale(planted, tmp_path):
+    info = import_dataset("busi", planted, tmp_path / "ds", progress=False)
+    # Overwrite benign_0007's image with an unrelated one and fix its sha256 in the manifest.
+    from m2snet.common import sha256_file
+
+    Image.open(info.case("normal_0001").image_path).save(info.case("benign_0007").image_path)
+    manifest = (info.root / "manifest.csv").read_text().replace(info.case("benign_0007").sha256, sha256_file(info.case("benign_0007").image_path))
+    (info.root / "manifest.csv").write_text(manifest)
+    report = validate_dataset(info.root, write_report=False)
+    failing = {(o.column, r["case_id"]) for o in report.failures for r in o.offending}
+    assert ("group_matches", "benign_0007") in failing
+
+
+def test_union_find_chains_and_exact_links():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, size=(5, 3), dtype=np.uint64)
+    hashes = base.copy()
+    hashes[1] = hashes[0] ^ np.uint64(0b11)  # 2 bits from 0
+    hashes[2] = hashes[1] ^ np.uint64(0b1100)  # 2 bits from 1, 4 from 0
+    report = find_duplicates(["c", "a", "b", "d", "e"], ["x", "x", "y", "x", "x"], ["s1", "s2", "s3", "s4", "s4"], hashes,
+                             NearDuplicateConfig(max_distance=2))
+    assert [c.case_ids for c in report.clusters] == [["a", "b", "c"], ["d", "e"]]
+    assert report.group_of == {"c": "a", "a": "a", "b": "a", "d": "d", "e": "d"}
+    assert [c.case_ids for c in report.conflicts] == [["a", "b", "c"]]
+    assert report.exact_groups == [["d", "e"]] and report.counts()["near_duplicate_clusters"] == 1
+    off = find_duplicates(["c", "a", "b", "d", "e"], ["x"] * 5, ["s1", "s2", "s3", "s4", "s4"], None, NearDuplicateConfig(enabled=False))
+    assert [c.case_ids for c in off.clusters] == [["d", "e"]]
+    with pytest.raises(M2SNetError, match="0..63 bits"):
+        NearDuplicateConfig(max_distance=64)
+
+
+def test_perceptual_hash_survives_resize_and_reencoding_not_content():
+    from m2snet.data.demo import make_case
+
+    a = Image.fromarray(make_case(0, "benign", 1, 128)[0])
+    b = Image.fromarray(make_case(0, "benign", 2, 128)[0])
+    ha = perceptual_hashes(a)
+    same = np.stack([ha, perceptual_hashes(_jpeg(a.resize((90, 90)), 60)), perceptual_hashes(b)])
+    assert [(i, j) for i, j, _ in near_pairs(same, 8)] == [(0, 1)]
