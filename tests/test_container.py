@@ -25,8 +25,8 @@ from m2snet.pipeline import COMPONENT_IMAGE
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "container-test"
 MODEL = "m2snet-tiny-container"
-# prepare, split, tune, 4 x (train, evaluate), aggregate, register, promote
-TINY_STEPS = 3 + 2 * 4 + 3
+# At least prepare, split, tune, 4 x (train, evaluate), aggregate, register, promote.
+MIN_TINY_STEPS = 3 + 2 * 4 + 3
 
 
 def _engine() -> str:
@@ -124,8 +124,10 @@ def test_tiny_pipeline_runs_every_step_in_the_image_and_registers_a_model(image,
     started = _started_containers(engine, tag, since, time.time())
     print(f"\ncontainer runner: {len(started)} step containers, {result.seconds:.0f} s, "
           f"model {MODEL} version {result.version}")
-    # Every step ran in a container of the image (and nothing ran twice).
-    assert len(started) == TINY_STEPS, [e.get("Name") or e.get("Actor", {}) for e in started]
+    # Every step ran in a container of the image, once: one container per task that wrote its outputs.
+    tasks = list(result.pipeline_root.rglob("executor_output.json"))
+    assert len(tasks) >= MIN_TINY_STEPS
+    assert len(started) == len(tasks), ([e.get("Name") for e in started], tasks)
 
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     mv = client.get_model_version(MODEL, result.version)
