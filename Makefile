@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow test-container image constraints bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,20 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+## The component image (docker/Dockerfile) with docker or podman; see docker/build.sh for its settings.
+image:
+	docker/build.sh
+
+## Pin the image's dependencies to this (tested) environment's versions.
+constraints: $(STAMP)
+	{ sed -n '1,3p' docker/constraints.txt; $(BIN)/pip freeze --exclude-editable \
+	  | grep -v -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-(bindings|pathfinder|toolkit))=='; } > docker/constraints.tmp
+	mv docker/constraints.tmp docker/constraints.txt
+
+## The pipeline with every step in that image (builds it first; podman or docker).
+test-container: $(STAMP)
+	$(BIN)/python -m pytest -m container
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns .m2snet

@@ -653,6 +653,22 @@ def _record_failure(view: "RunView", experiment: str, err: Exception) -> Pipelin
                               failed.label, failed.log, parent_id)
 
 
+RUNNERS = ("subprocess", "container")
+
+
+def _kfp_runner(runner: str, *, data_path: str, tracking_uri: str):
+    """A context giving the kfp local runner: subprocesses here, or containers of COMPONENT_IMAGE."""
+    import contextlib
+
+    from kfp import local
+
+    if runner == "container":
+        from m2snet.container import container_runner
+
+        return container_runner(COMPONENT_IMAGE, data_path=data_path, tracking_uri=tracking_uri)
+    return contextlib.nullcontext(local.SubprocessRunner(use_venv=False))
+
+
 def run_local(
     preset: str = "demo",
     *,
@@ -672,8 +688,10 @@ def run_local(
     margin: float | None = None,
     threads: int | None = None,
     display: str = "plain",
+    runner: str = "subprocess",
 ) -> LocalRunResult:
-    """Run the pipeline on the kfp local runner (subprocesses in this Python environment).
+    """Run the pipeline on the kfp local runner: ``runner`` "subprocess" (this Python environment) or
+    "container" (every step in COMPONENT_IMAGE through docker/podman, see m2snet.container).
 
     The local runner executes the same components, ParallelFor fan-out, Collected fan-in and exit
     handler as a cluster (at most two loop iterations at once); GPU requests, limits, retries and
@@ -694,6 +712,8 @@ def run_local(
 
     from m2snet.data.importers import list_importers
 
+    if runner not in RUNNERS:
+        raise M2SNetError(f"unknown runner {runner!r}; choose one of {list(RUNNERS)}")
     p = get_preset(preset)
     if importer not in list_importers():  # fail before starting anything
         raise M2SNetError(f"--importer {importer!r}: unknown layout; choose one of {list_importers()}")
@@ -706,8 +726,9 @@ def run_local(
     root.mkdir(parents=True, exist_ok=True)
     module = _pipeline_module()
     pipeline_fn = module.build_pipeline(cluster=False, local_threads=threads or max(1, (os.cpu_count() or 2) // 2))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     folds = n_folds or p.n_folds
+    if data_path and runner == "container":
+        data_path = str(Path(data_path).resolve())  # mounted at the same path; the step's cwd is not ours
     arguments = dict(
         preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, n_folds=folds,
         seed=seed, n_trials=n_trials, tuning_storage=tuning_storage,
@@ -723,11 +744,12 @@ def run_local(
     import warnings
 
     failure: Exception | None = None
-    with warnings.catch_warnings(), view:
-        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {uri}\nlogs: {view.log_dir}/")
-        log.info("local pipeline run: preset %s, MLflow %s, kfp root %s", preset, uri, root)
+    with warnings.catch_warnings(), view, _kfp_runner(runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
+        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {uri}, runner {runner}\nlogs: {view.log_dir}/")
+        log.info("local pipeline run: preset %s, MLflow %s, kfp root %s, runner %s", preset, uri, root, runner)
         # The SubprocessRunner warns that our image name has no "python" in it: we run in this env.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        local.init(runner=kfp_runner, pipeline_root=str(root), raise_on_error=True)
         try:
             task = pipeline_fn(**arguments)
         except RuntimeError as err:  # the local runner's "inner task failed"

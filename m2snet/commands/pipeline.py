@@ -53,6 +53,8 @@ def run_cmd(
     margin: Optional[float] = typer.Option(None, help="Margin over production's CV Dice; default: the preset's."),
     threads: Optional[int] = typer.Option(None, help="Torch threads per task (two fold tasks run at once)."),
     verbose: bool = typer.Option(False, "--verbose", help="Stream every task's full output (the logs are kept too)."),
+    runner: str = typer.Option("subprocess", help="subprocess (this Python) | container (every step in the "
+                                                  "component image via docker/podman; needs an MLflow server)."),
 ) -> None:
     """Run the whole pipeline: data -> validate -> split -> tune -> 4 folds -> CV table -> register -> promote."""
     from m2snet.pipeline import run_local
@@ -64,7 +66,7 @@ def run_cmd(
         preset, data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, work_dir=work_dir,
         experiment=experiment, model_name=model_name, n_folds=folds, n_trials=trials, seed=seed,
         train_overrides=_set_overrides(preset, set_), tuning_storage=tuning_storage, floor=floor, margin=margin,
-        threads=threads, display="stream" if verbose else "auto",
+        threads=threads, display="stream" if verbose else "auto", runner=runner,
     )
     _print_summary(result)
 
