@@ -36,7 +36,7 @@ from typing import Any, Callable, TextIO
 TASK_LABELS = {
     "prepare-dataset": "prepare + validate",
     "split-dataset": "split",
-    "tune-hyperparameters": "tune (Optuna)",
+    "tune-hyperparameters": "tune fold {fold}",
     "train-fold": "train fold {fold}",
     "evaluate-fold": "evaluate fold {fold}",
     "aggregate-cv": "CV table",
@@ -44,7 +44,7 @@ TASK_LABELS = {
     "promote-model": "promote",
     "finalize-run": "close MLflow run",
 }
-FOLD_COMPONENTS = ("train-fold", "evaluate-fold")
+FOLD_COMPONENTS = ("tune-hyperparameters", "train-fold", "evaluate-fold")  # nested tuning: one study a fold
 PLAIN_PROGRESS_EVERY_S = 60.0  # a non-terminal console gets a progress line at most this often per task
 LOG_TAIL_LINES = 40
 
@@ -108,7 +108,7 @@ def task_label(key: str) -> str:
 def planned_tasks(n_folds: int) -> list[str]:
     """The tasks of one pipeline run, in the order the console lists them."""
     folds = [f"{name}-{i}" for i in range(n_folds) for name in FOLD_COMPONENTS]
-    return ["prepare-dataset", "split-dataset", "tune-hyperparameters", *folds, "aggregate-cv", "register-model",
+    return ["prepare-dataset", "split-dataset", *folds, "aggregate-cv", "register-model",
             "promote-model", "finalize-run"]
 
 
@@ -164,7 +164,8 @@ class RunView:
         for key in planned_tasks(n_folds):
             self._task(key)
         if n_trials > 0:
-            self.tasks["tune-hyperparameters"].trials = (0, n_trials)
+            for i in range(n_folds):
+                self.tasks[f"tune-hyperparameters-{i}"].trials = (0, n_trials)
         self.notes: list[str] = []  # warnings shown once
         self.pipeline_run_id: str = ""  # the runner's job id (= dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         self.cv_row: str = ""

@@ -56,7 +56,10 @@ def test_keys_labels_and_plan():
     assert task_key("comp-prepare-dataset", {"preset": "tiny"}) == "prepare-dataset"
     assert task_label("evaluate-fold-3") == "evaluate fold 3" and task_label("other") == "other"
     plan = planned_tasks(4)
-    assert len(plan) == 3 + 8 + 4 and plan[3:5] == ["train-fold-0", "evaluate-fold-0"]
+    # Nested tuning: each fold's tune, train, evaluate.
+    assert len(plan) == 2 + 12 + 4 and plan[2:5] == ["tune-hyperparameters-0", "train-fold-0", "evaluate-fold-0"]
+    assert task_key("comp-tune-hyperparameters", {"fold": 1}) == "tune-hyperparameters-1"
+    assert task_label("tune-hyperparameters-1") == "tune fold 1"
     with pytest.raises(ValueError):
         RunView("x", n_folds=1, mode="loud")
 

@@ -71,7 +71,7 @@ def test_shared_study_reports_epochs_and_logs_nested_runs(tiny_data, tmp_path, m
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("tune-test")
     runs = client.search_runs([exp.experiment_id])
-    tune_run = next(r for r in runs if r.info.run_name == "tune")
+    tune_run = next(r for r in runs if r.info.run_name == "tune-fold-0")  # the study of fold 0
     assert tune_run.data.tags["mlflow.parentRunId"] == parent.run_id
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]
     assert sorted(r.info.run_name for r in trials) == ["trial-0", "trial-1"]

@@ -209,7 +209,8 @@ def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float 
                 seed: int = 42) -> tuple[list[str], list[str]]:
     """(inner train, inner val) of ``case_ids``: stratified by label, duplicate groups on one side.
 
-    The same assignment as the outer split, with k = round(1 / val_fraction) folds of which the
+    The same assignment as the outer split, with k = round(1 / val_fraction) folds (at most one per
+    duplicate group) of which the
     first is the inner validation set: tuning and ``selection="inner"`` never read the outer
     fold's validation cases, and never see one copy of an image while scoring the other.
     """
@@ -221,10 +222,11 @@ def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float 
         raise M2SNetError(f"{info.root}: inner split names unknown cases {missing[:5]}")
     cases = [by_id[i] for i in sorted(case_ids)]
     groups = case_groups(cases, "cluster")
-    k = max(2, round(1 / val_fraction))
-    if len(groups) < k:
-        raise M2SNetError(f"{info.root}: {len(cases)} training cases in {len(groups)} distinct images are too few "
-                          f"for an inner validation set of {val_fraction:.0%}")
+    if len(groups) < 2:
+        raise M2SNetError(f"{info.root}: {len(cases)} training cases in {len(groups)} distinct image(s) cannot be "
+                          "split into inner training and validation sets")
+    # A tiny set with fewer groups than 1 / val_fraction holds out one group (a larger share).
+    k = max(2, min(round(1 / val_fraction), len(groups)))
     fold_of = assign_folds([c.label for c in cases], groups, k, seed)
     val = [c.case_id for c, f in zip(cases, fold_of) if f == 0]
     train = [c.case_id for c, f in zip(cases, fold_of) if f != 0]
