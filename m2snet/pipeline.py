@@ -82,9 +82,10 @@ PRESETS: dict[str, PipelinePreset] = {
         PipelinePreset(
             name="demo",
             description="first run on a laptop: the DVC-tracked demo set (data/demo, 26 cases) at 96 px, "
-                        "2 epochs, 2 trials, no LossNet (CPU)",
+                        "2 epochs, per fold 2 tuning trials of 1 epoch, no LossNet (CPU)",
             train=dict(size=96, epochs=2, batch_size=4, lossnet_weight=0.0, progress=True),
-            n_trials=2, tune_epochs=2, tracked_demo=True, promote_floor=0.0,
+            # Nested tuning runs one study per fold (4 studies): 1-epoch trials keep the first run short.
+            n_trials=2, tune_epochs=1, tracked_demo=True, promote_floor=0.0,
         ),
         PipelinePreset(
             name="busi",

@@ -5,6 +5,7 @@ matplotlib runs on the Agg backend (no display needed, safe in workers and conta
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -121,4 +122,4 @@ def compare_val_dice(runs: dict[str, Sequence[Sequence[dict]]], out_path: str | 
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(plt, fig, out_path, title)
+    return _save(plt, fig, out_path, textwrap.fill(title, 90))
