@@ -69,6 +69,28 @@ def onnx_meta(predictor: Predictor) -> dict:
             "dataset_version": meta.get("dataset_version")}
 
 
+def _inline_initializer_aliases(model) -> int:
+    """Replace ``Identity(initializer)`` nodes by the initializer itself; return how many.
+
+    The TorchScript exporter deduplicates equal parameters (e.g. ``conv_3.norm.weight`` and
+    ``conv_5.norm.weight``, both still 1 in an untrained model) by emitting such Identity nodes.
+    ONNX Runtime's graph optimiser then rejects the model ("not a graph input, initializer, or
+    output of a previous node"); reading the initializer directly is the same graph.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    if alias.keys() & {o.name for o in model.graph.output}:  # never so for our probability output
+        return 0
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in keep:
+        for j, name in enumerate(node.input):
+            if name in alias:
+                node.input[j] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return len(alias)
+
+
 def ort_session(path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
     import onnxruntime as ort
 
@@ -107,6 +129,7 @@ def export_onnx(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike
         with torch.no_grad():
             expected = graph(x).numpy()
         model = onnx.load(str(tmp_path))
+        _inline_initializer_aliases(model)
         entry = model.metadata_props.add()
         entry.key, entry.value = META_KEY, json.dumps(onnx_meta(predictor))
         onnx.save(model, str(tmp_path))
