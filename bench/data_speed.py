@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_speed import _sync  # noqa: E402
-from train_speed import MODES, batch_at, make_step, runner, timed_first  # noqa: E402
+from train_speed import MODES, batch_at, bench_setup, make_step, runner, timed_first  # noqa: E402
 
 TARGET_RATIO = 3.0
 
@@ -114,13 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_cuda = device.startswith("cuda")
-    size = args.size or (352 if on_cuda else 128)
-    batch = args.batch or (16 if on_cuda else 8)
+    device, on_cuda, size, batch = bench_setup(args, cpu_batch=8)
     mode = args.mode or ("compiled_cl_fused" if on_cuda else "eager")
 
     out: dict = {"device": device, "cuda_device": torch.cuda.get_device_name() if on_cuda else None,

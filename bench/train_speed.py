@@ -174,6 +174,17 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def bench_setup(args, cpu_batch: int) -> tuple[str, bool, int, int]:
+    """Quiet logging, ``--threads``, and (device, on_cuda, size, batch) with the machine's defaults:
+    352 px / batch 16 on CUDA (the paper's setting), 128 px / ``cpu_batch`` on the CPU."""
+    logging.basicConfig(level=logging.ERROR)  # random-weight warnings are expected here
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda")
+    return device, on_cuda, args.size or (352 if on_cuda else 128), args.batch or (16 if on_cuda else cpu_batch)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -194,13 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", dest="json_out", default=None, help="write results here (also partial ones)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR)  # random-weight warnings are expected here
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_cuda = device.startswith("cuda")
-    size = args.size or (352 if on_cuda else 128)
-    batch = args.batch or (16 if on_cuda else 4)
+    device, on_cuda, size, batch = bench_setup(args, cpu_batch=4)
     modes = args.modes or (["eager", "cl_fused", "compiled_cl_fused"] if on_cuda else ["eager"])
     variants = list(args.variants) + ([REFERENCE] if args.reference and REFERENCE not in args.variants else [])
     from m2snet.losses import TotalLoss
