@@ -113,15 +113,16 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
 
 def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[str, list[dict]]:
     """Per-fold metrics of the same runs under other readings (final epoch, batch stats, recalibrated)."""
+    from m2snet.common import resolve_device
     from m2snet.cv import score_fold
     from m2snet.evaluation.evaluate import evaluate_predictor
     from m2snet.evaluation.predict import Predictor
     from m2snet.training.trainer import resolve_cases
 
     rows: dict[str, list[dict]] = {}
+    device = resolve_device(cfg.device)  # where the runs trained
     for fr in res.folds:
         cases = resolve_cases(cfg.override(fold=fr.fold))
-        device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
         if protocol == "old":
             ev = score_fold(fr.out_dir / "last.pt", cfg.data, cases.reported, fr.out_dir / "eval-final",
                             device=device, batch_size=cfg.batch_size, with_sod=False)

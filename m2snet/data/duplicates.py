@@ -162,6 +162,31 @@ class DuplicateReport:
         }
 
 
+class UnionFind:
+    """Disjoint sets over 0..n-1 (path halving); the root of a set is its smallest member."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+    def components(self) -> dict[int, list[int]]:
+        """root -> its members in ascending order, roots in order of first member."""
+        members: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            members.setdefault(self.find(i), []).append(i)
+        return members
+
+
 def find_duplicates(
     case_ids: Sequence[str],
     labels: Sequence[str],
@@ -175,14 +200,7 @@ def find_duplicates(
     (may be None when ``config.enabled`` is False).
     """
     n = len(case_ids)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    sets = UnionFind(n)
     links: list[tuple[int, int, str, int]] = []
     first_of: dict[str, int] = {}
     by_sha: dict[str, list[int]] = {}
@@ -202,13 +220,9 @@ def find_duplicates(
                 continue  # already an exact link
             links.append((i, j, "near", bits))
     for i, j, _, _ in links:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
+        sets.union(i, j)
 
-    members: dict[int, list[int]] = {}
-    for i in range(n):
-        members.setdefault(find(i), []).append(i)
+    members = sets.components()
     group_of = {}
     clusters_by_root: dict[int, DuplicateCluster] = {}
     for root, idx in members.items():
@@ -219,7 +233,7 @@ def find_duplicates(
             clusters_by_root[root] = DuplicateCluster(ids[0], ids, {case_ids[i]: labels[i] for i in sorted(idx, key=lambda k: case_ids[k])})
     for i, j, kind, bits in links:
         a, b = sorted((case_ids[i], case_ids[j]))
-        clusters_by_root[find(i)].links.append(
+        clusters_by_root[sets.find(i)].links.append(
             {"a": a, "b": b, "kind": kind, "bits": bits, "similarity": round(1 - bits / HASH_BITS, 4)}
         )
     clusters = sorted(clusters_by_root.values(), key=lambda c: c.group)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from m2snet.common import M2SNetError, sha256_file, write_json
+from m2snet.data.duplicates import UnionFind
 from m2snet.data.format import CaseRecord, DatasetInfo, load_dataset
 
 # What keeps cases together: "cluster" = the manifest's duplicate cluster (exact + near) and the
@@ -70,29 +71,13 @@ def default_split_path(root: str | os.PathLike, n_folds: int, seed: int) -> Path
     return root.parent / f"{root.name}.split-{n_folds}fold-seed{seed}.json"
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> None:
-        ri, rj = self.find(i), self.find(j)
-        if ri != rj:
-            self.parent[max(ri, rj)] = min(ri, rj)
-
-
 def case_groups(cases: Sequence[CaseRecord], group_by: GroupBy = "cluster") -> list[list[int]]:
     """Indices of ``cases`` that must share a fold, each list sorted, in order of first member.
 
     ``cluster``: cases with the same manifest ``group`` (duplicate cluster) or the same image hash;
     ``sha256``: the same image hash only.
     """
-    uf = _UnionFind(len(cases))
+    uf = UnionFind(len(cases))
     first: dict[tuple[str, str], int] = {}
     for i, case in enumerate(cases):
         keys = [("sha256", case.sha256 or case.case_id)]
@@ -103,10 +88,7 @@ def case_groups(cases: Sequence[CaseRecord], group_by: GroupBy = "cluster") -> l
                 uf.union(first[key], i)
             else:
                 first[key] = i
-    members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(cases)):
-        members[uf.find(i)].append(i)
-    return sorted(members.values(), key=lambda g: g[0])
+    return sorted(uf.components().values(), key=lambda g: g[0])
 
 
 def groups_across(cases: Sequence[CaseRecord], side_of: dict[str, int]) -> list[list[str]]:
