@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from m2snet.common import M2SNetError, write_json
+from m2snet.data.split import INNER_VAL_FRACTION
 
 if TYPE_CHECKING:
     import optuna
@@ -52,7 +53,7 @@ class TuningConfig:
     study_name: str = "m2snet"
     head_lr: tuple[float, float] = (1e-3, 1e-1)
     backbone_ratio: tuple[float, float] = (0.01, 1.0)
-    inner_val_fraction: float = 0.2
+    inner_val_fraction: float = INNER_VAL_FRACTION
     seed: int = 42
     pruner_startup_trials: int = 2  # no pruning until this many trials finished
     pruner_warmup_epochs: int = 1  # nor before this many epochs of a trial

@@ -32,6 +32,8 @@ from m2snet.data.format import CaseRecord, DatasetInfo, load_dataset
 # image hash; "sha256" = byte-identical images only (the first version's rule, kept so that its
 # optimism can be measured: bench/busi_cv.py --protocol old).
 GroupBy = Literal["cluster", "sha256"]
+# Share of a fold's training cases held out as its inner validation set (tuning, selection="inner").
+INNER_VAL_FRACTION = 0.2
 
 SPLIT_FORMAT_VERSION = 2
 READABLE_SPLIT_VERSIONS = (1, 2)  # version 1: groups by sha256 only
@@ -187,7 +189,7 @@ def make_split(
     return load_split(path)
 
 
-def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float = 0.2,
+def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float = INNER_VAL_FRACTION,
                 seed: int = 42) -> tuple[list[str], list[str]]:
     """(inner train, inner val) of ``case_ids``: stratified by label, duplicate groups on one side.
 
@@ -216,7 +218,7 @@ def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float 
 
 
 def write_inner_split(info: DatasetInfo, outer: "Split", fold: int, out: str | os.PathLike,
-                      val_fraction: float = 0.2, seed: int = 42) -> Path:
+                      val_fraction: float = INNER_VAL_FRACTION, seed: int = 42) -> Path:
     """Fold ``fold``'s training cases split by :func:`inner_split`, as a 1-fold split file."""
     train, val = inner_split(info, outer.fold(fold).train, val_fraction, seed)
     write_json(out, {

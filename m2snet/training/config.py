@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from m2snet.common import M2SNetError, write_json
+from m2snet.data.split import INNER_VAL_FRACTION
 
 # The reference's multi-scale set at a 352 px base size (spec: "every batch resized to one of ...").
 REFERENCE_SCALES = (224, 256, 288, 320, 352)
@@ -44,7 +45,7 @@ class TrainConfig:
     #   It exists only to measure the first version's optimism (bench/busi_cv.py --protocol old);
     #   runs record it and the CV table says so.
     selection: Literal["final", "inner", "fold_best"] = "final"
-    inner_val_fraction: float = 0.2  # selection="inner": share of the fold's training cases held out
+    inner_val_fraction: float = INNER_VAL_FRACTION  # selection="inner": share of the fold's training cases held out
     # Refuse a split whose folds put two copies of one image (a duplicate cluster) on both sides.
     leak_check: bool = True
     # --- model / loss ---------------------------------------------------------------------------
