@@ -175,7 +175,7 @@ def tune_fold(cfg: TrainConfig, fold: int, tuning, out_dir: str | os.PathLike, *
 
 def fit_fold(cfg: TrainConfig, fold: int, fold_dir: str | os.PathLike, *, tracker=None, resume: bool = False,
              tuned: Mapping[str, float] | None = None):
-    """Train fold ``fold`` into ``fold_dir`` (tuned values, if any, under the config's explicit fields)."""
+    """Train fold ``fold`` into ``fold_dir``; ``tuned`` values (the fold's study's best) replace the config's."""
     from m2snet.training.trainer import train
 
     if not cfg.split:
