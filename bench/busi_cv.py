@@ -96,7 +96,7 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
     """
     import numpy as np
 
-    from m2snet.cv import aggregate_cv
+    from m2snet.workflows.folds import aggregate_cv
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import resolve_cases
 
@@ -114,7 +114,7 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
 def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[str, list[dict]]:
     """Per-fold metrics of the same runs under other readings (final epoch, batch stats, recalibrated)."""
     from m2snet.common import resolve_device
-    from m2snet.cv import score_fold
+    from m2snet.workflows.folds import score_fold
     from m2snet.evaluation.evaluate import evaluate_predictor
     from m2snet.evaluation.predict import Predictor
     from m2snet.training.trainer import resolve_cases
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: BUSI not found at {args.busi} (use --busi)", file=sys.stderr)
         return 2
 
-    from m2snet.cv import PAPER_BUSI_M2SNET, aggregate_cv, run_cv
+    from m2snet.workflows.folds import PAPER_BUSI_M2SNET, aggregate_cv, run_cv
     from m2snet.evaluation.metrics import BUSI_TABLE
     from m2snet.training.config import TrainConfig
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tracking = None
     if args.tracking_uri:
-        from m2snet.tracking import TrackingConfig
+        from m2snet.mlops.tracking import TrackingConfig
 
         tracking = TrackingConfig(uri=args.tracking_uri, experiment="busi-bench")
     for label, name, model_config in parse_models(args.models):

@@ -79,7 +79,7 @@ def loader_rate(info, size: int, batch: int, workers: int, cache_dir: Path | Non
 
 def model_rate(device: str, size: int, batch: int, mode: str, repeats: int, steps: int) -> float:
     """Training images/s of M2SNet (fast MSU) at the loader's size, random batches."""
-    from m2snet.losses import TotalLoss
+    from m2snet.training.losses import TotalLoss
 
     loss_fn = TotalLoss(n_classes=1, lossnet_weight=0.1, lossnet_pretrained=False).to(device)
     step, _ = make_step("m2snet_fast", mode, device, size, batch, loss_fn)

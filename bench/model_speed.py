@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     for device in devices:
         loss_fn = None
         if not args.no_train:
-            from m2snet.losses import TotalLoss
+            from m2snet.training.losses import TotalLoss
 
             loss_fn = TotalLoss(n_classes=1, lossnet_weight=0.1, lossnet_pretrained=False).to(device)
         for batch in args.batches:

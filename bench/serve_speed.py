@@ -36,7 +36,7 @@ def random_checkpoints(work: Path, model: str, folds: int, size: int) -> list[Pa
     reach 1e10 and every probability is exactly 0 or 1, so the statistics are first estimated on
     two random batches (as training would), giving unsaturated probabilities to compare."""
     from m2snet.models import create_model
-    from m2snet.training.checkpoint import DEFAULT_NORMALIZATION, save_checkpoint
+    from m2snet.models.checkpoint import DEFAULT_NORMALIZATION, save_checkpoint
 
     paths = []
     for fold in range(folds):
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from m2snet.evaluation.predict import Predictor
-    from m2snet.export import OnnxPredictor, export_onnx
+    from m2snet.mlops.export import OnnxPredictor, export_onnx
 
     with tempfile.TemporaryDirectory(prefix="m2snet-serve-speed-") as tmp:
         work = Path(tmp)

@@ -105,7 +105,7 @@ def loss_curves(variant: str, modes: list[str], device: str, size: int, batch: i
                 amp: bool = True, lossnet_weight: float = 0.1) -> dict[str, list[float]]:
     """The total loss of ``n_steps`` training steps per mode, from the same initial weights on the
     same batches (blob-shaped masks), so that a speed mode can be checked against eager numerics."""
-    from m2snet.losses import TotalLoss
+    from m2snet.training.losses import TotalLoss
 
     torch.manual_seed(0)
     loss_fn = TotalLoss(n_classes=1, lossnet_weight=lossnet_weight, lossnet_pretrained=False).to(device)
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, on_cuda, size, batch = bench_setup(args, cpu_batch=4)
     modes = args.modes or (["eager", "cl_fused", "compiled_cl_fused"] if on_cuda else ["eager"])
     variants = list(args.variants) + ([REFERENCE] if args.reference and REFERENCE not in args.variants else [])
-    from m2snet.losses import TotalLoss
+    from m2snet.training.losses import TotalLoss
 
     loss_fn = TotalLoss(n_classes=1, lossnet_weight=args.lossnet_weight, lossnet_pretrained=False).to(device)
     out = {"device": device, "cuda_device": torch.cuda.get_device_name() if on_cuda else None,

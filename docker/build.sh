@@ -6,7 +6,7 @@
 #
 # Environment (all optional):
 #   ENGINE      docker | podman (default: docker when its daemon answers, else podman)
-#   TAG         image tag (default: m2snet.pipeline.COMPONENT_IMAGE, ghcr.io/m2snet/m2snet:<version>)
+#   TAG         image tag (default: m2snet.kubeflow.image.COMPONENT_IMAGE, ghcr.io/m2snet/m2snet:<version>)
 #   BASE_IMAGE  base image (default: python:3.11-slim; where it can be neither found nor pulled, a
 #               Debian bookworm base is made with debootstrap and imported as $LOCAL_BASE, once)
 #   TORCH, TORCH_INDEX_URL   passed to the Dockerfile (e.g. a CPU-only torch)

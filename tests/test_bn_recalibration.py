@@ -124,7 +124,7 @@ def test_reference_checkpoint_into_per_site(tmp_path, caplog) -> None:
     statistics (eval outputs equal the shared model's), flagged and logged; recalibration
     clears the flag; a per-site checkpoint round-trips with its own statistics."""
     from m2snet.models.reference import convert_reference, load_reference_checkpoint
-    from m2snet.training.checkpoint import load_model_from_checkpoint, save_checkpoint
+    from m2snet.models.checkpoint import load_model_from_checkpoint, save_checkpoint
 
     torch.manual_seed(2)
     shared = create_model("m2snet", pretrained=False, msu_norm="shared")
@@ -179,7 +179,7 @@ def test_recalibrate_bn_cli_upgrades_a_reference_checkpoint(tmp_path, tiny_data)
 
     from m2snet.cli import app
     from m2snet.data.split import load_split
-    from m2snet.training.checkpoint import load_checkpoint, load_model_from_checkpoint
+    from m2snet.models.checkpoint import load_checkpoint, load_model_from_checkpoint
 
     data, split = tiny_data
     torch.manual_seed(3)
@@ -221,7 +221,7 @@ def test_recalibrate_bn_cli_upgrades_a_reference_checkpoint(tmp_path, tiny_data)
 
 
 def test_trainer_recalibrates_its_checkpoints(tmp_path, tiny_data) -> None:
-    from m2snet.training.checkpoint import load_checkpoint
+    from m2snet.models.checkpoint import load_checkpoint
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import train
 

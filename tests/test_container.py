@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from m2snet.common import M2SNetError
-from m2snet.pipeline import COMPONENT_IMAGE
+from m2snet.kubeflow.image import COMPONENT_IMAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "container-test"
@@ -38,7 +38,7 @@ def _engine() -> str:
 
 
 def _engine_env() -> dict[str, str]:
-    from m2snet.container import PODMAN_CONF
+    from m2snet.kubeflow.container import PODMAN_CONF
 
     env = dict(os.environ)
     if "CONTAINERS_CONF" not in env and shutil.which("runc"):
@@ -70,7 +70,7 @@ def test_image_runs_the_cli_as_a_non_root_user(image):
 
 
 def test_container_runner_refuses_a_tracking_store_the_containers_cannot_reach(tmp_path):
-    from m2snet.pipeline import run_local
+    from m2snet.kubeflow.runner import run_local
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -79,7 +79,7 @@ def test_container_runner_refuses_a_tracking_store_the_containers_cannot_reach(t
 
 
 def test_steps_get_the_tracking_and_storage_settings_but_not_the_rest_of_the_environment():
-    from m2snet.container import step_environment
+    from m2snet.kubeflow.container import step_environment
 
     env = step_environment({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "AWS_ACCESS_KEY_ID": "k",
                             "M2SNET_OPTUNA_STORAGE": "postgresql://db", "PATH": "/host/bin", "SSH_AUTH_SOCK": "/x"})
@@ -112,7 +112,7 @@ def _started_containers(engine: str, tag: str, since: float, until: float) -> li
 def test_tiny_pipeline_runs_every_step_in_the_image_and_registers_a_model(image, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    from m2snet.pipeline import run_local
+    from m2snet.kubeflow.runner import run_local
 
     engine, tag = image
     since = time.time() - 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from m2snet.common import free_port
-from m2snet.tracking import Tracker, TrackingConfig, TrackingError, flatten_params
+from m2snet.mlops.tracking import Tracker, TrackingConfig, TrackingError, flatten_params
 
 BUSI_METRICS = ("iou", "precision", "recall", "specificity", "dice")
 
@@ -22,7 +22,7 @@ def test_flatten_params_drops_secrets_and_strips_url_passwords():
 
 
 def test_aggregate_cv_mean_std_percent():
-    from m2snet.cv import aggregate_cv
+    from m2snet.workflows.folds import aggregate_cv
 
     s = aggregate_cv([{"dice": 0.7, "iou": 0.5, "med": 2.0, "n_cases": 3}, {"dice": 0.8, "iou": 0.7, "med": 4.0, "n_cases": 4}])
     assert s.mean["dice"] == pytest.approx(75.0) and s.std["dice"] == pytest.approx(np.std([70, 80], ddof=1))
@@ -41,8 +41,8 @@ def test_unreachable_server_fails_clearly_after_retries():
 def test_server_killed_mid_run_loses_no_accepted_metric(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from m2snet.services import start_mlflow_server
-    from m2snet.tracking import replay_spool
+    from m2snet.mlops.services import start_mlflow_server
+    from m2snet.mlops.tracking import replay_spool
 
     port = free_port()
     backend, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")
@@ -95,7 +95,7 @@ def _cv_config(base: Path, **kw):
 def _check_fold_run(client, run, url: str, n_val: int, load_model: bool = True):
     import mlflow
 
-    from m2snet.pyfunc import decode_mask, encode_image
+    from m2snet.mlops.pyfunc import decode_mask, encode_image
 
     for k in BUSI_METRICS:
         assert 0.0 <= run.data.metrics[k] <= 1.0
@@ -124,9 +124,9 @@ def _check_fold_run(client, run, url: str, n_val: int, load_model: bool = True):
 def test_cv_smoke_four_folds_against_mlflow_server_sqlite_s3(cv_data, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from m2snet.cv import run_cv
+    from m2snet.workflows.folds import run_cv
     from m2snet.data.split import load_split
-    from m2snet.tracking import iter_child_runs
+    from m2snet.mlops.tracking import iter_child_runs
 
     res = run_cv(_cv_config(cv_data), tmp_path / "cv", tracking=TrackingConfig(uri=mlflow_server.url,
                                                                                experiment="cv-sqlite"))
@@ -149,8 +149,8 @@ def test_cv_smoke_four_folds_against_mlflow_server_sqlite_s3(cv_data, mlflow_ser
 def test_cv_fold_against_mlflow_server_postgres_s3(cv_data, mlflow_server_pg, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from m2snet.cv import run_cv
-    from m2snet.tracking import iter_child_runs
+    from m2snet.workflows.folds import run_cv
+    from m2snet.mlops.tracking import iter_child_runs
 
     res = run_cv(_cv_config(cv_data, lossnet_weight=0.1), tmp_path / "cv", folds=[1],
                  tracking=TrackingConfig(uri=mlflow_server_pg.url, experiment="cv-pg"))

@@ -62,6 +62,6 @@ def test_build_script_is_valid_bash():
 
 
 def test_image_tag_matches_the_pipeline_constant():
-    from m2snet.pipeline import COMPONENT_IMAGE
+    from m2snet.kubeflow.image import COMPONENT_IMAGE
 
     assert COMPONENT_IMAGE in DOCKERFILE.read_text()

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from m2snet.export import export_onnx
+    from m2snet.mlops.export import export_onnx
 
     base = tmp_path_factory.mktemp("export")
     checkpoints = [_random_checkpoint(base / "a.pt", 1), _m2snet_checkpoint(base / "b.pt", 2)]
@@ -29,7 +29,7 @@ def _m2snet_checkpoint(path, seed):
     import torch
 
     from m2snet.models import create_model
-    from m2snet.training.checkpoint import load_checkpoint, save_checkpoint
+    from m2snet.models.checkpoint import load_checkpoint, save_checkpoint
 
     torch.manual_seed(seed)
     payload = load_checkpoint(_random_checkpoint(path, seed))
@@ -39,7 +39,7 @@ def _m2snet_checkpoint(path, seed):
 
 def test_export_folds_batchnorm_and_matches_pytorch(exported) -> None:
     from m2snet.evaluation.predict import Predictor
-    from m2snet.export import OnnxPredictor, read_onnx_meta
+    from m2snet.mlops.export import OnnxPredictor, read_onnx_meta
 
     checkpoints, report = exported
     graph = onnx.load(str(report.path))
@@ -62,8 +62,8 @@ def test_pyfunc_serves_through_onnxruntime_with_the_torch_masks(exported, tmp_pa
     import mlflow
     import pandas as pd
 
-    from m2snet.export import OnnxPredictor, model_checkpoints
-    from m2snet.pyfunc import BACKEND_ENV, encode_image, log_segmentation_model
+    from m2snet.mlops.export import OnnxPredictor, model_checkpoints
+    from m2snet.mlops.pyfunc import BACKEND_ENV, encode_image, log_segmentation_model
 
     checkpoints, _ = exported
     monkeypatch.chdir(tmp_path)
@@ -87,7 +87,7 @@ def test_pyfunc_serves_through_onnxruntime_with_the_torch_masks(exported, tmp_pa
     # Random-weight probabilities sit near 0.5, so a pixel may flip on a 1e-6 difference: compare
     # the fractions loosely and most of the mask exactly.
     np.testing.assert_allclose(a["foreground_fraction"], b["foreground_fraction"], atol=0.01)
-    from m2snet.pyfunc import decode_mask
+    from m2snet.mlops.pyfunc import decode_mask
 
     for ma, mb in zip(a["mask"], b["mask"]):
         assert (decode_mask(ma) == decode_mask(mb)).mean() > 0.99

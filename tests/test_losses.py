@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2snet.losses import LossNet, TotalLoss, boundary_weight, multiclass_structure_loss, structure_loss
+from m2snet.training.losses import LossNet, TotalLoss, boundary_weight, multiclass_structure_loss, structure_loss
 
 
 def test_structure_loss_known_values() -> None:

@@ -13,15 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from m2snet.common import M2SNetError, free_port
-from m2snet.pipeline import (
-    COMPONENT_IMAGE,
-    PRESETS,
-    compile_pipeline,
-    compiled_pipeline_path,
-    parse_params,
-    submit,
-    train_config,
-)
+from m2snet.kubeflow.image import COMPONENT_IMAGE
+from m2snet.workflows.presets import PRESETS, train_config
+from m2snet.kubeflow.runner import compile_pipeline, compiled_pipeline_path, parse_params, submit
 
 
 def _spec(path):
@@ -36,9 +30,9 @@ def fresh_yaml(tmp_path_factory):
 
 def test_committed_yaml_is_not_stale(fresh_yaml):
     committed = compiled_pipeline_path()
-    assert committed.is_file(), "pipelines/busi_cv.yaml missing: run `m2snet pipeline compile`"
+    assert committed.is_file(), "m2snet/kubeflow/pipelines/busi_cv.yaml missing: run `m2snet pipeline compile`"
     assert committed.read_text() == fresh_yaml.read_text(), (
-        "pipelines/busi_cv.yaml is stale: run `m2snet pipeline compile` and commit it")
+        "m2snet/kubeflow/pipelines/busi_cv.yaml is stale: run `m2snet pipeline compile` and commit it")
 
 
 def test_yaml_is_a_pipeline_spec_with_gpu_training(fresh_yaml):
@@ -91,19 +85,19 @@ def test_yaml_is_a_pipeline_spec_with_gpu_training(fresh_yaml):
 
 
 def test_components_are_thin():
-    """Each component body imports m2snet.pipeline and calls exactly one function of it."""
-    import components
+    """Each component body imports m2snet.workflows.steps and calls exactly one function of it."""
+    from m2snet.kubeflow import components
 
     for name in components.__all__:
         comp = getattr(components, name)
         tree = ast.parse(textwrap.dedent(inspect.getsource(comp.python_func)))
         body = tree.body[0].body
         imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-        assert [(i.module, [a.name for a in i.names]) for i in imports] == [("m2snet", ["pipeline"])], name
+        assert [(i.module, [a.name for a in i.names]) for i in imports] == [("m2snet.workflows", ["steps"])], name
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                 and isinstance(n.func.value, ast.Name) and n.func.value.id == "pipeline"]
+                 and isinstance(n.func.value, ast.Name) and n.func.value.id == "steps"]
         assert len(calls) == 1, f"{name} calls {len(calls)} library functions"
-        assert len(body) <= 5, f"{name}: {len(body)} statements; move logic into m2snet.pipeline"
+        assert len(body) <= 5, f"{name}: {len(body)} statements; move logic into m2snet.workflows.steps"
         assert comp.component_spec.implementation.container.image == COMPONENT_IMAGE
 
 
@@ -179,8 +173,8 @@ def test_cluster_defaults_are_the_busi_preset(fresh_yaml):
     params = spec["root"]["inputDefinitions"]["parameters"]
     busi = PRESETS["busi"]
     assert params["preset"]["defaultValue"] == "busi"
-    assert params["promote_floor"]["defaultValue"] == busi.promote_floor
-    assert params["promote_margin"]["defaultValue"] == busi.promote_margin
+    assert params["promote_floor"]["defaultValue"] == busi.promotion.floor
+    assert params["promote_margin"]["defaultValue"] == busi.promotion.margin
     assert params["n_folds"]["defaultValue"] == busi.n_folds
 
 

@@ -51,7 +51,7 @@ def _cli(*args: str, cwd: Path, url: str, timeout: float = 3600) -> subprocess.C
 def runs(mlflow_server, tmp_path_factory):
     from mlflow import MlflowClient
 
-    from m2snet.pipeline import run_local
+    from m2snet.kubeflow.runner import run_local
 
     work = tmp_path_factory.mktemp("pipeline")
     mp = pytest.MonkeyPatch()
@@ -154,7 +154,7 @@ def test_second_run_that_does_not_beat_production_leaves_it(runs):
     assert str(client.get_model_version_by_alias(MODEL, "production").version) == str(first.version)
     assert "margin" in client.get_model_version(MODEL, second.version).tags["promotion_decision"]
     # The register step is idempotent per pipeline run: re-running it registers nothing new.
-    from m2snet.pipeline import register_step
+    from m2snet.workflows.steps import register_step
 
     versions_before = len(client.search_model_versions(f"name = '{MODEL}'"))
     mv = client.get_model_version(MODEL, second.version)
@@ -167,7 +167,7 @@ def test_second_run_that_does_not_beat_production_leaves_it(runs):
 def test_production_model_predicts_masks(runs, tmp_path, monkeypatch):
     from PIL import Image
 
-    from m2snet.serving import predict_files
+    from m2snet.mlops.serving import predict_files
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", runs["url"])
     images = sorted(runs["first"].pipeline_root.rglob("images/*.png"))[:2]
@@ -244,7 +244,7 @@ def test_corrupt_data_fails_cleanly(mlflow_server, tmp_path):
 
 def test_exit_handler_closes_the_runs_a_dead_task_left_open(mlflow_server, monkeypatch):
     """finalize_step on a failed pipeline: the parent and its RUNNING children end FAILED, with the error."""
-    from m2snet.pipeline import finalize_step, parent_run
+    from m2snet.workflows.steps import finalize_step, parent_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     parent = parent_run("dead-fold", "pipeline-exit")
@@ -290,7 +290,7 @@ def _render(url: str, want: list[str], profile: Path, screenshot: Path | None = 
 def test_mlflow_ui_shows_folds_lineage_and_production(runs, tmp_path):
     """The MLflow UI, rendered in headless chromium: the runs table with the four folds and the data
     digest, a fold run's dataset input, and the registered version with its `production` alias."""
-    from m2snet.pipeline import LocalRunResult
+    from m2snet.kubeflow.runner import LocalRunResult
 
     first: LocalRunResult = runs["first"]
     client = _client(runs["url"])

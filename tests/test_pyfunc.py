@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from m2snet.training.checkpoint import DEFAULT_NORMALIZATION, save_checkpoint
+from m2snet.models.checkpoint import DEFAULT_NORMALIZATION, save_checkpoint
 
 
 def _random_checkpoint(path: Path, seed: int) -> Path:
@@ -47,8 +47,8 @@ def test_ensemble_pyfunc_logs_loads_and_predicts_masks_at_input_size(checkpoints
     import pandas as pd
 
     from m2snet.evaluation.predict import Predictor
-    from m2snet.pyfunc import decode_mask, encode_image, log_segmentation_model
-    from m2snet.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.pyfunc import decode_mask, encode_image, log_segmentation_model
+    from m2snet.mlops.tracking import Tracker, TrackingConfig
 
     monkeypatch.chdir(tmp_path)
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="pyfunc-test")
@@ -89,7 +89,7 @@ def test_bad_image_input_is_a_clear_400_error(checkpoints):
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from m2snet.pyfunc import SegmentationPyfunc
+    from m2snet.mlops.pyfunc import SegmentationPyfunc
 
     class Ctx:
         artifacts = {"checkpoint_0": str(checkpoints[0])}
@@ -111,7 +111,7 @@ def test_mlflow_models_serve_json_round_trip(checkpoints, tmp_path):
     import urllib.request
 
     from m2snet.common import free_port
-    from m2snet.pyfunc import decode_mask, encode_image, log_segmentation_model
+    from m2snet.mlops.pyfunc import decode_mask, encode_image, log_segmentation_model
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

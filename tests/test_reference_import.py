@@ -85,7 +85,7 @@ def test_fixed_filter_values_are_checked(nets) -> None:
 
 
 def test_convert_reference_roundtrip(tmp_path) -> None:
-    from m2snet.training.checkpoint import load_model_from_checkpoint
+    from m2snet.models.checkpoint import load_model_from_checkpoint
 
     state = reference_state_dict("msnet", with_fixed=False, prefix="module.")
     src = tmp_path / "MSNet.pth"

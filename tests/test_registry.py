@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from m2snet.common import M2SNetError
-from m2snet.registry import (
+from m2snet.mlops.registry import (
     PREVIOUS,
     PRODUCTION,
     PromotionPolicy,

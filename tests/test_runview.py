@@ -1,4 +1,4 @@
-"""The local run's console (m2snet.runview) on the real kfp local runner, with two tiny components."""
+"""The local run's console (m2snet.kubeflow.runview) on the real kfp local runner, with two tiny components."""
 
 # No `from __future__ import annotations`: kfp reads the components' real parameter types.
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 from kfp import dsl, local
 
-from m2snet.runview import RunView, planned_tasks, task_key, task_label
+from m2snet.kubeflow.runview import RunView, planned_tasks, task_key, task_label
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)

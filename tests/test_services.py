@@ -11,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from m2snet import services
+from m2snet.mlops import services
+from tests.fixtures import postgres
 
 
 def _log_run_with_artifact(url: str, tmp_path) -> str:
@@ -75,7 +76,7 @@ def test_pg_database_is_fresh_and_dropped(pg_database):
 
 def test_previous_pg_database_was_dropped():
     name = getattr(pytest, "current_pg_name", None)
-    if name is None or services.postgres_available() is not None:
+    if name is None or postgres.postgres_available() is not None:
         pytest.skip("needs test_pg_database_is_fresh_and_dropped to have run")
     import psycopg2
 

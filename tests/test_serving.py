@@ -17,9 +17,9 @@ def production_model(tmp_path_factory):
     from m2snet.data.demo import make_demo_dataset
     from m2snet.data.importers import import_dataset
     from m2snet.data.split import make_split
-    from m2snet.pipeline import train_config
-    from m2snet.pyfunc import log_segmentation_model
-    from m2snet.registry import PromotionPolicy, promote, register_model_version
+    from m2snet.workflows.presets import train_config
+    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.registry import PromotionPolicy, promote, register_model_version
     from m2snet.training.trainer import train
 
     root = tmp_path_factory.mktemp("serving")
@@ -46,7 +46,7 @@ def production_model(tmp_path_factory):
 
 
 def test_mlflow_models_serve_returns_a_mask(production_model):
-    from m2snet.serving import request_masks, start_model_server
+    from m2snet.mlops.serving import request_masks, start_model_server
 
     image_path = production_model["image"]
     size = Image.open(image_path).size
@@ -86,7 +86,7 @@ def test_predict_cli_writes_masks_and_overlays(production_model, tmp_path):
 
 
 def test_overlay_marks_the_mask_outline():
-    from m2snet.serving import OVERLAY_COLOR, overlay
+    from m2snet.mlops.serving import OVERLAY_COLOR, overlay
 
     image = np.zeros((9, 9, 3), np.uint8)
     mask = np.zeros((9, 9), np.uint8)

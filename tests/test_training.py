@@ -94,7 +94,7 @@ def test_multiscale_collate_resizes_whole_batch_and_keeps_binary_masks():
 
 # --- training ----------------------------------------------------------------------------------
 def test_resume_reproduces_uninterrupted_run_exactly(tiny_data, tmp_path):
-    from m2snet.training.checkpoint import load_checkpoint
+    from m2snet.models.checkpoint import load_checkpoint
     from m2snet.training.trainer import train
 
     data, split = tiny_data
@@ -147,7 +147,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(tiny_data, tmp_path):
 
 
 def test_checkpoint_loads_back_and_records_the_run(tiny_data, tmp_path):
-    from m2snet.training.checkpoint import load_model_from_checkpoint
+    from m2snet.models.checkpoint import load_model_from_checkpoint
     from m2snet.training.trainer import train
 
     data, split = tiny_data

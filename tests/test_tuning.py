@@ -24,7 +24,7 @@ def tiny_data(tmp_path_factory):
 
 
 def _base(root):
-    from m2snet.pipeline import train_config
+    from m2snet.workflows.presets import train_config
 
     return train_config("tiny", data=str(root / "ds"), split=str(root / "split.json"), fold=0,
                         out_dir=str(root / "unused"))
@@ -46,8 +46,8 @@ def test_shared_study_reports_epochs_and_logs_nested_runs(tiny_data, tmp_path, m
     import mlflow
     import optuna
 
-    from m2snet.tracking import Tracker, TrackingConfig
-    from m2snet.tuning import TuningConfig, make_storage, tune
+    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.workflows.tuning import TuningConfig, make_storage, tune
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
@@ -89,7 +89,7 @@ def test_shared_study_reports_epochs_and_logs_nested_runs(tiny_data, tmp_path, m
 
 
 def test_bad_tuning_settings_are_user_errors(tiny_data, tmp_path):
-    from m2snet.tuning import TuningConfig, make_storage, tune
+    from m2snet.workflows.tuning import TuningConfig, make_storage, tune
 
     with pytest.raises(M2SNetError, match="n_trials"):
         tune(_base(tiny_data), TuningConfig(n_trials=0), tmp_path, tracking=False)
@@ -101,7 +101,7 @@ def test_bad_tuning_settings_are_user_errors(tiny_data, tmp_path):
 
 def test_study_is_shared_through_postgresql(pg_database):
     """Two workers opening the study on the cluster's kind of storage see one study (load_if_exists)."""
-    from m2snet.tuning import TuningConfig, make_storage, open_study, suggest
+    from m2snet.workflows.tuning import TuningConfig, make_storage, open_study, suggest
 
     cfg = TuningConfig(n_trials=2, storage=pg_database, study_name="shared")
     worker_a = open_study(cfg, make_storage(pg_database))

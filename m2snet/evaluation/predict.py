@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from m2snet.common import M2SNetError
-from m2snet.training.checkpoint import DEFAULT_NORMALIZATION, load_model_from_checkpoint
+from m2snet.models.checkpoint import DEFAULT_NORMALIZATION, load_model_from_checkpoint
 
 
 def to_rgb_array(image) -> np.ndarray:

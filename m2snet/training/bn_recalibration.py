@@ -167,7 +167,7 @@ def recalibrate_run_checkpoints(paths: Sequence[str | os.PathLike], model: nn.Mo
                                 batch_size: int, seed: int, device: str | torch.device,
                                 num_workers: int = 0) -> None:
     """Recalibrate each existing checkpoint of a finished run in place (the trainer's last step)."""
-    from m2snet.training.checkpoint import load_checkpoint, save_checkpoint
+    from m2snet.models.checkpoint import load_checkpoint, save_checkpoint
 
     loader = recalibration_loader(dataset, batch_size, seed, num_workers)
     for path in dict.fromkeys(Path(p) for p in paths):
@@ -204,7 +204,7 @@ def recalibrate_checkpoint(
     """
     from m2snet.common import resolve_device
     from m2snet.data.dataset import SegmentationDataset
-    from m2snet.training.checkpoint import build_model, load_checkpoint, save_checkpoint, slim
+    from m2snet.models.checkpoint import build_model, load_checkpoint, save_checkpoint, slim
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import resolve_cases
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from m2snet import __version__
 from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
-from m2snet.training.checkpoint import (
+from m2snet.models.checkpoint import (
     DEFAULT_NORMALIZATION, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, slim,
 )
 from m2snet.training.config import TrainConfig
@@ -270,13 +270,13 @@ def train(
     """Train ``cfg.model`` on ``cfg.data`` (fold ``cfg.fold`` of ``cfg.split``) into ``cfg.out_dir``.
 
     ``resume``: continue from ``out_dir/last.pt`` (an error if there is none). ``tracker``: an
-    :class:`m2snet.tracking.Tracker` receiving params and per-epoch metrics. ``callbacks`` run after
+    :class:`m2snet.mlops.tracking.Tracker` receiving params and per-epoch metrics. ``callbacks`` run after
     each epoch's checkpoint is written (raise to stop: the run stays resumable).
     """
     from tqdm import tqdm
 
     from m2snet.data.dataset import SegmentationDataset
-    from m2snet.losses import TotalLoss
+    from m2snet.training.losses import TotalLoss
     from m2snet.models import create_model
 
     cfg.validate()
@@ -349,7 +349,7 @@ def train(
     cfg.save(out / "train_config.json")
 
     if tracker is not None:
-        from m2snet.tracking import run_params
+        from m2snet.mlops.tracking import run_params
 
         tracker.log_params(run_params(cfg.to_dict(), dataset_version=dataset_version, split_sha256=split_sha,
                                       pretrained=pretrained_source, loss_pretrained=loss_source,

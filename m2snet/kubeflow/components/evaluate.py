@@ -1,0 +1,21 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from m2snet.kubeflow.image import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def evaluate_fold(
+    dataset: Input[Dataset],
+    split: Input[Dataset],
+    model: Input[Model],
+    fold: int,
+    report: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Score the fold's checkpoint on its validation cases at original size (per-case CSV + overlays)."""
+    from m2snet.workflows import steps
+
+    scores = steps.evaluate_fold_step(dataset.path, split.path, fold, model.path, report.path)
+    for key, value in scores.items():
+        metrics.log_metric(key, value)

@@ -1,0 +1,12 @@
+from kfp import dsl
+
+from m2snet.kubeflow.image import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def finalize_run(status: dsl.PipelineTaskFinalStatus, pipeline_run_id: str = "", experiment: str = "") -> str:
+    """Exit handler: close the parent MLflow run (FINISHED with its CV table, or FAILED and why); return the version."""
+    from m2snet.workflows import steps
+
+    return steps.finalize_step(status.state, status.error_message or "", pipeline_run_id=pipeline_run_id,
+                                  experiment=experiment)

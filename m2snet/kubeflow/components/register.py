@@ -1,0 +1,25 @@
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model
+
+from m2snet.kubeflow.image import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def register_model(
+    models: Input[List[Model]],
+    cv_metrics: Input[Metrics],
+    split: Input[Dataset],
+    model_name: str,
+    dataset_version: str,
+    pipeline_run_id: str = "",
+    experiment: str = "",
+) -> str:
+    """Register the folds as ONE model version (ensemble pyfunc); idempotent per pipeline run."""
+    from m2snet.workflows import steps
+
+    return steps.register_step(
+        [m.path for m in models], dict(cv_metrics.metadata), split.path, model_name=model_name,
+        dataset_version=dataset_version, pipeline_run_id=pipeline_run_id, experiment=experiment,
+    )

@@ -1,0 +1,14 @@
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from m2snet.kubeflow.image import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def split_dataset(dataset: Input[Dataset], split: Output[Dataset], n_folds: int, seed: int) -> List[int]:
+    """Write the stratified, duplicate-grouped K-fold split file; return the fold indices to fan out over."""
+    from m2snet.workflows import steps
+
+    return steps.split_dataset(dataset.path, split.path, n_folds=n_folds, seed=seed)

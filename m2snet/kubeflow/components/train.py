@@ -1,0 +1,29 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from m2snet.kubeflow.image import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def train_fold(
+    dataset: Input[Dataset],
+    split: Input[Dataset],
+    best_params: Input[Artifact],
+    fold: int,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    preset: str,
+    train_overrides: str = "{}",
+    pipeline_run_id: str = "",
+    experiment: str = "",
+):
+    """Train one CV fold (a child MLflow run of the pipeline's parent run); output its checkpoint."""
+    from m2snet.workflows import steps
+
+    result = steps.train_fold_step(
+        dataset.path, split.path, fold, best_params.path, model.path, preset=preset,
+        train_overrides=train_overrides, pipeline_run_id=pipeline_run_id, experiment=experiment,
+    )
+    model.metadata.update(result["model_metadata"])
+    for key, value in result["metrics"].items():
+        metrics.log_metric(key, value)

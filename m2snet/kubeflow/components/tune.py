@@ -1,0 +1,26 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Output
+
+from m2snet.kubeflow.image import COMPONENT_IMAGE
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def tune_hyperparameters(
+    dataset: Input[Dataset],
+    split: Input[Dataset],
+    best_params: Output[Artifact],
+    preset: str,
+    fold: int = 0,
+    train_overrides: str = "{}",
+    n_trials: int = -1,
+    storage: str = "",
+    pipeline_run_id: str = "",
+    experiment: str = "",
+) -> str:
+    """Nested tuning: an Optuna study on an inner split of fold ``fold``'s training cases; best params as JSON."""
+    from m2snet.workflows import steps
+
+    return steps.tune_step(
+        dataset.path, split.path, best_params.path, preset=preset, fold=fold, train_overrides=train_overrides,
+        n_trials=n_trials, storage=storage, pipeline_run_id=pipeline_run_id, experiment=experiment,
+    )

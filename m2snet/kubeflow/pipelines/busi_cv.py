@@ -1,0 +1,152 @@
+"""The BUSI-style cross-validation pipeline.
+
+    DVC data / path / demo -> prepare (import + validate) -> split
+      -> ParallelFor fold: tune (Optuna, on the fold's inner split) -> train -> evaluate
+      -> Collected: aggregate (CV table) -> register -> promote
+    exit handler (always): finalize -> the parent MLflow run FINISHED with its CV table, or FAILED with why
+
+``build_pipeline(cluster=True)`` is what gets compiled to ``busi_cv.yaml`` (and submitted): the
+training tasks request one NVIDIA GPU, CPU/memory limits, retries and read the MLflow/S3
+credentials from Kubernetes Secrets. ``build_pipeline(cluster=False)`` is the same graph from
+the same components for the kfp local runner, which ignores (and warns about) those settings.
+
+Recompile after any change here or in m2snet/kubeflow/components/:  m2snet pipeline compile
+"""
+
+# No `from __future__ import annotations`: kfp reads the pipeline signature's real types.
+
+from pathlib import Path
+
+from kfp import dsl
+
+from m2snet.kubeflow.components import (
+    aggregate_cv,
+    evaluate_fold,
+    finalize_run,
+    prepare_dataset,
+    promote_model,
+    register_model,
+    split_dataset,
+    train_fold,
+    tune_hyperparameters,
+)
+from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PRESETS
+
+PIPELINE_NAME = "m2snet-busi-cv"
+CLUSTER_PRESET = PRESETS["busi"]  # the compiled pipeline's defaults
+COMPILED = Path(__file__).with_suffix(".yaml")
+
+# Kubernetes Secrets (k8s/base/secrets.yaml) mounted as environment on the cluster.
+MLFLOW_SECRET = "mlflow-client"
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                      "MLFLOW_S3_ENDPOINT_URL",
+                      # The Optuna storage (PostgreSQL) the tune step uses when tuning_storage is empty:
+                      # a URL with a password belongs in a Secret, not in a run parameter.
+                      "M2SNET_OPTUNA_STORAGE")
+S3_SECRET = "s3-credentials"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+# Per-fold training resources on the cluster.
+TRAIN_GPU = "nvidia.com/gpu"
+TRAIN_CPU_LIMIT = "8"
+TRAIN_MEMORY_LIMIT = "48G"
+TRAIN_RETRIES = 2  # transient failures: node preemption, a flaky tracking server
+
+
+def _with_cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    from kfp import kubernetes
+
+    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET,
+                                 secret_key_to_env={k: k for k in MLFLOW_SECRET_KEYS})
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+    return task
+
+
+def build_pipeline(cluster: bool = True, local_threads: int = 1):
+    """The pipeline function; ``cluster`` adds GPU requests, limits, retries and Secrets."""
+
+    def prepare(task: dsl.PipelineTask, display_name: str) -> dsl.PipelineTask:
+        # Every step writes to MLflow: a cached step would skip its side effects on a re-run.
+        task.set_caching_options(False)
+        if cluster:
+            task.set_display_name(display_name)  # the local runner ignores (and warns about) it
+            _with_cluster_env(task)
+        else:
+            # The local runner runs up to two fold tasks at once on the host: one thread each.
+            task.set_env_variable("OMP_NUM_THREADS", str(local_threads))
+        return task
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.strip().splitlines()[0])
+    def busi_cv(
+        preset: str = CLUSTER_PRESET.name,
+        data_path: str = "",
+        dvc_repo: str = "",
+        dvc_rev: str = "",
+        dvc_path: str = "data/busi",
+        importer: str = "busi",  # the raw layout of data_path / the DVC path (m2snet-format data needs none)
+        n_folds: int = CLUSTER_PRESET.n_folds,
+        seed: int = 42,
+        n_trials: int = -1,
+        tuning_storage: str = "",
+        train_overrides: str = "{}",
+        experiment: str = DEFAULT_EXPERIMENT,
+        model_name: str = DEFAULT_MODEL_NAME,
+        # The local run passes its own preset's gate.
+        promote_floor: float = CLUSTER_PRESET.promotion.floor,
+        promote_margin: float = CLUSTER_PRESET.promotion.margin,
+    ) -> str:
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        # Runs after everything else, whether it succeeded or not: no parent run is left RUNNING.
+        finalize = prepare(finalize_run(pipeline_run_id=run_id, experiment=experiment), "finalize")
+        with dsl.ExitHandler(finalize, name="cv-pipeline"):
+            data = prepare(prepare_dataset(
+                preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, dvc_path=dvc_path,
+                importer=importer, pipeline_run_id=run_id, experiment=experiment,
+            ), "prepare + validate")
+            split = prepare(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed), "split")
+            with dsl.ParallelFor(split.outputs["Output"], parallelism=4) as fold:
+                # Nested tuning: each fold tunes on an inner split of its own training cases, so no
+                # reported fold ever took part in choosing the learning rates it is scored with.
+                tune = prepare(tune_hyperparameters(
+                    dataset=data.outputs["dataset"], split=split.outputs["split"], preset=preset, fold=fold,
+                    train_overrides=train_overrides, n_trials=n_trials, storage=tuning_storage,
+                    pipeline_run_id=run_id, experiment=experiment,
+                ), "tune fold (Optuna)")
+                train = prepare(train_fold(
+                    dataset=data.outputs["dataset"], split=split.outputs["split"],
+                    best_params=tune.outputs["best_params"], fold=fold, preset=preset,
+                    train_overrides=train_overrides, pipeline_run_id=run_id, experiment=experiment,
+                ), "train fold")
+                if cluster:
+                    (train.set_accelerator_type(TRAIN_GPU).set_accelerator_limit(1)
+                     .set_cpu_limit(TRAIN_CPU_LIMIT).set_memory_limit(TRAIN_MEMORY_LIMIT)
+                     .set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0))
+                    from kfp import kubernetes
+
+                    # GPU nodes are commonly tainted so that only GPU work lands there.
+                    kubernetes.add_toleration(train, key=TRAIN_GPU, operator="Exists", effect="NoSchedule")
+                evaluation = prepare(evaluate_fold(
+                    dataset=data.outputs["dataset"], split=split.outputs["split"],
+                    model=train.outputs["model"], fold=fold,
+                ), "evaluate fold")
+
+            table = prepare(aggregate_cv(
+                fold_metrics=dsl.Collected(evaluation.outputs["metrics"]),
+                pipeline_run_id=run_id, experiment=experiment,
+            ), "aggregate CV")
+            version = prepare(register_model(
+                models=dsl.Collected(train.outputs["model"]), cv_metrics=table.outputs["cv_metrics"],
+                split=split.outputs["split"], model_name=model_name, dataset_version=data.outputs["Output"],
+                pipeline_run_id=run_id, experiment=experiment,
+            ), "register")
+            prepare(promote_model(
+                model_name=model_name, version=version.output, floor=promote_floor, margin=promote_margin,
+                pipeline_run_id=run_id, experiment=experiment,
+            ), "promote")
+        # Pipeline outputs must come from the top level: the exit handler returns the registered version.
+        return finalize.output
+
+    return busi_cv
+
+
+busi_cv = build_pipeline(cluster=True)

@@ -1,0 +1,370 @@
+"""Compile, run locally (kfp local runner) and submit the Kubeflow pipeline.
+
+The Kubeflow side sits above the library: only ``m2snet.kubeflow`` (and the CLI that fronts it)
+imports kfp; the step functions it runs live in :mod:`m2snet.workflows.steps`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from m2snet.common import M2SNetError
+from m2snet.kubeflow.image import COMPONENT_IMAGE
+from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET, get_preset
+from m2snet.workflows.steps import parent_run
+
+if TYPE_CHECKING:
+    from m2snet.kubeflow.runview import RunView
+
+log = logging.getLogger("m2snet.kubeflow")
+
+
+def compiled_pipeline_path() -> Path:
+    from m2snet.kubeflow.pipelines import busi_cv
+
+    return busi_cv.COMPILED
+
+
+def compile_pipeline(out: str | os.PathLike | None = None) -> Path:
+    """Compile the cluster pipeline (GPU requests, limits, retries, Secrets) to YAML."""
+    from kfp import compiler
+
+    from m2snet.kubeflow.pipelines import busi_cv
+
+    out = Path(out) if out else compiled_pipeline_path()
+    compiler.Compiler().compile(busi_cv.build_pipeline(cluster=True), str(out))
+    return out
+
+
+@dataclass
+class TaskSummary:
+    label: str
+    state: str  # done | failed | skipped | queued
+    seconds: float | None
+    log: Path
+
+
+@dataclass
+class LocalRunResult:
+    model_name: str
+    version: str
+    pipeline_run_id: str
+    parent_run_id: str | None
+    production_version: str | None
+    promoted: bool
+    cv_table: str
+    tracking_uri: str
+    pipeline_root: Path
+    seconds: float
+    log_dir: Path | None = None
+    tasks: list[TaskSummary] = field(default_factory=list)
+    promotion: str = ""  # the promotion decision and its reason
+    experiment_id: str = ""
+    notes: list[str] = field(default_factory=list)  # warnings the run showed once (e.g. random init)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    def ui_links(self, base: str) -> dict[str, str]:
+        """MLflow UI pages of this run under ``base`` (the UI's URL): the runs table, the parent run, the model.
+
+        MLflow 3.17's UI picks an experiment's landing page from its GenAI / model-training switch
+        (``workflowType``, kept in the browser), not from the experiment's kind tag: the links set it.
+        """
+        base, ml = base.rstrip("/"), "?workflowType=machine_learning"
+        return {
+            "runs": f"{base}/#/experiments/{self.experiment_id}/runs{ml}",
+            "run": f"{base}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}{ml}",
+            "model": f"{base}/#/models/{self.model_name}/versions/{self.version}{ml}",
+        }
+
+
+class PipelineTaskFailed(M2SNetError):
+    """A task of a local pipeline run failed; the message names it, its error and its log file."""
+
+    def __init__(self, message: str, task: str, log: Path, parent_run_id: str | None):
+        super().__init__(message)
+        self.task, self.log, self.parent_run_id = task, log, parent_run_id
+
+
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)\b.*)$")
+
+
+def _error_line(log_tail: str) -> str:
+    """The last exception of a task log (the traceback's last line, with its continuation lines) on one line."""
+    lines = log_tail.splitlines()
+    found = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
+    if not found:
+        return ""
+    first = lines[found[-1]]
+    indent = len(first) - len(first.lstrip())
+    message = [_ERROR_LINE.match(first)[1]]
+    for line in lines[found[-1] + 1:]:  # a multi-line message: its lines are indented deeper
+        if not line.strip() or len(line) - len(line.lstrip()) <= indent:
+            break
+        message.append(line.strip())
+    return " ".join(message)[:1000]
+
+
+def _record_failure(view: "RunView", experiment: str, err: Exception) -> PipelineTaskFailed:
+    """The local runner's side of a failure: the parent run names the failed task, its log tail and file."""
+    from m2snet.mlops.tracking import TrackingError
+
+    failed = view.failed[0] if view.failed else None
+    if failed is None:  # the runner itself failed, not a task
+        return PipelineTaskFailed(f"local pipeline run failed: {err} (runner log: {view.main_log})", "pipeline",
+                                  view.main_log, None)
+    tail = failed.tail()
+    error = _error_line(tail) or "no exception in the log"
+    parent_id = None
+    try:
+        parent = parent_run(view.pipeline_run_id, experiment, create=True)
+        if parent is not None:
+            parent_id = parent.run_id
+            parent.set_tags({"m2snet.failed_task": failed.label, "m2snet.failed_log": str(failed.log),
+                             "m2snet.error": error})
+            parent.set_description(f"**Pipeline FAILED in task `{failed.label}`:** {error}\n\n"
+                                   f"Log: `{failed.log}` (also an artifact of this run, logs/); its tail:\n\n"
+                                   f"```\n{tail[-8000:]}\n```")
+            parent.log_artifact(failed.log, "logs")
+            parent.end("FAILED")
+    except (M2SNetError, TrackingError, OSError) as record_err:  # the failure itself must still be reported
+        log.error("could not record the failure on the MLflow parent run: %s", record_err)
+    return PipelineTaskFailed(f"pipeline task '{failed.label}' failed: {error} -- full log: {failed.log}",
+                              failed.label, failed.log, parent_id)
+
+
+RUNNERS = ("subprocess", "container")
+
+
+def _kfp_runner(runner: str, *, data_path: str, tracking_uri: str):
+    """A context giving the kfp local runner: subprocesses here, or containers of COMPONENT_IMAGE."""
+    import contextlib
+
+    from kfp import local
+
+    if runner == "container":
+        from m2snet.kubeflow.container import container_runner
+
+        return container_runner(COMPONENT_IMAGE, data_path=data_path, tracking_uri=tracking_uri)
+    return contextlib.nullcontext(local.SubprocessRunner(use_venv=False))
+
+
+def run_local(
+    preset: str = DEFAULT_PRESET,
+    *,
+    data_path: str = "",
+    dvc_repo: str = "",
+    dvc_rev: str = "",
+    importer: str = "busi",
+    work_dir: str | os.PathLike = ".m2snet/pipeline",
+    experiment: str = DEFAULT_EXPERIMENT,
+    model_name: str = DEFAULT_MODEL_NAME,
+    n_folds: int | None = None,
+    n_trials: int = -1,
+    seed: int = 42,
+    train_overrides: Mapping[str, Any] | None = None,
+    tuning_storage: str = "",
+    floor: float | None = None,
+    margin: float | None = None,
+    threads: int | None = None,
+    display: str = "plain",
+    runner: str = "subprocess",
+) -> LocalRunResult:
+    """Run the pipeline on the kfp local runner: ``runner`` "subprocess" (this Python environment) or
+    "container" (every step in COMPONENT_IMAGE through docker/podman, see m2snet.kubeflow.container).
+
+    The local runner executes the same components, ParallelFor fan-out, Collected fan-in and exit
+    handler as a cluster (at most two loop iterations at once); GPU requests, limits, retries and
+    Secrets are left out of the local variant. MLflow: ``$MLFLOW_TRACKING_URI`` or
+    ``sqlite:///mlflow.db`` (made absolute, so every task subprocess writes to the same store).
+
+    Console (``display``, see :class:`m2snet.kubeflow.runview.RunView`): ``"live"`` a live task table,
+    ``"plain"`` a line per task start/end, ``"stream"`` everything the runner prints, ``"auto"``
+    live on a terminal else plain. Every task's full output is in ``<work_dir>/logs/<time>/<task>.log``.
+    A failed task raises :class:`PipelineTaskFailed` naming it and its log, after the parent MLflow
+    run was marked FAILED with the log's tail.
+    """
+    from kfp import local
+
+    from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
+    from m2snet.kubeflow.runview import RunView
+    from m2snet.mlops.tracking import DEFAULT_TRACKING_URI
+
+    from m2snet.data.importers import list_importers
+
+    if runner not in RUNNERS:
+        raise M2SNetError(f"unknown runner {runner!r}; choose one of {list(RUNNERS)}")
+    p = get_preset(preset)
+    if importer not in list_importers():  # fail before starting anything
+        raise M2SNetError(f"--importer {importer!r}: unknown layout; choose one of {list_importers()}")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    work = Path(work_dir).resolve()
+    root = work / "kfp"
+    root.mkdir(parents=True, exist_ok=True)
+    from m2snet.kubeflow.pipelines import busi_cv
+
+    pipeline_fn = busi_cv.build_pipeline(cluster=False, local_threads=threads or max(1, (os.cpu_count() or 2) // 2))
+    folds = n_folds or p.n_folds
+    if data_path and runner == "container":
+        data_path = str(Path(data_path).resolve())  # mounted at the same path; the step's cwd is not ours
+    arguments = dict(
+        preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, n_folds=folds,
+        seed=seed, n_trials=n_trials, tuning_storage=tuning_storage,
+        train_overrides=json.dumps(dict(train_overrides or {})), experiment=experiment, model_name=model_name,
+        promote_floor=p.promotion.floor if floor is None else floor,
+        promote_margin=p.promotion.margin if margin is None else margin,
+    )
+    view = RunView(work / "logs" / time.strftime("%Y%m%d-%H%M%S"), n_folds=folds,
+                   n_trials=n_trials if n_trials > 0 else p.n_trials, mode=display)
+    # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    t0 = time.perf_counter()
+    import warnings
+
+    failure: Exception | None = None
+    with warnings.catch_warnings(), view, _kfp_runner(runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
+        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {uri}, runner {runner}\nlogs: {view.log_dir}/")
+        log.info("local pipeline run: preset %s, MLflow %s, kfp root %s, runner %s", preset, uri, root, runner)
+        # The SubprocessRunner warns that our image name has no "python" in it: we run in this env.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        local.init(runner=kfp_runner, pipeline_root=str(root), raise_on_error=True)
+        try:
+            task = pipeline_fn(**arguments)
+        except RuntimeError as err:  # the local runner's "inner task failed"
+            failure = err
+            view.mark_skipped()
+    seconds = time.perf_counter() - t0
+    if failure is not None or view.failed:
+        raise _record_failure(view, experiment, failure or RuntimeError("a task failed")) from failure
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    outputs = getattr(task, "outputs", {}) or {}
+    version = outputs.get("Output") if isinstance(outputs, dict) else getattr(task, "output", "")
+    version = str(version) if version else ""
+    if not version and view.pipeline_run_id:
+        mv = find_version_by_key(model_name, view.pipeline_run_id, client)
+        version = str(mv.version) if mv is not None else ""
+    if not version:
+        raise M2SNetError(f"local pipeline run finished but registered no version of {model_name!r} "
+                          f"(runner log: {view.main_log})")
+    mv = client.get_model_version(model_name, version)
+    pipeline_run_id = mv.tags.get("pipeline_run_id", "")
+    parent = parent_run(pipeline_run_id, experiment, create=False)
+    prod = version_by_alias(model_name, PRODUCTION, client)
+    table = ""
+    if parent is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                table = Path(client.download_artifacts(parent.run_id, "cv/cv_table.md", tmp)).read_text()
+            except Exception as err:  # noqa: BLE001 - the table is a convenience here
+                log.warning("could not read the CV table of run %s: %s", parent.run_id, err)
+    exp = client.get_experiment_by_name(experiment)
+    return LocalRunResult(
+        model_name=model_name, version=version, pipeline_run_id=pipeline_run_id,
+        parent_run_id=parent.run_id if parent else None,
+        production_version=str(prod.version) if prod is not None else None,
+        promoted=prod is not None and str(prod.version) == version, cv_table=table.strip(), tracking_uri=uri,
+        pipeline_root=root, seconds=seconds, log_dir=view.log_dir,
+        tasks=[TaskSummary(t.label, t.state, t.seconds, t.log) for t in view.tasks.values()],
+        promotion=mv.tags.get("promotion_decision", ""), experiment_id=exp.experiment_id if exp else "",
+        notes=list(view.notes),
+    )
+
+
+def pipeline_parameters(package: str | os.PathLike | None = None) -> dict[str, str]:
+    """Name -> KFP parameter type of the compiled pipeline's inputs."""
+    import yaml
+
+    path = Path(package) if package else compiled_pipeline_path()
+    if not path.is_file():
+        raise M2SNetError(f"{path}: compiled pipeline not found (run `m2snet pipeline compile`)")
+    # Document 1: the PipelineSpec; document 2 (if any): the Kubernetes platform spec.
+    spec = next(iter(yaml.safe_load_all(path.read_text())), None) or {}
+    params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    return {name: d.get("parameterType", "STRING") for name, d in params.items()}
+
+
+def parse_params(items: Sequence[str], package: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``k=v`` strings -> typed pipeline arguments, checked against the compiled pipeline's inputs."""
+    known = pipeline_parameters(package)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise M2SNetError(f"--param {item!r}: expected NAME=VALUE")
+        if key not in known:
+            raise M2SNetError(f"--param {key}: not a parameter of the pipeline; known: {sorted(known)}")
+        kind = known[key]
+        try:
+            if kind == "NUMBER_INTEGER":
+                out[key] = int(raw)
+            elif kind == "NUMBER_DOUBLE":
+                out[key] = float(raw)
+            elif kind == "BOOLEAN":
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                out[key] = raw.lower() in ("true", "1")
+            else:
+                out[key] = raw
+        except ValueError:
+            raise M2SNetError(f"--param {key}={raw}: expected a {kind.lower().replace('_', ' ')}") from None
+    return out
+
+
+def submit(
+    host: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    namespace: str | None = None,
+    package: str | os.PathLike | None = None,
+    timeout_s: float = 15.0,
+) -> tuple[str, str]:
+    """Submit the compiled pipeline to a KFP endpoint; return (run id, run URL)."""
+    from urllib.parse import urlparse
+
+    package = Path(package) if package else compiled_pipeline_path()
+    if not package.is_file():
+        raise M2SNetError(f"{package}: compiled pipeline not found (run `m2snet pipeline compile`)")
+    url = urlparse(host if "://" in host else f"http://{host}")
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise M2SNetError(f"--host {host!r}: expected an http(s) URL of the Kubeflow Pipelines API")
+    # Fail fast and clearly: kfp.Client retries its health check for half a minute with tracebacks.
+    import requests
+
+    health = f"{host.rstrip('/')}/apis/v2beta1/healthz"
+    try:
+        resp = requests.get(health, timeout=timeout_s)
+    except requests.RequestException as err:
+        raise M2SNetError(f"Kubeflow Pipelines endpoint {host} is unreachable ({type(err).__name__}: {err}); "
+                          "check --host (e.g. `kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`)") from None
+    if resp.status_code != 200:
+        raise M2SNetError(f"{host} does not look like a Kubeflow Pipelines v2 API: GET {health} answered "
+                          f"HTTP {resp.status_code}")
+    import kfp
+
+    try:
+        client = kfp.Client(host=host, namespace=namespace)
+        result = client.create_run_from_pipeline_package(
+            str(package), arguments=dict(params or {}), run_name=run_name, experiment_name=experiment,
+            namespace=namespace,
+        )
+    except Exception as err:  # noqa: BLE001 - HTTP/auth errors of the KFP API
+        raise M2SNetError(f"submitting {package.name} to {host} failed: {type(err).__name__}: {err}") from err
+    base = host.rstrip("/")
+    return result.run_id, f"{base}/#/runs/details/{result.run_id}"

@@ -1,0 +1,274 @@
+"""Model registry: register a CV model version once, promote it behind a quality gate, roll back.
+
+The registry is MLflow's. One registered model version = one cross-validation: the pyfunc that
+averages the fold models' probabilities, tagged with what it was trained on (data version, split
+hash), by which pipeline run, and its CV metrics. Serving reads ``models:/<name>@production``.
+
+Promotion moves two aliases and nothing else:
+
+* ``production`` -> the candidate, only if its CV Dice passes an absolute floor AND beats the
+  current production version's CV Dice by a margin (``--force`` skips both checks);
+* ``previous``   -> the version that was production, so ``rollback`` is one alias move back.
+
+Retries are safe. Registering looks up an existing version carrying the same idempotency key
+(the pipeline run id, or a hash of the fold checkpoints) before creating one, and promoting a
+version that already is production is a no-op, so a Kubeflow retry of the register/promote step
+never creates a second version nor moves ``previous`` onto the production version itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from m2snet.common import M2SNetError
+
+if TYPE_CHECKING:  # heavy: imported lazily at run time
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+PRODUCTION = "production"
+PREVIOUS = "previous"
+# Version tags written by register_model_version / promote (plain keys: MLflow's tag search
+# grammar handles them without quoting).
+IDEMPOTENCY_TAG = "idempotency_key"
+SCORE_TAG = "cv_dice"  # the promotion metric: mean CV Dice as a fraction (0..1)
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """The gate a candidate must pass to become production."""
+
+    floor: float = 0.5  # minimum CV Dice (0..1) any production model must reach
+    margin: float = 0.005  # how much it must beat the current production CV Dice by (0..1)
+    metric_tag: str = SCORE_TAG
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.floor <= 1.0:
+            raise M2SNetError(f"promotion floor={self.floor} must be within 0..1 (a Dice score)")
+        if self.margin < 0:
+            raise M2SNetError(f"promotion margin={self.margin} must be >= 0")
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    name: str
+    version: str
+    promoted: bool
+    reason: str
+    candidate_score: float | None
+    production_version: str | None  # production before the decision
+    production_score: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _client(tracking_uri: str | None = None) -> "MlflowClient":
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _is_not_found(err: Exception) -> bool:
+    code = getattr(err, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(err).lower()
+
+
+def version_by_alias(name: str, alias: str, client: "MlflowClient | None" = None) -> "ModelVersion | None":
+    """The version an alias points to, or None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or _client()
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if _is_not_found(err) or "alias" in str(err).lower():
+            return None
+        raise
+
+
+def find_version_by_key(name: str, key: str, client: "MlflowClient | None" = None) -> "ModelVersion | None":
+    """The (oldest) version of ``name`` registered with idempotency key ``key``, if any."""
+    client = client or _client()
+    escaped = key.replace("'", "\\'")
+    found = client.search_model_versions(f"name = '{name}' and tags.{IDEMPOTENCY_TAG} = '{escaped}'")
+    return min(found, key=lambda mv: int(mv.version)) if found else None  # mv.version: int or str
+
+
+def _wait_ready(client: "MlflowClient", name: str, version: str, timeout: float = 300.0) -> "ModelVersion":
+    # File/SQL stores create versions READY at once; remote registries may copy artifacts first.
+    deadline = time.monotonic() + timeout
+    while True:
+        mv = client.get_model_version(name, version)
+        if mv.status == "READY":
+            return mv
+        if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise M2SNetError(f"model {name} version {version}: registration ended as {mv.status}")
+        time.sleep(1.0)
+
+
+def register_model_version(
+    model_uri: str,
+    name: str,
+    *,
+    idempotency_key: str,
+    tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
+    client: "MlflowClient | None" = None,
+) -> "ModelVersion":
+    """Register ``model_uri`` as a version of ``name`` once per ``idempotency_key``.
+
+    A second call with the same key returns the version the first call created (its tags are
+    brought up to date, nothing else changes).
+    """
+    if not idempotency_key:
+        raise M2SNetError(f"registering {name}: an idempotency key (pipeline run id or checkpoint hash) is required")
+    client = client or _client()
+    tags = {k: str(v) for k, v in (tags or {}).items()}
+    existing = find_version_by_key(name, idempotency_key, client)
+    if existing is not None:
+        log.info("model %s: version %s already registered with %s=%s; not registering again",
+                 name, existing.version, IDEMPOTENCY_TAG, idempotency_key)
+        for key, value in tags.items():
+            if existing.tags.get(key) != value:
+                client.set_model_version_tag(name, existing.version, key, value)
+        return client.get_model_version(name, existing.version)
+    import mlflow
+
+    # mlflow.register_model resolves runs:/ and models:/ URIs (MLflow 3 logged models) and creates
+    # the registered model on first use; the idempotency tag is set in the same call.
+    mv = mlflow.register_model(
+        model_uri, name, tags={**tags, IDEMPOTENCY_TAG: idempotency_key}, await_registration_for=300,
+    )
+    if description:
+        client.update_model_version(name, mv.version, description=description)
+    log.info("model %s: registered version %s from %s", name, mv.version, model_uri)
+    return _wait_ready(client, name, mv.version)
+
+
+PROMOTION_MARK = "**Promotion:**"  # the line of a version's description that promote() rewrites
+
+
+def describe_version(*, n_folds: int, dataset_version: str, split_sha256: str, cv_metrics: Mapping[str, Any],
+                     pipeline_run_id: str = "") -> str:
+    """A registered version's description (markdown): what the model is and what it scored."""
+    def pct(name: str) -> str:
+        mean, std = cv_metrics.get(f"cv_{name}_mean"), cv_metrics.get(f"cv_{name}_std")
+        if mean is None:
+            return "n/a"
+        return f"{float(mean):.2f} %" + (f" ± {float(std):.2f}" if std is not None else "")
+
+    lines = [
+        f"Ensemble of {n_folds} fold models (mean of their foreground probabilities) from one "
+        f"{n_folds}-fold cross-validation.",
+        "",
+        f"- **CV Dice:** {pct('dice')} (mean ± std over folds); IoU {pct('iou')}",
+        f"- **Data version:** `{dataset_version}` (DVC hash); split sha256 `{split_sha256[:16]}`",
+    ]
+    if pipeline_run_id:
+        lines.append(f"- **Pipeline run:** `{pipeline_run_id}`")
+    return "\n".join(lines)
+
+
+def _with_decision(description: str | None, decision: "PromotionDecision") -> str:
+    base = (description or "").split(PROMOTION_MARK)[0].rstrip()
+    verdict = "promoted to `production`" if decision.promoted else "not promoted"
+    return f"{base}\n\n{PROMOTION_MARK} {verdict} -- {decision.reason}".lstrip()
+
+
+def version_score(mv: "ModelVersion", metric_tag: str = SCORE_TAG) -> float | None:
+    raw = mv.tags.get(metric_tag)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def decide(candidate: float | None, production: float | None, policy: PromotionPolicy) -> tuple[bool, str]:
+    """The promotion rule alone (pure: tested without a registry)."""
+    if candidate is None:
+        return False, f"candidate has no {policy.metric_tag} tag"
+    if candidate < policy.floor:
+        return False, f"CV Dice {candidate:.4f} is below the floor {policy.floor:.4f}"
+    if production is None:
+        return True, f"CV Dice {candidate:.4f} passes the floor {policy.floor:.4f}; no production version yet"
+    if candidate < production + policy.margin:
+        return False, (f"CV Dice {candidate:.4f} does not beat production's {production:.4f} "
+                       f"by the margin {policy.margin:.4f}")
+    return True, f"CV Dice {candidate:.4f} beats production's {production:.4f} by >= {policy.margin:.4f}"
+
+
+def promote(
+    name: str,
+    version: str | int,
+    policy: PromotionPolicy = PromotionPolicy(),
+    *,
+    force: bool = False,
+    client: "MlflowClient | None" = None,
+) -> PromotionDecision:
+    """Point ``production`` at ``version`` if it passes ``policy`` (or ``force``); old one -> ``previous``."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or _client()
+    version = str(version)
+    try:
+        candidate = client.get_model_version(name, version)
+    except MlflowException as err:
+        raise M2SNetError(f"model {name!r} version {version}: not found in the registry ({err.message})") from err
+    current = version_by_alias(name, PRODUCTION, client)
+    cand_score = version_score(candidate, policy.metric_tag)
+    prod_score = version_score(current, policy.metric_tag) if current is not None else None
+    current_version = str(current.version) if current is not None else None
+
+    if current_version == version:
+        ok, reason = True, "already production (nothing to do)"
+    elif force:
+        ok, reason = True, "forced (quality gate skipped)"
+    else:
+        ok, reason = decide(cand_score, prod_score, policy)
+
+    if ok and current_version != version:
+        if current_version is not None:
+            client.set_registered_model_alias(name, PREVIOUS, current_version)
+        client.set_registered_model_alias(name, PRODUCTION, version)
+        client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    decision = PromotionDecision(
+        name=name, version=version, promoted=ok, reason=reason, candidate_score=cand_score,
+        production_version=current_version, production_score=prod_score,
+    )
+    client.set_model_version_tag(name, version, "promotion_decision", ("promoted: " if ok else "rejected: ") + reason)
+    client.update_model_version(name, version, description=_with_decision(candidate.description, decision))
+    log.info("model %s version %s: %s (%s)", name, version, "PROMOTED" if ok else "not promoted", reason)
+    return decision
+
+
+def rollback(name: str, *, client: "MlflowClient | None" = None) -> PromotionDecision:
+    """Point ``production`` back at ``previous`` and drop the ``previous`` alias.
+
+    Dropping it (rather than swapping) means a second rollback fails loudly instead of
+    re-deploying the version that was just rolled back.
+    """
+    client = client or _client()
+    prev = version_by_alias(name, PREVIOUS, client)
+    if prev is None:
+        raise M2SNetError(f"model {name!r}: no version has the alias {PREVIOUS!r}, nothing to roll back to")
+    current = version_by_alias(name, PRODUCTION, client)
+    client.set_registered_model_alias(name, PRODUCTION, prev.version)
+    client.delete_registered_model_alias(name, PREVIOUS)
+    if current is not None:
+        client.set_model_version_tag(name, current.version, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    log.info("model %s: production %s -> %s (rollback)", name, current.version if current else None, prev.version)
+    return PromotionDecision(
+        name=name, version=str(prev.version), promoted=True, reason="rollback",
+        candidate_score=version_score(prev), production_version=str(current.version) if current else None,
+        production_score=version_score(current) if current else None,
+    )

@@ -1,0 +1,162 @@
+"""Serving: predict masks with a registered model, locally or through ``mlflow models serve``.
+
+The model is the pyfunc of :mod:`m2snet.mlops.pyfunc` (one checkpoint or a CV ensemble). Its wire format
+(the same in-process and over REST): a DataFrame column ``image`` of base64 PNG/JPEG bytes in, a
+``mask`` column of base64 PNG (original size; 0/255 for binary models) and ``foreground_fraction`` out.
+
+    mlflow models serve -m models:/m2snet-busi@production --env-manager local -p 5001
+    curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
+         -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG>"]]}}'
+
+:func:`predict_files` (``m2snet predict``) writes ``<stem>_mask.png`` and ``<stem>_overlay.png``
+per input image; :func:`request_masks` is the REST client used by the tests and scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from m2snet.common import M2SNetError, find_tool
+
+log = logging.getLogger("m2snet.mlops.serving")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+OVERLAY_COLOR = (255, 40, 40)
+OVERLAY_ALPHA = 0.45
+
+
+@dataclass(frozen=True)
+class Prediction:
+    image: Path
+    mask: Path
+    overlay: Path
+    foreground_fraction: float
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given, directories expanded to their images (sorted); masks (``*_mask*``) skipped."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir()
+                            if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise M2SNetError(f"{path}: no such image file or directory")
+    if not found:
+        raise M2SNetError(f"no images found in {', '.join(map(str, inputs))}")
+    return found
+
+
+def overlay(image_rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = OVERLAY_COLOR,
+            alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The image with the mask's foreground tinted (any non-zero class) and its outline drawn solid."""
+    out = image_rgb.astype(np.float32).copy()
+    fg = mask > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * np.asarray(color, np.float32)
+    # Outline: foreground pixels with a background 4-neighbour, so the edge stays visible at any alpha.
+    padded = np.pad(fg, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    out[fg & ~inner] = color
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def load_model(model_uri: str):
+    """``mlflow.pyfunc.load_model`` with a clear error for an unknown model / alias."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as err:
+        raise M2SNetError(f"--model {model_uri}: cannot load from {mlflow.get_tracking_uri()} ({err.message})") from None
+
+
+def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  batch_size: int = 8, model=None) -> list[Prediction]:
+    """Predict every image; write ``<stem>_mask.png`` (as the model returns it) and ``<stem>_overlay.png``."""
+    import pandas as pd
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from m2snet.evaluation.predict import to_rgb_array
+    from m2snet.mlops.pyfunc import decode_mask, encode_image
+
+    images = collect_images(inputs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model or load_model(model_uri)
+    stems = [p.stem for p in images]
+    if len(set(stems)) != len(stems):
+        raise M2SNetError("several input images share a file name; predict them into separate --out folders")
+    results: list[Prediction] = []
+    bar = tqdm(total=len(images), desc="predict", unit="img")
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        frame = pd.DataFrame({"image": [encode_image(p.read_bytes()) for p in chunk]})
+        answer = model.predict(frame)
+        for path, (_, row) in zip(chunk, answer.iterrows(), strict=True):
+            mask = decode_mask(row["mask"])
+            rgb = to_rgb_array(Image.open(path))
+            if mask.shape[:2] != rgb.shape[:2]:
+                raise M2SNetError(f"{path}: model returned a {mask.shape} mask for a {rgb.shape[:2]} image")
+            mask_path, overlay_path = out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png"
+            Image.fromarray(mask).save(mask_path)
+            Image.fromarray(overlay(rgb, mask)).save(overlay_path)
+            results.append(Prediction(path, mask_path, overlay_path, float(row["foreground_fraction"])))
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def request_masks(url: str, images: Sequence[str | os.PathLike | bytes], timeout: float = 120.0) -> list[np.ndarray]:
+    """POST images to a running ``mlflow models serve`` (``url`` = its base URL); return the masks."""
+    import requests
+
+    from m2snet.mlops.pyfunc import decode_mask, encode_image
+
+    data = [[encode_image(i if isinstance(i, bytes) else Path(i).read_bytes())] for i in images]
+    body = {"dataframe_split": {"columns": ["image"], "data": data}}
+    resp = requests.post(url.rstrip("/") + "/invocations", json=body, timeout=timeout)
+    if resp.status_code != 200:
+        raise M2SNetError(f"{url}/invocations answered {resp.status_code}: {resp.text[:500]}")
+    predictions = resp.json()["predictions"]
+    return [decode_mask(p["mask"]) for p in predictions]
+
+
+@dataclass
+class ModelServer:
+    url: str
+    model_uri: str
+    process: object  # m2snet.mlops.services.ManagedProcess
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_model_server(model_uri: str, port: int | None = None, *, workdir: str | os.PathLike | None = None,
+                       env: dict[str, str] | None = None, timeout: float = 180.0) -> ModelServer:
+    """``mlflow models serve -m MODEL_URI --env-manager local`` on loopback; returns once /ping answers."""
+    from m2snet.common import free_port
+    import requests
+
+    from m2snet.mlops.services import LOOPBACK, ManagedProcess
+
+    port = port or free_port()
+    workdir = Path(workdir) if workdir is not None else Path.cwd() / ".m2snet" / "serving"
+    mlflow_bin = find_tool("mlflow")
+    argv = [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "--host", LOOPBACK, "--port", str(port), "--workers", "1"]
+    proc = ManagedProcess("mlflow models serve", argv, workdir / f"serve-{port}.log", env=env, cwd=workdir)
+    url = f"http://{LOOPBACK}:{port}"
+    proc.wait_ready(lambda: requests.get(f"{url}/ping", timeout=2).status_code == 200, timeout, f"{url}/ping")
+    log.info("serving %s at %s", model_uri, url)
+    return ModelServer(url, model_uri, proc)

@@ -1,0 +1,300 @@
+"""Hyper-parameter tuning with Optuna: the two learning rates of the recipe.
+
+Search space (both log scale): the head's max learning rate, and the backbone/head ratio (the
+reference uses 0.005 / 0.05 = 0.1). Searching the ratio rather than two independent rates keeps
+the space small and well conditioned: most of the effect is the overall scale.
+
+Objective: the final validation Dice of a short training run on an INNER split of one CV fold's
+training cases (``m2snet.data.split.inner_split``: stratified, duplicate groups on one side). The
+fold's validation cases are never seen, and since every fold tunes on its own inner split (nested
+tuning, ``m2snet.workflows.folds.tune_fold``), no fold is scored on cases that chose its hyper-parameters. Each epoch's validation Dice is
+reported to Optuna through the trainer's ``callbacks`` hook so a MedianPruner can stop poor trials
+early.
+
+Sharing: the study lives in ``storage`` -- a SQLite URL or ``journal:PATH`` (JournalFileBackend)
+locally, a PostgreSQL URL on the cluster -- and is opened with ``load_if_exists``, so several
+workers (several ``m2snet tune`` processes or pipeline pods) can run trials of ONE study; a
+``MaxTrialsCallback`` caps the study's finished trials at ``n_trials`` in total.
+
+Tracking: each trial is an MLflow run nested under the tuning run (itself optionally a child of a
+pipeline/CV parent run); the study's plots are logged as PNG artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from m2snet.common import M2SNetError, write_json
+from m2snet.data.split import INNER_VAL_FRACTION
+
+if TYPE_CHECKING:
+    import optuna
+
+    from m2snet.mlops.tracking import Tracker
+    from m2snet.training.config import TrainConfig
+
+log = logging.getLogger("m2snet.workflows.tuning")
+
+OBJECTIVE_METRIC = "val_dice"
+
+
+@dataclass
+class TuningConfig:
+    n_trials: int = 20  # finished (complete + pruned) trials in the whole study, all workers together
+    epochs: int | None = None  # per trial; None = the base training config's epochs
+    storage: str | None = None  # None/"" = SQLite beside out_dir; "journal:PATH"; sqlite:///...; postgresql://...
+    study_name: str = "m2snet"
+    head_lr: tuple[float, float] = (1e-3, 1e-1)
+    backbone_ratio: tuple[float, float] = (0.01, 1.0)
+    inner_val_fraction: float = INNER_VAL_FRACTION
+    seed: int = 42
+    pruner_startup_trials: int = 2  # no pruning until this many trials finished
+    pruner_warmup_epochs: int = 1  # nor before this many epochs of a trial
+    timeout_s: float | None = None
+    keep_trial_dirs: bool = False  # trial checkpoints are large and not needed afterwards
+
+    def validate(self) -> None:
+        problems = []
+        if self.n_trials < 1:
+            problems.append(f"n_trials={self.n_trials} must be >= 1")
+        for name in ("head_lr", "backbone_ratio"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                problems.append(f"{name} range {lo}..{hi} must satisfy 0 < low <= high (log scale)")
+        if not 0 < self.inner_val_fraction < 1:
+            problems.append(f"inner_val_fraction={self.inner_val_fraction} must be within (0, 1)")
+        if problems:
+            raise M2SNetError("tuning config: " + "; ".join(problems))
+
+
+@dataclass
+class TuningResult:
+    study_name: str
+    storage: str
+    best_params: dict[str, float]  # training config fields: head_lr, backbone_lr
+    best_value: float
+    best_trial: int
+    n_complete: int
+    n_pruned: int
+    plots: list[str] = field(default_factory=list)
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- storage / study ----------------------------------------------------------------------------
+def make_storage(url: str | None, default_dir: str | Path | None = None):
+    """An Optuna storage for a URL: ``journal:PATH`` -> JournalFileBackend, otherwise RDB (SQLite, PostgreSQL)."""
+    import optuna
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not url:
+        if default_dir is None:
+            raise M2SNetError("tuning: no storage given (use sqlite:///..., journal:PATH or postgresql://...)")
+        Path(default_dir).mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{Path(default_dir).resolve() / 'optuna.db'}"
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise M2SNetError(f"tuning storage {url!r}: expected sqlite:///FILE, journal:PATH or postgresql://...")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # pool_pre_ping: a long study outlives idle PostgreSQL connections.
+    return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None)
+
+
+def open_study(cfg: TuningConfig, storage) -> "optuna.Study":
+    import optuna
+
+    return optuna.create_study(
+        study_name=cfg.study_name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        # Each worker seeds its sampler differently (by trial count), else parallel workers repeat trials.
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, cfg.pruner_startup_trials)),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                           n_warmup_steps=cfg.pruner_warmup_epochs),
+    )
+
+
+def suggest(trial: "optuna.Trial", cfg: TuningConfig) -> dict[str, float]:
+    """The trial's training-config values (plus the ratio, for the record)."""
+    head_lr = trial.suggest_float("head_lr", *cfg.head_lr, log=True)
+    ratio = trial.suggest_float("backbone_ratio", *cfg.backbone_ratio, log=True)
+    return {"head_lr": head_lr, "backbone_lr": head_lr * ratio}
+
+
+def best_training_params(study: "optuna.Study") -> dict[str, float]:
+    p = study.best_trial.params
+    return {"head_lr": float(p["head_lr"]), "backbone_lr": float(p["head_lr"] * p["backbone_ratio"])}
+
+
+# --- plots --------------------------------------------------------------------------------------
+def save_study_plots(study: "optuna.Study", out_dir: str | Path) -> list[Path]:
+    """Optuna's matplotlib plots as PNGs; a plot that needs more finished trials is skipped with a note."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "optimization_history": ovm.plot_optimization_history,
+        "intermediate_values": ovm.plot_intermediate_values,
+        "slice": ovm.plot_slice,
+        "contour": ovm.plot_contour,
+        "param_importances": ovm.plot_param_importances,
+    }
+    written = []
+    for name, fn in plots.items():
+        try:
+            with warnings.catch_warnings():
+                # Optuna marks its matplotlib plots experimental and warns on tiny studies: noise in logs.
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+            fig.set_size_inches(7, 5)
+            fig.savefig(out_dir / f"{name}.png", dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            written.append(out_dir / f"{name}.png")
+        except Exception as err:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
+            log.warning("tuning: plot %s skipped (%s: %s)", name, type(err).__name__, err)
+            plt.close("all")
+    return written
+
+
+# --- the study ----------------------------------------------------------------------------------
+def tune(
+    base: "TrainConfig",
+    cfg: TuningConfig,
+    out_dir: str | Path,
+    *,
+    parent: "Tracker | None" = None,
+    tracking: bool = True,
+) -> TuningResult:
+    """Run trials of the shared study (until it holds ``cfg.n_trials`` finished ones) and return the best.
+
+    ``base``: the training config of the fold being tuned (``base.split`` / ``base.fold``). ``parent``:
+    an MLflow run to nest the tuning run under (e.g. the pipeline's parent run). With ``tracking``,
+    the tuning run and one nested run per trial are logged.
+    """
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from m2snet.mlops.tracking import Tracker, TrackingConfig, redact
+    from m2snet.training.trainer import train
+
+    cfg.validate()
+    if not base.split:
+        raise M2SNetError("tuning needs a split file (the objective is the Dice of an inner split of a fold)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage_url = cfg.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
+    study = open_study(cfg, make_storage(storage_url))
+    from m2snet.data.format import load_dataset
+    from m2snet.data.split import load_split, write_inner_split
+
+    inner = write_inner_split(load_dataset(base.data), load_split(base.split), base.fold,
+                              out_dir / "inner_split.json", cfg.inner_val_fraction, cfg.seed)
+    # A trial scores its final epoch on the inner validation cases (the selection rule the CV uses).
+    trial_base = base.override(split=str(inner), fold=0, epochs=cfg.epochs or base.epochs, val_every=1,
+                               selection="final")
+
+    run: Tracker | None = None
+    if tracking:
+        tags = {"m2snet.kind": "tuning", "optuna.study": cfg.study_name}
+        tags["m2snet.fold"] = str(base.fold)
+        name = f"tune-fold-{base.fold}"
+        run = parent.child(name, tags=tags) if parent else Tracker.start(TrackingConfig(), run_name=name, tags=tags)
+        run.log_params({"tuning": {k: v for k, v in asdict(cfg).items() if k != "storage"},
+                        "tuning.storage": redact(storage_url), "tuning.fold": base.fold,
+                        "tuning.inner_split": str(inner)})
+
+    def objective(trial: "optuna.Trial") -> float:
+        params = suggest(trial, cfg)
+        trial_dir = out_dir / f"trial-{trial.number:04d}"
+        if trial_dir.exists():  # a crashed earlier attempt of the same trial number
+            shutil.rmtree(trial_dir)
+        tcfg = trial_base.override(out_dir=str(trial_dir), **params)
+        child = run.child(f"trial-{trial.number}", tags={"optuna.trial": str(trial.number),
+                                                          "optuna.study": cfg.study_name}) if run else None
+
+        def report(end) -> None:
+            value = end.metrics.get(OBJECTIVE_METRIC)
+            if value is None:
+                return
+            trial.report(float(value), end.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {end.epoch}: {OBJECTIVE_METRIC}={value:.4f} below the median")
+
+        status = "FAILED"
+        try:
+            result = train(tcfg, tracker=child, callbacks=[report])
+            value = float(result.selection_score)
+            if not math.isfinite(value):
+                raise M2SNetError(f"trial {trial.number}: objective is {value}")
+            status = "FINISHED"
+            if child:
+                child.log_metrics({"objective": value}, flush=True)
+                child.set_tags({"optuna.state": "COMPLETE"})
+            return value
+        except optuna.TrialPruned:
+            status = "FINISHED"  # pruning is a normal outcome, not a failure
+            if child:
+                child.set_tags({"optuna.state": "PRUNED"})
+            raise
+        finally:
+            if child:
+                child.end(status)
+            if not cfg.keep_trial_dirs:
+                shutil.rmtree(trial_dir, ignore_errors=True)
+
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=finished))
+    log.info("tuning: study %r has %d/%d finished trials; running up to %d here",
+             cfg.study_name, cfg.n_trials - max(remaining, 0), cfg.n_trials, max(remaining, 0))
+    try:
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, catch=(M2SNetError,),
+                           callbacks=[MaxTrialsCallback(cfg.n_trials, states=finished)])
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            raise M2SNetError(f"tuning study {cfg.study_name!r}: no trial completed (see the trial runs' errors)")
+        best_params = best_training_params(study)
+        plots = save_study_plots(study, out_dir / "plots")
+        result = TuningResult(
+            study_name=cfg.study_name, storage=str(redact(storage_url)), best_params=best_params,
+            best_value=float(study.best_value), best_trial=study.best_trial.number, n_complete=len(complete),
+            n_pruned=len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
+            plots=[str(p) for p in plots], run_id=run.run_id if run else None,
+        )
+        write_json(out_dir / "best_params.json", result.to_dict())
+        if run:
+            run.log_params({f"best.{k}": v for k, v in best_params.items()})
+            run.log_metrics({"best_" + OBJECTIVE_METRIC: result.best_value, "n_complete": result.n_complete,
+                             "n_pruned": result.n_pruned}, flush=True)
+            for p in plots:
+                run.log_artifact(p, "optuna_plots")
+            run.log_artifact(out_dir / "best_params.json")
+            run.end("FINISHED")
+        log.info("tuning: best %s=%.4f (trial %d): %s", OBJECTIVE_METRIC, result.best_value, result.best_trial,
+                 json.dumps(best_params))
+        return result
+    except BaseException:
+        if run:
+            run.end("FAILED")
+        raise
