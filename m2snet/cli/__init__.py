@@ -1,7 +1,12 @@
-"""The one ``m2snet`` command. Each area registers its sub-commands from ``m2snet.cli``.
+"""The one ``m2snet`` command, assembled from one sub-app per area.
 
-Heavy libraries (torch, mlflow, kfp) are imported inside the command functions so that
-``m2snet --help`` stays fast.
+Every area module defines ``app = typer.Typer()`` with ``@app.command`` functions; the root mounts
+groups under a name (``m2snet data ...``, ``m2snet pipeline ...``, ``m2snet services ...``) and
+merges the rest as top-level commands (``m2snet train``, ``m2snet promote``, ...). Option types
+shared between areas live in :mod:`m2snet.cli.options`.
+
+Heavy libraries (torch, mlflow, kfp, optuna) are imported inside the command functions, so that
+``m2snet --help`` and a mistyped option answer in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,11 +16,7 @@ import sys
 
 import typer
 
-from m2snet.cli import data as data_commands
-from m2snet.cli import models as model_commands
-from m2snet.cli import pipeline as pipeline_commands
-from m2snet.cli import services as service_commands
-from m2snet.cli import train as train_commands
+from m2snet.cli import data, models, pipeline, predict, registry, services, train, tune
 from m2snet.common import M2SNetError, Terminated
 
 app = typer.Typer(
@@ -36,11 +37,13 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
 
 
-model_commands.register(app)
-data_commands.register(app)
-train_commands.register(app)
-pipeline_commands.register(app)
-service_commands.register(app)
+# Groups: `m2snet <group> <command>`.
+app.add_typer(data.app, name="data")
+app.add_typer(pipeline.app, name="pipeline")
+app.add_typer(services.app, name="services")
+# Top-level commands: `m2snet <command>`.
+for area in (models, train, tune, registry, predict):
+    app.add_typer(area.app)
 
 
 def main() -> None:
@@ -54,7 +57,3 @@ def main() -> None:
         # SIGTERM during an atomic write: the partial output is already removed; exit as SIGTERM would.
         typer.secho("terminated: partial output removed", fg=typer.colors.RED, err=True)
         sys.exit(128 + 15)
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ import typer
 
 from m2snet.common import M2SNetError
 
-data_app = typer.Typer(help="Datasets: create the demo set, import public layouts, validate, split, version.", no_args_is_help=True)
+app = typer.Typer(help="Datasets: create the demo set, import public layouts, validate, split, version.", no_args_is_help=True)
 
 
 def _parse_options(values: list[str]) -> dict[str, object]:
@@ -27,7 +27,7 @@ def _parse_options(values: list[str]) -> dict[str, object]:
     return out
 
 
-@data_app.command("demo")
+@app.command("demo")
 def demo(
     dest: Path = typer.Argument(..., help="Directory to create (BUSI layout: benign/, malignant/, normal/)."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives byte-identical files."),
@@ -88,7 +88,7 @@ def _report_payload(report: dict) -> dict:
     }
 
 
-@data_app.command("import")
+@app.command("import")
 def import_(
     src: Path = typer.Argument(..., help="The dataset as distributed."),
     dest: Path = typer.Argument(..., help="Directory to create in the m2snet format."),
@@ -142,7 +142,7 @@ def import_(
     typer.echo(f"report: {report_html}")
 
 
-@data_app.command("formats")
+@app.command("formats")
 def formats() -> None:
     """List the source layouts `m2snet data import` understands."""
     from m2snet.data.importers import get_importer, list_importers
@@ -151,7 +151,7 @@ def formats() -> None:
         typer.echo(f"{name:14s} {get_importer(name).description}")
 
 
-@data_app.command("validate")
+@app.command("validate")
 def validate(
     dest: Path = typer.Argument(..., help="An m2snet dataset directory."),
     allow_duplicates: Optional[bool] = typer.Option(
@@ -183,7 +183,7 @@ def validate(
         raise typer.Exit(1)
 
 
-@data_app.command("split")
+@app.command("split")
 def split(
     dest: Path = typer.Argument(..., help="An m2snet dataset directory."),
     folds: int = typer.Option(4, help="Number of folds."),
@@ -204,7 +204,7 @@ def split(
     typer.echo(f"wrote {result.path} (sha256 {result.sha256})")
 
 
-@data_app.command("version")
+@app.command("version")
 def version(
     dest: Path = typer.Argument(..., help="An m2snet dataset directory."),
     as_json: bool = typer.Option(False, "--json"),
@@ -224,7 +224,7 @@ def version(
         typer.echo(f"{dvc_file}: {state}", err=True)
 
 
-@data_app.command("cache")
+@app.command("cache")
 def cache(
     dest: Path = typer.Argument(..., help="An m2snet dataset directory."),
     size: int = typer.Option(352, help="Side of the cached square arrays."),
@@ -235,8 +235,3 @@ def cache(
     from m2snet.data.format import load_dataset
 
     typer.echo(build_cache(load_dataset(dest), size, cache_dir))
-
-
-def register(app: typer.Typer) -> None:
-    """Add this area's commands (or sub-app) to the root `m2snet` app."""
-    app.add_typer(data_app, name="data")

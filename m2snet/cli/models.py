@@ -8,7 +8,10 @@ from typing import List, Optional
 
 import typer
 
+app = typer.Typer()
 
+
+@app.command("model-info")
 def model_info_command(
     name: str = typer.Argument("m2snet", help="Registered model name (see `m2snet list-models`)."),
     size: int = typer.Option(352, "--size", help="Square input size for the MAC count."),
@@ -39,6 +42,7 @@ def model_info_command(
     typer.echo(f"GMACs             {info.gmacs:.2f}")
 
 
+@app.command("convert-reference")
 def convert_reference_command(
     ckpt: Path = typer.Argument(..., help="Checkpoint of the authors' reference code (.pth)."),
     out: Path = typer.Argument(..., help="Where to write the m2snet checkpoint."),
@@ -51,6 +55,7 @@ def convert_reference_command(
     typer.echo(f"wrote {path}")
 
 
+@app.command("recalibrate-bn")
 def recalibrate_bn_command(
     checkpoint: Path = typer.Argument(..., help="m2snet checkpoint (trained, or from convert-reference)."),
     data: Path = typer.Option(..., "--data", help="Dataset directory (m2snet layout)."),
@@ -78,6 +83,7 @@ def recalibrate_bn_command(
     typer.echo(f"wrote {path}")
 
 
+@app.command("list-models")
 def list_models_command() -> None:
     """List the registered model names."""
     from m2snet.models import list_models
@@ -86,6 +92,7 @@ def list_models_command() -> None:
         typer.echo(name)
 
 
+@app.command("export")
 def export_command(
     sources: List[str] = typer.Argument(..., help="Checkpoint file(s) (an ensemble) or one model URI "
                                                    "(models:/NAME@production, runs:/..., a model directory)."),
@@ -105,12 +112,3 @@ def export_command(
         report = export_onnx(paths, out, tta_flip=tta_flip, atol=DEFAULT_ATOL if atol is None else atol)
     typer.echo(f"wrote {report.path}: {report.n_models} model(s) at {report.image_size} px, "
                f"max |ONNX Runtime - PyTorch| {report.max_abs_diff:.2e}, BatchNorm nodes left {report.batch_norms_left}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root `m2snet` app."""
-    app.command("model-info")(model_info_command)
-    app.command("convert-reference")(convert_reference_command)
-    app.command("recalibrate-bn")(recalibrate_bn_command)
-    app.command("list-models")(list_models_command)
-    app.command("export")(export_command)

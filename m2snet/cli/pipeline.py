@@ -1,11 +1,8 @@
-"""CLI: the Kubeflow pipeline (run locally / compile / submit), tuning, registry promotion, prediction.
+"""`m2snet pipeline ...`: the Kubeflow pipeline, run locally, compiled, submitted.
 
     m2snet pipeline run --local [--preset demo]     the whole CV pipeline on the kfp local runner
     m2snet pipeline compile [--check]               m2snet/kubeflow/pipelines/busi_cv.yaml from busi_cv.py
     m2snet pipeline submit --host URL [--param k=v] the compiled pipeline on a Kubeflow cluster
-    m2snet tune ...                                 an Optuna study on one fold (shareable storage)
-    m2snet promote NAME VERSION / rollback NAME     move the `production` alias by hand
-    m2snet predict --model URI IMAGES... --out DIR  mask PNGs + overlays
 """
 
 from __future__ import annotations
@@ -15,35 +12,25 @@ from typing import Any, List, Optional
 
 import typer
 
+from m2snet.cli.options import MODEL_NAME, PIPELINE_EXPERIMENT, PRESET, preset_overrides
 from m2snet.common import M2SNetError
 
-pipeline_app = typer.Typer(help="The cross-validation pipeline: run locally, compile, submit to Kubeflow.",
-                           no_args_is_help=True)
+app = typer.Typer(help="The cross-validation pipeline: run locally, compile, submit to Kubeflow.", no_args_is_help=True)
 
 
-def _set_overrides(preset: str, sets: list[str]) -> dict[str, Any]:
-    """``--set key=value`` strings typed by TrainConfig (only the keys given are returned)."""
-    if not sets:
-        return {}
-    from m2snet.workflows.presets import train_config
 
-    keys = [s.partition("=")[0].strip().replace("-", "_") for s in sets]
-    changed = train_config(preset).override_strings(sets).to_dict()
-    return {k: changed[k] for k in keys}
-
-
-@pipeline_app.command("run")
+@app.command("run")
 def run_cmd(
     local: bool = typer.Option(False, "--local", help="Run on the kfp local runner (required: clusters use `submit`)."),
-    preset: str = typer.Option("demo", help="tiny | demo | busi (see m2snet.workflows.presets.PRESETS)."),
+    preset: str = PRESET,
     data: str = typer.Option("", help="Dataset directory (m2snet format, or a raw layout: see --importer); "
                                       "default: the demo set."),
     importer: str = typer.Option("busi", help="Layout of a raw --data / DVC dataset (`m2snet data formats`)."),
     dvc_repo: str = typer.Option("", help="Git/DVC repository to fetch the data from (dvc get)."),
     dvc_rev: str = typer.Option("", help="DVC revision (git tag/commit) of the data."),
     work_dir: Path = typer.Option(Path(".m2snet/pipeline"), help="Where the local runner keeps task outputs and logs."),
-    experiment: str = typer.Option("m2snet-busi-cv", help="MLflow experiment."),
-    model_name: str = typer.Option("m2snet-busi", help="Registered model name."),
+    experiment: str = PIPELINE_EXPERIMENT,
+    model_name: str = MODEL_NAME,
     folds: Optional[int] = typer.Option(None, help="Number of CV folds (default: the preset's, 4)."),
     trials: int = typer.Option(-1, help="Optuna trials (default: the preset's)."),
     tuning_storage: str = typer.Option("", help="Optuna storage URL (sqlite:///..., journal:PATH, postgresql://...)."),
@@ -65,7 +52,7 @@ def run_cmd(
     result = run_local(
         preset, data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, work_dir=work_dir,
         experiment=experiment, model_name=model_name, n_folds=folds, n_trials=trials, seed=seed,
-        train_overrides=_set_overrides(preset, set_), tuning_storage=tuning_storage, floor=floor, margin=margin,
+        train_overrides=preset_overrides(preset, set_), tuning_storage=tuning_storage, floor=floor, margin=margin,
         threads=threads, display="stream" if verbose else "auto", runner=runner,
     )
     _print_summary(result)
@@ -102,7 +89,7 @@ def _print_summary(result: Any) -> None:
     echo(f"  mlflow models serve -m models:/{result.model_name}@production --env-manager local -p 5001")
 
 
-@pipeline_app.command("compile")
+@app.command("compile")
 def compile_cmd(
     out: Optional[Path] = typer.Option(None, help="Output YAML (default: the packaged m2snet/kubeflow/pipelines/busi_cv.yaml)."),
     check: bool = typer.Option(False, "--check", help="Only check that the committed YAML is up to date."),
@@ -123,10 +110,10 @@ def compile_cmd(
     typer.echo(f"wrote {compile_pipeline(out)}")
 
 
-@pipeline_app.command("submit")
+@app.command("submit")
 def submit_cmd(
     host: str = typer.Option(..., help="Kubeflow Pipelines API URL, e.g. http://localhost:8080."),
-    experiment: str = typer.Option("m2snet-busi-cv", help="KFP experiment name."),
+    experiment: str = PIPELINE_EXPERIMENT,
     run_name: Optional[str] = typer.Option(None, help="Run name (default: KFP's)."),
     param: List[str] = typer.Option([], "--param", help="Pipeline parameter NAME=VALUE; repeatable."),
     namespace: Optional[str] = typer.Option(None, help="Kubeflow profile namespace (multi-user KFP)."),
@@ -139,82 +126,3 @@ def submit_cmd(
     run_id, url = submit(host, params=params, experiment=experiment, run_name=run_name, namespace=namespace,
                          package=package)
     typer.echo(f"submitted run {run_id}\n{url}")
-
-
-def tune_cmd(
-    data: Path = typer.Option(..., help="Dataset directory (m2snet format)."),
-    split: Path = typer.Option(..., help="Split file (m2snet data split)."),
-    fold: int = typer.Option(0, help="Fold whose training cases are split into inner train/val."),
-    preset: str = typer.Option("demo", help="Training preset the trials start from."),
-    set_: List[str] = typer.Option([], "--set", help="Training option KEY=VALUE; repeatable."),
-    trials: int = typer.Option(20, help="Finished trials wanted in the study (all workers together)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs per trial (default: the preset's tuning epochs)."),
-    storage: str = typer.Option("", help="sqlite:///FILE, journal:PATH or postgresql://... (shared by workers)."),
-    study: str = typer.Option("m2snet", help="Study name (workers with the same name and storage share it)."),
-    out: Path = typer.Option(Path("runs/tune"), help="Work directory (trial checkpoints, plots, best_params.json)."),
-    experiment: str = typer.Option("m2snet-tuning", help="MLflow experiment."),
-) -> None:
-    """Tune the head learning rate and backbone/head ratio with Optuna (pruning on per-epoch Dice)."""
-    import json
-
-    from m2snet.workflows.presets import get_preset, train_config
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
-    from m2snet.workflows.tuning import TuningConfig, tune
-
-    base = train_config(preset, _set_overrides(preset, set_), data=str(data), split=str(split), fold=fold,
-                        out_dir=str(out / "unused"))
-    cfg = TuningConfig(n_trials=trials, epochs=epochs or get_preset(preset).tune_epochs, storage=storage or None,
-                       study_name=study, seed=base.seed)
-    parent = Tracker.start(TrackingConfig(experiment=experiment), run_name=f"study-{study}",
-                           tags={"m2snet.kind": "study"})
-    with parent:
-        result = tune(base, cfg, out, parent=parent)
-    typer.echo(json.dumps(result.to_dict(), indent=2))
-
-
-def promote_cmd(
-    name: str = typer.Argument(..., help="Registered model name."),
-    version: str = typer.Argument(..., help="Version to promote."),
-    floor: float = typer.Option(0.5, help="Minimum CV Dice (0..1)."),
-    margin: float = typer.Option(0.005, help="Required improvement over production's CV Dice."),
-    force: bool = typer.Option(False, "--force", help="Skip the quality gate."),
-) -> None:
-    """Move alias `production` to VERSION if it passes the gate (the replaced one becomes `previous`)."""
-    from m2snet.mlops.registry import PromotionPolicy, promote
-
-    decision = promote(name, version, PromotionPolicy(floor=floor, margin=margin), force=force)
-    typer.echo(("promoted" if decision.promoted else "not promoted") + f": {name} v{version}: {decision.reason}")
-    if not decision.promoted:
-        raise typer.Exit(1)
-
-
-def rollback_cmd(name: str = typer.Argument(..., help="Registered model name.")) -> None:
-    """Point `production` back at `previous`."""
-    from m2snet.mlops.registry import rollback
-
-    decision = rollback(name)
-    typer.echo(f"{name}: production {decision.production_version} -> {decision.version}")
-
-
-def predict_cmd(
-    images: List[Path] = typer.Argument(..., help="Image files or folders."),
-    model: str = typer.Option(..., "--model", help="Model URI, e.g. models:/m2snet-busi@production."),
-    out: Path = typer.Option(Path("predictions"), "--out", help="Output folder for masks and overlays."),
-    batch_size: int = typer.Option(8, help="Images per forward pass."),
-) -> None:
-    """Write <name>_mask.png and <name>_overlay.png for every image."""
-    from m2snet.mlops.serving import predict_files
-
-    results = predict_files(model, images, out, batch_size=batch_size)
-    for r in results:
-        typer.echo(f"{r.image} -> {r.mask.name}, {r.overlay.name} (foreground {100 * r.foreground_fraction:.1f}%)")
-    typer.echo(f"{len(results)} image(s) -> {out}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add this area's commands (or sub-app) to the root `m2snet` app."""
-    app.add_typer(pipeline_app, name="pipeline")
-    app.command("tune")(tune_cmd)
-    app.command("promote")(promote_cmd)
-    app.command("rollback")(rollback_cmd)
-    app.command("predict")(predict_cmd)

@@ -7,10 +7,10 @@ from typing import Optional
 
 import typer
 
-services_app = typer.Typer(help="Local services: SeaweedFS (S3) and an MLflow tracking server.", no_args_is_help=True)
+app = typer.Typer(help="Local services: SeaweedFS (S3) and an MLflow tracking server.", no_args_is_help=True)
 
 
-@services_app.command("up")
+@app.command("up")
 def up(
     dir: Path = typer.Option(Path(".m2snet/services"), "--dir", help="Where the services keep data and logs."),
     s3_port: Optional[int] = typer.Option(None, help="S3 port (default: a free port)."),
@@ -21,8 +21,3 @@ def up(
     from m2snet.mlops.services import run_services
 
     run_services(dir, s3_port=s3_port, mlflow_port=mlflow_port, bucket=bucket, echo=typer.echo)
-
-
-def register(app: typer.Typer) -> None:
-    """Add this area's commands (or sub-app) to the root `m2snet` app."""
-    app.add_typer(services_app, name="services")

@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import typer
 
+app = typer.Typer()
+
 from m2snet.common import M2SNetError
 
 
@@ -46,8 +48,7 @@ EXPERIMENT = typer.Option("m2snet", "--experiment", help="MLflow experiment name
 NO_TRACK = typer.Option(False, "--no-track", help="Do not log to MLflow.")
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``train``, ``evaluate`` and ``cv`` to the root ``m2snet`` app."""
+def _register() -> None:  # TODO(restructure): flatten once the trainer callback lands
 
     @app.command("train")
     def train_cmd(
@@ -177,3 +178,6 @@ class _Null:
 
     def __exit__(self, *exc):
         return False
+
+
+_register()

@@ -1,0 +1,46 @@
+"""Option types and parsers shared by the CLI's sub-apps (one definition each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from m2snet.common import M2SNetError
+from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET, PRESETS
+
+# TrainConfig
+CONFIG: Optional[Path] = typer.Option(None, "--config", help="TrainConfig as JSON/YAML; options below override it.")
+SETS: list[str] = typer.Option([], "--set", help="Override any TrainConfig field: --set key=value (repeatable).")
+
+# Presets (m2snet.workflows.presets)
+PRESET: str = typer.Option(DEFAULT_PRESET, "--preset", help=f"{' | '.join(PRESETS)} (m2snet.workflows.presets).")
+
+# MLflow
+TRACKING_URI: Optional[str] = typer.Option(
+    None, "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
+NO_TRACK: bool = typer.Option(False, "--no-track", help="Do not log to MLflow.")
+PIPELINE_EXPERIMENT: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="MLflow experiment.")
+MODEL_NAME: str = typer.Option(DEFAULT_MODEL_NAME, "--model-name", help="Registered model name.")
+
+
+def preset_overrides(preset: str, sets: list[str]) -> dict[str, Any]:
+    """``--set key=value`` strings typed by TrainConfig on top of ``preset`` (only the keys given are returned)."""
+    if not sets:
+        return {}
+    from m2snet.workflows.presets import train_config
+
+    keys = [s.partition("=")[0].strip().replace("-", "_") for s in sets]
+    changed = train_config(preset).override_strings(sets).to_dict()
+    return {k: changed[k] for k in keys}
+
+
+def parse_folds(text: Optional[str]) -> Optional[list[int]]:
+    """``--folds 0,2`` -> [0, 2]; empty = all folds."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise M2SNetError(f"--folds {text!r}: expected comma-separated fold numbers like 0,1") from None

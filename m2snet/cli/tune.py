@@ -1,0 +1,44 @@
+"""`m2snet tune`: an Optuna study of the learning rates on one fold's inner split (shareable storage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from m2snet.cli.options import PRESET, SETS, preset_overrides
+
+app = typer.Typer()
+
+
+@app.command("tune")
+def tune_cmd(
+    data: Path = typer.Option(..., help="Dataset directory (m2snet format)."),
+    split: Path = typer.Option(..., help="Split file (m2snet data split)."),
+    fold: int = typer.Option(0, help="Fold whose training cases are split into inner train/val."),
+    preset: str = PRESET,
+    set_: List[str] = SETS,
+    trials: int = typer.Option(20, help="Finished trials wanted in the study (all workers together)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per trial (default: the preset's tuning epochs)."),
+    storage: str = typer.Option("", help="sqlite:///FILE, journal:PATH or postgresql://... (shared by workers)."),
+    study: str = typer.Option("m2snet", help="Study name (workers with the same name and storage share it)."),
+    out: Path = typer.Option(Path("runs/tune"), help="Work directory (trial checkpoints, plots, best_params.json)."),
+    experiment: str = typer.Option("m2snet-tuning", help="MLflow experiment."),
+) -> None:
+    """Tune the head learning rate and backbone/head ratio with Optuna (pruning on per-epoch Dice)."""
+    import json
+
+    from m2snet.workflows.presets import get_preset, train_config
+    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.workflows.tuning import TuningConfig, tune
+
+    base = train_config(preset, preset_overrides(preset, set_), data=str(data), split=str(split), fold=fold,
+                        out_dir=str(out / "unused"))
+    cfg = TuningConfig(n_trials=trials, epochs=epochs or get_preset(preset).tune_epochs, storage=storage or None,
+                       study_name=study, seed=base.seed)
+    parent = Tracker.start(TrackingConfig(experiment=experiment), run_name=f"study-{study}",
+                           tags={"m2snet.kind": "study"})
+    with parent:
+        result = tune(base, cfg, out, parent=parent)
+    typer.echo(json.dumps(result.to_dict(), indent=2))
