@@ -118,8 +118,11 @@ def test_m2snet_fast_equals_dense(train: bool, msu_norm: str) -> None:
     filter statistics; per site, every site's running statistics are compared).
 
     float64 is the referee because the dense float32 form is itself the less exact one (its box
-    sums add 64 x k x k large terms; its input gradients were seen ~1e-3 off float64 relative to
-    their scale, the fast form's ~1e-5).
+    sums add 64 x k x k large terms). How far float32 lands from float64 depends on the CPU's
+    kernels, so the dense float32 form is run too and sets the bar: the fast form must be within a
+    fixed tolerance of float64 or no further than 1.5x the dense float32 form's distance. Measured
+    (train mode, input gradients, relative to their scale): AVX-512 fast 5e-6, dense32 4e-3;
+    AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) fast 1.4e-3, dense32 3.5e-3.
     """
     torch.manual_seed(0)
     fast = create_model("m2snet", pretrained=False, msu_impl="fast", msu_norm=msu_norm)
@@ -138,10 +141,11 @@ def test_m2snet_fast_equals_dense(train: bool, msu_norm: str) -> None:
     assert set(dense.state_dict()) - set(fast.state_dict()) == {
         "conv_3.weight", "conv_3.bias", "conv_5.weight", "conv_5.bias"}
     fast.load_state_dict(dense.state_dict())  # and the two load each other's checkpoints
+    dense32 = copy.deepcopy(dense)
     dense.double()
-    fast.train(train), dense.train(train)
+    fast.train(train), dense.train(train), dense32.train(train)
     results = []
-    for model in (fast, dense):
+    for model in (fast, dense, dense32):
         xi = x.clone().to(next(model.parameters()).dtype).requires_grad_(True)
         y = model(xi)
         y.square().mean().backward()
@@ -154,13 +158,17 @@ def test_m2snet_fast_equals_dense(train: bool, msu_norm: str) -> None:
     if msu_norm == "per_site":  # [20 sites, 64]: every site has its own row, and they differ
         assert results[0][-1].shape == (20, 64)
         assert results[0][-1][:, 0].unique().numel() > 10
-    for name, got, want in zip(names, *results):
-        # measured: <= 6e-6 of the tensor's scale in train mode, 1.2e-4 for eval input grads; the
-        # per-site eval BN grads are small sums with cancellation, 1.06e-3 off float64 in float32,
-        # where the dense float32 form is just as far (1.06e-3): float32's limit, not the fast form's
-        atol = 3e-3 if "BN" in name else 5e-4
+    for name, got, want, dense_float32 in zip(names, *results):
+        # measured on AVX-512: <= 6e-6 of the tensor's scale in train mode, 1.2e-4 for eval input
+        # grads; the per-site eval BN grads are small sums with cancellation, 1.06e-3 off float64 in
+        # float32, where the dense float32 form is just as far (1.06e-3): float32's limit
+        floor = 3e-3 if "BN" in name else 5e-4
         scale = want.abs().amax(dim=-1, keepdim=True) if want.dim() == 2 else want.abs().max()  # per site
-        torch.testing.assert_close(got / scale, want / scale, rtol=1e-4, atol=atol, msg=name)
+        fast_error = ((got - want) / scale).abs().max().item()
+        dense_float32_error = ((dense_float32 - want) / scale).abs().max().item()
+        assert fast_error <= max(floor, 1.5 * dense_float32_error), (
+            f"{name}: fast float32 is {fast_error:.2e} off float64 (relative to scale), "
+            f"dense float32 {dense_float32_error:.2e}, floor {floor:.0e}")
     if not train:  # inference without autograd takes the in-place path: same numbers
         with torch.no_grad():
             torch.testing.assert_close(fast(x), results[0][0], rtol=1e-6, atol=1e-6)
