@@ -96,7 +96,9 @@ def _register() -> None:  # TODO(restructure): flatten once the trainer callback
             tracker = (fold_run(cfg.out_dir, tracking) if resume else None) or Tracker.start(
                 tracking, run_name=f"train-{cfg.model}")
         with tracker or _Null():
-            result = train(cfg, resume=resume, tracker=tracker)
+            from m2snet.workflows.folds import tracking_callbacks
+
+            result = train(cfg, resume=resume, callbacks=tracking_callbacks(tracker))
             if tracker is not None:
                 from m2snet.mlops.pyfunc import log_segmentation_model
 
