@@ -26,11 +26,11 @@ def exported(tmp_path_factory):
 
 def _m2snet_checkpoint(path, seed):
     """An M2SNet checkpoint: its fast MSU has an in-place no-grad path the exporter must not meet."""
+    import dataclasses
+
     import torch
 
     from m2snet.models import create_model
-    import dataclasses
-
     from m2snet.models.checkpoint import Checkpoint
 
     torch.manual_seed(seed)

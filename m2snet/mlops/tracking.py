@@ -409,7 +409,7 @@ RUN_FILE = "mlflow_run.json"  # in a training run's / fold's directory: the run 
 PARENT_RUN_FILE = "mlflow_parent.json"  # in a CV's directory: the parent run of its folds
 
 
-def write_run_file(path: str | os.PathLike, tracker: "Tracker") -> Path:
+def write_run_file(path: str | os.PathLike, tracker: Tracker) -> Path:
     """Record ``tracker``'s run in ``path`` (``<dir>/mlflow_run.json``), so a later step or a resume reopens it."""
     write_json(path, {"run_id": tracker.run_id, "tracking_uri": tracker.cfg.resolved_uri()})
     return Path(path)
@@ -426,7 +426,7 @@ def read_run_file(path: str | os.PathLike) -> str | None:
         raise M2SNetError(f"{path}: not an MLflow run record ({err})") from err
 
 
-def reopen_run(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> "Tracker | None":
+def reopen_run(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> Tracker | None:
     """The run recorded in ``path``, reopened (None without a record)."""
     run_id = read_run_file(path)
     return Tracker.start(cfg or TrackingConfig(), run_id=run_id) if run_id else None

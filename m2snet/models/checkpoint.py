@@ -110,7 +110,7 @@ class Checkpoint:
         return out
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any], path: str | os.PathLike | None = None) -> "Checkpoint":
+    def from_dict(cls, payload: dict[str, Any], path: str | os.PathLike | None = None) -> Checkpoint:
         where = path or "checkpoint"
         missing = [k for k in REQUIRED_KEYS if k not in payload]
         if missing:
@@ -150,7 +150,7 @@ class Checkpoint:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Checkpoint":
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
         """Read a checkpoint file; a missing, unreadable or foreign file is an error naming it."""
         path = Path(path)
         if not path.is_file():
@@ -171,7 +171,7 @@ class Checkpoint:
         """Holds optimizer / scheduler / scaler / RNG state (the trainer's ``last.pt``)."""
         return self.resume is not None
 
-    def slim(self) -> "Checkpoint":
+    def slim(self) -> Checkpoint:
         """The inference form: the same checkpoint without resume state."""
         return dataclasses.replace(self, resume=None)
 

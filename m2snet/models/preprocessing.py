@@ -6,8 +6,9 @@ model / checkpoint and hand it to the dataset, so a checkpoint is always fed wha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 RGB = tuple[float, float, float]
 
@@ -24,7 +25,7 @@ class Normalization:
         return {"mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, value: Mapping[str, Any] | None) -> "Normalization":
+    def from_dict(cls, value: Mapping[str, Any] | None) -> Normalization:
         """The checkpoint form back (None: :data:`DEFAULT_NORMALIZATION`, as for checkpoints without one)."""
         if not value:
             return DEFAULT_NORMALIZATION

@@ -85,7 +85,7 @@ def convert_reference(
     from m2snet import __version__
     from m2snet.common import git_commit, sha256_file
     from m2snet.models import create_model
-    from m2snet.models.checkpoint import Checkpoint as M2SNetCheckpoint  # ``Checkpoint`` here: the reference input
+    from m2snet.models.checkpoint import Checkpoint as M2SNetCheckpoint
 
     state, where = _as_state_dict(ckpt)
     name = model or detect_reference_model(state)

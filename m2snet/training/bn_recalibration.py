@@ -155,8 +155,8 @@ def mean_dice(model: nn.Module, dataset: Dataset, device: str | torch.device = "
 
 
 # --- checkpoints ------------------------------------------------------------------------------
-def recalibrate_into(ckpt: "Checkpoint", model: nn.Module, loader: Iterable[Any],
-                     device: str | torch.device) -> "Checkpoint":
+def recalibrate_into(ckpt: Checkpoint, model: nn.Module, loader: Iterable[Any],
+                     device: str | torch.device) -> Checkpoint:
     """``ckpt`` with its weights loaded into ``model``, recalibrated, and written back (state_dict +
     ``bn_recalibration``)."""
     import dataclasses

@@ -9,9 +9,10 @@ written, so the run stays resumable.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from m2snet.training.config import TrainConfig
 
@@ -102,7 +103,7 @@ class OnEpochEnd(Callback):
         self.fn(event)
 
 
-CallbackLike = Union[TrainCallback, Callable[[EpochEnd], None]]
+CallbackLike = TrainCallback | Callable[[EpochEnd], None]
 
 
 def as_callbacks(callbacks: CallbackLike | Iterable[CallbackLike] | None) -> list[TrainCallback]:

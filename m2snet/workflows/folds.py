@@ -309,7 +309,12 @@ def run_cv(
     """
     from m2snet.data.split import load_split
     from m2snet.evaluation.plots import cv_learning_curves
-    from m2snet.mlops.tracking import PARENT_RUN_FILE, Tracker, read_run_file, write_run_file
+    from m2snet.mlops.tracking import (
+        PARENT_RUN_FILE,
+        Tracker,
+        read_run_file,
+        write_run_file,
+    )
 
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
