@@ -58,10 +58,11 @@ def loader_rate(info, size: int, batch: int, workers: int, cache_dir: Path | Non
     from torch.utils.data import DataLoader
 
     from m2snet.data.dataset import SegmentationDataset
+    from m2snet.models.preprocessing import DEFAULT_NORMALIZATION
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import MultiScaleCollate, epoch_seed
 
-    ds = SegmentationDataset(info, None, size, augment=True, cache_dir=cache_dir)
+    ds = SegmentationDataset(info, None, size, augment=True, cache_dir=cache_dir, normalization=DEFAULT_NORMALIZATION)
     collate = MultiScaleCollate(TrainConfig(size=size).scales())
     collate([ds[0]])  # one-time imports (torchvision's transforms) out of the timing
     rates = []

@@ -48,7 +48,7 @@ def main() -> None:
     from m2snet.data.dataset import SegmentationDataset
     from m2snet.models import create_model
     from m2snet.training.bn_recalibration import mean_dice, recalibrate_bn, recalibration_loader
-    from m2snet.models.checkpoint import load_model_from_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import resolve_cases, train
 
@@ -66,9 +66,11 @@ def main() -> None:
         curves[norm] = [round(r["val_dice"], 4) for r in result.history]
         cases = resolve_cases(cfg)
         info, train_ids, val_ids = cases.info, cases.train, cases.reported
-        val = SegmentationDataset(info, val_ids, args.size)
-        calib = recalibration_loader(SegmentationDataset(info, train_ids, args.size), args.batch, cfg.seed)
-        model, _ = load_model_from_checkpoint(result.last_checkpoint, args.device)
+        ckpt = Checkpoint.load(result.last_checkpoint)
+        val = SegmentationDataset(info, val_ids, args.size, normalization=ckpt.normalization)
+        calib = recalibration_loader(SegmentationDataset(info, train_ids, args.size, normalization=ckpt.normalization),
+                                     args.batch, cfg.seed)
+        model = ckpt.build_model(device=args.device)
         row = {"eval": mean_dice(model, val, args.device, args.batch),
                "batch_stats": mean_dice(model, val, args.device, args.batch, filter_batch_stats=True)}
         recal = copy.deepcopy(model)

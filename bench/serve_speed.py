@@ -36,7 +36,7 @@ def random_checkpoints(work: Path, model: str, folds: int, size: int) -> list[Pa
     reach 1e10 and every probability is exactly 0 or 1, so the statistics are first estimated on
     two random batches (as training would), giving unsaturated probabilities to compare."""
     from m2snet.models import create_model
-    from m2snet.models.checkpoint import DEFAULT_NORMALIZATION, save_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
 
     paths = []
     for fold in range(folds):
@@ -50,10 +50,9 @@ def random_checkpoints(work: Path, model: str, folds: int, size: int) -> list[Pa
             for _ in range(2):
                 net(torch.randn(4, 3, size, size))
         net.eval()
-        paths.append(save_checkpoint(work / f"fold{fold}.pt", {
-            "model_name": model, "model_config": {"n_classes": 1}, "n_classes": 1, "image_size": size,
-            "normalization": DEFAULT_NORMALIZATION, "state_dict": net.state_dict(), "train_config": {},
-            "epoch": 1, "metrics": {}, "fold": fold}))
+        paths.append(Checkpoint(model_name=model, model_config={"n_classes": 1}, n_classes=1, image_size=size,
+                                state_dict=net.state_dict(), train_config={}, epoch=1, fold=fold)
+                     .save(work / f"fold{fold}.pt"))
     return paths
 
 

@@ -124,7 +124,7 @@ def test_reference_checkpoint_into_per_site(tmp_path, caplog) -> None:
     statistics (eval outputs equal the shared model's), flagged and logged; recalibration
     clears the flag; a per-site checkpoint round-trips with its own statistics."""
     from m2snet.models.reference import convert_reference, load_reference_checkpoint
-    from m2snet.models.checkpoint import load_model_from_checkpoint, save_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
 
     torch.manual_seed(2)
     shared = create_model("m2snet", pretrained=False, msu_norm="shared")
@@ -145,18 +145,18 @@ def test_reference_checkpoint_into_per_site(tmp_path, caplog) -> None:
     # convert-reference keeps the reference's mode; loading builds it as such
     src = tmp_path / "M2SNet.pth"
     torch.save(reference, src)
-    converted, meta = load_model_from_checkpoint(convert_reference(src, tmp_path / "ref.pt"))
-    assert meta["model_config"]["msu_norm"] == "shared" and converted.msu_norm == "shared"
+    ref = Checkpoint.load(convert_reference(src, tmp_path / "ref.pt"))
+    converted = ref.build_model()
+    assert ref.model_config["msu_norm"] == "shared" and converted.msu_norm == "shared"
 
     recalibrate_bn(per_site, [torch.randn(2, 3, 64, 64)])
     assert not site_stats_inherited(per_site)
     rows = per_site.conv_3.site_running_mean[:, 0]
     assert rows.unique().numel() > 10  # now one statistic per site
     # a per-site checkpoint of ours round-trips, even without msu_norm in its model_config
-    path = save_checkpoint(tmp_path / "per_site.pt", {
-        "model_name": "m2snet", "model_config": {"n_classes": 1}, "n_classes": 1, "image_size": 64,
-        "state_dict": per_site.state_dict(), "epoch": 1, "metrics": {}})
-    loaded, _ = load_model_from_checkpoint(path)
+    path = Checkpoint(model_name="m2snet", model_config={"n_classes": 1}, n_classes=1, image_size=64,
+                      state_dict=per_site.state_dict(), epoch=1).save(tmp_path / "per_site.pt")
+    loaded = Checkpoint.load(path).build_model()
     assert loaded.msu_norm == "per_site" and not site_stats_inherited(loaded)
     for key, value in per_site.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -179,7 +179,7 @@ def test_recalibrate_bn_cli_upgrades_a_reference_checkpoint(tmp_path, tiny_data)
 
     from m2snet.cli import app
     from m2snet.data.split import load_split
-    from m2snet.models.checkpoint import load_checkpoint, load_model_from_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
 
     data, split = tiny_data
     torch.manual_seed(3)
@@ -195,12 +195,13 @@ def test_recalibrate_bn_cli_upgrades_a_reference_checkpoint(tmp_path, tiny_data)
     n_train = len(load_split(split).fold(0).train)
     used = n_train - n_train % 2  # the last partial batch is dropped
     assert f"over {used} of {n_train} training cases" in res.output and "msu_norm per_site" in res.output
-    model, meta = load_model_from_checkpoint(out)
+    recalibrated = Checkpoint.load(out)
+    model = recalibrated.build_model()
     assert model.msu_norm == "per_site" and not site_stats_inherited(model)
-    record = meta["bn_recalibration"]
+    record = recalibrated.bn_recalibration
     assert (record["images"], record["cases"], record["size"], record["fold"], record["msu_norm"]) == (
         used, n_train, 64, 0, "per_site")
-    source = load_checkpoint(tmp_path / "ref.pt")["state_dict"]
+    source = Checkpoint.load(tmp_path / "ref.pt").state_dict
     assert not torch.equal(model.state_dict()["resnet.layer1.0.bn1.running_mean"],
                            source["resnet.layer1.0.bn1.running_mean"])
     for key, value in source.items():  # no parameter moved
@@ -221,7 +222,7 @@ def test_recalibrate_bn_cli_upgrades_a_reference_checkpoint(tmp_path, tiny_data)
 
 
 def test_trainer_recalibrates_its_checkpoints(tmp_path, tiny_data) -> None:
-    from m2snet.models.checkpoint import load_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import train
 
@@ -232,7 +233,7 @@ def test_trainer_recalibrates_its_checkpoints(tmp_path, tiny_data) -> None:
                       max_train_cases=2, max_val_cases=1, recalibrate_bn=True)
     result = train(cfg)
     for path in (result.checkpoint, result.last_checkpoint):
-        ckpt = load_checkpoint(path)
-        assert ckpt["bn_recalibration"]["images"] == 2 and ckpt["bn_recalibration"]["per_site_filters"] == 2
-        assert int(ckpt["state_dict"]["conv_3.site_num_batches_tracked"][0]) == 1  # reset, then 1 batch
-    assert "optimizer" in load_checkpoint(result.last_checkpoint)  # still resumable
+        ckpt = Checkpoint.load(path)
+        assert ckpt.bn_recalibration["images"] == 2 and ckpt.bn_recalibration["per_site_filters"] == 2
+        assert int(ckpt.state_dict["conv_3.site_num_batches_tracked"][0]) == 1  # reset, then 1 batch
+    assert Checkpoint.load(result.last_checkpoint).resumable  # still resumable

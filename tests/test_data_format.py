@@ -104,9 +104,10 @@ def test_safe_case_id():
 
 
 def test_segmentation_dataset_items(demo_dataset):
-    from m2snet.data.dataset import MEAN, STD, SegmentationDataset
+    from m2snet.data.dataset import SegmentationDataset
+    from m2snet.models.preprocessing import DEFAULT_NORMALIZATION as NORM
 
-    ds = SegmentationDataset(demo_dataset, ["benign_0001", "normal_0001"], size=32, augment=False)
+    ds = SegmentationDataset(demo_dataset, ["benign_0001", "normal_0001"], size=32, augment=False, normalization=NORM)
     assert len(ds) == 2
     item = ds[0]
     assert item["case_id"] == "benign_0001"
@@ -115,10 +116,10 @@ def test_segmentation_dataset_items(demo_dataset):
     assert set(item["mask"].unique().tolist()) == {0.0, 1.0}
     assert ds[1]["mask"].sum() == 0
     # Normalisation: undoing it gives back 0..255 pixel values.
-    raw = item["image"] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+    raw = item["image"] * torch.tensor(NORM.std).view(3, 1, 1) + torch.tensor(NORM.mean).view(3, 1, 1)
     assert raw.min() >= -1e-3 and raw.max() <= 255 + 1e-3
     torch.manual_seed(0)
-    aug = SegmentationDataset(demo_dataset, ["benign_0001"], size=32, augment=True)
+    aug = SegmentationDataset(demo_dataset, ["benign_0001"], size=32, augment=True, normalization=NORM)
     outs = [aug[0] for _ in range(6)]
     assert any(not torch.equal(o["image"], item["image"]) for o in outs)
     for o in outs:  # the mask stays binary after rotation
@@ -128,10 +129,11 @@ def test_segmentation_dataset_items(demo_dataset):
 def test_cache_matches_direct_decoding(demo_dataset, tmp_path):
     from m2snet.data.cache import cache_path
     from m2snet.data.dataset import SegmentationDataset
+    from m2snet.models.preprocessing import DEFAULT_NORMALIZATION as NORM
 
     ids = ["benign_0002", "malignant_0001", "normal_0003"]
-    direct = SegmentationDataset(demo_dataset, ids, size=40)
-    cached = SegmentationDataset(demo_dataset, ids, size=40, cache_dir=tmp_path / "cache")
+    direct = SegmentationDataset(demo_dataset, ids, size=40, normalization=NORM)
+    cached = SegmentationDataset(demo_dataset, ids, size=40, cache_dir=tmp_path / "cache", normalization=NORM)
     for i in range(len(ids)):
         a, b = direct[i], cached[i]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])

@@ -26,15 +26,17 @@ def exported(tmp_path_factory):
 
 def _m2snet_checkpoint(path, seed):
     """An M2SNet checkpoint: its fast MSU has an in-place no-grad path the exporter must not meet."""
+    import dataclasses
+
     import torch
 
     from m2snet.models import create_model
-    from m2snet.models.checkpoint import load_checkpoint, save_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
 
     torch.manual_seed(seed)
-    payload = load_checkpoint(_random_checkpoint(path, seed))
+    ckpt = Checkpoint.load(_random_checkpoint(path, seed))
     model = create_model("m2snet", n_classes=1, pretrained=False).eval()
-    return save_checkpoint(path, {**payload, "model_name": "m2snet", "state_dict": model.state_dict()})
+    return dataclasses.replace(ckpt, model_name="m2snet", state_dict=model.state_dict()).save(path)
 
 
 def test_export_folds_batchnorm_and_matches_pytorch(exported) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from m2snet.models.checkpoint import DEFAULT_NORMALIZATION, save_checkpoint
+from m2snet.models.checkpoint import Checkpoint
 
 
 def _random_checkpoint(path: Path, seed: int) -> Path:
@@ -23,11 +23,8 @@ def _random_checkpoint(path: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     model = create_model("msnet", n_classes=1, pretrained=False).eval()
-    return save_checkpoint(path, {
-        "model_name": "msnet", "model_config": {"n_classes": 1}, "n_classes": 1, "image_size": 64,
-        "normalization": DEFAULT_NORMALIZATION, "state_dict": model.state_dict(), "train_config": {},
-        "epoch": 1, "metrics": {},
-    })
+    return Checkpoint(model_name="msnet", model_config={"n_classes": 1}, n_classes=1, image_size=64,
+                      state_dict=model.state_dict(), train_config={}, epoch=1).save(path)
 
 
 @pytest.fixture(scope="module")

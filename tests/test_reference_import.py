@@ -85,14 +85,15 @@ def test_fixed_filter_values_are_checked(nets) -> None:
 
 
 def test_convert_reference_roundtrip(tmp_path) -> None:
-    from m2snet.models.checkpoint import load_model_from_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
 
     state = reference_state_dict("msnet", with_fixed=False, prefix="module.")
     src = tmp_path / "MSNet.pth"
     torch.save(state, src)
     out = convert_reference(src, tmp_path / "msnet.pt")  # model detected from the keys
-    model, meta = load_model_from_checkpoint(out)
-    assert meta["model_name"] == "msnet" and meta["n_classes"] == 1
+    ckpt = Checkpoint.load(out)
+    model = ckpt.build_model()
+    assert ckpt.model_name == "msnet" and ckpt.n_classes == 1 and ckpt.train_config is None and not ckpt.resumable
     assert model.state_dict()["output2.1.running_mean"].equal(state["module.output2.1.running_mean"])
     with pytest.raises(M2SNetError, match=r"MSNet\.pth: does not fit .*missing keys .*conv_3\.norm"):
         convert_reference(src, tmp_path / "bad.pt", model="m2snet")

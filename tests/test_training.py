@@ -94,7 +94,7 @@ def test_multiscale_collate_resizes_whole_batch_and_keeps_binary_masks():
 
 # --- training ----------------------------------------------------------------------------------
 def test_resume_reproduces_uninterrupted_run_exactly(tiny_data, tmp_path):
-    from m2snet.models.checkpoint import load_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
     from m2snet.training.trainer import train
 
     data, split = tiny_data
@@ -111,21 +111,22 @@ def test_resume_reproduces_uninterrupted_run_exactly(tiny_data, tmp_path):
     cfg = tiny_config(data, split, tmp_path / "resumed")
     with pytest.raises(Killed):
         train(cfg, callbacks=[kill_after_first_epoch])
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    assert Checkpoint.load(tmp_path / "resumed" / "last.pt").epoch == 1
     with pytest.raises(M2SNetError, match="use --resume"):
         train(cfg)
     resumed = train(cfg, resume=True)
 
-    a = load_checkpoint(straight.last_checkpoint)
-    b = load_checkpoint(resumed.last_checkpoint)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    a = Checkpoint.load(straight.last_checkpoint)
+    b = Checkpoint.load(resumed.last_checkpoint)
+    assert a.resumable and b.resumable
+    assert a.state_dict.keys() == b.state_dict.keys()
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    for sa, sb in zip(a.resume.optimizer["state"].values(), b.resume.optimizer["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in h]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
-    assert a["scheduler"] == b["scheduler"]
+    assert strip(a.resume.history) == strip(b.resume.history)
+    assert a.resume.scheduler == b.resume.scheduler
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_data, tmp_path):
@@ -147,7 +148,8 @@ def test_non_finite_loss_stops_with_epoch_and_step(tiny_data, tmp_path):
 
 
 def test_checkpoint_loads_back_and_records_the_run(tiny_data, tmp_path):
-    from m2snet.models.checkpoint import load_model_from_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
+    from m2snet.models.preprocessing import DEFAULT_NORMALIZATION
     from m2snet.training.trainer import train
 
     data, split = tiny_data
@@ -155,16 +157,23 @@ def test_checkpoint_loads_back_and_records_the_run(tiny_data, tmp_path):
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["model"] == "msnet" and saved["epochs"] == 1
     assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 0
-    model, meta = load_model_from_checkpoint(res.checkpoint)
-    assert meta["model_name"] == "msnet" and meta["image_size"] == 64 and meta["n_classes"] == 1
-    assert meta["epoch"] == 1 and "val_dice" in meta["metrics"] and "optimizer" not in meta
-    assert meta["normalization"]["mean"] == pytest.approx([124.55, 118.90, 102.94])
+    ckpt = Checkpoint.load(res.checkpoint)
+    model = ckpt.build_model(device="cpu")
+    assert ckpt.model_name == "msnet" and ckpt.image_size == 64 and ckpt.n_classes == 1
+    assert ckpt.epoch == 1 and "val_dice" in ckpt.metrics and not ckpt.resumable
+    assert ckpt.normalization == DEFAULT_NORMALIZATION and not model.training
+    assert list(ckpt.normalization.mean) == pytest.approx([124.55, 118.90, 102.94])
+    meta = ckpt.meta()  # the plain form the Predictor / ONNX metadata use
+    assert meta["normalization"]["mean"] == pytest.approx([124.55, 118.90, 102.94]) and "optimizer" not in meta
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert model(x).shape == (1, 1, 64, 64)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(M2SNetError, match="junk.pt: not a readable torch checkpoint"):
-        load_model_from_checkpoint(tmp_path / "junk.pt")
+        Checkpoint.load(tmp_path / "junk.pt")
+    torch.save({"format_version": 1, "state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(M2SNetError, match="foreign.pt: not an m2snet checkpoint .no model_name"):
+        Checkpoint.load(tmp_path / "foreign.pt")
 
 
 def test_baseline_unet_trains_through_the_same_loop(tiny_data, tmp_path):
@@ -173,3 +182,38 @@ def test_baseline_unet_trains_through_the_same_loop(tiny_data, tmp_path):
     data, split = tiny_data
     res = train(tiny_config(data, split, tmp_path / "unet", epochs=1, model="unet", max_train_cases=2))
     assert res.history[0]["train_loss"] > 0 and res.checkpoint.is_file()
+
+
+def test_callbacks_get_start_epochs_end_and_last_checkpoint_can_go(tiny_data, tmp_path):
+    """TrainCallback objects and plain functions see every event in order; with
+    keep_last_checkpoint off the resumable last.pt exists during the run, not after it."""
+    from m2snet.models.checkpoint import Checkpoint
+    from m2snet.training.callbacks import Callback, as_callbacks
+    from m2snet.training.trainer import train
+
+    events = []
+
+    class Recorder(Callback):
+        def on_train_start(self, event):
+            events.append(("start", event.start_epoch, len(event.train_cases), event.n_params > 0))
+
+        def on_epoch_end(self, event):
+            assert Checkpoint.load(event.checkpoint).resumable  # written before the callbacks run
+            events.append(("epoch", event.epoch, "val_dice" in event.val_metrics, event.train_loss > 0,
+                           sorted(event.learning_rates)))
+
+        def on_train_end(self, event):
+            events.append(("end", event.selected_epoch, event.checkpoint.is_file()))
+
+    seen = []
+    assert as_callbacks(None) == [] and len(as_callbacks(seen.append)) == 1
+    data, split = tiny_data
+    cfg = tiny_config(data, split, tmp_path / "run", keep_last_checkpoint=False)
+    res = train(cfg, callbacks=[Recorder(), lambda end: seen.append(end.epoch)])
+    assert events == [("start", 0, 2, True),
+                      ("epoch", 1, True, True, ["lr_backbone", "lr_head"]),
+                      ("epoch", 2, True, True, ["lr_backbone", "lr_head"]),
+                      ("end", 2, True)]
+    assert seen == [1, 2]
+    assert res.last_checkpoint is None and not (tmp_path / "run" / "last.pt").exists()
+    assert Checkpoint.load(res.checkpoint).selected_epoch == 2

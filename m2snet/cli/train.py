@@ -11,9 +11,12 @@ from typing import List, Optional
 
 import typer
 
+from m2snet.cli.options import CONFIG, NO_TRACK, SETS, TRACKING_URI, parse_folds
+
 app = typer.Typer()
 
-from m2snet.common import M2SNetError
+# A stand-alone training run's experiment (the pipeline's is options.PIPELINE_EXPERIMENT).
+EXPERIMENT = typer.Option("m2snet", "--experiment", help="MLflow experiment name.")
 
 
 def _config(config: Optional[Path], sets: List[str], **shortcuts):
@@ -32,152 +35,123 @@ def _tracking(no_track: bool, uri: Optional[str], experiment: str):
     return TrackingConfig(uri=uri, experiment=experiment)
 
 
-def _folds(text: Optional[str]) -> Optional[list[int]]:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise M2SNetError(f"--folds {text!r}: expected comma-separated fold numbers like 0,1") from None
+@app.command("train")
+def train_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset directory (m2snet layout)."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Split file; trains on fold --fold's train cases."),
+    fold: Optional[int] = typer.Option(None, "--fold"),
+    model: Optional[str] = typer.Option(None, "--model", help="Registered model name (m2snet, msnet, unet, ...)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    size: Optional[int] = typer.Option(None, "--size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (checkpoints, logs, evaluation)."),
+    config: Optional[Path] = CONFIG,
+    sets: List[str] = SETS,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
+    tta_flip: bool = typer.Option(False, "--tta-flip", help="Flip test-time augmentation in the final evaluation."),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    experiment: str = EXPERIMENT,
+    no_track: bool = NO_TRACK,
+) -> None:
+    """Train one model (one fold of a split, or all cases); evaluate the selected checkpoint on the fold.
 
+    The checkpoint is the final epoch's (--set selection=inner: the best epoch on an inner split of
+    the fold's training cases); the fold's validation cases never choose it."""
+    import contextlib
 
-CONFIG = typer.Option(None, "--config", help="TrainConfig as JSON/YAML; options below override it.")
-SETS = typer.Option([], "--set", help="Override any TrainConfig field: --set key=value (repeatable).")
-TRACK_URI = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
-EXPERIMENT = typer.Option("m2snet", "--experiment", help="MLflow experiment name.")
-NO_TRACK = typer.Option(False, "--no-track", help="Do not log to MLflow.")
+    from m2snet.mlops.tracking import Tracker
+    from m2snet.training.trainer import train
+    from m2snet.workflows.folds import fold_run, tracking_callbacks, train_fold
 
+    cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
+                  fold=fold, model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
+                  out_dir=str(out) if out else None)
+    tracking = _tracking(no_track, tracking_uri, experiment)
+    if cfg.split:
+        fr = train_fold(cfg, cfg.fold, Path(cfg.out_dir).parent, tracking=tracking, resume=resume,
+                        tta_flip=tta_flip, fold_dir=cfg.out_dir)
+        typer.echo(f"checkpoint: {fr.checkpoint} (selection={cfg.selection}, epoch {fr.selected_epoch})")
+        typer.echo("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in fr.metrics.items()))
+        if fr.model_uri:
+            typer.echo(f"mlflow run {fr.run_id}, model {fr.model_uri}")
+        return
+    tracker = None
+    if tracking is not None:
+        tracker = (fold_run(cfg.out_dir, tracking) if resume else None) or Tracker.start(
+            tracking, run_name=f"train-{cfg.model}")
+    with tracker or contextlib.nullcontext():
+        result = train(cfg, resume=resume, callbacks=tracking_callbacks(tracker))
+        if tracker is not None:
+            from m2snet.mlops.pyfunc import log_segmentation_model
 
-def _register() -> None:  # TODO(restructure): flatten once the trainer callback lands
+            tracker.log_artifact(result.checkpoint, "checkpoints")
+            log_segmentation_model([result.checkpoint], run_id=tracker.run_id,
+                                   tracking_uri=tracking.resolved_uri())
+    typer.echo(f"checkpoint: {result.checkpoint} (selection={cfg.selection}, epoch {result.selected_epoch})")
 
-    @app.command("train")
-    def train_cmd(
-        data: Optional[Path] = typer.Option(None, "--data", help="Dataset directory (m2snet layout)."),
-        split: Optional[Path] = typer.Option(None, "--split", help="Split file; trains on fold --fold's train cases."),
-        fold: Optional[int] = typer.Option(None, "--fold"),
-        model: Optional[str] = typer.Option(None, "--model", help="Registered model name (m2snet, msnet, unet, ...)."),
-        epochs: Optional[int] = typer.Option(None, "--epochs"),
-        size: Optional[int] = typer.Option(None, "--size"),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-        device: Optional[str] = typer.Option(None, "--device"),
-        out: Optional[Path] = typer.Option(None, "--out", help="Run directory (checkpoints, logs, evaluation)."),
-        config: Optional[Path] = CONFIG,
-        sets: List[str] = SETS,
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
-        tta_flip: bool = typer.Option(False, "--tta-flip", help="Flip test-time augmentation in the final evaluation."),
-        tracking_uri: Optional[str] = TRACK_URI,
-        experiment: str = EXPERIMENT,
-        no_track: bool = NO_TRACK,
-    ) -> None:
-        """Train one model (one fold of a split, or all cases); evaluate the selected checkpoint on the fold.
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="Checkpoint(s); several = ensemble."),
+    data: Path = typer.Option(..., "--data", help="Dataset directory."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Split file: evaluate on fold --fold's val cases."),
+    fold: int = typer.Option(0, "--fold"),
+    out: Path = typer.Option(Path("eval"), "--out", help="Where per_case.csv, metrics.json, overlays.png go."),
+    tta_flip: bool = typer.Option(False, "--tta-flip", help="Average with the horizontally flipped prediction."),
+    device: str = typer.Option("auto", "--device"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+) -> None:
+    """Score checkpoint(s) at each case's original size; write per-case CSV, means and overlays."""
+    from m2snet.evaluation.evaluate import evaluate
 
-        The checkpoint is the final epoch's (--set selection=inner: the best epoch on an inner split of
-        the fold's training cases); the fold's validation cases never choose it."""
-        from m2snet.workflows.folds import train_fold
-        from m2snet.training.trainer import train
-        from m2snet.mlops.tracking import Tracker
+    case_ids = None
+    if split:
+        from m2snet.data.split import load_split
 
-        cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
-                      fold=fold, model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
-                      out_dir=str(out) if out else None)
-        tracking = _tracking(no_track, tracking_uri, experiment)
-        if cfg.split:
-            fr = train_fold(cfg, cfg.fold, Path(cfg.out_dir).parent, tracking=tracking, resume=resume,
-                            tta_flip=tta_flip, fold_dir=cfg.out_dir)
-            typer.echo(f"checkpoint: {fr.checkpoint} (selection={cfg.selection}, epoch {fr.selected_epoch})")
-            typer.echo("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in fr.metrics.items()))
-            if fr.model_uri:
-                typer.echo(f"mlflow run {fr.run_id}, model {fr.model_uri}")
-            return
-        tracker = None
-        if tracking is not None:
-            from m2snet.workflows.folds import fold_run
+        case_ids = list(load_split(split).fold(fold).val)
+    res = evaluate(checkpoint, data, case_ids=case_ids, out_dir=out, tta_flip=tta_flip, device=device,
+                   batch_size=batch_size)
+    for k, v in res.metrics.items():
+        typer.echo(f"{k:>20s}: {v:.4f}")
+    typer.echo(f"per-case CSV: {res.per_case_csv}\noverlays: {res.overlay_png}")
 
-            tracker = (fold_run(cfg.out_dir, tracking) if resume else None) or Tracker.start(
-                tracking, run_name=f"train-{cfg.model}")
-        with tracker or _Null():
-            result = train(cfg, resume=resume, tracker=tracker)
-            if tracker is not None:
-                from m2snet.mlops.pyfunc import log_segmentation_model
+@app.command("cv")
+def cv_cmd(
+    data: Optional[Path] = typer.Option(None, "--data"),
+    split: Optional[Path] = typer.Option(None, "--split"),
+    folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds (default: all)."),
+    model: Optional[str] = typer.Option(None, "--model"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    size: Optional[int] = typer.Option(None, "--size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    out: Path = typer.Option(Path("runs/cv"), "--out"),
+    config: Optional[Path] = CONFIG,
+    sets: List[str] = SETS,
+    resume: bool = typer.Option(False, "--resume", help="Resume unfinished folds in --out."),
+    parent_run_id: Optional[str] = typer.Option(None, "--parent-run-id", help="Attach folds to this CV run (folds as separate jobs)."),
+    tta_flip: bool = typer.Option(False, "--tta-flip"),
+    tune_trials: int = typer.Option(0, "--tune-trials", help="Nested tuning: an Optuna study of N trials per "
+                                    "fold on an inner split of that fold's training cases (0 = no tuning)."),
+    tune_epochs: Optional[int] = typer.Option(None, "--tune-epochs", help="Epochs per trial (default: --epochs)."),
+    no_log_model: bool = typer.Option(False, "--no-log-model", help="Do not log a pyfunc model per fold."),
+    tracking_uri: Optional[str] = TRACKING_URI,
+    experiment: str = EXPERIMENT,
+    no_track: bool = NO_TRACK,
+) -> None:
+    """Cross-validate: train + evaluate each fold; print Jaccard/Precision/Recall/Specificity/Dice mean ± std (%)."""
+    from m2snet.workflows.folds import run_cv
 
-                tracker.log_artifact(result.checkpoint, "checkpoints")
-                log_segmentation_model([result.checkpoint], run_id=tracker.run_id,
-                                       tracking_uri=tracking.resolved_uri())
-        typer.echo(f"checkpoint: {result.checkpoint} (selection={cfg.selection}, epoch {result.selected_epoch})")
+    cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
+                  model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
+    tuning = None
+    if tune_trials > 0:
+        from m2snet.workflows.tuning import TuningConfig
 
-    @app.command("evaluate")
-    def evaluate_cmd(
-        checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="Checkpoint(s); several = ensemble."),
-        data: Path = typer.Option(..., "--data", help="Dataset directory."),
-        split: Optional[Path] = typer.Option(None, "--split", help="Split file: evaluate on fold --fold's val cases."),
-        fold: int = typer.Option(0, "--fold"),
-        out: Path = typer.Option(Path("eval"), "--out", help="Where per_case.csv, metrics.json, overlays.png go."),
-        tta_flip: bool = typer.Option(False, "--tta-flip", help="Average with the horizontally flipped prediction."),
-        device: str = typer.Option("auto", "--device"),
-        batch_size: int = typer.Option(8, "--batch-size"),
-    ) -> None:
-        """Score checkpoint(s) at each case's original size; write per-case CSV, means and overlays."""
-        from m2snet.evaluation.evaluate import evaluate
-
-        case_ids = None
-        if split:
-            from m2snet.data.split import load_split
-
-            case_ids = list(load_split(split).fold(fold).val)
-        res = evaluate(checkpoint, data, case_ids=case_ids, out_dir=out, tta_flip=tta_flip, device=device,
-                       batch_size=batch_size)
-        for k, v in res.metrics.items():
-            typer.echo(f"{k:>20s}: {v:.4f}")
-        typer.echo(f"per-case CSV: {res.per_case_csv}\noverlays: {res.overlay_png}")
-
-    @app.command("cv")
-    def cv_cmd(
-        data: Optional[Path] = typer.Option(None, "--data"),
-        split: Optional[Path] = typer.Option(None, "--split"),
-        folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds (default: all)."),
-        model: Optional[str] = typer.Option(None, "--model"),
-        epochs: Optional[int] = typer.Option(None, "--epochs"),
-        size: Optional[int] = typer.Option(None, "--size"),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-        device: Optional[str] = typer.Option(None, "--device"),
-        out: Path = typer.Option(Path("runs/cv"), "--out"),
-        config: Optional[Path] = CONFIG,
-        sets: List[str] = SETS,
-        resume: bool = typer.Option(False, "--resume", help="Resume unfinished folds in --out."),
-        parent_run_id: Optional[str] = typer.Option(None, "--parent-run-id", help="Attach folds to this CV run (folds as separate jobs)."),
-        tta_flip: bool = typer.Option(False, "--tta-flip"),
-        tune_trials: int = typer.Option(0, "--tune-trials", help="Nested tuning: an Optuna study of N trials per "
-                                        "fold on an inner split of that fold's training cases (0 = no tuning)."),
-        tune_epochs: Optional[int] = typer.Option(None, "--tune-epochs", help="Epochs per trial (default: --epochs)."),
-        no_log_model: bool = typer.Option(False, "--no-log-model", help="Do not log a pyfunc model per fold."),
-        tracking_uri: Optional[str] = TRACK_URI,
-        experiment: str = EXPERIMENT,
-        no_track: bool = NO_TRACK,
-    ) -> None:
-        """Cross-validate: train + evaluate each fold; print Jaccard/Precision/Recall/Specificity/Dice mean ± std (%)."""
-        from m2snet.workflows.folds import run_cv
-
-        cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
-                      model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
-        tuning = None
-        if tune_trials > 0:
-            from m2snet.workflows.tuning import TuningConfig
-
-            tuning = TuningConfig(n_trials=tune_trials, epochs=tune_epochs, seed=cfg.seed)
-        res = run_cv(cfg, out, _folds(folds), tracking=_tracking(no_track, tracking_uri, experiment),
-                     parent_run_id=parent_run_id, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
-                     tuning=tuning)
-        typer.echo(res.summary.table(title=cfg.model))
-        if res.parent_run_id:
-            typer.echo(f"mlflow parent run: {res.parent_run_id}")
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_register()
+        tuning = TuningConfig(n_trials=tune_trials, epochs=tune_epochs, seed=cfg.seed)
+    res = run_cv(cfg, out, parse_folds(folds), tracking=_tracking(no_track, tracking_uri, experiment),
+                 parent_run_id=parent_run_id, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
+                 tuning=tuning)
+    typer.echo(res.summary.table(title=cfg.model))
+    if res.parent_run_id:
+        typer.echo(f"mlflow parent run: {res.parent_run_id}")

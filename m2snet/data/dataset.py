@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -13,10 +13,15 @@ from torch.utils.data import Dataset
 from m2snet.common import M2SNetError
 from m2snet.data.format import DatasetInfo, load_dataset
 
-# Normalisation of the reference code, on 0..255 RGB (spec: "Training recipe").
-MEAN = (124.55, 118.90, 102.94)
-STD = (56.77, 55.97, 57.50)
 MAX_ROTATION_DEG = 10.0
+
+
+class Normalization(Protocol):
+    """Per-channel mean/std on 0..255 RGB. The model owns it (m2snet.models.preprocessing); the caller
+    passes the model's, so the data layer neither defines nor imports one."""
+
+    mean: Sequence[float]
+    std: Sequence[float]
 
 
 def load_case_arrays(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,10 +42,10 @@ def load_case_arrays(image_path: Path, mask_path: Path, size: int) -> tuple[np.n
     return np.array(image, dtype=np.uint8), np.array(mask, dtype=np.uint8)
 
 
-def normalise(image_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [3, H, W] -> float [3, H, W] with the reference mean/std."""
-    mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+def normalise(image_u8: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+    """uint8 [3, H, W] -> float [3, H, W] with the given mean/std."""
+    mean = torch.tensor(normalization.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(normalization.std, dtype=torch.float32).view(3, 1, 1)
     return (image_u8.float() - mean) / std
 
 
@@ -64,7 +69,7 @@ def augment_pair(image: torch.Tensor, mask: torch.Tensor, generator: torch.Gener
 class SegmentationDataset(Dataset):
     """Cases of a dataset directory, as ``{"image", "mask", "case_id"}`` dicts.
 
-    - ``image``: float [3, size, size], normalised (MEAN/STD above).
+    - ``image``: float [3, size, size], normalised with ``normalization`` (the model's).
     - ``mask``: float [1, size, size] in {0, 1} for a binary set (n_classes == 1);
       long [size, size] class ids otherwise.
     - ``cache_dir``: when given, decoded and resized arrays come from a memory-mapped cache
@@ -78,12 +83,15 @@ class SegmentationDataset(Dataset):
         size: int,
         augment: bool = False,
         cache_dir: str | os.PathLike | None = None,
+        *,
+        normalization: Normalization,
     ) -> None:
         self.info = root if isinstance(root, DatasetInfo) else load_dataset(root)
         self.case_ids = list(case_ids) if case_ids is not None else [c.case_id for c in self.info.cases]
         self.cases = [self.info.case(cid) for cid in self.case_ids]
         self.size = int(size)
         self.augment = augment
+        self.normalization = normalization
         self.binary = self.info.is_binary
         self._cache = None
         if cache_dir is not None:
@@ -108,4 +116,4 @@ class SegmentationDataset(Dataset):
         if self.augment:
             image, mask = augment_pair(image, mask)
         out_mask = (mask > 0).float() if self.binary else mask[0].long()
-        return {"image": normalise(image), "mask": out_mask, "case_id": self.cases[index].case_id}
+        return {"image": normalise(image, self.normalization), "mask": out_mask, "case_id": self.cases[index].case_id}

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from m2snet.common import M2SNetError
-from m2snet.models.checkpoint import DEFAULT_NORMALIZATION, load_model_from_checkpoint
+from m2snet.models.checkpoint import Checkpoint
+from m2snet.models.preprocessing import Normalization
 
 
 def to_rgb_array(image) -> np.ndarray:
@@ -49,9 +50,9 @@ class Predictor:
         self.device = device
         self.size = int(meta["image_size"])
         self.n_classes = int(meta.get("n_classes", 1))
-        norm = meta.get("normalization") or DEFAULT_NORMALIZATION
-        self.mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        norm = Normalization.from_dict(meta.get("normalization"))
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.tta_flip = tta_flip
         self.batch_size = batch_size
 
@@ -60,9 +61,9 @@ class Predictor:
                          tta_flip: bool = False, batch_size: int = 8) -> "Predictor":
         models, metas = [], []
         for p in paths:
-            model, meta = load_model_from_checkpoint(p, device)
-            models.append(model)
-            metas.append(meta)
+            ckpt = Checkpoint.load(p)
+            models.append(ckpt.build_model(device=device))
+            metas.append(ckpt.meta())
         first = metas[0]
         for p, meta in zip(paths, metas):
             for key in ("image_size", "n_classes", "normalization"):

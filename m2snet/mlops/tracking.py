@@ -31,9 +31,12 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from m2snet.common import M2SNetError, git_commit
+from m2snet.common import M2SNetError, git_commit, write_json
+
+if TYPE_CHECKING:
+    from m2snet.training.callbacks import EpochEnd, TrainEnd, TrainStart
 
 log = logging.getLogger("m2snet.mlops.tracking")
 T = TypeVar("T")
@@ -399,6 +402,66 @@ def run_params(train_config: dict[str, Any], *, dataset_version: str | None, spl
         "seed": seed,
         **(extra or {}),
     }
+
+
+# --- a run directory's MLflow run ---------------------------------------------------------------
+RUN_FILE = "mlflow_run.json"  # in a training run's / fold's directory: the run its metrics went to
+PARENT_RUN_FILE = "mlflow_parent.json"  # in a CV's directory: the parent run of its folds
+
+
+def write_run_file(path: str | os.PathLike, tracker: Tracker) -> Path:
+    """Record ``tracker``'s run in ``path`` (``<dir>/mlflow_run.json``), so a later step or a resume reopens it."""
+    write_json(path, {"run_id": tracker.run_id, "tracking_uri": tracker.cfg.resolved_uri()})
+    return Path(path)
+
+
+def read_run_file(path: str | os.PathLike) -> str | None:
+    """The run id recorded by :func:`write_run_file` (None when there is no such file)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["run_id"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise M2SNetError(f"{path}: not an MLflow run record ({err})") from err
+
+
+def reopen_run(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> Tracker | None:
+    """The run recorded in ``path``, reopened (None without a record)."""
+    run_id = read_run_file(path)
+    return Tracker.start(cfg or TrackingConfig(), run_id=run_id) if run_id else None
+
+
+# What the per-epoch validation cases are, by TrainConfig.selection (a param of every training run).
+EPOCH_VAL_CASES = {"final": "fold validation (curves only)", "inner": "inner split of the training cases",
+                   "fold_best": "fold validation (SELECTS: leaky)"}
+
+
+class MlflowCallback:
+    """A training callback (m2snet.training.callbacks.TrainCallback) that logs the run to ``tracker``:
+    the params of :func:`run_params` at the start (and the run in ``<out_dir>/mlflow_run.json``), every
+    epoch's history row as metrics at step = epoch, and ``selected_epoch`` at the end."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def on_train_start(self, event: TrainStart) -> None:
+        cfg = event.config
+        self.tracker.log_params(run_params(
+            cfg.to_dict(), dataset_version=event.dataset_version, split_sha256=event.split_sha256,
+            pretrained=event.pretrained_source, loss_pretrained=event.loss_pretrained_source,
+            device=event.device, seed=cfg.seed,
+            extra={"n_train": len(event.train_cases), "n_val": len(event.reported_cases),
+                   "n_epoch_val": len(event.epoch_val_cases),
+                   "epoch_val_cases": EPOCH_VAL_CASES[cfg.selection] if cfg.split else "none"}))
+        write_run_file(Path(event.out_dir) / RUN_FILE, self.tracker)
+
+    def on_epoch_end(self, event: EpochEnd) -> None:
+        self.tracker.log_metrics({k: v for k, v in event.metrics.items() if k != "epoch"}, step=event.epoch,
+                                 flush=True)
+
+    def on_train_end(self, event: TrainEnd) -> None:
+        self.tracker.log_metrics({"selected_epoch": event.selected_epoch}, step=event.config.epochs, flush=True)
 
 
 def iter_child_runs(client, parent_run_id: str) -> Iterable:

@@ -6,17 +6,21 @@ from typing import Iterator
 
 from torch import nn
 
+from m2snet.models.preprocessing import DEFAULT_NORMALIZATION, Normalization
+
 
 class SegmentationModel(nn.Module):
     """Base class: ``forward(x) -> logits [B, n_classes, H, W]`` at the input size.
 
     Subclasses set ``self.n_classes``, ``self.pretrained_source`` (None = random init, a warning
     was logged) and return their pretrained part from :meth:`backbone`. The trainer gives the
-    backbone and the rest separate learning rates (reference: 0.005 and 0.05).
+    backbone and the rest separate learning rates (reference: 0.005 and 0.05). ``normalization`` is
+    the input preprocessing the model expects; the trainer records it in the checkpoint.
     """
 
     n_classes: int
     pretrained_source: str | None
+    normalization: Normalization = DEFAULT_NORMALIZATION
 
     def backbone(self) -> nn.Module:
         raise NotImplementedError

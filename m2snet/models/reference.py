@@ -85,7 +85,7 @@ def convert_reference(
     from m2snet import __version__
     from m2snet.common import git_commit, sha256_file
     from m2snet.models import create_model
-    from m2snet.models.checkpoint import DEFAULT_NORMALIZATION, save_checkpoint
+    from m2snet.models.checkpoint import Checkpoint as M2SNetCheckpoint
 
     state, where = _as_state_dict(ckpt)
     name = model or detect_reference_model(state)
@@ -102,19 +102,16 @@ def convert_reference(
     source: dict[str, Any] = {"reference": where}
     if not isinstance(ckpt, Mapping):
         source["reference_sha256"] = sha256_file(ckpt)
-    payload = {
-        "model_name": name,
-        "model_config": config,
-        "state_dict": {k: v.detach().to("cpu") for k, v in net.state_dict().items()},
-        "n_classes": n_classes,
-        "image_size": image_size,
-        "normalization": DEFAULT_NORMALIZATION,
-        "train_config": None,
-        "epoch": 0,
-        "metrics": {},
-        "pretrained_source": f"reference:{where}",
-        "converted_from": source,
-        "git_commit": git_commit(),
-        "m2snet_version": __version__,
-    }
-    return save_checkpoint(out, payload)
+    return M2SNetCheckpoint(
+        model_name=name,
+        model_config=config,
+        state_dict={k: v.detach().to("cpu") for k, v in net.state_dict().items()},
+        n_classes=n_classes,
+        image_size=image_size,
+        normalization=net.normalization,
+        epoch=0,
+        pretrained_source=f"reference:{where}",
+        converted_from=source,
+        git_commit=git_commit(),
+        m2snet_version=__version__,
+    ).save(out)

@@ -24,7 +24,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from m2snet.common import M2SNetError
 from m2snet.models.units import OnesFilterBN
+
+if TYPE_CHECKING:
+    from m2snet.models.checkpoint import Checkpoint
 
 log = logging.getLogger("m2snet.training")
 
@@ -152,32 +155,33 @@ def mean_dice(model: nn.Module, dataset: Dataset, device: str | torch.device = "
 
 
 # --- checkpoints ------------------------------------------------------------------------------
-def recalibrate_payload(payload: dict[str, Any], model: nn.Module, loader: Iterable[Any],
-                        device: str | torch.device) -> dict[str, Any]:
-    """``payload`` (a checkpoint dict) with its weights loaded into ``model``, recalibrated, and
-    written back (state_dict + ``bn_recalibration``)."""
-    model.load_state_dict(payload["state_dict"])
+def recalibrate_into(ckpt: Checkpoint, model: nn.Module, loader: Iterable[Any],
+                     device: str | torch.device) -> Checkpoint:
+    """``ckpt`` with its weights loaded into ``model``, recalibrated, and written back (state_dict +
+    ``bn_recalibration``)."""
+    import dataclasses
+
+    model.load_state_dict(ckpt.state_dict)
     model.to(device)
     info = recalibrate_bn(model, loader, device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {**payload, "state_dict": state, "bn_recalibration": info.to_dict()}
+    return dataclasses.replace(ckpt, state_dict=state, bn_recalibration=info.to_dict())
 
 
 def recalibrate_run_checkpoints(paths: Sequence[str | os.PathLike], model: nn.Module, dataset: Dataset,
                                 batch_size: int, seed: int, device: str | torch.device,
                                 num_workers: int = 0) -> None:
     """Recalibrate each existing checkpoint of a finished run in place (the trainer's last step)."""
-    from m2snet.models.checkpoint import load_checkpoint, save_checkpoint
+    from m2snet.models.checkpoint import Checkpoint
 
     loader = recalibration_loader(dataset, batch_size, seed, num_workers)
     for path in dict.fromkeys(Path(p) for p in paths):
         if not path.is_file():
             continue
-        payload = recalibrate_payload(load_checkpoint(path), model, loader, device)
-        payload.pop("format_version")
-        save_checkpoint(path, payload)
+        ckpt = recalibrate_into(Checkpoint.load(path), model, loader, device)
+        ckpt.save(path)
         log.info("%s: BatchNorm statistics recalibrated over %d training cases (%d batches)",
-                 path, payload["bn_recalibration"]["images"], payload["bn_recalibration"]["batches"])
+                 path, ckpt.bn_recalibration["images"], ckpt.bn_recalibration["batches"])
 
 
 def recalibrate_checkpoint(
@@ -204,41 +208,38 @@ def recalibrate_checkpoint(
     """
     from m2snet.common import resolve_device
     from m2snet.data.dataset import SegmentationDataset
-    from m2snet.models.checkpoint import build_model, load_checkpoint, save_checkpoint, slim
+    from m2snet.models.checkpoint import Checkpoint
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import resolve_cases
 
-    ckpt = load_checkpoint(checkpoint)
-    meta = slim(ckpt)
-    meta.pop("format_version")
-    config = dict(meta.get("model_config") or {})
-    if msu_norm is not None and "conv_3.norm.running_mean" in ckpt["state_dict"]:
+    ckpt = Checkpoint.load(checkpoint).slim()
+    config = dict(ckpt.model_config)
+    if msu_norm is not None and "conv_3.norm.running_mean" in ckpt.state_dict:
         before = config.get("msu_norm", "the checkpoint's")
         config["msu_norm"] = msu_norm
         log.info("%s: msu_norm %s -> %s", checkpoint, before, msu_norm)
-    meta["model_config"] = config
+    ckpt.model_config = config
     try:
-        model = build_model({**meta, "state_dict": ckpt["state_dict"]})
+        model = ckpt.architecture()
     except ValueError as err:
         raise M2SNetError(f"{checkpoint}: {err}") from err
-    train_cfg = meta.get("train_config") or {}
-    size = size or int(meta.get("image_size") or train_cfg.get("size") or 352)
+    train_cfg = ckpt.train_config or {}
+    size = size or int(ckpt.image_size or train_cfg.get("size") or 352)
     batch_size = batch_size or int(train_cfg.get("batch_size") or 16)
     cfg = TrainConfig(data=str(data), split=str(split) if split else None, fold=fold, max_train_cases=max_cases,
                       seed=seed)
     cases = resolve_cases(cfg)
     info, train_ids, split_sha = cases.info, cases.train, cases.split_sha256
-    if info.n_classes != int(meta.get("n_classes", 1)):
-        raise M2SNetError(f"{data}: {info.n_classes} classes, but {checkpoint} predicts {meta.get('n_classes')}")
+    if info.n_classes != int(ckpt.n_classes):
+        raise M2SNetError(f"{data}: {info.n_classes} classes, but {checkpoint} predicts {ckpt.n_classes}")
     device = resolve_device(device)
-    dataset = SegmentationDataset(info, train_ids, size, augment=False)
+    dataset = SegmentationDataset(info, train_ids, size, augment=False, normalization=ckpt.normalization)
     try:
-        payload = recalibrate_payload({**meta, "state_dict": ckpt["state_dict"]}, model,
-                                      recalibration_loader(dataset, batch_size, seed), device)
+        ckpt = recalibrate_into(ckpt, model, recalibration_loader(dataset, batch_size, seed), device)
     except RuntimeError as err:
-        raise M2SNetError(f"{checkpoint}: weights do not fit model {meta.get('model_name')!r}: {err}") from err
-    payload["bn_recalibration"].update({
+        raise M2SNetError(f"{checkpoint}: weights do not fit model {ckpt.model_name!r}: {err}") from err
+    ckpt.bn_recalibration.update({
         "cases": len(train_ids), "source": str(checkpoint), "data": str(data), "dataset_version": info.version, "split": str(split) if split else None,
         "split_sha256": split_sha, "fold": fold if split else None, "msu_norm": config.get("msu_norm"),
     })
-    return save_checkpoint(out, payload), payload["bn_recalibration"]
+    return ckpt.save(out), ckpt.bn_recalibration

@@ -93,7 +93,9 @@ class TrainConfig:
     # the last epoch (m2snet.training.bn_recalibration). Off: on BUSI it helped at 128 px / 128
     # cases and hurt at 352 px / 585 cases (README "The model").
     recalibrate_bn: bool = False
-    keep_last_checkpoint: bool = True  # last.pt holds optimizer + RNG state for --resume
+    # last.pt holds optimizer + RNG state for --resume; False: removed once the run has finished
+    # (written every epoch all the same, so a crash can still be resumed).
+    keep_last_checkpoint: bool = True
     progress: bool = True  # tqdm bar
 
     # -------------------------------------------------------------------------------------------

@@ -7,18 +7,22 @@ atomic checkpoint (``last.pt``: everything needed to resume; ``model.pt``: the r
 chosen by ``TrainConfig.selection`` -- the final epoch by default, so the cases a fold reports on
 never pick the checkpoint; see :func:`resolve_cases`). Resuming restores model, optimizer, scheduler, AMP scaler and every RNG; the order of the
 training cases comes from a DataLoader generator seeded by (seed, epoch), so a resumed run
-reproduces the uninterrupted one exactly on CPU in deterministic mode.
+reproduces the uninterrupted one exactly on CPU in deterministic mode. The loop reports to
+callbacks (:mod:`m2snet.training.callbacks`) and knows nothing of MLflow; checkpoints are
+:class:`m2snet.models.checkpoint.Checkpoint` objects.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +31,8 @@ from torch.utils.data import DataLoader, default_collate
 
 from m2snet import __version__
 from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
-from m2snet.models.checkpoint import (
-    DEFAULT_NORMALIZATION, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, slim,
-)
+from m2snet.models.checkpoint import Checkpoint, ResumeState, capture_rng_state, restore_rng_state
+from m2snet.training.callbacks import CallbackLike, EpochEnd, TrainEnd, TrainStart, as_callbacks
 from m2snet.training.config import TrainConfig
 from m2snet.training.schedule import build_scheduler
 
@@ -40,20 +43,10 @@ SELECTED = "model.pt"  # the checkpoint the selection rule chose: what evaluatio
 
 
 @dataclass
-class EpochEnd:
-    """What callbacks see after each epoch (e.g. Optuna reporting/pruning, or a test that stops)."""
-
-    epoch: int  # 1-based epochs completed
-    epochs: int
-    metrics: dict[str, float]
-    out_dir: Path
-
-
-@dataclass
 class TrainResult:
     out_dir: Path
     checkpoint: Path  # model.pt, chosen by config.selection
-    last_checkpoint: Path
+    last_checkpoint: Path | None  # last.pt (resumable); None when config.keep_last_checkpoint is off
     history: list[dict[str, float]]
     selected_epoch: int
     selection_score: float  # the selected epoch's val_dice on the selection cases (or -train loss without)
@@ -264,14 +257,16 @@ def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
-    tracker=None,
-    callbacks: Sequence[Callable[[EpochEnd], None]] = (),
+    callbacks: CallbackLike | Sequence[CallbackLike] | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` (fold ``cfg.fold`` of ``cfg.split``) into ``cfg.out_dir``.
 
-    ``resume``: continue from ``out_dir/last.pt`` (an error if there is none). ``tracker``: an
-    :class:`m2snet.mlops.tracking.Tracker` receiving params and per-epoch metrics. ``callbacks`` run after
-    each epoch's checkpoint is written (raise to stop: the run stays resumable).
+    ``resume``: continue from ``out_dir/last.pt`` (an error if there is none). ``callbacks``
+    (:class:`m2snet.training.callbacks.TrainCallback`, or plain functions of :class:`EpochEnd`) get
+    the run's start, each epoch's end once its checkpoint is written (raise to stop: the run stays
+    resumable) and the end, in the order given; MLflow tracking is one of them
+    (``m2snet.workflows.folds.tracking_callbacks``). With ``cfg.keep_last_checkpoint`` off, ``last.pt``
+    is removed once the run has finished (a crash before that still leaves it to resume from).
     """
     from tqdm import tqdm
 
@@ -280,6 +275,7 @@ def train(
     from m2snet.models import create_model
 
     cfg.validate()
+    callbacks = as_callbacks(callbacks)
     out = Path(cfg.out_dir)
     last_path, model_path = out / LAST, out / SELECTED
     if resume and not last_path.is_file():
@@ -305,11 +301,14 @@ def train(
         from m2snet.data.cache import default_cache_dir
 
         cache_dir = cfg.cache_dir or default_cache_dir()
-    train_ds = SegmentationDataset(info, train_ids, cfg.size, augment=cfg.augment, cache_dir=cache_dir)
-    val_ds = SegmentationDataset(info, val_ids, cfg.size, augment=False, cache_dir=cache_dir) if val_ids else None
-
     model_config = {"n_classes": n_classes, **cfg.model_config}
     model = create_model(cfg.model, pretrained=cfg.pretrained, **model_config).to(device)
+    normalization = model.normalization  # the model's preprocessing: fed to the data, kept in the checkpoint
+    train_ds = SegmentationDataset(info, train_ids, cfg.size, augment=cfg.augment, cache_dir=cache_dir,
+                                   normalization=normalization)
+    val_ds = SegmentationDataset(info, val_ids, cfg.size, augment=False, cache_dir=cache_dir,
+                                 normalization=normalization) if val_ids else None
+
     loss_fn = TotalLoss(n_classes=n_classes, lossnet_weight=cfg.lossnet_weight,
                         lossnet_pretrained=cfg.lossnet_pretrained).to(device)
     pretrained_source = getattr(model, "pretrained_source", None)
@@ -324,7 +323,7 @@ def train(
     dataset_version = info.version
     base_meta = {
         "model_name": cfg.model, "model_config": model_config, "n_classes": n_classes,
-        "image_size": cfg.size, "normalization": DEFAULT_NORMALIZATION, "train_config": cfg.to_dict(),
+        "image_size": cfg.size, "normalization": normalization, "train_config": cfg.to_dict(),
         "pretrained_source": pretrained_source, "dataset_version": dataset_version,
         "split_sha256": split_sha, "fold": cfg.fold if cfg.split else None,
         "git_commit": git_commit(), "m2snet_version": __version__, "selection": cfg.selection,
@@ -335,32 +334,29 @@ def train(
     selected = {"epoch": 0, "score": -math.inf}
     start_epoch = 0
     if resume:
-        ckpt = load_checkpoint(last_path)
-        if ckpt["train_config"] != cfg.to_dict():
-            diff = sorted(k for k, v in cfg.to_dict().items() if ckpt["train_config"].get(k) != v)
+        ckpt = Checkpoint.load(last_path)
+        if not ckpt.resumable:
+            raise M2SNetError(f"{last_path}: a slim checkpoint (no optimizer/RNG state); it cannot be resumed")
+        if ckpt.train_config != cfg.to_dict():
+            diff = sorted(k for k, v in cfg.to_dict().items() if (ckpt.train_config or {}).get(k) != v)
             raise M2SNetError(f"{last_path}: config differs from the checkpoint's in {diff}; resume with the same config")
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        restore_rng_state(ckpt["rng"])
-        history, selected, start_epoch = list(ckpt["history"]), dict(ckpt["selected"]), int(ckpt["epoch"])
+        state = ckpt.resume
+        model.load_state_dict(ckpt.state_dict)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        scaler.load_state_dict(state.scaler)
+        restore_rng_state(state.rng)
+        history, selected, start_epoch = list(state.history), dict(state.selected), int(ckpt.epoch)
         log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.epochs)
     cfg.save(out / "train_config.json")
 
-    if tracker is not None:
-        from m2snet.mlops.tracking import run_params
-
-        tracker.log_params(run_params(cfg.to_dict(), dataset_version=dataset_version, split_sha256=split_sha,
-                                      pretrained=pretrained_source, loss_pretrained=loss_source,
-                                      device=device, seed=cfg.seed,
-                                      extra={"n_train": len(train_ids), "n_val": len(cases.reported),
-                                             "n_epoch_val": len(val_ids),
-                                             "epoch_val_cases": {"final": "fold validation (curves only)",
-                                                                 "inner": "inner split of the training cases",
-                                                                 "fold_best": "fold validation (SELECTS: leaky)",
-                                                                 }[cfg.selection] if cfg.split else "none"}))
-        write_json(out / "mlflow_run.json", {"run_id": tracker.run_id, "tracking_uri": tracker.cfg.resolved_uri()})
+    start = TrainStart(config=cfg, out_dir=out, device=device, start_epoch=start_epoch,
+                       n_params=sum(p.numel() for p in model.parameters()), train_cases=train_ids,
+                       epoch_val_cases=val_ids, reported_cases=cases.reported, dataset_version=dataset_version,
+                       split_sha256=split_sha, pretrained_source=pretrained_source,
+                       loss_pretrained_source=loss_source)
+    for cb in callbacks:
+        cb.on_train_start(start)
 
     collate = MultiScaleCollate(cfg.scales() if cfg.multiscale else [cfg.size])
     log.info("training %s on %d cases (%d val) for %d epochs on %s; scales %s; pretrained: %s",
@@ -421,38 +417,46 @@ def train(
         row["epoch_seconds"] = time.perf_counter() - t0
         history.append(row)
         score = row.get("val_dice", -row["train_loss"])
-        payload = {**base_meta, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   "epoch": epoch + 1, "metrics": row}
+        ckpt = Checkpoint(**base_meta, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                          epoch=epoch + 1, metrics=row)
         final = epoch + 1 == cfg.epochs
-        if (final and cfg.selection == "final") or (cfg.selection != "final" and score > selected["score"]):
+        chosen = (final and cfg.selection == "final") or (cfg.selection != "final" and score > selected["score"])
+        if chosen:
             selected = {"epoch": epoch + 1, "score": score}
-            save_checkpoint(model_path, slim({**payload, "selected_epoch": epoch + 1}))
-        save_checkpoint(last_path, {**payload, "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                    "rng": capture_rng_state(), "history": history, "selected": selected})
+            dataclasses.replace(ckpt, selected_epoch=epoch + 1).save(model_path)
+        ckpt.resume = ResumeState(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                  scaler=scaler.state_dict(), rng=capture_rng_state(), history=history,
+                                  selected=selected)
+        ckpt.save(last_path)
         log.info("epoch %d/%d: loss %.4f%s | %.1f img/s | %.1fs%s", epoch + 1, cfg.epochs, row["train_loss"],
                  "".join(f" {k} {row[k]:.4f}" for k in ("val_dice", "val_iou") if k in row),
                  row["train_img_per_s"], row["epoch_seconds"],
                  " *selected*" if selected["epoch"] == epoch + 1 else "")
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1, flush=True)
+        end = EpochEnd(epoch + 1, cfg.epochs, row, out, checkpoint=last_path, selected=chosen)
         for cb in callbacks:
-            cb(EpochEnd(epoch + 1, cfg.epochs, row, out))
+            cb.on_epoch_end(end)
 
+    kept = (model_path, last_path) if cfg.keep_last_checkpoint else (model_path,)
     if cfg.recalibrate_bn:  # the saved weights' BatchNorm statistics, from their training cases
         from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
 
-        recalibrate_run_checkpoints((model_path, last_path), model, SegmentationDataset(
-            info, train_ids, cfg.size, cache_dir=cache_dir), cfg.batch_size, cfg.seed, device, cfg.num_workers)
+        recalibrate_run_checkpoints(kept, model, SegmentationDataset(
+            info, train_ids, cfg.size, cache_dir=cache_dir, normalization=normalization), cfg.batch_size, cfg.seed,
+            device, cfg.num_workers)
+    if not cfg.keep_last_checkpoint:  # the run is complete: nothing left to resume
+        last_path.unlink(missing_ok=True)
     write_json(out / "history.json", history)
     if history:
         from m2snet.evaluation.plots import learning_curves
 
         learning_curves(history, out / "learning_curves.png", title=f"{cfg.model} fold {cfg.fold}")
-    if tracker is not None:
-        tracker.log_metrics({"selected_epoch": selected["epoch"]}, step=cfg.epochs, flush=True)
+    end_event = TrainEnd(config=cfg, out_dir=out, checkpoint=model_path, selected_epoch=int(selected["epoch"]),
+                         selection_score=float(selected["score"]), history=history)
+    for cb in callbacks:
+        cb.on_train_end(end_event)
     return TrainResult(
-        out_dir=out, checkpoint=model_path, last_checkpoint=last_path, history=history,
+        out_dir=out, checkpoint=model_path, last_checkpoint=last_path if cfg.keep_last_checkpoint else None,
+        history=history,
         selected_epoch=int(selected["epoch"]), selection_score=float(selected["score"]), config=cfg,
         pretrained_source=pretrained_source, loss_pretrained_source=loss_source,
         dataset_version=dataset_version, split_sha256=split_sha, train_cases=train_ids,

@@ -13,8 +13,10 @@ through the functions below, so each rule lives in one place:
   runs it for every fold under one parent run; :func:`aggregate_cv` turns per-fold metrics into
   mean +- std in percent (sample std, ddof=1; 0 for a single fold).
 
-A fold's MLflow run id is kept in ``<fold dir>/mlflow_run.json`` (:func:`fold_run`), so a later
-step (the pipeline's evaluate task, a resumed CV) reopens the same run.
+Tracking is attached here, not in the trainer: :func:`tracking_callbacks` gives ``train`` the MLflow
+callback of a fold's run. That callback records the run id in ``<fold dir>/mlflow_run.json``
+(``m2snet.mlops.tracking.write_run_file``), so a later step (the pipeline's evaluate task, a resumed
+CV) reopens the same run (:func:`fold_run`).
 """
 
 from __future__ import annotations
@@ -108,19 +110,20 @@ def aggregate_cv(per_fold: Sequence[Mapping[str, float]] | Sequence[FoldResult],
     return CVSummary(n_folds=len(rows), folds=list(folds), mean=mean, std=std)
 
 
-RUN_FILE = "mlflow_run.json"  # written by the trainer into the fold directory
+def tracking_callbacks(tracker) -> list:
+    """The training callbacks that log a run to ``tracker`` (a Tracker, or None: no tracking)."""
+    if tracker is None:
+        return []
+    from m2snet.mlops.tracking import MlflowCallback
+
+    return [MlflowCallback(tracker)]
 
 
 def fold_run(fold_dir: str | os.PathLike, tracking=None):
     """The fold's MLflow run, reopened from ``<fold_dir>/mlflow_run.json`` (None without one)."""
-    import json
+    from m2snet.mlops.tracking import RUN_FILE, reopen_run
 
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
-
-    run_file = Path(fold_dir) / RUN_FILE
-    if not run_file.is_file():
-        return None
-    return Tracker.start(tracking or TrackingConfig(), run_id=json.loads(run_file.read_text())["run_id"])
+    return reopen_run(Path(fold_dir) / RUN_FILE, tracking)
 
 
 def fold_tags(fold: int) -> dict[str, str]:
@@ -181,7 +184,7 @@ def fit_fold(cfg: TrainConfig, fold: int, fold_dir: str | os.PathLike, *, tracke
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
     fold_cfg = cfg.override(**dict(tuned or {})).override(fold=fold, out_dir=str(fold_dir))
-    result = train(fold_cfg, resume=resume, tracker=tracker)
+    result = train(fold_cfg, resume=resume, callbacks=tracking_callbacks(tracker))
     if not result.val_cases:
         raise M2SNetError(f"{cfg.split}: fold {fold} has no validation cases")
     if tracker is not None:
@@ -306,7 +309,12 @@ def run_cv(
     """
     from m2snet.data.split import load_split
     from m2snet.evaluation.plots import cv_learning_curves
-    from m2snet.mlops.tracking import Tracker
+    from m2snet.mlops.tracking import (
+        PARENT_RUN_FILE,
+        Tracker,
+        read_run_file,
+        write_run_file,
+    )
 
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
@@ -318,13 +326,11 @@ def run_cv(
     out.mkdir(parents=True, exist_ok=True)
     parent = None
     if tracking is not None:
-        if parent_run_id is None and resume and (out / "mlflow_parent.json").is_file():
-            import json
-
-            parent_run_id = json.loads((out / "mlflow_parent.json").read_text())["run_id"]
+        if parent_run_id is None and resume:
+            parent_run_id = read_run_file(out / PARENT_RUN_FILE)
         parent = (Tracker.start(tracking, run_id=parent_run_id) if parent_run_id else
                   Tracker.start(tracking, run_name=run_name or f"cv-{cfg.model}", tags={"m2snet.kind": "cv"}))
-        write_json(out / "mlflow_parent.json", {"run_id": parent.run_id, "tracking_uri": tracking.resolved_uri()})
+        write_run_file(out / PARENT_RUN_FILE, parent)
         from m2snet.data.format import load_dataset
 
         # The children record what actually happened (pretrained source, device); the parent

@@ -226,11 +226,13 @@ def train_fold_step(
 ) -> dict[str, Any]:
     """Train fold ``fold`` with ITS tuned learning rates as a child run of the parent; checkpoint in ``out_dir``."""
     from m2snet.workflows.folds import fit_fold, fold_tags
-    from m2snet.training.trainer import LAST, SELECTED
+    from m2snet.training.trainer import SELECTED
 
     tuned = json.loads(Path(best_params_path).read_text())["best_params"] if best_params_path else {}
-    # Explicit user overrides win over tuned values: the user asked for them.
-    cfg = train_config(preset, train_overrides, data=dataset_dir, split=split_path, fold=fold, out_dir=out_dir)
+    # Explicit user overrides win over tuned values: the user asked for them. last.pt (optimizer + RNG
+    # state) only serves --resume inside this pod: the trainer removes it at the end, it is not shipped.
+    cfg = train_config(preset, train_overrides, data=dataset_dir, split=split_path, fold=fold, out_dir=out_dir,
+                       keep_last_checkpoint=False)
     tuned = {k: v for k, v in tuned.items() if k not in parse_overrides(train_overrides)}
     parent = parent_run(pipeline_run_id, experiment)
     run = parent.child(f"fold-{fold}", tags=fold_tags(fold)) if parent else None
@@ -243,8 +245,6 @@ def train_fold_step(
         if run:
             run.end("FAILED")
         raise
-    # last.pt (optimizer + RNG state) only serves --resume inside this pod: do not ship it.
-    (Path(out_dir) / LAST).unlink(missing_ok=True)
     last_row = result.history[-1] if result.history else {}
     return {
         "model_metadata": {"fold": fold, "checkpoint": SELECTED, "run_id": run.run_id if run else "",

@@ -197,6 +197,7 @@ def tune(
 
     from m2snet.mlops.tracking import Tracker, TrackingConfig, redact
     from m2snet.training.trainer import train
+    from m2snet.workflows.folds import tracking_callbacks
 
     cfg.validate()
     if not base.split:
@@ -243,7 +244,7 @@ def tune(
 
         status = "FAILED"
         try:
-            result = train(tcfg, tracker=child, callbacks=[report])
+            result = train(tcfg, callbacks=[*tracking_callbacks(child), report])
             value = float(result.selection_score)
             if not math.isfinite(value):
                 raise M2SNetError(f"trial {trial.number}: objective is {value}")
