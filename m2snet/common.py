@@ -96,7 +96,7 @@ def _sigterm_raises() -> Iterator[None]:
         yield
         return
 
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+    def handler(signum, frame):  # signal handler signature
         raise Terminated(f"terminated by signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -171,7 +171,8 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterat
     remove_stale_partials(dest)
     with _sigterm_raises():
         tmp = Path(tempfile.mkdtemp(
-            dir=dest.parent, prefix=f"{_partial_prefix(dest)}{socket.gethostname()}-{os.getpid()}.", suffix=_PARTIAL_SUFFIX,
+            dir=dest.parent, prefix=f"{_partial_prefix(dest)}{socket.gethostname()}-{os.getpid()}.",
+            suffix=_PARTIAL_SUFFIX,
         ))
         try:
             os.chmod(tmp, umask_mode(directory=True))

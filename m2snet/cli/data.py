@@ -10,7 +10,8 @@ import typer
 
 from m2snet.common import M2SNetError
 
-app = typer.Typer(help="Datasets: create the demo set, import public layouts, validate, split, version.", no_args_is_help=True)
+app = typer.Typer(help="Datasets: create the demo set, import public layouts, validate, split, version.",
+                  no_args_is_help=True)
 
 
 def _parse_options(values: list[str]) -> dict[str, object]:
@@ -35,7 +36,8 @@ def demo(
     size: int = typer.Option(128, help="Image width in pixels."),
     overwrite: bool = typer.Option(False, help="Replace DEST if it exists."),
     formatted: bool = typer.Option(
-        False, "--formatted", help="Write the m2snet format directly (= demo + `data import --format busi`); this is data/demo.",
+        False, "--formatted",
+        help="Write the m2snet format directly (= demo + `data import --format busi`); this is data/demo.",
     ),
 ) -> None:
     """Write a small synthetic ultrasound-like dataset in the BUSI layout (byte-identical for a seed)."""
@@ -80,7 +82,8 @@ _THRESHOLD_HELP = (
 def _report_payload(report: dict) -> dict:
     """The duplicate counts and label conflicts of a report, as printed by --json."""
     clusters = report.get("duplicate_clusters") or {}
-    keys = ("exact_duplicate_groups", "duplicate_clusters", "near_duplicate_clusters", "cases_in_clusters", "label_conflicts")
+    keys = ("exact_duplicate_groups", "duplicate_clusters", "near_duplicate_clusters", "cases_in_clusters",
+            "label_conflicts")
     return {
         "duplicate_counts": {k: clusters.get(k, 0) for k in keys},
         "near_duplicates": clusters.get("near_duplicates"),
@@ -92,19 +95,24 @@ def _report_payload(report: dict) -> dict:
 def import_(
     src: Path = typer.Argument(..., help="The dataset as distributed."),
     dest: Path = typer.Argument(..., help="Directory to create in the m2snet format."),
-    format: str = typer.Option(..., "--format", "-f", help="Source layout: busi, kvasir, pranet, cvc-clinicdb, covid-ct, goals, folder."),
+    format: str = typer.Option(
+        ..., "--format", "-f", help="Source layout: busi, kvasir, pranet, cvc-clinicdb, covid-ct, goals, folder.",
+    ),
     allow_duplicates: Optional[bool] = typer.Option(
         None, "--allow-duplicates/--no-allow-duplicates",
         help="Accept exact-duplicate images (reported, kept in one fold). Default: yes for busi, no otherwise.",
     ),
     allow_label_conflicts: Optional[bool] = typer.Option(
         None, "--allow-label-conflicts/--no-allow-label-conflicts",
-        help="Accept duplicate clusters holding two labels (a warning; kept in one fold). Default: yes for busi (known there), no otherwise.",
+        help="Accept duplicate clusters holding two labels (a warning; kept in one fold). "
+             "Default: yes for busi (known there), no otherwise.",
     ),
     near_duplicates: Optional[str] = typer.Option(None, "--near-duplicates", help=_NEAR_HELP + " Default: on."),
     near_duplicate_threshold: Optional[int] = typer.Option(None, "--near-duplicate-threshold", help=_THRESHOLD_HELP),
     overwrite: bool = typer.Option(False, help="Replace DEST if it exists."),
-    option: List[str] = typer.Option([], "--option", "-o", help="Importer option KEY=VALUE (e.g. threshold=127, mask_suffix=_mask)."),
+    option: List[str] = typer.Option(
+        [], "--option", "-o", help="Importer option KEY=VALUE (e.g. threshold=127, mask_suffix=_mask).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Convert a public dataset layout into the m2snet format (validated; nothing is left behind on error or kill)."""
@@ -166,7 +174,10 @@ def validate(
     near_duplicate_threshold: Optional[int] = typer.Option(None, "--near-duplicate-threshold", help=_THRESHOLD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check every case (great-expectations) and its duplicate clusters; write DEST.validation.html/.json beside DEST; exit 1 when invalid."""
+    """Check every case (great-expectations) and its duplicate clusters; exit 1 when invalid.
+
+    Writes the report to DEST.validation.html and DEST.validation.json beside DEST.
+    """
     from m2snet.data.validation import report_paths, validate_dataset
 
     report = validate_dataset(

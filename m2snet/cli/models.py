@@ -111,4 +111,5 @@ def export_command(
             paths = model_checkpoints(sources[0], tmp)
         report = export_onnx(paths, out, tta_flip=tta_flip, atol=DEFAULT_ATOL if atol is None else atol)
     typer.echo(f"wrote {report.path}: {report.n_models} model(s) at {report.image_size} px, "
-               f"max |ONNX Runtime - PyTorch| {report.max_abs_diff:.2e}, BatchNorm nodes left {report.batch_norms_left}")
+               f"max |ONNX Runtime - PyTorch| {report.max_abs_diff:.2e}, "
+               f"BatchNorm nodes left {report.batch_norms_left}")

@@ -29,8 +29,8 @@ def tune_cmd(
     """Tune the head learning rate and backbone/head ratio with Optuna (pruning on per-epoch Dice)."""
     import json
 
-    from m2snet.workflows.presets import get_preset, train_config
     from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.workflows.presets import get_preset, train_config
     from m2snet.workflows.tuning import TuningConfig, tune
 
     base = train_config(preset, preset_overrides(preset, set_), data=str(data), split=str(split), fold=fold,

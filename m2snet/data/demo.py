@@ -122,7 +122,9 @@ def _parse_counts(n_per_class: int | tuple[int, ...] | list[int] | dict[str, int
     else:
         values = list(n_per_class)
         if len(values) != len(DEMO_CLASSES):
-            raise M2SNetError(f"n_per_class: give one count or {len(DEMO_CLASSES)} (benign, malignant, normal), got {values}")
+            raise M2SNetError(
+                f"n_per_class: give one count or {len(DEMO_CLASSES)} (benign, malignant, normal), got {values}"
+            )
         counts = dict(zip(DEMO_CLASSES, map(int, values)))
     if any(v < 0 for v in counts.values()) or sum(counts.values()) == 0:
         raise M2SNetError(f"n_per_class: counts must be >= 0 and not all zero, got {counts}")

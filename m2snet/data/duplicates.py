@@ -230,7 +230,8 @@ def find_duplicates(
         for i in idx:
             group_of[case_ids[i]] = ids[0]
         if len(idx) > 1:
-            clusters_by_root[root] = DuplicateCluster(ids[0], ids, {case_ids[i]: labels[i] for i in sorted(idx, key=lambda k: case_ids[k])})
+            labels_by_id = {case_ids[i]: labels[i] for i in sorted(idx, key=lambda k: case_ids[k])}
+            clusters_by_root[root] = DuplicateCluster(ids[0], ids, labels_by_id)
     for i, j, kind, bits in links:
         a, b = sorted((case_ids[i], case_ids[j]))
         clusters_by_root[sets.find(i)].links.append(

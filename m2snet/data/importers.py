@@ -23,8 +23,15 @@ import numpy as np
 from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates, perceptual_hashes
 from m2snet.data.format import (
-    BINARY_MASK_CLASSES, IMAGES_DIR, MASKS_DIR, CaseRecord, DatasetInfo, load_dataset, safe_case_id,
-    write_dataset, write_png,
+    BINARY_MASK_CLASSES,
+    IMAGES_DIR,
+    MASKS_DIR,
+    CaseRecord,
+    DatasetInfo,
+    load_dataset,
+    safe_case_id,
+    write_dataset,
+    write_png,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +125,9 @@ def get_importer(name: str, **options: Any) -> Importer:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    )
 
 
 def _find_dir(src: Path, *names: str) -> Path:
@@ -236,7 +245,8 @@ class ClinicDbImporter(Importer):
 
     def scan(self, src: Path) -> list[SourceCase]:
         root = src / "PNG" if (src / "PNG").is_dir() and not (src / "Original").is_dir() else src
-        pairs = _pair_by_stem(_find_dir(root, "Original", "images"), _find_dir(root, "Ground Truth", "GroundTruth", "masks"))
+        pairs = _pair_by_stem(_find_dir(root, "Original", "images"),
+                              _find_dir(root, "Ground Truth", "GroundTruth", "masks"))
         return [SourceCase(safe_case_id("clinicdb", img.stem), "polyp", "", img, m) for img, m in pairs]
 
 
@@ -298,7 +308,9 @@ class GoalsImporter(Importer):
         out = lut[mask]
         if (out == 255).any():
             bad = sorted(set(np.unique(mask).tolist()) - set(GOALS_LEVELS))
-            raise M2SNetError(f"{path}: layer mask has grey levels {bad[:8]} outside the GOALS levels {sorted(GOALS_LEVELS)}")
+            raise M2SNetError(
+                f"{path}: layer mask has grey levels {bad[:8]} outside the GOALS levels {sorted(GOALS_LEVELS)}"
+            )
         return out
 
 
@@ -307,7 +319,9 @@ class GoalsImporter(Importer):
 class FolderImporter(Importer):
     """A generic pair of folders: ``<images_dir>/X.ext`` + ``<masks_dir>/X<mask_suffix>.ext``."""
 
-    description: ClassVar[str] = "generic images/ + masks/ folders (options: images_dir, masks_dir, mask_suffix, threshold, label)"
+    description: ClassVar[str] = (
+        "generic images/ + masks/ folders (options: images_dir, masks_dir, mask_suffix, threshold, label)"
+    )
     images_dir: str = "images"
     masks_dir: str = "masks"
     mask_suffix: str = ""
@@ -348,7 +362,9 @@ def _decode(path: Path, what: str, notes: list[str] | None = None):
             im.load()
             expected = _EXT_FORMATS.get(path.suffix.lower())
             if notes is not None and expected and im.format and im.format != expected:
-                notes.append(f"{path}: content is {im.format}, not the {expected} its extension says (read as {im.format})")
+                notes.append(
+                    f"{path}: content is {im.format}, not the {expected} its extension says (read as {im.format})"
+                )
             return im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if path.suffix.lower() in (".tif", ".tiff"):
@@ -545,7 +561,8 @@ def import_dataset(
         records = [replace(r, group=dups.group_of[r.case_id]) for r in records]
         if dups.conflicts and not allow_conflicts:
             raise M2SNetError(
-                f"{src}: {len(dups.conflicts)} duplicate cluster(s) hold cases with different labels (label conflicts):\n  "
+                f"{src}: {len(dups.conflicts)} duplicate cluster(s) hold cases with different labels "
+                "(label conflicts):\n  "
                 + "\n  ".join(c.describe() for c in dups.conflicts)
                 + "\n  fix the labels, or accept them with --allow-label-conflicts (they stay in one fold)"
             )

@@ -195,11 +195,10 @@ def run_local(
     """
     from kfp import local
 
-    from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
-    from m2snet.kubeflow.runview import RunView
-    from m2snet.mlops.tracking import DEFAULT_TRACKING_URI
-
     from m2snet.data.importers import list_importers
+    from m2snet.kubeflow.runview import RunView
+    from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
+    from m2snet.mlops.tracking import DEFAULT_TRACKING_URI
 
     if runner not in RUNNERS:
         raise M2SNetError(f"unknown runner {runner!r}; choose one of {list(RUNNERS)}")
@@ -235,7 +234,8 @@ def run_local(
 
     failure: Exception | None = None
     with warnings.catch_warnings(), view, _kfp_runner(runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
-        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {uri}, runner {runner}\nlogs: {view.log_dir}/")
+        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {uri}, runner {runner}\n"
+                    f"logs: {view.log_dir}/")
         log.info("local pipeline run: preset %s, MLflow %s, kfp root %s, runner %s", preset, uri, root, runner)
         # The SubprocessRunner warns that our image name has no "python" in it: we run in this env.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
@@ -364,7 +364,7 @@ def submit(
             str(package), arguments=dict(params or {}), run_name=run_name, experiment_name=experiment,
             namespace=namespace,
         )
-    except Exception as err:  # noqa: BLE001 - HTTP/auth errors of the KFP API
+    except Exception as err:  # HTTP/auth errors of the KFP API, re-raised as M2SNetError
         raise M2SNetError(f"submitting {package.name} to {host} failed: {type(err).__name__}: {err}") from err
     base = host.rstrip("/")
     return result.run_id, f"{base}/#/runs/details/{result.run_id}"

@@ -157,7 +157,9 @@ def model_checkpoints(model_uri: str, dst: str | os.PathLike) -> list[Path]:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
         except MlflowException as err:
-            raise M2SNetError(f"{model_uri}: cannot download from {mlflow.get_tracking_uri()} ({err.message})") from None
+            raise M2SNetError(
+                f"{model_uri}: cannot download from {mlflow.get_tracking_uri()} ({err.message})"
+            ) from None
     mlmodel = local / "MLmodel"
     if not mlmodel.is_file():
         raise M2SNetError(f"{model_uri}: not an MLflow model (no MLmodel file)")

@@ -77,7 +77,9 @@ def load_model(model_uri: str):
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:
-        raise M2SNetError(f"--model {model_uri}: cannot load from {mlflow.get_tracking_uri()} ({err.message})") from None
+        raise M2SNetError(
+            f"--model {model_uri}: cannot load from {mlflow.get_tracking_uri()} ({err.message})"
+        ) from None
 
 
 def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -145,9 +147,9 @@ class ModelServer:
 def start_model_server(model_uri: str, port: int | None = None, *, workdir: str | os.PathLike | None = None,
                        env: dict[str, str] | None = None, timeout: float = 180.0) -> ModelServer:
     """``mlflow models serve -m MODEL_URI --env-manager local`` on loopback; returns once /ping answers."""
-    from m2snet.common import free_port
     import requests
 
+    from m2snet.common import free_port
     from m2snet.mlops.services import LOOPBACK, ManagedProcess
 
     port = port or free_port()
