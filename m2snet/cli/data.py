@@ -9,6 +9,9 @@ from typing import List, Optional
 import typer
 
 from m2snet.common import M2SNetError
+from m2snet.data.duplicates import NearDuplicateConfig
+from m2snet.data.format import load_dataset
+from m2snet.data.split import make_split
 
 app = typer.Typer(help="Datasets: create the demo set, import public layouts, validate, split, version.",
                   no_args_is_help=True)
@@ -59,8 +62,6 @@ def demo(
 def _near_duplicate_config(near_duplicates: Optional[str], threshold: Optional[int]):
     """--near-duplicates on|off and --near-duplicate-threshold as one config; None when neither is given
     (import: the default detector; validate: the settings recorded at import)."""
-    from m2snet.data.duplicates import NearDuplicateConfig
-
     if near_duplicates not in (None, "on", "off"):
         raise M2SNetError(f"--near-duplicates {near_duplicates!r}: expected on or off")
     if near_duplicates == "off":
@@ -204,8 +205,6 @@ def split(
                                  "the manifest's group) or 'sha256' (byte-identical only: the old, leaky rule)."),
 ) -> None:
     """Write a K-fold split: stratified by label, duplicate clusters in one fold, deterministic for a seed."""
-    from m2snet.data.split import make_split
-
     result = make_split(dest, n_folds=folds, seed=seed, out=out, group_by=group_by)  # type: ignore[arg-type]
     for k, counts in enumerate(result.counts):
         typer.echo(f"fold {k}: {sum(counts.values())} val cases {counts}")
@@ -243,6 +242,5 @@ def cache(
 ) -> None:
     """Decode and resize every case once into a memory-mapped cache used by training."""
     from m2snet.data.cache import build_cache
-    from m2snet.data.format import load_dataset
 
     typer.echo(build_cache(load_dataset(dest), size, cache_dir))

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -97,8 +98,6 @@ def compile_cmd(
     check: bool = typer.Option(False, "--check", help="Only check that the committed YAML is up to date."),
 ) -> None:
     """Compile the cluster pipeline (GPU requests, retries, Secrets) to YAML."""
-    import tempfile
-
     from m2snet.kubeflow.runner import compile_pipeline, compiled_pipeline_path
 
     if check:

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from m2snet.common import M2SNetError
+
 HASH_METHOD = "phash64-centre-crops"
 CROP_SCALES = (1.0, 0.9, 0.8)
 HASH_BITS = 64
@@ -46,8 +48,6 @@ class NearDuplicateConfig:
     max_distance: int = DEFAULT_MAX_DISTANCE
 
     def __post_init__(self) -> None:
-        from m2snet.common import M2SNetError
-
         if not 0 <= self.max_distance < HASH_BITS:
             raise M2SNetError(f"near-duplicate threshold must be 0..{HASH_BITS - 1} bits, got {self.max_distance}")
 

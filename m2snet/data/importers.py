@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates, perceptual_hashes
@@ -33,6 +37,7 @@ from m2snet.data.format import (
     write_dataset,
     write_png,
 )
+from m2snet.data.validation import validate_dataset
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +173,6 @@ class BusiImporter(Importer):
     classes: tuple[str, ...] = ("benign", "malignant", "normal")
 
     def scan(self, src: Path) -> list[SourceCase]:
-        import re
-
         present = [c for c in self.classes if (src / c).is_dir()]
         if not present:
             raise M2SNetError(f"{src}: no BUSI class folders found (expected {', '.join(self.classes)})")
@@ -355,8 +358,6 @@ def _decode(path: Path, what: str, notes: list[str] | None = None):
     When the content's format is not the one the extension names (a JPEG saved as ``.png``), the
     file is still read, and a note saying so is appended to ``notes``.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -369,7 +370,6 @@ def _decode(path: Path, what: str, notes: list[str] | None = None):
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if path.suffix.lower() in (".tif", ".tiff"):
             try:  # some TIFFs (e.g. float or odd compressions) only tifffile reads
-                import tifffile
 
                 arr = tifffile.imread(path)
                 if arr.dtype != np.uint8:
@@ -442,8 +442,6 @@ def _convert_case(
     importer: Importer, case: SourceCase, src: Path, out: Path, notes: list[str], hashes: bool = True,
 ) -> tuple[CaseRecord, np.ndarray | None]:
     """Check, convert and write one case; return its record and its perceptual hashes (when ``hashes``)."""
-    from PIL import Image
-
     if not case.masks:
         raise M2SNetError(f"{case.image}: no mask found for this image")
     image = _decode(case.image, "image", notes)
@@ -525,8 +523,6 @@ def import_dataset(
     partial directory left by a SIGKILLed import is removed by the next import to ``dest``. The
     validation report is written beside ``dest`` (``<dest>.validation.{json,html}``).
     """
-    from tqdm.auto import tqdm
-
     importer = get_importer(fmt, **(options or {}))
     near = near_duplicates or NearDuplicateConfig()
     src, dest = Path(src), Path(dest)
@@ -582,8 +578,6 @@ def import_dataset(
         )
         report = None
         if validate:
-            from m2snet.data.validation import validate_dataset
-
             report = validate_dataset(tmp, write_report=False, notes=notes)
             if not report.success:
                 raise M2SNetError(f"{src}: the imported data is not valid:\n{report.summary(shown_root=dest)}")

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from m2snet.common import write_json
+from m2snet.common import sha256_file, write_json
 from m2snet.data.duplicates import CROP_SCALES, DuplicateReport, NearDuplicateConfig, find_duplicates, perceptual_hashes
 from m2snet.data.format import DatasetInfo, load_dataset
 
@@ -136,9 +137,6 @@ class ValidationReport:
 def _case_facts(info: DatasetInfo, near: NearDuplicateConfig) -> tuple["Any", np.ndarray]:
     """One row per case of facts read from the files (not trusted from the manifest), and the perceptual hashes."""
     import pandas as pd
-    from PIL import Image
-
-    from m2snet.common import sha256_file
 
     n_values = max(info.n_classes, 2)
     rows, hashes = [], np.zeros((len(info.cases), len(CROP_SCALES)), dtype=np.uint64)

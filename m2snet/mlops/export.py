@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from m2snet.common import M2SNetError
@@ -149,7 +150,6 @@ def model_checkpoints(model_uri: str, dst: str | os.PathLike) -> list[Path]:
     """The checkpoint files of a logged / registered m2snet pyfunc model (``models:/NAME@alias``,
     ``runs:/...``, or a local model directory), downloaded into ``dst``, in ensemble order."""
     import mlflow.artifacts
-    import yaml
     from mlflow.exceptions import MlflowException
 
     local = Path(model_uri)
