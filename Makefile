@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow test-container image constraints bench clean
+.PHONY: run test lint test-slow test-container image constraints bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(STAMP)
 ## The test suite (opt-in: `make test-slow` for the long real-data runs).
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## The architecture's walls (import-linter contracts in pyproject.toml) and ruff; the suite runs both too.
+lint: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check .
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

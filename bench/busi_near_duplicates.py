@@ -28,8 +28,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2snet.data.duplicates import (  # noqa: E402
-    DEFAULT_MAX_DISTANCE, HASH_BITS, NearDuplicateConfig, find_duplicates, near_pairs, perceptual_hashes,
+from m2snet.data.duplicates import (
+    DEFAULT_MAX_DISTANCE,
+    HASH_BITS,
+    NearDuplicateConfig,
+    find_duplicates,
+    near_pairs,
+    perceptual_hashes,
 )
 
 
@@ -53,12 +58,15 @@ TRANSFORMS = {
     "crop 10% each side": lambda im: _crop(im, 0.10, 0.10, 0.10, 0.10),
     "crop 5% left only": lambda im: _crop(im, 0.05, 0, 0, 0),
     "crop 5% top + 3% right": lambda im: _crop(im, 0, 0.05, 0.03, 0),
-    "crop 4/2/2/5% + x0.7 + JPEG": lambda im: _jpeg(_crop(im, 0.04, 0.02, 0.02, 0.05).resize((int(im.width * 0.66), int(im.height * 0.65)))),
+    "crop 4/2/2/5% + x0.7 + JPEG": lambda im: _jpeg(
+        _crop(im, 0.04, 0.02, 0.02, 0.05).resize((int(im.width * 0.66), int(im.height * 0.65)))
+    ),
 }
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("M2SNET_BUSI_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "busi"))
+    default_root = Path(__file__).resolve().parents[2] / "shared" / "data" / "busi"
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("M2SNET_BUSI_ROOT", default_root))
     paths = sorted(p for p in root.glob("*/*.png") if "_mask" not in p.name)
     if not paths:
         raise SystemExit(f"{root}: no BUSI images found")
@@ -107,7 +115,8 @@ def main() -> None:
         f = np.array([y for _, y in dists])
         missed = int((d > DEFAULT_MAX_DISTANCE).sum())
         print(f"   {name:30s} {np.median(d):4.0f} / {np.quantile(d, 0.95):4.0f} / {d.max():3d}   "
-              f"missed at {DEFAULT_MAX_DISTANCE} bits: {missed}/{len(d)}   (full-image pHash alone: {np.median(f):.0f} / {np.quantile(f, 0.95):.0f} / {f.max()})")
+              f"missed at {DEFAULT_MAX_DISTANCE} bits: {missed}/{len(d)}   "
+              f"(full-image pHash alone: {np.median(f):.0f} / {np.quantile(f, 0.95):.0f} / {f.max()})")
 
     print("\n4. clusters by threshold (exact + near, union-find)")
     sha = [__import__("hashlib").sha256(p.read_bytes()).hexdigest() for p in paths]

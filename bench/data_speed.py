@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 import tempfile
@@ -28,8 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_speed import _sync  # noqa: E402
-from train_speed import MODES, batch_at, bench_setup, make_step, runner, timed_first  # noqa: E402
+from model_speed import _sync
+from train_speed import MODES, batch_at, bench_setup, make_step, runner, timed_first
 
 TARGET_RATIO = 3.0
 

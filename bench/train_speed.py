@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_speed import VARIANTS, _sync, interleaved_medians  # noqa: E402
+from model_speed import VARIANTS, _sync, interleaved_medians
 
 # mode -> TrainConfig speed overrides (only acted on under CUDA; on CPU every mode is the eager step)
 MODES: dict[str, dict] = {

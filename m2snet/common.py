@@ -11,11 +11,18 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+from m2snet import __version__
 
 log = logging.getLogger("m2snet")
 
@@ -89,14 +96,11 @@ def _sigterm_raises() -> Iterator[None]:
     SIGINT already raises KeyboardInterrupt. The previous handler is restored on exit; a SIGTERM
     that arrives then still ends the process, with the exit status a default SIGTERM gives (143).
     """
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+    def handler(signum, frame):  # signal handler signature
         raise Terminated(f"terminated by signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -130,9 +134,6 @@ def remove_stale_partials(dest: str | os.PathLike) -> list[Path]:
     on this host by a process that no longer runs (or carries no pid: an older m2snet's). A partial
     of a live process (a concurrent writer) is left alone. Returns what was removed.
     """
-    import re
-    import socket
-
     dest = Path(dest)
     if not dest.parent.is_dir():
         return []
@@ -161,8 +162,6 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterat
     (:func:`remove_stale_partials`). The result has the process umask's mode (0755 under 022),
     not mkdtemp's private 0700.
     """
-    import socket
-
     dest = Path(dest)
     if dest.exists() and not overwrite:
         if not dest.is_dir() or any(dest.iterdir()):
@@ -171,7 +170,8 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterat
     remove_stale_partials(dest)
     with _sigterm_raises():
         tmp = Path(tempfile.mkdtemp(
-            dir=dest.parent, prefix=f"{_partial_prefix(dest)}{socket.gethostname()}-{os.getpid()}.", suffix=_PARTIAL_SUFFIX,
+            dir=dest.parent, prefix=f"{_partial_prefix(dest)}{socket.gethostname()}-{os.getpid()}.",
+            suffix=_PARTIAL_SUFFIX,
         ))
         try:
             os.chmod(tmp, umask_mode(directory=True))
@@ -186,8 +186,6 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterat
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
     """The code version: the git commit (with '+dirty' for local changes), else the package version."""
-    from m2snet import __version__
-
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent,
@@ -227,8 +225,6 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -236,8 +232,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def interpreter_bin() -> Path:
     """The bin directory of the running interpreter (a virtualenv's, when m2snet runs from one)."""
-    import sys
-
     return Path(sys.executable).parent
 
 

@@ -136,7 +136,8 @@ def test_tiny_pipeline_runs_every_step_in_the_image_and_registers_a_model(image,
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and "cv_dice_mean" in parent.data.metrics
     folds = [r for r in client.search_runs([parent.info.experiment_id])
-             if r.data.tags.get("m2snet.kind") == "fold" and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+             if r.data.tags.get("m2snet.kind") == "fold"
+             and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["m2snet.fold"] for r in folds) == ["0", "1", "2", "3"]
     assert all(r.info.status == "FINISHED" and "dice" in r.data.metrics for r in folds)
     # The steps wrote their outputs as the caller (not the image's uid 1000) into the kfp root.

@@ -24,7 +24,8 @@ def test_flatten_params_drops_secrets_and_strips_url_passwords():
 def test_aggregate_cv_mean_std_percent():
     from m2snet.workflows.folds import aggregate_cv
 
-    s = aggregate_cv([{"dice": 0.7, "iou": 0.5, "med": 2.0, "n_cases": 3}, {"dice": 0.8, "iou": 0.7, "med": 4.0, "n_cases": 4}])
+    s = aggregate_cv([{"dice": 0.7, "iou": 0.5, "med": 2.0, "n_cases": 3},
+                      {"dice": 0.8, "iou": 0.7, "med": 4.0, "n_cases": 4}])
     assert s.mean["dice"] == pytest.approx(75.0) and s.std["dice"] == pytest.approx(np.std([70, 80], ddof=1))
     assert s.mean["med"] == pytest.approx(3.0) and "n_cases" not in s.mean
     assert "| 2 folds | 60.00 ± 14.14 |" in s.table()
@@ -33,7 +34,8 @@ def test_aggregate_cv_mean_std_percent():
 def test_unreachable_server_fails_clearly_after_retries():
     cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", retries=2, backoff_s=0.05)
     t0 = time.time()
-    with pytest.raises(TrackingError, match=r"tracking server http://127.0.0.1:\d+ unreachable: .* after 3 tries .*Connection"):
+    with pytest.raises(TrackingError,
+                       match=r"tracking server http://127.0.0.1:\d+ unreachable: .* after 3 tries .*Connection"):
         Tracker.start(cfg, run_name="nowhere")
     assert time.time() - t0 < 60
 
@@ -124,9 +126,9 @@ def _check_fold_run(client, run, url: str, n_val: int, load_model: bool = True):
 def test_cv_smoke_four_folds_against_mlflow_server_sqlite_s3(cv_data, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from m2snet.workflows.folds import run_cv
     from m2snet.data.split import load_split
     from m2snet.mlops.tracking import iter_child_runs
+    from m2snet.workflows.folds import run_cv
 
     res = run_cv(_cv_config(cv_data), tmp_path / "cv", tracking=TrackingConfig(uri=mlflow_server.url,
                                                                                experiment="cv-sqlite"))
@@ -142,15 +144,16 @@ def test_cv_smoke_four_folds_against_mlflow_server_sqlite_s3(cv_data, mlflow_ser
     parent = client.get_run(res.parent_run_id)
     for k in BUSI_METRICS:
         assert parent.data.metrics[f"cv_{k}_mean"] == pytest.approx(res.summary.mean[k])
-    assert {a.path for a in client.list_artifacts(res.parent_run_id, "cv")} >= {"cv/cv_summary.json", "cv/cv_learning_curves.png"}
+    cv_artifacts = {a.path for a in client.list_artifacts(res.parent_run_id, "cv")}
+    assert cv_artifacts >= {"cv/cv_summary.json", "cv/cv_learning_curves.png"}
     assert "aws_secret_access_key" not in " ".join(parent.data.params)
 
 
 def test_cv_fold_against_mlflow_server_postgres_s3(cv_data, mlflow_server_pg, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from m2snet.workflows.folds import run_cv
     from m2snet.mlops.tracking import iter_child_runs
+    from m2snet.workflows.folds import run_cv
 
     res = run_cv(_cv_config(cv_data, lossnet_weight=0.1), tmp_path / "cv", folds=[1],
                  tracking=TrackingConfig(uri=mlflow_server_pg.url, experiment="cv-pg"))

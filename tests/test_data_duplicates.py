@@ -48,7 +48,8 @@ def planted(tmp_path_factory) -> Path:
     _copy_as(src, b1.resize((int(w * 0.7), int(h * 0.7)), Image.BILINEAR), "benign", 7)  # resized
     _copy_as(src, b1.crop((6, 2, w - 1, h - 5)), "benign", 8)  # cropped unevenly, 1-6% per side
     _copy_as(src, _jpeg(b2), "benign", 9)  # re-encoded
-    _copy_as(src, _jpeg(m1.resize((80, 80), Image.BILINEAR), 80), "normal", 4, np.zeros((80, 80), np.uint8))  # other label
+    other_label = _jpeg(m1.resize((80, 80), Image.BILINEAR), 80)
+    _copy_as(src, other_label, "normal", 4, np.zeros((80, 80), np.uint8))
     return src
 
 
@@ -82,23 +83,28 @@ def test_planted_near_duplicates_are_clustered(planted, tmp_path):
 
 def test_near_duplicates_off_and_threshold(planted, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["data", "import", "-f", "busi", str(planted), str(tmp_path / "off"), "--near-duplicates", "off", "--json"])
+    result = runner.invoke(app, ["data", "import", "-f", "busi", str(planted), str(tmp_path / "off"),
+                                 "--near-duplicates", "off", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout[result.stdout.index("{"):])
     assert payload["near_duplicates"] is None and payload["duplicate_counts"]["duplicate_clusters"] == 0
     assert all(c.group == c.case_id for c in load_dataset(tmp_path / "off").cases)
     # Validating the 'off' dataset with near duplicates on reports the clusters without failing the
     # group check (the manifest was made with other settings).
-    result = runner.invoke(app, ["data", "validate", str(tmp_path / "off"), "--near-duplicate-threshold", "8", "--json"])
+    result = runner.invoke(app, ["data", "validate", str(tmp_path / "off"), "--near-duplicate-threshold", "8",
+                                 "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout[result.stdout.index("{"):])
-    assert payload["duplicate_counts"]["duplicate_clusters"] == 3 and payload["duplicate_counts"]["label_conflicts"] == 1
+    counts = payload["duplicate_counts"]
+    assert counts["duplicate_clusters"] == 3 and counts["label_conflicts"] == 1
     # Threshold 0: only identical hashes; the unevenly cropped copy falls out, the resized one stays.
-    result = runner.invoke(app, ["data", "import", "-f", "busi", str(planted), str(tmp_path / "t0"), "--near-duplicate-threshold", "0"])
+    result = runner.invoke(app, ["data", "import", "-f", "busi", str(planted), str(tmp_path / "t0"),
+                                 "--near-duplicate-threshold", "0"])
     assert result.exit_code == 0, result.output
     t0 = load_dataset(tmp_path / "t0")
     assert t0.case("benign_0008").group == "benign_0008" and t0.case("benign_0007").group == "benign_0001"
-    bad = runner.invoke(app, ["data", "import", "-f", "busi", str(planted), str(tmp_path / "x"), "--near-duplicates", "maybe"])
+    bad = runner.invoke(app, ["data", "import", "-f", "busi", str(planted), str(tmp_path / "x"),
+                              "--near-duplicates", "maybe"])
     assert bad.exit_code != 0 and "expected on or off" in str(bad.exception)
 
 
@@ -108,7 +114,8 @@ def test_edited_images_make_the_recorded_groups_stale(planted, tmp_path):
     from m2snet.common import sha256_file
 
     Image.open(info.case("normal_0001").image_path).save(info.case("benign_0007").image_path)
-    manifest = (info.root / "manifest.csv").read_text().replace(info.case("benign_0007").sha256, sha256_file(info.case("benign_0007").image_path))
+    edited = info.case("benign_0007")
+    manifest = (info.root / "manifest.csv").read_text().replace(edited.sha256, sha256_file(edited.image_path))
     (info.root / "manifest.csv").write_text(manifest)
     report = validate_dataset(info.root, write_report=False)
     failing = {(o.column, r["case_id"]) for o in report.failures for r in o.offending}
@@ -121,13 +128,13 @@ def test_union_find_chains_and_exact_links():
     hashes = base.copy()
     hashes[1] = hashes[0] ^ np.uint64(0b11)  # 2 bits from 0
     hashes[2] = hashes[1] ^ np.uint64(0b1100)  # 2 bits from 1, 4 from 0
-    report = find_duplicates(["c", "a", "b", "d", "e"], ["x", "x", "y", "x", "x"], ["s1", "s2", "s3", "s4", "s4"], hashes,
-                             NearDuplicateConfig(max_distance=2))
+    ids, shas = ["c", "a", "b", "d", "e"], ["s1", "s2", "s3", "s4", "s4"]
+    report = find_duplicates(ids, ["x", "x", "y", "x", "x"], shas, hashes, NearDuplicateConfig(max_distance=2))
     assert [c.case_ids for c in report.clusters] == [["a", "b", "c"], ["d", "e"]]
     assert report.group_of == {"c": "a", "a": "a", "b": "a", "d": "d", "e": "d"}
     assert [c.case_ids for c in report.conflicts] == [["a", "b", "c"]]
     assert report.exact_groups == [["d", "e"]] and report.counts()["near_duplicate_clusters"] == 1
-    off = find_duplicates(["c", "a", "b", "d", "e"], ["x"] * 5, ["s1", "s2", "s3", "s4", "s4"], None, NearDuplicateConfig(enabled=False))
+    off = find_duplicates(ids, ["x"] * 5, shas, None, NearDuplicateConfig(enabled=False))
     assert [c.case_ids for c in off.clusters] == [["d", "e"]]
     with pytest.raises(M2SNetError, match="0..63 bits"):
         NearDuplicateConfig(max_distance=64)

@@ -57,7 +57,8 @@ def test_registry_lists_every_layout():
 
 def test_busi_masks_of_every_mode_are_merged(tmp_path):
     info = import_dataset("busi", _busi(tmp_path / "src"), tmp_path / "out", progress=False)
-    assert [c.case_id for c in info.cases] == ["benign_0001", "benign_0002", "benign_0003", "malignant_0001", "malignant_0002", "normal_0001"]
+    assert [c.case_id for c in info.cases] == ["benign_0001", "benign_0002", "benign_0003", "malignant_0001",
+                                               "malignant_0002", "normal_0001"]
     case = info.case("benign_0002")
     mask = np.asarray(Image.open(case.mask_path))
     expected = (_mask(2) > 0) | (np.flipud(_mask(9)) > 0)
@@ -100,10 +101,10 @@ def test_cvc_clinicdb_reads_tiff(tmp_path):
     import tifffile
 
     src = tmp_path / "clinic"
+    (src / "Original").mkdir(parents=True)
+    (src / "Ground Truth").mkdir()
     for i in range(2):
-        tifffile.imwrite(src / "Original" / f"{i + 1}.tif" if (src / "Original").mkdir(parents=True, exist_ok=True) is None else None,
-                         np.asarray(_image(i)))
-        (src / "Ground Truth").mkdir(exist_ok=True)
+        tifffile.imwrite(src / "Original" / f"{i + 1}.tif", np.asarray(_image(i)))
         tifffile.imwrite(src / "Ground Truth" / f"{i + 1}.tif", _mask(i))
     info = import_dataset("cvc-clinicdb", src, tmp_path / "out", progress=False)
     assert [c.case_id for c in info.cases] == ["clinicdb_0001", "clinicdb_0002"]
@@ -224,4 +225,5 @@ def test_cli_import_json_and_errors(tmp_path):
     # A second import onto a non-empty DEST refuses; --overwrite replaces.
     again = runner.invoke(app, ["data", "import", "-f", "busi", str(src), str(tmp_path / "out")])
     assert again.exit_code != 0 and "already exists" in str(again.exception)
-    assert runner.invoke(app, ["data", "import", "-f", "busi", str(src), str(tmp_path / "out"), "--overwrite"]).exit_code == 0
+    overwrite = runner.invoke(app, ["data", "import", "-f", "busi", str(src), str(tmp_path / "out"), "--overwrite"])
+    assert overwrite.exit_code == 0

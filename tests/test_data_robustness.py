@@ -237,8 +237,10 @@ def test_label_conflicts_are_warnings_for_busi_and_errors_when_not_allowed(tmp_p
     assert payload["duplicate_counts"]["label_conflicts"] == 1
     info = load_dataset(tmp_path / "ok")
     assert info.case("malignant_0003").group == info.case("benign_0002").group == "benign_0002"
-    assert "label conflict WARNING (allowed): benign_0002 (benign), malignant_0003 (malignant)" in validate_dataset(info.root).summary()
-    with pytest.raises(M2SNetError, match=r"1 duplicate cluster\(s\) hold cases with different labels.*\n  benign_0002 \(benign\), malignant_0003 \(malignant\)"):
+    summary = validate_dataset(info.root).summary()
+    assert "label conflict WARNING (allowed): benign_0002 (benign), malignant_0003 (malignant)" in summary
+    with pytest.raises(M2SNetError, match=r"1 duplicate cluster\(s\) hold cases with different labels.*\n"
+                                          r"  benign_0002 \(benign\), malignant_0003 \(malignant\)"):
         import_dataset("busi", src, tmp_path / "strict", allow_label_conflicts=False, progress=False)
     assert _leftovers(tmp_path, "strict") == []
     strict = validate_dataset(info.root, allow_label_conflicts=False, write_report=False)

@@ -143,11 +143,10 @@ def test_duplicate_clusters_never_straddle_folds_or_inner_splits(tmp_path):
 def test_training_refuses_a_split_that_leaks_a_cluster(tmp_path, demo_ds):
     """A split made by the old rule, on a dataset whose manifest clusters two cases, is refused."""
     import csv
+    import shutil
 
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import resolve_cases
-
-    import shutil
 
     ds = tmp_path / "ds"
     shutil.copytree(demo_ds, ds)

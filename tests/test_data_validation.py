@@ -44,13 +44,16 @@ def test_every_offending_file_and_expectation_is_listed(ds):
     m = np.asarray(Image.open(ds / "masks" / "malignant_0001.png")).copy()
     m[0, 0] = 7
     Image.fromarray(m).save(ds / "masks" / "malignant_0001.png")
-    Image.fromarray(np.zeros_like(np.asarray(Image.open(ds / "masks" / "benign_0003.png")))).save(ds / "masks" / "benign_0003.png")
+    empty = np.zeros_like(np.asarray(Image.open(ds / "masks" / "benign_0003.png")))
+    Image.fromarray(empty).save(ds / "masks" / "benign_0003.png")
 
     result = CliRunner().invoke(app, ["data", "validate", str(ds)])
     assert result.exit_code == 1
     out = result.output
-    assert "FAILED ExpectColumnValuesToBeInSet(image_decodes): every image decodes\n    benign_0001: images/benign_0001.png" in out
-    assert "FAILED ExpectColumnValuesToBeInSet(mask_size_matches)" in out and "benign_0002: images/benign_0002.png, masks/benign_0002.png" in out
+    assert ("FAILED ExpectColumnValuesToBeInSet(image_decodes): every image decodes\n"
+            "    benign_0001: images/benign_0001.png") in out
+    assert "FAILED ExpectColumnValuesToBeInSet(mask_size_matches)" in out
+    assert "benign_0002: images/benign_0002.png, masks/benign_0002.png" in out
     assert "FAILED ExpectColumnValuesToBeInSet(mask_values_valid): masks are binary (0/1)\n    malignant_0001" in out
     lesion_block = out.split("'benign' cases have a lesion\n", 1)[1].split("FAILED", 1)[0]
     assert "benign_0003: images/benign_0003.png" in lesion_block

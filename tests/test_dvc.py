@@ -67,7 +67,8 @@ def test_dvc_add_agrees_and_push_pull_round_trip_through_seaweedfs(demo_copy, s3
     )
     assert denied.returncode != 0
     _run(["dvc", "push", "-q"], repo, env)
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="dvc/").get("Contents", [])]
+    listing = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="dvc/")
+    keys = [o["Key"] for o in listing.get("Contents", [])]
     assert any(k.endswith(".dir") for k in keys) and len(keys) >= 50
 
     shutil.rmtree(repo / ".dvc" / "cache")

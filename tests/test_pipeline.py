@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from m2snet.common import M2SNetError, free_port
 from m2snet.kubeflow.image import COMPONENT_IMAGE
-from m2snet.workflows.presets import PRESETS, train_config
 from m2snet.kubeflow.runner import compile_pipeline, compiled_pipeline_path, parse_params, submit
+from m2snet.workflows.presets import PRESETS, train_config
 
 
 def _spec(path):
@@ -126,7 +126,7 @@ def test_param_parsing_is_typed_and_checked():
 
 
 class _NotKfp(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server API
+    def do_GET(self):  # http.server API name
         self.send_response(404)
         self.end_headers()
 

@@ -47,7 +47,8 @@ def test_s3_requires_the_session_credentials(s3_server):
 
 def test_mlflow_server_stores_artifacts_in_the_bucket(mlflow_server, s3_server, tmp_path):
     run_id = _log_run_with_artifact(mlflow_server.url, tmp_path)
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="mlflow-sqlite/").get("Contents", [])]
+    listing = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="mlflow-sqlite/")
+    keys = [o["Key"] for o in listing.get("Contents", [])]
     assert any(run_id in k and k.endswith("note.txt") for k in keys), keys
 
 
@@ -55,7 +56,8 @@ def test_mlflow_server_stores_artifacts_in_the_bucket(mlflow_server, s3_server, 
 def test_mlflow_server_on_postgres(mlflow_server_pg, s3_server, tmp_path):
     run_id = _log_run_with_artifact(mlflow_server_pg.url, tmp_path)
     assert mlflow_server_pg.backend_store_uri.startswith("postgresql+psycopg2://")
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="mlflow-pg/").get("Contents", [])]
+    listing = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="mlflow-pg/")
+    keys = [o["Key"] for o in listing.get("Contents", [])]
     assert any(run_id in k for k in keys)
 
 
@@ -108,7 +110,8 @@ def test_services_up_prints_exports_and_stops_on_ctrl_c(tmp_path):
                 exports[key] = value
             if "Ctrl-C stops both" in line or time.monotonic() > deadline:
                 break
-        assert {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(exports)
+        expected = {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert expected <= set(exports)
         with urllib.request.urlopen(exports["MLFLOW_TRACKING_URI"] + "/health", timeout=5) as resp:
             assert resp.status == 200
     finally:

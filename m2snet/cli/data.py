@@ -9,8 +9,12 @@ from typing import List, Optional
 import typer
 
 from m2snet.common import M2SNetError
+from m2snet.data.duplicates import NearDuplicateConfig
+from m2snet.data.format import load_dataset
+from m2snet.data.split import make_split
 
-app = typer.Typer(help="Datasets: create the demo set, import public layouts, validate, split, version.", no_args_is_help=True)
+app = typer.Typer(help="Datasets: create the demo set, import public layouts, validate, split, version.",
+                  no_args_is_help=True)
 
 
 def _parse_options(values: list[str]) -> dict[str, object]:
@@ -35,7 +39,8 @@ def demo(
     size: int = typer.Option(128, help="Image width in pixels."),
     overwrite: bool = typer.Option(False, help="Replace DEST if it exists."),
     formatted: bool = typer.Option(
-        False, "--formatted", help="Write the m2snet format directly (= demo + `data import --format busi`); this is data/demo.",
+        False, "--formatted",
+        help="Write the m2snet format directly (= demo + `data import --format busi`); this is data/demo.",
     ),
 ) -> None:
     """Write a small synthetic ultrasound-like dataset in the BUSI layout (byte-identical for a seed)."""
@@ -57,8 +62,6 @@ def demo(
 def _near_duplicate_config(near_duplicates: Optional[str], threshold: Optional[int]):
     """--near-duplicates on|off and --near-duplicate-threshold as one config; None when neither is given
     (import: the default detector; validate: the settings recorded at import)."""
-    from m2snet.data.duplicates import NearDuplicateConfig
-
     if near_duplicates not in (None, "on", "off"):
         raise M2SNetError(f"--near-duplicates {near_duplicates!r}: expected on or off")
     if near_duplicates == "off":
@@ -80,7 +83,8 @@ _THRESHOLD_HELP = (
 def _report_payload(report: dict) -> dict:
     """The duplicate counts and label conflicts of a report, as printed by --json."""
     clusters = report.get("duplicate_clusters") or {}
-    keys = ("exact_duplicate_groups", "duplicate_clusters", "near_duplicate_clusters", "cases_in_clusters", "label_conflicts")
+    keys = ("exact_duplicate_groups", "duplicate_clusters", "near_duplicate_clusters", "cases_in_clusters",
+            "label_conflicts")
     return {
         "duplicate_counts": {k: clusters.get(k, 0) for k in keys},
         "near_duplicates": clusters.get("near_duplicates"),
@@ -92,19 +96,24 @@ def _report_payload(report: dict) -> dict:
 def import_(
     src: Path = typer.Argument(..., help="The dataset as distributed."),
     dest: Path = typer.Argument(..., help="Directory to create in the m2snet format."),
-    format: str = typer.Option(..., "--format", "-f", help="Source layout: busi, kvasir, pranet, cvc-clinicdb, covid-ct, goals, folder."),
+    format: str = typer.Option(
+        ..., "--format", "-f", help="Source layout: busi, kvasir, pranet, cvc-clinicdb, covid-ct, goals, folder.",
+    ),
     allow_duplicates: Optional[bool] = typer.Option(
         None, "--allow-duplicates/--no-allow-duplicates",
         help="Accept exact-duplicate images (reported, kept in one fold). Default: yes for busi, no otherwise.",
     ),
     allow_label_conflicts: Optional[bool] = typer.Option(
         None, "--allow-label-conflicts/--no-allow-label-conflicts",
-        help="Accept duplicate clusters holding two labels (a warning; kept in one fold). Default: yes for busi (known there), no otherwise.",
+        help="Accept duplicate clusters holding two labels (a warning; kept in one fold). "
+             "Default: yes for busi (known there), no otherwise.",
     ),
     near_duplicates: Optional[str] = typer.Option(None, "--near-duplicates", help=_NEAR_HELP + " Default: on."),
     near_duplicate_threshold: Optional[int] = typer.Option(None, "--near-duplicate-threshold", help=_THRESHOLD_HELP),
     overwrite: bool = typer.Option(False, help="Replace DEST if it exists."),
-    option: List[str] = typer.Option([], "--option", "-o", help="Importer option KEY=VALUE (e.g. threshold=127, mask_suffix=_mask)."),
+    option: List[str] = typer.Option(
+        [], "--option", "-o", help="Importer option KEY=VALUE (e.g. threshold=127, mask_suffix=_mask).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Convert a public dataset layout into the m2snet format (validated; nothing is left behind on error or kill)."""
@@ -166,7 +175,10 @@ def validate(
     near_duplicate_threshold: Optional[int] = typer.Option(None, "--near-duplicate-threshold", help=_THRESHOLD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check every case (great-expectations) and its duplicate clusters; write DEST.validation.html/.json beside DEST; exit 1 when invalid."""
+    """Check every case (great-expectations) and its duplicate clusters; exit 1 when invalid.
+
+    Writes the report to DEST.validation.html and DEST.validation.json beside DEST.
+    """
     from m2snet.data.validation import report_paths, validate_dataset
 
     report = validate_dataset(
@@ -193,8 +205,6 @@ def split(
                                  "the manifest's group) or 'sha256' (byte-identical only: the old, leaky rule)."),
 ) -> None:
     """Write a K-fold split: stratified by label, duplicate clusters in one fold, deterministic for a seed."""
-    from m2snet.data.split import make_split
-
     result = make_split(dest, n_folds=folds, seed=seed, out=out, group_by=group_by)  # type: ignore[arg-type]
     for k, counts in enumerate(result.counts):
         typer.echo(f"fold {k}: {sum(counts.values())} val cases {counts}")
@@ -232,6 +242,5 @@ def cache(
 ) -> None:
     """Decode and resize every case once into a memory-mapped cache used by training."""
     from m2snet.data.cache import build_cache
-    from m2snet.data.format import load_dataset
 
     typer.echo(build_cache(load_dataset(dest), size, cache_dir))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from m2snet.common import M2SNetError
 
 app = typer.Typer()
 
@@ -22,7 +25,6 @@ def model_info_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Trainable / fixed parameters and GMACs (torch.utils.flop_counter, MACs = FLOPs / 2)."""
-    from m2snet.common import M2SNetError
     from m2snet.models.info import model_info
 
     config = {"msu_impl": msu_impl} if msu_impl != "fast" else {}
@@ -101,8 +103,6 @@ def export_command(
     atol: Optional[float] = typer.Option(None, "--atol", help="Max |ONNX Runtime - PyTorch| on probabilities."),
 ) -> None:
     """Export a checkpoint or a fold ensemble as ONNX (BatchNorm folded), checked against PyTorch."""
-    import tempfile
-
     from m2snet.mlops.export import DEFAULT_ATOL, export_onnx, model_checkpoints
 
     with tempfile.TemporaryDirectory(prefix="m2snet-export-") as tmp:
@@ -111,4 +111,5 @@ def export_command(
             paths = model_checkpoints(sources[0], tmp)
         report = export_onnx(paths, out, tta_flip=tta_flip, atol=DEFAULT_ATOL if atol is None else atol)
     typer.echo(f"wrote {report.path}: {report.n_models} model(s) at {report.image_size} px, "
-               f"max |ONNX Runtime - PyTorch| {report.max_abs_diff:.2e}, BatchNorm nodes left {report.batch_norms_left}")
+               f"max |ONNX Runtime - PyTorch| {report.max_abs_diff:.2e}, "
+               f"BatchNorm nodes left {report.batch_norms_left}")

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from m2snet.common import M2SNetError
-from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET, PRESETS
+from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET, PRESETS, train_config
 
 # TrainConfig
 CONFIG: Optional[Path] = typer.Option(None, "--config", help="TrainConfig as JSON/YAML; options below override it.")
@@ -29,7 +29,6 @@ def preset_overrides(preset: str, sets: list[str]) -> dict[str, Any]:
     """``--set key=value`` strings typed by TrainConfig on top of ``preset`` (only the keys given are returned)."""
     if not sets:
         return {}
-    from m2snet.workflows.presets import train_config
 
     keys = [s.partition("=")[0].strip().replace("-", "_") for s in sets]
     changed = train_config(preset).override_strings(sets).to_dict()

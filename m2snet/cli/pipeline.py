@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -91,12 +92,12 @@ def _print_summary(result: Any) -> None:
 
 @app.command("compile")
 def compile_cmd(
-    out: Optional[Path] = typer.Option(None, help="Output YAML (default: the packaged m2snet/kubeflow/pipelines/busi_cv.yaml)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Output YAML (default: the packaged m2snet/kubeflow/pipelines/busi_cv.yaml).",
+    ),
     check: bool = typer.Option(False, "--check", help="Only check that the committed YAML is up to date."),
 ) -> None:
     """Compile the cluster pipeline (GPU requests, retries, Secrets) to YAML."""
-    import tempfile
-
     from m2snet.kubeflow.runner import compile_pipeline, compiled_pipeline_path
 
     if check:
@@ -117,7 +118,9 @@ def submit_cmd(
     run_name: Optional[str] = typer.Option(None, help="Run name (default: KFP's)."),
     param: List[str] = typer.Option([], "--param", help="Pipeline parameter NAME=VALUE; repeatable."),
     namespace: Optional[str] = typer.Option(None, help="Kubeflow profile namespace (multi-user KFP)."),
-    package: Optional[Path] = typer.Option(None, help="Compiled pipeline YAML (default: the packaged m2snet/kubeflow/pipelines/busi_cv.yaml)."),
+    package: Optional[Path] = typer.Option(
+        None, help="Compiled pipeline YAML (default: the packaged m2snet/kubeflow/pipelines/busi_cv.yaml).",
+    ),
 ) -> None:
     """Submit the compiled pipeline to a Kubeflow Pipelines endpoint; print the run URL."""
     from m2snet.kubeflow.runner import parse_params, submit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from m2snet.mlops.registry import PromotionPolicy
+from m2snet.mlops.registry import PromotionPolicy, promote, rollback
 
 app = typer.Typer()
 
@@ -18,8 +18,6 @@ def promote_cmd(
     force: bool = typer.Option(False, "--force", help="Skip the quality gate."),
 ) -> None:
     """Move alias `production` to VERSION if it passes the gate (the replaced one becomes `previous`)."""
-    from m2snet.mlops.registry import promote
-
     decision = promote(name, version, PromotionPolicy(floor=floor, margin=margin), force=force)
     typer.echo(("promoted" if decision.promoted else "not promoted") + f": {name} v{version}: {decision.reason}")
     if not decision.promoted:
@@ -29,7 +27,5 @@ def promote_cmd(
 @app.command("rollback")
 def rollback_cmd(name: str = typer.Argument(..., help="Registered model name.")) -> None:
     """Point `production` back at `previous`."""
-    from m2snet.mlops.registry import rollback
-
     decision = rollback(name)
     typer.echo(f"{name}: production {decision.production_version} -> {decision.version}")

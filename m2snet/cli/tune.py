@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from m2snet.cli.options import PRESET, SETS, preset_overrides
+from m2snet.workflows.presets import get_preset, train_config
 
 app = typer.Typer()
 
@@ -27,9 +29,6 @@ def tune_cmd(
     experiment: str = typer.Option("m2snet-tuning", help="MLflow experiment."),
 ) -> None:
     """Tune the head learning rate and backbone/head ratio with Optuna (pruning on per-epoch Dice)."""
-    import json
-
-    from m2snet.workflows.presets import get_preset, train_config
     from m2snet.mlops.tracking import Tracker, TrackingConfig
     from m2snet.workflows.tuning import TuningConfig, tune
 

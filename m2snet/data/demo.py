@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageFilter
 
 from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.format import encode_png
+from m2snet.data.importers import import_dataset
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,6 @@ def _lesion_mask(rng: np.random.Generator, h: int, w: int, style: LesionStyle) -
 
 def _tissue(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Echo level of normal tissue: bright skin line, darker fat, brighter fibroglandular layer."""
-    from PIL import Image, ImageFilter
-
     depth = np.linspace(0.0, 1.0, h)[:, None]
     skin = 0.9 * np.exp(-((depth - 0.04) / 0.02) ** 2)
     fat_end = rng.uniform(0.25, 0.4)
@@ -83,8 +84,6 @@ def _tissue(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def _speckle(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Fully developed speckle: Rayleigh-distributed, slightly correlated along the beam."""
-    from PIL import Image, ImageFilter
-
     raw = rng.rayleigh(scale=1.0, size=(h, w))
     raw8 = np.clip(raw * 80, 0, 255).astype(np.uint8)
     blurred = np.asarray(Image.fromarray(raw8).filter(ImageFilter.BoxBlur(0.6))).astype(np.float64)
@@ -122,7 +121,9 @@ def _parse_counts(n_per_class: int | tuple[int, ...] | list[int] | dict[str, int
     else:
         values = list(n_per_class)
         if len(values) != len(DEMO_CLASSES):
-            raise M2SNetError(f"n_per_class: give one count or {len(DEMO_CLASSES)} (benign, malignant, normal), got {values}")
+            raise M2SNetError(
+                f"n_per_class: give one count or {len(DEMO_CLASSES)} (benign, malignant, normal), got {values}"
+            )
         counts = dict(zip(DEMO_CLASSES, map(int, values)))
     if any(v < 0 for v in counts.values()) or sum(counts.values()) == 0:
         raise M2SNetError(f"n_per_class: counts must be >= 0 and not all zero, got {counts}")
@@ -140,8 +141,6 @@ def make_demo_dataset(
 
     Returns ``dest``. Same arguments -> byte-identical files.
     """
-    from PIL import Image
-
     if size < 32:
         raise M2SNetError(f"size: must be at least 32 px, got {size}")
     counts = _parse_counts(n_per_class)
@@ -179,10 +178,6 @@ def build_demo_dataset(
     This is what ``data/demo`` (tracked by ``data.dvc``) is: with the defaults, the result is
     byte-identical on every machine, so its DVC hash matches ``data.dvc``. Returns the DatasetInfo.
     """
-    import tempfile
-
-    from m2snet.data.importers import import_dataset
-
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.raw.") as raw:

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from m2snet.common import M2SNetError
+
 HASH_METHOD = "phash64-centre-crops"
 CROP_SCALES = (1.0, 0.9, 0.8)
 HASH_BITS = 64
@@ -46,8 +48,6 @@ class NearDuplicateConfig:
     max_distance: int = DEFAULT_MAX_DISTANCE
 
     def __post_init__(self) -> None:
-        from m2snet.common import M2SNetError
-
         if not 0 <= self.max_distance < HASH_BITS:
             raise M2SNetError(f"near-duplicate threshold must be 0..{HASH_BITS - 1} bits, got {self.max_distance}")
 
@@ -230,7 +230,8 @@ def find_duplicates(
         for i in idx:
             group_of[case_ids[i]] = ids[0]
         if len(idx) > 1:
-            clusters_by_root[root] = DuplicateCluster(ids[0], ids, {case_ids[i]: labels[i] for i in sorted(idx, key=lambda k: case_ids[k])})
+            labels_by_id = {case_ids[i]: labels[i] for i in sorted(idx, key=lambda k: case_ids[k])}
+            clusters_by_root[root] = DuplicateCluster(ids[0], ids, labels_by_id)
     for i, j, kind, bits in links:
         a, b = sorted((case_ids[i], case_ids[j]))
         clusters_by_root[sets.find(i)].links.append(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -214,8 +215,6 @@ def _int(value: str, where: str) -> int:
 
 def load_dataset(root: str | os.PathLike) -> DatasetInfo:
     """Read a dataset directory written by an importer (or ``m2snet data demo`` + import)."""
-    import json
-
     root = Path(root).resolve()
     meta_path, manifest_path = root / DATASET_JSON, root / MANIFEST_CSV
     if not meta_path.is_file():

@@ -14,18 +14,30 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates, perceptual_hashes
 from m2snet.data.format import (
-    BINARY_MASK_CLASSES, IMAGES_DIR, MASKS_DIR, CaseRecord, DatasetInfo, load_dataset, safe_case_id,
-    write_dataset, write_png,
+    BINARY_MASK_CLASSES,
+    IMAGES_DIR,
+    MASKS_DIR,
+    CaseRecord,
+    DatasetInfo,
+    load_dataset,
+    safe_case_id,
+    write_dataset,
+    write_png,
 )
+from m2snet.data.validation import validate_dataset
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +130,9 @@ def get_importer(name: str, **options: Any) -> Importer:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    )
 
 
 def _find_dir(src: Path, *names: str) -> Path:
@@ -159,8 +173,6 @@ class BusiImporter(Importer):
     classes: tuple[str, ...] = ("benign", "malignant", "normal")
 
     def scan(self, src: Path) -> list[SourceCase]:
-        import re
-
         present = [c for c in self.classes if (src / c).is_dir()]
         if not present:
             raise M2SNetError(f"{src}: no BUSI class folders found (expected {', '.join(self.classes)})")
@@ -236,7 +248,8 @@ class ClinicDbImporter(Importer):
 
     def scan(self, src: Path) -> list[SourceCase]:
         root = src / "PNG" if (src / "PNG").is_dir() and not (src / "Original").is_dir() else src
-        pairs = _pair_by_stem(_find_dir(root, "Original", "images"), _find_dir(root, "Ground Truth", "GroundTruth", "masks"))
+        pairs = _pair_by_stem(_find_dir(root, "Original", "images"),
+                              _find_dir(root, "Ground Truth", "GroundTruth", "masks"))
         return [SourceCase(safe_case_id("clinicdb", img.stem), "polyp", "", img, m) for img, m in pairs]
 
 
@@ -298,7 +311,9 @@ class GoalsImporter(Importer):
         out = lut[mask]
         if (out == 255).any():
             bad = sorted(set(np.unique(mask).tolist()) - set(GOALS_LEVELS))
-            raise M2SNetError(f"{path}: layer mask has grey levels {bad[:8]} outside the GOALS levels {sorted(GOALS_LEVELS)}")
+            raise M2SNetError(
+                f"{path}: layer mask has grey levels {bad[:8]} outside the GOALS levels {sorted(GOALS_LEVELS)}"
+            )
         return out
 
 
@@ -307,7 +322,9 @@ class GoalsImporter(Importer):
 class FolderImporter(Importer):
     """A generic pair of folders: ``<images_dir>/X.ext`` + ``<masks_dir>/X<mask_suffix>.ext``."""
 
-    description: ClassVar[str] = "generic images/ + masks/ folders (options: images_dir, masks_dir, mask_suffix, threshold, label)"
+    description: ClassVar[str] = (
+        "generic images/ + masks/ folders (options: images_dir, masks_dir, mask_suffix, threshold, label)"
+    )
     images_dir: str = "images"
     masks_dir: str = "masks"
     mask_suffix: str = ""
@@ -341,19 +358,18 @@ def _decode(path: Path, what: str, notes: list[str] | None = None):
     When the content's format is not the one the extension names (a JPEG saved as ``.png``), the
     file is still read, and a note saying so is appended to ``notes``.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im.load()
             expected = _EXT_FORMATS.get(path.suffix.lower())
             if notes is not None and expected and im.format and im.format != expected:
-                notes.append(f"{path}: content is {im.format}, not the {expected} its extension says (read as {im.format})")
+                notes.append(
+                    f"{path}: content is {im.format}, not the {expected} its extension says (read as {im.format})"
+                )
             return im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if path.suffix.lower() in (".tif", ".tiff"):
             try:  # some TIFFs (e.g. float or odd compressions) only tifffile reads
-                import tifffile
 
                 arr = tifffile.imread(path)
                 if arr.dtype != np.uint8:
@@ -426,8 +442,6 @@ def _convert_case(
     importer: Importer, case: SourceCase, src: Path, out: Path, notes: list[str], hashes: bool = True,
 ) -> tuple[CaseRecord, np.ndarray | None]:
     """Check, convert and write one case; return its record and its perceptual hashes (when ``hashes``)."""
-    from PIL import Image
-
     if not case.masks:
         raise M2SNetError(f"{case.image}: no mask found for this image")
     image = _decode(case.image, "image", notes)
@@ -509,8 +523,6 @@ def import_dataset(
     partial directory left by a SIGKILLed import is removed by the next import to ``dest``. The
     validation report is written beside ``dest`` (``<dest>.validation.{json,html}``).
     """
-    from tqdm.auto import tqdm
-
     importer = get_importer(fmt, **(options or {}))
     near = near_duplicates or NearDuplicateConfig()
     src, dest = Path(src), Path(dest)
@@ -545,7 +557,8 @@ def import_dataset(
         records = [replace(r, group=dups.group_of[r.case_id]) for r in records]
         if dups.conflicts and not allow_conflicts:
             raise M2SNetError(
-                f"{src}: {len(dups.conflicts)} duplicate cluster(s) hold cases with different labels (label conflicts):\n  "
+                f"{src}: {len(dups.conflicts)} duplicate cluster(s) hold cases with different labels "
+                "(label conflicts):\n  "
                 + "\n  ".join(c.describe() for c in dups.conflicts)
                 + "\n  fix the labels, or accept them with --allow-label-conflicts (they stay in one fold)"
             )
@@ -565,8 +578,6 @@ def import_dataset(
         )
         report = None
         if validate:
-            from m2snet.data.validation import validate_dataset
-
             report = validate_dataset(tmp, write_report=False, notes=notes)
             if not report.success:
                 raise M2SNetError(f"{src}: the imported data is not valid:\n{report.summary(shown_root=dest)}")

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from m2snet.common import write_json
+from m2snet.common import sha256_file, write_json
 from m2snet.data.duplicates import CROP_SCALES, DuplicateReport, NearDuplicateConfig, find_duplicates, perceptual_hashes
 from m2snet.data.format import DatasetInfo, load_dataset
 
@@ -88,7 +89,8 @@ class ValidationReport:
             near = self.clusters.config
             how = f"near duplicates within {near.max_distance} bits" if near.enabled else "near duplicates off"
             lines.append(
-                f"  duplicate clusters ({how}): {c['duplicate_clusters']} clusters holding {c['cases_in_clusters']} cases "
+                f"  duplicate clusters ({how}): {c['duplicate_clusters']} clusters "
+                f"holding {c['cases_in_clusters']} cases "
                 f"({c['near_duplicate_clusters']} with near duplicates); kept in one fold by the split"
             )
             for cl in self.clusters.conflicts:
@@ -135,9 +137,6 @@ class ValidationReport:
 def _case_facts(info: DatasetInfo, near: NearDuplicateConfig) -> tuple["Any", np.ndarray]:
     """One row per case of facts read from the files (not trusted from the manifest), and the perceptual hashes."""
     import pandas as pd
-    from PIL import Image
-
-    from m2snet.common import sha256_file
 
     n_values = max(info.n_classes, 2)
     rows, hashes = [], np.zeros((len(info.cases), len(CROP_SCALES)), dtype=np.uint64)
@@ -180,7 +179,8 @@ def _case_facts(info: DatasetInfo, near: NearDuplicateConfig) -> tuple["Any", np
 
 
 def _expectations(
-    info: DatasetInfo, allow_duplicates: bool, allow_label_conflicts: bool, check_groups: bool, min_size: int, max_size: int,
+    info: DatasetInfo, allow_duplicates: bool, allow_label_conflicts: bool, check_groups: bool,
+    min_size: int, max_size: int,
 ) -> list[tuple[Any, str]]:
     """The rules, as GX expectations with a sentence each."""
     import great_expectations.expectations as gxe
@@ -192,18 +192,24 @@ def _expectations(
         (gxe.ExpectColumnValuesToBeInSet(column="image_is_rgb", value_set=true), "images are 8-bit RGB"),
         (gxe.ExpectColumnValuesToBeInSet(column="mask_decodes", value_set=true), "every mask decodes"),
         (gxe.ExpectColumnValuesToBeInSet(column="mask_is_grey", value_set=true), "masks are 8-bit grey (L)"),
-        (gxe.ExpectColumnValuesToBeInSet(column="mask_size_matches", value_set=true), "each mask has its image's size"),
-        (gxe.ExpectColumnValuesToBeInSet(column="manifest_size_matches", value_set=true), "sizes agree with manifest.csv"),
+        (gxe.ExpectColumnValuesToBeInSet(column="mask_size_matches", value_set=true),
+         "each mask has its image's size"),
+        (gxe.ExpectColumnValuesToBeInSet(column="manifest_size_matches", value_set=true),
+         "sizes agree with manifest.csv"),
         (
             gxe.ExpectColumnValuesToBeInSet(column="mask_values_valid", value_set=true),
             "masks are binary (0/1)" if info.is_binary else f"mask values are class ids 0..{info.n_classes - 1}",
         ),
-        (gxe.ExpectColumnValuesToBeInSet(column="sha256_matches", value_set=true), "image bytes match the manifest sha256"),
-        (gxe.ExpectColumnValuesToBeBetween(column="height", min_value=min_size, max_value=max_size), f"height within {min_size}..{max_size} px"),
-        (gxe.ExpectColumnValuesToBeBetween(column="width", min_value=min_size, max_value=max_size), f"width within {min_size}..{max_size} px"),
+        (gxe.ExpectColumnValuesToBeInSet(column="sha256_matches", value_set=true),
+         "image bytes match the manifest sha256"),
+        (gxe.ExpectColumnValuesToBeBetween(column="height", min_value=min_size, max_value=max_size),
+         f"height within {min_size}..{max_size} px"),
+        (gxe.ExpectColumnValuesToBeBetween(column="width", min_value=min_size, max_value=max_size),
+         f"width within {min_size}..{max_size} px"),
     ]
     if info.labels:
-        rules.append((gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(info.labels)), f"labels are among {info.labels}"))
+        rules.append((gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(info.labels)),
+                      f"labels are among {info.labels}"))
     for label in info.meta.get("lesion_labels", []):
         rules.append((
             gxe.ExpectColumnValuesToBeBetween(
@@ -214,7 +220,8 @@ def _expectations(
     for label in info.meta.get("empty_labels", []):
         rules.append((
             gxe.ExpectColumnValuesToBeBetween(
-                column="lesion_area", min_value=0, max_value=0, row_condition=f'label=="{label}"', condition_parser="pandas",
+                column="lesion_area", min_value=0, max_value=0, row_condition=f'label=="{label}"',
+                condition_parser="pandas",
             ),
             f"'{label}' cases have an empty mask",
         ))
@@ -270,7 +277,9 @@ def validate_dataset(
     df["group_matches"] = [c.group == dups.group_of[c.case_id] for c in info.cases]
 
     from great_expectations.data_context.types.base import (
-        DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig,
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
     )
 
     # Ephemeral, in-memory stores and no Data Docs site: our report is written below.
@@ -344,7 +353,13 @@ def _foreground_summary(info: DatasetInfo, df: "Any") -> tuple[dict[str, dict[st
 
 
 def _similarity_text(link: dict[str, Any]) -> str:
-    return "identical bytes" if link["kind"] == "exact" else f"similarity {link['similarity']:.2f} ({link['bits']} bits)"
+    if link["kind"] == "exact":
+        return "identical bytes"
+    return f"similarity {link['similarity']:.2f} ({link['bits']} bits)"
+
+
+def _header_row(*names: str) -> str:
+    return "<tr>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"
 
 
 def render_html(report: ValidationReport, info: DatasetInfo) -> str:
@@ -361,7 +376,8 @@ def render_html(report: ValidationReport, info: DatasetInfo) -> str:
             f"<td>{len(o.offending)}<ul>{offenders}</ul></td></tr>"
         )
     dups = "".join(
-        "<li>" + ", ".join(f"<code>{e(i)}</code> ({e(label_of.get(i, '?'))})" for i in group) + "</li>" for group in report.duplicates
+        "<li>" + ", ".join(f"<code>{e(i)}</code> ({e(label_of.get(i, '?'))})" for i in group) + "</li>"
+        for group in report.duplicates
     ) or "<li>none</li>"
     counts = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in report.class_counts.items())
     clusters_html = "<p>not computed</p>"
@@ -370,24 +386,33 @@ def render_html(report: ValidationReport, info: DatasetInfo) -> str:
         items = []
         for cl in report.clusters.clusters:
             links = ", ".join(f"{e(link['a'])}~{e(link['b'])} {_similarity_text(link)}" for link in cl.links)
-            flag = (" <b class='conflict'>label conflict" + (" (allowed)" if report.allow_label_conflicts else "") + "</b>") if cl.label_conflict else ""
-            items.append(
-                "<li>" + ", ".join(f"<code>{e(i)}</code> ({e(cl.labels[i])})" for i in cl.case_ids) + f"{flag}<br><small>{links}</small></li>"
-            )
+            allowed = " (allowed)" if report.allow_label_conflicts else ""
+            flag = f" <b class='conflict'>label conflict{allowed}</b>" if cl.label_conflict else ""
+            members = ", ".join(f"<code>{e(i)}</code> ({e(cl.labels[i])})" for i in cl.case_ids)
+            items.append(f"<li>{members}{flag}<br><small>{links}</small></li>")
         c = report.clusters.counts()
+        near_text = (f"pHash within {near.max_distance} of 64 bits (similarity = 1 - bits/64)" if near.enabled
+                     else "off")
         clusters_html = (
-            f"<p>Near duplicates: {'pHash within ' + str(near.max_distance) + ' of 64 bits (similarity = 1 - bits/64)' if near.enabled else 'off'}. "
-            f"{c['duplicate_clusters']} clusters, {c['cases_in_clusters']} cases, {c['near_duplicate_clusters']} with near duplicates, "
-            f"{c['label_conflicts']} label conflicts. The manifest's <code>group</code> is the cluster id; the split keeps a cluster in one fold.</p>"
+            f"<p>Near duplicates: {near_text}. "
+            f"{c['duplicate_clusters']} clusters, {c['cases_in_clusters']} cases, "
+            f"{c['near_duplicate_clusters']} with near duplicates, {c['label_conflicts']} label conflicts. "
+            "The manifest's <code>group</code> is the cluster id; the split keeps a cluster in one fold.</p>"
             f"<ul>{''.join(items) or '<li>none</li>'}</ul>"
         )
     fg_rows = "".join(
-        f"<tr><td>{e(k)}</td><td>{v['n']}</td><td>{v['min']:.4f}</td><td>{v['median']:.4f}</td><td>{v['mean']:.4f}</td><td>{v['max']:.4f}</td></tr>"
+        f"<tr><td>{e(k)}</td><td>{v['n']}</td><td>{v['min']:.4f}</td><td>{v['median']:.4f}</td>"
+        f"<td>{v['mean']:.4f}</td><td>{v['max']:.4f}</td></tr>"
         for k, v in report.foreground.items()
     )
-    outlier_items = "".join(f"<li><code>{e(o['case_id'])}</code> ({e(o['label'])}): {e(o['why'])}</li>" for o in report.outliers) or "<li>none</li>"
+    outlier_items = "".join(
+        f"<li><code>{e(o['case_id'])}</code> ({e(o['label'])}): {e(o['why'])}</li>" for o in report.outliers
+    ) or "<li>none</li>"
     notes = "".join(f"<li>{e(n)}</li>" for n in report.notes) or "<li>none</li>"
     verdict = "VALID" if report.success else "INVALID"
+    dup_policy = "allowed; the split keeps each group in one fold" if report.allow_duplicates else "not allowed"
+    fg_head = _header_row("label", "n", "min", "median", "mean", "max")
+    rules_head = _header_row("", "rule", "expectation", "offending cases")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{e(info.name)}: validation</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -397,12 +422,12 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} .fail td:first
 <p>{report.n_cases} cases; format <code>{e(info.source_format)}</code>; n_classes {info.n_classes}
 ({e(", ".join(info.mask_classes))}). Checked with great-expectations on per-case facts read from the files.</p>
 <h2>Class counts</h2><table><tr><th>label</th><th>cases</th></tr>{counts}</table>
-<h2>Exact-duplicate images</h2><p>Policy: {"allowed; the split keeps each group in one fold" if report.allow_duplicates else "not allowed"}.</p>
+<h2>Exact-duplicate images</h2><p>Policy: {dup_policy}.</p>
 <ul>{dups}</ul>
 <h2>Duplicate clusters (exact + near)</h2>{clusters_html}
-<h2>Foreground fraction per label</h2><table><tr><th>label</th><th>n</th><th>min</th><th>median</th><th>mean</th><th>max</th></tr>{fg_rows}</table>
+<h2>Foreground fraction per label</h2><table>{fg_head}{fg_rows}</table>
 <h3>Outliers</h3><ul>{outlier_items}</ul>
 <h2>Import notes</h2><ul>{notes}</ul>
-<h2>Expectations</h2><table><tr><th></th><th>rule</th><th>expectation</th><th>offending cases</th></tr>{"".join(rows)}</table>
+<h2>Expectations</h2><table>{rules_head}{"".join(rows)}</table>
 </body></html>
 """

@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
 
-from m2snet.common import M2SNetError, write_json
+from m2snet.common import M2SNetError, resolve_device, write_json
+from m2snet.data.format import load_dataset
 from m2snet.evaluation.metrics import case_metrics, mean_metrics
 from m2snet.evaluation.plots import OverlayCase, overlay_grid
 from m2snet.evaluation.predict import Predictor
@@ -39,8 +43,6 @@ class EvalResult:
 
 
 def _load_pair(case) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
-
     with Image.open(case.image_path) as im:
         image = np.asarray(im.convert("RGB"))
     with Image.open(case.mask_path) as m:
@@ -59,10 +61,6 @@ def evaluate_predictor(
     title: str = "",
 ) -> EvalResult:
     """Score ``predictor`` on ``case_ids`` (default: every case) of the dataset at ``data``."""
-    from tqdm import tqdm
-
-    from m2snet.data.format import load_dataset
-
     info = load_dataset(data)
     if info.n_classes != predictor.n_classes:
         raise M2SNetError(
@@ -130,10 +128,6 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Load the checkpoint(s) (averaging their probabilities) and evaluate on the dataset."""
-    import torch
-
-    from m2snet.common import resolve_device
-
     device = resolve_device(device)
     predictor = Predictor.from_checkpoints(list(checkpoints), device=device, tta_flip=tta_flip,
                                            batch_size=batch_size)

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from m2snet.common import M2SNetError
+from m2snet.mlops.services import ManagedProcess
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ def docker_api() -> Iterator[str]:
     if podman is None:
         raise M2SNetError("--runner container needs docker (a running daemon) or podman "
                           "(apt-get install podman runc); neither was found")
-    from m2snet.mlops.services import ManagedProcess
 
     # A short private path: unix socket paths are limited to ~107 bytes.
     tmp = Path(tempfile.mkdtemp(prefix="m2snet-podman-"))

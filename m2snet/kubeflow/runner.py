@@ -6,18 +6,28 @@ imports kfp; the step functions it runs live in :mod:`m2snet.workflows.steps`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from urllib.parse import urlparse
+
+import yaml
 
 from m2snet.common import M2SNetError
+from m2snet.data.importers import list_importers
+from m2snet.kubeflow.container import container_runner
 from m2snet.kubeflow.image import COMPONENT_IMAGE
+from m2snet.kubeflow.runview import RunView
+from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
+from m2snet.mlops.tracking import DEFAULT_TRACKING_URI, TrackingError
 from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET, get_preset
 from m2snet.workflows.steps import parent_run
 
@@ -116,8 +126,6 @@ def _error_line(log_tail: str) -> str:
 
 def _record_failure(view: "RunView", experiment: str, err: Exception) -> PipelineTaskFailed:
     """The local runner's side of a failure: the parent run names the failed task, its log tail and file."""
-    from m2snet.mlops.tracking import TrackingError
-
     failed = view.failed[0] if view.failed else None
     if failed is None:  # the runner itself failed, not a task
         return PipelineTaskFailed(f"local pipeline run failed: {err} (runner log: {view.main_log})", "pipeline",
@@ -147,13 +155,9 @@ RUNNERS = ("subprocess", "container")
 
 def _kfp_runner(runner: str, *, data_path: str, tracking_uri: str):
     """A context giving the kfp local runner: subprocesses here, or containers of COMPONENT_IMAGE."""
-    import contextlib
-
     from kfp import local
 
     if runner == "container":
-        from m2snet.kubeflow.container import container_runner
-
         return container_runner(COMPONENT_IMAGE, data_path=data_path, tracking_uri=tracking_uri)
     return contextlib.nullcontext(local.SubprocessRunner(use_venv=False))
 
@@ -195,12 +199,6 @@ def run_local(
     """
     from kfp import local
 
-    from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
-    from m2snet.kubeflow.runview import RunView
-    from m2snet.mlops.tracking import DEFAULT_TRACKING_URI
-
-    from m2snet.data.importers import list_importers
-
     if runner not in RUNNERS:
         raise M2SNetError(f"unknown runner {runner!r}; choose one of {list(RUNNERS)}")
     p = get_preset(preset)
@@ -231,11 +229,11 @@ def run_local(
     # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
-    import warnings
 
     failure: Exception | None = None
     with warnings.catch_warnings(), view, _kfp_runner(runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
-        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {uri}, runner {runner}\nlogs: {view.log_dir}/")
+        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {uri}, runner {runner}\n"
+                    f"logs: {view.log_dir}/")
         log.info("local pipeline run: preset %s, MLflow %s, kfp root %s, runner %s", preset, uri, root, runner)
         # The SubprocessRunner warns that our image name has no "python" in it: we run in this env.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
@@ -286,8 +284,6 @@ def run_local(
 
 def pipeline_parameters(package: str | os.PathLike | None = None) -> dict[str, str]:
     """Name -> KFP parameter type of the compiled pipeline's inputs."""
-    import yaml
-
     path = Path(package) if package else compiled_pipeline_path()
     if not path.is_file():
         raise M2SNetError(f"{path}: compiled pipeline not found (run `m2snet pipeline compile`)")
@@ -336,8 +332,6 @@ def submit(
     timeout_s: float = 15.0,
 ) -> tuple[str, str]:
     """Submit the compiled pipeline to a KFP endpoint; return (run id, run URL)."""
-    from urllib.parse import urlparse
-
     package = Path(package) if package else compiled_pipeline_path()
     if not package.is_file():
         raise M2SNetError(f"{package}: compiled pipeline not found (run `m2snet pipeline compile`)")
@@ -364,7 +358,7 @@ def submit(
             str(package), arguments=dict(params or {}), run_name=run_name, experiment_name=experiment,
             namespace=namespace,
         )
-    except Exception as err:  # noqa: BLE001 - HTTP/auth errors of the KFP API
+    except Exception as err:  # HTTP/auth errors of the KFP API, re-raised as M2SNetError
         raise M2SNetError(f"submitting {package.name} to {host} failed: {type(err).__name__}: {err}") from err
     base = host.rstrip("/")
     return result.run_id, f"{base}/#/runs/details/{result.run_id}"

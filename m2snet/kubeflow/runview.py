@@ -28,9 +28,13 @@ import sys
 import textwrap
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 # kfp component name (without "comp-") -> the label the console shows.
 TASK_LABELS = {
@@ -298,8 +302,6 @@ class RunView:
             return self._table()
 
     def _table(self):
-        from rich.table import Table
-
         styles = {"queued": "dim", "running": "bold cyan", "done": "green", "failed": "bold red", "skipped": "dim"}
         marks = {"queued": "·", "running": "▶", "done": "✓", "failed": "✗", "skipped": "-"}
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
@@ -358,9 +360,6 @@ class RunView:
             logging.captureWarnings(True)
             self._saved.append(lambda: logging.captureWarnings(False))
         if self.mode == "live":
-            from rich.console import Console
-            from rich.live import Live
-
             console = Console(file=self.stream, force_terminal=True)
             self._live = Live(self.table(), console=console, refresh_per_second=4, transient=False,
                               redirect_stdout=False, redirect_stderr=False, get_renderable=self.table)

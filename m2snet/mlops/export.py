@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from m2snet.common import M2SNetError
@@ -149,7 +150,6 @@ def model_checkpoints(model_uri: str, dst: str | os.PathLike) -> list[Path]:
     """The checkpoint files of a logged / registered m2snet pyfunc model (``models:/NAME@alias``,
     ``runs:/...``, or a local model directory), downloaded into ``dst``, in ensemble order."""
     import mlflow.artifacts
-    import yaml
     from mlflow.exceptions import MlflowException
 
     local = Path(model_uri)
@@ -157,7 +157,9 @@ def model_checkpoints(model_uri: str, dst: str | os.PathLike) -> list[Path]:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
         except MlflowException as err:
-            raise M2SNetError(f"{model_uri}: cannot download from {mlflow.get_tracking_uri()} ({err.message})") from None
+            raise M2SNetError(
+                f"{model_uri}: cannot download from {mlflow.get_tracking_uri()} ({err.message})"
+            ) from None
     mlmodel = local / "MLmodel"
     if not mlmodel.is_file():
         raise M2SNetError(f"{model_uri}: not an MLflow model (no MLmodel file)")

@@ -27,8 +27,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
+import mlflow
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
+from PIL import Image, UnidentifiedImageError
+
+import m2snet
+from m2snet.common import M2SNetError, resolve_device
 
 MODEL_CONFIG_TTA = "tta_flip"
 # What the pyfunc needs at load time beyond the m2snet code it carries (code_paths).
@@ -40,8 +50,6 @@ BACKEND_ENV = "M2SNET_SERVE_BACKEND"  # "torch" forces PyTorch even when the ONN
 
 def encode_image(image, fmt: str = "PNG") -> str:
     """base64 text of an image (PIL image, array, or raw bytes) for the ``image`` input column."""
-    from PIL import Image
-
     if isinstance(image, (bytes, bytearray)):
         return base64.b64encode(bytes(image)).decode("ascii")
     if not isinstance(image, Image.Image):
@@ -53,10 +61,6 @@ def encode_image(image, fmt: str = "PNG") -> str:
 
 def decode_image(text: str, row: int = 0):
     """base64 PNG/JPEG text -> PIL image; bad input raises an MLflow 400-class error naming the row."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-    from PIL import Image, UnidentifiedImageError
-
     try:
         data = base64.b64decode(text, validate=True)
         image = Image.open(io.BytesIO(data))
@@ -69,8 +73,6 @@ def decode_image(text: str, row: int = 0):
 
 def decode_mask(text: str) -> np.ndarray:
     """The ``mask`` output column back to a uint8 array."""
-    from PIL import Image
-
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
 
 
@@ -78,7 +80,6 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
     """Averages the probabilities of the checkpoints in the model's artifacts."""
 
     def load_context(self, context) -> None:
-        from m2snet.common import resolve_device
         from m2snet.evaluation.predict import Predictor
 
         keys = sorted((k for k in context.artifacts if k.startswith("checkpoint_")),
@@ -95,10 +96,7 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         )
 
     def predict(self, context, model_input, params=None):
-        import pandas as pd
         import torch
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise MlflowException("input must be a DataFrame with a string column 'image' (base64 PNG/JPEG)",
@@ -117,17 +115,12 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]),
                           outputs=Schema([ColSpec("string", "mask"), ColSpec("double", "foreground_fraction")]))
 
 
 def default_input_example(size: int = 48):
     """A small grey ultrasound-like PNG, enough for MLflow to check the model runs."""
-    import pandas as pd
-
     rng = np.random.default_rng(0)
     image = (rng.random((size, size)) * 255).astype(np.uint8)
     return pd.DataFrame({"image": [encode_image(image)]})
@@ -162,10 +155,6 @@ def log_segmentation_model(
     ``registered_model_name``: also register it as a new version of that model.
     ``onnx``: also export the ensemble to ONNX (checked against PyTorch) and serve through it.
     """
-    import mlflow
-
-    from m2snet.common import M2SNetError
-
     paths = [Path(p) for p in checkpoints]
     missing = [str(p) for p in paths if not p.is_file()]
     if not paths or missing:
@@ -191,10 +180,6 @@ def log_segmentation_model(
 
 def _log(paths: list[Path], name: str, registered_model_name: str | None, input_example, tta_flip: bool,
          onnx_path: Path | None = None):
-    import mlflow
-
-    import m2snet
-
     artifacts = {f"checkpoint_{i}": str(p) for i, p in enumerate(paths)}
     if onnx_path is not None:
         artifacts[ONNX_ARTIFACT] = str(onnx_path)

@@ -35,7 +35,8 @@ LOOPBACK = "127.0.0.1"
 class ManagedProcess:
     """A subprocess in its own process group, logging to a file; ``stop()`` ends the whole group."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None):
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None):
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,8 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise M2SNetError(f"{self.name} exited with code {self.proc.returncode} before {what}; log {self.log_path}:\n{self.log_tail()}")
+                raise M2SNetError(f"{self.name} exited with code {self.proc.returncode} before {what}; "
+                                  f"log {self.log_path}:\n{self.log_tail()}")
             try:
                 if probe():
                     return
@@ -70,7 +72,9 @@ class ManagedProcess:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise M2SNetError(f"{self.name} not ready ({what}) after {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}")
+        raise M2SNetError(
+            f"{self.name} not ready ({what}) after {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.alive():
@@ -296,7 +300,7 @@ def run_services(workdir: str | os.PathLike, *, s3_port: int | None = None, mlfl
     echo("# Ctrl-C stops both.")
     stop = {"now": False}
 
-    def _on_signal(signum, frame):  # noqa: ARG001
+    def _on_signal(signum, frame):  # signal handler signature
         stop["now"] = True
 
     previous = signal.signal(signal.SIGTERM, _on_signal)
@@ -304,7 +308,9 @@ def run_services(workdir: str | os.PathLike, *, s3_port: int | None = None, mlfl
         while not stop["now"]:
             for svc, name in ((s3, "seaweedfs"), (mlflow, "mlflow")):
                 if svc.process is not None and not svc.process.alive():
-                    raise M2SNetError(f"{name} stopped unexpectedly; log {svc.process.log_path}:\n{svc.process.log_tail()}")
+                    raise M2SNetError(
+                        f"{name} stopped unexpectedly; log {svc.process.log_path}:\n{svc.process.log_tail()}"
+                    )
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
-from m2snet.common import M2SNetError, find_tool
+from m2snet.common import M2SNetError, find_tool, free_port
+from m2snet.mlops.services import LOOPBACK, ManagedProcess
 
 log = logging.getLogger("m2snet.mlops.serving")
 
@@ -77,15 +80,15 @@ def load_model(model_uri: str):
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:
-        raise M2SNetError(f"--model {model_uri}: cannot load from {mlflow.get_tracking_uri()} ({err.message})") from None
+        raise M2SNetError(
+            f"--model {model_uri}: cannot load from {mlflow.get_tracking_uri()} ({err.message})"
+        ) from None
 
 
 def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   batch_size: int = 8, model=None) -> list[Prediction]:
     """Predict every image; write ``<stem>_mask.png`` (as the model returns it) and ``<stem>_overlay.png``."""
     import pandas as pd
-    from PIL import Image
-    from tqdm.auto import tqdm
 
     from m2snet.evaluation.predict import to_rgb_array
     from m2snet.mlops.pyfunc import decode_mask, encode_image
@@ -145,10 +148,7 @@ class ModelServer:
 def start_model_server(model_uri: str, port: int | None = None, *, workdir: str | os.PathLike | None = None,
                        env: dict[str, str] | None = None, timeout: float = 180.0) -> ModelServer:
     """``mlflow models serve -m MODEL_URI --env-manager local`` on loopback; returns once /ping answers."""
-    from m2snet.common import free_port
     import requests
-
-    from m2snet.mlops.services import LOOPBACK, ManagedProcess
 
     port = port or free_port()
     workdir = Path(workdir) if workdir is not None else Path.cwd() / ".m2snet" / "serving"

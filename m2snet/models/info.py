@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from m2snet.models import create_model
 
 
 @dataclass
@@ -28,8 +31,6 @@ def count_macs(model: torch.nn.Module, size: int, batch: int = 1) -> float:
     The counter sees convolutions and matmuls; elementwise ops, pooling and batch norm are free
     there, as in the reference figures we compare with (MSNet 16.84 GMACs at 352).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = model.training
     model.eval()
     param = next(model.parameters())
@@ -42,8 +43,6 @@ def count_macs(model: torch.nn.Module, size: int, batch: int = 1) -> float:
 
 
 def model_info(name: str, size: int = 352, n_classes: int = 1, **config: Any) -> ModelInfo:
-    from m2snet.models import create_model
-
     config = {"pretrained": False, **config}
     model = create_model(name, n_classes=n_classes, **config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

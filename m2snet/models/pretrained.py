@@ -89,7 +89,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure is a bad user file
+    except Exception as err:  # any reader failure is a bad user file, re-raised as M2SNetError
         raise M2SNetError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
     for key in ("state_dict", "model", "net", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

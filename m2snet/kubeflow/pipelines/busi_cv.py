@@ -17,7 +17,7 @@ Recompile after any change here or in m2snet/kubeflow/components/:  m2snet pipel
 
 from pathlib import Path
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from m2snet.kubeflow.components import (
     aggregate_cv,
@@ -54,8 +54,6 @@ TRAIN_RETRIES = 2  # transient failures: node preemption, a flaky tracking serve
 
 
 def _with_cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    from kfp import kubernetes
-
     kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET,
                                  secret_key_to_env={k: k for k in MLFLOW_SECRET_KEYS})
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
@@ -121,7 +119,6 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
                     (train.set_accelerator_type(TRAIN_GPU).set_accelerator_limit(1)
                      .set_cpu_limit(TRAIN_CPU_LIMIT).set_memory_limit(TRAIN_MEMORY_LIMIT)
                      .set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0))
-                    from kfp import kubernetes
 
                     # GPU nodes are commonly tainted so that only GPU work lands there.
                     kubernetes.add_toleration(train, key=TRAIN_GPU, operator="Exists", effect="NoSchedule")
