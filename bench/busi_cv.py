@@ -96,9 +96,9 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
     """
     import numpy as np
 
-    from m2snet.workflows.folds import aggregate_cv
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import resolve_cases
+    from m2snet.workflows.folds import aggregate_cv
 
     area = {c.case_id: c.lesion_area for c in info.cases}
     per_fold = []
@@ -114,10 +114,10 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
 def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[str, list[dict]]:
     """Per-fold metrics of the same runs under other readings (final epoch, batch stats, recalibrated)."""
     from m2snet.common import resolve_device
-    from m2snet.workflows.folds import score_fold
     from m2snet.evaluation.evaluate import evaluate_predictor
     from m2snet.evaluation.predict import Predictor
     from m2snet.training.trainer import resolve_cases
+    from m2snet.workflows.folds import score_fold
 
     rows: dict[str, list[dict]] = {}
     device = resolve_device(cfg.device)  # where the runs trained
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--busi", type=Path, default=DEFAULT_BUSI)
-    p.add_argument("--work", type=Path, default=Path(os.environ.get("M2SNET_CACHE_DIR", Path.home() / ".cache" / "m2snet")) / "bench")
+    cache_root = Path(os.environ.get("M2SNET_CACHE_DIR", Path.home() / ".cache" / "m2snet"))
+    p.add_argument("--work", type=Path, default=cache_root / "bench")
     p.add_argument("--models", default="m2snet,msnet,unet", help="[LABEL=]NAME[:KEY=VALUE...], comma-separated")
     p.add_argument("--protocol", choices=("new", "old"), default="new")
     p.add_argument("--extra-evals", default="", help="batch-stats,recalibrated (models with an MSU)")
@@ -183,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: BUSI not found at {args.busi} (use --busi)", file=sys.stderr)
         return 2
 
-    from m2snet.workflows.folds import PAPER_BUSI_M2SNET, aggregate_cv, run_cv
     from m2snet.evaluation.metrics import BUSI_TABLE
     from m2snet.training.config import TrainConfig
+    from m2snet.workflows.folds import PAPER_BUSI_M2SNET, aggregate_cv, run_cv
 
     pretrained: bool | str = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
     info, splits = import_busi(args.busi, args.work, args.seed, validate=not args.no_validate)

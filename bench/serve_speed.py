@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_speed import interleaved_medians  # noqa: E402
+from model_speed import interleaved_medians
 
 
 def random_checkpoints(work: Path, model: str, folds: int, size: int) -> list[Path]:

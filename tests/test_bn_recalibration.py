@@ -15,7 +15,9 @@ from torch import nn
 from m2snet.common import M2SNetError
 from m2snet.models import create_model
 from m2snet.training.bn_recalibration import (
-    filter_batch_statistics, recalibrate_bn, site_stats_inherited,
+    filter_batch_statistics,
+    recalibrate_bn,
+    site_stats_inherited,
 )
 
 
@@ -123,8 +125,8 @@ def test_reference_checkpoint_into_per_site(tmp_path, caplog) -> None:
     """A reference (shared) checkpoint loads into a per-site model: every site gets the shared
     statistics (eval outputs equal the shared model's), flagged and logged; recalibration
     clears the flag; a per-site checkpoint round-trips with its own statistics."""
-    from m2snet.models.reference import convert_reference, load_reference_checkpoint
     from m2snet.models.checkpoint import Checkpoint
+    from m2snet.models.reference import convert_reference, load_reference_checkpoint
 
     torch.manual_seed(2)
     shared = create_model("m2snet", pretrained=False, msu_norm="shared")

@@ -24,10 +24,12 @@ def test_flatten_params_drops_secrets_and_strips_url_passwords():
 def test_aggregate_cv_mean_std_percent():
     from m2snet.workflows.folds import aggregate_cv
 
-    s = aggregate_cv([{"dice": 0.7, "iou": 0.5, "med": 2.0, "n_cases": 3},
-                      {"dice": 0.8, "iou": 0.7, "med": 4.0, "n_cases": 4}])
+    s = aggregate_cv([{"dice": 0.7, "iou": 0.5, "med": 2.0, "med_c1": 1.0, "dice_c1": 0.6, "n_cases": 3},
+                      {"dice": 0.8, "iou": 0.7, "med": 4.0, "med_c1": 3.0, "dice_c1": 0.8, "n_cases": 4}])
     assert s.mean["dice"] == pytest.approx(75.0) and s.std["dice"] == pytest.approx(np.std([70, 80], ddof=1))
-    assert s.mean["med"] == pytest.approx(3.0) and "n_cases" not in s.mean
+    # pixel distances (the mean MED and each class's) stay in pixels; per-class Dice is a fraction
+    assert s.mean["med"] == pytest.approx(3.0) and s.mean["med_c1"] == pytest.approx(2.0)
+    assert s.mean["dice_c1"] == pytest.approx(70.0) and "n_cases" not in s.mean
     assert "| 2 folds | 60.00 ± 14.14 |" in s.table()
 
 

@@ -9,13 +9,22 @@ import pytest
 import torch
 
 from m2snet.evaluation.metrics import (
-    binary_metrics, case_metrics, mean_euclidean_distance, mean_metrics, multiclass_dice, sod_metrics,
+    binary_metrics,
+    case_metrics,
+    mean_euclidean_distance,
+    mean_metrics,
+    multiclass_dice,
+    sod_metrics,
 )
 
 
 def test_binary_metrics_agree_with_torchmetrics():
     from torchmetrics.functional.classification import (
-        binary_f1_score, binary_jaccard_index, binary_precision, binary_recall, binary_specificity,
+        binary_f1_score,
+        binary_jaccard_index,
+        binary_precision,
+        binary_recall,
+        binary_specificity,
     )
 
     rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import subprocess
@@ -95,8 +96,8 @@ def test_bad_image_input_is_a_clear_400_error(checkpoints):
     model = SegmentationPyfunc()
     model.load_context(Ctx())
     with pytest.raises(MlflowException, match="row 1: column 'image' is not base64 PNG/JPEG"):
-        model.predict(None, pd.DataFrame({"image": [__import__("base64").b64encode(_png(np.zeros((8, 8), np.uint8))).decode(),
-                                                    "not-an-image"]}))
+        good = base64.b64encode(_png(np.zeros((8, 8), np.uint8))).decode()
+        model.predict(None, pd.DataFrame({"image": [good, "not-an-image"]}))
     with pytest.raises(MlflowException, match="string column 'image'"):
         model.predict(None, pd.DataFrame({"x": ["a"]}))
 
@@ -107,9 +108,10 @@ def test_mlflow_models_serve_json_round_trip(checkpoints, tmp_path):
     import json
     import urllib.request
 
+    import mlflow
+
     from m2snet.common import free_port
     from m2snet.mlops.pyfunc import decode_mask, encode_image, log_segmentation_model
-    import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:

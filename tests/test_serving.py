@@ -17,10 +17,10 @@ def production_model(tmp_path_factory):
     from m2snet.data.demo import make_demo_dataset
     from m2snet.data.importers import import_dataset
     from m2snet.data.split import make_split
-    from m2snet.workflows.presets import train_config
     from m2snet.mlops.pyfunc import log_segmentation_model
     from m2snet.mlops.registry import PromotionPolicy, promote, register_model_version
     from m2snet.training.trainer import train
+    from m2snet.workflows.presets import train_config
 
     root = tmp_path_factory.mktemp("serving")
     mp = pytest.MonkeyPatch()
@@ -81,7 +81,8 @@ def test_predict_cli_writes_masks_and_overlays(production_model, tmp_path):
     for m in masks:
         src = next(p for p in [*folder.iterdir(), production_model["image"]] if p.stem + "_mask" == m.stem)
         assert Image.open(m).size == Image.open(src).size
-    res = CliRunner().invoke(app, ["predict", str(tmp_path / "missing.png"), "--model", "models:/serve-test@production"])
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "missing.png"),
+                                   "--model", "models:/serve-test@production"])
     assert res.exit_code != 0 and "no such image" in str(res.exception)
 
 

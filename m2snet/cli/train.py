@@ -129,7 +129,8 @@ def cv_cmd(
     config: Optional[Path] = CONFIG,
     sets: List[str] = SETS,
     resume: bool = typer.Option(False, "--resume", help="Resume unfinished folds in --out."),
-    parent_run_id: Optional[str] = typer.Option(None, "--parent-run-id", help="Attach folds to this CV run (folds as separate jobs)."),
+    parent_run_id: Optional[str] = typer.Option(None, "--parent-run-id",
+                                                help="Attach folds to this CV run (folds as separate jobs)."),
     tta_flip: bool = typer.Option(False, "--tta-flip"),
     tune_trials: int = typer.Option(0, "--tune-trials", help="Nested tuning: an Optuna study of N trials per "
                                     "fold on an inner split of that fold's training cases (0 = no tuning)."),

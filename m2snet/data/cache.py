@@ -51,7 +51,8 @@ def cache_path(info: DatasetInfo, size: int, cache_dir: str | os.PathLike | None
     return base / info.version / str(int(size))
 
 
-def build_cache(info: DatasetInfo, size: int, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+def build_cache(info: DatasetInfo, size: int, cache_dir: str | os.PathLike | None = None,
+                progress: bool = True) -> Path:
     """Decode and resize every case of ``info`` into the cache (no-op when already built)."""
     from tqdm.auto import tqdm
 
@@ -83,7 +84,8 @@ def build_cache(info: DatasetInfo, size: int, cache_dir: str | os.PathLike | Non
     return path
 
 
-def open_cache(root: str | os.PathLike | DatasetInfo, size: int, cache_dir: str | os.PathLike | None = None) -> ArrayCache:
+def open_cache(root: str | os.PathLike | DatasetInfo, size: int,
+               cache_dir: str | os.PathLike | None = None) -> ArrayCache:
     """Open the cache for (dataset, size), building it first if needed."""
     info = root if isinstance(root, DatasetInfo) else load_dataset(root)
     return ArrayCache(build_cache(info, size, cache_dir))

@@ -38,7 +38,8 @@ def load_case_arrays(image_path: Path, mask_path: Path, size: int) -> tuple[np.n
         with Image.open(mask_path) as m:
             mask = m.convert("L").resize((size, size), Image.NEAREST)
     except OSError as err:
-        raise M2SNetError(f"{err.filename if hasattr(err, 'filename') and err.filename else image_path}: cannot decode ({err})") from None
+        where = getattr(err, "filename", None) or image_path
+        raise M2SNetError(f"{where}: cannot decode ({err})") from None
     return np.array(image, dtype=np.uint8), np.array(mask, dtype=np.uint8)
 
 
@@ -49,7 +50,8 @@ def normalise(image_u8: torch.Tensor, normalization: Normalization) -> torch.Ten
     return (image_u8.float() - mean) / std
 
 
-def augment_pair(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_pair(image: torch.Tensor, mask: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flip and rotation within +-10 degrees (paper 4.3), same for image and mask.
 
     ``image`` uint8 [3, H, W], ``mask`` uint8 [1, H, W]; the mask is rotated with nearest neighbour.

@@ -35,6 +35,12 @@ BUSI_TABLE = (("Jaccard", "iou"), ("Precision", "precision"), ("Recall", "recall
               ("Specificity", "specificity"), ("Dice", "dice"))
 
 
+def is_distance_metric(name: str) -> bool:
+    """True for distances in pixels (``med`` and each class's ``med_c<k>``), which summaries report as
+    they are; every other metric is a fraction of 1 and summaries report it in percent."""
+    return name == "med" or name.startswith("med_c")
+
+
 def _ratio(num: float, den: float, both_empty: bool) -> float:
     if den == 0:
         return 1.0 if both_empty else 0.0

@@ -23,6 +23,7 @@ Default tracking URI: ``sqlite:///mlflow.db`` with artifacts in ``./mlruns`` (or
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -112,7 +113,7 @@ def with_retry(fn: Callable[[], T], what: str, cfg: TrackingConfig) -> T:
     for attempt in range(cfg.retries + 1):
         try:
             return fn()
-        except Exception as err:  # noqa: BLE001 - network / server errors come in many types
+        except Exception as err:
             if _is_permanent(err):
                 raise
             last = err
@@ -160,7 +161,7 @@ def ensure_experiment(client, cfg: TrackingConfig) -> str:
         try:
             return client.create_experiment(cfg.experiment, artifact_location=location,
                                             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-        except Exception as err:  # noqa: BLE001 - a concurrent creator won the race
+        except Exception as err:
             exp = client.get_experiment_by_name(cfg.experiment)
             if exp is None:
                 raise err
@@ -288,7 +289,7 @@ class Tracker:
             chunk = self._pending[:1000]  # MLflow's batch limit
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in chunk]
             try:
-                with_retry(lambda: self.client.log_batch(self.run_id, metrics=metrics),
+                with_retry(functools.partial(self.client.log_batch, self.run_id, metrics=metrics),
                            f"log {len(chunk)} metrics", self.cfg)
             except TrackingError as err:
                 spool = self._spool()
@@ -382,7 +383,7 @@ def replay_spool(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> 
     for run_id, metrics in by_run.items():
         for i in range(0, len(metrics), 1000):
             chunk = metrics[i:i + 1000]
-            with_retry(lambda: client.log_batch(run_id, metrics=chunk), "replay metrics", cfg)
+            with_retry(functools.partial(client.log_batch, run_id, metrics=chunk), "replay metrics", cfg)
     Path(path).unlink()
     return len(rows)
 

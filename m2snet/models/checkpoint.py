@@ -158,7 +158,7 @@ class Checkpoint:
         try:
             # Our checkpoints hold plain python/numpy objects (RNG states, configs): not weights-only.
             payload = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as err:  # noqa: BLE001 - corrupt / foreign file
+        except Exception as err:
             raise M2SNetError(f"{path}: not a readable torch checkpoint ({err})") from err
         if not isinstance(payload, dict):
             raise M2SNetError(f"{path}: not an m2snet checkpoint (a {type(payload).__name__}, not a dict; for the "
@@ -204,7 +204,8 @@ class Checkpoint:
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as err:
-            raise M2SNetError(f"{self.path or 'checkpoint'}: weights do not fit model {self.model_name!r}: {err}") from err
+            raise M2SNetError(
+                f"{self.path or 'checkpoint'}: weights do not fit model {self.model_name!r}: {err}") from err
         model.normalization = self.normalization
         return model.to(device).eval()
 

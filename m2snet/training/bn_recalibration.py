@@ -239,7 +239,8 @@ def recalibrate_checkpoint(
     except RuntimeError as err:
         raise M2SNetError(f"{checkpoint}: weights do not fit model {ckpt.model_name!r}: {err}") from err
     ckpt.bn_recalibration.update({
-        "cases": len(train_ids), "source": str(checkpoint), "data": str(data), "dataset_version": info.version, "split": str(split) if split else None,
+        "cases": len(train_ids), "source": str(checkpoint), "data": str(data), "dataset_version": info.version,
+        "split": str(split) if split else None,
         "split_sha256": split_sha, "fold": fold if split else None, "msu_norm": config.get("msu_norm"),
     })
     return ckpt.save(out), ckpt.bn_recalibration

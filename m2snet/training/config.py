@@ -141,7 +141,7 @@ class TrainConfig:
                 data = yaml.safe_load(text) or {}
             else:
                 data = json.loads(text)
-        except Exception as err:  # noqa: BLE001 - any parse error is the user's file
+        except Exception as err:
             raise M2SNetError(f"{path}: cannot parse config ({err})") from err
         if not isinstance(data, dict):
             raise M2SNetError(f"{path}: config must be a mapping of option -> value")

@@ -5,8 +5,9 @@ head parameter groups with their own max LR on the triangular schedule, multi-sc
 on CUDA. Each epoch ends with a validation pass (Dice/IoU per image at the train size) and an
 atomic checkpoint (``last.pt``: everything needed to resume; ``model.pt``: the run's result, slim,
 chosen by ``TrainConfig.selection`` -- the final epoch by default, so the cases a fold reports on
-never pick the checkpoint; see :func:`resolve_cases`). Resuming restores model, optimizer, scheduler, AMP scaler and every RNG; the order of the
-training cases comes from a DataLoader generator seeded by (seed, epoch), so a resumed run
+never pick the checkpoint; see :func:`resolve_cases`). Resuming restores model, optimizer,
+scheduler, AMP scaler and every RNG; the order of the training cases comes from a DataLoader
+generator seeded by (seed, epoch), so a resumed run
 reproduces the uninterrupted one exactly on CPU in deterministic mode. The loop reports to
 callbacks (:mod:`m2snet.training.callbacks`) and knows nothing of MLflow; checkpoints are
 :class:`m2snet.models.checkpoint.Checkpoint` objects.
@@ -158,6 +159,28 @@ class TrainStep:
         return {k: v.detach() for k, v in losses.items()}
 
 
+@dataclass
+class EpochLosses:
+    """One epoch's image-weighted loss sums. The loop adds each step's losses one step late, once the
+    next step is queued, so reading them never stalls CUDA."""
+
+    sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "structure": 0.0, "lossnet": 0.0})
+    seen: int = 0
+
+    def add(self, n: int, losses: dict[str, torch.Tensor]) -> float:
+        """Add a step of ``n`` images; returns its total loss (not added when it is not finite)."""
+        loss = float(losses["loss"])
+        if math.isfinite(loss):
+            self.seen += n
+            for k in self.sums:
+                if k in losses:
+                    self.sums[k] += float(losses[k]) * n
+        return loss
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / self.seen
+
+
 def _subsample(ids: list[str], n: int | None, seed: int) -> list[str]:
     if n is None or n >= len(ids):
         return list(ids)
@@ -221,6 +244,20 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
 
 
 @torch.no_grad()
+def _account(totals: EpochLosses, step: int, n: int, losses: dict[str, torch.Tensor], *, epoch: int, bar, t0: float,
+             out: Path, last_path: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Add a step to the epoch's totals and the progress bar; stop on a non-finite loss, naming where."""
+    loss = totals.add(n, losses)
+    if not math.isfinite(loss):
+        lrs = f"backbone_lr={optimizer.param_groups[0]['lr']:.3g}, head_lr={optimizer.param_groups[1]['lr']:.3g}"
+        raise M2SNetError(
+            f"{out}: loss became {loss} at epoch {epoch + 1} step {step + 1} ({lrs}); "
+            "lower the learning rates or check the data; the last good checkpoint is "
+            f"{last_path if last_path.exists() else 'not written yet'}"
+        )
+    bar.set_postfix(loss=f"{totals.mean('loss'):.4f}", img_s=f"{totals.seen / (time.perf_counter() - t0):.1f}")
+
+
 def validate(model, loader, loss_fn, device, n_classes: int, amp: bool) -> dict[str, float]:
     """Mean per-image Dice/IoU (threshold 0.5) and loss at the train size."""
     from m2snet.evaluation.metrics import binary_metrics, multiclass_dice
@@ -271,8 +308,8 @@ def train(
     from tqdm import tqdm
 
     from m2snet.data.dataset import SegmentationDataset
-    from m2snet.training.losses import TotalLoss
     from m2snet.models import create_model
+    from m2snet.training.losses import TotalLoss
 
     cfg.validate()
     callbacks = as_callbacks(callbacks)
@@ -339,7 +376,8 @@ def train(
             raise M2SNetError(f"{last_path}: a slim checkpoint (no optimizer/RNG state); it cannot be resumed")
         if ckpt.train_config != cfg.to_dict():
             diff = sorted(k for k, v in cfg.to_dict().items() if (ckpt.train_config or {}).get(k) != v)
-            raise M2SNetError(f"{last_path}: config differs from the checkpoint's in {diff}; resume with the same config")
+            raise M2SNetError(
+                f"{last_path}: config differs from the checkpoint's in {diff}; resume with the same config")
         state = ckpt.resume
         model.load_state_dict(ckpt.state_dict)
         optimizer.load_state_dict(state.optimizer)
@@ -368,28 +406,10 @@ def train(
                             collate_fn=collate, pin_memory=on_cuda, drop_last=False,
                             generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
         lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
-        sums = {"loss": 0.0, "structure": 0.0, "lossnet": 0.0}
-        seen = 0
+        totals = EpochLosses()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
                    leave=False)
         pending = None  # (step, n, losses) of the previous step, read once the next one is queued
-
-        def account(step: int, n: int, losses: dict[str, torch.Tensor]) -> None:
-            nonlocal seen
-            loss = float(losses["loss"])
-            if not math.isfinite(loss):
-                raise M2SNetError(
-                    f"{out}: loss became {loss} at epoch {epoch + 1} step {step + 1} "
-                    f"(backbone_lr={optimizer.param_groups[0]['lr']:.3g}, head_lr={optimizer.param_groups[1]['lr']:.3g}); "
-                    "lower the learning rates or check the data; the last good checkpoint is "
-                    f"{last_path if last_path.exists() else 'not written yet'}"
-                )
-            seen += n
-            for k in sums:
-                if k in losses:
-                    sums[k] += float(losses[k]) * n
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-
         for step, batch in enumerate(bar):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["mask"].to(device, non_blocking=True)
@@ -397,18 +417,20 @@ def train(
             if cfg.schedule_unit == "step":
                 scheduler.step()
             if pending is not None:
-                account(*pending)
+                _account(totals, *pending, epoch=epoch, bar=bar, t0=t0, out=out, last_path=last_path,
+                         optimizer=optimizer)
             pending = (step, x.shape[0], losses)
         if pending is not None:
-            account(*pending)
+            _account(totals, *pending, epoch=epoch, bar=bar, t0=t0, out=out, last_path=last_path,
+                     optimizer=optimizer)
         bar.close()
         if cfg.schedule_unit == "epoch":
             scheduler.step()
         train_s = time.perf_counter() - t0
-        row: dict[str, float] = {"epoch": epoch + 1, "train_loss": sums["loss"] / seen,
-                                 "train_structure": sums["structure"] / seen,
-                                 "train_lossnet": sums["lossnet"] / seen, **lrs,
-                                 "train_img_per_s": seen / train_s}
+        row: dict[str, float] = {"epoch": epoch + 1, "train_loss": totals.mean("loss"),
+                                 "train_structure": totals.mean("structure"),
+                                 "train_lossnet": totals.mean("lossnet"), **lrs,
+                                 "train_img_per_s": totals.seen / train_s}
         if val_ds is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
             val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False,
                                     num_workers=cfg.num_workers, pin_memory=on_cuda,

@@ -28,15 +28,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from m2snet.common import M2SNetError, git_commit, write_json
-from m2snet.evaluation.metrics import BUSI_TABLE
+from m2snet.evaluation.metrics import BUSI_TABLE, is_distance_metric
 from m2snet.training.config import TrainConfig
 
 log = logging.getLogger("m2snet.workflows.folds")
 
 # The paper's Tab. 4 (BUSI, M2SNet), in percent: (mean, std).
-# Metrics that are distances in pixels (OCT layer boundaries), reported as they are; every other
-# metric is a fraction and is reported in percent.
-DISTANCE_METRICS = frozenset({"med"})
 
 PAPER_BUSI_M2SNET = {"iou": (71.52, 1.19), "precision": (84.00, 0.55), "recall": (79.97, 1.65),
                      "specificity": (98.35, 0.20), "dice": (79.21, 1.28)}
@@ -103,7 +100,7 @@ def aggregate_cv(per_fold: Sequence[Mapping[str, float]] | Sequence[FoldResult],
     mean, std = {}, {}
     for k in keys:
         vals = np.array([float(r[k]) for r in rows])
-        if k not in DISTANCE_METRICS:
+        if not is_distance_metric(k):  # fractions in percent; pixel distances as they are
             vals = vals * 100.0
         mean[k] = float(np.nanmean(vals))
         std[k] = float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0

@@ -116,7 +116,7 @@ def prepare_dataset(
             repo = dvc_repo or str(REPO_ROOT)
             try:
                 Repo.get(repo, dvc_path, out=str(src), rev=dvc_rev or None)
-            except Exception as err:  # noqa: BLE001 - DVC raises many types; name the inputs
+            except Exception as err:
                 raise M2SNetError(f"dvc get {repo} {dvc_path} --rev {dvc_rev or 'HEAD'} failed: {err}") from err
             source_desc = f"dvc:{repo}@{dvc_rev or 'HEAD'}:{dvc_path}"
             where = {"uri": repo, "dvc_rev": dvc_rev or "HEAD", "dvc_path": dvc_path}
@@ -225,8 +225,8 @@ def train_fold_step(
     experiment: str = "",
 ) -> dict[str, Any]:
     """Train fold ``fold`` with ITS tuned learning rates as a child run of the parent; checkpoint in ``out_dir``."""
-    from m2snet.workflows.folds import fit_fold, fold_tags
     from m2snet.training.trainer import SELECTED
+    from m2snet.workflows.folds import fit_fold, fold_tags
 
     tuned = json.loads(Path(best_params_path).read_text())["best_params"] if best_params_path else {}
     # Explicit user overrides win over tuned values: the user asked for them. last.pt (optimizer + RNG
@@ -279,8 +279,8 @@ def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
 
 def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: str, out_dir: str) -> dict[str, float]:
     """Score the fold's selected checkpoint on its validation cases (original size); log to the fold's run."""
-    from m2snet.workflows.folds import fold_run, score_fold
     from m2snet.data.split import load_split
+    from m2snet.workflows.folds import fold_run, score_fold
 
     val = load_split(split_path).fold(fold).val
     run = fold_run(model_dir)

@@ -7,9 +7,9 @@ the space small and well conditioned: most of the effect is the overall scale.
 Objective: the final validation Dice of a short training run on an INNER split of one CV fold's
 training cases (``m2snet.data.split.inner_split``: stratified, duplicate groups on one side). The
 fold's validation cases are never seen, and since every fold tunes on its own inner split (nested
-tuning, ``m2snet.workflows.folds.tune_fold``), no fold is scored on cases that chose its hyper-parameters. Each epoch's validation Dice is
-reported to Optuna through the trainer's ``callbacks`` hook so a MedianPruner can stop poor trials
-early.
+tuning, ``m2snet.workflows.folds.tune_fold``), no fold is scored on cases that chose its
+hyper-parameters. Each epoch's validation Dice is reported to Optuna through the trainer's
+``callbacks`` hook so a MedianPruner can stop poor trials early.
 
 Sharing: the study lives in ``storage`` -- a SQLite URL or ``journal:PATH`` (JournalFileBackend)
 locally, a PostgreSQL URL on the cluster -- and is opened with ``load_if_exists``, so several
