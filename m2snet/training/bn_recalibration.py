@@ -20,11 +20,12 @@ the batch's own statistics (the train-mode behaviour), everything else in eval m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,11 +33,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
-from m2snet.common import M2SNetError
+from m2snet.common import M2SNetError, resolve_device
+from m2snet.data.dataset import SegmentationDataset
+from m2snet.evaluation.metrics import binary_metrics
+from m2snet.models.checkpoint import Checkpoint
 from m2snet.models.units import OnesFilterBN
-
-if TYPE_CHECKING:
-    from m2snet.models.checkpoint import Checkpoint
+from m2snet.training.config import TrainConfig
+from m2snet.training.trainer import resolve_cases
 
 log = logging.getLogger("m2snet.training")
 
@@ -140,7 +143,6 @@ def mean_dice(model: nn.Module, dataset: Dataset, device: str | torch.device = "
 
     With batch statistics the result depends on how the cases are batched: they are taken in the
     dataset's order, ``batch_size`` at a time (as the trainer's validation does)."""
-    from m2snet.evaluation.metrics import binary_metrics
 
     model.eval()
     dices = []
@@ -159,7 +161,6 @@ def recalibrate_into(ckpt: Checkpoint, model: nn.Module, loader: Iterable[Any],
                      device: str | torch.device) -> Checkpoint:
     """``ckpt`` with its weights loaded into ``model``, recalibrated, and written back (state_dict +
     ``bn_recalibration``)."""
-    import dataclasses
 
     model.load_state_dict(ckpt.state_dict)
     model.to(device)
@@ -172,7 +173,6 @@ def recalibrate_run_checkpoints(paths: Sequence[str | os.PathLike], model: nn.Mo
                                 batch_size: int, seed: int, device: str | torch.device,
                                 num_workers: int = 0) -> None:
     """Recalibrate each existing checkpoint of a finished run in place (the trainer's last step)."""
-    from m2snet.models.checkpoint import Checkpoint
 
     loader = recalibration_loader(dataset, batch_size, seed, num_workers)
     for path in dict.fromkeys(Path(p) for p in paths):
@@ -206,11 +206,6 @@ def recalibrate_checkpoint(
     default to the checkpoint's image size and training batch size.
     Returns (path written, the ``bn_recalibration`` record).
     """
-    from m2snet.common import resolve_device
-    from m2snet.data.dataset import SegmentationDataset
-    from m2snet.models.checkpoint import Checkpoint
-    from m2snet.training.config import TrainConfig
-    from m2snet.training.trainer import resolve_cases
 
     ckpt = Checkpoint.load(checkpoint).slim()
     config = dict(ckpt.model_config)

@@ -25,6 +25,11 @@ REFERENCE_SCALES = (224, 256, 288, 320, 352)
 REFERENCE_BASE_SIZE = 352
 
 
+# A training run's directory: the resumable checkpoint of the latest epoch, and the checkpoint the
+# selection rule chose (what evaluation, export and serving use).
+LAST = "last.pt"
+SELECTED = "model.pt"
+
 @dataclass
 class TrainConfig:
     # --- data -----------------------------------------------------------------------------------

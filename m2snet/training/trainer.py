@@ -29,18 +29,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, default_collate
+from tqdm import tqdm
 
 from m2snet import __version__
 from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
+from m2snet.data.cache import default_cache_dir
+from m2snet.data.dataset import SegmentationDataset
+from m2snet.data.format import load_dataset
+from m2snet.data.split import groups_across, inner_split, load_split
+from m2snet.evaluation.metrics import binary_metrics, multiclass_dice
+from m2snet.evaluation.plots import learning_curves
+from m2snet.models import create_model
 from m2snet.models.checkpoint import Checkpoint, ResumeState, capture_rng_state, restore_rng_state
 from m2snet.training.callbacks import CallbackLike, EpochEnd, TrainEnd, TrainStart, as_callbacks
-from m2snet.training.config import TrainConfig
+from m2snet.training.config import LAST, SELECTED, TrainConfig
+from m2snet.training.losses import TotalLoss
 from m2snet.training.schedule import build_scheduler
 
 log = logging.getLogger("m2snet.training")
 
-LAST = "last.pt"
-SELECTED = "model.pt"  # the checkpoint the selection rule chose: what evaluation and serving use
 
 
 @dataclass
@@ -204,14 +211,12 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
     With ``leak_check``, a fold that puts two copies of one image (a duplicate cluster of the
     manifest, or the same bytes) on both sides is an error: the split was made by an older rule.
     """
-    from m2snet.data.format import load_dataset
 
     if not cfg.data:
         raise M2SNetError("no dataset given (TrainConfig.data / --data)")
     info = load_dataset(cfg.data)
     split_sha = None
     if cfg.split:
-        from m2snet.data.split import groups_across, inner_split, load_split
 
         split = load_split(cfg.split)
         fold = split.fold(cfg.fold)
@@ -260,7 +265,6 @@ def _account(totals: EpochLosses, step: int, n: int, losses: dict[str, torch.Ten
 
 def validate(model, loader, loss_fn, device, n_classes: int, amp: bool) -> dict[str, float]:
     """Mean per-image Dice/IoU (threshold 0.5) and loss at the train size."""
-    from m2snet.evaluation.metrics import binary_metrics, multiclass_dice
 
     model.eval()
     dices, ious, losses = [], [], []
@@ -305,11 +309,7 @@ def train(
     (``m2snet.workflows.folds.tracking_callbacks``). With ``cfg.keep_last_checkpoint`` off, ``last.pt``
     is removed once the run has finished (a crash before that still leaves it to resume from).
     """
-    from tqdm import tqdm
 
-    from m2snet.data.dataset import SegmentationDataset
-    from m2snet.models import create_model
-    from m2snet.training.losses import TotalLoss
 
     cfg.validate()
     callbacks = as_callbacks(callbacks)
@@ -335,7 +335,6 @@ def train(
     n_classes = info.n_classes
     cache_dir = None
     if cfg.cache:
-        from m2snet.data.cache import default_cache_dir
 
         cache_dir = cfg.cache_dir or default_cache_dir()
     model_config = {"n_classes": n_classes, **cfg.model_config}
@@ -469,7 +468,6 @@ def train(
         last_path.unlink(missing_ok=True)
     write_json(out / "history.json", history)
     if history:
-        from m2snet.evaluation.plots import learning_curves
 
         learning_curves(history, out / "learning_curves.png", title=f"{cfg.model} fold {cfg.fold}")
     end_event = TrainEnd(config=cfg, out_dir=out, checkpoint=model_path, selected_epoch=int(selected["epoch"]),

@@ -27,9 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from m2snet.common import M2SNetError, git_commit, write_json
+from m2snet.data.format import load_dataset
+from m2snet.data.split import load_split
 from m2snet.evaluation.metrics import BUSI_TABLE, is_distance_metric
+from m2snet.evaluation.plots import cv_learning_curves
+from m2snet.mlops.tracking import (
+    PARENT_RUN_FILE,
+    RUN_FILE,
+    MlflowCallback,
+    Tracker,
+    read_run_file,
+    reopen_run,
+    write_run_file,
+)
 from m2snet.training.config import TrainConfig
+from m2snet.workflows.tuning import tune
 
 log = logging.getLogger("m2snet.workflows.folds")
 
@@ -89,7 +104,6 @@ def aggregate_cv(per_fold: Sequence[Mapping[str, float]] | Sequence[FoldResult],
     Accepts FoldResult objects or plain metric dicts (e.g. read back from each fold's
     ``eval/metrics.json`` by a pipeline step). ``n_cases`` and other counts are not aggregated.
     """
-    import numpy as np
 
     rows = [r.metrics if isinstance(r, FoldResult) else dict(r) for r in per_fold]
     if not rows:
@@ -111,14 +125,12 @@ def tracking_callbacks(tracker) -> list:
     """The training callbacks that log a run to ``tracker`` (a Tracker, or None: no tracking)."""
     if tracker is None:
         return []
-    from m2snet.mlops.tracking import MlflowCallback
 
     return [MlflowCallback(tracker)]
 
 
 def fold_run(fold_dir: str | os.PathLike, tracking=None):
     """The fold's MLflow run, reopened from ``<fold_dir>/mlflow_run.json`` (None without one)."""
-    from m2snet.mlops.tracking import RUN_FILE, reopen_run
 
     return reopen_run(Path(fold_dir) / RUN_FILE, tracking)
 
@@ -135,7 +147,6 @@ def _fold_tracker(parent, tracking, fold_dir: Path, fold: int, resume: bool):
     if parent is not None:
         return parent.child(f"fold-{fold}", tags=fold_tags(fold))
     if tracking is not None:
-        from m2snet.mlops.tracking import Tracker
 
         return Tracker.start(tracking, run_name=f"fold-{fold}", tags=fold_tags(fold))
     return None
@@ -168,7 +179,6 @@ def tune_fold(cfg: TrainConfig, fold: int, tuning, out_dir: str | os.PathLike, *
 
     Returns the :class:`m2snet.workflows.tuning.TuningResult`; its ``best_params`` are TrainConfig fields.
     """
-    from m2snet.workflows.tuning import tune
 
     return tune(cfg.override(fold=fold), tuning, out_dir, parent=parent, tracking=tracking)
 
@@ -304,14 +314,6 @@ def run_cv(
 
     ``tuning`` (a TuningConfig): nested tuning, one study per fold on that fold's inner split.
     """
-    from m2snet.data.split import load_split
-    from m2snet.evaluation.plots import cv_learning_curves
-    from m2snet.mlops.tracking import (
-        PARENT_RUN_FILE,
-        Tracker,
-        read_run_file,
-        write_run_file,
-    )
 
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
@@ -328,7 +330,6 @@ def run_cv(
         parent = (Tracker.start(tracking, run_id=parent_run_id) if parent_run_id else
                   Tracker.start(tracking, run_name=run_name or f"cv-{cfg.model}", tags={"m2snet.kind": "cv"}))
         write_run_file(out / PARENT_RUN_FILE, parent)
-        from m2snet.data.format import load_dataset
 
         # The children record what actually happened (pretrained source, device); the parent
         # records the shared inputs.

@@ -25,9 +25,34 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from m2snet.common import M2SNetError, git_commit, write_json
-from m2snet.mlops.tracking import DatasetLineage
+from m2snet.common import M2SNetError, git_commit, sha256_file, write_json
+from m2snet.data.demo import build_demo_dataset, make_demo_dataset
+from m2snet.data.format import load_dataset
+from m2snet.data.importers import import_dataset
+from m2snet.data.split import load_split, make_split
+from m2snet.data.validation import validate_dataset
+from m2snet.data.versioning import dataset_version, tracked_version
+from m2snet.mlops.registry import (
+    SCORE_TAG,
+    PromotionPolicy,
+    describe_version,
+    find_version_by_key,
+    promote,
+    register_model_version,
+)
+from m2snet.mlops.tracking import (
+    DatasetLineage,
+    Tracker,
+    TrackingConfig,
+    ensure_experiment,
+    iter_child_runs,
+    make_client,
+    with_retry,
+)
+from m2snet.training.config import SELECTED
+from m2snet.workflows.folds import aggregate_cv, fit_fold, fold_run, fold_tags, score_fold, tune_fold, write_cv_summary
 from m2snet.workflows.presets import DEFAULT_EXPERIMENT, get_preset, parse_overrides, train_config
+from m2snet.workflows.tuning import TuningConfig
 
 if TYPE_CHECKING:
     from m2snet.mlops.tracking import Tracker
@@ -41,7 +66,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def parent_run(pipeline_run_id: str, experiment: str = "", create: bool = True) -> "Tracker | None":
     """The MLflow parent run of a pipeline run (found by tag; created on first use)."""
-    from m2snet.mlops.tracking import Tracker, TrackingConfig, ensure_experiment, make_client, with_retry
 
     if not pipeline_run_id:
         return None
@@ -66,8 +90,6 @@ def tracked_demo_dataset(path: Path | None = None) -> Path:
     the hash matches and the run's data lineage is the tracked version. A mismatch (the generator
     or its libraries changed) is reported, not hidden.
     """
-    from m2snet.data.demo import build_demo_dataset
-    from m2snet.data.versioning import dataset_version, tracked_version
 
     if path is None:
         # The checkout's data/demo (editable install); else the working directory's (an installed package).
@@ -100,9 +122,6 @@ def prepare_dataset(
     revision), ``data_path`` (an m2snet dataset directory, or a raw layout for ``importer``), else
     the built-in demo set at the preset's size.
     """
-    from m2snet.data.format import load_dataset
-    from m2snet.data.importers import import_dataset
-    from m2snet.data.validation import validate_dataset
 
     out = Path(out_dir)
     p = get_preset(preset)
@@ -132,7 +151,6 @@ def prepare_dataset(
             repo_dir = src.parent.parent  # the checkout whose data.dvc tracks data/demo
             where = {"uri": str(repo_dir), "dvc_rev": git_commit(repo_dir), "dvc_path": "data/demo"}
         else:
-            from m2snet.data.demo import make_demo_dataset
 
             src = make_demo_dataset(Path(tmp) / "demo", n_per_class=p.demo_cases_per_class, size=p.demo_size)
             source_desc = f"demo({p.demo_cases_per_class}/class, {p.demo_size}px)"
@@ -164,7 +182,6 @@ def prepare_dataset(
 
 def split_dataset(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n_folds: int, seed: int) -> list[int]:
     """Write the K-fold split file; return the fold indices (what the pipeline fans out over)."""
-    from m2snet.data.split import make_split
 
     split = make_split(dataset_dir, n_folds=n_folds, seed=seed, out=out_path)
     return list(range(split.n_folds))
@@ -189,8 +206,6 @@ def tune_step(
     The pipeline runs one per fold, inside the fold loop, so no fold is scored on cases that took
     part in choosing its learning rates.
     """
-    from m2snet.workflows.folds import tune_fold
-    from m2snet.workflows.tuning import TuningConfig
 
     p = get_preset(preset)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="m2snet-tune-"))
@@ -225,8 +240,6 @@ def train_fold_step(
     experiment: str = "",
 ) -> dict[str, Any]:
     """Train fold ``fold`` with ITS tuned learning rates as a child run of the parent; checkpoint in ``out_dir``."""
-    from m2snet.training.trainer import SELECTED
-    from m2snet.workflows.folds import fit_fold, fold_tags
 
     tuned = json.loads(Path(best_params_path).read_text())["best_params"] if best_params_path else {}
     # Explicit user overrides win over tuned values: the user asked for them. last.pt (optimizer + RNG
@@ -258,7 +271,6 @@ def train_fold_step(
 
 def log_fold_lineage(parent: "Tracker | None", run: "Tracker | None", split_path: str, fold: int) -> None:
     """A fold run logs its parent's dataset input, tagged with the fold and the split file's hash."""
-    from m2snet.common import sha256_file
 
     if parent is None or run is None:
         return
@@ -269,7 +281,6 @@ def log_fold_lineage(parent: "Tracker | None", run: "Tracker | None", split_path
 
 
 def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
-    from m2snet.training.trainer import SELECTED
 
     path = Path(model_dir) / SELECTED
     if not path.is_file():
@@ -279,8 +290,6 @@ def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
 
 def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: str, out_dir: str) -> dict[str, float]:
     """Score the fold's selected checkpoint on its validation cases (original size); log to the fold's run."""
-    from m2snet.data.split import load_split
-    from m2snet.workflows.folds import fold_run, score_fold
 
     val = load_split(split_path).fold(fold).val
     run = fold_run(model_dir)
@@ -303,7 +312,6 @@ def aggregate_step(
     experiment: str = "",
 ) -> dict[str, float]:
     """The CV table (mean +- std in percent) -> ``out_dir/cv_table.md`` + ``cv_summary.json``; logged on the parent."""
-    from m2snet.workflows.folds import aggregate_cv, write_cv_summary
 
     rows = [{k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for m in fold_metrics]
     summary = aggregate_cv(rows)
@@ -331,10 +339,7 @@ def register_step(
     experiment: str = "",
 ) -> str:
     """Register the folds' ensemble as ONE model version (once per pipeline run); return the version."""
-    from m2snet.common import sha256_file
     from m2snet.mlops.pyfunc import log_segmentation_model
-    from m2snet.mlops.registry import SCORE_TAG, describe_version, find_version_by_key, register_model_version
-    from m2snet.mlops.tracking import TrackingConfig
 
     checkpoints = [_fold_checkpoint(d) for d in model_dirs]
     # The key: the pipeline run (a retried step) or, run by hand, the checkpoints themselves.
@@ -366,7 +371,6 @@ def register_step(
 def promote_step(model_name: str, version: str, *, floor: float, margin: float, force: bool = False,
                  pipeline_run_id: str = "", experiment: str = "") -> bool:
     """Apply the promotion gate; record the decision on the parent run and close it."""
-    from m2snet.mlops.registry import PromotionPolicy, promote
 
     decision = promote(model_name, version, PromotionPolicy(floor=floor, margin=margin), force=force)
     parent = parent_run(pipeline_run_id, experiment, create=False)
@@ -398,7 +402,6 @@ def run_description(parent: "Tracker") -> str:
 
 def _close_open_children(parent: "Tracker") -> list[str]:
     """Mark the parent's still-RUNNING descendants FAILED (a fold whose task died); return all failed ones."""
-    from m2snet.mlops.tracking import iter_child_runs
 
     failed, todo = [], [parent.run_id]
     while todo:

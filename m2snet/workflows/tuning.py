@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from m2snet.common import M2SNetError, write_json
-from m2snet.data.split import INNER_VAL_FRACTION
+from m2snet.data.format import load_dataset
+from m2snet.data.split import INNER_VAL_FRACTION, load_split, write_inner_split
+from m2snet.mlops.tracking import Tracker, TrackingConfig, redact
 
 if TYPE_CHECKING:
     import optuna
@@ -195,7 +197,6 @@ def tune(
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    from m2snet.mlops.tracking import Tracker, TrackingConfig, redact
     from m2snet.training.trainer import train
     from m2snet.workflows.folds import tracking_callbacks
 
@@ -206,8 +207,6 @@ def tune(
     out_dir.mkdir(parents=True, exist_ok=True)
     storage_url = cfg.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
     study = open_study(cfg, make_storage(storage_url))
-    from m2snet.data.format import load_dataset
-    from m2snet.data.split import load_split, write_inner_split
 
     inner = write_inner_split(load_dataset(base.data), load_split(base.split), base.fold,
                               out_dir / "inner_split.json", cfg.inner_val_fraction, cfg.seed)
