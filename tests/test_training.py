@@ -217,3 +217,28 @@ def test_callbacks_get_start_epochs_end_and_last_checkpoint_can_go(tiny_data, tm
     assert seen == [1, 2]
     assert res.last_checkpoint is None and not (tmp_path / "run" / "last.pt").exists()
     assert Checkpoint.load(res.checkpoint).selected_epoch == 2
+
+
+def test_validation_builds_no_autograd_graph():
+    """validate() runs under no_grad: a graph per validation batch would hold every activation."""
+    from m2snet.training.trainer import validate
+
+    seen_grad_mode = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 1, 1)
+
+        def forward(self, x):
+            seen_grad_mode.append(torch.is_grad_enabled())
+            return self.conv(x)
+
+    def loss_fn(logits, y):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        assert not loss.requires_grad
+        return {"loss": loss}
+
+    batch = {"image": torch.randn(2, 3, 8, 8), "mask": (torch.rand(2, 1, 8, 8) > 0.5).float()}
+    row = validate(Probe(), [batch], loss_fn, "cpu", n_classes=1, amp=False)
+    assert seen_grad_mode == [False] and set(row) >= {"val_dice", "val_loss"}

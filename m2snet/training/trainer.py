@@ -248,7 +248,6 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
     return FoldCases(info, train_ids, val_ids if epoch_val is None else epoch_val, val_ids, split_sha)
 
 
-@torch.no_grad()
 def _account(totals: EpochLosses, step: int, n: int, losses: dict[str, torch.Tensor], *, epoch: int, bar, t0: float,
              out: Path, last_path: Path, optimizer: torch.optim.Optimizer) -> None:
     """Add a step to the epoch's totals and the progress bar; stop on a non-finite loss, naming where."""
@@ -263,6 +262,7 @@ def _account(totals: EpochLosses, step: int, n: int, losses: dict[str, torch.Ten
     bar.set_postfix(loss=f"{totals.mean('loss'):.4f}", img_s=f"{totals.seen / (time.perf_counter() - t0):.1f}")
 
 
+@torch.no_grad()
 def validate(model, loader, loss_fn, device, n_classes: int, amp: bool) -> dict[str, float]:
     """Mean per-image Dice/IoU (threshold 0.5) and loss at the train size."""
 
