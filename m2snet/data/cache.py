@@ -16,11 +16,29 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.format import DatasetInfo, load_dataset
 
 log = logging.getLogger(__name__)
+
+
+def load_case_arrays(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one case and resize it to ``size`` x ``size``: uint8 [S, S, 3] image, uint8 [S, S] mask.
+
+    Images are resized bilinearly, masks with nearest neighbour so class ids stay class ids.
+    This is the one decode+resize; the cache stores exactly its output.
+    """
+    try:
+        with Image.open(image_path) as im:
+            image = im.convert("RGB").resize((size, size), Image.BILINEAR)
+        with Image.open(mask_path) as m:
+            mask = m.convert("L").resize((size, size), Image.NEAREST)
+    except OSError as err:
+        where = getattr(err, "filename", None) or image_path
+        raise M2SNetError(f"{where}: cannot decode ({err})") from None
+    return np.array(image, dtype=np.uint8), np.array(mask, dtype=np.uint8)
 
 
 def default_cache_dir() -> Path:
@@ -56,7 +74,6 @@ def build_cache(info: DatasetInfo, size: int, cache_dir: str | os.PathLike | Non
     """Decode and resize every case of ``info`` into the cache (no-op when already built)."""
     from tqdm.auto import tqdm
 
-    from m2snet.data.dataset import load_case_arrays
 
     path = cache_path(info, size, cache_dir)
     if (path / "index.json").is_file():

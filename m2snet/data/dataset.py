@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from m2snet.common import M2SNetError
+from m2snet.data.cache import load_case_arrays, open_cache
 from m2snet.data.format import DatasetInfo, load_dataset
 
 MAX_ROTATION_DEG = 10.0
@@ -22,25 +21,6 @@ class Normalization(Protocol):
 
     mean: Sequence[float]
     std: Sequence[float]
-
-
-def load_case_arrays(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one case and resize it to ``size`` x ``size``: uint8 [S, S, 3] image, uint8 [S, S] mask.
-
-    Images are resized bilinearly, masks with nearest neighbour so class ids stay class ids.
-    This is the one decode+resize; the cache stores exactly its output.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(image_path) as im:
-            image = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        with Image.open(mask_path) as m:
-            mask = m.convert("L").resize((size, size), Image.NEAREST)
-    except OSError as err:
-        where = getattr(err, "filename", None) or image_path
-        raise M2SNetError(f"{where}: cannot decode ({err})") from None
-    return np.array(image, dtype=np.uint8), np.array(mask, dtype=np.uint8)
 
 
 def normalise(image_u8: torch.Tensor, normalization: Normalization) -> torch.Tensor:
@@ -97,8 +77,6 @@ class SegmentationDataset(Dataset):
         self.binary = self.info.is_binary
         self._cache = None
         if cache_dir is not None:
-            from m2snet.data.cache import open_cache
-
             self._cache = open_cache(self.info, self.size, cache_dir)
 
     def __len__(self) -> int:
