@@ -96,8 +96,8 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
     """
     import numpy as np
 
+    from m2snet.training.cases import resolve_cases
     from m2snet.training.config import TrainConfig
-    from m2snet.training.trainer import resolve_cases
     from m2snet.workflows.folds import aggregate_cv
 
     area = {c.case_id: c.lesion_area for c in info.cases}
@@ -116,7 +116,7 @@ def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[s
     from m2snet.common import resolve_device
     from m2snet.evaluation.evaluate import evaluate_predictor
     from m2snet.evaluation.predict import Predictor
-    from m2snet.training.trainer import resolve_cases
+    from m2snet.training.cases import resolve_cases
     from m2snet.workflows.folds import score_fold
 
     rows: dict[str, list[dict]] = {}

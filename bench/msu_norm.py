@@ -49,8 +49,9 @@ def main() -> None:
     from m2snet.models import create_model
     from m2snet.models.checkpoint import Checkpoint
     from m2snet.training.bn_recalibration import mean_dice, recalibrate_bn, recalibration_loader
+    from m2snet.training.cases import resolve_cases
     from m2snet.training.config import TrainConfig
-    from m2snet.training.trainer import resolve_cases, train
+    from m2snet.training.trainer import train
 
     pretrained = {"false": False, "true": True}.get(args.pretrained.lower(), args.pretrained)
     rows, curves = {}, {}

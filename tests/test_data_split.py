@@ -145,8 +145,8 @@ def test_training_refuses_a_split_that_leaks_a_cluster(tmp_path, demo_ds):
     import csv
     import shutil
 
+    from m2snet.training.cases import resolve_cases
     from m2snet.training.config import TrainConfig
-    from m2snet.training.trainer import resolve_cases
 
     ds = tmp_path / "ds"
     shutil.copytree(demo_ds, ds)

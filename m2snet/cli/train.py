@@ -60,9 +60,9 @@ def train_cmd(
     the fold's training cases); the fold's validation cases never choose it."""
     import contextlib
 
-    from m2snet.mlops.tracking import Tracker
+    from m2snet.mlops.tracking import Tracker, tracking_callbacks
     from m2snet.training.trainer import train
-    from m2snet.workflows.folds import fold_run, tracking_callbacks, train_fold
+    from m2snet.workflows.folds import fold_run, train_fold
 
     cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
                   fold=fold, model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,

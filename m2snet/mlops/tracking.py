@@ -470,3 +470,9 @@ def iter_child_runs(client, parent_run_id: str) -> Iterable:
     parent = client.get_run(parent_run_id)
     return client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def tracking_callbacks(tracker: Tracker | None) -> list[MlflowCallback]:
+    """The training callbacks that log a run to ``tracker`` (None: no tracking). The workflow layer
+    attaches them: ``train(cfg, callbacks=tracking_callbacks(tracker))``."""
+    return [] if tracker is None else [MlflowCallback(tracker)]

@@ -6,41 +6,8 @@ False = random), ``msu_impl="fast" | "dense"`` and ``msu_norm="per_site" | "shar
 ``pretrained_source``, ``backbone_parameters()`` and ``head_parameters()``.
 """
 
-from __future__ import annotations
+# Importing zoo registers every model (zoo takes register_model from models.registry, not from here).
+from m2snet.models import zoo as _zoo  # noqa: F401
+from m2snet.models.registry import create_model, list_models, register_model
 
-from typing import Any, Callable
-
-from torch import nn
-
-from m2snet.common import M2SNetError
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-    return decorate
-
-
-def list_models() -> list[str]:
-    return list(_REGISTRY)
-
-
-def create_model(name: str, **config: Any) -> nn.Module:
-    """Build a registered model. Unknown names or options raise :class:`M2SNetError`."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise M2SNetError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
-    try:
-        return factory(**config)
-    except TypeError as err:
-        raise M2SNetError(f"model {name!r}: bad configuration {sorted(config)}: {err}") from err
-
-
-# Importing the modules below registers the models.
-from m2snet.models import zoo as _zoo  # noqa: E402,F401
+__all__ = ["create_model", "list_models", "register_model"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from m2snet.models import register_model
 from m2snet.models.baselines import FPN, SMPModel
 from m2snet.models.m2snet import M2SNet
+from m2snet.models.registry import register_model
 
 
 @register_model("m2snet")

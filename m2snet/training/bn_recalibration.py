@@ -38,8 +38,8 @@ from m2snet.data.dataset import SegmentationDataset
 from m2snet.evaluation.metrics import binary_metrics
 from m2snet.models.checkpoint import Checkpoint
 from m2snet.models.units import OnesFilterBN
+from m2snet.training.cases import resolve_cases
 from m2snet.training.config import TrainConfig
-from m2snet.training.trainer import resolve_cases
 
 log = logging.getLogger("m2snet.training")
 

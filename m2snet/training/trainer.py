@@ -5,7 +5,7 @@ head parameter groups with their own max LR on the triangular schedule, multi-sc
 on CUDA. Each epoch ends with a validation pass (Dice/IoU per image at the train size) and an
 atomic checkpoint (``last.pt``: everything needed to resume; ``model.pt``: the run's result, slim,
 chosen by ``TrainConfig.selection`` -- the final epoch by default, so the cases a fold reports on
-never pick the checkpoint; see :func:`resolve_cases`). Resuming restores model, optimizer,
+never pick the checkpoint; see :func:`m2snet.training.cases.resolve_cases`). Resuming restores model, optimizer,
 scheduler, AMP scaler and every RNG; the order of the training cases comes from a DataLoader
 generator seeded by (seed, epoch), so a resumed run
 reproduces the uninterrupted one exactly on CPU in deterministic mode. The loop reports to
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,13 +34,13 @@ from m2snet import __version__
 from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
 from m2snet.data.cache import default_cache_dir
 from m2snet.data.dataset import SegmentationDataset
-from m2snet.data.format import load_dataset
-from m2snet.data.split import groups_across, inner_split, load_split
 from m2snet.evaluation.metrics import binary_metrics, multiclass_dice
 from m2snet.evaluation.plots import learning_curves
 from m2snet.models import create_model
 from m2snet.models.checkpoint import Checkpoint, ResumeState, capture_rng_state, restore_rng_state
+from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
 from m2snet.training.callbacks import CallbackLike, EpochEnd, TrainEnd, TrainStart, as_callbacks
+from m2snet.training.cases import resolve_cases
 from m2snet.training.config import LAST, SELECTED, TrainConfig
 from m2snet.training.losses import TotalLoss
 from m2snet.training.schedule import build_scheduler
@@ -188,66 +187,6 @@ class EpochLosses:
         return self.sums[key] / self.seen
 
 
-def _subsample(ids: list[str], n: int | None, seed: int) -> list[str]:
-    if n is None or n >= len(ids):
-        return list(ids)
-    return sorted(random.Random(seed).sample(sorted(ids), n))
-
-
-@dataclass
-class FoldCases:
-    """Which cases a run trains on, scores every epoch, and leaves for the fold's report."""
-
-    info: Any  # DatasetInfo
-    train: list[str]
-    epoch_val: list[str]  # scored after every epoch (learning curves; selection for inner/fold_best)
-    reported: list[str]  # the fold's validation cases (empty without a split)
-    split_sha256: str | None
-
-
-def resolve_cases(cfg: TrainConfig) -> FoldCases:
-    """The cases of the config's data/split/fold under its selection rule (see TrainConfig.selection).
-
-    With ``leak_check``, a fold that puts two copies of one image (a duplicate cluster of the
-    manifest, or the same bytes) on both sides is an error: the split was made by an older rule.
-    """
-
-    if not cfg.data:
-        raise M2SNetError("no dataset given (TrainConfig.data / --data)")
-    info = load_dataset(cfg.data)
-    split_sha = None
-    if cfg.split:
-
-        split = load_split(cfg.split)
-        fold = split.fold(cfg.fold)
-        train_ids, val_ids, split_sha = list(fold.train), list(fold.val), split.sha256
-        known = {c.case_id for c in info.cases}
-        unknown = [c for c in train_ids + val_ids if c not in known]
-        if unknown:
-            raise M2SNetError(f"{cfg.split}: {len(unknown)} case ids not in {cfg.data} (e.g. {unknown[:3]}); "
-                              "was the split made for another dataset?")
-        if cfg.leak_check:
-            leaks = groups_across(info.cases, {**{c: 0 for c in train_ids}, **{c: 1 for c in val_ids}})
-            if leaks:
-                raise M2SNetError(
-                    f"{cfg.split}: fold {cfg.fold} has {len(leaks)} duplicate group(s) on both sides "
-                    f"(e.g. {leaks[0]}): the validation cases would be scored on copies of training images. "
-                    f"Re-split with `m2snet data split {cfg.data}` (groups duplicate clusters), or set "
-                    "leak_check=false to measure a leaky split on purpose")
-        if cfg.selection == "inner":
-            train_ids, epoch_val = inner_split(info, train_ids, cfg.inner_val_fraction, cfg.seed)
-            epoch_val = _subsample(epoch_val, cfg.max_val_cases, cfg.seed + 2)
-        else:
-            epoch_val = None  # the fold's validation cases, subsampled below
-    else:
-        train_ids, val_ids, epoch_val = [c.case_id for c in info.cases], [], []
-    train_ids = _subsample(train_ids, cfg.max_train_cases, cfg.seed)
-    val_ids = _subsample(val_ids, cfg.max_val_cases, cfg.seed + 1)
-    if not train_ids:
-        raise M2SNetError(f"{cfg.data}: no training cases (fold {cfg.fold})")
-    return FoldCases(info, train_ids, val_ids if epoch_val is None else epoch_val, val_ids, split_sha)
-
-
 def _account(totals: EpochLosses, step: int, n: int, losses: dict[str, torch.Tensor], *, epoch: int, bar, t0: float,
              out: Path, last_path: Path, optimizer: torch.optim.Optimizer) -> None:
     """Add a step to the epoch's totals and the progress bar; stop on a non-finite loss, naming where."""
@@ -306,7 +245,7 @@ def train(
     (:class:`m2snet.training.callbacks.TrainCallback`, or plain functions of :class:`EpochEnd`) get
     the run's start, each epoch's end once its checkpoint is written (raise to stop: the run stays
     resumable) and the end, in the order given; MLflow tracking is one of them
-    (``m2snet.workflows.folds.tracking_callbacks``). With ``cfg.keep_last_checkpoint`` off, ``last.pt``
+    (``m2snet.mlops.tracking.tracking_callbacks``). With ``cfg.keep_last_checkpoint`` off, ``last.pt``
     is removed once the run has finished (a crash before that still leaves it to resume from).
     """
 
@@ -459,7 +398,6 @@ def train(
 
     kept = (model_path, last_path) if cfg.keep_last_checkpoint else (model_path,)
     if cfg.recalibrate_bn:  # the saved weights' BatchNorm statistics, from their training cases
-        from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
 
         recalibrate_run_checkpoints(kept, model, SegmentationDataset(
             info, train_ids, cfg.size, cache_dir=cache_dir, normalization=normalization), cfg.batch_size, cfg.seed,

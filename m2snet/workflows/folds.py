@@ -13,8 +13,8 @@ through the functions below, so each rule lives in one place:
   runs it for every fold under one parent run; :func:`aggregate_cv` turns per-fold metrics into
   mean +- std in percent (sample std, ddof=1; 0 for a single fold).
 
-Tracking is attached here, not in the trainer: :func:`tracking_callbacks` gives ``train`` the MLflow
-callback of a fold's run. That callback records the run id in ``<fold dir>/mlflow_run.json``
+Tracking is attached here, not in the trainer: :func:`m2snet.mlops.tracking.tracking_callbacks`
+gives ``train`` the MLflow callback of a fold's run. That callback records the run id in ``<fold dir>/mlflow_run.json``
 (``m2snet.mlops.tracking.write_run_file``), so a later step (the pipeline's evaluate task, a resumed
 CV) reopens the same run (:func:`fold_run`).
 """
@@ -37,10 +37,10 @@ from m2snet.evaluation.plots import cv_learning_curves
 from m2snet.mlops.tracking import (
     PARENT_RUN_FILE,
     RUN_FILE,
-    MlflowCallback,
     Tracker,
     read_run_file,
     reopen_run,
+    tracking_callbacks,
     write_run_file,
 )
 from m2snet.training.config import TrainConfig
@@ -119,14 +119,6 @@ def aggregate_cv(per_fold: Sequence[Mapping[str, float]] | Sequence[FoldResult],
         mean[k] = float(np.nanmean(vals))
         std[k] = float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0
     return CVSummary(n_folds=len(rows), folds=list(folds), mean=mean, std=std)
-
-
-def tracking_callbacks(tracker) -> list:
-    """The training callbacks that log a run to ``tracker`` (a Tracker, or None: no tracking)."""
-    if tracker is None:
-        return []
-
-    return [MlflowCallback(tracker)]
 
 
 def fold_run(fold_dir: str | os.PathLike, tracking=None):

@@ -34,12 +34,11 @@ from typing import TYPE_CHECKING, Any
 from m2snet.common import M2SNetError, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import INNER_VAL_FRACTION, load_split, write_inner_split
-from m2snet.mlops.tracking import Tracker, TrackingConfig, redact
+from m2snet.mlops.tracking import Tracker, TrackingConfig, redact, tracking_callbacks
 
 if TYPE_CHECKING:
     import optuna
 
-    from m2snet.mlops.tracking import Tracker
     from m2snet.training.config import TrainConfig
 
 log = logging.getLogger("m2snet.workflows.tuning")
@@ -198,7 +197,6 @@ def tune(
     from optuna.trial import TrialState
 
     from m2snet.training.trainer import train
-    from m2snet.workflows.folds import tracking_callbacks
 
     cfg.validate()
     if not base.split:
