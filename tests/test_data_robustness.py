@@ -132,13 +132,22 @@ def _start_import(src: Path, dest: Path) -> subprocess.Popen:
     )
 
 
-def _wait_for_partial(parent: Path, name: str, proc: subprocess.Popen, timeout: float = 120) -> Path:
+def _wait_for_partial(parent: Path, name: str, proc: subprocess.Popen, timeout: float = 120,
+                      freeze: bool = False) -> Path:
+    """The import's partial output directory, once conversion has written files into it (so there is
+    something to clean up). With ``freeze``, the process is stopped (SIGSTOP) as soon as the directory
+    is found, and the check is repeated while it is stopped: the partial is still there, so the import
+    cannot have finished."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         partial = [p for p in _leftovers(parent, name) if p.name.endswith(".partial")]
-        # Wait until conversion has written files, so there is something to clean up.
         if partial and (partial[0] / "images").is_dir() and any((partial[0] / "images").iterdir()):
-            return partial[0]
+            if not freeze:
+                return partial[0]
+            proc.send_signal(signal.SIGSTOP)
+            if partial[0].is_dir():
+                return partial[0]
+            proc.send_signal(signal.SIGCONT)  # renamed into place in between: too late, look again
         assert proc.poll() is None, f"import ended before it could be signalled: {proc.communicate()}"
         time.sleep(0.05)
     proc.kill()
@@ -149,8 +158,11 @@ def _wait_for_partial(parent: Path, name: str, proc: subprocess.Popen, timeout: 
 def test_a_signalled_import_leaves_nothing_behind(tmp_path, sig):
     src = _slow_source(tmp_path / "src")
     proc = _start_import(src, tmp_path / "out")
-    _wait_for_partial(tmp_path, "out", proc)
+    # Freeze the import the moment its partial output is seen, signal it, then let it run: on a busy
+    # box a plain signal could otherwise arrive after the import had already finished (seen in CI).
+    _wait_for_partial(tmp_path, "out", proc, freeze=True)
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert _leftovers(tmp_path, "out") == []
     assert proc.returncode != 0

@@ -180,10 +180,18 @@ def prepare_dataset(
     return version
 
 
-def split_dataset(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n_folds: int, seed: int) -> list[int]:
-    """Write the K-fold split file; return the fold indices (what the pipeline fans out over)."""
+def split_dataset(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n_folds: int, seed: int, *,
+                  pipeline_run_id: str = "", experiment: str = "") -> list[int]:
+    """Write the K-fold split file and record its hash on the pipeline's run; return the fold indices
+    (what the pipeline fans out over).
 
+    The hash is logged here, once, and not by each fold: parallel folds logging the same parameter
+    race in the tracking store (SQLite answered one of them with a UNIQUE-constraint error).
+    """
     split = make_split(dataset_dir, n_folds=n_folds, seed=seed, out=out_path)
+    parent = parent_run(pipeline_run_id, experiment)
+    if parent is not None:
+        parent.log_params({"split_sha256": sha256_file(out_path)})
     return list(range(split.n_folds))
 
 
@@ -275,7 +283,6 @@ def log_fold_lineage(parent: "Tracker | None", run: "Tracker | None", split_path
     if parent is None or run is None:
         return
     split_sha = sha256_file(split_path)
-    parent.log_params({"split_sha256": split_sha})  # the same value from every fold: idempotent
     for lineage in parent.dataset_inputs():
         run.log_dataset(lineage, tags={"fold": fold, "split_sha256": split_sha})
 

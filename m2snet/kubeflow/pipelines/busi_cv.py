@@ -101,7 +101,8 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
                 preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, dvc_path=dvc_path,
                 importer=importer, pipeline_run_id=run_id, experiment=experiment,
             ), "prepare + validate")
-            split = prepare(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed), "split")
+            split = prepare(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed,
+                                          pipeline_run_id=run_id, experiment=experiment), "split")
             with dsl.ParallelFor(split.outputs["Output"], parallelism=4) as fold:
                 # Nested tuning: each fold tunes on an inner split of its own training cases, so no
                 # reported fold ever took part in choosing the learning rates it is scored with.
