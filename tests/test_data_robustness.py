@@ -129,7 +129,14 @@ def _start_import(src: Path, dest: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "m2snet.cli", "data", "import", "-f", "busi", str(src), str(dest)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as in a terminal: a suite started in the background (`cmd &`) ignores SIGINT, and a
+        # Python child that inherits SIG_IGN never raises KeyboardInterrupt (it would finish the import).
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_partial(parent: Path, name: str, proc: subprocess.Popen, timeout: float = 120,
@@ -158,8 +165,8 @@ def _wait_for_partial(parent: Path, name: str, proc: subprocess.Popen, timeout: 
 def test_a_signalled_import_leaves_nothing_behind(tmp_path, sig):
     src = _slow_source(tmp_path / "src")
     proc = _start_import(src, tmp_path / "out")
-    # Freeze the import the moment its partial output is seen, signal it, then let it run: on a busy
-    # box a plain signal could otherwise arrive after the import had already finished (seen in CI).
+    # Freeze the import the moment its partial output is seen, signal it, then let it run, so the
+    # signal always lands while the import is still writing, however busy the box.
     _wait_for_partial(tmp_path, "out", proc, freeze=True)
     proc.send_signal(sig)
     proc.send_signal(signal.SIGCONT)
