@@ -65,3 +65,11 @@ def test_image_tag_matches_the_pipeline_constant():
     from m2snet.kubeflow.image import COMPONENT_IMAGE
 
     assert COMPONENT_IMAGE in DOCKERFILE.read_text()
+
+
+def test_container_runner_finds_the_podman_settings_of_the_checkout():
+    """The container runner and the container test point podman at docker/containers.conf; a module
+    move once left that path one level short (m2snet/docker/...), which only the container run saw."""
+    from m2snet.kubeflow.container import PODMAN_CONF
+
+    assert PODMAN_CONF == ROOT / "docker" / "containers.conf" and PODMAN_CONF.is_file()

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 FORWARDED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "M2SNET_")
 # podman settings that work in unprivileged sandboxes (runc, lowered ulimits); used when the caller
 # sets no CONTAINERS_CONF and runc is installed.
-PODMAN_CONF = Path(__file__).resolve().parents[1] / "docker" / "containers.conf"
+PODMAN_CONF = Path(__file__).resolve().parents[2] / "docker" / "containers.conf"  # in a checkout
 BUILD_HINT = "build it with docker/build.sh (or `make image`)"
 STEP_API_TIMEOUT_S = 600
 
