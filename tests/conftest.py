@@ -29,6 +29,16 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_m2snet_cache(tmp_path_factory):
+    """Caches (preprocessed arrays, downloaded models) go to the session's temporary directory, never
+    to the user's ~/.cache/m2snet, and are removed with it."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("M2SNET_CACHE_DIR", str(tmp_path_factory.mktemp("m2snet-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def busi_root() -> Path:
     if not (BUSI_ROOT / "benign").is_dir():

@@ -3,6 +3,7 @@ and the tracking layer's behaviour when the server is down."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,10 +115,12 @@ def _check_fold_run(client, run, url: str, n_val: int, load_model: bool = True):
     if not load_model:
         return
     mlflow.set_tracking_uri(url)
-    try:
-        model = mlflow.pyfunc.load_model(run.data.tags["m2snet.model_uri"])
-    finally:
-        mlflow.set_tracking_uri(None)
+    # dst_path: without it MLflow downloads into a new temporary directory it never removes
+    with tempfile.TemporaryDirectory(prefix="m2snet-test-model-") as dst:
+        try:
+            model = mlflow.pyfunc.load_model(run.data.tags["m2snet.model_uri"], dst_path=dst)
+        finally:
+            mlflow.set_tracking_uri(None)
     import pandas as pd
 
     image = (np.random.default_rng(0).random((45, 75)) * 255).astype(np.uint8)

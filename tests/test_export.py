@@ -74,9 +74,10 @@ def test_pyfunc_serves_through_onnxruntime_with_the_torch_masks(exported, tmp_pa
     try:
         with mlflow.start_run():
             info = log_segmentation_model(checkpoints, name="model", onnx=True)
-        served = mlflow.pyfunc.load_model(info.model_uri)
+        # dst_path: without it MLflow downloads into a new temporary directory it never removes
+        served = mlflow.pyfunc.load_model(info.model_uri, dst_path=str(tmp_path / "dl-onnx"))
         monkeypatch.setenv(BACKEND_ENV, "torch")
-        plain = mlflow.pyfunc.load_model(info.model_uri)
+        plain = mlflow.pyfunc.load_model(info.model_uri, dst_path=str(tmp_path / "dl-torch"))
         assert [p.name for p in model_checkpoints(info.model_uri, tmp_path / "dl")] == ["a.pt", "b.pt"]
     finally:
         mlflow.set_tracking_uri(None)

@@ -96,3 +96,28 @@ def test_overlay_marks_the_mask_outline():
     assert tuple(out[2, 2]) == OVERLAY_COLOR  # outline: solid colour
     assert 0 < out[4, 4, 0] < OVERLAY_COLOR[0]  # inside: blended
     assert tuple(out[0, 0]) == (0, 0, 0)  # background untouched
+
+
+def test_a_registered_model_is_downloaded_once_and_leaves_no_temporary_copy(production_model, tmp_path,
+                                                                           monkeypatch):
+    """mlflow.pyfunc.load_model(uri) alone downloads into a new temporary directory on every call and
+    never removes it (a copy of the ensemble per prediction); the serving path keeps one copy per
+    model version in the cache and reuses it."""
+    import tempfile
+
+    from m2snet.mlops.serving import load_model, local_model_dir
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where mkdtemp/mkstemp would leave copies
+    cache = tmp_path / "cache"
+    first = local_model_dir("models:/serve-test@production", cache)
+    assert (first / "MLmodel").is_file() and first.parent.name.startswith("serve-test-v1-")
+    stamp = (first / "MLmodel").stat().st_mtime_ns
+    model = load_model("models:/serve-test@production", cache)
+    assert local_model_dir("models:/serve-test/1", cache) == first  # the alias and the version: one copy
+    assert (first / "MLmodel").stat().st_mtime_ns == stamp  # reused, not downloaded again
+    assert [p.name for p in (cache / "models").iterdir()] == [first.parent.name]
+    assert list(temp.iterdir()) == []
+    assert model.metadata is not None
+

@@ -14,8 +14,11 @@ per input image; :func:`request_masks` is the REST client used by the tests and 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from m2snet.common import M2SNetError, find_tool, free_port
+from m2snet.common import M2SNetError, atomic_directory, find_tool, free_port
+from m2snet.data.cache import default_cache_dir
 from m2snet.mlops.services import LOOPBACK, ManagedProcess
 
 log = logging.getLogger("m2snet.mlops.serving")
@@ -72,17 +76,64 @@ def overlay(image_rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]
     return out.clip(0, 255).astype(np.uint8)
 
 
-def load_model(model_uri: str):
-    """``mlflow.pyfunc.load_model`` with a clear error for an unknown model / alias."""
+def load_model(model_uri: str, cache_dir: str | os.PathLike | None = None):
+    """``mlflow.pyfunc.load_model`` from a local copy (:func:`local_model_dir`), with a clear error for
+    an unknown model or alias."""
     import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(str(local_model_dir(model_uri, cache_dir)))
+
+
+def local_model_dir(model_uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local directory holding the model: a local path as it is; a logged or registered model
+    downloaded once per (store, model version or run) into ``<cache>/models/``.
+
+    ``mlflow.pyfunc.load_model(uri)`` alone downloads into a fresh temporary directory that nothing
+    removes: every prediction left a copy of the ensemble in /tmp (457 MB for the four-fold demo
+    model). An alias (``models:/NAME@production``) is resolved to its version first, so moving the
+    alias loads the new version; the download is atomic, so a killed one is never taken for a model.
+    """
+    import mlflow
+    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
+    local = Path(model_uri.removeprefix("file://"))
+    if local.is_dir():
+        return local
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        dest = Path(cache_dir or default_cache_dir()) / "models" / _model_cache_key(model_uri)
+        if not (dest / "model" / "MLmodel").is_file():
+            with atomic_directory(dest, overwrite=True) as tmp:
+                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp / "download")))
+                got.rename(tmp / "model")
+                shutil.rmtree(tmp / "download", ignore_errors=True)
     except MlflowException as err:
         raise M2SNetError(
             f"--model {model_uri}: cannot load from {mlflow.get_tracking_uri()} ({err.message})"
         ) from None
+    return dest / "model"
+
+
+def _model_cache_key(model_uri: str) -> str:
+    """``<name>-v<version>-<hash>`` for a registered model (alias resolved), ``run-<id>-<hash>`` for a
+    run's model, ``uri-<hash>`` otherwise; the hash covers the store's URI, so two servers' "v1"
+    never share a copy."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    registered = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", model_uri)
+    if registered:
+        name, alias, version = registered.groups()
+        client = MlflowClient()
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        version = found.version
+        ident, store = f"{name}-v{version}", mlflow.get_registry_uri()
+    elif model_uri.startswith("runs:/"):
+        ident, store = "run-" + model_uri.removeprefix("runs:/").split("/", 1)[0], mlflow.get_tracking_uri()
+    else:
+        ident, store = "uri", mlflow.get_tracking_uri()
+    digest = hashlib.sha256(f"{store}|{ident}|{model_uri if not registered else ''}".encode()).hexdigest()[:12]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{ident}-{digest}")
 
 
 def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
