@@ -75,6 +75,7 @@ def test_pyfunc_serves_through_onnxruntime_with_the_torch_masks(exported, tmp_pa
         with mlflow.start_run():
             info = log_segmentation_model(checkpoints, name="model", onnx=True)
         # dst_path: without it MLflow downloads into a new temporary directory it never removes
+        (tmp_path / "dl-onnx").mkdir(), (tmp_path / "dl-torch").mkdir()
         served = mlflow.pyfunc.load_model(info.model_uri, dst_path=str(tmp_path / "dl-onnx"))
         monkeypatch.setenv(BACKEND_ENV, "torch")
         plain = mlflow.pyfunc.load_model(info.model_uri, dst_path=str(tmp_path / "dl-torch"))

@@ -60,6 +60,7 @@ def test_ensemble_pyfunc_logs_loads_and_predicts_masks_at_input_size(checkpoints
     mlflow.set_tracking_uri(cfg.uri)
     try:
         # dst_path: without it MLflow downloads into a new temporary directory it never removes
+        (tmp_path / "dl-run").mkdir(), (tmp_path / "dl-reg").mkdir()
         model = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/model", dst_path=str(tmp_path / "dl-run"))
         registered = mlflow.pyfunc.load_model("models:/m2snet-pyfunc-test/1", dst_path=str(tmp_path / "dl-reg"))
     finally:
