@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from m2snet.common import M2SNetError, find_tool, free_port, tool_env
+from m2snet.common import M2SNetError, find_tool, free_port, redact, tool_env
 
 log = logging.getLogger(__name__)
 
@@ -258,17 +258,9 @@ def start_mlflow_server(
     proc = ManagedProcess("mlflow", argv, workdir / f"mlflow-{port}.log", env=proc_env, cwd=workdir)
     url = f"http://{LOOPBACK}:{port}"
     proc.wait_ready(lambda: _http_ok(f"{url}/health"), timeout, f"{url}/health")
-    log.info("MLflow server at %s (backend %s, artifacts %s)", url, _redact(backend_store_uri), artifacts_destination)
+    log.info("MLflow server at %s (backend %s, artifacts %s)", url, redact(backend_store_uri),
+             redact(artifacts_destination))
     return MlflowService(url, backend_store_uri, artifacts_destination, workdir, proc)
-
-
-def _redact(uri: str) -> str:
-    """Hide a password in a database URI for logs."""
-    if "://" in uri and "@" in uri:
-        scheme, rest = uri.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else uri
-    return uri
 
 
 # ------------------------------------------------------------------------------- `services up`
