@@ -101,3 +101,21 @@ def test_services_log_the_backend_store_without_its_password():
 
     assert not hasattr(services, "_redact")
     assert services.redact is redact
+
+
+def test_mlflow_server_backend_uri_is_not_on_its_command_line(tmp_path):
+    """A PostgreSQL backend URI holds the password: ``ps`` shows argv to every user, so it goes in the environment."""
+    import os
+    from pathlib import Path
+
+    from m2snet.mlops.services import start_mlflow_server
+
+    backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = start_mlflow_server(backend, str(tmp_path / "artifacts"), workdir=tmp_path)
+    try:
+        cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode().split("\0")
+        assert "server" in cmdline and not any("mlflow.db" in arg for arg in cmdline)
+        assert (tmp_path / "mlflow.db").is_file()  # the server did use the backend it was given
+    finally:
+        server.stop()
+    assert os.environ.get("MLFLOW_BACKEND_STORE_URI") is None  # the caller's environment is left alone

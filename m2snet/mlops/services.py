@@ -249,10 +249,10 @@ def start_mlflow_server(
     mlflow_bin = find_tool("mlflow")
     argv = [
         mlflow_bin, "server", "--host", LOOPBACK, "--port", str(port),
-        "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination,
-        "--serve-artifacts", "--workers", str(workers),
+        "--artifacts-destination", artifacts_destination, "--serve-artifacts", "--workers", str(workers),
     ]
-    proc_env = dict(env or {})
+    # The backend URI may hold a database password: the environment, not argv (which `ps` shows anyone).
+    proc_env = {**(env or {}), "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
     # mlflow 3 refuses requests whose Host header is not allowed; loopback names are what we use.
     proc_env.setdefault("MLFLOW_SERVER_ALLOWED_HOSTS", f"{LOOPBACK}:{port},localhost:{port},{LOOPBACK},localhost")
     proc = ManagedProcess("mlflow", argv, workdir / f"mlflow-{port}.log", env=proc_env, cwd=workdir)
