@@ -41,6 +41,10 @@ def test_dockerfile_runs_as_non_root_from_a_base_given_as_an_argument():
     assert _arg_default(text, "BASE_IMAGE") == "python:3.11-slim"
     user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert user and not user[-1].startswith(("root", "0")), "the image must end on a non-root user"
+    # The pipeline's pods and k8s/base/mlflow.yaml run as that user, by number (runAsNonRoot checks it).
+    from m2snet.kubeflow.image import COMPONENT_GID, COMPONENT_UID
+
+    assert user[-1] == f"{COMPONENT_UID}:{COMPONENT_GID}"
     # The files the image copies are not excluded by .dockerignore.
     ignore = (ROOT / ".dockerignore").read_text()
     for needed in ("pyproject.toml", "README.md", "m2snet/"):
