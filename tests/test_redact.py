@@ -119,3 +119,9 @@ def test_mlflow_server_backend_uri_is_not_on_its_command_line(tmp_path):
     finally:
         server.stop()
     assert os.environ.get("MLFLOW_BACKEND_STORE_URI") is None  # the caller's environment is left alone
+
+
+def test_params_and_tags_mask_urls_inside_lists_and_dicts():
+    from m2snet.mlops.tracking import flatten_params
+
+    assert SECRET not in json.dumps(flatten_params({"sources": [f"https://{SECRET}@host/a", "/data/b"]}))

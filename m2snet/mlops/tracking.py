@@ -84,7 +84,7 @@ def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten_params(v, f"{prefix}{k}."))
         return out
     key = prefix[:-1] if prefix.endswith(".") else prefix
-    text = json.dumps(obj) if isinstance(obj, (list, tuple)) else str(redact(obj))
+    text = redact(json.dumps(obj) if isinstance(obj, (list, tuple)) else str(obj))
     out[key] = text[:MAX_PARAM_LENGTH]
     return out
 
@@ -238,7 +238,7 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
 
         input_tags = [InputTag("mlflow.data.context", context)]
-        input_tags += [InputTag(k, str(redact(v))) for k, v in (tags or {}).items() if v not in (None, "")]
+        input_tags += [InputTag(k, redact(str(v))) for k, v in (tags or {}).items() if v not in (None, "")]
         item = DatasetInput(lineage.to_mlflow(), input_tags)
         with_retry(lambda: self.client.log_inputs(self.run_id, datasets=[item]),
                    f"log dataset {lineage.name}@{lineage.digest}", self.cfg)
@@ -252,7 +252,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        chunk = [RunTag(k, str(redact(v))) for k, v in tags.items()]
+        chunk = [RunTag(k, redact(str(v))) for k, v in tags.items()]
         with_retry(lambda: self.client.log_batch(self.run_id, tags=chunk), "set tags", self.cfg)
 
     # --- metrics --------------------------------------------------------------------------------
