@@ -120,3 +120,38 @@ def test_metadata_is_saved_as_plain_data(tmp_path):
     with pytest.raises(TypeError, match="'bad'.*object"):
         Checkpoint(model_name="unet", state_dict={}, extra={"bad": object()}).save(tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
+
+
+def _legacy_last(path: Path, extra: dict | None = None) -> Path:
+    """A resumable checkpoint as m2snet wrote it before plain data: numpy's RNG state as numpy's tuple."""
+    ckpt = Checkpoint(model_name="unet", state_dict={"w": torch.ones(2)}, epoch=1)
+    payload = {**ckpt.to_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}, "history": [], "selected": {},
+               "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                       "cuda": []}, **(extra or {})}
+    torch.save(payload, path)
+    return path
+
+
+def test_an_older_last_pt_is_refused_then_upgraded_to_plain_data(tmp_path, monkeypatch, capsys):
+    np.random.seed(5)
+    old = _legacy_last(tmp_path / "last.pt")
+    expected = np.random.standard_normal(3).tolist()
+    with pytest.raises(M2SNetError, match=r"not a safe m2snet checkpoint.*refusing to unpickle it \(an m2snet "
+                                          r"checkpoint from before weights-only loading: `m2snet upgrade-checkpoint"):
+        Checkpoint.load(old)
+    code, err = _cli(["upgrade-checkpoint", str(old), "--out", str(tmp_path / "new.pt")], monkeypatch, capsys)
+    assert code == 0, err
+    torch.load(tmp_path / "new.pt", weights_only=True)
+    new = Checkpoint.load(tmp_path / "new.pt")
+    assert new.resumable and new.epoch == 1
+    np.random.seed(0)
+    restore_rng_state(new.resume.rng)
+    assert np.random.standard_normal(3).tolist() == expected
+
+
+def test_upgrade_still_refuses_anything_but_numpy_rng_state(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "pwned"
+    evil = _legacy_last(tmp_path / "last.pt", extra={"metrics": _Payload(marker)})
+    code, err = _cli(["upgrade-checkpoint", str(evil), "--out", str(tmp_path / "new.pt")], monkeypatch, capsys)
+    assert code == 2 and f"{evil} is not a safe m2snet checkpoint" in err and "upgrade-checkpoint" not in err, err
+    assert not marker.exists() and not (tmp_path / "new.pt").exists()

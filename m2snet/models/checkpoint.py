@@ -26,16 +26,17 @@ On disk (a ``torch.save`` dict; ``format_version`` 1, unchanged by the typed obj
     selected         {"epoch", "score"} of the checkpoint selected so far
 
 Optional fields that are None are not written; keys this version does not know are kept in
-``Checkpoint.extra`` and written back.
+``Checkpoint.extra`` and written back. ``model.pt`` is the slim form (no resume state): what
+evaluation, the pyfunc model, the registry and serving load via
+``Checkpoint.load(path).build_model(device=...)``.
 
 Safe loading: the file holds tensors and plain data only (dict, list, tuple, str, int, float, bool,
 None; :func:`plain` converts numpy scalars/arrays and paths when writing, and refuses anything else),
 so it is read with ``torch.load(weights_only=True)``, which never imports or calls what a pickle
-names. A file that needs more (a planted payload, or a ``last.pt`` of m2snet before this change, whose
-RNG state held numpy objects) is refused with one line naming it, never unpickled; start such a run
-again, or keep its ``model.pt``, which always was plain data. ``model.pt`` is the slim form (no resume state): what
-evaluation, the pyfunc model, the registry and serving load via
-``Checkpoint.load(path).build_model(device=...)``.
+names. A file that needs more (a planted payload) is refused with one line naming it, never unpickled.
+The one thing older m2snet wrote beyond plain data is numpy's RNG state in ``last.pt`` (its
+``model.pt`` always was plain): :func:`upgrade_checkpoint` (``m2snet upgrade-checkpoint``) rewrites
+such a file, letting the weights-only unpickler rebuild exactly those numpy types and nothing else.
 """
 
 from __future__ import annotations
@@ -226,8 +227,10 @@ def _load_weights_only(path: Path, map_location: str | torch.device) -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if _names_globals(path, err):
+            hint = (f" (an m2snet checkpoint from before weights-only loading: `m2snet upgrade-checkpoint {path} "
+                    "--out NEW` rewrites it)" if _only_legacy_globals(path) else "")
             raise M2SNetError(f"{path} is not a safe m2snet checkpoint: it holds objects other than tensors and "
-                              "plain data; refusing to unpickle it") from None
+                              f"plain data; refusing to unpickle it{hint}") from None
         raise M2SNetError(f"{path}: not a readable torch checkpoint ({_reason(err)})") from err
     except Exception as err:
         raise M2SNetError(f"{path}: not a readable torch checkpoint ({_reason(err)})") from err
@@ -242,6 +245,37 @@ def _names_globals(path: Path, err: Exception) -> bool:
         return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # noqa: BLE001 -- not a torch zip file: the bytes were the problem, not an object
         return False
+
+
+def _only_legacy_globals(path: Path) -> bool:
+    """Whether the file names nothing but the numpy types older m2snet wrote (:data:`LEGACY_NUMPY_GLOBALS`)."""
+    try:
+        names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 -- not a torch zip file
+        return False
+    return bool(names) and names <= {f"{g.__module__}.{g.__qualname__}" for g in LEGACY_NUMPY_GLOBALS}
+
+
+# What m2snet wrote before checkpoints were plain data: numpy's legacy RNG state in last.pt, whose
+# key is a uint32 array. upgrade_checkpoint lets the weights-only unpickler rebuild exactly these.
+LEGACY_NUMPY_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+
+
+def upgrade_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Rewrite an m2snet checkpoint written before checkpoints were plain data (numpy RNG state in
+    ``last.pt``) as tensors and plain data; read weights-only with :data:`LEGACY_NUMPY_GLOBALS` allowed,
+    so anything else in it is still refused, never unpickled."""
+    src = Path(src)
+    if not src.is_file():
+        raise M2SNetError(f"{src}: checkpoint not found")
+    with torch.serialization.safe_globals(list(LEGACY_NUMPY_GLOBALS)):
+        payload = _load_weights_only(src, "cpu")
+    if not isinstance(payload, dict):
+        raise M2SNetError(f"{src}: not an m2snet checkpoint (a {type(payload).__name__}, not a dict)")
+    rng = payload.get("rng")
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):  # np.random.get_state()'s legacy tuple
+        rng["numpy"] = _numpy_rng_state(*rng["numpy"])
+    return Checkpoint.from_dict(payload, src).save(out)
 
 
 def _reason(err: Exception) -> str:
@@ -277,16 +311,18 @@ def plain(value: Any, key: str = "checkpoint") -> Any:
 # --- RNG state -------------------------------------------------------------------------------
 def capture_rng_state() -> dict[str, Any]:
     """Every generator's state as tensors and plain data (numpy's MT19937 key as an int64 tensor)."""
-    np_state = np.random.get_state(legacy=False)
     return {
         "python": random.getstate(),  # (version, tuple of ints, gauss): plain
-        "numpy": {"bit_generator": np_state["bit_generator"],
-                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
+        "numpy": _numpy_rng_state(*np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def _numpy_rng_state(bit_generator: str, key: np.ndarray, pos: int, has_gauss: int, gauss: float) -> dict[str, Any]:
+    """np.random.get_state()'s tuple as plain data (the uint32 key as an int64 tensor)."""
+    return {"bit_generator": str(bit_generator), "key": torch.from_numpy(np.asarray(key).astype(np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
