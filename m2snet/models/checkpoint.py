@@ -239,7 +239,8 @@ def _load_weights_only(path: Path, map_location: str | torch.device) -> Any:
 def _names_globals(path: Path, err: Exception) -> bool:
     """Whether the weights-only load failed on an object the pickle names (not on bytes that are no
     pickle at all): those are the files worth calling unsafe rather than unreadable."""
-    if "global" in str(err).lower():
+    reason = _reason(err).lower()  # torch's own line: "Unsupported global: GLOBAL io.open was not allowed..."
+    if "global" in reason or "allowlist" in reason:
         return True
     try:
         return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))
