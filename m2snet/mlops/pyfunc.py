@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import os
 import tempfile
 from contextlib import nullcontext
@@ -35,16 +36,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 import m2snet
 from m2snet.common import M2SNetError, resolve_device
+from m2snet.data.images import ImageTooLarge, read_image, read_mask
 
 MODEL_CONFIG_TTA = "tta_flip"
 # What the pyfunc needs at load time beyond the m2snet code it carries (code_paths).
 _RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "numpy",
                           "pillow", "pandas", "mlflow", "pyyaml", "onnx", "onnxruntime")
 ONNX_ARTIFACT = "onnx"
+log = logging.getLogger("m2snet.mlops.pyfunc")
 BACKEND_ENV = "M2SNET_SERVE_BACKEND"  # "torch" forces PyTorch even when the ONNX export is present
 
 
@@ -59,21 +62,50 @@ def encode_image(image, fmt: str = "PNG") -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+class ServingError(MlflowException):
+    """A client error MLflow's scoring server answers with our HTTP status and our one-line message.
+
+    The server maps error codes to statuses without 413, and on the way out rewrites ``message`` to
+    ``Failed to predict data '<the whole input frame>'. Error: ...`` (multi-line, echoing the request);
+    this keeps the status given and the first message set.
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        self.status = status
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+    def get_http_status_code(self) -> int:
+        return self.status
+
+
 def decode_image(text: str, row: int = 0):
-    """base64 PNG/JPEG text -> PIL image; bad input raises an MLflow 400-class error naming the row."""
+    """base64 image text -> 8-bit PIL image through the one decoder (m2snet.data.images: bit depth,
+    pixel cap ``$M2SNET_MAX_PIXELS``); bad input is a ServingError naming the row: 413 for an
+    image above the cap (refused from its header, before decoding), 400 otherwise."""
     try:
         data = base64.b64decode(text, validate=True)
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
-    except (binascii.Error, TypeError, ValueError, UnidentifiedImageError, OSError) as err:
-        raise MlflowException(f"row {row}: column 'image' is not base64 PNG/JPEG bytes ({err})",
-                              error_code=INVALID_PARAMETER_VALUE) from None
+    except (binascii.Error, TypeError, ValueError) as err:
+        raise ServingError(f"row {row}: column 'image' is not base64 PNG/JPEG bytes ({err})") from None
+    try:
+        return read_image(data, "image", name=f"row {row}")
+    except ImageTooLarge as err:
+        raise ServingError(str(err), status=413) from None
+    except M2SNetError as err:
+        raise ServingError(str(err)) from None
 
 
 def decode_mask(text: str) -> np.ndarray:
     """The ``mask`` output column back to a uint8 array."""
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+    return read_mask(base64.b64decode(text), name="mask")
 
 
 class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
@@ -96,14 +128,26 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         )
 
     def predict(self, context, model_input, params=None):
+        try:
+            return self._predict(model_input)
+        except MlflowException:
+            raise
+        except Exception:  # the server boundary: the trace goes to the server log, not to the client
+            log.exception("prediction failed")
+            raise ServingError("internal error while predicting (the server log has the details)",
+                                    status=500) from None
+
+    def _predict(self, model_input):
         import torch
 
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
-            raise MlflowException("input must be a DataFrame with a string column 'image' (base64 PNG/JPEG)",
-                                  error_code=INVALID_PARAMETER_VALUE)
+            raise ServingError("input must be a DataFrame with a string column 'image' (base64 PNG/JPEG)")
         images = [decode_image(t, i) for i, t in enumerate(model_input["image"].tolist())]
-        with torch.inference_mode():
-            probs = self.predictor.predict_proba(images)
+        try:
+            with torch.inference_mode():
+                probs = self.predictor.predict_proba(images)
+        except M2SNetError as err:
+            raise ServingError(str(err)) from None
         masks, fractions = [], []
         for prob in probs:
             mask = self.predictor.to_mask(prob)
