@@ -76,15 +76,15 @@ def tree_rss(pid: int) -> int:
 class PeakSampler(threading.Thread):
     def __init__(self, pid: int, every: float = 0.02):
         super().__init__(daemon=True)
-        self.pid, self.every, self.peak, self._stop = pid, every, 0, threading.Event()
+        self.pid, self.every, self.peak, self._done = pid, every, 0, threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.peak = max(self.peak, tree_rss(self.pid))
             time.sleep(self.every)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._done.set()
         self.join()
         return self.peak
 

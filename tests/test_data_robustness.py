@@ -363,3 +363,11 @@ def test_cli_validate_refuses_an_absolute_manifest_path(tmp_path, monkeypatch, c
     code, err = _main(["data", "validate", str(tmp_path / "ds")], monkeypatch, capsys)
     line = _one_error_line(err)
     assert code == 2 and "manifest.csv:2" in line and str(target) in line and "relative" in line
+
+
+def test_cli_an_os_error_on_a_user_path_is_one_line(monkeypatch, capsys):
+    """The boundary's safety net: an OSError the command did not turn into its own message (here the
+    dataset folder cannot be created under /proc) is still one line naming the path, exit 2."""
+    code, err = _main(["data", "demo", "/proc/m2snet-cannot-exist"], monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "/proc/" in line and "No such file or directory" in line

@@ -44,7 +44,7 @@ Source = Union[str, os.PathLike, bytes, bytearray]
 
 MAX_PIXELS_ENV = "M2SNET_MAX_PIXELS"
 # 50 MP: 7071 x 7071, far above any public set this project reads (BUSI ~ 0.3 MP, Kvasir-SEG
-# <= 2 MP); what one such image costs the server at peak is measured in README "Serving".
+# <= 2 MP); what such images cost the server at peak: README, bench/serve_memory.py.
 DEFAULT_MAX_PIXELS = 50_000_000
 # 16-bit images whose maximum is below this use at most 12 bits: refused (see the module docstring).
 _MIN_16BIT_MAX = 1 << 12
@@ -142,24 +142,26 @@ def read_mask(source: Source, *, name: str | None = None, limit: int | None = No
     return np.asarray(read_image(source, "mask", name=name, limit=limit).convert("L"))
 
 
-def check_image(path: str | os.PathLike, limit: int | None = None) -> tuple[int, int]:
-    """Open ``path``'s header only: (width, height), or ImageError / ImageTooLarge naming it.
+def check_image(source: Source, *, name: str | None = None, limit: int | None = None) -> tuple[int, int]:
+    """Open ``source``'s header only: (width, height), or ImageError / ImageTooLarge naming it.
 
     Cheap (nothing is decoded): for refusing a batch before any work or output starts.
     """
+    where = _label(source, name)
+    opened = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(opened) as im:
                 size = im.size
     except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"{path}: image is too large to decode ({err})") from None
+        raise ImageTooLarge(f"{where}: image is too large to decode ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        if Path(path).suffix.lower() in (".tif", ".tiff"):
-            size = _tiff_size(Path(path), str(path))
+        if not isinstance(source, (bytes, bytearray)) and Path(source).suffix.lower() in (".tif", ".tiff"):
+            size = _tiff_size(Path(source), where)
         else:
-            raise ImageError(f"{path}: cannot decode image ({err})") from None
-    check_size(*size, str(path), limit)
+            raise ImageError(f"{where}: cannot decode image ({err})") from None
+    check_size(*size, where, limit)
     return size
 
 

@@ -40,7 +40,7 @@ from PIL import Image
 
 import m2snet
 from m2snet.common import M2SNetError, resolve_device
-from m2snet.data.images import ImageTooLarge, read_image, read_mask
+from m2snet.data.images import ImageTooLarge, check_image, read_image, read_mask
 
 MODEL_CONFIG_TTA = "tta_flip"
 # What the pyfunc needs at load time beyond the m2snet code it carries (code_paths).
@@ -87,20 +87,25 @@ class ServingError(MlflowException):
         return self.status
 
 
+def _payload(text: str, row: int) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, TypeError, ValueError) as err:
+        raise ServingError(f"row {row}: column 'image' is not base64 PNG/JPEG bytes ({err})") from None
+
+
+def _as_serving_error(err: M2SNetError) -> ServingError:
+    return ServingError(str(err), status=413 if isinstance(err, ImageTooLarge) else 400)
+
+
 def decode_image(text: str, row: int = 0):
     """base64 image text -> 8-bit PIL image through the one decoder (m2snet.data.images: bit depth,
     pixel cap ``$M2SNET_MAX_PIXELS``); bad input is a ServingError naming the row: 413 for an
     image above the cap (refused from its header, before decoding), 400 otherwise."""
     try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, TypeError, ValueError) as err:
-        raise ServingError(f"row {row}: column 'image' is not base64 PNG/JPEG bytes ({err})") from None
-    try:
-        return read_image(data, "image", name=f"row {row}")
-    except ImageTooLarge as err:
-        raise ServingError(str(err), status=413) from None
+        return read_image(_payload(text, row), "image", name=f"row {row}")
     except M2SNetError as err:
-        raise ServingError(str(err)) from None
+        raise _as_serving_error(err) from None
 
 
 def decode_mask(text: str) -> np.ndarray:
@@ -142,19 +147,29 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
 
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise ServingError("input must be a DataFrame with a string column 'image' (base64 PNG/JPEG)")
-        images = [decode_image(t, i) for i, t in enumerate(model_input["image"].tolist())]
-        try:
-            with torch.inference_mode():
-                probs = self.predictor.predict_proba(images)
+        texts = model_input["image"].tolist()
+        try:  # every row's header first: a request with an oversized or foreign row 9 costs no prediction
+            for row, text in enumerate(texts):
+                check_image(_payload(text, row), name=f"row {row}")
         except M2SNetError as err:
-            raise ServingError(str(err)) from None
+            raise _as_serving_error(err) from None
+        # One batch decoded, predicted and encoded at a time: a long request holds at most one batch of
+        # full-size images and probability maps.
         masks, fractions = [], []
-        for prob in probs:
-            mask = self.predictor.to_mask(prob)
-            fractions.append(float((mask > 0).mean()))
-            if self.predictor.n_classes == 1:
-                mask = mask * 255
-            masks.append(encode_image(mask.astype(np.uint8)))
+        size = self.predictor.batch_size
+        for start in range(0, len(texts), size):
+            images = [decode_image(t, start + i) for i, t in enumerate(texts[start:start + size])]
+            try:
+                with torch.inference_mode():
+                    probs = self.predictor.predict_proba(images)
+            except M2SNetError as err:
+                raise ServingError(str(err)) from None
+            for prob in probs:
+                mask = self.predictor.to_mask(prob)
+                fractions.append(float((mask > 0).mean()))
+                if self.predictor.n_classes == 1:
+                    mask = mask * 255
+                masks.append(encode_image(mask.astype(np.uint8)))
         return pd.DataFrame({"mask": masks, "foreground_fraction": fractions})
 
 
