@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,64 @@ def test_cli_import_json_and_errors(tmp_path):
     assert again.exit_code != 0 and "already exists" in str(again.exception)
     overwrite = runner.invoke(app, ["data", "import", "-f", "busi", str(src), str(tmp_path / "out"), "--overwrite"])
     assert overwrite.exit_code == 0
+
+
+# ---------------------------------------------------------------- high bit depth and oversized images
+
+
+def _to_16bit(img: Image.Image) -> Image.Image:
+    """The 8-bit grey image stored at 16 bits the way converters do it (v * 257: full 16-bit range)."""
+    return Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257)
+
+
+def test_16bit_images_and_masks_are_scaled_to_8bit_not_saturated(tmp_path):
+    """A 16-bit source holding an 8-bit picture imports pixel-exact (the 8-bit picture), not 99% white."""
+    src = _busi(tmp_path / "src")
+    _save(src / "benign" / "benign (1).png", _to_16bit(_image(1)))
+    _save(src / "benign" / "benign (1)_mask.png", _mask(1).astype(np.uint16) * 257)  # 0 / 65535
+    info = import_dataset("busi", src, tmp_path / "out", progress=False)
+    got = np.asarray(Image.open(info.case("benign_0001").image_path))
+    assert got.dtype == np.uint8 and np.array_equal(got[..., 0], np.asarray(_image(1).convert("L")))
+    mask = np.asarray(Image.open(info.case("benign_0001").mask_path))
+    assert np.array_equal(mask, (_mask(1) > 0).astype(np.uint8))
+
+
+def test_16bit_files_that_do_not_use_the_16bit_range_are_refused_naming_the_file(tmp_path):
+    """8-bit data in a 16-bit file (values < 4096) would scale to a few grey levels: refused, not guessed;
+    a 16-bit mask with labels above 255 that are not two-level is refused too (labels, not intensities)."""
+    src = _busi(tmp_path / "src")
+    _save(src / "benign" / "benign (1).png", np.asarray(_image(1).convert("L")).astype(np.uint16))
+    labels = _mask(2).astype(np.uint16)
+    labels[labels > 0] = 300
+    labels[0, 0] = 600
+    _save(src / "benign" / "benign (2)_mask.png", labels)
+    with pytest.raises(M2SNetError) as err:
+        import_dataset("busi", src, tmp_path / "out", progress=False)
+    text = str(err.value)
+    assert re.search(r"benign \(1\)\.png: 16-bit image uses only values \d+\.\.\d+", text)
+    assert "benign (2)_mask.png: 16-bit mask has values 0, 300, 600" in text
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_an_image_above_the_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch):
+    """M2SNET_MAX_PIXELS caps what is decoded (checked from the header); PIL's own bomb error is the same error."""
+    from PIL import Image as PILImage
+
+    src = _busi(tmp_path / "src")
+    monkeypatch.setenv("M2SNET_MAX_PIXELS", str(H * W - 1))
+    with pytest.raises(M2SNetError, match=r"benign \(1\)\.png: image is 48x40 = 1920 pixels, above the limit of "
+                                          r"1919 \(M2SNET_MAX_PIXELS\)"):
+        import_dataset("busi", src, tmp_path / "out", progress=False)
+    monkeypatch.delenv("M2SNET_MAX_PIXELS")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # PIL raises DecompressionBombError above 200
+    with pytest.raises(M2SNetError, match=r"benign \(1\)\.png: image is too large to decode"):
+        import_dataset("busi", src, tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_importer_options_of_the_wrong_type_are_refused(tmp_path):
+    from m2snet.data.importers import get_importer
+
+    with pytest.raises(M2SNetError, match=r"format 'busi': option threshold='abc' is not a valid int"):
+        get_importer("busi", threshold="abc")
+    assert get_importer("folder", threshold=127, mask_suffix="_1").threshold == 127

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -307,3 +308,66 @@ def test_format_1_datasets_ask_for_a_reimport(tmp_path):
     (tmp_path / "old" / "dataset.json").write_text(json.dumps({"format_version": 1}))
     with pytest.raises(M2SNetError, match=r"format_version 1 .* re-import"):
         load_dataset(tmp_path / "old")
+
+
+# ------------------------------------------------------------------ the CLI's error boundary: one line, exit 2
+
+
+def _main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run the real entry point (``m2snet`` = m2snet.cli:main, with its error boundary); exit code and stderr."""
+    from m2snet.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["m2snet", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_cli_bad_importer_option_value_is_one_line(tmp_path, monkeypatch, capsys):
+    src = _kvasir(tmp_path / "kvasir", n=2)
+    code, err = _main(["data", "import", "-f", "kvasir", str(src), str(tmp_path / "out"), "-o", "threshold=abc"],
+                      monkeypatch, capsys)
+    assert code == 2 and "option threshold='abc'" in _one_error_line(err)
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_cli_decompression_bomb_on_import_is_an_error_naming_the_file(tmp_path, monkeypatch, capsys):
+    src = _kvasir(tmp_path / "kvasir", n=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 images: PIL's bomb error (above 2000 pixels)
+    code, err = _main(["data", "import", "-f", "kvasir", str(src), str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and "cju0.jpg: image is too large to decode" in err, err
+    assert _leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_cli_validate_refuses_an_absolute_manifest_path(tmp_path, monkeypatch, capsys, where):
+    import csv
+
+    info = import_dataset("kvasir", _kvasir(tmp_path / "kvasir", n=2), tmp_path / "ds", progress=False)
+    target = info.cases[0].image_path
+    if where == "outside":
+        target = Path(shutil.copy(target, tmp_path / "elsewhere.png"))
+    manifest = tmp_path / "ds" / "manifest.csv"
+    rows = list(csv.DictReader(manifest.open(newline="")))
+    rows[0]["image"] = str(target)
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    code, err = _main(["data", "validate", str(tmp_path / "ds")], monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "manifest.csv:2" in line and str(target) in line and "relative" in line
+
+
+def test_cli_an_os_error_on_a_user_path_is_one_line(monkeypatch, capsys):
+    """The boundary's safety net: an OSError the command did not turn into its own message (here the
+    dataset folder cannot be created under /proc) is still one line naming the path, exit 2."""
+    code, err = _main(["data", "demo", "/proc/m2snet-cannot-exist"], monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "/proc/" in line and "No such file or directory" in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -133,6 +134,68 @@ def test_bad_image_input_is_a_clear_400_error(checkpoints):
         model.predict(None, pd.DataFrame({"image": [good, "not-an-image"]}))
     with pytest.raises(MlflowException, match="string column 'image'"):
         model.predict(None, pd.DataFrame({"x": ["a"]}))
+
+
+def _loaded_pyfunc(checkpoint):
+    from m2snet.mlops.pyfunc import SegmentationPyfunc
+
+    class Ctx:
+        artifacts = {"checkpoint_0": str(checkpoint)}
+        model_config = {}
+
+    model = SegmentationPyfunc()
+    model.load_context(Ctx())
+    return model
+
+
+def test_a_16bit_grey_png_is_predicted_as_its_8bit_picture(checkpoints):
+    """A 16-bit grey PNG (an 8-bit picture * 257) gives the same mask as the 8-bit PNG, not a saturated one."""
+    import pandas as pd
+
+    from m2snet.mlops.pyfunc import decode_image, encode_image
+
+    rng = np.random.default_rng(3)
+    grey = (rng.random((40, 52)) * 255).astype(np.uint8)
+    sixteen = _png(grey.astype(np.uint16) * 257)
+    assert np.array_equal(np.asarray(decode_image(encode_image(sixteen))), grey)
+    model = _loaded_pyfunc(checkpoints[0])
+    out = model.predict(None, pd.DataFrame({"image": [encode_image(sixteen), encode_image(_png(grey))]}))
+    assert out["mask"][0] == out["mask"][1]
+
+
+def _http_error(call) -> tuple[int, dict]:
+    """The status and JSON body MLflow's scoring server would send for the MlflowException ``call`` raises."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as err:
+        call()
+    return err.value.get_http_status_code(), json.loads(err.value.serialize_as_json())
+
+
+def test_oversized_and_undecodable_images_are_413_and_400_with_one_line(checkpoints, monkeypatch):
+    import pandas as pd
+
+    from m2snet.mlops.pyfunc import encode_image
+
+    model = _loaded_pyfunc(checkpoints[0])
+    small, big = encode_image(_png(np.zeros((8, 8), np.uint8))), encode_image(_png(np.zeros((30, 40), np.uint8)))
+    monkeypatch.setenv("M2SNET_MAX_PIXELS", "1000")
+    status, body = _http_error(lambda: model.predict(None, pd.DataFrame({"image": [small, big]})))
+    assert status == 413 and body["message"] == (
+        "row 1: image is 40x30 = 1200 pixels, above the limit of 1000 (M2SNET_MAX_PIXELS)")
+    monkeypatch.delenv("M2SNET_MAX_PIXELS")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own DecompressionBombError (above 200)
+    status, body = _http_error(lambda: model.predict(None, pd.DataFrame({"image": [small, big]})))
+    assert status == 413 and body["message"].startswith("row 1: image is too large to decode")
+    monkeypatch.undo()
+    noise = _png((np.random.default_rng(0).random((30, 40)) * 255).astype(np.uint8))
+    truncated = encode_image(noise[: len(noise) // 2])
+    status, body = _http_error(lambda: model.predict(None, pd.DataFrame({"image": [small, truncated]})))
+    assert status == 400 and body["message"].startswith("row 1: cannot decode image")
+    for message in (body["message"],):
+        assert "\n" not in message and "Traceback" not in json.dumps(body) and "stack_trace" not in body
 
 
 @pytest.mark.slow

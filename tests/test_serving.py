@@ -166,3 +166,79 @@ def test_readme_serve_command_works_without_activating_the_virtualenv(production
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
+
+
+def _main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run the real entry point (m2snet.cli:main, with its error boundary); exit code and stderr."""
+    import sys
+
+    from m2snet.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["m2snet", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_scoring_server_answers_413_and_400_with_one_line(production_model, monkeypatch, tmp_path):
+    """MLflow's own scoring app (what `mlflow models serve` runs), in-process: an image above
+    M2SNET_MAX_PIXELS is 413 and an undecodable one 400, each with a one-line message and no stack trace."""
+    import json
+
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    from m2snet.mlops.pyfunc import encode_image
+    from m2snet.mlops.serving import load_model
+
+    client = TestClient(scoring_server.init(load_model("models:/serve-test@production", tmp_path / "cache")))
+    png = production_model["image"].read_bytes()
+
+    def post(data: bytes):
+        body = {"dataframe_split": {"columns": ["image"], "data": [[encode_image(data)]]}}
+        return client.post("/invocations", json=body)
+
+    assert post(png).status_code == 200
+    monkeypatch.setenv("M2SNET_MAX_PIXELS", "100")
+    too_large = post(png)
+    monkeypatch.delenv("M2SNET_MAX_PIXELS")
+    truncated = post(png[: len(png) // 2])
+    for reply, status, start in ((too_large, 413, "row 0: image is 64x64 = 4096 pixels, above the limit of 100"),
+                                 (truncated, 400, "row 0: cannot decode image")):
+        body = reply.json()
+        assert reply.status_code == status and body["message"].startswith(start), reply.text
+        assert "\n" not in body["message"] and "stack_trace" not in body and "Traceback" not in json.dumps(body)
+
+
+def test_predict_scales_a_16bit_grey_png_like_its_8bit_picture(production_model, tmp_path):
+    from m2snet.mlops.serving import load_model, predict_files
+
+    grey = np.asarray(Image.open(production_model["image"]).convert("L"))
+    (tmp_path / "in8").mkdir(), (tmp_path / "in16").mkdir()
+    Image.fromarray(grey).save(tmp_path / "in8" / "x.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "in16" / "x.png")
+    model = load_model("models:/serve-test@production", tmp_path / "cache")
+    eight = predict_files("", [tmp_path / "in8"], tmp_path / "out8", model=model)[0]
+    sixteen = predict_files("", [tmp_path / "in16"], tmp_path / "out16", model=model)[0]
+    assert np.array_equal(np.asarray(Image.open(sixteen.overlay)), np.asarray(Image.open(eight.overlay)))
+
+
+def test_predict_on_a_corrupt_image_names_it_and_writes_nothing(production_model, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(production_model["image"].read_bytes())
+    (folder / "b.png").write_bytes(production_model["image"].read_bytes()[:100])  # truncated
+    out = tmp_path / "out"
+    code, err = _main(["predict", str(folder), "--model", "models:/serve-test@production", "--out", str(out),
+                       "--batch-size", "1"], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and f"error: {folder / 'b.png'}: cannot decode image" in err, err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_predict_into_an_impossible_out_folder_is_one_line(production_model, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, err = _main(["predict", str(production_model["image"]), "--model", "models:/serve-test@production",
+                       "--out", str(blocker / "sub")], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("predict")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --out {blocker / 'sub'}: "), err

@@ -53,6 +53,13 @@ def main() -> None:
     except M2SNetError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except OSError as err:
+        # A path the user gave could not be read or written (permissions, /proc, a full disk, a file where
+        # a folder is needed): the same one line; --verbose logs the traceback for a real bug.
+        logging.getLogger("m2snet.cli").debug("traceback of the error below", exc_info=True)
+        where = f"{err.filename}: " if err.filename else ""
+        typer.secho(f"error: {where}{err.strerror or err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
     except Terminated:
         # SIGTERM during an atomic write: the partial output is already removed; exit as SIGTERM would.
         typer.secho("terminated: partial output removed", fg=typer.colors.RED, err=True)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.format import DatasetInfo, load_dataset
+from m2snet.data.images import read_image
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,8 @@ def load_case_arrays(image_path: Path, mask_path: Path, size: int) -> tuple[np.n
     Images are resized bilinearly, masks with nearest neighbour so class ids stay class ids.
     This is the one decode+resize; the cache stores exactly its output.
     """
-    try:
-        with Image.open(image_path) as im:
-            image = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        with Image.open(mask_path) as m:
-            mask = m.convert("L").resize((size, size), Image.NEAREST)
-    except OSError as err:
-        where = getattr(err, "filename", None) or image_path
-        raise M2SNetError(f"{where}: cannot decode ({err})") from None
+    image = read_image(image_path, "image").convert("RGB").resize((size, size), Image.BILINEAR)
+    mask = read_image(mask_path, "mask").convert("L").resize((size, size), Image.NEAREST)
     return np.array(image, dtype=np.uint8), np.array(mask, dtype=np.uint8)
 
 

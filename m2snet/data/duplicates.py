@@ -246,10 +246,7 @@ def find_duplicates(
 
 def hash_files(paths: Iterable[Any]) -> np.ndarray:
     """Perceptual hashes of image files, uint64 [n, len(CROP_SCALES)]."""
-    from PIL import Image
+    from m2snet.data.images import read_image
 
-    rows = []
-    for path in paths:
-        with Image.open(path) as im:
-            rows.append(perceptual_hashes(im))
+    rows = [perceptual_hashes(read_image(path)) for path in paths]
     return np.stack(rows) if rows else np.zeros((0, len(CROP_SCALES)), dtype=np.uint64)

@@ -213,6 +213,14 @@ def _int(value: str, where: str) -> int:
         raise M2SNetError(f"{where}: expected an integer, got {value!r}") from None
 
 
+def _manifest_path(root: Path, text: str, where: str) -> Path:
+    """A manifest's file path: relative to the dataset root and inside it (what the version covers)."""
+    path = Path(text)
+    if path.is_absolute() or ".." in path.parts:
+        raise M2SNetError(f"{where}: path {text!r} must be relative to the dataset folder and inside it")
+    return root / path
+
+
 def load_dataset(root: str | os.PathLike) -> DatasetInfo:
     """Read a dataset directory written by an importer (or ``m2snet data demo`` + import)."""
     root = Path(root).resolve()
@@ -250,8 +258,8 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
                 CaseRecord(
                     case_id=row["case_id"],
                     label=row["label"],
-                    image_path=root / row["image"],
-                    mask_path=root / row["mask"],
+                    image_path=_manifest_path(root, row["image"], where),
+                    mask_path=_manifest_path(root, row["mask"], where),
                     height=_int(row["height"], where),
                     width=_int(row["width"], where),
                     sha256=row["sha256"],

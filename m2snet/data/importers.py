@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import types
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
-import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from m2snet.common import M2SNetError, atomic_directory
@@ -37,6 +37,7 @@ from m2snet.data.format import (
     write_dataset,
     write_png,
 )
+from m2snet.data.images import decode_image
 from m2snet.data.validation import validate_dataset
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,23 @@ def get_importer(name: str, **options: Any) -> Importer:
     unknown = set(options) - known
     if unknown:
         raise M2SNetError(f"format {name!r} has no option(s) {sorted(unknown)}; it accepts {sorted(known)}")
-    return cls(**options)
+    hints = get_type_hints(cls)
+    return cls(**{key: _typed_option(name, key, value, hints[key]) for key, value in options.items()})
+
+
+def _typed_option(fmt: str, key: str, value: Any, hint: Any) -> Any:
+    """An importer option checked against its field's type (``-o threshold=abc`` is refused here, not
+    as a numpy error deep in the import); a number given to a text option is taken as its text."""
+    allowed = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return value
+    if str in allowed and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool)
+           for t in allowed if isinstance(t, type)):
+        return value
+    names = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+    raise M2SNetError(f"format {fmt!r}: option {key}={value!r} is not a valid {names}")
 
 
 # --------------------------------------------------------------------------- helpers for layouts
@@ -352,32 +369,20 @@ _MAX_MID_FRACTION = 0.10  # a thresholded (JPEG) mask may have this many mid-gre
 _TWO_LEVEL_FRACTION = 0.98  # an image this much black or white looks like a mask
 
 
-def _decode(path: Path, what: str, notes: list[str] | None = None):
-    """Open and fully decode an image by its content, turning any decoder failure into an error naming the file.
+def _decode(path: Path, what: Literal["image", "mask"], notes: list[str] | None = None):
+    """Decode an image by its content with the one decoder (m2snet.data.images: 8-bit out, pixel cap,
+    errors naming the file).
 
     When the content's format is not the one the extension names (a JPEG saved as ``.png``), the
     file is still read, and a note saying so is appended to ``notes``.
     """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            expected = _EXT_FORMATS.get(path.suffix.lower())
-            if notes is not None and expected and im.format and im.format != expected:
-                notes.append(
-                    f"{path}: content is {im.format}, not the {expected} its extension says (read as {im.format})"
-                )
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            try:  # some TIFFs (e.g. float or odd compressions) only tifffile reads
-
-                arr = tifffile.imread(path)
-                if arr.dtype != np.uint8:
-                    arr = np.clip(arr, 0, 255).astype(np.uint8)
-                return Image.fromarray(arr)
-            except Exception:  # noqa: BLE001 - fall through to the clear error below
-                pass
-        raise M2SNetError(f"{path}: cannot decode {what} ({err})") from None
+    decoded = decode_image(path, what)
+    expected = _EXT_FORMATS.get(path.suffix.lower())
+    if notes is not None and expected and decoded.format and decoded.format != expected:
+        notes.append(
+            f"{path}: content is {decoded.format}, not the {expected} its extension says (read as {decoded.format})"
+        )
+    return decoded.image
 
 
 def _colour_fraction(image) -> float:
@@ -395,8 +400,6 @@ def _grey(mask_image) -> np.ndarray:
     if mask_image.mode in ("RGB", "RGBA", "P", "LA", "CMYK"):
         arr = np.asarray(mask_image.convert("RGB"))
         return arr.max(axis=2)
-    if mask_image.mode in ("I;16", "I", "F"):
-        return np.clip(np.asarray(mask_image), 0, 255).astype(np.uint8)
     return np.asarray(mask_image.convert("L"))
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from m2snet.common import sha256_file, write_json
 from m2snet.data.duplicates import CROP_SCALES, DuplicateReport, NearDuplicateConfig, find_duplicates, perceptual_hashes
 from m2snet.data.format import DatasetInfo, load_dataset
+from m2snet.data.images import ImageError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -153,24 +153,25 @@ def _case_facts(info: DatasetInfo, near: NearDuplicateConfig) -> tuple["Any", np
             "foreground_fraction": -1.0,
         }
         try:
-            with Image.open(case.image_path) as im:
-                im.load()
-                row.update(image_decodes=True, image_is_rgb=im.mode == "RGB", width=im.width, height=im.height)
-                row["sha256_matches"] = sha256_file(case.image_path) == case.sha256
-                if near.enabled:
-                    hashes[i] = perceptual_hashes(im)
-        except (OSError, SyntaxError, ValueError):
+            decoded = decode_image(case.image_path, "image")
+            im = decoded.image
+            row.update(image_decodes=True, image_is_rgb=decoded.source_mode == "RGB", width=im.width,
+                       height=im.height)
+            row["sha256_matches"] = sha256_file(case.image_path) == case.sha256
+            if near.enabled:
+                hashes[i] = perceptual_hashes(im)
+        except (ImageError, OSError):
             pass
         try:
-            with Image.open(case.mask_path) as m:
-                m.load()
-                mask = np.asarray(m)
-                row.update(mask_decodes=True, mask_is_grey=m.mode == "L")
-                row["mask_size_matches"] = (m.width, m.height) == (row["width"], row["height"])
-                row["mask_values_valid"] = bool(m.mode == "L" and int(mask.max(initial=0)) < n_values)
-                row["lesion_area"] = int((mask > 0).sum())
-                row["foreground_fraction"] = row["lesion_area"] / max(mask.size, 1)
-        except (OSError, SyntaxError, ValueError):
+            decoded = decode_image(case.mask_path, "mask")
+            m, grey = decoded.image, decoded.source_mode == "L"
+            mask = np.asarray(m)
+            row.update(mask_decodes=True, mask_is_grey=grey)
+            row["mask_size_matches"] = (m.width, m.height) == (row["width"], row["height"])
+            row["mask_values_valid"] = bool(grey and int(mask.max(initial=0)) < n_values)
+            row["lesion_area"] = int((mask > 0).sum())
+            row["foreground_fraction"] = row["lesion_area"] / max(mask.size, 1)
+        except (ImageError, OSError):
             pass
         row["manifest_size_matches"] = (row["height"], row["width"]) == (case.height, case.width)
         rows.append(row)

@@ -17,11 +17,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from m2snet.common import M2SNetError, resolve_device, write_json
 from m2snet.data.format import load_dataset
+from m2snet.data.images import read_mask, read_rgb
 from m2snet.evaluation.metrics import case_metrics, mean_metrics
 from m2snet.evaluation.plots import OverlayCase, overlay_grid
 from m2snet.evaluation.predict import Predictor
@@ -43,11 +43,7 @@ class EvalResult:
 
 
 def _load_pair(case) -> tuple[np.ndarray, np.ndarray]:
-    with Image.open(case.image_path) as im:
-        image = np.asarray(im.convert("RGB"))
-    with Image.open(case.mask_path) as m:
-        mask = np.asarray(m.convert("L"))
-    return image, mask
+    return read_rgb(case.image_path), read_mask(case.mask_path)
 
 
 def evaluate_predictor(

@@ -18,26 +18,21 @@ import torch
 import torch.nn.functional as F
 
 from m2snet.common import M2SNetError
+from m2snet.data.images import to_8bit
 from m2snet.models.checkpoint import Checkpoint
 from m2snet.models.preprocessing import Normalization
 
 
 def to_rgb_array(image) -> np.ndarray:
-    """A PIL image / array (grey, RGB or RGBA) as uint8 [H, W, 3]."""
-    from PIL import Image
+    """A PIL image / array (grey, RGB or RGBA; any bit depth) as uint8 [H, W, 3].
 
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise M2SNetError(f"image of shape {arr.shape}: expected [H, W], [H, W, 3] or [H, W, 4]")
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return arr
+    Bit depth goes through the one decoder's rules (m2snet.data.images.to_8bit): a 16-bit picture is
+    scaled, never clipped to white.
+    """
+    rgb = np.asarray(to_8bit(image, "image", "image").convert("RGB"))
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise M2SNetError(f"image of shape {rgb.shape}: expected [H, W], [H, W, 3] or [H, W, 4]")
+    return rgb
 
 
 class Predictor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import os
 import tempfile
 from contextlib import nullcontext
@@ -40,10 +41,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 import m2snet
 from m2snet.common import M2SNetError, resolve_device
+from m2snet.data.images import ImageTooLarge, check_image, read_image, read_mask
 
 MODEL_CONFIG_TTA = "tta_flip"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # what MLflow runs to load the model
@@ -51,6 +53,7 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # what MLflow runs to 
 _RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "numpy",
                           "pillow", "pandas", "mlflow", "pyyaml", "onnx", "onnxruntime")
 ONNX_ARTIFACT = "onnx"
+log = logging.getLogger("m2snet.mlops.pyfunc")
 BACKEND_ENV = "M2SNET_SERVE_BACKEND"  # "torch" forces PyTorch even when the ONNX export is present
 
 
@@ -65,21 +68,55 @@ def encode_image(image, fmt: str = "PNG") -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_image(text: str, row: int = 0):
-    """base64 PNG/JPEG text -> PIL image; bad input raises an MLflow 400-class error naming the row."""
+class ServingError(MlflowException):
+    """A client error MLflow's scoring server answers with our HTTP status and our one-line message.
+
+    The server maps error codes to statuses without 413, and on the way out rewrites ``message`` to
+    ``Failed to predict data '<the whole input frame>'. Error: ...`` (multi-line, echoing the request);
+    this keeps the status given and the first message set.
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        self.status = status
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+    def get_http_status_code(self) -> int:
+        return self.status
+
+
+def _payload(text: str, row: int) -> bytes:
     try:
-        data = base64.b64decode(text, validate=True)
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
-    except (binascii.Error, TypeError, ValueError, UnidentifiedImageError, OSError) as err:
-        raise MlflowException(f"row {row}: column 'image' is not base64 PNG/JPEG bytes ({err})",
-                              error_code=INVALID_PARAMETER_VALUE) from None
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, TypeError, ValueError) as err:
+        raise ServingError(f"row {row}: column 'image' is not base64 PNG/JPEG bytes ({err})") from None
+
+
+def _as_serving_error(err: M2SNetError) -> ServingError:
+    return ServingError(str(err), status=413 if isinstance(err, ImageTooLarge) else 400)
+
+
+def decode_image(text: str, row: int = 0):
+    """base64 image text -> 8-bit PIL image through the one decoder (m2snet.data.images: bit depth,
+    pixel cap ``$M2SNET_MAX_PIXELS``); bad input is a ServingError naming the row: 413 for an
+    image above the cap (refused from its header, before decoding), 400 otherwise."""
+    try:
+        return read_image(_payload(text, row), "image", name=f"row {row}")
+    except M2SNetError as err:
+        raise _as_serving_error(err) from None
 
 
 def decode_mask(text: str) -> np.ndarray:
     """The ``mask`` output column back to a uint8 array."""
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+    return read_mask(base64.b64decode(text), name="mask")
 
 
 class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
@@ -102,21 +139,43 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         )
 
     def predict(self, context, model_input, params=None):
+        try:
+            return self._predict(model_input)
+        except MlflowException:
+            raise
+        except Exception:  # the server boundary: the trace goes to the server log, not to the client
+            log.exception("prediction failed")
+            raise ServingError("internal error while predicting (the server log has the details)",
+                                    status=500) from None
+
+    def _predict(self, model_input):
         import torch
 
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
-            raise MlflowException("input must be a DataFrame with a string column 'image' (base64 PNG/JPEG)",
-                                  error_code=INVALID_PARAMETER_VALUE)
-        images = [decode_image(t, i) for i, t in enumerate(model_input["image"].tolist())]
-        with torch.inference_mode():
-            probs = self.predictor.predict_proba(images)
+            raise ServingError("input must be a DataFrame with a string column 'image' (base64 PNG/JPEG)")
+        texts = model_input["image"].tolist()
+        try:  # every row's header first: a request with an oversized or foreign row 9 costs no prediction
+            for row, text in enumerate(texts):
+                check_image(_payload(text, row), name=f"row {row}")
+        except M2SNetError as err:
+            raise _as_serving_error(err) from None
+        # One batch decoded, predicted and encoded at a time: a long request holds at most one batch of
+        # full-size images and probability maps.
         masks, fractions = [], []
-        for prob in probs:
-            mask = self.predictor.to_mask(prob)
-            fractions.append(float((mask > 0).mean()))
-            if self.predictor.n_classes == 1:
-                mask = mask * 255
-            masks.append(encode_image(mask.astype(np.uint8)))
+        size = self.predictor.batch_size
+        for start in range(0, len(texts), size):
+            images = [decode_image(t, start + i) for i, t in enumerate(texts[start:start + size])]
+            try:
+                with torch.inference_mode():
+                    probs = self.predictor.predict_proba(images)
+            except M2SNetError as err:
+                raise ServingError(str(err)) from None
+            for prob in probs:
+                mask = self.predictor.to_mask(prob)
+                fractions.append(float((mask > 0).mean()))
+                if self.predictor.n_classes == 1:
+                    mask = mask * 255
+                masks.append(encode_image(mask.astype(np.uint8)))
         return pd.DataFrame({"mask": masks, "foreground_fraction": fractions})
 
 

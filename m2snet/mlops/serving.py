@@ -14,11 +14,13 @@ per input image; :func:`request_masks` is the REST client used by the tests and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from m2snet.common import M2SNetError, atomic_directory, find_tool, free_port
 from m2snet.data.cache import default_cache_dir
+from m2snet.data.images import check_image, read_rgb
 from m2snet.mlops.services import LOOPBACK, ManagedProcess
 
 log = logging.getLogger("m2snet.mlops.serving")
@@ -142,37 +145,65 @@ def _model_cache_key(model_uri: str) -> str:
 
 def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   batch_size: int = 8, model=None) -> list[Prediction]:
-    """Predict every image; write ``<stem>_mask.png`` (as the model returns it) and ``<stem>_overlay.png``."""
-    import pandas as pd
+    """Predict every image; write ``<stem>_mask.png`` (as the model returns it) and ``<stem>_overlay.png``.
 
-    from m2snet.evaluation.predict import to_rgb_array
+    Every input's header is checked (decodable format, pixel cap) before the model loads, each image is
+    decoded (naming the file when it cannot be) before the model sees it, and the outputs are written to
+    a staging folder inside ``out_dir`` and moved in only when all images succeeded: a failure leaves no
+    outputs of a partial run.
+    """
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
     from m2snet.mlops.pyfunc import decode_mask, encode_image
 
     images = collect_images(inputs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = model or load_model(model_uri)
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
         raise M2SNetError("several input images share a file name; predict them into separate --out folders")
-    results: list[Prediction] = []
-    bar = tqdm(total=len(images), desc="predict", unit="img")
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        frame = pd.DataFrame({"image": [encode_image(p.read_bytes()) for p in chunk]})
-        answer = model.predict(frame)
-        for path, (_, row) in zip(chunk, answer.iterrows(), strict=True):
-            mask = decode_mask(row["mask"])
-            rgb = to_rgb_array(Image.open(path))
-            if mask.shape[:2] != rgb.shape[:2]:
-                raise M2SNetError(f"{path}: model returned a {mask.shape} mask for a {rgb.shape[:2]} image")
-            mask_path, overlay_path = out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png"
-            Image.fromarray(mask).save(mask_path)
-            Image.fromarray(overlay(rgb, mask)).save(overlay_path)
-            results.append(Prediction(path, mask_path, overlay_path, float(row["foreground_fraction"])))
-        bar.update(len(chunk))
-    bar.close()
-    return results
+    for path in images:
+        check_image(path)
+    out = Path(out_dir)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".m2snet-predict-", dir=out))
+    except OSError as err:
+        raise M2SNetError(f"--out {out}: cannot create the output folder ({err.strerror or err})") from None
+    done = False
+    try:
+        model = model or load_model(model_uri)
+        results: list[Prediction] = []
+        bar = tqdm(total=len(images), desc="predict", unit="img")
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            rgbs = [read_rgb(p) for p in chunk]  # the model decodes the same bytes with the same decoder
+            frame = pd.DataFrame({"image": [encode_image(p.read_bytes()) for p in chunk]})
+            try:
+                answer = model.predict(frame)
+            except MlflowException as err:
+                names = ", ".join(map(str, chunk))
+                raise M2SNetError(f"{names}: the model refused the batch ({err.message})") from None
+            for path, rgb, (_, row) in zip(chunk, rgbs, answer.iterrows(), strict=True):
+                mask = decode_mask(row["mask"])
+                if mask.shape[:2] != rgb.shape[:2]:
+                    raise M2SNetError(f"{path}: model returned a {mask.shape} mask for a {rgb.shape[:2]} image")
+                Image.fromarray(mask).save(staging / f"{path.stem}_mask.png")
+                Image.fromarray(overlay(rgb, mask)).save(staging / f"{path.stem}_overlay.png")
+                results.append(Prediction(path, out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png",
+                                          float(row["foreground_fraction"])))
+            bar.update(len(chunk))
+        bar.close()
+        for r in results:
+            for name in (r.mask.name, r.overlay.name):
+                os.replace(staging / name, out / name)
+        done = True
+        return results
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not done:
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def request_masks(url: str, images: Sequence[str | os.PathLike | bytes], timeout: float = 120.0) -> list[np.ndarray]:
