@@ -6,6 +6,10 @@ Keep this module free of heavy imports (torch, mlflow, ...): the CLI imports it 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -99,21 +103,71 @@ def umask_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~current_umask()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _cannot_write(path: Path, err: OSError) -> M2SNetError:
+    """One line for an OSError met creating ``path`` or its folder (read-only, under a file, /proc)."""
+    reason = "not a directory" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror or str(err)
+    where = f": {err.filename}" if err.filename and str(err.filename) != str(path) else ""
+    return M2SNetError(f"{path}: cannot write there ({reason}{where})")
+
+
+def _make_parent(path: Path) -> None:
+    """Create ``path``'s folder; a folder that cannot be made (read-only, under a file, /proc) is a user error."""
     try:
-        os.fchmod(fd, umask_mode())
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: some filesystems cannot fsync a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it becomes ``path``, whole, or nothing does.
+
+    THE way m2snet writes a result file (JSON, manifest, checkpoint, ONNX graph): the caller writes
+    the temporary by name (``open``, ``torch.save``, ``onnx.save``). On success it gets the umask's
+    mode (mkstemp's is a private 0600, which hid checkpoints from other users and containers), is
+    flushed to disk (fsync) and renamed over ``path`` (atomic: a reader sees the old file or the new
+    one). On any exception, Ctrl-C or SIGTERM the temporary is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    _make_parent(path)
+    with _sigterm_raises():
+        try:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as err:
+            raise _cannot_write(path, err) from None
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fchmod(fd, umask_mode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    _fsync_directory(path.parent)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (:func:`atomic_file`), so a crash never leaves half a file."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
 
 
 class Terminated(BaseException):
@@ -141,7 +195,24 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT are held back during the block and delivered at its end, so a pair of
+    renames is never split by them (a SIGKILL can still split it: :func:`remove_stale_partials`)."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# Beside DEST, named after it: ``.<name>.<host>-<pid>.<random>.partial`` is a copy being written
+# (or, after an exchange, the replaced DEST being removed); ``...<random>.old`` is DEST moved aside
+# by the fallback swap; ``.<name>.lock`` is the writers' lock.
 _PARTIAL_SUFFIX = ".partial"
+_ASIDE_SUFFIX = ".old"
+_LOCK_SUFFIX = "lock"
 
 
 def _partial_prefix(dest: Path) -> str:
@@ -159,23 +230,32 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_partials(dest: str | os.PathLike) -> list[Path]:
-    """Remove temporary directories left beside ``dest`` by a killed writer (SIGKILL, power loss).
+    """Clean up what a killed writer (SIGKILL, power loss) left beside ``dest``.
 
-    A partial is named ``.<dest name>.<host>-<pid>.<random>.partial``; it is stale when it was made
-    on this host by a process that no longer runs (or carries no pid: an older m2snet's). A partial
-    of a live process (a concurrent writer) is left alone. Returns what was removed.
+    A partial (``.<dest name>.<host>-<pid>.<random>.partial``) is stale when it was made on this host
+    by a process that no longer runs (or carries no pid: an older m2snet's); it is removed. A stale
+    ``.old`` is the previous ``dest`` that a fallback swap had moved aside: it is put back when
+    ``dest`` is missing (the writer died between its two renames), removed otherwise. A live
+    process's (a concurrent writer's) are left alone. Returns what was removed.
     """
     dest = Path(dest)
     if not dest.parent.is_dir():
         return []
     prefix, host = _partial_prefix(dest), socket.gethostname()
-    tagged = re.compile(rf"^{re.escape(prefix)}(?P<host>.+)-(?P<pid>\d+)\.[^.]+{re.escape(_PARTIAL_SUFFIX)}$")
+    suffixes = f"(?:{re.escape(_PARTIAL_SUFFIX)}|{re.escape(_ASIDE_SUFFIX)})"
+    tagged = re.compile(rf"^{re.escape(prefix)}(?P<host>.+)-(?P<pid>\d+)\.[^.]+{suffixes}$")
     removed = []
-    for path in dest.parent.iterdir():
-        if not (path.name.startswith(prefix) and path.name.endswith(_PARTIAL_SUFFIX) and path.is_dir()):
+    # Old copies first: one may have to become ``dest`` again.
+    for path in sorted(dest.parent.iterdir(), key=lambda p: not p.name.endswith(_ASIDE_SUFFIX)):
+        if not (path.name.startswith(prefix) and path.name.endswith((_PARTIAL_SUFFIX, _ASIDE_SUFFIX))
+                and path.is_dir() and not path.is_symlink()):
             continue
         m = tagged.match(path.name)
         if m and (m.group("host") != host or _pid_alive(int(m.group("pid")))):
+            continue
+        if path.name.endswith(_ASIDE_SUFFIX) and not os.path.lexists(dest):
+            os.rename(path, dest)
+            log.warning("restored %s from %s: a replacement interrupted by a killed run", dest, path)
             continue
         shutil.rmtree(path, ignore_errors=True)
         log.warning("removed %s: a partial output left by a killed run", path)
@@ -184,35 +264,202 @@ def remove_stale_partials(dest: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def _writer_lock(dest: Path) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``dest`` (``flock``, not waiting): one writer per DEST at a time.
+
+    A second writer fails at once with a one-line error instead of racing the first (the later one
+    replaced the earlier, both exiting 0). The file is removed on release so it never lingers
+    beside the output; a file a SIGKILLed holder left is simply locked and removed by the next
+    writer (the kernel drops the lock with the process).
+    """
+    lock_path = dest.parent / f"{_partial_prefix(dest)}{_LOCK_SUFFIX}"
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, umask_mode())
+        except OSError as err:
+            raise _cannot_write(dest, err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise M2SNetError(
+                f"{dest}: another m2snet process ({holder}) is writing it; wait for it to finish or choose "
+                f"another DEST (lock: {lock_path})"
+            ) from None
+        # The previous holder unlinks the file before unlocking it: a lock taken on a file that is no
+        # longer at ``lock_path`` excludes nobody, so take the one that is there now.
+        try:
+            same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Any:
+    """libc's ``renameat2`` (Linux, glibc >= 2.28), or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (``renameat2(RENAME_EXCHANGE)``); False where the
+    kernel, the C library or the filesystem cannot, so the caller falls back."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(tmp: Path, dest: Path) -> Path:
+    """Put the directory ``tmp`` at ``dest`` in place of the directory there; return where the replaced
+    copy now is (to be removed). At every instant ``dest`` is the old copy or the new one, complete.
+
+    Exchange where the kernel can; else move ``dest`` aside (``.old``) and rename ``tmp`` in, with
+    SIGTERM/SIGINT held back in between; a SIGKILL in between leaves ``dest`` missing and the old copy
+    aside, which the next writer puts back (:func:`remove_stale_partials`).
+    """
+    with _signals_deferred():
+        if _exchange(tmp, dest):
+            return tmp  # the old DEST, under the partial's name: stale, hence removed, if we die now
+        aside = tmp.with_name(tmp.name[: -len(_PARTIAL_SUFFIX)] + _ASIDE_SUFFIX)
+        os.rename(dest, aside)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            os.rename(aside, dest)
+            raise
+        return aside
+
+
+def _check_destination(dest: Path, overwrite: bool, marker: str | None) -> None:
+    """Refuse a DEST that must not be written, before any work: a symlink, a file, a non-empty folder
+    (without ``overwrite``), or, with ``overwrite``, a folder that is not a previous output (no ``marker``)."""
+    if dest.is_symlink():
+        raise M2SNetError(f"{dest}: is a symbolic link; give the directory itself or choose another DEST")
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise M2SNetError(f"{dest}: is a file, not a directory; choose another DEST")
+    if not any(dest.iterdir()):
+        return  # an empty folder is replaced by the rename
+    ours = marker is None or (dest / marker).is_file()
+    if not ours:
+        raise M2SNetError(
+            f"{dest}: already exists and is not an m2snet output (no {marker}); --overwrite replaces only "
+            "a previous output: choose another DEST"
+        )
+    if not overwrite:
+        raise M2SNetError(f"{dest}: already exists and is not empty (use --overwrite to replace it)")
+
+
+def _check_outside(dest: Path, protect: tuple[str | os.PathLike, ...]) -> None:
+    """Refuse a DEST that is, contains or sits inside a protected path (the source), symlinks resolved."""
+    real = dest.resolve()
+    for path in protect:
+        source = Path(path).resolve()
+        if real == source:
+            why = "is the source"
+        elif source.is_relative_to(real):
+            why = f"contains the source {path}"
+        elif real.is_relative_to(source):
+            why = f"is inside the source {path}"
+        else:
+            continue
+        raise M2SNetError(f"{dest}: {why}; write the output to a folder outside it")
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    dest: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    shared: bool = False,
+    marker: str | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; move it to ``dest`` only on success.
 
     On any exception, Ctrl-C (SIGINT) or SIGTERM the temporary directory is removed and ``dest``
     is left untouched, so a failed import or export never leaves a half-written output behind.
-    What a SIGKILL leaves is removed by the next write to the same ``dest``
+    What a SIGKILL leaves is cleaned up by the next write to the same ``dest``
     (:func:`remove_stale_partials`). The result has the process umask's mode (0755 under 022),
     not mkdtemp's private 0700.
+
+    An output (the default) has one writer at a time (a lock beside ``dest``; a second writer fails
+    with a one-line error) and is checked before any work: never a DEST that is, contains or sits
+    inside a path of ``protect``; with ``overwrite`` only a directory holding ``marker`` (a previous
+    output) or an empty one is replaced, atomically (:func:`_swap_in`), the old copy removed after.
+
+    ``shared=True`` is for a cache that several processes may build at once (parallel folds): no
+    lock, and the first to finish wins. A finished ``dest`` is never removed or replaced (another
+    process may be reading it); a later builder discards its copy. The caller checks ``dest`` after.
     """
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        if not dest.is_dir() or any(dest.iterdir()):
-            raise M2SNetError(f"{dest}: already exists and is not empty (use --overwrite to replace it)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(dest)
-    with _sigterm_raises():
-        tmp = Path(tempfile.mkdtemp(
-            dir=dest.parent, prefix=f"{_partial_prefix(dest)}{socket.gethostname()}-{os.getpid()}.",
-            suffix=_PARTIAL_SUFFIX,
-        ))
+    if shared and overwrite:
+        raise ValueError("atomic_directory: a shared directory is never overwritten")
+    _check_outside(dest, protect)
+    _make_parent(dest)
+    with _sigterm_raises(), (contextlib.nullcontext() if shared else _writer_lock(dest)):
+        if not shared:
+            _check_destination(dest, overwrite, marker)
+        remove_stale_partials(dest)
+        try:
+            tmp = Path(tempfile.mkdtemp(
+                dir=dest.parent, prefix=f"{_partial_prefix(dest)}{socket.gethostname()}-{os.getpid()}.",
+                suffix=_PARTIAL_SUFFIX,
+            ))
+        except OSError as err:
+            raise _cannot_write(dest, err) from None
+        replaced = None
         try:
             os.chmod(tmp, umask_mode(directory=True))
             yield tmp
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
+            try:
+                os.rename(tmp, dest)  # atomic; replaces an empty directory, never a non-empty one
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                if shared:
+                    log.info("%s: another process finished it first; using theirs", dest)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                elif overwrite:
+                    replaced = _swap_in(tmp, dest)
+                else:  # not an m2snet writer (it would hold the lock): never replace its output
+                    raise M2SNetError(f"{dest}: was created by another program while this one wrote it; "
+                                      "not replaced") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+            if replaced.exists():  # e.g. a file another user owns: the next writer retries
+                log.warning("%s: could not remove all of the replaced copy %s", dest, replaced)
+        _fsync_directory(dest.parent)
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:

@@ -4,8 +4,9 @@ Layout: ``<cache_dir>/<dataset version>/<size>/{images.npy, masks.npy, index.jso
 ``images.npy`` uint8 [N, S, S, 3] and ``masks.npy`` uint8 [N, S, S], opened memory-mapped so
 DataLoader workers share the pages instead of each holding a copy. Keyed by the dataset's DVC
 hash, so an edited dataset can never be served stale arrays. Built in a temporary directory and
-renamed into place (m2snet.common.atomic_directory): a crash mid-build leaves no half cache, and
-two processes building the same cache both end with a complete one.
+renamed into place (m2snet.common.atomic_directory, shared): a crash mid-build leaves no half cache,
+and of processes building the same cache at once (parallel folds) the first to finish wins: the
+others discard their copy and use it; a finished cache is never removed or replaced.
 """
 
 from __future__ import annotations
@@ -74,24 +75,22 @@ def build_cache(info: DatasetInfo, size: int, cache_dir: str | os.PathLike | Non
     if (path / "index.json").is_file():
         return path
     n = len(info.cases)
-    try:
-        with atomic_directory(path) as tmp:
-            images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-            masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
-            for i, case in enumerate(tqdm(info.cases, desc=f"cache {size}px", disable=not progress, leave=False)):
-                images[i], masks[i] = load_case_arrays(case.image_path, case.mask_path, size)
-            images.flush()
-            masks.flush()
-            del images, masks
-            # index.json last: its presence is what marks a cache complete.
-            (tmp / "index.json").write_text(
-                json.dumps({"case_ids": [c.case_id for c in info.cases], "size": size, "version": info.version})
-            )
-    except M2SNetError:
-        # Another process finished the same cache first: theirs is complete, use it.
-        if (path / "index.json").is_file():
-            return path
-        raise
+    # shared: parallel folds may build the same cache; the first to finish wins and the others use
+    # it (replacing it would pull the files from under a fold already reading them).
+    with atomic_directory(path, shared=True) as tmp:
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
+        for i, case in enumerate(tqdm(info.cases, desc=f"cache {size}px", disable=not progress, leave=False)):
+            images[i], masks[i] = load_case_arrays(case.image_path, case.mask_path, size)
+        images.flush()
+        masks.flush()
+        del images, masks
+        # index.json last: its presence is what marks a cache complete.
+        (tmp / "index.json").write_text(
+            json.dumps({"case_ids": [c.case_id for c in info.cases], "size": size, "version": info.version})
+        )
+    if not (path / "index.json").is_file():
+        raise M2SNetError(f"{path}: exists but is not a complete m2snet cache (no index.json); remove it")
     log.info("cached %d cases at %d px in %s", n, size, path)
     return path
 

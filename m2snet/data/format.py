@@ -36,7 +36,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
-from m2snet.common import M2SNetError, sha256_bytes, write_json
+from m2snet.common import M2SNetError, atomic_file, sha256_bytes, write_json
 
 FORMAT_VERSION = 2
 DATASET_JSON = "dataset.json"
@@ -197,13 +197,11 @@ def write_dataset(
     }
     meta.update(extra or {})
     write_json(root / DATASET_JSON, meta)
-    tmp = root / f".{MANIFEST_CSV}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(root / MANIFEST_CSV) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for case in cases:
             writer.writerow(case.to_row(root))
-    os.replace(tmp, root / MANIFEST_CSV)
 
 
 def _int(value: str, where: str) -> int:

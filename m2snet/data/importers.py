@@ -28,6 +28,7 @@ from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates, perceptual_hashes
 from m2snet.data.format import (
     BINARY_MASK_CLASSES,
+    DATASET_JSON,
     IMAGES_DIR,
     MASKS_DIR,
     CaseRecord,
@@ -541,7 +542,8 @@ def import_dataset(
     allow = importer.allow_duplicates_default if allow_duplicates is None else allow_duplicates
     allow_conflicts = importer.allow_label_conflicts_default if allow_label_conflicts is None else allow_label_conflicts
     notes: list[str] = []
-    with atomic_directory(dest, overwrite=overwrite) as tmp:
+    # Only a previous import (it has dataset.json) is ever replaced, never the source or a folder around it.
+    with atomic_directory(dest, overwrite=overwrite, marker=DATASET_JSON, protect=(src,)) as tmp:
         records, hashes, problems = [], [], []
         for case in tqdm(cases, desc=f"import {fmt}", disable=not progress, leave=False):
             try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from m2snet.common import M2SNetError
+from m2snet.common import M2SNetError, atomic_file
 from m2snet.evaluation.predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -116,9 +115,8 @@ def export_onnx(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike
     predictor = Predictor.from_checkpoints(checkpoints, device="cpu", tta_flip=tta_flip)
     graph = EnsembleProbabilities(predictor).eval()
     x = torch.randn(check_batch, 3, predictor.size, predictor.size, generator=torch.Generator().manual_seed(0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        tmp_path = Path(tmp) / out.name
+    # Written beside ``out`` and renamed into place only once ONNX Runtime agrees with PyTorch.
+    with atomic_file(out) as tmp_path:
         # Traced with grad enabled: the fast MSU's no-grad path writes in place (``out=``), which
         # the TorchScript exporter cannot translate; the graph is the same either way.
         with torch.enable_grad(), warnings.catch_warnings():
@@ -140,7 +138,6 @@ def export_onnx(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike
         if not diff <= atol:
             raise M2SNetError(f"{out}: ONNX Runtime differs from PyTorch by {diff:.3g} (> atol {atol:g}); "
                               "not written")
-        os.replace(tmp_path, out)
     log.info("exported %d model(s) to %s: max |ORT - PyTorch| %.2e, %d BatchNorm left", len(predictor.models),
              out, diff, batch_norms)
     return ExportReport(out, len(predictor.models), predictor.size, diff, batch_norms)

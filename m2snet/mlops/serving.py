@@ -110,7 +110,7 @@ def local_model_dir(model_uri: str, cache_dir: str | os.PathLike | None = None) 
     try:
         dest = Path(cache_dir or default_cache_dir()) / "models" / _model_cache_key(model_uri)
         if not (dest / "model" / "MLmodel").is_file():
-            with atomic_directory(dest, overwrite=True) as tmp:
+            with atomic_directory(dest, shared=True) as tmp:  # concurrent downloads: the first wins
                 got = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp / "download")))
                 got.rename(tmp / "model")
                 shutil.rmtree(tmp / "download", ignore_errors=True)

@@ -41,12 +41,10 @@ such a file, letting the weights-only unpickler rebuild exactly those numpy type
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import pickle
 import random
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2snet.common import M2SNetError
+from m2snet.common import M2SNetError, atomic_file
 from m2snet.models.preprocessing import DEFAULT_NORMALIZATION, Normalization
 
 FORMAT_VERSION = 1
@@ -146,18 +144,11 @@ class Checkpoint:
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """torch.save to a temp file beside ``path`` then rename: a kill never leaves half a file."""
+        """torch.save through :func:`m2snet.common.atomic_file`: a kill never leaves half a file, and
+        the file gets the umask's mode (readable by the serving container, other users)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             torch.save(self.to_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         return path
 
     @classmethod

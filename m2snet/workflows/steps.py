@@ -25,9 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from m2snet.common import M2SNetError, git_commit, redact, sha256_file, write_json
+from m2snet.common import M2SNetError, atomic_directory, git_commit, redact, sha256_file, write_json
 from m2snet.data.demo import build_demo_dataset, make_demo_dataset
-from m2snet.data.format import load_dataset
+from m2snet.data.format import DATASET_JSON, load_dataset
 from m2snet.data.importers import import_dataset
 from m2snet.data.split import load_split, make_split
 from m2snet.data.validation import validate_dataset
@@ -158,9 +158,9 @@ def prepare_dataset(
             where = {"uri": source_desc}
         if (src / "dataset.json").is_file():
             # Already in m2snet format (e.g. a DVC-tracked imported dataset): copy, then re-validate.
-            if out.exists():
-                shutil.rmtree(out)
-            shutil.copytree(src, out)
+            # Copied as an import is written: atomically, replacing only a previous dataset.
+            with atomic_directory(out, overwrite=True, marker=DATASET_JSON, protect=(src,)) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
             report = validate_dataset(out)
             if not report.success:
                 raise M2SNetError(f"{source_desc}: dataset failed validation:\n{report.summary()}")
