@@ -146,6 +146,9 @@ def import_(
     )
     for ids in extra["label_conflicts"]:
         typer.echo(f"label conflict (allowed): {', '.join(ids)}")
+    for group in (report.get("duplicate_clusters") or {}).get("large_clusters", []):
+        typer.echo(f"WARNING: duplicate cluster {group} holds more than "
+                   f"{report['duplicate_clusters']['warn_cluster_size']} cases (see {report_html})")
     for note in report["notes"]:
         typer.echo(f"note: {note}")
     typer.echo(f"report: {report_html}")

@@ -564,6 +564,8 @@ def import_dataset(
             )
         for conflict in dups.conflicts:
             log.warning("label conflict (allowed for %s): %s", fmt, conflict.describe())
+        for warning in dups.large_cluster_warnings():
+            log.warning("%s", warning)
         write_dataset(
             tmp, records, source_format=fmt, n_classes=importer.n_classes,
             mask_classes=importer.mask_classes, labels=sorted({r.label for r in records}),

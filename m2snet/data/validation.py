@@ -29,7 +29,14 @@ import numpy as np
 from PIL import Image
 
 from m2snet.common import sha256_file, write_json
-from m2snet.data.duplicates import CROP_SCALES, DuplicateReport, NearDuplicateConfig, find_duplicates, perceptual_hashes
+from m2snet.data.duplicates import (
+    CROP_SCALES,
+    LINKAGE,
+    DuplicateReport,
+    NearDuplicateConfig,
+    find_duplicates,
+    perceptual_hashes,
+)
 from m2snet.data.format import DatasetInfo, load_dataset
 
 log = logging.getLogger(__name__)
@@ -96,6 +103,7 @@ class ValidationReport:
             for cl in self.clusters.conflicts:
                 kind = "WARNING (allowed)" if self.allow_label_conflicts else "ERROR"
                 lines.append(f"  label conflict {kind}: {cl.describe()}")
+            lines.extend(f"  WARNING: {w}" for w in self.clusters.large_cluster_warnings())
         for o in self.outliers[:20]:
             lines.append(f"  outlier: {o['case_id']} ({o['label']}): {o['why']}")
         for note in self.notes:
@@ -267,6 +275,14 @@ def validate_dataset(
         bool(info.meta.get("allow_label_conflicts", False)) if allow_label_conflicts is None else allow_label_conflicts
     )
     recorded = NearDuplicateConfig.from_meta(info.meta.get("near_duplicates"))
+    notes = list(notes or [])
+    recorded_meta = info.meta.get("near_duplicates") or {}
+    if recorded_meta and recorded_meta.get("linkage") != LINKAGE:
+        notes.append(
+            f"{info.root / 'dataset.json'}: the duplicate clusters were made by an older m2snet, whose "
+            "single-linkage clusters chain unrelated images; re-import to regroup (the group check compares "
+            f"with {LINKAGE}-linkage clusters)"
+        )
     near = recorded if near_duplicates is None else near_duplicates
     df, hashes = _case_facts(info, near)
     dups = find_duplicates(
@@ -321,7 +337,7 @@ def validate_dataset(
         root=info.root, n_cases=len(info.cases), outcomes=outcomes,
         class_counts=dict(sorted(Counter(c.label for c in info.cases).items())),
         duplicates=duplicates, allow_duplicates=allow, clusters=dups, allow_label_conflicts=allow_conflicts,
-        foreground=foreground, outliers=outliers, notes=list(notes or []),
+        foreground=foreground, outliers=outliers, notes=notes,
     )
     if write_report:
         report.write(info)
