@@ -204,16 +204,25 @@ def split(
     folds: int = typer.Option(4, help="Number of folds."),
     seed: int = typer.Option(42, help="Seed of the assignment."),
     out: Optional[Path] = typer.Option(None, help="Split file (default: DEST.split-<k>fold-seed<S>.json beside DEST)."),
-    group_by: str = typer.Option("cluster", help="What stays in one fold: 'cluster' (exact + near duplicates, "
-                                 "the manifest's group) or 'sha256' (byte-identical only: the old, leaky rule)."),
+    group_by: Optional[str] = typer.Option(
+        None, "--group-by", metavar="COLUMN",
+        help="A manifest column whose every value stays in one fold, on top of the duplicate clusters "
+             "(e.g. 'sequence' for CVC-ClinicDB's videos, or a 'patient' column you add to manifest.csv).",
+    ),
+    duplicates: str = typer.Option("cluster", help="Which duplicates stay in one fold: 'cluster' (exact + near "
+                                   "duplicates, the manifest's group) or 'sha256' (byte-identical only: the old, "
+                                   "leaky rule, kept to measure it)."),
 ) -> None:
-    """Write a K-fold split: stratified by label, duplicate clusters in one fold, deterministic for a seed."""
-    result = make_split(dest, n_folds=folds, seed=seed, out=out, group_by=group_by)  # type: ignore[arg-type]
+    """Write a K-fold split: stratified by label, duplicate clusters (and --group-by values) in one fold,
+    deterministic for a seed."""
+    result = make_split(dest, n_folds=folds, seed=seed, out=out, group_by=group_by,
+                        duplicates=duplicates)  # type: ignore[arg-type]
     for k, counts in enumerate(result.counts):
         typer.echo(f"fold {k}: {sum(counts.values())} val cases {counts}")
     kept = result.groups_kept_together
-    typer.echo(f"kept together ({result.group}): {kept.get('groups', 0)} groups of duplicates "
-               f"({kept.get('cases', 0)} cases), each in one fold")
+    what = f"duplicates ({result.group})" + (f" and {result.group_by!r} values" if result.group_by else "")
+    typer.echo(f"kept together: {kept.get('groups', 0)} groups of {what} ({kept.get('cases', 0)} cases), "
+               "each in one fold")
     typer.echo(f"wrote {result.path} (sha256 {result.sha256})")
 
 
