@@ -84,7 +84,7 @@ def _report_payload(report: dict) -> dict:
     """The duplicate counts and label conflicts of a report, as printed by --json."""
     clusters = report.get("duplicate_clusters") or {}
     keys = ("exact_duplicate_groups", "duplicate_clusters", "near_duplicate_clusters", "cases_in_clusters",
-            "label_conflicts")
+            "label_conflicts", "largest_cluster")
     return {
         "duplicate_counts": {k: clusters.get(k, 0) for k in keys},
         "near_duplicates": clusters.get("near_duplicates"),

@@ -38,7 +38,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from m2snet.common import M2SNetError, sha256_bytes, write_json
@@ -253,6 +253,17 @@ def _int(value: str, where: str) -> int:
         raise M2SNetError(f"{where}: expected an integer, got {value!r}") from None
 
 
+def _dataset_path(root: Path, value: str, where: str, column: str) -> Path:
+    """A manifest path (relative, POSIX) under ``root``. An absolute path, or one whose ``..`` parts
+    leave the root, is refused: the dataset version hashes the files under the root only, so such a
+    file could change without changing the version."""
+    normal = PurePosixPath(os.path.normpath(value)) if value else PurePosixPath("")
+    if not value or PurePosixPath(value).is_absolute() or normal.parts[:1] == ("..",):
+        raise M2SNetError(f"{where}: {column} path {value!r} is outside the dataset (paths must be relative to "
+                          f"{root} and stay inside it)")
+    return root / value
+
+
 def load_dataset(root: str | os.PathLike) -> DatasetInfo:
     """Read a dataset directory written by an importer (or ``m2snet data demo`` + import)."""
     root = Path(root).resolve()
@@ -293,8 +304,8 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
                 CaseRecord(
                     case_id=row["case_id"],
                     label=row["label"],
-                    image_path=root / row["image"],
-                    mask_path=root / row["mask"],
+                    image_path=_dataset_path(root, row["image"], where, "image"),
+                    mask_path=_dataset_path(root, row["mask"], where, "mask"),
                     height=_int(row["height"], where),
                     width=_int(row["width"], where),
                     sha256=row["sha256"],

@@ -1,9 +1,10 @@
 """Dataset validation with great-expectations 1.x.
 
 We compute one row of facts per case (does the image decode, does the mask match its size, which
-values does the mask hold, how large is the lesion, does the file still hash to the manifest's
-sha256, ...) into a pandas DataFrame, and state the rules as GX expectations on that frame in an
-ephemeral context. GX then tells us which rows break which rule; we map rows back to files.
+values does the mask hold, how large is the lesion and is that the manifest's lesion_area, do
+image and mask still hash to the manifest's sha256 and mask_sha256, ...) into a pandas
+DataFrame, and state the rules as GX expectations on that frame in an ephemeral context. GX then
+tells us which rows break which rule; we map rows back to files.
 
 Duplicates are clustered here too (m2snet.data.duplicates, with the settings dataset.json records):
 the manifest's ``group`` must be the cluster id found, and a cluster may hold two labels only when
@@ -157,7 +158,8 @@ def _case_facts(info: DatasetInfo, near: NearDuplicateConfig) -> tuple["Any", np
             ),
             "image_decodes": False, "image_is_rgb": False, "mask_decodes": False, "mask_is_grey": False,
             "mask_size_matches": False, "manifest_size_matches": False, "mask_values_valid": False,
-            "sha256_matches": False, "height": -1, "width": -1, "lesion_area": -1, "sha256": case.sha256,
+            "sha256_matches": False, "mask_sha256_matches": False, "lesion_area_matches": False,
+            "height": -1, "width": -1, "lesion_area": -1, "sha256": case.sha256,
             "foreground_fraction": -1.0,
         }
         try:
@@ -177,6 +179,8 @@ def _case_facts(info: DatasetInfo, near: NearDuplicateConfig) -> tuple["Any", np
                 row["mask_size_matches"] = (m.width, m.height) == (row["width"], row["height"])
                 row["mask_values_valid"] = bool(m.mode == "L" and int(mask.max(initial=0)) < n_values)
                 row["lesion_area"] = int((mask > 0).sum())
+                row["lesion_area_matches"] = row["lesion_area"] == case.lesion_area
+                row["mask_sha256_matches"] = sha256_file(case.mask_path) == case.mask_sha256
                 row["foreground_fraction"] = row["lesion_area"] / max(mask.size, 1)
         except (OSError, SyntaxError, ValueError):
             pass
@@ -210,6 +214,10 @@ def _expectations(
         ),
         (gxe.ExpectColumnValuesToBeInSet(column="sha256_matches", value_set=true),
          "image bytes match the manifest sha256"),
+        (gxe.ExpectColumnValuesToBeInSet(column="mask_sha256_matches", value_set=true),
+         "mask bytes match the manifest mask_sha256"),
+        (gxe.ExpectColumnValuesToBeInSet(column="lesion_area_matches", value_set=true),
+         "lesion area (mask pixels > 0) matches the manifest lesion_area"),
         (gxe.ExpectColumnValuesToBeBetween(column="height", min_value=min_size, max_value=max_size),
          f"height within {min_size}..{max_size} px"),
         (gxe.ExpectColumnValuesToBeBetween(column="width", min_value=min_size, max_value=max_size),
