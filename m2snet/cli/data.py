@@ -84,7 +84,7 @@ def _report_payload(report: dict) -> dict:
     """The duplicate counts and label conflicts of a report, as printed by --json."""
     clusters = report.get("duplicate_clusters") or {}
     keys = ("exact_duplicate_groups", "duplicate_clusters", "near_duplicate_clusters", "cases_in_clusters",
-            "label_conflicts", "largest_cluster")
+            "label_conflicts", "largest_cluster", "near_pairs_across_clusters")
     return {
         "duplicate_counts": {k: clusters.get(k, 0) for k in keys},
         "near_duplicates": clusters.get("near_duplicates"),
@@ -142,7 +142,8 @@ def import_(
         typer.echo(f"exact-duplicate images (allowed, kept in one fold): {report['duplicates']}")
     typer.echo(
         f"duplicate clusters: {counts['duplicate_clusters']} ({counts['cases_in_clusters']} cases; "
-        f"{counts['near_duplicate_clusters']} with near duplicates), label conflicts: {counts['label_conflicts']}"
+        f"{counts['near_duplicate_clusters']} with near duplicates; largest {counts['largest_cluster']} cases), "
+        f"label conflicts: {counts['label_conflicts']}"
     )
     for ids in extra["label_conflicts"]:
         typer.echo(f"label conflict (allowed): {', '.join(ids)}")

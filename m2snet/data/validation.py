@@ -99,7 +99,9 @@ class ValidationReport:
             lines.append(
                 f"  duplicate clusters ({how}): {c['duplicate_clusters']} clusters "
                 f"holding {c['cases_in_clusters']} cases "
-                f"({c['near_duplicate_clusters']} with near duplicates); kept in one fold by the split"
+                f"({c['near_duplicate_clusters']} with near duplicates, at most {c['largest_cluster']} cases; "
+                f"{c['near_pairs_across_clusters']} pairs within the threshold left in different clusters by the "
+                "diameter bound); kept in one fold by the split"
             )
             for cl in self.clusters.conflicts:
                 kind = "WARNING (allowed)" if self.allow_label_conflicts else "ERROR"
