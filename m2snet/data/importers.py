@@ -250,9 +250,9 @@ class PraNetImporter(Importer):
         return cases
 
 
-# CVC-ClinicDB's README: the first and last frame of each of its 29 video sequences (1-based; the
-# frames of a sequence show one polyp from several points of view, so a split keeps a sequence on
-# one side). Also in docs/ as the source's table (cvc-clinicdb-sequences.md).
+# CVC-ClinicDB's README, transcribed: the first and last frame of each of its 29 video sequences
+# (1-based, contiguous, 1..612). The frames of a sequence show one polyp from several points of
+# view, so a split keeps a sequence on one side (tests/test_data_clinicdb.py checks the table).
 CLINICDB_SEQUENCES: tuple[tuple[int, int], ...] = (
     (1, 25), (26, 50), (51, 67), (68, 78), (79, 103), (104, 126), (127, 151), (152, 177), (178, 199),
     (200, 205), (206, 227), (228, 252), (253, 277), (278, 297), (298, 317), (318, 342), (343, 363),
