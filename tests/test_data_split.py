@@ -130,7 +130,7 @@ def test_duplicate_clusters_never_straddle_folds_or_inner_splits(tmp_path):
         fold_of = {cid: k for k, f in enumerate(split.folds) for cid in f.val}
         assert groups_across(info.cases, fold_of) == []
         assert fold_of["c050"] == fold_of["c051"]
-        assert split.groups_kept_together == {"groups": 6, "cases": 15}
+        assert split.groups_kept_together == {"groups": 6, "cases": 15, "largest": 4}
         for k in range(4):
             train, val = inner_split(info, split.fold(k).train, 0.25, seed)
             assert sorted(train + val) == sorted(split.fold(k).train) and not set(train) & set(val)

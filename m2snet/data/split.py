@@ -23,6 +23,7 @@ cases of each label are dealt, in a seeded order, to the fold that has the fewes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import Counter, defaultdict
@@ -38,6 +39,7 @@ from m2snet.data.format import CaseRecord, DatasetInfo, load_dataset
 # the image hash; "sha256" = byte-identical images only (the first version's rule, kept so that its
 # optimism can be measured: bench/busi_cv.py --protocol old).
 DuplicateRule = Literal["cluster", "sha256"]
+log = logging.getLogger(__name__)
 # Share of a fold's training cases held out as its inner validation set (tuning, selection="inner").
 INNER_VAL_FRACTION = 0.2
 
@@ -201,6 +203,12 @@ def make_split(
         folds.append({"fold": k, "train": train, "val": val})
         counts.append(dict(sorted(Counter(labels[i] for i in range(len(ids)) if fold_of[i] == k).items())))
     multi = [g for g in groups if len(g) > 1]
+    largest = max(map(len, groups))
+    if largest * n_folds > len(ids):
+        # One group larger than a fold: the folds cannot be balanced (a chain of clusters and values).
+        log.warning("%s: one group holds %d of %d cases, more than a fold's share: the folds cannot be even "
+                    "(see the split's groups_kept_together; with --group-by, --duplicates sha256 keeps only "
+                    "byte-identical copies besides the column)", info.root, largest, len(ids))
     payload: dict[str, Any] = {
         "format_version": SPLIT_FORMAT_VERSION,
         "n_folds": n_folds,
@@ -212,7 +220,7 @@ def make_split(
         "dataset_version": info.version,
         # Groups of more than one case (duplicate clusters, joined by the group_by column's values),
         # each kept in one fold (the count `data split` prints).
-        "groups_kept_together": {"groups": len(multi), "cases": sum(map(len, multi))},
+        "groups_kept_together": {"groups": len(multi), "cases": sum(map(len, multi)), "largest": largest},
         "val_label_counts": counts,
         "folds": folds,
     }
