@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,26 @@ def test_perceptual_hash_survives_resize_and_reencoding_not_content():
     ha = perceptual_hashes(a)
     same = np.stack([ha, perceptual_hashes(_jpeg(a.resize((90, 90)), 60)), perceptual_hashes(b)])
     assert [(i, j) for i, j, _ in near_pairs(same, 8)] == [(0, 1)]
+
+
+KVASIR_ROOT = Path(os.environ.get("M2SNET_KVASIR_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data"
+                                  / "kvasir-seg"))
+
+
+@pytest.mark.slow
+def test_kvasir_seg_clusters_stay_small():
+    """Issue 17.5 on real Kvasir-SEG (1000 polyps; union-find made one cluster of 143): hashes of the
+    source images as the import takes them, clustered as the import clusters them."""
+    from m2snet.data.importers import get_importer
+
+    if not (KVASIR_ROOT / "images").is_dir():
+        pytest.skip(f"real Kvasir-SEG not found at {KVASIR_ROOT} (set M2SNET_KVASIR_ROOT to run this test)")
+    cases = get_importer("kvasir").scan(KVASIR_ROOT)
+    hashes = []
+    for case in cases:
+        with Image.open(case.image) as im:
+            hashes.append(perceptual_hashes(im.convert("RGB")))
+    ids = [c.case_id for c in cases]
+    report = find_duplicates(ids, ["polyp"] * len(ids), ids, np.stack(hashes))
+    assert len(cases) == 1000 and report.large_clusters == []
+    assert max(len(c.case_ids) for c in report.clusters) <= NearDuplicateConfig().warn_cluster_size
