@@ -75,8 +75,8 @@ def _near_duplicate_config(near_duplicates: Optional[str], threshold: Optional[i
 
 _NEAR_HELP = "Cluster near-duplicate images (resized, slightly cropped, re-encoded copies) with exact ones: on or off."
 _THRESHOLD_HELP = (
-    "Near-duplicate threshold: most differing bits of the 64-bit perceptual hash (default 8, chosen on BUSI: "
-    "see README 'Near duplicates')."
+    "Near-duplicate threshold: most differing bits of the 64-bit perceptual hash (default 8, chosen on BUSI; "
+    "2 for the endoscopy formats kvasir, pranet, cvc-clinicdb: see README 'Near duplicates')."
 )
 
 
@@ -120,9 +120,12 @@ def import_(
     from m2snet.data.importers import import_dataset
     from m2snet.data.validation import report_paths
 
+    near = _near_duplicate_config(near_duplicates, near_duplicate_threshold)
+    if near_duplicates == "on" and near_duplicate_threshold is None:
+        near = None  # on, at the format's own threshold
     info = import_dataset(
         format, src, dest, allow_duplicates=allow_duplicates, allow_label_conflicts=allow_label_conflicts,
-        near_duplicates=_near_duplicate_config(near_duplicates, near_duplicate_threshold),
+        near_duplicates=near,
         overwrite=overwrite, options=_parse_options(option),
     )
     report_json, report_html = report_paths(info.root)

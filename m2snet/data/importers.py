@@ -26,7 +26,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from m2snet.common import M2SNetError, atomic_directory
-from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates, perceptual_hashes
+from m2snet.data.duplicates import (
+    DEFAULT_MAX_DISTANCE,
+    ENDOSCOPY_MAX_DISTANCE,
+    NearDuplicateConfig,
+    find_duplicates,
+    perceptual_hashes,
+)
 from m2snet.data.format import (
     BINARY_MASK_CLASSES,
     IMAGES_DIR,
@@ -76,6 +82,9 @@ class Importer:
     allow_duplicates_default: ClassVar[bool] = False
     # Cases of one duplicate cluster under different labels: an error unless the set is known for it.
     allow_label_conflicts_default: ClassVar[bool] = False
+    # Near-duplicate threshold (bits) when the import is not given one: where the modality's
+    # unrelated images start (see m2snet.data.duplicates).
+    near_duplicate_threshold: ClassVar[int] = DEFAULT_MAX_DISTANCE
 
     threshold: int | None = None
 
@@ -214,6 +223,7 @@ class KvasirImporter(Importer):
     """Kvasir-SEG: ``images/X.jpg`` + ``masks/X.jpg``; JPEG masks thresholded (default > 127)."""
 
     description: ClassVar[str] = "Kvasir-SEG polyps (images/, masks/, JPEG masks)"
+    near_duplicate_threshold: ClassVar[int] = ENDOSCOPY_MAX_DISTANCE
     lesion_labels: ClassVar[list[str]] = ["polyp"]
     threshold: int | None = 127
 
@@ -232,6 +242,7 @@ class PraNetImporter(Importer):
     """
 
     description: ClassVar[str] = "PraNet polyp benchmark (TrainDataset/, TestDataset/<name>/)"
+    near_duplicate_threshold: ClassVar[int] = ENDOSCOPY_MAX_DISTANCE
     lesion_labels: ClassVar[list[str]] = ["polyp"]
     threshold: int | None = 127
 
@@ -282,6 +293,7 @@ class ClinicDbImporter(Importer):
     """
 
     description: ClassVar[str] = "CVC-ClinicDB polyps (Original/, Ground Truth/, TIFF; options images_dir, masks_dir)"
+    near_duplicate_threshold: ClassVar[int] = ENDOSCOPY_MAX_DISTANCE
     lesion_labels: ClassVar[list[str]] = ["polyp"]
     threshold: int | None = 127
     images_dir: str | None = None
@@ -588,7 +600,7 @@ def import_dataset(
     validation report is written beside ``dest`` (``<dest>.validation.{json,html}``).
     """
     importer = get_importer(fmt, **(options or {}))
-    near = near_duplicates or NearDuplicateConfig()
+    near = near_duplicates or NearDuplicateConfig(max_distance=importer.near_duplicate_threshold)
     src, dest = Path(src), Path(dest)
     if not src.is_dir():
         raise M2SNetError(f"{src}: source directory not found")
