@@ -417,12 +417,14 @@ def render_html(report: ValidationReport, info: DatasetInfo) -> str:
             members = ", ".join(f"<code>{e(i)}</code> ({e(cl.labels[i])})" for i in cl.case_ids)
             items.append(f"<li>{members}{flag}<br><small>{links}</small></li>")
         c = report.clusters.counts()
-        near_text = (f"pHash within {near.max_distance} of 64 bits (similarity = 1 - bits/64)" if near.enabled
-                     else "off")
+        near_text = (f"pHash within {near.max_distance} of 64 bits (similarity = 1 - bits/64), complete linkage: "
+                     "every two cases of a cluster within the threshold" if near.enabled else "off")
         clusters_html = (
             f"<p>Near duplicates: {near_text}. "
             f"{c['duplicate_clusters']} clusters, {c['cases_in_clusters']} cases, "
-            f"{c['near_duplicate_clusters']} with near duplicates, {c['label_conflicts']} label conflicts. "
+            f"{c['near_duplicate_clusters']} with near duplicates, {c['label_conflicts']} label conflicts, "
+            f"largest {c['largest_cluster']} cases, {c['near_pairs_across_clusters']} pairs within the threshold "
+            "in different clusters. "
             "The manifest's <code>group</code> is the cluster id; the split keeps a cluster in one fold.</p>"
             f"<ul>{''.join(items) or '<li>none</li>'}</ul>"
         )
