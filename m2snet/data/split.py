@@ -207,8 +207,9 @@ def make_split(
     if largest * n_folds > len(ids):
         # One group larger than a fold: the folds cannot be balanced (a chain of clusters and values).
         log.warning("%s: one group holds %d of %d cases, more than a fold's share: the folds cannot be even "
-                    "(see the split's groups_kept_together; with --group-by, --duplicates sha256 keeps only "
-                    "byte-identical copies besides the column)", info.root, largest, len(ids))
+                    "(near-duplicate clusters joined by the group_by column's values? look at them with "
+                    "tools/cluster_montage.py, re-import with a lower --near-duplicate-threshold)",
+                    info.root, largest, len(ids))
     payload: dict[str, Any] = {
         "format_version": SPLIT_FORMAT_VERSION,
         "n_folds": n_folds,
