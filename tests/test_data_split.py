@@ -169,7 +169,7 @@ def test_training_refuses_a_split_that_leaks_a_cluster(tmp_path, demo_ds):
     assert resolve_cases(cfg.override(leak_check=False)).reported == split.fold(0).val
 
 
-def test_group_by_a_column_keeps_each_value_in_one_fold_with_the_clusters(tmp_path):
+def test_group_by_a_column_keeps_each_value_in_one_fold_with_the_clusters(tmp_path, caplog):
     """Issue 17.5: a grouping the source knows (a user's ``patient`` column) stays on one side of every
     split and inner split, joined with the duplicate clusters (c000 ~ c031 are near duplicates of two
     patients, so those two patients share a fold)."""
@@ -197,6 +197,14 @@ def test_group_by_a_column_keeps_each_value_in_one_fold_with_the_clusters(tmp_pa
     # Without the column the patients are spread over folds.
     plain = make_split(info, n_folds=3, seed=0, out=tmp_path / "plain.json")
     assert groups_across(info.cases, {cid: k for k, f in enumerate(plain.folds) for cid in f.val}, "patient")
+    # One value on more than a fold's share of the cases: the folds cannot be even, and the split says so.
+    import logging
+
+    info.cases = [replace(c, extra=(("patient", "p0" if i < 30 else f"q{i}"),)) for i, c in enumerate(info.cases)]
+    with caplog.at_level(logging.WARNING, logger="m2snet.data.split"):
+        big = make_split(info, n_folds=3, seed=0, out=tmp_path / "big.json", group_by="patient")
+    # c000..c029 share a value and c031 joins them through its cluster with c000.
+    assert big.groups_kept_together["largest"] == 31 and "one group holds 31 of 48 cases" in caplog.text
     with pytest.raises(M2SNetError, match="no column 'visit' to group by"):
         make_split(info, n_folds=3, out=tmp_path / "x.json", group_by="visit")
     info.cases = [replace(c, extra=(("patient", ""),)) for c in info.cases]
