@@ -59,7 +59,7 @@ def import_busi(src: Path, work: Path, seed: int, validate: bool = True):
     for protocol, group_by in (("new", "cluster"), ("old", "sha256")):
         path = work / f"busi.split-4fold-seed{seed}-{group_by}.json"
         split = load_split(path) if path.is_file() else make_split(info, n_folds=4, seed=seed, out=path,
-                                                                   group_by=group_by)
+                                                                   duplicates=group_by)
         fold_of = {cid: k for k, f in enumerate(split.folds) for cid in f.val}
         across = groups_across(info.cases, fold_of)
         print(f"split {protocol} (group by {group_by}): {len(across)} duplicate groups across folds"

@@ -46,7 +46,9 @@ def test_busi_import_counts_merges_validates_and_reports_duplicates(busi_root, t
     # Near duplicates (measured in bench/busi_near_duplicates.py): the known twins share a group,
     # the byte-identical pair under two labels is one of the 8 label conflicts (warnings for BUSI).
     clusters = report["duplicate_clusters"]
-    assert (clusters["duplicate_clusters"], clusters["cases_in_clusters"], clusters["label_conflicts"]) == (146, 329, 8)
+    # Complete linkage (issue 17.5): the chain of 7 is cut, every cluster within 8 bits pairwise.
+    assert (clusters["duplicate_clusters"], clusters["cases_in_clusters"], clusters["label_conflicts"]) == (148, 327, 8)
+    assert clusters["largest_cluster"] == 4 and clusters["near_pairs_across_clusters"] == 4
     assert info.case("benign_0001").group == info.case("benign_0318").group == "benign_0001"
     assert info.case("benign_0433").group == info.case("malignant_0145").group == "benign_0433"
     assert ["benign_0433", "malignant_0145"] in [c["case_ids"] for c in report["label_conflicts"]]

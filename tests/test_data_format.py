@@ -59,7 +59,8 @@ def test_import_writes_the_documented_format(demo_dataset):
     assert meta["format_version"] == 2 and meta["n_classes"] == 1 and meta["source_format"] == "busi"
     # Only facts about the data: the name and the writer's version would change the dataset version.
     assert "name" not in meta and "created_by" not in meta
-    assert meta["near_duplicates"] == {"method": "phash64-centre-crops", "max_distance": 8, "hash_bits": 64}
+    assert meta["near_duplicates"] == {"method": "phash64-centre-crops", "max_distance": 8, "hash_bits": 64,
+                                       "linkage": "complete"}
     assert meta["labels"] == ["benign", "malignant", "normal"] and meta["mask_classes"] == ["background", "lesion"]
     with open(demo_dataset / "manifest.csv") as f:
         reader = csv.DictReader(f)

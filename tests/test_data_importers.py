@@ -289,3 +289,24 @@ def test_importer_options_of_the_wrong_type_are_refused(tmp_path):
     with pytest.raises(M2SNetError, match=r"format 'busi': option threshold='abc' is not a valid int"):
         get_importer("busi", threshold="abc")
     assert get_importer("folder", threshold=127, mask_suffix="_1").threshold == 127
+
+
+def test_endoscopy_formats_default_to_a_tighter_near_duplicate_threshold(tmp_path):
+    """Issue 17.5: endoscopy frames share their black corners and overlay box, so different polyps sit
+    4-8 bits apart (Kvasir-SEG, checked by eye): kvasir, pranet and cvc-clinicdb default to 4 bits,
+    BUSI keeps the 8 it was calibrated on; --near-duplicate-threshold overrides either."""
+    from m2snet.cli import app
+    from m2snet.data.importers import get_importer
+
+    assert [get_importer(f).near_duplicate_threshold for f in ("kvasir", "pranet", "cvc-clinicdb", "busi")] == [
+        4, 4, 4, 8]
+    src = tmp_path / "kvasir"
+    for i in range(3):
+        _save(src / "images" / f"k{i}.jpg", _image(i))
+        _save(src / "masks" / f"k{i}.jpg", _jpeg_mask(_mask(i)))
+    info = import_dataset("kvasir", src, tmp_path / "out", progress=False)
+    assert info.meta["near_duplicates"]["max_distance"] == 4
+    result = CliRunner().invoke(app, ["data", "import", "-f", "kvasir", str(src), str(tmp_path / "on"),
+                                      "--near-duplicates", "on"])
+    assert result.exit_code == 0, result.output
+    assert load_dataset(tmp_path / "on").meta["near_duplicates"]["max_distance"] == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,12 +130,12 @@ def test_duplicate_clusters_never_straddle_folds_or_inner_splits(tmp_path):
         fold_of = {cid: k for k, f in enumerate(split.folds) for cid in f.val}
         assert groups_across(info.cases, fold_of) == []
         assert fold_of["c050"] == fold_of["c051"]
-        assert split.groups_kept_together == {"groups": 6, "cases": 15}
+        assert split.groups_kept_together == {"groups": 6, "cases": 15, "largest": 4}
         for k in range(4):
             train, val = inner_split(info, split.fold(k).train, 0.25, seed)
             assert sorted(train + val) == sorted(split.fold(k).train) and not set(train) & set(val)
             assert groups_across(info.cases, {**{c: 0 for c in train}, **{c: 1 for c in val}}) == []
-        old = make_split(info, n_folds=4, seed=seed, out=tmp_path / f"old{seed}.json", group_by="sha256")
+        old = make_split(info, n_folds=4, seed=seed, out=tmp_path / f"old{seed}.json", duplicates="sha256")
         assert old.group == "sha256"
         old_across += len(groups_across(info.cases, {cid: k for k, f in enumerate(old.folds) for cid in f.val}))
     assert old_across > 0  # the first version's rule leaked these clusters
@@ -166,3 +167,46 @@ def test_training_refuses_a_split_that_leaks_a_cluster(tmp_path, demo_ds):
     with pytest.raises(M2SNetError, match="duplicate group"):
         resolve_cases(cfg)
     assert resolve_cases(cfg.override(leak_check=False)).reported == split.fold(0).val
+
+
+def test_group_by_a_column_keeps_each_value_in_one_fold_with_the_clusters(tmp_path, caplog):
+    """Issue 17.5: a grouping the source knows (a user's ``patient`` column) stays on one side of every
+    split and inner split, joined with the duplicate clusters (c000 ~ c031 are near duplicates of two
+    patients, so those two patients share a fold)."""
+    from m2snet.data.split import groups_across, inner_split
+
+    labels = {f"c{i:03d}": "a" if i % 3 else "b" for i in range(48)}
+    groups = {cid: cid for cid in labels}
+    groups["c031"] = "c000"
+    info = _synthetic_info(tmp_path, groups, labels)
+    patient = {cid: f"p{int(cid[1:]) // 4}" for cid in labels}  # 12 patients of 4 scans
+    patient["c047"] = ""  # no value: grouped with nothing
+    info.cases = [replace(c, extra=(("patient", patient[c.case_id]),)) for c in info.cases]
+    for seed in range(4):
+        split = make_split(info, n_folds=3, seed=seed, out=tmp_path / f"p{seed}.json", group_by="patient")
+        fold_of = {cid: k for k, f in enumerate(split.folds) for cid in f.val}
+        for p in set(patient.values()) - {""}:
+            assert len({fold_of[c] for c in labels if patient[c] == p}) == 1, p
+        assert fold_of["c000"] == fold_of["c031"]  # patients p0 and p7, joined by a duplicate cluster
+        assert groups_across(info.cases, fold_of, "patient") == []
+        train, val = inner_split(info, split.fold(0).train, 0.25, seed, "patient")
+        assert groups_across(info.cases, {**{c: 0 for c in train}, **{c: 1 for c in val}}, "patient") == []
+        assert split.group_by == "patient"
+        recorded = json.loads((tmp_path / f"p{seed}.json").read_text())["group_by"]
+        assert recorded == {"column": "patient", "values": 12, "cases_without_value": 1}
+    # Without the column the patients are spread over folds.
+    plain = make_split(info, n_folds=3, seed=0, out=tmp_path / "plain.json")
+    assert groups_across(info.cases, {cid: k for k, f in enumerate(plain.folds) for cid in f.val}, "patient")
+    # One value on more than a fold's share of the cases: the folds cannot be even, and the split says so.
+    import logging
+
+    info.cases = [replace(c, extra=(("patient", "p0" if i < 30 else f"q{i}"),)) for i, c in enumerate(info.cases)]
+    with caplog.at_level(logging.WARNING, logger="m2snet.data.split"):
+        big = make_split(info, n_folds=3, seed=0, out=tmp_path / "big.json", group_by="patient")
+    # c000..c029 share a value and c031 joins them through its cluster with c000.
+    assert big.groups_kept_together["largest"] == 31 and "one group holds 31 of 48 cases" in caplog.text
+    with pytest.raises(M2SNetError, match="no column 'visit' to group by"):
+        make_split(info, n_folds=3, out=tmp_path / "x.json", group_by="visit")
+    info.cases = [replace(c, extra=(("patient", ""),)) for c in info.cases]
+    with pytest.raises(M2SNetError, match="column 'patient' is empty for every case"):
+        make_split(info, n_folds=3, out=tmp_path / "x.json", group_by="patient")

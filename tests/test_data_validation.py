@@ -68,3 +68,43 @@ def test_every_offending_file_and_expectation_is_listed(ds):
 def test_missing_dataset_json_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["data", "validate", str(tmp_path)])
     assert result.exit_code != 0 and "dataset.json: not found" in str(result.exception)
+
+
+def test_a_one_pixel_mask_edit_is_caught_by_hash_and_lesion_area(ds):
+    """Issue 17.9: the manifest's mask_sha256 and lesion_area are checked against the files."""
+    path = ds / "masks" / "benign_0002.png"
+    mask = np.asarray(Image.open(path)).copy()
+    y, x = np.argwhere(mask == 0)[0]
+    mask[y, x] = 1  # still a valid binary mask, one pixel more lesion
+    Image.fromarray(mask).save(path)
+    report = validate_dataset(ds, write_report=False)
+    failing = {(o.column, r["case_id"]) for o in report.failures for r in o.offending}
+    assert failing == {("mask_sha256_matches", "benign_0002"), ("lesion_area_matches", "benign_0002")}
+    rules = {o.column: o.rule for o in report.failures}
+    assert rules["mask_sha256_matches"] == "mask bytes match the manifest mask_sha256"
+    assert rules["lesion_area_matches"] == "lesion area (mask pixels > 0) matches the manifest lesion_area"
+
+
+@pytest.mark.parametrize("bad_path", ["../outside/x.png", "images/../../outside/x.png", "/tmp/x.png"])
+def test_a_manifest_path_outside_the_dataset_is_refused(ds, bad_path):
+    """Issue 17.9: a path escaping the dataset root is not covered by its version: refused, naming row and path."""
+    import csv
+
+    from m2snet.common import M2SNetError
+    from m2snet.data.format import load_dataset
+
+    outside = ds.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "x.png").write_bytes((ds / "images" / "benign_0001.png").read_bytes())
+    rows = list(csv.DictReader((ds / "manifest.csv").open()))
+    rows[1]["image"] = bad_path
+    with (ds / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(M2SNetError) as err:
+        load_dataset(ds)
+    message = str(err.value)
+    assert "manifest.csv:3" in message and repr(bad_path) in message and "image" in message
+    result = CliRunner().invoke(app, ["data", "validate", str(ds)])  # main() prints it as one line, exit 2
+    assert isinstance(result.exception, M2SNetError) and "outside the dataset" in str(result.exception)

@@ -22,6 +22,11 @@ Format 2 (this one): ``group`` is the duplicate-cluster id (exact + near duplica
 m2snet.data.duplicates: the smallest case id of the cluster, a singleton's own id); ``subset`` is
 the source's own subset name where a layout has one (PraNet: ``train``, ``CVC-300``, ...).
 Format 1 stored the subset in ``group`` and is refused with a request to re-import.
+
+Columns after ``MANIFEST_COLUMNS`` are the grouping a source itself knows, added by its importer
+(CVC-ClinicDB: ``sequence``, the video sequence of the frame) or by a user (e.g. ``patient``); they
+are kept as read and written back in name order, and ``m2snet data split --group-by COLUMN`` keeps
+every value of one on one side of every split (an empty value groups nothing).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from m2snet.common import M2SNetError, atomic_file, sha256_bytes, write_json
@@ -49,6 +54,8 @@ MANIFEST_COLUMNS = [
     "case_id", "label", "image", "mask", "source_image", "source_masks",
     "height", "width", "sha256", "mask_sha256", "lesion_area", "group", "subset",
 ]
+# Extra (grouping) columns: a name like a Python identifier, so that it is one token on the command line.
+_EXTRA_COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Several source masks of one case are joined with this separator in the manifest.
 SOURCE_MASKS_SEP = ";"
 
@@ -98,13 +105,19 @@ class CaseRecord:
     mask_sha256: str = ""
     source_image: str = ""
     source_masks: tuple[str, ...] = ()
+    # Columns beyond MANIFEST_COLUMNS, (name, value) in name order: the source's own grouping.
+    extra: tuple[tuple[str, str], ...] = ()
 
-    def to_row(self, root: Path) -> dict[str, Any]:
+    def column(self, name: str) -> str:
+        """The value of manifest column ``name`` (not ``image``/``mask``) as manifest.csv holds it;
+        "" for an extra column the case lacks."""
+        return str(self._values().get(name, ""))
+
+    def _values(self) -> dict[str, Any]:
+        """Every manifest column but the two paths (which are written relative to the dataset root)."""
         return {
             "case_id": self.case_id,
             "label": self.label,
-            "image": self.image_path.relative_to(root).as_posix(),
-            "mask": self.mask_path.relative_to(root).as_posix(),
             "source_image": self.source_image,
             "source_masks": SOURCE_MASKS_SEP.join(self.source_masks),
             "height": self.height,
@@ -114,6 +127,14 @@ class CaseRecord:
             "lesion_area": self.lesion_area,
             "group": self.group,
             "subset": self.subset,
+            **dict(self.extra),
+        }
+
+    def to_row(self, root: Path) -> dict[str, Any]:
+        return {
+            "image": self.image_path.relative_to(root).as_posix(),
+            "mask": self.mask_path.relative_to(root).as_posix(),
+            **self._values(),
         }
 
 
@@ -140,6 +161,11 @@ class DatasetInfo:
         from m2snet.data.versioning import dataset_version
 
         return dataset_version(self.root)
+
+    @property
+    def columns(self) -> list[str]:
+        """manifest.csv's columns: MANIFEST_COLUMNS, then the extra (grouping) columns in name order."""
+        return MANIFEST_COLUMNS + extra_columns(self.cases)
 
     def case(self, case_id: str) -> CaseRecord:
         try:
@@ -172,6 +198,17 @@ def write_png(path: Path, image: "Any") -> str:
     return sha256_bytes(data)
 
 
+def extra_columns(cases: Iterable[CaseRecord]) -> list[str]:
+    """The extra (grouping) columns of ``cases``, in name order."""
+    return sorted({name for case in cases for name, _ in case.extra})
+
+
+def check_extra_column(name: str, where: str) -> None:
+    if name in MANIFEST_COLUMNS or not _EXTRA_COLUMN_RE.match(name):
+        raise M2SNetError(f"{where}: {name!r} cannot be an extra manifest column (a new name of letters, digits "
+                          "and underscores is needed)")
+
+
 def write_dataset(
     root: Path,
     cases: Iterable[CaseRecord],
@@ -198,7 +235,10 @@ def write_dataset(
     meta.update(extra or {})
     write_json(root / DATASET_JSON, meta)
     with atomic_file(root / MANIFEST_CSV) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        extra = extra_columns(cases)
+        for name in extra:
+            check_extra_column(name, str(root / MANIFEST_CSV))
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS + extra, restval="", lineterminator="\n")
         writer.writeheader()
         for case in cases:
             writer.writerow(case.to_row(root))
@@ -211,12 +251,15 @@ def _int(value: str, where: str) -> int:
         raise M2SNetError(f"{where}: expected an integer, got {value!r}") from None
 
 
-def _manifest_path(root: Path, text: str, where: str) -> Path:
-    """A manifest's file path: relative to the dataset root and inside it (what the version covers)."""
-    path = Path(text)
-    if path.is_absolute() or ".." in path.parts:
-        raise M2SNetError(f"{where}: path {text!r} must be relative to the dataset folder and inside it")
-    return root / path
+def _dataset_path(root: Path, value: str, where: str, column: str) -> Path:
+    """A manifest path (relative, POSIX) under ``root``. An absolute path, or one whose ``..`` parts
+    leave the root, is refused: the dataset version hashes the files under the root only, so such a
+    file could change without changing the version."""
+    normal = PurePosixPath(os.path.normpath(value)) if value else PurePosixPath("")
+    if not value or PurePosixPath(value).is_absolute() or normal.parts[:1] == ("..",):
+        raise M2SNetError(f"{where}: {column} path {value!r} is absolute or outside the dataset: paths must be "
+                          f"relative to the dataset folder and inside it (the version covers only {root})")
+    return root / value
 
 
 def load_dataset(root: str | os.PathLike) -> DatasetInfo:
@@ -249,6 +292,9 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
         missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise M2SNetError(f"{manifest_path}: missing columns {sorted(missing)}")
+        extra = sorted(set(reader.fieldnames or []) - set(MANIFEST_COLUMNS))
+        for name in extra:
+            check_extra_column(name, str(manifest_path))
         cases = []
         for lineno, row in enumerate(reader, start=2):
             where = f"{manifest_path}:{lineno}"
@@ -256,8 +302,8 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
                 CaseRecord(
                     case_id=row["case_id"],
                     label=row["label"],
-                    image_path=_manifest_path(root, row["image"], where),
-                    mask_path=_manifest_path(root, row["mask"], where),
+                    image_path=_dataset_path(root, row["image"], where, "image"),
+                    mask_path=_dataset_path(root, row["mask"], where, "mask"),
                     height=_int(row["height"], where),
                     width=_int(row["width"], where),
                     sha256=row["sha256"],
@@ -267,6 +313,7 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
                     mask_sha256=row["mask_sha256"],
                     source_image=row["source_image"],
                     source_masks=tuple(s for s in row["source_masks"].split(SOURCE_MASKS_SEP) if s),
+                    extra=tuple((name, row[name] or "") for name in extra),
                 )
             )
     ids = [c.case_id for c in cases]

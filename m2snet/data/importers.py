@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import types
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -25,7 +26,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from m2snet.common import M2SNetError, atomic_directory
-from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates, perceptual_hashes
+from m2snet.data.duplicates import (
+    DEFAULT_MAX_DISTANCE,
+    ENDOSCOPY_MAX_DISTANCE,
+    NearDuplicateConfig,
+    find_duplicates,
+    perceptual_hashes,
+)
 from m2snet.data.format import (
     BINARY_MASK_CLASSES,
     DATASET_JSON,
@@ -55,6 +62,8 @@ class SourceCase:
     subset: str
     image: Path
     masks: list[Path]
+    # The grouping the source itself defines (CVC-ClinicDB: {"sequence": "7"}): extra manifest columns.
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +84,9 @@ class Importer:
     allow_duplicates_default: ClassVar[bool] = False
     # Cases of one duplicate cluster under different labels: an error unless the set is known for it.
     allow_label_conflicts_default: ClassVar[bool] = False
+    # Near-duplicate threshold (bits) when the import is not given one: where the modality's
+    # unrelated images start (see m2snet.data.duplicates).
+    near_duplicate_threshold: ClassVar[int] = DEFAULT_MAX_DISTANCE
 
     threshold: int | None = None
 
@@ -163,6 +175,16 @@ def _find_dir(src: Path, *names: str) -> Path:
     raise M2SNetError(f"{src}: expected a sub-directory named one of {list(names)}")
 
 
+def _option_dir(src: Path, name: str | None, what: str) -> Path | None:
+    """The folder an ``images_dir``/``masks_dir`` option names (relative to SRC), or None when not given."""
+    if name is None:
+        return None
+    folder = src / name
+    if not folder.is_dir():
+        raise M2SNetError(f"{folder}: {what} folder not found")
+    return folder
+
+
 def _pair_by_stem(images_dir: Path, masks_dir: Path, suffix: str = "") -> list[tuple[Path, list[Path]]]:
     """Each image with the mask of the same stem (+ ``suffix``), any image extension."""
     masks = {p.stem: p for p in _images_in(masks_dir)} if masks_dir.is_dir() else {}
@@ -219,6 +241,7 @@ class KvasirImporter(Importer):
     """Kvasir-SEG: ``images/X.jpg`` + ``masks/X.jpg``; JPEG masks thresholded (default > 127)."""
 
     description: ClassVar[str] = "Kvasir-SEG polyps (images/, masks/, JPEG masks)"
+    near_duplicate_threshold: ClassVar[int] = ENDOSCOPY_MAX_DISTANCE
     lesion_labels: ClassVar[list[str]] = ["polyp"]
     threshold: int | None = 127
 
@@ -237,6 +260,7 @@ class PraNetImporter(Importer):
     """
 
     description: ClassVar[str] = "PraNet polyp benchmark (TrainDataset/, TestDataset/<name>/)"
+    near_duplicate_threshold: ClassVar[int] = ENDOSCOPY_MAX_DISTANCE
     lesion_labels: ClassVar[list[str]] = ["polyp"]
     threshold: int | None = 127
 
@@ -255,20 +279,55 @@ class PraNetImporter(Importer):
         return cases
 
 
+# CVC-ClinicDB's README, transcribed: the first and last frame of each of its 29 video sequences
+# (1-based, contiguous, 1..612). The frames of a sequence show one polyp from several points of
+# view, so a split keeps a sequence on one side (tests/test_data_clinicdb.py checks the table).
+CLINICDB_SEQUENCES: tuple[tuple[int, int], ...] = (
+    (1, 25), (26, 50), (51, 67), (68, 78), (79, 103), (104, 126), (127, 151), (152, 177), (178, 199),
+    (200, 205), (206, 227), (228, 252), (253, 277), (278, 297), (298, 317), (318, 342), (343, 363),
+    (364, 383), (384, 408), (409, 428), (429, 447), (448, 466), (467, 478), (479, 503), (504, 528),
+    (529, 546), (547, 571), (572, 591), (592, 612),
+)
+
+
+def clinicdb_sequence(frame: int) -> int | None:
+    """The CVC-ClinicDB video sequence (1..29) of frame number ``frame`` (1..612), or None."""
+    for k, (first, last) in enumerate(CLINICDB_SEQUENCES, start=1):
+        if first <= frame <= last:
+            return k
+    return None
+
+
 @register_importer("cvc-clinicdb")
 @dataclass
 class ClinicDbImporter(Importer):
-    """CVC-ClinicDB: ``Original/N.tif`` + ``Ground Truth/N.tif`` (TIFF, or the PNG re-release)."""
+    """CVC-ClinicDB: ``Original/N.tif`` + ``Ground Truth/N.tif`` (TIFF, or the PNG re-release).
 
-    description: ClassVar[str] = "CVC-ClinicDB polyps (Original/, Ground Truth/, TIFF)"
+    The manifest's ``sequence`` column is frame N's video sequence from the source's table
+    (:data:`CLINICDB_SEQUENCES`; empty for a file not named by a frame number 1..612), so that
+    ``m2snet data split --group-by sequence`` keeps each sequence on one side. ``images_dir`` /
+    ``masks_dir`` (relative to SRC) name the folders when they are not the usual ones, e.g. on a
+    copy that has them swapped.
+    """
+
+    description: ClassVar[str] = "CVC-ClinicDB polyps (Original/, Ground Truth/, TIFF; options images_dir, masks_dir)"
+    near_duplicate_threshold: ClassVar[int] = ENDOSCOPY_MAX_DISTANCE
     lesion_labels: ClassVar[list[str]] = ["polyp"]
     threshold: int | None = 127
+    images_dir: str | None = None
+    masks_dir: str | None = None
 
     def scan(self, src: Path) -> list[SourceCase]:
         root = src / "PNG" if (src / "PNG").is_dir() and not (src / "Original").is_dir() else src
-        pairs = _pair_by_stem(_find_dir(root, "Original", "images"),
-                              _find_dir(root, "Ground Truth", "GroundTruth", "masks"))
-        return [SourceCase(safe_case_id("clinicdb", img.stem), "polyp", "", img, m) for img, m in pairs]
+        images = _option_dir(src, self.images_dir, "images") or _find_dir(root, "Original", "images")
+        masks = (_option_dir(src, self.masks_dir, "masks")
+                 or _find_dir(root, "Ground Truth", "GroundTruth", "masks"))
+        cases = []
+        for img, m in _pair_by_stem(images, masks):
+            sequence = clinicdb_sequence(int(img.stem)) if img.stem.isdigit() else None
+            extra = {"sequence": "" if sequence is None else str(sequence)}
+            cases.append(SourceCase(safe_case_id("clinicdb", img.stem), "polyp", "", img, m, extra))
+        return cases
 
 
 @register_importer("covid-ct")
@@ -350,9 +409,7 @@ class FolderImporter(Importer):
     threshold: int | None = None
 
     def scan(self, src: Path) -> list[SourceCase]:
-        images, masks = src / self.images_dir, src / self.masks_dir
-        if not images.is_dir():
-            raise M2SNetError(f"{images}: images folder not found")
+        images, masks = _option_dir(src, self.images_dir, "images"), src / self.masks_dir
         pairs = _pair_by_stem(images, masks, self.mask_suffix)
         return [SourceCase(safe_case_id(img.stem), self.label, "", img, m) for img, m in pairs]
 
@@ -441,6 +498,10 @@ def _looks_like_mask(image) -> bool:
 class SwappedCase(M2SNetError):
     """A case whose image looks like a mask and whose mask looks like a photo."""
 
+    def __init__(self, message: str, image: Path, mask: Path) -> None:
+        super().__init__(message)
+        self.image, self.mask = image, mask
+
 
 def _convert_case(
     importer: Importer, case: SourceCase, src: Path, out: Path, notes: list[str], hashes: bool = True,
@@ -457,7 +518,8 @@ def _convert_case(
         if problem is not None and _looks_like_mask(image):
             raise SwappedCase(
                 f"{case.image}: images and masks look swapped: this image is a two-level grey map and its "
-                f"mask {mask_path.name} is a photo ({problem.split(': ', 1)[1]})"
+                f"mask {mask_path.name} is a photo ({problem.split(': ', 1)[1]})",
+                case.image, mask_path,
             )
         if mask_image.size != image.size:
             raise M2SNetError(
@@ -479,17 +541,31 @@ def _convert_case(
         group=case.case_id, subset=case.subset, mask_sha256=mask_sha,
         source_image=case.image.relative_to(src).as_posix(),
         source_masks=tuple(m.relative_to(src).as_posix() for m in case.masks),
+        extra=tuple(sorted(case.extra.items())),
     )
     return record, perceptual_hashes(rgb) if hashes else None
 
 
-def _problems_message(src: Path, fmt: str, n_cases: int, problems: list[M2SNetError]) -> str:
+def _swap_fix(importer: Importer, src: Path, swapped: SwappedCase) -> str:
+    """How to import a swapped copy as it is: the importer's folder options when it has them (so a
+    read-only copy needs no rename), else a rename of the folders."""
+    names = {f.name for f in fields(importer)}
+    if {"images_dir", "masks_dir"} <= names:
+        try:
+            image_dir = swapped.image.parent.relative_to(src).as_posix()
+            mask_dir = swapped.mask.parent.relative_to(src).as_posix()
+        except ValueError:
+            image_dir, mask_dir = "IMAGES", "MASKS"
+        return f"-o images_dir={shlex.quote(mask_dir)} -o masks_dir={shlex.quote(image_dir)}"
+    return "rename the image and mask folders into each other"
+
+
+def _problems_message(importer: Importer, src: Path, n_cases: int, problems: list[M2SNetError]) -> str:
     """All conversion problems in one message; a mostly swapped dataset is said once, clearly."""
     swapped = [p for p in problems if isinstance(p, SwappedCase)]
     head = f"{src}: {len(problems)} of {n_cases} cases could not be imported"
     if len(swapped) * 2 > n_cases:
-        fix = ("-o images_dir=masks -o masks_dir=images" if fmt == "folder"
-               else "rename the image and mask folders into each other")
+        fix = _swap_fix(importer, src, swapped[0])
         examples = "\n  ".join(str(p) for p in swapped[:3])
         others = [str(p) for p in problems if not isinstance(p, SwappedCase)]
         return (
@@ -528,7 +604,7 @@ def import_dataset(
     validation report is written beside ``dest`` (``<dest>.validation.{json,html}``).
     """
     importer = get_importer(fmt, **(options or {}))
-    near = near_duplicates or NearDuplicateConfig()
+    near = near_duplicates or NearDuplicateConfig(max_distance=importer.near_duplicate_threshold)
     src, dest = Path(src), Path(dest)
     if not src.is_dir():
         raise M2SNetError(f"{src}: source directory not found")
@@ -554,7 +630,7 @@ def import_dataset(
             records.append(record)
             hashes.append(phash)
         if problems:
-            raise M2SNetError(_problems_message(src, fmt, len(cases), problems))
+            raise M2SNetError(_problems_message(importer, src, len(cases), problems))
         dups = find_duplicates(
             [r.case_id for r in records], [r.label for r in records], [r.sha256 for r in records],
             np.stack(hashes) if near.enabled else None, near,
@@ -569,6 +645,8 @@ def import_dataset(
             )
         for conflict in dups.conflicts:
             log.warning("label conflict (allowed for %s): %s", fmt, conflict.describe())
+        for warning in dups.large_cluster_warnings():
+            log.warning("%s", warning)
         write_dataset(
             tmp, records, source_format=fmt, n_classes=importer.n_classes,
             mask_classes=importer.mask_classes, labels=sorted({r.label for r in records}),

@@ -8,6 +8,12 @@ to the manifest as ``group``; here a group is the union of cases sharing a clust
 hash, and a group goes to one fold whole. Inner splits (tuning, ``selection="inner"``) follow the
 same rule inside a fold's training cases (:func:`inner_split`).
 
+Groups the source knows: a manifest column such as CVC-ClinicDB's ``sequence`` (the video a frame
+comes from) or a user's ``patient`` column holds what no image hash can see: frames of one video,
+scans of one patient. ``group_by=COLUMN`` (``m2snet data split --group-by COLUMN``) adds "same
+non-empty value" to the rule above (the union of both groupings), so every value of the column sits
+on one side of every split, inner splits included; the split file records the column.
+
 Why this assignment rather than sklearn's StratifiedGroupKFold: we need folds within one case of
 each other per class (the BUSI protocol's four folds) and byte-stable output for a seed with no
 sklearn dependency. Groups of several cases are placed first (largest first), then the single
@@ -17,6 +23,7 @@ cases of each label are dealt, in a seeded order, to the fold that has the fewes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import Counter, defaultdict
@@ -28,10 +35,11 @@ from m2snet.common import M2SNetError, sha256_file, write_json
 from m2snet.data.duplicates import UnionFind
 from m2snet.data.format import CaseRecord, DatasetInfo, load_dataset
 
-# What keeps cases together: "cluster" = the manifest's duplicate cluster (exact + near) and the
-# image hash; "sha256" = byte-identical images only (the first version's rule, kept so that its
+# Which duplicates stay together: "cluster" = the manifest's duplicate cluster (exact + near) and
+# the image hash; "sha256" = byte-identical images only (the first version's rule, kept so that its
 # optimism can be measured: bench/busi_cv.py --protocol old).
-GroupBy = Literal["cluster", "sha256"]
+DuplicateRule = Literal["cluster", "sha256"]
+log = logging.getLogger(__name__)
 # Share of a fold's training cases held out as its inner validation set (tuning, selection="inner").
 INNER_VAL_FRACTION = 0.2
 
@@ -55,7 +63,8 @@ class Split:
     folds: list[Fold]
     dataset_version: str | None
     stratify: str = "label"
-    group: str = "cluster"  # "sha256" in version-1 files and old-protocol splits
+    group: str = "cluster"  # the duplicate rule: "sha256" in version-1 files and old-protocol splits
+    group_by: str | None = None  # the manifest column whose values stay on one side, if any
     path: Path | None = None
     sha256: str | None = None
     counts: list[dict[str, int]] = field(default_factory=list)
@@ -73,18 +82,22 @@ def default_split_path(root: str | os.PathLike, n_folds: int, seed: int) -> Path
     return root.parent / f"{root.name}.split-{n_folds}fold-seed{seed}.json"
 
 
-def case_groups(cases: Sequence[CaseRecord], group_by: GroupBy = "cluster") -> list[list[int]]:
+def case_groups(cases: Sequence[CaseRecord], duplicates: DuplicateRule = "cluster",
+                group_by: str | None = None) -> list[list[int]]:
     """Indices of ``cases`` that must share a fold, each list sorted, in order of first member.
 
     ``cluster``: cases with the same manifest ``group`` (duplicate cluster) or the same image hash;
-    ``sha256``: the same image hash only.
+    ``sha256``: the same image hash only. ``group_by``: also cases with the same non-empty value
+    in that manifest column (an empty value groups nothing).
     """
     uf = UnionFind(len(cases))
     first: dict[tuple[str, str], int] = {}
     for i, case in enumerate(cases):
         keys = [("sha256", case.sha256 or case.case_id)]
-        if group_by == "cluster" and case.group:
+        if duplicates == "cluster" and case.group:
             keys.append(("group", case.group))
+        if group_by and case.column(group_by):
+            keys.append(("column", case.column(group_by)))
         for key in keys:
             if key in first:
                 uf.union(first[key], i)
@@ -93,13 +106,25 @@ def case_groups(cases: Sequence[CaseRecord], group_by: GroupBy = "cluster") -> l
     return sorted(uf.components().values(), key=lambda g: g[0])
 
 
-def groups_across(cases: Sequence[CaseRecord], side_of: dict[str, int]) -> list[list[str]]:
-    """Duplicate groups (``cluster`` rule) whose cases sit on more than one side of a split.
+def check_group_column(info: DatasetInfo, column: str) -> dict[str, Any]:
+    """What the split file records of ``--group-by column``; refuses a column the manifest lacks or leaves empty."""
+    if column in ("image", "mask") or column not in info.columns:
+        raise M2SNetError(f"{info.root / 'manifest.csv'}: no column {column!r} to group by "
+                          f"(columns: {', '.join(c for c in info.columns if c not in ('image', 'mask'))})")
+    values = [c.column(column) for c in info.cases]
+    if not any(values):
+        raise M2SNetError(f"{info.root / 'manifest.csv'}: column {column!r} is empty for every case")
+    return {"column": column, "values": len(set(v for v in values if v)),
+            "cases_without_value": sum(1 for v in values if not v)}
+
+
+def groups_across(cases: Sequence[CaseRecord], side_of: dict[str, int], group_by: str | None = None) -> list[list[str]]:
+    """Groups (``cluster`` rule, plus ``group_by``'s values) whose cases sit on more than one side of a split.
 
     ``side_of`` maps case id -> fold (or 0 = train, 1 = val); cases not in it are ignored.
     """
     found = []
-    for g in case_groups(cases, "cluster"):
+    for g in case_groups(cases, "cluster", group_by):
         ids = [cases[i].case_id for i in g if cases[i].case_id in side_of]
         if len({side_of[c] for c in ids}) > 1:
             found.append(sorted(ids))
@@ -148,18 +173,25 @@ def make_split(
     n_folds: int = 4,
     seed: int = 42,
     out: str | os.PathLike | None = None,
-    group_by: GroupBy = "cluster",
+    group_by: str | None = None,
+    duplicates: DuplicateRule = "cluster",
 ) -> Split:
-    """Compute the split of a dataset and write it as JSON (to ``out`` or the default path)."""
+    """Compute the split of a dataset and write it as JSON (to ``out`` or the default path).
+
+    ``group_by``: a manifest column (e.g. ``sequence``) whose every value goes to one fold, on top
+    of the duplicate clusters; ``duplicates``: which duplicates stay together (see DuplicateRule).
+    """
     info = root if isinstance(root, DatasetInfo) else load_dataset(root)
     if n_folds < 2:
         raise M2SNetError(f"--folds must be at least 2, got {n_folds}")
-    if group_by not in ("cluster", "sha256"):
-        raise M2SNetError(f"group_by={group_by!r} must be 'cluster' or 'sha256'")
-    groups = case_groups(info.cases, group_by)
+    if duplicates not in ("cluster", "sha256"):
+        raise M2SNetError(f"duplicates={duplicates!r} must be 'cluster' or 'sha256'")
+    grouping = check_group_column(info, group_by) if group_by else None
+    groups = case_groups(info.cases, duplicates, group_by)
     if len(groups) < n_folds:
+        what = "distinct images" if grouping is None else f"groups (duplicates and {group_by!r} values)"
         raise M2SNetError(
-            f"{info.root}: {len(info.cases)} cases in {len(groups)} distinct images cannot fill {n_folds} folds"
+            f"{info.root}: {len(info.cases)} cases in {len(groups)} {what} cannot fill {n_folds} folds"
         )
     labels = [c.label for c in info.cases]
     fold_of = assign_folds(labels, groups, n_folds, seed)
@@ -171,16 +203,25 @@ def make_split(
         folds.append({"fold": k, "train": train, "val": val})
         counts.append(dict(sorted(Counter(labels[i] for i in range(len(ids)) if fold_of[i] == k).items())))
     multi = [g for g in groups if len(g) > 1]
+    largest = max(map(len, groups))
+    if largest * n_folds > len(ids):
+        # One group larger than a fold: the folds cannot be balanced (a chain of clusters and values).
+        log.warning("%s: one group holds %d of %d cases, more than a fold's share: the folds cannot be even "
+                    "(near-duplicate clusters joined by the group_by column's values? look at them with "
+                    "tools/cluster_montage.py, re-import with a lower --near-duplicate-threshold)",
+                    info.root, largest, len(ids))
     payload: dict[str, Any] = {
         "format_version": SPLIT_FORMAT_VERSION,
         "n_folds": n_folds,
         "seed": seed,
         "stratify": "label",
-        "group": group_by,
+        "group": duplicates,
+        "group_by": grouping,
         "dataset": info.name,
         "dataset_version": info.version,
-        # Clusters of more than one case, each kept in one fold (the count `data split` prints).
-        "groups_kept_together": {"groups": len(multi), "cases": sum(map(len, multi))},
+        # Groups of more than one case (duplicate clusters, joined by the group_by column's values),
+        # each kept in one fold (the count `data split` prints).
+        "groups_kept_together": {"groups": len(multi), "cases": sum(map(len, multi)), "largest": largest},
         "val_label_counts": counts,
         "folds": folds,
     }
@@ -190,7 +231,7 @@ def make_split(
 
 
 def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float = INNER_VAL_FRACTION,
-                seed: int = 42) -> tuple[list[str], list[str]]:
+                seed: int = 42, group_by: str | None = None) -> tuple[list[str], list[str]]:
     """(inner train, inner val) of ``case_ids``: stratified by label, duplicate groups on one side.
 
     The same assignment as the outer split, with k = round(1 / val_fraction) folds (at most one per
@@ -205,7 +246,7 @@ def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float 
     if missing:
         raise M2SNetError(f"{info.root}: inner split names unknown cases {missing[:5]}")
     cases = [by_id[i] for i in sorted(case_ids)]
-    groups = case_groups(cases, "cluster")
+    groups = case_groups(cases, "cluster", group_by)
     if len(groups) < 2:
         raise M2SNetError(f"{info.root}: {len(cases)} training cases in {len(groups)} distinct image(s) cannot be "
                           "split into inner training and validation sets")
@@ -220,10 +261,11 @@ def inner_split(info: DatasetInfo, case_ids: Sequence[str], val_fraction: float 
 def write_inner_split(info: DatasetInfo, outer: "Split", fold: int, out: str | os.PathLike,
                       val_fraction: float = INNER_VAL_FRACTION, seed: int = 42) -> Path:
     """Fold ``fold``'s training cases split by :func:`inner_split`, as a 1-fold split file."""
-    train, val = inner_split(info, outer.fold(fold).train, val_fraction, seed)
+    train, val = inner_split(info, outer.fold(fold).train, val_fraction, seed, outer.group_by)
     write_json(out, {
         "format_version": SPLIT_FORMAT_VERSION, "n_folds": 1, "seed": seed, "stratify": "label",
-        "group": "cluster", "dataset": info.name, "dataset_version": outer.dataset_version,
+        "group": "cluster", "group_by": {"column": outer.group_by} if outer.group_by else None,
+        "dataset": info.name, "dataset_version": outer.dataset_version,
         "inner_of": {"split": str(outer.path), "split_sha256": outer.sha256, "fold": fold,
                      "val_fraction": val_fraction},
         "folds": [{"fold": 0, "train": train, "val": val}],
@@ -255,6 +297,7 @@ def load_split(path: str | os.PathLike) -> Split:
         dataset_version=data.get("dataset_version"),
         stratify=data.get("stratify", "label"),
         group=data.get("group", "sha256"),
+        group_by=(data.get("group_by") or {}).get("column"),
         groups_kept_together=dict(data.get("groups_kept_together", {})),
         path=path.resolve(),
         sha256=sha256_file(path),

@@ -1,9 +1,10 @@
 """Dataset validation with great-expectations 1.x.
 
 We compute one row of facts per case (does the image decode, does the mask match its size, which
-values does the mask hold, how large is the lesion, does the file still hash to the manifest's
-sha256, ...) into a pandas DataFrame, and state the rules as GX expectations on that frame in an
-ephemeral context. GX then tells us which rows break which rule; we map rows back to files.
+values does the mask hold, how large is the lesion and is that the manifest's lesion_area, do
+image and mask still hash to the manifest's sha256 and mask_sha256, ...) into a pandas
+DataFrame, and state the rules as GX expectations on that frame in an ephemeral context. GX then
+tells us which rows break which rule; we map rows back to files.
 
 Duplicates are clustered here too (m2snet.data.duplicates, with the settings dataset.json records):
 the manifest's ``group`` must be the cluster id found, and a cluster may hold two labels only when
@@ -28,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from m2snet.common import sha256_file, write_json
-from m2snet.data.duplicates import CROP_SCALES, DuplicateReport, NearDuplicateConfig, find_duplicates, perceptual_hashes
+from m2snet.data.duplicates import (
+    CROP_SCALES,
+    LINKAGE,
+    DuplicateReport,
+    NearDuplicateConfig,
+    find_duplicates,
+    perceptual_hashes,
+)
 from m2snet.data.format import DatasetInfo, load_dataset
 from m2snet.data.images import ImageError, decode_image
 
@@ -91,11 +99,14 @@ class ValidationReport:
             lines.append(
                 f"  duplicate clusters ({how}): {c['duplicate_clusters']} clusters "
                 f"holding {c['cases_in_clusters']} cases "
-                f"({c['near_duplicate_clusters']} with near duplicates); kept in one fold by the split"
+                f"({c['near_duplicate_clusters']} with near duplicates, at most {c['largest_cluster']} cases; "
+                f"{c['near_pairs_across_clusters']} pairs within the threshold left in different clusters by the "
+                "diameter bound); kept in one fold by the split"
             )
             for cl in self.clusters.conflicts:
                 kind = "WARNING (allowed)" if self.allow_label_conflicts else "ERROR"
                 lines.append(f"  label conflict {kind}: {cl.describe()}")
+            lines.extend(f"  WARNING: {w}" for w in self.clusters.large_cluster_warnings())
         for o in self.outliers[:20]:
             lines.append(f"  outlier: {o['case_id']} ({o['label']}): {o['why']}")
         for note in self.notes:
@@ -149,7 +160,8 @@ def _case_facts(info: DatasetInfo, near: NearDuplicateConfig) -> tuple["Any", np
             ),
             "image_decodes": False, "image_is_rgb": False, "mask_decodes": False, "mask_is_grey": False,
             "mask_size_matches": False, "manifest_size_matches": False, "mask_values_valid": False,
-            "sha256_matches": False, "height": -1, "width": -1, "lesion_area": -1, "sha256": case.sha256,
+            "sha256_matches": False, "mask_sha256_matches": False, "lesion_area_matches": False,
+            "height": -1, "width": -1, "lesion_area": -1, "sha256": case.sha256,
             "foreground_fraction": -1.0,
         }
         try:
@@ -170,6 +182,8 @@ def _case_facts(info: DatasetInfo, near: NearDuplicateConfig) -> tuple["Any", np
             row["mask_size_matches"] = (m.width, m.height) == (row["width"], row["height"])
             row["mask_values_valid"] = bool(grey and int(mask.max(initial=0)) < n_values)
             row["lesion_area"] = int((mask > 0).sum())
+            row["lesion_area_matches"] = row["lesion_area"] == case.lesion_area
+            row["mask_sha256_matches"] = sha256_file(case.mask_path) == case.mask_sha256
             row["foreground_fraction"] = row["lesion_area"] / max(mask.size, 1)
         except (ImageError, OSError):
             pass
@@ -203,6 +217,10 @@ def _expectations(
         ),
         (gxe.ExpectColumnValuesToBeInSet(column="sha256_matches", value_set=true),
          "image bytes match the manifest sha256"),
+        (gxe.ExpectColumnValuesToBeInSet(column="mask_sha256_matches", value_set=true),
+         "mask bytes match the manifest mask_sha256"),
+        (gxe.ExpectColumnValuesToBeInSet(column="lesion_area_matches", value_set=true),
+         "lesion area (mask pixels > 0) matches the manifest lesion_area"),
         (gxe.ExpectColumnValuesToBeBetween(column="height", min_value=min_size, max_value=max_size),
          f"height within {min_size}..{max_size} px"),
         (gxe.ExpectColumnValuesToBeBetween(column="width", min_value=min_size, max_value=max_size),
@@ -268,6 +286,14 @@ def validate_dataset(
         bool(info.meta.get("allow_label_conflicts", False)) if allow_label_conflicts is None else allow_label_conflicts
     )
     recorded = NearDuplicateConfig.from_meta(info.meta.get("near_duplicates"))
+    notes = list(notes or [])
+    recorded_meta = info.meta.get("near_duplicates") or {}
+    if recorded_meta and recorded_meta.get("linkage") != LINKAGE:
+        notes.append(
+            f"{info.root / 'dataset.json'}: the duplicate clusters were made by an older m2snet, whose "
+            "single-linkage clusters chain unrelated images; re-import to regroup (the group check compares "
+            f"with {LINKAGE}-linkage clusters)"
+        )
     near = recorded if near_duplicates is None else near_duplicates
     df, hashes = _case_facts(info, near)
     dups = find_duplicates(
@@ -322,7 +348,7 @@ def validate_dataset(
         root=info.root, n_cases=len(info.cases), outcomes=outcomes,
         class_counts=dict(sorted(Counter(c.label for c in info.cases).items())),
         duplicates=duplicates, allow_duplicates=allow, clusters=dups, allow_label_conflicts=allow_conflicts,
-        foreground=foreground, outliers=outliers, notes=list(notes or []),
+        foreground=foreground, outliers=outliers, notes=notes,
     )
     if write_report:
         report.write(info)
@@ -392,12 +418,14 @@ def render_html(report: ValidationReport, info: DatasetInfo) -> str:
             members = ", ".join(f"<code>{e(i)}</code> ({e(cl.labels[i])})" for i in cl.case_ids)
             items.append(f"<li>{members}{flag}<br><small>{links}</small></li>")
         c = report.clusters.counts()
-        near_text = (f"pHash within {near.max_distance} of 64 bits (similarity = 1 - bits/64)" if near.enabled
-                     else "off")
+        near_text = (f"pHash within {near.max_distance} of 64 bits (similarity = 1 - bits/64), complete linkage: "
+                     "every two cases of a cluster within the threshold" if near.enabled else "off")
         clusters_html = (
             f"<p>Near duplicates: {near_text}. "
             f"{c['duplicate_clusters']} clusters, {c['cases_in_clusters']} cases, "
-            f"{c['near_duplicate_clusters']} with near duplicates, {c['label_conflicts']} label conflicts. "
+            f"{c['near_duplicate_clusters']} with near duplicates, {c['label_conflicts']} label conflicts, "
+            f"largest {c['largest_cluster']} cases, {c['near_pairs_across_clusters']} pairs within the threshold "
+            "in different clusters. "
             "The manifest's <code>group</code> is the cluster id; the split keeps a cluster in one fold.</p>"
             f"<ul>{''.join(items) or '<li>none</li>'}</ul>"
         )

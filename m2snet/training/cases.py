@@ -37,7 +37,8 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
     """The cases of the config's data/split/fold under its selection rule (see TrainConfig.selection).
 
     With ``leak_check``, a fold that puts two copies of one image (a duplicate cluster of the
-    manifest, or the same bytes) on both sides is an error: the split was made by an older rule.
+    manifest, or the same bytes), or two cases of one value of the split's ``group_by`` column, on
+    both sides is an error: the split was made by an older rule or the manifest changed.
     """
 
     if not cfg.data:
@@ -55,7 +56,8 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
             raise M2SNetError(f"{cfg.split}: {len(unknown)} case ids not in {cfg.data} (e.g. {unknown[:3]}); "
                               "was the split made for another dataset?")
         if cfg.leak_check:
-            leaks = groups_across(info.cases, {**{c: 0 for c in train_ids}, **{c: 1 for c in val_ids}})
+            leaks = groups_across(info.cases, {**{c: 0 for c in train_ids}, **{c: 1 for c in val_ids}},
+                                  split.group_by)
             if leaks:
                 raise M2SNetError(
                     f"{cfg.split}: fold {cfg.fold} has {len(leaks)} duplicate group(s) on both sides "
@@ -63,7 +65,8 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
                     f"Re-split with `m2snet data split {cfg.data}` (groups duplicate clusters), or set "
                     "leak_check=false to measure a leaky split on purpose")
         if cfg.selection == "inner":
-            train_ids, epoch_val = inner_split(info, train_ids, cfg.inner_val_fraction, cfg.seed)
+            train_ids, epoch_val = inner_split(info, train_ids, cfg.inner_val_fraction, cfg.seed,
+                                               split.group_by)
             epoch_val = _subsample(epoch_val, cfg.max_val_cases, cfg.seed + 2)
         else:
             epoch_val = None  # the fold's validation cases, subsampled below

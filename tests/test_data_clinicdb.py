@@ -1,0 +1,135 @@
+"""CVC-ClinicDB: the source's frame-to-sequence table recorded by the importer, a split that keeps
+every sequence on one side (issue 17.5, issue 20), and the swapped-folders fix as importer options
+that work on a read-only copy (issue 17.11)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from m2snet.cli import app
+from m2snet.common import M2SNetError
+from m2snet.data.format import load_dataset
+from m2snet.data.importers import CLINICDB_SEQUENCES, clinicdb_sequence, import_dataset
+from m2snet.data.split import load_split, make_split
+
+N_FRAMES = 612
+H, W = 36, 44
+
+
+def test_the_sequence_table_is_the_sources():
+    """The table of /work/shared/docs/cvc-clinicdb-sequences.md (the dataset's README): 29 sequences of
+    contiguous frames covering 1..612."""
+    assert len(CLINICDB_SEQUENCES) == 29
+    frames = [f for first, last in CLINICDB_SEQUENCES for f in range(first, last + 1)]
+    assert frames == list(range(1, N_FRAMES + 1))
+    assert CLINICDB_SEQUENCES[9] == (200, 205) and CLINICDB_SEQUENCES[28] == (592, 612)
+    assert [clinicdb_sequence(f) for f in (1, 25, 26, 205, 206, 478, 479, 612)] == [1, 1, 2, 10, 11, 23, 24, 29]
+    assert clinicdb_sequence(0) is None and clinicdb_sequence(613) is None
+
+
+def _sequence_of(frame: int) -> int:
+    return next(k for k, (first, last) in enumerate(CLINICDB_SEQUENCES, 1) if first <= frame <= last)
+
+
+def _frame(frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """A small 'video frame': a window moving across its sequence's smooth random scene (the camera
+    moves, so first and last frames of a sequence differ), and a polyp mask that moves with it."""
+    seq = _sequence_of(frame)
+    first, _ = CLINICDB_SEQUENCES[seq - 1]
+    rng = np.random.default_rng(seq)
+    coarse = rng.uniform(0, 255, (8, 16, 3)).astype(np.uint8)
+    scene = np.asarray(Image.fromarray(coarse).resize((3 * W, 2 * H), Image.BICUBIC))
+    k = frame - first  # one pixel a frame: neighbours are near duplicates, a sequence's ends are not
+    y, x = (k // 2) % H, k
+    image = scene[y:y + H, x:x + W]
+    mask = np.zeros((H, W), np.uint8)
+    mask[10:22, max(0, 8 + k % 10):max(0, 8 + k % 10) + 14] = 255
+    return image, mask
+
+
+def _clinicdb(root: Path, swapped: bool = False, n_frames: int = N_FRAMES) -> Path:
+    import tifffile
+
+    images, masks = ("Ground Truth", "Original") if swapped else ("Original", "Ground Truth")
+    (root / images).mkdir(parents=True)
+    (root / masks).mkdir()
+    for frame in range(1, n_frames + 1):
+        image, mask = _frame(frame)
+        tifffile.imwrite(root / images / f"{frame}.tif", image)
+        tifffile.imwrite(root / masks / f"{frame}.tif", mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clinicdb(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clinicdb")
+    return import_dataset("cvc-clinicdb", _clinicdb(root / "src"), root / "ds", progress=False).root
+
+
+def test_import_records_each_frames_sequence(clinicdb):
+    info = load_dataset(clinicdb)
+    assert len(info.cases) == N_FRAMES
+    assert info.case("clinicdb_0025").column("sequence") == "1"
+    assert info.case("clinicdb_0026").column("sequence") == "2"
+    assert info.case("clinicdb_0612").column("sequence") == "29"
+    assert Counter(c.column("sequence") for c in info.cases) == {
+        str(k): last - first + 1 for k, (first, last) in enumerate(CLINICDB_SEQUENCES, 1)}
+    header = (clinicdb / "manifest.csv").read_text().splitlines()[0].split(",")
+    assert header[-1] == "sequence"
+
+
+def _folds_of_sequences(split, info) -> dict[str, set[int]]:
+    folds: dict[str, set[int]] = {}
+    for k, fold in enumerate(split.folds):
+        for cid in fold.val:
+            folds.setdefault(info.case(cid).column("sequence"), set()).add(k)
+    return folds
+
+
+def test_split_by_sequence_keeps_every_sequence_in_one_fold(clinicdb, tmp_path):
+    info = load_dataset(clinicdb)
+    # Without the source's grouping, the duplicate clusters alone leave sequences across folds.
+    plain = make_split(info, n_folds=4, seed=0, out=tmp_path / "plain.json")
+    assert sum(len(f) > 1 for f in _folds_of_sequences(plain, info).values()) > 0
+
+    out = tmp_path / "by-sequence.json"
+    result = CliRunner().invoke(app, ["data", "split", str(clinicdb), "--folds", "4", "--seed", "0",
+                                      "--group-by", "sequence", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    split = load_split(out)
+    assert all(len(f) == 1 for f in _folds_of_sequences(split, info).values())
+    sizes = [len(f.val) for f in split.folds]
+    assert sum(sizes) == N_FRAMES and max(sizes) - min(sizes) <= 30, sizes  # 29 sequences of 6..26 frames
+    recorded = json.loads(out.read_text())
+    assert recorded["group_by"] == {"column": "sequence", "values": 29, "cases_without_value": 0}
+    assert split.group_by == "sequence"
+    assert "sequence" in result.output
+
+
+def test_swapped_folders_are_fixed_by_options_on_a_read_only_copy(tmp_path):
+    src = _clinicdb(tmp_path / "src", swapped=True, n_frames=6)
+    for path in [*src.rglob("*"), src]:
+        os.chmod(path, stat.S_IREAD | stat.S_IEXEC if path.is_dir() else stat.S_IREAD)
+    try:
+        with pytest.raises(M2SNetError) as err:
+            import_dataset("cvc-clinicdb", src, tmp_path / "out", progress=False)
+        message = str(err.value)
+        assert "images and masks look swapped in 6 of 6 cases" in message
+        assert "-o images_dir='Ground Truth' -o masks_dir=Original" in message
+        info = import_dataset("cvc-clinicdb", src, tmp_path / "out", progress=False,
+                              options={"images_dir": "Ground Truth", "masks_dir": "Original"})
+        assert len(info.cases) == 6 and info.case("clinicdb_0001").column("sequence") == "1"
+        with pytest.raises(M2SNetError, match="Nope: images folder not found"):
+            import_dataset("cvc-clinicdb", src, tmp_path / "out2", progress=False, options={"images_dir": "Nope"})
+    finally:
+        for path in [src, *src.rglob("*")]:
+            os.chmod(path, stat.S_IRWXU)
