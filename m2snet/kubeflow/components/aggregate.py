@@ -3,6 +3,7 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
 
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 
 
@@ -13,13 +14,14 @@ def aggregate_cv(
     cv_metrics: Output[Metrics],
     pipeline_run_id: str = "",
     experiment: str = "",
+    metric_protocol: str = DEFAULT_PROTOCOL,
 ):
-    """The CV table (mean +- std over folds, in percent) logged on the parent run."""
+    """The CV table (mean +- std over folds, in percent; model and no-skill rows) logged on the parent run."""
     from m2snet.workflows import steps
 
     summary = steps.aggregate_step(
         [m.metadata for m in fold_metrics], cv_table.path,
-        pipeline_run_id=pipeline_run_id, experiment=experiment,
+        pipeline_run_id=pipeline_run_id, experiment=experiment, metric_protocol=metric_protocol,
     )
     for key, value in summary.items():
         cv_metrics.log_metric(key, value)

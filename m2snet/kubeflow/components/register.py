@@ -3,6 +3,7 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model
 
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 
 
@@ -15,6 +16,7 @@ def register_model(
     dataset_version: str,
     pipeline_run_id: str = "",
     experiment: str = "",
+    metric_protocol: str = DEFAULT_PROTOCOL,
 ) -> str:
     """Register the folds as ONE model version (ensemble pyfunc); idempotent per pipeline run."""
     from m2snet.workflows import steps
@@ -22,4 +24,5 @@ def register_model(
     return steps.register_step(
         [m.path for m in models], dict(cv_metrics.metadata), split.path, model_name=model_name,
         dataset_version=dataset_version, pipeline_run_id=pipeline_run_id, experiment=experiment,
+        metric_protocol=metric_protocol,
     )
