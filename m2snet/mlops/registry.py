@@ -228,7 +228,7 @@ def decide(candidate: float | None, production: float | None, policy: PromotionP
     if candidate < noskill + policy.noskill_margin:
         return False, (f"no-skill rule: CV Dice {candidate:.4f} does not beat the no-skill (all-background) "
                        f"predictor's {noskill:.4f} by the margin {policy.noskill_margin:.4f}")
-    passed = (f"CV Dice {candidate:.4f} passes the floor {policy.floor:.4f} and beats no skill "
+    passed = (f"all rules pass: CV Dice {candidate:.4f} >= the floor {policy.floor:.4f}, beats no skill "
               f"({noskill:.4f}) by >= {policy.noskill_margin:.4f}")
     if production_version is not None and production is None:
         return False, (f"production rule: production version {production_version} has no {policy.metric_tag} "
