@@ -244,3 +244,23 @@ def test_predictor_flip_tta_averages_flipped_pass(trained):
     q = plain.predict_proba([image[:, ::-1]])[0][:, ::-1]
     assert p.shape == image.shape[:2]
     np.testing.assert_allclose(tta.predict_proba([image])[0], (p + q) / 2, atol=1e-5)
+
+
+def test_evaluate_cli_no_skill_table_without_training(trained, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from m2snet.cli import app
+
+    data, _, info = trained
+    res = CliRunner().invoke(app, ["evaluate", "--no-skill", "--data", str(data), "--out", str(tmp_path / "ns"),
+                                   "--metric-protocol", "reference"])
+    assert res.exit_code == 0, res.output
+    share_normal = 100 * np.mean([not np.asarray(Image.open(c.mask_path)).any() for c in info.cases])
+    assert "| 1 folds, reference protocol |" in res.output
+    assert f"| no skill: all cases ({len(info.cases)}) | {share_normal:.2f} ± 0.00 |" in res.output
+    bad = CliRunner().invoke(app, ["evaluate", "--no-skill", "--data", str(data), "--out", str(tmp_path / "bad"),
+                                   "--metric-protocol", "paper"])
+    # an M2SNetError: the CLI's main() prints it as one line and exits 2
+    assert type(bad.exception).__name__ == "M2SNetError" and "metric protocol 'paper'" in str(bad.exception)
+    assert not (tmp_path / "bad").exists()

@@ -44,6 +44,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from m2snet.common import M2SNetError
+
 BINARY_METRICS = ("dice", "iou", "precision", "recall", "specificity")
 SOD_METRICS = ("s_measure", "mean_e_measure", "weighted_f_measure", "mae")
 # The paper's BUSI table (Tab. 4) columns, in its order, with our metric keys.
@@ -91,8 +93,6 @@ def is_percent_metric(name: str) -> bool:
 
 def check_protocol(protocol: str) -> str:
     if protocol not in PROTOCOLS:
-        from m2snet.common import M2SNetError
-
         raise M2SNetError(f"metric protocol {protocol!r}: choose one of {list(PROTOCOLS)}")
     return protocol
 
@@ -238,8 +238,6 @@ def case_metrics(prob: np.ndarray, gt: np.ndarray, n_classes: int = 1, threshold
     check_protocol(protocol)
     if protocol == "reference":
         if n_classes != 1:
-            from m2snet.common import M2SNetError
-
             raise M2SNetError("metric protocol 'reference' scores binary masks only (the paper's test_score.py)")
         g = np.asarray(gt, dtype=np.float64)
         out = reference_binary_metrics(prob, gt)

@@ -3,7 +3,6 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
 
-from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 
 
@@ -12,9 +11,9 @@ def aggregate_cv(
     fold_metrics: Input[List[Metrics]],
     cv_table: Output[Dataset],
     cv_metrics: Output[Metrics],
+    metric_protocol: str,  # no default here: kfp ships this source alone; the pipeline passes it
     pipeline_run_id: str = "",
     experiment: str = "",
-    metric_protocol: str = DEFAULT_PROTOCOL,
 ):
     """The CV table (mean +- std over folds, in percent; model and no-skill rows) logged on the parent run."""
     from m2snet.workflows import steps

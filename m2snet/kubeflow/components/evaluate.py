@@ -1,7 +1,6 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 
 
@@ -13,7 +12,7 @@ def evaluate_fold(
     fold: int,
     report: Output[Dataset],
     metrics: Output[Metrics],
-    metric_protocol: str = DEFAULT_PROTOCOL,
+    metric_protocol: str,  # no default here: kfp ships this source alone; the pipeline passes it
 ):
     """Score the fold's checkpoint and the no-skill predictor on its validation cases at original size
     (per-case CSV + overlays) under the metric protocol."""

@@ -1,12 +1,11 @@
 from kfp import dsl
 
 from m2snet.kubeflow.image import COMPONENT_IMAGE
-from m2snet.mlops.registry import PromotionPolicy
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def promote_model(
-    model_name: str, version: str, floor: float, margin: float, noskill_margin: float = PromotionPolicy.noskill_margin,
+    model_name: str, version: str, floor: float, margin: float, noskill_margin: float,
     pipeline_run_id: str = "", experiment: str = "",
 ) -> bool:
     """Move alias `production` to the version if its CV Dice passes the floor, beats the no-skill predictor

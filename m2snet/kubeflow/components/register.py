@@ -3,7 +3,6 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model
 
-from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 
 
@@ -14,9 +13,9 @@ def register_model(
     split: Input[Dataset],
     model_name: str,
     dataset_version: str,
+    metric_protocol: str,  # no default here: kfp ships this source alone; the pipeline passes it
     pipeline_run_id: str = "",
     experiment: str = "",
-    metric_protocol: str = DEFAULT_PROTOCOL,
 ) -> str:
     """Register the folds as ONE model version (ensemble pyfunc); idempotent per pipeline run."""
     from m2snet.workflows import steps
