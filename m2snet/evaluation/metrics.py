@@ -98,7 +98,12 @@ def check_protocol(protocol: str) -> str:
 
 
 def has_lesion(gt: np.ndarray) -> bool:
-    """A lesion case: the ground truth has a foreground pixel (BUSI: benign and malignant, not normal)."""
+    """A lesion case: the ground truth has a foreground pixel.
+
+    Decided from the mask, not from the label: it is what the metrics see, and it works for any set
+    (the demo, a folder import without labels). On an imported set it equals the importer's
+    ``lesion_labels`` (BUSI: benign + malignant = 647 of 780 cases), because validation requires those
+    cases' masks to be non-empty and the ``empty_labels`` cases' (normal) to be empty."""
     return bool(np.any(np.asarray(gt) > 0))
 
 
