@@ -213,24 +213,24 @@ def reference_binary_metrics(prob: np.ndarray, gt: np.ndarray) -> dict[str, floa
     """The paper's protocol (``test_score.py``): soft Dice of the normalised map, IoU of the map > 0.5,
     both smoothed by 1e-5; ground truth ``gt / max > 0.5``.
 
-    ``test_score.py`` scores no Precision / Recall / Specificity (the paper's BUSI table has them): here
-    they come from the same map > 0.5 with the same 1e-5 smoothing, so the row is complete.
+    ``test_score.py`` scores no Precision / Recall / Specificity (the paper's BUSI table has them; how
+    it computed them is not published): here they come from the same map > 0.5 under this project's
+    zero-denominator convention (the 1e-5 smoothing would give an empty prediction Precision 1 on every
+    lesion case), so the row is complete without flattering a model that finds nothing.
     """
     res = reference_map(prob)
     g = np.asarray(gt, dtype=np.float64)
     gt_b = (g / (g.max() + 1e-8)) > 0.5
     s = REFERENCE_SMOOTH
     pred_b = res > 0.5
-    tp = float(np.count_nonzero(pred_b & gt_b))
-    fp = float(np.count_nonzero(pred_b & ~gt_b))
-    fn = float(np.count_nonzero(~pred_b & gt_b))
-    tn = float(pred_b.size) - tp - fp - fn
+    inter, union = np.count_nonzero(pred_b & gt_b), np.count_nonzero(pred_b | gt_b)
+    thresholded = binary_metrics(pred_b, gt_b)
     return {
         "dice": float((2.0 * np.sum(res * gt_b) + s) / (np.sum(gt_b) + np.sum(res) + s)),
-        "iou": (tp + s) / (tp + fp + fn + s),
-        "precision": (tp + s) / (tp + fp + s),
-        "recall": (tp + s) / (tp + fn + s),
-        "specificity": (tn + s) / (tn + fp + s),
+        "iou": float((inter + s) / (union + s)),
+        "precision": thresholded["precision"],
+        "recall": thresholded["recall"],
+        "specificity": thresholded["specificity"],
     }
 
 
