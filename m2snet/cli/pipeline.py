@@ -75,6 +75,8 @@ def _print_summary(result: Any) -> None:
     verdict, _, reason = result.promotion.partition(": ")
     if result.promoted:
         state = "promoted to `production`"
+    elif result.production_version is None:
+        state = "NOT promoted (no version is `production`)"
     else:
         state = f"NOT promoted (`production` stays at version {result.production_version})"
     echo(f"model {result.model_name} version {result.version}: {state}")
