@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from m2snet.common import M2SNetError
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 
 if TYPE_CHECKING:  # heavy: imported lazily at run time
     from mlflow import MlflowClient
@@ -51,9 +52,9 @@ class PromotionPolicy:
 
     floor: float = 0.5  # minimum CV Dice (0..1) any production model must reach
     margin: float = 0.005  # how much it must beat the current production CV Dice by (0..1)
-    # How much it must beat the all-background predictor's CV Dice by (0..1): on BUSI that predictor
-    # scores about 0.17 (the normal cases), on the demo set 0.23, so a floor alone lets a model that
-    # finds nothing through. 0.05: five Dice points of actual lesion finding.
+    # How much it must beat the all-background predictor's CV Dice by (0..1): that predictor scores the
+    # share of normal (empty-mask) cases, 0.17 on BUSI, so a floor alone lets a model that finds nothing
+    # through. 0.05: five Dice points of actual lesion finding.
     noskill_margin: float = 0.05
     metric_tag: str = SCORE_TAG
     noskill_tag: str = NOSKILL_TAG
@@ -168,7 +169,7 @@ PROMOTION_MARK = "**Promotion:**"  # the line of a version's description that pr
 
 
 def describe_version(*, n_folds: int, dataset_version: str, split_sha256: str, cv_metrics: Mapping[str, Any],
-                     pipeline_run_id: str = "", metric_protocol: str = "project") -> str:
+                     pipeline_run_id: str = "", metric_protocol: str = DEFAULT_PROTOCOL) -> str:
     """A registered version's description (markdown): what the model is and what it scored."""
     def pct(name: str, stat: str = "mean") -> str:
         mean = cv_metrics.get(f"cv_{name}_{stat}")
