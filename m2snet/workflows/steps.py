@@ -394,7 +394,7 @@ def promote_step(model_name: str, version: str, *, floor: float, margin: float,
                        PromotionPolicy(floor=floor, margin=margin, noskill_margin=noskill_margin), force=force)
     parent = parent_run(pipeline_run_id, experiment, create=False)
     if parent is not None:
-        parent.set_tags({"m2snet.promotion": ("promoted: " if decision.promoted else "kept production: ")
+        parent.set_tags({"m2snet.promotion": ("promoted: " if decision.promoted else "not promoted: ")
                          + decision.reason})
         parent.end("FINISHED")
     return decision.promoted
