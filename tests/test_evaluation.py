@@ -259,7 +259,7 @@ def test_evaluate_cli_no_skill_table_without_training(trained, tmp_path):
                                    "--metric-protocol", "reference"])
     assert res.exit_code == 0, res.output
     share_normal = 100 * np.mean([not np.asarray(Image.open(c.mask_path)).any() for c in info.cases])
-    assert "| 1 folds, reference protocol |" in res.output
+    assert "| 1 fold, reference protocol |" in res.output
     assert f"| no skill: all cases ({len(info.cases)}) | {share_normal:.2f} ± 0.00 |" in res.output
     bad = CliRunner().invoke(app, ["evaluate", "--no-skill", "--data", str(data), "--out", str(tmp_path / "bad"),
                                    "--metric-protocol", "paper"])

@@ -99,7 +99,8 @@ class CVSummary:
     def table(self, columns: Sequence[tuple[str, str]] = BUSI_TABLE, title: str = "") -> str:
         """A Markdown table, the paper's BUSI columns: the model and the no-skill predictor (all
         background), each on all cases and on the lesion cases; a note for any metric NaN on a case."""
-        head = "| " + " | ".join([f"{self.n_folds} folds, {self.protocol} protocol", *[c for c, _ in columns]]) + " |"
+        folds = f"{self.n_folds} fold" + ("s" if self.n_folds != 1 else "")
+        head = "| " + " | ".join([f"{folds}, {self.protocol} protocol", *[c for c, _ in columns]]) + " |"
         lines = [head, "|" + "---|" * (len(columns) + 1)]
         for predictor, who in PREDICTORS:
             for subset, what, count in SUBSETS:
