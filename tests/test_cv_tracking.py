@@ -30,8 +30,49 @@ def test_aggregate_cv_mean_std_percent():
     assert s.mean["dice"] == pytest.approx(75.0) and s.std["dice"] == pytest.approx(np.std([70, 80], ddof=1))
     # pixel distances (the mean MED and each class's) stay in pixels; per-class Dice is a fraction
     assert s.mean["med"] == pytest.approx(3.0) and s.mean["med_c1"] == pytest.approx(2.0)
-    assert s.mean["dice_c1"] == pytest.approx(70.0) and "n_cases" not in s.mean
-    assert "| 2 folds | 60.00 ± 14.14 |" in s.table()
+    assert s.mean["dice_c1"] == pytest.approx(70.0) and "n_cases" not in s.mean and s.counts["n_cases"] == 7
+    assert "| model: all cases (7) | 60.00 ± 14.14 |" in s.table()
+
+
+def test_cv_table_has_noskill_and_lesion_rows_and_counts_nans():
+    from m2snet.workflows.folds import aggregate_cv
+
+    fold = {"dice": 0.6, "iou": 0.5, "mae": 0.03, "s_measure": 0.8, "lesion_dice": 0.4, "lesion_iou": 0.3,
+            "noskill_dice": 0.2, "noskill_iou": 0.2, "noskill_lesion_dice": 0.0, "noskill_lesion_iou": 0.0,
+            "n_cases": 10, "n_lesion_cases": 8, "n_nan_s_measure": 1}
+    s = aggregate_cv([fold, {**fold, "dice": 0.8, "n_nan_s_measure": 0}], protocol="reference")
+    assert s.mean["mae"] == pytest.approx(0.03)  # MAE: a fraction, as the paper reports it
+    table = s.table(columns=(("Jaccard", "iou"), ("Dice", "dice")), title="m2snet")
+    assert table.splitlines()[0] == "| 2 folds, reference protocol | Jaccard | Dice |"
+    assert "| m2snet: all cases (20) | 50.00 ± 0.00 | 70.00 ± 14.14 |" in table
+    assert "| m2snet: lesion cases (16) | 30.00 ± 0.00 | 40.00 ± 0.00 |" in table
+    assert "| no skill (all background): all cases (20) | 20.00 ± 0.00 | 20.00 ± 0.00 |" in table
+    assert "| no skill (all background): lesion cases (16) | 0.00 ± 0.00 | 0.00 ± 0.00 |" in table
+    assert "m2snet: s_measure is NaN on 1 of 20 cases" in table
+    flat = s.flat_metrics()
+    assert flat["cv_dice_noskill"] == pytest.approx(20.0) and flat["cv_lesion_dice_noskill"] == 0.0
+    assert flat["cv_dice_mean"] == pytest.approx(70.0) and flat["cv_lesion_dice_mean"] == pytest.approx(40.0)
+    assert flat["cv_n_nan_s_measure"] == 1 and "cv_noskill_dice_mean" not in flat
+
+
+def test_cv_reports_noskill_and_lesion_rows_on_the_parent_run(cv_data, tmp_path):
+    """``m2snet cv``'s report: the no-skill row in the console table, cv_table.md and the parent's description;
+    ``cv_<metric>_noskill`` metrics and the metric protocol on the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from m2snet.workflows.folds import run_cv
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = run_cv(_cv_config(cv_data), tmp_path / "cv", folds=[0], log_models=False, with_sod=False,
+                 tracking=TrackingConfig(uri=uri, experiment="cv-noskill"), protocol="reference")
+    table = (tmp_path / "cv" / "cv_table.md").read_text()
+    assert "reference protocol" in table and "no skill (all background): all cases" in table
+    assert "m2snet: lesion cases" in table
+    parent = MlflowClient(uri).get_run(res.parent_run_id)
+    assert parent.data.params["metric_protocol"] == "reference"
+    assert parent.data.metrics["cv_dice_noskill"] == pytest.approx(res.summary.mean["noskill_dice"])
+    assert "cv_lesion_dice_mean" in parent.data.metrics
+    assert "no skill (all background): all cases" in parent.data.tags["mlflow.note.content"]
 
 
 def test_unreachable_server_fails_clearly_after_retries():

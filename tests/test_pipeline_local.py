@@ -59,6 +59,14 @@ def runs(mlflow_server, tmp_path_factory):
     mp.chdir(work)
     try:
         first = run_local("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL)
+        gate = SimpleNamespace(promoted=first.promoted, reason=first.promotion)
+        if not first.promoted:
+            # 1 epoch may learn nothing: the gate refused it (checked below); the tests after it need a
+            # production version, so promote it by hand, as an operator would with --force.
+            from m2snet.mlops.registry import promote
+
+            promote(MODEL, first.version, force=True)
+            first.promoted, first.production_version = True, first.version
         # Cannot beat production by a margin of 1.0 (Dice is at most 1): the gate must reject it.
         kvasir = _kvasir_layout(work / "raw")
         cli = _cli("pipeline", "run", "--local", "--preset", "tiny", "--data", str(kvasir), "--importer", "kvasir",
@@ -69,7 +77,7 @@ def runs(mlflow_server, tmp_path_factory):
         latest = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda mv: int(mv.version))
         second = SimpleNamespace(version=str(latest.version), promoted="NOT promoted" not in cli.stdout)
         yield {"first": first, "second": second, "cli": cli, "kvasir": kvasir, "work": work,
-               "url": mlflow_server.url}
+               "url": mlflow_server.url, "gate": gate}
     finally:
         mp.undo()
 
@@ -89,12 +97,16 @@ def test_first_run_logs_parent_folds_and_trials(runs):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["preset"] == "tiny" and parent.data.params["data_version"]
     assert "cv_dice_mean" in parent.data.metrics and "cv_dice_std" in parent.data.metrics
-    assert "promoted" in parent.data.tags["m2snet.promotion"]
+    # the no-skill predictor (all background) on the same cases, and the lesion cases alone
+    assert "cv_dice_noskill" in parent.data.metrics and "cv_lesion_dice_mean" in parent.data.metrics
+    assert parent.data.params["metric_protocol"] == "project"
+    assert "rule" in parent.data.tags["m2snet.promotion"]
     # The UI opens the experiment on its training runs, not on MLflow 3's GenAI overview.
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     # The parent's description is the CV table with the model and its promotion decision.
     note = parent.data.tags["mlflow.note.content"]
-    assert "| CV |" in note and f"{MODEL}/{first.version}" in note and "promoted" in note
+    assert "| CV: all cases" in note and "| no skill (all background): all cases" in note
+    assert "project protocol" in note and f"{MODEL}/{first.version}" in note and "promoted" in note
     # Data lineage: the parent and every fold log the dataset as an MLflow dataset input.
     version = parent.data.params["data_version"]
     (given,) = parent.inputs.dataset_inputs
@@ -128,16 +140,27 @@ def test_first_run_logs_parent_folds_and_trials(runs):
         assert fold_run.data.params["config.selection"] == "final" and fold_run.data.tags["m2snet.selection"] == "final"
 
 
-def test_first_run_registers_one_version_and_promotes_it(runs):
+def test_first_run_registers_one_version_and_the_gate_names_its_rule(runs):
+    from m2snet.workflows.presets import get_preset
+
     client = _client(runs["url"])
-    first = runs["first"]
-    assert first.promoted and first.production_version == first.version
+    first, gate = runs["first"], runs["gate"]
     mv = client.get_model_version(MODEL, first.version)
-    for tag in ("data_version", "split_sha256", "pipeline_run_id", "cv_dice", "cv_dice_mean", "n_folds"):
+    for tag in ("data_version", "split_sha256", "pipeline_run_id", "cv_dice", "cv_dice_mean", "n_folds",
+                "noskill_dice", "cv_dice_noskill", "metric_protocol"):
         assert mv.tags.get(tag), tag
     assert mv.tags["n_folds"] == "4"
     assert mv.description.startswith("Ensemble of 4 fold models") and mv.tags["data_version"] in mv.description
-    assert "**Promotion:** promoted to `production`" in mv.description
+    assert "**No skill (all background) on the same cases:** Dice" in mv.description
+    # The gate: a 1-epoch model that learns nothing is refused by the no-skill rule; one it promotes
+    # beats its no-skill row by the margin.
+    cv, noskill = float(mv.tags["cv_dice"]), float(mv.tags["noskill_dice"])
+    margin = get_preset("tiny").promotion.noskill_margin
+    if gate.promoted:
+        assert cv >= noskill + margin and "beats no skill" in gate.reason
+    else:
+        assert cv < noskill + margin and "no-skill rule" in gate.reason, gate.reason
+    assert "**Promotion:**" in mv.description
     assert mv.tags["pipeline_run_id"] == first.pipeline_run_id
     assert 0.0 <= float(mv.tags["cv_dice"]) <= 1.0
     assert "Dice" in first.cv_table and "±" in first.cv_table
@@ -186,7 +209,7 @@ def test_cli_console_is_short_and_says_where_to_look(runs):
     # The runner's executor JSON, library notices and progress bars are in the task logs, not here.
     for noise in ("KFP Executor", "executorInput", "parameterValues", "CloudPickle", "it/s]", "FutureWarning"):
         assert noise not in out + runs["cli"].stderr, noise
-    assert "Cross-validation" in out and "| CV |" in out
+    assert "Cross-validation" in out and "| CV: all cases" in out and "| no skill (all background)" in out
     assert "NOT promoted" in out and re.search(r"why: .*margin", out)
     assert f"model {MODEL} version {runs['second'].version}" in out and "#/models/" in out
     # Random init is true for the tiny preset's training: said once, and never by the tasks that load checkpoints.

@@ -46,22 +46,59 @@ def _log_trivial_model(value: float) -> str:
     return info.model_uri if info.model_uri else f"runs:/{run.info.run_id}/model"
 
 
+def _scores(cv_dice: float) -> dict[str, float]:
+    """A registered version's gate tags: its CV Dice and the no-skill predictor's on the same cases."""
+    return {"cv_dice": cv_dice, "noskill_dice": 0.2}
+
+
 def test_decide_rule():
     policy = PromotionPolicy(floor=0.5, margin=0.01)
-    assert decide(0.7, None, policy)[0]
-    assert not decide(0.4, None, policy)[0]  # below the floor
-    assert not decide(0.705, 0.70, policy)[0]  # beats production, but not by the margin
-    assert decide(0.72, 0.70, policy)[0]
-    assert not decide(None, 0.70, policy)[0]
+    assert decide(0.7, None, policy, noskill=0.2)[0]
+    assert not decide(0.4, None, policy, noskill=0.2)[0]  # below the floor
+    assert not decide(0.705, 0.70, policy, noskill=0.2, production_version="1")[0]  # not by the margin
+    assert decide(0.72, 0.70, policy, noskill=0.2, production_version="1")[0]
+    assert not decide(None, 0.70, policy, noskill=0.2, production_version="1")[0]
     with pytest.raises(M2SNetError):
         PromotionPolicy(floor=2.0)
+    with pytest.raises(M2SNetError):
+        PromotionPolicy(noskill_margin=-0.1)
+
+
+def test_gate_refuses_a_model_without_skill_and_names_the_rule():
+    policy = PromotionPolicy(floor=0.0)  # the demo's floor: the no-skill rule alone must stop it
+    assert policy.noskill_margin == 0.05
+    # the demo's 1-epoch models: Dice = the share of normal cases = the all-background predictor's
+    ok, reason = decide(0.2262, None, policy, noskill=0.2262)
+    assert not ok and reason.startswith("no-skill rule") and "0.2262" in reason
+    ok, reason = decide(0.26, None, policy, noskill=0.2262)  # better, but not by the margin
+    assert not ok and reason.startswith("no-skill rule")
+    ok, reason = decide(0.30, None, policy, noskill=0.2262)
+    assert ok and reason.startswith("all rules pass") and "beats no skill" in reason
+    assert "no production version yet" in reason
+    assert decide(0.4, None, PromotionPolicy(floor=0.5), noskill=0.1)[1].startswith("floor rule")
+    # a version registered without the no-skill score cannot show it has skill
+    ok, reason = decide(0.9, None, policy, noskill=None)
+    assert not ok and "noskill_dice" in reason
+
+
+def test_production_without_cv_tags_is_not_no_production(mlflow_sqlite):
+    name = "toy-untagged"
+    v1 = register_model_version(_log_trivial_model(1.0), name, idempotency_key="old", tags={})
+    assert promote(name, v1.version, force=True).promoted  # e.g. promoted by hand before the gate existed
+    v2 = register_model_version(_log_trivial_model(2.0), name, idempotency_key="new",
+                                tags=_scores(0.8))
+    d = promote(name, v2.version, PromotionPolicy(floor=0.5))
+    assert not d.promoted and d.reason.startswith("production rule")
+    assert f"production version {v1.version} has no cv_dice tag" in d.reason and "--force" in d.reason
+    assert str(version_by_alias(name, PRODUCTION).version) == str(v1.version)
+    assert promote(name, v2.version, PromotionPolicy(floor=0.5), force=True).promoted
 
 
 def test_register_is_idempotent_and_promotion_gates(mlflow_sqlite):
     name = "toy-seg"
     uri_a = _log_trivial_model(1.0)
-    v1 = register_model_version(uri_a, name, idempotency_key="run-A", tags={"cv_dice": 0.70})
-    again = register_model_version(uri_a, name, idempotency_key="run-A", tags={"cv_dice": 0.70})
+    v1 = register_model_version(uri_a, name, idempotency_key="run-A", tags=_scores(0.70))
+    again = register_model_version(uri_a, name, idempotency_key="run-A", tags=_scores(0.70))
     assert again.version == v1.version  # a retried register step does not create a second version
     assert find_version_by_key(name, "run-A").version == v1.version
     assert find_version_by_key(name, "run-Z") is None
@@ -76,13 +113,13 @@ def test_register_is_idempotent_and_promotion_gates(mlflow_sqlite):
     assert version_by_alias(name, PREVIOUS) is None
 
     # Better, but not by the margin: production stays.
-    v2 = register_model_version(_log_trivial_model(2.0), name, idempotency_key="run-B", tags={"cv_dice": 0.71})
+    v2 = register_model_version(_log_trivial_model(2.0), name, idempotency_key="run-B", tags=_scores(0.71))
     d2 = promote(name, v2.version, policy)
     assert not d2.promoted and "margin" in d2.reason
     assert version_by_alias(name, PRODUCTION).version == v1.version
 
     # Clearly better: production moves, the old one becomes previous.
-    v3 = register_model_version(_log_trivial_model(3.0), name, idempotency_key="run-C", tags={"cv_dice": 0.80})
+    v3 = register_model_version(_log_trivial_model(3.0), name, idempotency_key="run-C", tags=_scores(0.80))
     assert promote(name, v3.version, policy).promoted
     assert version_by_alias(name, PRODUCTION).version == v3.version
     assert version_by_alias(name, PREVIOUS).version == v1.version
@@ -104,8 +141,8 @@ def test_promote_and_rollback_cli(mlflow_sqlite):
     from m2snet.cli import app
 
     name = "toy-cli"
-    v1 = register_model_version(_log_trivial_model(1.0), name, idempotency_key="a", tags={"cv_dice": 0.6})
-    v2 = register_model_version(_log_trivial_model(2.0), name, idempotency_key="b", tags={"cv_dice": 0.3})
+    v1 = register_model_version(_log_trivial_model(1.0), name, idempotency_key="a", tags=_scores(0.6))
+    v2 = register_model_version(_log_trivial_model(2.0), name, idempotency_key="b", tags=_scores(0.3))
     runner = CliRunner()
     res = runner.invoke(app, ["promote", name, str(v1.version), "--floor", "0.5"])
     assert res.exit_code == 0 and "promoted" in res.output

@@ -38,7 +38,7 @@ def production_model(tmp_path_factory):
     with mlflow.start_run() as run:
         info = log_segmentation_model([result.checkpoint], run_id=run.info.run_id)
     mv = register_model_version(info.model_uri, "serve-test", idempotency_key="serving-fixture",
-                                tags={"cv_dice": 0.9})
+                                tags={"cv_dice": 0.9, "noskill_dice": 0.2})
     assert promote("serve-test", mv.version, PromotionPolicy(floor=0.0)).promoted
     yield {"uri": uri, "root": root, "image": root / "raw" / "benign" / "benign (1).png"}
     mlflow.set_tracking_uri(None)

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from m2snet.common import M2SNetError
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, PROTOCOLS
 from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET, PRESETS, train_config
 
 # TrainConfig
@@ -23,6 +24,12 @@ TRACKING_URI: Optional[str] = typer.Option(
 NO_TRACK: bool = typer.Option(False, "--no-track", help="Do not log to MLflow.")
 PIPELINE_EXPERIMENT: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="MLflow experiment.")
 MODEL_NAME: str = typer.Option(DEFAULT_MODEL_NAME, "--model-name", help="Registered model name.")
+
+# Evaluation (m2snet.evaluation.metrics)
+METRIC_PROTOCOL: str = typer.Option(
+    DEFAULT_PROTOCOL, "--metric-protocol",
+    help=f"{' | '.join(PROTOCOLS)}: this project's thresholded metrics, or the paper's test_score.py (uint8 "
+         "truncation, per-image min-max, soft Dice; to compare with the paper's tables).")
 
 
 def preset_overrides(preset: str, sets: list[str]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from m2snet.cli.options import MODEL_NAME, PIPELINE_EXPERIMENT, PRESET, preset_overrides
+from m2snet.cli.options import METRIC_PROTOCOL, MODEL_NAME, PIPELINE_EXPERIMENT, PRESET, preset_overrides
 from m2snet.common import M2SNetError, interpreter_bin
 
 app = typer.Typer(help="The cross-validation pipeline: run locally, compile, submit to Kubeflow.", no_args_is_help=True)
@@ -39,6 +39,9 @@ def run_cmd(
     set_: List[str] = typer.Option([], "--set", help="Training option KEY=VALUE (TrainConfig field); repeatable."),
     floor: Optional[float] = typer.Option(None, help="Promotion floor on CV Dice (0..1); default: the preset's."),
     margin: Optional[float] = typer.Option(None, help="Margin over production's CV Dice; default: the preset's."),
+    noskill_margin: Optional[float] = typer.Option(None, help="Margin over the no-skill (all-background) "
+                                                   "predictor's CV Dice; default: the preset's."),
+    protocol: str = METRIC_PROTOCOL,
     threads: Optional[int] = typer.Option(None, help="Torch threads per task (two fold tasks run at once)."),
     verbose: bool = typer.Option(False, "--verbose", help="Stream every task's full output (the logs are kept too)."),
     runner: str = typer.Option("subprocess", help="subprocess (this Python) | container (every step in the "
@@ -54,7 +57,8 @@ def run_cmd(
         preset, data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, work_dir=work_dir,
         experiment=experiment, model_name=model_name, n_folds=folds, n_trials=trials, seed=seed,
         train_overrides=preset_overrides(preset, set_), tuning_storage=tuning_storage, floor=floor, margin=margin,
-        threads=threads, display="stream" if verbose else "auto", runner=runner,
+        noskill_margin=noskill_margin, metric_protocol=protocol, threads=threads,
+        display="stream" if verbose else "auto", runner=runner,
     )
     _print_summary(result)
 
@@ -71,6 +75,8 @@ def _print_summary(result: Any) -> None:
     verdict, _, reason = result.promotion.partition(": ")
     if result.promoted:
         state = "promoted to `production`"
+    elif result.production_version is None:
+        state = "NOT promoted (no version is `production`)"
     else:
         state = f"NOT promoted (`production` stays at version {result.production_version})"
     echo(f"model {result.model_name} version {result.version}: {state}")

@@ -15,10 +15,13 @@ def promote_cmd(
     version: str = typer.Argument(..., help="Version to promote."),
     floor: float = typer.Option(PromotionPolicy.floor, help="Minimum CV Dice (0..1)."),
     margin: float = typer.Option(PromotionPolicy.margin, help="Required improvement over production's CV Dice (0..1)."),
+    noskill_margin: float = typer.Option(PromotionPolicy.noskill_margin, help="Required improvement over the "
+                                         "no-skill (all-background) predictor's CV Dice (0..1)."),
     force: bool = typer.Option(False, "--force", help="Skip the quality gate."),
 ) -> None:
     """Move alias `production` to VERSION if it passes the gate (the replaced one becomes `previous`)."""
-    decision = promote(name, version, PromotionPolicy(floor=floor, margin=margin), force=force)
+    policy = PromotionPolicy(floor=floor, margin=margin, noskill_margin=noskill_margin)
+    decision = promote(name, version, policy, force=force)
     typer.echo(("promoted" if decision.promoted else "not promoted") + f": {name} v{version}: {decision.reason}")
     if not decision.promoted:
         raise typer.Exit(1)

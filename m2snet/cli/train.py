@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from m2snet.cli.options import CONFIG, NO_TRACK, SETS, TRACKING_URI, parse_folds
+from m2snet.cli.options import CONFIG, METRIC_PROTOCOL, NO_TRACK, SETS, TRACKING_URI, parse_folds
 
 app = typer.Typer()
 
@@ -92,25 +92,40 @@ def train_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    checkpoint: List[Path] = typer.Option(..., "--checkpoint", help="Checkpoint(s); several = ensemble."),
+    checkpoint: List[Path] = typer.Option([], "--checkpoint", help="Checkpoint(s); several = ensemble."),
     data: Path = typer.Option(..., "--data", help="Dataset directory."),
     split: Optional[Path] = typer.Option(None, "--split", help="Split file: evaluate on fold --fold's val cases."),
-    fold: int = typer.Option(0, "--fold"),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Fold of --split (default 0; with --no-skill: all)."),
     out: Path = typer.Option(Path("eval"), "--out", help="Where per_case.csv, metrics.json, overlays.png go."),
     tta_flip: bool = typer.Option(False, "--tta-flip", help="Average with the horizontally flipped prediction."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(8, "--batch-size"),
+    protocol: str = METRIC_PROTOCOL,
+    no_skill: bool = typer.Option(False, "--no-skill", help="Score the all-background predictor instead of a "
+                                  "checkpoint (no training); with --split: every fold's table."),
 ) -> None:
     """Score checkpoint(s) at each case's original size; write per-case CSV, means and overlays."""
+    from m2snet.common import M2SNetError
     from m2snet.evaluation.evaluate import evaluate
 
+    if no_skill:
+        from m2snet.workflows.folds import noskill_cv
+
+        if checkpoint:
+            raise M2SNetError("evaluate: --no-skill scores the all-background predictor; drop --checkpoint")
+        summary = noskill_cv(data, split, None if fold is None else [fold], out, protocol=protocol)
+        typer.echo(summary.table(title="no skill"))
+        typer.echo(f"tables: {out / 'cv_table.md'}, {out / 'cv_summary.json'}")
+        return
+    if not checkpoint:
+        raise M2SNetError("evaluate: give --checkpoint (or --no-skill)")
     case_ids = None
     if split:
         from m2snet.data.split import load_split
 
-        case_ids = list(load_split(split).fold(fold).val)
+        case_ids = list(load_split(split).fold(fold or 0).val)
     res = evaluate(checkpoint, data, case_ids=case_ids, out_dir=out, tta_flip=tta_flip, device=device,
-                   batch_size=batch_size)
+                   batch_size=batch_size, protocol=protocol)
     for k, v in res.metrics.items():
         typer.echo(f"{k:>20s}: {v:.4f}")
     typer.echo(f"per-case CSV: {res.per_case_csv}\noverlays: {res.overlay_png}")
@@ -136,6 +151,7 @@ def cv_cmd(
                                     "fold on an inner split of that fold's training cases (0 = no tuning)."),
     tune_epochs: Optional[int] = typer.Option(None, "--tune-epochs", help="Epochs per trial (default: --epochs)."),
     no_log_model: bool = typer.Option(False, "--no-log-model", help="Do not log a pyfunc model per fold."),
+    protocol: str = METRIC_PROTOCOL,
     tracking_uri: Optional[str] = TRACKING_URI,
     experiment: str = EXPERIMENT,
     no_track: bool = NO_TRACK,
@@ -152,7 +168,7 @@ def cv_cmd(
         tuning = TuningConfig(n_trials=tune_trials, epochs=tune_epochs, seed=cfg.seed)
     res = run_cv(cfg, out, parse_folds(folds), tracking=_tracking(no_track, tracking_uri, experiment),
                  parent_run_id=parent_run_id, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
-                 tuning=tuning)
+                 tuning=tuning, protocol=protocol)
     typer.echo(res.summary.table(title=cfg.model))
     if res.parent_run_id:
         typer.echo(f"mlflow parent run: {res.parent_run_id}")

@@ -1,9 +1,14 @@
 """Evaluate a checkpoint (or an ensemble of checkpoints) on cases of a dataset directory.
 
-Writes ``per_case.csv`` (one row per case: id, label, size, every metric), ``metrics.json``
-(per-image means) and ``overlays.png`` (the best and worst cases by Dice: image, ground truth,
-prediction). Predictions are scored at each case's original size, threshold 0.5 (see
-:mod:`m2snet.evaluation.metrics` for the metric definitions and the empty-mask convention).
+Writes ``per_case.csv`` (one row per case: id, label, size, lesion or not, every metric),
+``metrics.json`` (per-image means: see :func:`m2snet.evaluation.metrics.summarize_cases`) and
+``overlays.png`` (the best and worst cases by Dice: image, ground truth, prediction). Predictions are
+scored at each case's original size, threshold 0.5 (see :mod:`m2snet.evaluation.metrics` for the
+metric definitions, the zero-denominator convention and the two protocols).
+
+Every evaluation also scores the no-skill predictor (all background: a probability map of zeros)
+on the same cases, through the same metric function and protocol, so a table can show what a model
+that finds nothing would have scored (``noskill_*``).
 """
 
 from __future__ import annotations
@@ -22,16 +27,37 @@ from tqdm import tqdm
 from m2snet.common import M2SNetError, resolve_device, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.images import read_mask, read_rgb
-from m2snet.evaluation.metrics import case_metrics, mean_metrics
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, case_metrics, check_protocol, has_lesion, summarize_cases
 from m2snet.evaluation.plots import OverlayCase, overlay_grid
 from m2snet.evaluation.predict import Predictor
 
 log = logging.getLogger("m2snet.evaluation")
 
 
+class NoSkillPredictor:
+    """The all-background predictor: a probability map of zeros at each image's size (no model).
+
+    Evaluated like any :class:`Predictor` (``m2snet evaluate --no-skill``): what a model that finds
+    nothing scores on a set."""
+
+    def __init__(self, n_classes: int = 1, batch_size: int = 8):
+        self.n_classes, self.batch_size = n_classes, batch_size
+
+    def predict_proba(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [no_skill_map(np.asarray(im).shape[:2], self.n_classes) for im in images]
+
+    def to_mask(self, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        return np.zeros(prob.shape[-2:], np.uint8)
+
+
+def no_skill_map(shape: tuple[int, int], n_classes: int = 1) -> np.ndarray:
+    """All background: zeros [H, W] (binary), or [C, H, W] whose argmax is class 0."""
+    return np.zeros(tuple(shape) if n_classes == 1 else (n_classes, *shape), np.float32)
+
+
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]  # per-image means
+    metrics: dict[str, float]  # per-image means (model, lesion_, noskill_) and counts (n_*)
     rows: list[dict] = field(repr=False)  # per-case rows (as in the CSV)
     per_case_csv: Path | None = None
     metrics_json: Path | None = None
@@ -55,8 +81,11 @@ def evaluate_predictor(
     with_sod: bool = True,
     progress: bool = False,
     title: str = "",
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> EvalResult:
-    """Score ``predictor`` on ``case_ids`` (default: every case) of the dataset at ``data``."""
+    """Score ``predictor`` on ``case_ids`` (default: every case) of the dataset at ``data`` under the metric
+    ``protocol``; the all-background predictor is scored on the same cases the same way."""
+    check_protocol(protocol)
     info = load_dataset(data)
     if info.n_classes != predictor.n_classes:
         raise M2SNetError(
@@ -66,6 +95,7 @@ def evaluate_predictor(
     if not cases:
         raise M2SNetError(f"{data}: no cases to evaluate")
     rows: list[dict] = []
+    noskill_rows: list[dict[str, float]] = []
     keep: list[tuple[float, OverlayCase]] = []
     bar = tqdm(total=len(cases), desc="evaluate", unit="img", disable=not progress)
     for start in range(0, len(cases), predictor.batch_size):
@@ -73,19 +103,21 @@ def evaluate_predictor(
         pairs = [_load_pair(c) for c in chunk]
         probs = predictor.predict_proba([p[0] for p in pairs])
         for case, (image, mask), prob in zip(chunk, pairs, probs):
-            m = case_metrics(prob, mask, predictor.n_classes, with_sod=with_sod)
+            m = case_metrics(prob, mask, predictor.n_classes, with_sod=with_sod, protocol=protocol)
+            noskill_rows.append(case_metrics(no_skill_map(mask.shape[:2], predictor.n_classes), mask,
+                                             predictor.n_classes, with_sod=with_sod, protocol=protocol))
             pred = predictor.to_mask(prob)
             rows.append({"case_id": case.case_id, "label": case.label, "height": image.shape[0],
-                         "width": image.shape[1], **m,
+                         "width": image.shape[1], "lesion": int(has_lesion(mask)), **m,
                          "pred_foreground_fraction": float((pred > 0).mean())})
             keep.append((m["dice"], OverlayCase(case.case_id, image, mask, pred, m["dice"])))
         bar.update(len(chunk))
     bar.close()
-    # Means over the metric columns only (not the id/label/size columns of the CSV).
-    skip = {"case_id", "label", "height", "width"}
-    result = EvalResult(metrics=mean_metrics([{k: v for k, v in r.items() if k not in skip} for r in rows]),
+    # Means over the metric columns only (not the id/label/size/lesion columns of the CSV).
+    skip = {"case_id", "label", "height", "width", "lesion"}
+    model_rows = [{k: v for k, v in r.items() if k not in skip} for r in rows]
+    result = EvalResult(metrics=summarize_cases(model_rows, noskill_rows, [bool(r["lesion"]) for r in rows]),
                         rows=rows)
-    result.metrics["n_cases"] = float(len(rows))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -122,12 +154,14 @@ def evaluate(
     n_overlay: int = 3,
     with_sod: bool = True,
     progress: bool = True,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> EvalResult:
     """Load the checkpoint(s) (averaging their probabilities) and evaluate on the dataset."""
+    check_protocol(protocol)
     device = resolve_device(device)
     predictor = Predictor.from_checkpoints(list(checkpoints), device=device, tta_flip=tta_flip,
                                            batch_size=batch_size)
     with torch.inference_mode():
         return evaluate_predictor(predictor, data, case_ids, out_dir, n_overlay=n_overlay,
-                                  with_sod=with_sod, progress=progress,
+                                  with_sod=with_sod, progress=progress, protocol=protocol,
                                   title=", ".join(Path(c).name for c in checkpoints))

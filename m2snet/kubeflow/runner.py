@@ -23,6 +23,7 @@ import yaml
 
 from m2snet.common import M2SNetError, redact
 from m2snet.data.importers import list_importers
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, check_protocol
 from m2snet.kubeflow.container import container_runner
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 from m2snet.kubeflow.runview import RunView
@@ -179,6 +180,8 @@ def run_local(
     tuning_storage: str = "",
     floor: float | None = None,
     margin: float | None = None,
+    noskill_margin: float | None = None,
+    metric_protocol: str = DEFAULT_PROTOCOL,
     threads: int | None = None,
     display: str = "plain",
     runner: str = "subprocess",
@@ -223,6 +226,8 @@ def run_local(
         train_overrides=json.dumps(dict(train_overrides or {})), experiment=experiment, model_name=model_name,
         promote_floor=p.promotion.floor if floor is None else floor,
         promote_margin=p.promotion.margin if margin is None else margin,
+        promote_noskill_margin=p.promotion.noskill_margin if noskill_margin is None else noskill_margin,
+        metric_protocol=check_protocol(metric_protocol),
     )
     view = RunView(work / "logs" / time.strftime("%Y%m%d-%H%M%S"), n_folds=folds,
                    n_trials=n_trials if n_trials > 0 else p.n_trials, mode=display)

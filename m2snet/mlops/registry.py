@@ -6,8 +6,10 @@ hash), by which pipeline run, and its CV metrics. Serving reads ``models:/<name>
 
 Promotion moves two aliases and nothing else:
 
-* ``production`` -> the candidate, only if its CV Dice passes an absolute floor AND beats the
-  current production version's CV Dice by a margin (``--force`` skips both checks);
+* ``production`` -> the candidate, only if its CV Dice passes an absolute floor, beats the no-skill
+  predictor's CV Dice (all background, scored on the same cases) by ``noskill_margin`` AND beats the
+  current production version's CV Dice by a margin (``--force`` skips the checks). A production
+  version without a CV Dice tag cannot be compared with: the gate refuses (``--force`` to replace it);
 * ``previous``   -> the version that was production, so ``rollback`` is one alias move back.
 
 Retries are safe. Registering looks up an existing version carrying the same idempotency key
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from m2snet.common import M2SNetError
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 
 if TYPE_CHECKING:  # heavy: imported lazily at run time
     from mlflow import MlflowClient
@@ -38,6 +41,9 @@ PREVIOUS = "previous"
 # grammar handles them without quoting).
 IDEMPOTENCY_TAG = "idempotency_key"
 SCORE_TAG = "cv_dice"  # the promotion metric: mean CV Dice as a fraction (0..1)
+# The no-skill predictor's (all background) mean CV Dice on the same cases, a fraction (0..1); the tag
+# cv_dice_noskill holds the same in percent.
+NOSKILL_TAG = "noskill_dice"
 
 
 @dataclass(frozen=True)
@@ -46,13 +52,20 @@ class PromotionPolicy:
 
     floor: float = 0.5  # minimum CV Dice (0..1) any production model must reach
     margin: float = 0.005  # how much it must beat the current production CV Dice by (0..1)
+    # How much it must beat the all-background predictor's CV Dice by (0..1): that predictor scores the
+    # share of normal (empty-mask) cases, 0.17 on BUSI, so a floor alone lets a model that finds nothing
+    # through. 0.05: five Dice points of actual lesion finding.
+    noskill_margin: float = 0.05
     metric_tag: str = SCORE_TAG
+    noskill_tag: str = NOSKILL_TAG
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.floor <= 1.0:
             raise M2SNetError(f"promotion floor={self.floor} must be within 0..1 (a Dice score)")
         if self.margin < 0:
             raise M2SNetError(f"promotion margin={self.margin} must be >= 0")
+        if self.noskill_margin < 0:
+            raise M2SNetError(f"promotion noskill_margin={self.noskill_margin} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -156,10 +169,11 @@ PROMOTION_MARK = "**Promotion:**"  # the line of a version's description that pr
 
 
 def describe_version(*, n_folds: int, dataset_version: str, split_sha256: str, cv_metrics: Mapping[str, Any],
-                     pipeline_run_id: str = "") -> str:
+                     pipeline_run_id: str = "", metric_protocol: str = DEFAULT_PROTOCOL) -> str:
     """A registered version's description (markdown): what the model is and what it scored."""
-    def pct(name: str) -> str:
-        mean, std = cv_metrics.get(f"cv_{name}_mean"), cv_metrics.get(f"cv_{name}_std")
+    def pct(name: str, stat: str = "mean") -> str:
+        mean = cv_metrics.get(f"cv_{name}_{stat}")
+        std = cv_metrics.get(f"cv_{name}_std" if stat == "mean" else f"cv_{name}_{stat}_std")
         if mean is None:
             return "n/a"
         return f"{float(mean):.2f} %" + (f" ± {float(std):.2f}" if std is not None else "")
@@ -168,7 +182,11 @@ def describe_version(*, n_folds: int, dataset_version: str, split_sha256: str, c
         f"Ensemble of {n_folds} fold models (mean of their foreground probabilities) from one "
         f"{n_folds}-fold cross-validation.",
         "",
-        f"- **CV Dice:** {pct('dice')} (mean ± std over folds); IoU {pct('iou')}",
+        f"- **CV Dice:** {pct('dice')} (mean ± std over folds); IoU {pct('iou')}; "
+        f"metric protocol `{metric_protocol}`",
+        f"- **No skill (all background) on the same cases:** Dice {pct('dice', 'noskill')}; "
+        f"IoU {pct('iou', 'noskill')}",
+        f"- **Lesion cases only:** Dice {pct('lesion_dice')} (no skill {pct('lesion_dice', 'noskill')})",
         f"- **Data version:** `{dataset_version}` (DVC hash); split sha256 `{split_sha256[:16]}`",
     ]
     if pipeline_run_id:
@@ -193,18 +211,35 @@ def version_score(mv: "ModelVersion", metric_tag: str = SCORE_TAG) -> float | No
     return value if math.isfinite(value) else None
 
 
-def decide(candidate: float | None, production: float | None, policy: PromotionPolicy) -> tuple[bool, str]:
-    """The promotion rule alone (pure: tested without a registry)."""
+def decide(candidate: float | None, production: float | None, policy: PromotionPolicy, *,
+           noskill: float | None = None, production_version: str | None = None) -> tuple[bool, str]:
+    """The promotion rule alone (pure: tested without a registry). The reason starts with the rule that
+    decided: ``floor``, ``no-skill``, ``production`` (or the missing tag).
+
+    ``noskill``: the candidate's no-skill CV Dice; ``production_version``: the current production version,
+    if any (its ``production`` score may be None: registered without CV tags, then nothing to compare with).
+    """
     if candidate is None:
         return False, f"candidate has no {policy.metric_tag} tag"
     if candidate < policy.floor:
-        return False, f"CV Dice {candidate:.4f} is below the floor {policy.floor:.4f}"
+        return False, f"floor rule: CV Dice {candidate:.4f} is below the floor {policy.floor:.4f}"
+    if noskill is None:
+        return False, (f"no-skill rule: candidate has no {policy.noskill_tag} tag (the all-background "
+                       "predictor's CV Dice); re-run its cross-validation, or --force")
+    if candidate < noskill + policy.noskill_margin:
+        return False, (f"no-skill rule: CV Dice {candidate:.4f} does not beat the no-skill (all-background) "
+                       f"predictor's {noskill:.4f} by the margin {policy.noskill_margin:.4f}")
+    passed = (f"all rules pass: CV Dice {candidate:.4f} >= the floor {policy.floor:.4f}, beats no skill "
+              f"({noskill:.4f}) by >= {policy.noskill_margin:.4f}")
+    if production_version is not None and production is None:
+        return False, (f"production rule: production version {production_version} has no {policy.metric_tag} "
+                       "tag, so the candidate cannot be compared with it; use --force to replace it")
     if production is None:
-        return True, f"CV Dice {candidate:.4f} passes the floor {policy.floor:.4f}; no production version yet"
+        return True, f"{passed}; no production version yet"
     if candidate < production + policy.margin:
-        return False, (f"CV Dice {candidate:.4f} does not beat production's {production:.4f} "
+        return False, (f"production rule: CV Dice {candidate:.4f} does not beat production's {production:.4f} "
                        f"by the margin {policy.margin:.4f}")
-    return True, f"CV Dice {candidate:.4f} beats production's {production:.4f} by >= {policy.margin:.4f}"
+    return True, f"{passed}; beats production's {production:.4f} by >= {policy.margin:.4f}"
 
 
 def promote(
@@ -234,7 +269,8 @@ def promote(
     elif force:
         ok, reason = True, "forced (quality gate skipped)"
     else:
-        ok, reason = decide(cand_score, prod_score, policy)
+        ok, reason = decide(cand_score, prod_score, policy, noskill=version_score(candidate, policy.noskill_tag),
+                            production_version=current_version)
 
     if ok and current_version != version:
         if current_version is not None:

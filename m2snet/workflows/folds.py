@@ -32,7 +32,15 @@ import numpy as np
 from m2snet.common import M2SNetError, git_commit, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import load_split
-from m2snet.evaluation.metrics import BUSI_TABLE, is_distance_metric
+from m2snet.evaluation.metrics import (
+    BUSI_TABLE,
+    DEFAULT_PROTOCOL,
+    LESION_PREFIX,
+    NOSKILL_PREFIX,
+    check_protocol,
+    is_count,
+    is_percent_metric,
+)
 from m2snet.evaluation.plots import cv_learning_curves
 from m2snet.mlops.tracking import (
     PARENT_RUN_FILE,
@@ -70,39 +78,73 @@ class FoldResult:
     tuned: dict[str, float] = field(default_factory=dict)
 
 
+# The table's rows: (prefix of the fold-level metric names, what the row shows).
+PREDICTORS = (("", ""), (NOSKILL_PREFIX, "no skill (all background)"))
+SUBSETS = (("", "all cases", "n_cases"), (LESION_PREFIX, "lesion cases", "n_lesion_cases"))
+CV_DESCRIPTION_HEADING = "### Cross-validation (percent, mean ± std over folds)"
+
+
 @dataclass
 class CVSummary:
-    """mean +- std over folds, in percent, for every metric present in all folds."""
+    """mean +- std over folds (fractions in percent, MAE as a fraction, distances in pixels) of every
+    metric present in all folds; ``counts`` (cases, lesion cases, NaN cases per metric) summed over folds."""
 
     n_folds: int
     folds: list[int]
     mean: dict[str, float]
     std: dict[str, float]
+    counts: dict[str, int] = field(default_factory=dict)
+    protocol: str = DEFAULT_PROTOCOL
 
     def table(self, columns: Sequence[tuple[str, str]] = BUSI_TABLE, title: str = "") -> str:
-        """A Markdown table: one row, the paper's BUSI columns."""
-        head = "| " + " | ".join(["", *[c for c, _ in columns]]) + " |"
-        sep = "|" + "---|" * (len(columns) + 1)
-        row = "| " + " | ".join([title or f"{self.n_folds} folds",
-                                 *[f"{self.mean[k]:.2f} ± {self.std[k]:.2f}" if k in self.mean else "n/a"
-                                   for _, k in columns]]) + " |"
-        return "\n".join([head, sep, row])
+        """A Markdown table, the paper's BUSI columns: the model and the no-skill predictor (all
+        background), each on all cases and on the lesion cases; a note for any metric NaN on a case."""
+        folds = f"{self.n_folds} fold" + ("s" if self.n_folds != 1 else "")
+        head = "| " + " | ".join([f"{folds}, {self.protocol} protocol", *[c for c, _ in columns]]) + " |"
+        lines = [head, "|" + "---|" * (len(columns) + 1)]
+        for predictor, who in PREDICTORS:
+            for subset, what, count in SUBSETS:
+                keys = [predictor + subset + k for _, k in columns]
+                if not any(k in self.mean for k in keys):
+                    continue
+                n = self.counts.get(count)
+                label = f"{who or title or 'model'}: {what}" + (f" ({n})" if n is not None else "")
+                cells = [f"{self.mean[k]:.2f} ± {self.std[k]:.2f}" if k in self.mean else "n/a" for k in keys]
+                lines.append("| " + " | ".join([label, *cells]) + " |")
+        for key, n in sorted(self.counts.items()):
+            if "nan_" in key and n > 0:
+                who = "no skill" if key.startswith(NOSKILL_PREFIX) else (title or "model")
+                metric = key.split("nan_", 1)[1]
+                lines.append(f"\n{who}: {metric} is NaN on {n} of {self.counts.get('n_cases', '?')} cases "
+                             "(left out of its mean)")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n_folds": self.n_folds, "folds": self.folds, "mean_percent": self.mean, "std_percent": self.std}
+        return {"n_folds": self.n_folds, "folds": self.folds, "metric_protocol": self.protocol,
+                "mean_percent": self.mean, "std_percent": self.std, "counts": self.counts}
 
     def flat_metrics(self, prefix: str = "cv_") -> dict[str, float]:
-        out = {f"{prefix}{k}_mean": v for k, v in self.mean.items()}
-        out.update({f"{prefix}{k}_std": v for k, v in self.std.items()})
+        """``cv_<m>_mean/_std`` (the model), ``cv_<m>_noskill/_noskill_std`` (the all-background
+        predictor), ``cv_lesion_<m>_...`` (lesion cases), ``cv_n_*`` (counts)."""
+        out: dict[str, float] = {}
+        for k, v in self.mean.items():
+            if k.startswith(NOSKILL_PREFIX):
+                name = k[len(NOSKILL_PREFIX):]
+                out[f"{prefix}{name}_noskill"] = v
+                out[f"{prefix}{name}_noskill_std"] = self.std[k]
+            else:
+                out[f"{prefix}{k}_mean"] = v
+                out[f"{prefix}{k}_std"] = self.std[k]
+        out.update({f"{prefix}{k}": float(v) for k, v in self.counts.items()})
         return out
 
 
 def aggregate_cv(per_fold: Sequence[Mapping[str, float]] | Sequence[FoldResult],
-                 folds: Sequence[int] | None = None) -> CVSummary:
-    """Mean +- std (percent) over folds of each metric (fractions in, percent out).
+                 folds: Sequence[int] | None = None, protocol: str = DEFAULT_PROTOCOL) -> CVSummary:
+    """Mean +- std over folds of each metric (fractions in, percent out; MAE and distances as they are).
 
     Accepts FoldResult objects or plain metric dicts (e.g. read back from each fold's
-    ``eval/metrics.json`` by a pipeline step). ``n_cases`` and other counts are not aggregated.
+    ``eval/metrics.json`` by a pipeline step). Counts (``n_cases``, ``n_nan_<m>``, ...) are summed.
     """
 
     rows = [r.metrics if isinstance(r, FoldResult) else dict(r) for r in per_fold]
@@ -110,15 +152,36 @@ def aggregate_cv(per_fold: Sequence[Mapping[str, float]] | Sequence[FoldResult],
         raise M2SNetError("aggregate_cv: no fold results to aggregate")
     if folds is None:
         folds = [r.fold if isinstance(r, FoldResult) else i for i, r in enumerate(per_fold)]
-    keys = [k for k in rows[0] if k not in ("n_cases", "fold") and all(k in r for r in rows)]
+    keys = [k for k in rows[0] if k != "fold" and not is_count(k) and all(k in r for r in rows)]
     mean, std = {}, {}
     for k in keys:
         vals = np.array([float(r[k]) for r in rows])
-        if not is_distance_metric(k):  # fractions in percent; pixel distances as they are
+        if is_percent_metric(k):
             vals = vals * 100.0
         mean[k] = float(np.nanmean(vals))
         std[k] = float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return CVSummary(n_folds=len(rows), folds=list(folds), mean=mean, std=std)
+    count_keys = sorted({k for r in rows for k in r if is_count(k)})
+    counts = {k: int(sum(float(r.get(k, 0)) for r in rows)) for k in count_keys}
+    return CVSummary(n_folds=len(rows), folds=list(folds), mean=mean, std=std, counts=counts,
+                     protocol=check_protocol(protocol))
+
+
+def report_cv(per_fold: Sequence[Mapping[str, float]], folds: Sequence[int], out_dir: str | os.PathLike, *,
+              title: str, protocol: str = DEFAULT_PROTOCOL, parent=None) -> CVSummary:
+    """THE CV report, for ``m2snet cv`` and the pipeline alike: aggregate the folds' metric dicts, write
+    ``cv_summary.json`` and ``cv_table.md`` (model and no-skill rows), and, with a ``parent`` run, log
+    the ``cv_*`` metrics, the metric protocol, both files and the table as the run's description."""
+    summary = aggregate_cv(per_fold, folds, protocol=protocol)
+    write_cv_summary(summary, [{"fold": k, **dict(m)} for k, m in zip(folds, per_fold)], out_dir, title)
+    table = summary.table(title=title)
+    if parent is not None:
+        parent.log_params({"metric_protocol": protocol})
+        parent.log_metrics(summary.flat_metrics(), step=0, flush=True)
+        for name in ("cv_summary.json", "cv_table.md"):
+            parent.log_artifact(Path(out_dir) / name, "cv")
+        parent.set_description(f"{CV_DESCRIPTION_HEADING}\n\n{table}")
+    log.info("cross-validation (%s):\n%s", title, table)
+    return summary
 
 
 def fold_run(fold_dir: str | os.PathLike, tracking=None):
@@ -196,13 +259,16 @@ def fit_fold(cfg: TrainConfig, fold: int, fold_dir: str | os.PathLike, *, tracke
 
 def score_fold(checkpoint: str | os.PathLike, data: str | os.PathLike, val_cases: Sequence[str],
                out_dir: str | os.PathLike, *, tracker=None, step: int = 0, tta_flip: bool = False,
-               device: str = "auto", batch_size: int = 8, with_sod: bool = True, progress: bool = False):
-    """Evaluate ``checkpoint`` on the fold's validation cases at their original sizes; log to ``tracker``."""
+               device: str = "auto", batch_size: int = 8, with_sod: bool = True, progress: bool = False,
+               protocol: str = DEFAULT_PROTOCOL):
+    """Evaluate ``checkpoint`` (and the no-skill predictor) on the fold's validation cases at their original
+    sizes under the metric ``protocol``; log to ``tracker``."""
     from m2snet.evaluation.evaluate import evaluate
 
     ev = evaluate([checkpoint], data, case_ids=list(val_cases), out_dir=out_dir, tta_flip=tta_flip,
-                  device=device, batch_size=batch_size, with_sod=with_sod, progress=progress)
+                  device=device, batch_size=batch_size, with_sod=with_sod, progress=progress, protocol=protocol)
     if tracker is not None:
+        tracker.log_params({"metric_protocol": protocol})
         log_evaluation(tracker, ev, step=step)
     return ev
 
@@ -220,6 +286,7 @@ def train_fold(
     with_sod: bool = True,
     fold_dir: str | os.PathLike | None = None,
     tuning=None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> FoldResult:
     """Tune (with ``tuning``, a TuningConfig), train and score fold ``fold`` of ``cfg.split`` in ``out_dir/fold<k>``.
 
@@ -240,7 +307,8 @@ def train_fold(
         result = fit_fold(cfg, fold, fold_dir, tracker=tracker, resume=resume, tuned=tuned)
         ev = score_fold(result.checkpoint, cfg.data, result.val_cases, fold_dir / "eval", tracker=tracker,
                         step=cfg.epochs, tta_flip=tta_flip, device=result.device,
-                        batch_size=max(1, cfg.batch_size), with_sod=with_sod, progress=cfg.progress)
+                        batch_size=max(1, cfg.batch_size), with_sod=with_sod, progress=cfg.progress,
+                        protocol=protocol)
         fr = FoldResult(fold=fold, metrics=ev.metrics, out_dir=fold_dir, checkpoint=result.checkpoint,
                         selected_epoch=result.selected_epoch, per_case_csv=ev.per_case_csv,
                         overlay_png=ev.overlay_png, learning_curves_png=fold_dir / "learning_curves.png",
@@ -301,11 +369,14 @@ def run_cv(
     tta_flip: bool = False,
     with_sod: bool = True,
     tuning=None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> CVResult:
     """Train + evaluate the listed folds (default: all) under one parent run; print the table.
 
     ``tuning`` (a TuningConfig): nested tuning, one study per fold on that fold's inner split.
+    ``protocol``: the metric protocol (``project`` or the paper's ``reference``).
     """
+    check_protocol(protocol)
 
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
@@ -336,20 +407,44 @@ def run_cv(
         for k in folds:
             log.info("=== fold %d (%d of %d) ===", k, len(results) + 1, len(folds))
             results.append(train_fold(cfg, k, out, parent=parent, resume=resume, log_model=log_models,
-                                      tta_flip=tta_flip, with_sod=with_sod, tuning=tuning))
-        summary = aggregate_cv(results)
-        write_cv_summary(summary, [{"fold": r.fold, **r.metrics} for r in results], out, cfg.model)
+                                      tta_flip=tta_flip, with_sod=with_sod, tuning=tuning, protocol=protocol))
+        summary = report_cv([r.metrics for r in results], [r.fold for r in results], out, title=cfg.model,
+                            protocol=protocol, parent=parent)
         curves = cv_learning_curves({r.fold: r.history for r in results}, out / "cv_learning_curves.png",
                                     title=f"{cfg.model}: {len(results)} folds")
         if parent is not None:
-            parent.log_metrics(summary.flat_metrics(), step=0, flush=True)
-            for path in (out / "cv_summary.json", out / "cv_table.md", curves):
-                parent.log_artifact(path, "cv")
+            parent.log_artifact(curves, "cv")
     except BaseException as err:
         if parent is not None:
             parent.__exit__(type(err), err, None)
         raise
     if parent is not None:
         parent.end("FINISHED")
-    log.info("cross-validation (%s):\n%s", cfg.model, summary.table(title=cfg.model))
     return CVResult(summary=summary, folds=results, out_dir=out, parent_run_id=parent.run_id if parent else None)
+
+
+def noskill_cv(data: str | os.PathLike, split: str | os.PathLike | None, folds: Sequence[int] | None,
+               out_dir: str | os.PathLike, *, protocol: str = DEFAULT_PROTOCOL,
+               with_sod: bool = True) -> CVSummary:
+    """The no-skill rows of a CV table without training: the all-background predictor scored on every
+    fold's validation cases (or on all cases without a split), through the same evaluation as a model.
+
+    Writes ``<out_dir>/fold<k>/`` (per-case CSV) and the report (``cv_table.md``, ``cv_summary.json``).
+    """
+    from m2snet.evaluation.evaluate import NoSkillPredictor, evaluate_predictor
+
+    info = load_dataset(data)
+    out = Path(out_dir)
+    if split:
+        s = load_split(split)
+        folds = list(range(s.n_folds)) if folds is None else list(folds)
+        cases = {k: list(s.fold(k).val) for k in folds}
+    else:
+        folds, cases = [0], {0: None}
+    per_fold = []
+    for k in folds:
+        ev = evaluate_predictor(NoSkillPredictor(info.n_classes), data, cases[k], out / f"fold{k}", n_overlay=2,
+                                with_sod=with_sod, protocol=protocol, title="no skill")
+        # The predictor IS the no-skill one: its rows alone, not twice.
+        per_fold.append({key: v for key, v in ev.metrics.items() if not key.startswith(NOSKILL_PREFIX)})
+    return report_cv(per_fold, folds, out, title="no skill", protocol=protocol)

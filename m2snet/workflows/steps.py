@@ -32,7 +32,9 @@ from m2snet.data.importers import import_dataset
 from m2snet.data.split import load_split, make_split
 from m2snet.data.validation import validate_dataset
 from m2snet.data.versioning import dataset_version, tracked_version
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.mlops.registry import (
+    NOSKILL_TAG,
     SCORE_TAG,
     PromotionPolicy,
     describe_version,
@@ -50,7 +52,15 @@ from m2snet.mlops.tracking import (
     with_retry,
 )
 from m2snet.training.config import SELECTED
-from m2snet.workflows.folds import aggregate_cv, fit_fold, fold_run, fold_tags, score_fold, tune_fold, write_cv_summary
+from m2snet.workflows.folds import (
+    CV_DESCRIPTION_HEADING,
+    fit_fold,
+    fold_run,
+    fold_tags,
+    report_cv,
+    score_fold,
+    tune_fold,
+)
 from m2snet.workflows.presets import DEFAULT_EXPERIMENT, get_preset, parse_overrides, train_config
 from m2snet.workflows.tuning import TuningConfig
 
@@ -296,13 +306,16 @@ def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
     return path
 
 
-def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: str, out_dir: str) -> dict[str, float]:
-    """Score the fold's selected checkpoint on its validation cases (original size); log to the fold's run."""
+def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: str, out_dir: str,
+                       metric_protocol: str = DEFAULT_PROTOCOL) -> dict[str, float]:
+    """Score the fold's selected checkpoint (and the no-skill predictor) on its validation cases (original
+    size) under ``metric_protocol``; log to the fold's run."""
 
     val = load_split(split_path).fold(fold).val
     run = fold_run(model_dir)
     try:
-        ev = score_fold(_fold_checkpoint(model_dir), dataset_dir, val, out_dir, tracker=run)
+        ev = score_fold(_fold_checkpoint(model_dir), dataset_dir, val, out_dir, tracker=run,
+                        protocol=metric_protocol)
         if run:
             run.end("FINISHED")
     except BaseException:
@@ -318,22 +331,15 @@ def aggregate_step(
     *,
     pipeline_run_id: str = "",
     experiment: str = "",
+    metric_protocol: str = DEFAULT_PROTOCOL,
 ) -> dict[str, float]:
-    """The CV table (mean +- std in percent) -> ``out_dir/cv_table.md`` + ``cv_summary.json``; logged on the parent."""
+    """The CV table (model and no-skill rows) -> ``out_dir/cv_table.md`` + ``cv_summary.json``; logged on the
+    parent (:func:`m2snet.workflows.folds.report_cv`, as ``m2snet cv`` does)."""
 
     rows = [{k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for m in fold_metrics]
-    summary = aggregate_cv(rows)
-    out = Path(out_dir)
-    write_cv_summary(summary, [{"fold": k, **r} for k, r in enumerate(rows)], out, "CV")
-    table = summary.table(title="CV")
-    flat = summary.flat_metrics()
-    parent = parent_run(pipeline_run_id, experiment)
-    if parent is not None:
-        parent.log_metrics(flat, flush=True)
-        parent.log_artifact(out / "cv_table.md", "cv")
-        parent.log_artifact(out / "cv_summary.json", "cv")
-    log.info("cross-validation:\n%s", table)
-    return flat
+    summary = report_cv(rows, list(range(len(rows))), out_dir, title="CV", protocol=metric_protocol,
+                        parent=parent_run(pipeline_run_id, experiment))
+    return summary.flat_metrics()
 
 
 def register_step(
@@ -345,6 +351,7 @@ def register_step(
     dataset_version: str,
     pipeline_run_id: str = "",
     experiment: str = "",
+    metric_protocol: str = DEFAULT_PROTOCOL,
 ) -> str:
     """Register the folds' ensemble as ONE model version (once per pipeline run); return the version."""
     from m2snet.mlops.pyfunc import log_segmentation_model
@@ -357,33 +364,38 @@ def register_step(
         log.info("model %s version %s already registered for %s", model_name, existing.version, key)
         return str(existing.version)
     split_sha = sha256_file(split_path)
-    cv_dice = cv_metrics.get("cv_dice_mean")
+    cv_dice, noskill_dice = cv_metrics.get("cv_dice_mean"), cv_metrics.get("cv_dice_noskill")
     tags = {
         "data_version": dataset_version, "split_sha256": split_sha, "pipeline_run_id": pipeline_run_id or "manual",
-        "n_folds": len(checkpoints),
-        **{k: f"{float(v):.4f}" for k, v in cv_metrics.items()},  # cv_<metric>_mean/_std, percent
-        # The promotion gate's score: a fraction (0..1), like the --floor it is compared with.
+        "n_folds": len(checkpoints), "metric_protocol": metric_protocol,
+        # cv_<metric>_mean/_std, cv_<metric>_noskill, cv_lesion_...: percent (MAE a fraction)
+        **{k: f"{float(v):.4f}" for k, v in cv_metrics.items()},
+        # The promotion gate's scores: fractions (0..1), like the --floor they are compared with.
         SCORE_TAG: f"{cv_dice / 100.0:.6f}" if cv_dice is not None else "nan",
+        NOSKILL_TAG: f"{noskill_dice / 100.0:.6f}" if noskill_dice is not None else "nan",
     }
     parent = parent_run(pipeline_run_id, experiment)
     info = log_segmentation_model(checkpoints, name="model", run_id=parent.run_id if parent else None,
                                   tracking_uri=TrackingConfig().resolved_uri())
     description = describe_version(n_folds=len(checkpoints), dataset_version=dataset_version, split_sha256=split_sha,
-                                   cv_metrics=cv_metrics, pipeline_run_id=pipeline_run_id)
+                                   cv_metrics=cv_metrics, pipeline_run_id=pipeline_run_id,
+                                   metric_protocol=metric_protocol)
     mv = register_model_version(info.model_uri, model_name, idempotency_key=key, tags=tags, description=description)
     if parent is not None:
         parent.set_tags({"m2snet.registered_model": f"{model_name}/{mv.version}"})
     return str(mv.version)
 
 
-def promote_step(model_name: str, version: str, *, floor: float, margin: float, force: bool = False,
+def promote_step(model_name: str, version: str, *, floor: float, margin: float,
+                 noskill_margin: float = PromotionPolicy.noskill_margin, force: bool = False,
                  pipeline_run_id: str = "", experiment: str = "") -> bool:
     """Apply the promotion gate; record the decision on the parent run and close it."""
 
-    decision = promote(model_name, version, PromotionPolicy(floor=floor, margin=margin), force=force)
+    decision = promote(model_name, version,
+                       PromotionPolicy(floor=floor, margin=margin, noskill_margin=noskill_margin), force=force)
     parent = parent_run(pipeline_run_id, experiment, create=False)
     if parent is not None:
-        parent.set_tags({"m2snet.promotion": ("promoted: " if decision.promoted else "kept production: ")
+        parent.set_tags({"m2snet.promotion": ("promoted: " if decision.promoted else "not promoted: ")
                          + decision.reason})
         parent.end("FINISHED")
     return decision.promoted
@@ -398,7 +410,7 @@ def run_description(parent: "Tracker") -> str:
             table = Path(parent.client.download_artifacts(parent.run_id, "cv/cv_table.md", tmp)).read_text().strip()
         except Exception as err:  # noqa: BLE001 - the description is best effort; say what is missing
             table = f"(no CV table: {type(err).__name__})"
-    lines = ["### Cross-validation (percent, mean ± std over folds)", "", table, ""]
+    lines = [CV_DESCRIPTION_HEADING, "", table, ""]
     if tags.get("m2snet.registered_model"):
         decision = tags.get("m2snet.promotion", "not promoted")
         lines.append(f"- **Model:** `{tags['m2snet.registered_model']}` -- {decision}")

@@ -11,15 +11,16 @@ def aggregate_cv(
     fold_metrics: Input[List[Metrics]],
     cv_table: Output[Dataset],
     cv_metrics: Output[Metrics],
+    metric_protocol: str,  # no default here: kfp ships this source alone; the pipeline passes it
     pipeline_run_id: str = "",
     experiment: str = "",
 ):
-    """The CV table (mean +- std over folds, in percent) logged on the parent run."""
+    """The CV table (mean +- std over folds, in percent; model and no-skill rows) logged on the parent run."""
     from m2snet.workflows import steps
 
     summary = steps.aggregate_step(
         [m.metadata for m in fold_metrics], cv_table.path,
-        pipeline_run_id=pipeline_run_id, experiment=experiment,
+        pipeline_run_id=pipeline_run_id, experiment=experiment, metric_protocol=metric_protocol,
     )
     for key, value in summary.items():
         cv_metrics.log_metric(key, value)

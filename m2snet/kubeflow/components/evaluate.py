@@ -12,10 +12,13 @@ def evaluate_fold(
     fold: int,
     report: Output[Dataset],
     metrics: Output[Metrics],
+    metric_protocol: str,  # no default here: kfp ships this source alone; the pipeline passes it
 ):
-    """Score the fold's checkpoint on its validation cases at original size (per-case CSV + overlays)."""
+    """Score the fold's checkpoint and the no-skill predictor on its validation cases at original size
+    (per-case CSV + overlays) under the metric protocol."""
     from m2snet.workflows import steps
 
-    scores = steps.evaluate_fold_step(dataset.path, split.path, fold, model.path, report.path)
+    scores = steps.evaluate_fold_step(dataset.path, split.path, fold, model.path, report.path,
+                                      metric_protocol=metric_protocol)
     for key, value in scores.items():
         metrics.log_metric(key, value)

@@ -5,10 +5,12 @@ from m2snet.kubeflow.image import COMPONENT_IMAGE
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def promote_model(
-    model_name: str, version: str, floor: float, margin: float, pipeline_run_id: str = "", experiment: str = "",
+    model_name: str, version: str, floor: float, margin: float, noskill_margin: float,
+    pipeline_run_id: str = "", experiment: str = "",
 ) -> bool:
-    """Move alias `production` to the version if its CV Dice passes the floor and beats production by the margin."""
+    """Move alias `production` to the version if its CV Dice passes the floor, beats the no-skill predictor
+    by ``noskill_margin`` and beats production by the margin."""
     from m2snet.workflows import steps
 
-    return steps.promote_step(model_name, version, floor=floor, margin=margin,
-                                 pipeline_run_id=pipeline_run_id, experiment=experiment)
+    return steps.promote_step(model_name, version, floor=floor, margin=margin, noskill_margin=noskill_margin,
+                              pipeline_run_id=pipeline_run_id, experiment=experiment)

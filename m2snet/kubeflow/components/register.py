@@ -13,6 +13,7 @@ def register_model(
     split: Input[Dataset],
     model_name: str,
     dataset_version: str,
+    metric_protocol: str,  # no default here: kfp ships this source alone; the pipeline passes it
     pipeline_run_id: str = "",
     experiment: str = "",
 ) -> str:
@@ -22,4 +23,5 @@ def register_model(
     return steps.register_step(
         [m.path for m in models], dict(cv_metrics.metadata), split.path, model_name=model_name,
         dataset_version=dataset_version, pipeline_run_id=pipeline_run_id, experiment=experiment,
+        metric_protocol=metric_protocol,
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kfp import dsl, kubernetes
 
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.kubeflow.components import (
     aggregate_cv,
     evaluate_fold,
@@ -97,6 +98,9 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         # The local run passes its own preset's gate.
         promote_floor: float = CLUSTER_PRESET.promotion.floor,
         promote_margin: float = CLUSTER_PRESET.promotion.margin,
+        promote_noskill_margin: float = CLUSTER_PRESET.promotion.noskill_margin,
+        # project (default) | reference: the paper's test_score.py, to compare with its tables.
+        metric_protocol: str = DEFAULT_PROTOCOL,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         # Runs after everything else, whether it succeeded or not: no parent run is left RUNNING.
@@ -130,21 +134,21 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
                     kubernetes.add_toleration(train, key=TRAIN_GPU, operator="Exists", effect="NoSchedule")
                 evaluation = prepare(evaluate_fold(
                     dataset=data.outputs["dataset"], split=split.outputs["split"],
-                    model=train.outputs["model"], fold=fold,
+                    model=train.outputs["model"], fold=fold, metric_protocol=metric_protocol,
                 ), "evaluate fold")
 
             table = prepare(aggregate_cv(
                 fold_metrics=dsl.Collected(evaluation.outputs["metrics"]),
-                pipeline_run_id=run_id, experiment=experiment,
+                pipeline_run_id=run_id, experiment=experiment, metric_protocol=metric_protocol,
             ), "aggregate CV")
             version = prepare(register_model(
                 models=dsl.Collected(train.outputs["model"]), cv_metrics=table.outputs["cv_metrics"],
                 split=split.outputs["split"], model_name=model_name, dataset_version=data.outputs["Output"],
-                pipeline_run_id=run_id, experiment=experiment,
+                pipeline_run_id=run_id, experiment=experiment, metric_protocol=metric_protocol,
             ), "register")
             prepare(promote_model(
                 model_name=model_name, version=version.output, floor=promote_floor, margin=promote_margin,
-                pipeline_run_id=run_id, experiment=experiment,
+                noskill_margin=promote_noskill_margin, pipeline_run_id=run_id, experiment=experiment,
             ), "promote")
         # Pipeline outputs must come from the top level: the exit handler returns the registered version.
         return finalize.output
