@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from m2snet.cli.options import CONFIG, NO_TRACK, SETS, TRACKING_URI, parse_folds
+from m2snet.cli.options import CONFIG, NO_TRACK, SETS, TRACKING_URI, parse_folds, parse_seeds
 
 app = typer.Typer()
 
@@ -120,6 +120,9 @@ def cv_cmd(
     data: Optional[Path] = typer.Option(None, "--data"),
     split: Optional[Path] = typer.Option(None, "--split"),
     folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds (default: all)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Repeat the CV once per seed (comma-separated, "
+                                        "e.g. 42,43,44): initialisation and data order change, the cases do not; "
+                                        "the table is mean ± std over seeds × folds."),
     model: Optional[str] = typer.Option(None, "--model"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     size: Optional[int] = typer.Option(None, "--size"),
@@ -152,7 +155,8 @@ def cv_cmd(
         tuning = TuningConfig(n_trials=tune_trials, epochs=tune_epochs, seed=cfg.seed)
     res = run_cv(cfg, out, parse_folds(folds), tracking=_tracking(no_track, tracking_uri, experiment),
                  parent_run_id=parent_run_id, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
-                 tuning=tuning)
-    typer.echo(res.summary.table(title=cfg.model))
+                 tuning=tuning, seeds=parse_seeds(seeds))
+    n_seeds = len(parse_seeds(seeds) or [cfg.seed])
+    typer.echo(res.summary.table(title=cfg.model + (f" ({n_seeds} seeds)" if n_seeds > 1 else "")))
     if res.parent_run_id:
         typer.echo(f"mlflow parent run: {res.parent_run_id}")
