@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from m2snet.cli.options import NO_TRACK, PIPELINE_EXPERIMENT, TRACKING_URI
+from m2snet.cli.options import PIPELINE_EXPERIMENT, TRACKING_URI
 
 app = typer.Typer()
 
@@ -25,7 +25,7 @@ def compare_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (for scripts)."),
     tracking_uri: Optional[str] = TRACKING_URI,
     experiment: str = PIPELINE_EXPERIMENT,
-    no_track: bool = NO_TRACK,
+    no_track: bool = typer.Option(False, "--no-track", help="Do not log a compare run to MLflow."),
 ) -> None:
     """Paired comparison of two cross-validations on their common cases: mean difference B - A with a
     bootstrap 95 % CI (cases resampled within folds), Wilcoxon p, per-fold differences, cases won.
@@ -33,8 +33,8 @@ def compare_cmd(
     from m2snet.mlops.tracking import TrackingConfig
     from m2snet.workflows.comparison import compare_cv
 
-    tracking = None if no_track else TrackingConfig(uri=tracking_uri, experiment=experiment)
-    res = compare_cv(a, b, out, metrics=metric, tracking=tracking, n_resamples=resamples, seed=seed)
+    res = compare_cv(a, b, out, metrics=metric, tracking=TrackingConfig(uri=tracking_uri, experiment=experiment),
+                     log_run=not no_track, n_resamples=resamples, seed=seed)
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2))
         return

@@ -16,9 +16,13 @@ def promote_cmd(
     floor: float = typer.Option(PromotionPolicy.floor, help="Minimum CV Dice (0..1)."),
     margin: float = typer.Option(PromotionPolicy.margin, help="Required improvement over production's CV Dice (0..1)."),
     force: bool = typer.Option(False, "--force", help="Skip the quality gate."),
+    require_ci: bool = typer.Option(False, "--require-ci", help="Statistical gate: beat production with the paired "
+                                    "95 % CI of the per-case Dice difference above zero (same data and split; "
+                                    "else the margin rule)."),
 ) -> None:
     """Move alias `production` to VERSION if it passes the gate (the replaced one becomes `previous`)."""
-    decision = promote(name, version, PromotionPolicy(floor=floor, margin=margin), force=force)
+    decision = promote(name, version, PromotionPolicy(floor=floor, margin=margin, require_ci=require_ci),
+                       force=force)
     typer.echo(("promoted" if decision.promoted else "not promoted") + f": {name} v{version}: {decision.reason}")
     if not decision.promoted:
         raise typer.Exit(1)

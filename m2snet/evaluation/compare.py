@@ -33,14 +33,15 @@ METRICS = ("dice", "iou")  # compared by default (fractions 0..1)
 LINEAGE = (("data_version", "data version"), ("split_sha256", "split sha256"))
 
 
-def lineage_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+def lineage_difference(a: Mapping[str, Any], b: Mapping[str, Any], name_a: str = "A",
+                       name_b: str = "B") -> str | None:
     """Why two CVs cannot be paired (another data version or split), or None when they can."""
     for key, what in LINEAGE:
         va, vb = a.get(key), b.get(key)
         if not va or not vb:
-            return f"the {what} of {'A' if not va else 'B'} is unknown"
+            return f"the {what} of {name_a if not va else name_b} is unknown"
         if va != vb:
-            return f"{what} differs: A {va} vs B {vb}"
+            return f"{what} differs: {name_a} {va} vs {name_b} {vb}"
     return None
 
 

@@ -132,18 +132,24 @@ def _from_run(client, run_id: str, source: str, fallback: Mapping[str, Any] | No
         return _read_dir(Path(tmp) / ARTIFACT_DIR, source, known, run_id)
 
 
+def version_cases(client, mv, source: str = "") -> CVCases:
+    """The per-case results of a registered version (``mv``: an MLflow ModelVersion): its run's
+    ``cv/`` artifacts; the version's tags name the data version and split when the artifacts do not."""
+    source = source or f"models:/{mv.name}/{mv.version}"
+    if not mv.run_id:
+        raise M2SNetError(f"{source}: version {mv.version} records no run (not registered by a CV)")
+    return _from_run(client, mv.run_id, source, {k: mv.tags.get(k) for k in LINEAGE_KEYS})
+
+
 def load_cv_cases(source: str, tracking_uri: str | None = None) -> CVCases:
     """A CV's per-case results from a directory, an MLflow run id, or ``models:/NAME/VERSION|@alias``."""
     if Path(source).is_dir():
         return _read_dir(Path(source), source)
+    if not source.startswith("models:/") and (os.sep in source or source.startswith(".")):
+        raise M2SNetError(f"{source}: directory not found")
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if source.startswith("models:/"):
-        mv = _model_version(client, source)
-        if not mv.run_id:
-            raise M2SNetError(f"{source}: version {mv.version} records no run (not registered by a CV)")
-        return _from_run(client, mv.run_id, source, {k: mv.tags.get(k) for k in LINEAGE_KEYS})
-    if os.sep in source or source.startswith("."):
-        raise M2SNetError(f"{source}: directory not found")
+        return version_cases(client, _model_version(client, source), source)
     return _from_run(client, source, source)

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from m2snet.common import M2SNetError
+from m2snet.evaluation.compare import average_seeds, compare_paired, lineage_difference, pair
+from m2snet.mlops.cv_results import version_cases
 
 if TYPE_CHECKING:  # heavy: imported lazily at run time
     from mlflow import MlflowClient
@@ -47,6 +49,11 @@ class PromotionPolicy:
     floor: float = 0.5  # minimum CV Dice (0..1) any production model must reach
     margin: float = 0.005  # how much it must beat the current production CV Dice by (0..1)
     metric_tag: str = SCORE_TAG
+    # The statistical gate (decide_with_ci): when candidate and production were cross-validated on the
+    # same data version and split, the candidate must beat production with the lower bound of the paired
+    # bootstrap 95 % CI of the per-case Dice difference above zero, instead of the margin. When they were
+    # not (or a side kept no per-case results), the margin rule decides and the reason says so.
+    require_ci: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.floor <= 1.0:
@@ -233,6 +240,8 @@ def promote(
         ok, reason = True, "already production (nothing to do)"
     elif force:
         ok, reason = True, "forced (quality gate skipped)"
+    elif policy.require_ci and current is not None:
+        ok, reason = decide_with_ci(cand_score, prod_score, policy, *paired_dice_ci(candidate, current, client))
     else:
         ok, reason = decide(cand_score, prod_score, policy)
 
@@ -272,3 +281,34 @@ def rollback(name: str, *, client: "MlflowClient | None" = None) -> PromotionDec
         candidate_score=version_score(prev), production_version=str(current.version) if current else None,
         production_score=version_score(current) if current else None,
     )
+
+
+def decide_with_ci(candidate: float | None, production: float | None, policy: PromotionPolicy,
+                   ci: tuple[float, float] | None, why_not: str = "") -> tuple[bool, str]:
+    """``policy.require_ci``: the floor, then the paired CI (candidate - production per-case Dice) instead of the
+    margin; ``ci`` None (not comparable, ``why_not`` says why): the margin rule, saying so (pure, like decide)."""
+    if candidate is None or production is None or candidate < policy.floor:
+        return decide(candidate, production, policy)
+    if ci is None:
+        ok, reason = decide(candidate, production, policy)
+        return ok, f"{reason} (margin rule: no paired comparison with production, {why_not})"
+    low, high = ci
+    verdict = "lies above zero" if low > 0 else "does not lie above zero"
+    return low > 0, (f"CV Dice {candidate:.4f} vs production's {production:.4f}: the paired 95 % CI of the per-case "
+                     f"Dice difference [{low:+.4f}, {high:+.4f}] {verdict}")
+
+
+def paired_dice_ci(candidate: "ModelVersion", production: "ModelVersion",
+                   client: "MlflowClient") -> tuple[tuple[float, float] | None, str]:
+    """The bootstrap 95 % CI of candidate - production per-case Dice (m2snet.evaluation.compare), or
+    (None, why) when the two cannot be paired: another data version or split, no per-case results."""
+    try:
+        prod, cand = version_cases(client, production), version_cases(client, candidate)
+        problem = lineage_difference(prod.lineage(), cand.lineage(), "production", "candidate")
+        if problem:
+            return None, problem
+        dice = compare_paired(pair(average_seeds(prod.rows, ("dice",)), average_seeds(cand.rows, ("dice",))),
+                              ("dice",)).metrics["dice"]
+    except M2SNetError as err:
+        return None, str(err)
+    return (dice.ci_low, dice.ci_high), ""

@@ -57,10 +57,15 @@ def _seed_note(side: str, cases: CVCases) -> str | None:
 
 
 def compare_cv(source_a: str, source_b: str, out_dir: str | os.PathLike, *, metrics: Sequence[str] = METRICS,
-               tracking: TrackingConfig | None = None, n_resamples: int = N_RESAMPLES,
+               tracking: TrackingConfig | None = None, log_run: bool = True, n_resamples: int = N_RESAMPLES,
                seed: int = BOOTSTRAP_SEED) -> CompareResult:
-    """Compare CV ``source_b`` against CV ``source_a`` (B - A) on their common cases."""
-    uri = tracking.resolved_uri() if tracking else None
+    """Compare CV ``source_b`` against CV ``source_a`` (B - A) on their common cases.
+
+    ``tracking``: where run ids and ``models:/`` URIs are looked up and, with ``log_run``, where the
+    compare run is logged (default: :class:`TrackingConfig`'s).
+    """
+    tracking = tracking or TrackingConfig()
+    uri = tracking.resolved_uri()
     a, b = load_cv_cases(source_a, uri), load_cv_cases(source_b, uri)
     problem = lineage_difference(a.lineage(), b.lineage())
     if problem:
@@ -82,7 +87,7 @@ def compare_cv(source_a: str, source_b: str, out_dir: str | os.PathLike, *, metr
                                  f"({comparison.n_cases} paired cases)")
     result = CompareResult(comparison=comparison, a=a, b=b, report=report, out_dir=out, figure=figure)
     (out / "compare.txt").write_text(report + "\n")
-    if tracking is not None:
+    if log_run:
         result.run_id = _log_compare_run(result, tracking)
     write_json(out / "compare.json", result.to_dict())
     return result
