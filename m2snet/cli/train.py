@@ -148,6 +148,7 @@ def cv_cmd(
 
     cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
                   model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
+    seed_list = parse_seeds(seeds)
     tuning = None
     if tune_trials > 0:
         from m2snet.workflows.tuning import TuningConfig
@@ -155,8 +156,7 @@ def cv_cmd(
         tuning = TuningConfig(n_trials=tune_trials, epochs=tune_epochs, seed=cfg.seed)
     res = run_cv(cfg, out, parse_folds(folds), tracking=_tracking(no_track, tracking_uri, experiment),
                  parent_run_id=parent_run_id, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
-                 tuning=tuning, seeds=parse_seeds(seeds))
-    n_seeds = len(parse_seeds(seeds) or [cfg.seed])
-    typer.echo(res.summary.table(title=cfg.model + (f" ({n_seeds} seeds)" if n_seeds > 1 else "")))
+                 tuning=tuning, seeds=seed_list)
+    typer.echo(res.summary.table(title=cfg.model + (f" ({len(seed_list)} seeds)" if len(seed_list or []) > 1 else "")))
     if res.parent_run_id:
         typer.echo(f"mlflow parent run: {res.parent_run_id}")

@@ -310,11 +310,11 @@ def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: 
     val = split.fold(fold).val
     train_config = Path(model_dir) / "train_config.json"
     seed = json.loads(train_config.read_text()).get("seed") if train_config.is_file() else None
-    write_json(Path(out_dir) / FOLD_INFO, {"fold": fold, "seed": seed, "split_sha256": split.sha256,
-                                           "data_version": load_dataset(dataset_dir).version})
     run = fold_run(model_dir)
     try:
         ev = score_fold(_fold_checkpoint(model_dir), dataset_dir, val, out_dir, tracker=run)
+        write_json(Path(out_dir) / FOLD_INFO, {"fold": fold, "seed": seed, "split_sha256": split.sha256,
+                                               "data_version": load_dataset(dataset_dir).version})
         if run:
             run.end("FINISHED")
     except BaseException:
