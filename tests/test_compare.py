@@ -227,20 +227,20 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
                       pretrained=False, lossnet_weight=0.0, lossnet_pretrained=False, device="cpu", progress=False,
                       max_train_cases=2, max_val_cases=3, cache_dir=str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res = run_cv(cfg, tmp_path / "cv", folds=[0], seeds=[5, 6], log_models=False,
+    res = run_cv(cfg, tmp_path / "cv", folds=[0], seeds=[3, 4], log_models=False,
                  tracking=TrackingConfig(uri=uri, experiment="seeds"))
     client = MlflowClient(uri)
     children = {r.info.run_name: r for r in iter_child_runs(client, res.parent_run_id)}
-    assert sorted(children) == ["seed-5-fold-0", "seed-6-fold-0"]
-    for seed in (5, 6):
+    assert sorted(children) == ["seed-3-fold-0", "seed-4-fold-0"]
+    for seed in (3, 4):
         run = children[f"seed-{seed}-fold-0"]
         assert run.data.params["seed"] == str(seed) and run.data.tags["m2snet.seed"] == str(seed)
         assert run.data.params["config.case_seed"] == str(cfg.seed)
-    assert client.get_run(res.parent_run_id).data.params["seeds"] == "5,6"
+    assert client.get_run(res.parent_run_id).data.params["seeds"] == "3,4"
     rows = (tmp_path / "cv" / "cv_per_case.csv").read_text().splitlines()
     assert rows[0].startswith("seed,fold,case_id,label,")
-    by_seed = {s: sorted(r.split(",")[2] for r in rows[1:] if r.startswith(f"{s},")) for s in ("5", "6")}
-    assert len(by_seed["5"]) == 3 and by_seed["5"] == by_seed["6"]  # the same cases for every seed
+    by_seed = {s: sorted(r.split(",")[2] for r in rows[1:] if r.startswith(f"{s},")) for s in ("3", "4")}
+    assert len(by_seed["3"]) == 3 and by_seed["3"] == by_seed["4"]  # the same cases for every seed
     arts = {a.path for a in client.list_artifacts(res.parent_run_id, "cv")}
     assert {"cv/cv_per_case.csv", "cv/cv_lineage.json"} <= arts
     assert res.summary.n_folds == 2  # seeds x folds rows in the table
