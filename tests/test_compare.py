@@ -244,3 +244,27 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
     arts = {a.path for a in client.list_artifacts(res.parent_run_id, "cv")}
     assert {"cv/cv_per_case.csv", "cv/cv_lineage.json"} <= arts
     assert res.summary.n_folds == 2  # seeds x folds rows in the table
+
+
+def test_compare_logs_a_compare_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from m2snet.mlops.tracking import TrackingConfig
+    from m2snet.workflows.comparison import compare_cv
+
+    monkeypatch.chdir(tmp_path)
+    fold, a, b = _planted(0.05, n_per_fold=10)
+    write_cv_per_case(_rows(fold, a, seed=1) + _rows(fold, a + 0.01, seed=2), tmp_path / "A", LINEAGE)
+    write_cv_per_case(_rows(fold, b), tmp_path / "B", LINEAGE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = compare_cv(str(tmp_path / "A"), str(tmp_path / "B"), tmp_path / "cmp", n_resamples=1000,
+                     tracking=TrackingConfig(uri=uri, experiment=""))
+    assert "A: each case averaged over 2 seeds (1, 2)" in res.report
+    assert res.comparison.metrics["dice"].diff == pytest.approx(np.mean(b - a) - 0.005, abs=1e-5)
+    run = MlflowClient(uri).get_run(res.run_id)
+    assert run.data.tags["m2snet.kind"] == "compare" and run.data.params["split_sha256"] == LINEAGE["split_sha256"]
+    assert run.data.metrics["dice_ci_low"] == pytest.approx(res.comparison.metrics["dice"].ci_low)
+    assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == "m2snet"
+    arts = {f.path for f in MlflowClient(uri).list_artifacts(res.run_id, "compare")}
+    assert arts == {"compare/compare_dice.png", "compare/compare.txt"}
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["run_id"] == res.run_id

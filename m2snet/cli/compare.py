@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from m2snet.cli.options import PIPELINE_EXPERIMENT, TRACKING_URI
+from m2snet.cli.options import TRACKING_URI
 
 app = typer.Typer()
 
@@ -24,7 +24,8 @@ def compare_cmd(
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (for scripts)."),
     tracking_uri: Optional[str] = TRACKING_URI,
-    experiment: str = PIPELINE_EXPERIMENT,
+    experiment: str = typer.Option("", "--experiment", help="MLflow experiment of the compare run "
+                                   "(default: A's run's experiment, else 'm2snet')."),
     no_track: bool = typer.Option(False, "--no-track", help="Do not log a compare run to MLflow."),
 ) -> None:
     """Paired comparison of two cross-validations on their common cases: mean difference B - A with a

@@ -64,6 +64,7 @@ class CVCases:
     split_sha256: str | None
     run_id: str | None = None  # the MLflow parent run, when the CV is tracked
     seeds: list[str] = field(default_factory=list)
+    experiment: str | None = None  # the MLflow experiment of that run
 
     def lineage(self) -> dict[str, str | None]:
         return {"data_version": self.data_version, "split_sha256": self.split_sha256}
@@ -114,12 +115,13 @@ def _from_run(client, run_id: str, source: str, fallback: Mapping[str, Any] | No
     from mlflow.exceptions import MlflowException
 
     try:
-        params = client.get_run(run_id).data.params
+        run = client.get_run(run_id)
+        experiment = client.get_experiment(run.info.experiment_id).name
     except MlflowException as err:
         raise M2SNetError(f"{source}: not a CV directory, nor a models:/ URI, nor an MLflow run "
                           f"({err.message})") from err
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files: no bars
-    known = {k: params.get(k) for k in LINEAGE_KEYS}
+    known = {k: run.data.params.get(k) for k in LINEAGE_KEYS}
     known.update({k: v for k, v in (fallback or {}).items() if v})
     with tempfile.TemporaryDirectory(prefix="m2snet-cv-") as tmp:
         for name in (CV_PER_CASE, CV_LINEAGE):
@@ -129,7 +131,9 @@ def _from_run(client, run_id: str, source: str, fallback: Mapping[str, Any] | No
                 if name == CV_PER_CASE:
                     raise M2SNetError(f"{source}: run {run_id} has no artifact {ARTIFACT_DIR}/{name} (a CV parent "
                                       f"run logs it; runs from before per-case results were kept do not)") from err
-        return _read_dir(Path(tmp) / ARTIFACT_DIR, source, known, run_id)
+        cases = _read_dir(Path(tmp) / ARTIFACT_DIR, source, known, run_id)
+    cases.experiment = experiment
+    return cases
 
 
 def version_cases(client, mv, source: str = "") -> CVCases:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -62,9 +62,10 @@ def compare_cv(source_a: str, source_b: str, out_dir: str | os.PathLike, *, metr
     """Compare CV ``source_b`` against CV ``source_a`` (B - A) on their common cases.
 
     ``tracking``: where run ids and ``models:/`` URIs are looked up and, with ``log_run``, where the
-    compare run is logged (default: :class:`TrackingConfig`'s).
+    compare run is logged (default: :class:`TrackingConfig`'s); its experiment, when empty, is A's
+    run's (else B's, else the default one).
     """
-    tracking = tracking or TrackingConfig()
+    tracking = tracking or TrackingConfig(experiment="")
     uri = tracking.resolved_uri()
     a, b = load_cv_cases(source_a, uri), load_cv_cases(source_b, uri)
     problem = lineage_difference(a.lineage(), b.lineage())
@@ -88,7 +89,8 @@ def compare_cv(source_a: str, source_b: str, out_dir: str | os.PathLike, *, metr
     result = CompareResult(comparison=comparison, a=a, b=b, report=report, out_dir=out, figure=figure)
     (out / "compare.txt").write_text(report + "\n")
     if log_run:
-        result.run_id = _log_compare_run(result, tracking)
+        experiment = tracking.experiment or a.experiment or b.experiment or TrackingConfig().experiment
+        result.run_id = _log_compare_run(result, replace(tracking, experiment=experiment))
     write_json(out / "compare.json", result.to_dict())
     return result
 
