@@ -244,6 +244,13 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
     arts = {a.path for a in client.list_artifacts(res.parent_run_id, "cv")}
     assert {"cv/cv_per_case.csv", "cv/cv_lineage.json"} <= arts
     assert res.summary.n_folds == 2  # seeds x folds rows in the table
+    # One seed given: that seed trains, on the same cases.
+    single = run_cv(cfg, tmp_path / "cv4", folds=[0], seeds=[4], log_models=False,
+                    tracking=TrackingConfig(uri=uri, experiment="seeds"))
+    (run,) = iter_child_runs(client, single.parent_run_id)
+    assert run.data.params["seed"] == "4" and run.info.run_name == "fold-0"
+    alone = (tmp_path / "cv4" / "cv_per_case.csv").read_text().splitlines()
+    assert sorted(r.split(",")[2] for r in alone[1:] if r.startswith("4,")) == by_seed["4"]
 
 
 def test_compare_logs_a_compare_run(tmp_path, monkeypatch):

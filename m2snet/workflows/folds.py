@@ -325,7 +325,7 @@ def run_cv(
         split.fold(k)  # range check with a clear error
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    repeated = seeds is not None and len(seeds) > 1
+    given, repeated = bool(seeds), bool(seeds) and len(seeds) > 1
     seeds = list(seeds) if seeds else [cfg.seed]
     # Repeated seeds vary initialisation and data order, not which cases are used.
     case_seed = cfg.seed if cfg.case_seed is None else cfg.case_seed
@@ -343,7 +343,7 @@ def run_cv(
         parent.log_params({**{f"config.{k}": v for k, v in cfg.to_dict().items()},
                            "data_version": data_version, "split_sha256": split.sha256,
                            "git_commit": git_commit(), "seed": cfg.seed, "n_folds": split.n_folds,
-                           **({"seeds": ",".join(map(str, seeds))} if repeated else {}),
+                           **({"seeds": ",".join(map(str, seeds))} if given else {}),
                            "folds": ",".join(map(str, folds)), "selection": cfg.selection,
                            "split_group": split.group,
                            "tuning": "nested per fold" if tuning is not None else "none"})
@@ -352,7 +352,7 @@ def run_cv(
     title = cfg.model + (f" ({len(seeds)} seeds)" if repeated else "")
     try:
         for seed in seeds:
-            seed_cfg = cfg.override(seed=seed, case_seed=case_seed) if repeated else cfg
+            seed_cfg = cfg.override(seed=seed, case_seed=case_seed) if given else cfg
             seed_out = out / f"seed{seed}" if repeated else out
             for k in folds:
                 log.info("=== %sfold %d (%d of %d) ===", f"seed {seed}, " if repeated else "", k, len(runs) + 1,
