@@ -8,6 +8,7 @@ must fail cleanly. The MLflow UI is then loaded in headless Chromium on what the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -111,7 +112,8 @@ def test_first_run_logs_parent_folds_and_trials(runs):
     version = parent.data.params["data_version"]
     (given,) = parent.inputs.dataset_inputs
     assert given.dataset.digest == version and given.dataset.source_type == "local"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "cv")} >= {"cv/cv_table.md", "cv/cv_summary.json"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "cv")} >= {
+        "cv/cv_table.md", "cv/cv_summary.json", "cv/cv_per_case.csv", "cv/cv_lineage.json"}
 
     children = [r for r in runs_all if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     folds = sorted((r for r in children if r.data.tags.get("m2snet.kind") == "fold"),
@@ -185,6 +187,24 @@ def test_second_run_that_does_not_beat_production_leaves_it(runs):
                           pipeline_run_id=mv.tags["pipeline_run_id"], experiment=EXPERIMENT)
     assert again == str(second.version)
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == versions_before
+
+
+def test_compare_pairs_pipeline_versions_and_refuses_other_data(runs, tmp_path):
+    """The aggregate step keeps the per-case scores: `m2snet compare` reads them by registered version and
+    by run id, and refuses the second run (Kvasir-layout data, 2 folds) as another data version."""
+    first, second = runs["first"], runs["second"]
+    cli = _cli("compare", f"models:/{MODEL}@production", first.parent_run_id, "--json", "--no-track",
+               "--resamples", "500", "--out", str(tmp_path / "same"), cwd=tmp_path, url=runs["url"])
+    assert cli.returncode == 0, cli.stderr
+    out = json.loads(cli.stdout)
+    assert out["n_folds"] == 4 and out["only_a"] == out["only_b"] == 0
+    assert out["metrics"]["dice"]["diff"] == 0.0 and out["metrics"]["dice"]["ties"] == out["n_cases"]
+    cli = _cli("compare", f"models:/{MODEL}/{first.version}", f"models:/{MODEL}/{second.version}", "--no-track",
+               cwd=tmp_path, url=runs["url"])
+    assert cli.returncode == 2
+    (line,) = cli.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot pair models:/{MODEL}/{first.version} and ")
+    assert "data version differs" in line
 
 
 def test_production_model_predicts_masks(runs, tmp_path, monkeypatch):

@@ -18,9 +18,12 @@ def promote_cmd(
     noskill_margin: float = typer.Option(PromotionPolicy.noskill_margin, help="Required improvement over the "
                                          "no-skill (all-background) predictor's CV Dice (0..1)."),
     force: bool = typer.Option(False, "--force", help="Skip the quality gate."),
+    require_ci: bool = typer.Option(False, "--require-ci", help="Statistical gate: beat production with the paired "
+                                    "95 % CI of the per-case Dice difference above zero (same data and split; "
+                                    "else the margin rule)."),
 ) -> None:
     """Move alias `production` to VERSION if it passes the gate (the replaced one becomes `previous`)."""
-    policy = PromotionPolicy(floor=floor, margin=margin, noskill_margin=noskill_margin)
+    policy = PromotionPolicy(floor=floor, margin=margin, noskill_margin=noskill_margin, require_ci=require_ci)
     decision = promote(name, version, policy, force=force)
     typer.echo(("promoted" if decision.promoted else "not promoted") + f": {name} v{version}: {decision.reason}")
     if not decision.promoted:

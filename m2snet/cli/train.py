@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from m2snet.cli.options import CONFIG, METRIC_PROTOCOL, NO_TRACK, SETS, TRACKING_URI, parse_folds
+from m2snet.cli.options import CONFIG, METRIC_PROTOCOL, NO_TRACK, SETS, TRACKING_URI, parse_folds, parse_seeds
 
 app = typer.Typer()
 
@@ -135,6 +135,9 @@ def cv_cmd(
     data: Optional[Path] = typer.Option(None, "--data"),
     split: Optional[Path] = typer.Option(None, "--split"),
     folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds (default: all)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Repeat the CV once per seed (comma-separated, "
+                                        "e.g. 42,43,44): initialisation and data order change, the cases do not; "
+                                        "the table is mean ± std over seeds × folds."),
     model: Optional[str] = typer.Option(None, "--model"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     size: Optional[int] = typer.Option(None, "--size"),
@@ -161,6 +164,7 @@ def cv_cmd(
 
     cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
                   model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
+    seed_list = parse_seeds(seeds)
     tuning = None
     if tune_trials > 0:
         from m2snet.workflows.tuning import TuningConfig
@@ -168,7 +172,7 @@ def cv_cmd(
         tuning = TuningConfig(n_trials=tune_trials, epochs=tune_epochs, seed=cfg.seed)
     res = run_cv(cfg, out, parse_folds(folds), tracking=_tracking(no_track, tracking_uri, experiment),
                  parent_run_id=parent_run_id, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
-                 tuning=tuning, protocol=protocol)
-    typer.echo(res.summary.table(title=cfg.model))
+                 tuning=tuning, protocol=protocol, seeds=seed_list)
+    typer.echo(res.summary.table(title=cfg.model + (f" ({len(seed_list)} seeds)" if len(seed_list or []) > 1 else "")))
     if res.parent_run_id:
         typer.echo(f"mlflow parent run: {res.parent_run_id}")

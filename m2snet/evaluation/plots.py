@@ -123,3 +123,29 @@ def compare_val_dice(runs: dict[str, Sequence[Sequence[dict]]], out_path: str | 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(plt, fig, out_path, textwrap.fill(title, 90))
+
+
+def paired_scores(a: np.ndarray, b: np.ndarray, fold: np.ndarray, out_path: str | Path, *, metric: str = "dice",
+                  label_a: str = "A", label_b: str = "B", title: str = "") -> Path:
+    """Two panels for a paired comparison: per-case B against A (one colour per fold, the diagonal
+    y = x: above it B wins), and the histogram of the differences B - A (zero and the mean marked)."""
+    plt = _pyplot()
+    a, b, fold = np.asarray(a, dtype=float), np.asarray(b, dtype=float), np.asarray(fold)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for f in np.unique(fold):
+        ax1.scatter(a[fold == f], b[fold == f], s=12, alpha=0.7, label=f"fold {f}")
+    ax1.plot([0, 1], [0, 1], color="k", lw=1, ls="--")
+    ax1.set_xlim(-0.02, 1.02)
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.set_aspect("equal")
+    ax1.set_xlabel(textwrap.shorten(f"{metric} A: {label_a}", 60))
+    ax1.set_ylabel(textwrap.shorten(f"{metric} B: {label_b}", 60))
+    ax1.legend(fontsize=8)
+    diff = b - a
+    ax2.hist(diff, bins=min(40, max(5, len(diff) // 4)), color="tab:blue", alpha=0.8)
+    ax2.axvline(0.0, color="k", lw=1)
+    ax2.axvline(float(diff.mean()), color="tab:red", lw=1.5, label=f"mean {diff.mean():+.4f}")
+    ax2.set_xlabel(f"{metric} B - A per case")
+    ax2.set_ylabel("cases")
+    ax2.legend(fontsize=8)
+    return _save(plt, fig, out_path, textwrap.fill(title, 100))

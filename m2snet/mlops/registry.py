@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from m2snet.common import M2SNetError
+from m2snet.evaluation.compare import average_seeds, compare_paired, lineage_difference, pair
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
+from m2snet.mlops.cv_results import version_cases
 
 if TYPE_CHECKING:  # heavy: imported lazily at run time
     from mlflow import MlflowClient
@@ -58,6 +60,11 @@ class PromotionPolicy:
     noskill_margin: float = 0.05
     metric_tag: str = SCORE_TAG
     noskill_tag: str = NOSKILL_TAG
+    # The statistical gate (decide_with_ci): when candidate and production were cross-validated on the
+    # same data version and split, the candidate must beat production with the lower bound of the paired
+    # bootstrap 95 % CI of the per-case Dice difference above zero, instead of the margin. When they were
+    # not (or a side kept no per-case results), the margin rule decides and the reason says so.
+    require_ci: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.floor <= 1.0:
@@ -268,6 +275,10 @@ def promote(
         ok, reason = True, "already production (nothing to do)"
     elif force:
         ok, reason = True, "forced (quality gate skipped)"
+    elif policy.require_ci and current is not None:
+        ok, reason = decide_with_ci(cand_score, prod_score, policy, *paired_dice_ci(candidate, current, client),
+                                    noskill=version_score(candidate, policy.noskill_tag),
+                                    production_version=current_version)
     else:
         ok, reason = decide(cand_score, prod_score, policy, noskill=version_score(candidate, policy.noskill_tag),
                             production_version=current_version)
@@ -308,3 +319,37 @@ def rollback(name: str, *, client: "MlflowClient | None" = None) -> PromotionDec
         candidate_score=version_score(prev), production_version=str(current.version) if current else None,
         production_score=version_score(current) if current else None,
     )
+
+
+def decide_with_ci(candidate: float | None, production: float | None, policy: PromotionPolicy,
+                   ci: tuple[float, float] | None, why_not: str = "", *, noskill: float | None = None,
+                   production_version: str | None = None) -> tuple[bool, str]:
+    """``policy.require_ci``: the rules of :func:`decide` (floor, no-skill), then the paired CI (candidate -
+    production per-case Dice) instead of the production margin; ``ci`` None (not comparable, ``why_not`` says
+    why): the margin rule, saying so (pure, like decide)."""
+    ok, reason = decide(candidate, production, policy, noskill=noskill, production_version=production_version)
+    # Only the production comparison is the CI's to decide; the floor, the no-skill rule and missing tags stand.
+    if production is None or not (ok or reason.startswith("production rule")):
+        return ok, reason
+    if ci is None:
+        return ok, f"{reason} (margin rule: no paired comparison with production, {why_not})"
+    low, high = ci
+    verdict = "lies above zero" if low > 0 else "does not lie above zero"
+    return low > 0, (f"statistical rule: CV Dice {candidate:.4f} vs production's {production:.4f}: the paired 95 % "
+                     f"CI of the per-case Dice difference [{low:+.4f}, {high:+.4f}] {verdict}")
+
+
+def paired_dice_ci(candidate: "ModelVersion", production: "ModelVersion",
+                   client: "MlflowClient") -> tuple[tuple[float, float] | None, str]:
+    """The bootstrap 95 % CI of candidate - production per-case Dice (m2snet.evaluation.compare), or
+    (None, why) when the two cannot be paired: another data version or split, no per-case results."""
+    try:
+        prod, cand = version_cases(client, production), version_cases(client, candidate)
+        problem = lineage_difference(prod.lineage(), cand.lineage(), "production", "candidate")
+        if problem:
+            return None, problem
+        dice = compare_paired(pair(average_seeds(prod.rows, ("dice",)), average_seeds(cand.rows, ("dice",))),
+                              ("dice",)).metrics["dice"]
+    except M2SNetError as err:
+        return None, str(err)
+    return (dice.ci_low, dice.ci_high), ""

@@ -44,6 +44,7 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
     if not cfg.data:
         raise M2SNetError("no dataset given (TrainConfig.data / --data)")
     info = load_dataset(cfg.data)
+    seed = cfg.seed if cfg.case_seed is None else cfg.case_seed
     split_sha = None
     if cfg.split:
 
@@ -65,15 +66,14 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
                     f"Re-split with `m2snet data split {cfg.data}` (groups duplicate clusters), or set "
                     "leak_check=false to measure a leaky split on purpose")
         if cfg.selection == "inner":
-            train_ids, epoch_val = inner_split(info, train_ids, cfg.inner_val_fraction, cfg.seed,
-                                               split.group_by)
-            epoch_val = _subsample(epoch_val, cfg.max_val_cases, cfg.seed + 2)
+            train_ids, epoch_val = inner_split(info, train_ids, cfg.inner_val_fraction, seed, split.group_by)
+            epoch_val = _subsample(epoch_val, cfg.max_val_cases, seed + 2)
         else:
             epoch_val = None  # the fold's validation cases, subsampled below
     else:
         train_ids, val_ids, epoch_val = [c.case_id for c in info.cases], [], []
-    train_ids = _subsample(train_ids, cfg.max_train_cases, cfg.seed)
-    val_ids = _subsample(val_ids, cfg.max_val_cases, cfg.seed + 1)
+    train_ids = _subsample(train_ids, cfg.max_train_cases, seed)
+    val_ids = _subsample(val_ids, cfg.max_val_cases, seed + 1)
     if not train_ids:
         raise M2SNetError(f"{cfg.data}: no training cases (fold {cfg.fold})")
     return FoldCases(info, train_ids, val_ids if epoch_val is None else epoch_val, val_ids, split_sha)

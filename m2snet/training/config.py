@@ -90,6 +90,10 @@ class TrainConfig:
     fused_optimizer: bool = True  # SGD(fused=True): one kernel, and no host sync under GradScaler
     # --- reproducibility ------------------------------------------------------------------------
     seed: int = 42
+    # Seed of WHICH cases a run uses (max_train_cases / max_val_cases subsamples, the inner split);
+    # None = ``seed``. ``m2snet cv --seeds`` fixes it, so repeated seeds vary only the initialisation
+    # and the data order, and score the same cases (what a paired comparison needs).
+    case_seed: int | None = None
     deterministic: bool = False
     # --- output ---------------------------------------------------------------------------------
     out_dir: str = "runs/train"

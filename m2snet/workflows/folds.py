@@ -42,6 +42,7 @@ from m2snet.evaluation.metrics import (
     is_percent_metric,
 )
 from m2snet.evaluation.plots import cv_learning_curves
+from m2snet.mlops.cv_results import per_case_rows, write_cv_per_case
 from m2snet.mlops.tracking import (
     PARENT_RUN_FILE,
     RUN_FILE,
@@ -167,18 +168,23 @@ def aggregate_cv(per_fold: Sequence[Mapping[str, float]] | Sequence[FoldResult],
 
 
 def report_cv(per_fold: Sequence[Mapping[str, float]], folds: Sequence[int], out_dir: str | os.PathLike, *,
-              title: str, protocol: str = DEFAULT_PROTOCOL, parent=None) -> CVSummary:
+              title: str, protocol: str = DEFAULT_PROTOCOL, parent=None,
+              row_labels: Sequence[Mapping[str, Any]] | None = None,
+              artifacts: Sequence[str | os.PathLike] = ()) -> CVSummary:
     """THE CV report, for ``m2snet cv`` and the pipeline alike: aggregate the folds' metric dicts, write
     ``cv_summary.json`` and ``cv_table.md`` (model and no-skill rows), and, with a ``parent`` run, log
-    the ``cv_*`` metrics, the metric protocol, both files and the table as the run's description."""
+    the ``cv_*`` metrics, the metric protocol, both files (and ``artifacts``, e.g. the per-case scores)
+    and the table as the run's description. ``row_labels``: what identifies each row of ``per_fold``
+    (default ``{"fold": k}``; a repeated CV adds its seed)."""
     summary = aggregate_cv(per_fold, folds, protocol=protocol)
-    write_cv_summary(summary, [{"fold": k, **dict(m)} for k, m in zip(folds, per_fold)], out_dir, title)
+    labels = row_labels if row_labels is not None else [{"fold": k} for k in folds]
+    write_cv_summary(summary, [{**dict(label), **dict(m)} for label, m in zip(labels, per_fold)], out_dir, title)
     table = summary.table(title=title)
     if parent is not None:
         parent.log_params({"metric_protocol": protocol})
         parent.log_metrics(summary.flat_metrics(), step=0, flush=True)
-        for name in ("cv_summary.json", "cv_table.md"):
-            parent.log_artifact(Path(out_dir) / name, "cv")
+        for path in (Path(out_dir) / "cv_summary.json", Path(out_dir) / "cv_table.md", *artifacts):
+            parent.log_artifact(path, "cv")
         parent.set_description(f"{CV_DESCRIPTION_HEADING}\n\n{table}")
     log.info("cross-validation (%s):\n%s", title, table)
     return summary
@@ -190,20 +196,22 @@ def fold_run(fold_dir: str | os.PathLike, tracking=None):
     return reopen_run(Path(fold_dir) / RUN_FILE, tracking)
 
 
-def fold_tags(fold: int) -> dict[str, str]:
-    return {"m2snet.fold": str(fold), "m2snet.kind": "fold"}
+def fold_tags(fold: int, seed: int | None = None) -> dict[str, str]:
+    """A fold run's tags; ``seed``: one of a repeated CV's seeds (``m2snet cv --seeds``)."""
+    return {"m2snet.fold": str(fold), "m2snet.kind": "fold", **({"m2snet.seed": str(seed)} if seed is not None else {})}
 
 
-def _fold_tracker(parent, tracking, fold_dir: Path, fold: int, resume: bool):
+def _fold_tracker(parent, tracking, fold_dir: Path, fold: int, resume: bool, seed: int | None = None):
     if resume:
         run = fold_run(fold_dir, parent.cfg if parent else tracking)
         if run is not None:
             return run
+    name = f"fold-{fold}" if seed is None else f"seed-{seed}-fold-{fold}"
     if parent is not None:
-        return parent.child(f"fold-{fold}", tags=fold_tags(fold))
+        return parent.child(name, tags=fold_tags(fold, seed))
     if tracking is not None:
 
-        return Tracker.start(tracking, run_name=f"fold-{fold}", tags=fold_tags(fold))
+        return Tracker.start(tracking, run_name=name, tags=fold_tags(fold, seed))
     return None
 
 
@@ -287,12 +295,14 @@ def train_fold(
     fold_dir: str | os.PathLike | None = None,
     tuning=None,
     protocol: str = DEFAULT_PROTOCOL,
+    seed_tag: int | None = None,
 ) -> FoldResult:
     """Tune (with ``tuning``, a TuningConfig), train and score fold ``fold`` of ``cfg.split`` in ``out_dir/fold<k>``.
 
     ``parent``: a :class:`m2snet.mlops.tracking.Tracker` of the CV (the fold becomes a child run);
     ``tracking``: a TrackingConfig for a stand-alone fold run; neither = no tracking.
     ``fold_dir`` overrides the output directory (``m2snet train`` writes exactly to ``--out``).
+    ``seed_tag``: name and tag the fold's run with its seed (one seed of a repeated CV).
     """
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
@@ -302,7 +312,7 @@ def train_fold(
     if tuning is not None and not resume:
         tuned = tune_fold(cfg, fold, tuning, fold_dir.with_name(fold_dir.name + "-tune"), parent=parent,
                           tracking=parent is not None or tracking is not None).best_params
-    tracker = _fold_tracker(parent, tracking, fold_dir, fold, resume)
+    tracker = _fold_tracker(parent, tracking, fold_dir, fold, resume, seed_tag)
     try:
         result = fit_fold(cfg, fold, fold_dir, tracker=tracker, resume=resume, tuned=tuned)
         ev = score_fold(result.checkpoint, cfg.data, result.val_cases, fold_dir / "eval", tracker=tracker,
@@ -370,11 +380,16 @@ def run_cv(
     with_sod: bool = True,
     tuning=None,
     protocol: str = DEFAULT_PROTOCOL,
+    seeds: Sequence[int] | None = None,
 ) -> CVResult:
     """Train + evaluate the listed folds (default: all) under one parent run; print the table.
 
     ``tuning`` (a TuningConfig): nested tuning, one study per fold on that fold's inner split.
     ``protocol``: the metric protocol (``project`` or the paper's ``reference``).
+    ``seeds``: repeat the CV once per seed (initialisation and data order; the cases each run uses
+    stay those of ``cfg``'s seed, through ``TrainConfig.case_seed``), in ``out_dir/seed<s>/fold<k>``;
+    the table is then mean +- std over seeds x folds. Every fold run records its seed (param ``seed``).
+    The per-case scores of every seed and fold go to ``cv_per_case.csv`` (artifact ``cv/``).
     """
     check_protocol(protocol)
 
@@ -386,6 +401,11 @@ def run_cv(
         split.fold(k)  # range check with a clear error
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    given, repeated = bool(seeds), bool(seeds) and len(seeds) > 1
+    seeds = list(seeds) if seeds else [cfg.seed]
+    # Repeated seeds vary initialisation and data order, not which cases are used.
+    case_seed = cfg.seed if cfg.case_seed is None else cfg.case_seed
+    data_version = load_dataset(cfg.data).version
     parent = None
     if tracking is not None:
         if parent_run_id is None and resume:
@@ -397,21 +417,35 @@ def run_cv(
         # The children record what actually happened (pretrained source, device); the parent
         # records the shared inputs.
         parent.log_params({**{f"config.{k}": v for k, v in cfg.to_dict().items()},
-                           "data_version": load_dataset(cfg.data).version, "split_sha256": split.sha256,
+                           "data_version": data_version, "split_sha256": split.sha256,
                            "git_commit": git_commit(), "seed": cfg.seed, "n_folds": split.n_folds,
+                           **({"seeds": ",".join(map(str, seeds))} if given else {}),
                            "folds": ",".join(map(str, folds)), "selection": cfg.selection,
                            "split_group": split.group,
                            "tuning": "nested per fold" if tuning is not None else "none"})
     results: list[FoldResult] = []
+    runs: list[tuple[int, FoldResult]] = []  # (seed, fold result)
+    title = cfg.model + (f" ({len(seeds)} seeds)" if repeated else "")
     try:
-        for k in folds:
-            log.info("=== fold %d (%d of %d) ===", k, len(results) + 1, len(folds))
-            results.append(train_fold(cfg, k, out, parent=parent, resume=resume, log_model=log_models,
-                                      tta_flip=tta_flip, with_sod=with_sod, tuning=tuning, protocol=protocol))
-        summary = report_cv([r.metrics for r in results], [r.fold for r in results], out, title=cfg.model,
-                            protocol=protocol, parent=parent)
-        curves = cv_learning_curves({r.fold: r.history for r in results}, out / "cv_learning_curves.png",
-                                    title=f"{cfg.model}: {len(results)} folds")
+        for seed in seeds:
+            seed_cfg = cfg.override(seed=seed, case_seed=case_seed) if given else cfg
+            seed_out = out / f"seed{seed}" if repeated else out
+            for k in folds:
+                log.info("=== %sfold %d (%d of %d) ===", f"seed {seed}, " if repeated else "", k, len(runs) + 1,
+                         len(folds) * len(seeds))
+                fr = train_fold(seed_cfg, k, seed_out, parent=parent, resume=resume, log_model=log_models,
+                                tta_flip=tta_flip, with_sod=with_sod, tuning=tuning, protocol=protocol,
+                                seed_tag=seed if repeated else None)
+                runs.append((seed, fr))
+        results = [fr for _, fr in runs]
+        per_case = write_cv_per_case([row for s, r in runs for row in per_case_rows(r.per_case_csv, r.fold, s)], out,
+                                     {"data_version": data_version, "split_sha256": split.sha256, "seeds": seeds,
+                                      "folds": folds, "model": cfg.model})
+        summary = report_cv([r.metrics for r in results], [r.fold for r in results], out, title=title,
+                            protocol=protocol, parent=parent, artifacts=per_case,
+                            row_labels=[{**({"seed": s} if repeated else {}), "fold": r.fold} for s, r in runs])
+        curves = cv_learning_curves({(f"{r.fold} (seed {s})" if repeated else r.fold): r.history for s, r in runs},
+                                    out / "cv_learning_curves.png", title=f"{title}: {len(folds)} folds")
         if parent is not None:
             parent.log_artifact(curves, "cv")
     except BaseException as err:

@@ -33,6 +33,7 @@ from m2snet.data.split import load_split, make_split
 from m2snet.data.validation import validate_dataset
 from m2snet.data.versioning import dataset_version, tracked_version
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
+from m2snet.mlops.cv_results import per_case_rows, write_cv_per_case
 from m2snet.mlops.registry import (
     NOSKILL_TAG,
     SCORE_TAG,
@@ -306,16 +307,28 @@ def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
     return path
 
 
+FOLD_INFO = "fold.json"  # in an evaluate step's report: which fold and seed, on which data and split
+
+
 def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: str, out_dir: str,
                        metric_protocol: str = DEFAULT_PROTOCOL) -> dict[str, float]:
     """Score the fold's selected checkpoint (and the no-skill predictor) on its validation cases (original
-    size) under ``metric_protocol``; log to the fold's run."""
+    size) under ``metric_protocol``; log to the fold's run.
 
-    val = load_split(split_path).fold(fold).val
+    The report (``out_dir``) also says which fold, seed, data version and split it scored
+    (``fold.json``): the aggregate step joins the folds' per-case CSVs with it.
+    """
+
+    split = load_split(split_path)
+    val = split.fold(fold).val
+    train_config = Path(model_dir) / "train_config.json"
+    seed = json.loads(train_config.read_text()).get("seed") if train_config.is_file() else None
     run = fold_run(model_dir)
     try:
         ev = score_fold(_fold_checkpoint(model_dir), dataset_dir, val, out_dir, tracker=run,
                         protocol=metric_protocol)
+        write_json(Path(out_dir) / FOLD_INFO, {"fold": fold, "seed": seed, "split_sha256": split.sha256,
+                                               "data_version": load_dataset(dataset_dir).version})
         if run:
             run.end("FINISHED")
     except BaseException:
@@ -325,20 +338,43 @@ def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: 
     return {k: float(v) for k, v in ev.metrics.items()}
 
 
+def collect_fold_reports(report_dirs: Sequence[str], out_dir: str | os.PathLike) -> list[Path]:
+    """The evaluate steps' reports -> the CV's ``cv_per_case.csv`` + ``cv_lineage.json`` in ``out_dir``."""
+    rows, infos = [], []
+    for report in map(Path, report_dirs):
+        info_path = report / FOLD_INFO
+        if not info_path.is_file():
+            raise M2SNetError(f"{report}: no {FOLD_INFO} (not an evaluate step's report)")
+        info = json.loads(info_path.read_text())
+        infos.append(info)
+        rows += per_case_rows(report / "per_case.csv", info["fold"], info["seed"])
+    for key in ("data_version", "split_sha256"):
+        if len({i[key] for i in infos}) > 1:
+            raise M2SNetError(f"the fold reports disagree on {key}: {sorted({i[key] for i in infos})}")
+    lineage = {"data_version": infos[0]["data_version"], "split_sha256": infos[0]["split_sha256"],
+               "seeds": sorted({i["seed"] for i in infos}, key=str), "folds": sorted({i["fold"] for i in infos})}
+    return list(write_cv_per_case(rows, out_dir, lineage))
+
+
 def aggregate_step(
     fold_metrics: Sequence[Mapping[str, float]],
     out_dir: str,
     *,
+    report_dirs: Sequence[str] = (),
     pipeline_run_id: str = "",
     experiment: str = "",
     metric_protocol: str = DEFAULT_PROTOCOL,
 ) -> dict[str, float]:
     """The CV table (model and no-skill rows) -> ``out_dir/cv_table.md`` + ``cv_summary.json``; logged on the
-    parent (:func:`m2snet.workflows.folds.report_cv`, as ``m2snet cv`` does)."""
+    parent (:func:`m2snet.workflows.folds.report_cv`, as ``m2snet cv`` does).
+
+    ``report_dirs``: the evaluate steps' reports, whose per-case scores become ``cv_per_case.csv``.
+    """
 
     rows = [{k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for m in fold_metrics]
+    per_case = collect_fold_reports(report_dirs, out_dir) if report_dirs else []
     summary = report_cv(rows, list(range(len(rows))), out_dir, title="CV", protocol=metric_protocol,
-                        parent=parent_run(pipeline_run_id, experiment))
+                        parent=parent_run(pipeline_run_id, experiment), artifacts=per_case)
     return summary.flat_metrics()
 
 

@@ -139,6 +139,7 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
 
             table = prepare(aggregate_cv(
                 fold_metrics=dsl.Collected(evaluation.outputs["metrics"]),
+                fold_reports=dsl.Collected(evaluation.outputs["report"]),
                 pipeline_run_id=run_id, experiment=experiment, metric_protocol=metric_protocol,
             ), "aggregate CV")
             version = prepare(register_model(
