@@ -55,9 +55,9 @@ DEFAULT_MAX_DISTANCE = 8
 # Endoscopy (Kvasir-SEG, PraNet, CVC-ClinicDB): every frame has the same black corners and overlay
 # box, which dominate a 32x32 thumbnail's low frequencies, so different polyps sit 2-8 bits apart.
 # On Kvasir-SEG, looked at pair by pair: the 3 pairs at 0 bits are one scene, the one at 2 bits two
-# scenes, of the 7 at 4 bits 2 are one scene (a crop and a zoom) and 5 two, and the pairs at 6 bits
+# scenes, of the 7 at 4 bits 2 are one scene (a crop and a zoom), 4 two, 1 unclear; the pairs at 6 bits
 # (8 of 46 looked at) and 8 bits (a cluster of 5) different polyps. 4 bits finds every copy seen, at
-# the price of 6 pairs of different polyps kept in one fold: a missed copy leaks, a wrong pair
+# the price of 5-6 pairs of different polyps kept in one fold: a missed copy leaks, a wrong pair
 # costs nothing but a little fold balance.
 ENDOSCOPY_MAX_DISTANCE = 4
 # A cluster of more cases than this is named in a warning: same-picture copies come in twos and
