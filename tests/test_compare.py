@@ -126,18 +126,21 @@ def test_compare_cli_json_and_refusal_on_another_split(tmp_path):
 
 def test_gate_ci_rule_when_comparable_margin_rule_otherwise():
     policy = PromotionPolicy(floor=0.5, margin=0.02, require_ci=True)
+    skill = dict(noskill=0.17, production_version="1")  # both well above no skill: only production decides
     # Comparable: the CI decides, whatever the margin says.
-    ok, reason = decide_with_ci(0.71, 0.70, policy, (0.004, 0.016))
-    assert ok and "lies above zero" in reason  # beats production by less than the margin, but surely
-    ok, reason = decide_with_ci(0.75, 0.70, policy, (-0.01, 0.11))
+    ok, reason = decide_with_ci(0.71, 0.70, policy, (0.004, 0.016), **skill)
+    assert ok and reason.startswith("statistical rule") and "lies above zero" in reason  # below the margin, but surely
+    ok, reason = decide_with_ci(0.75, 0.70, policy, (-0.01, 0.11), **skill)
     assert not ok and "does not lie above zero" in reason  # beats the margin, but not surely
     # Not comparable: the margin rule, and the reason says so.
-    ok, reason = decide_with_ci(0.75, 0.70, policy, None, "split sha256 differs")
+    ok, reason = decide_with_ci(0.75, 0.70, policy, None, "split sha256 differs", **skill)
     assert ok and "margin rule" in reason and "split sha256 differs" in reason
-    ok, reason = decide_with_ci(0.71, 0.70, policy, None, "split sha256 differs")
+    ok, reason = decide_with_ci(0.71, 0.70, policy, None, "split sha256 differs", **skill)
     assert not ok and "margin" in reason
-    # The floor still comes first.
-    assert not decide_with_ci(0.4, 0.3, policy, (0.05, 0.1))[0]
+    # The floor and the no-skill rule still come first, whatever the CI says.
+    assert not decide_with_ci(0.4, 0.3, policy, (0.05, 0.1), **skill)[0]
+    ok, reason = decide_with_ci(0.71, 0.70, policy, (0.004, 0.016), noskill=0.69, production_version="1")
+    assert not ok and reason.startswith("no-skill rule"), reason
 
 
 def _register_cv(name: str, key: str, rows, lineage, cv_dice: float, tmp: Path) -> str:
@@ -155,7 +158,7 @@ def _register_cv(name: str, key: str, rows, lineage, cv_dice: float, tmp: Path) 
         for path in paths:
             mlflow.log_artifact(str(path), "cv")
     mv = register_model_version(info.model_uri, name, idempotency_key=key,
-                                tags={"cv_dice": cv_dice, **lineage})
+                                tags={"cv_dice": cv_dice, "noskill_dice": 0.17, **lineage})
     assert mv.run_id == run.info.run_id
     return str(mv.version)
 
