@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint test-slow test-container image constraints bench clean
+.PHONY: run test lint test-slow test-container image deploy constraints bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test-slow: $(STAMP)
 ## The component image (docker/Dockerfile) with docker or podman; see docker/build.sh for its settings.
 image:
 	docker/build.sh
+
+## Apply k8s/ to the current kubectl context (OVERLAY=k8s/overlays/gpu; DRY_RUN=1 prints instead). Refuses,
+## naming each Secret and key, while k8s/base/secrets.yaml still holds a CHANGE-ME placeholder.
+OVERLAY ?= k8s/overlays/gpu
+deploy: $(STAMP)
+	$(BIN)/python tools/k8s_apply.py $(if $(DRY_RUN),--dry-run) $(OVERLAY)
 
 ## Pin the image's dependencies to this (tested) environment's versions.
 constraints: $(STAMP)

@@ -9,7 +9,8 @@
 #   TAG         image tag (default: m2snet.kubeflow.image.COMPONENT_IMAGE, ghcr.io/m2snet/m2snet:<version>)
 #   BASE_IMAGE  base image (default: python:3.11-slim; where it can be neither found nor pulled, a
 #               Debian bookworm base is made with debootstrap and imported as $LOCAL_BASE, once)
-#   TORCH, TORCH_INDEX_URL   passed to the Dockerfile (e.g. a CPU-only torch)
+#   TORCH, TORCH_INDEX_URL   passed to the Dockerfile (e.g. a CPU-only torch); a TORCH_INDEX_URL holding
+#               credentials is refused (exit 2): build arguments stay in the image's history
 #   PYTHON      the interpreter whose pip settings are forwarded (default: python3)
 #
 # With podman the builder's pip settings (pip config + PIP_* variables: index, find-links, constraint,
@@ -61,9 +62,24 @@ if [[ -z "${BASE_IMAGE:-}" ]]; then
   fi
 fi
 
+# Build arguments are recorded in the image's history: a URL holding a password or token (user:pass@,
+# TOKEN@, ?token=/?password=/...key=) is never forwarded as one.
+holds_credentials() {
+  local lower=${1,,}
+  [[ $1 =~ ://[^/?#[:space:]]*@ || $lower =~ [?\&\;][^=]*(secret|passw|pwd|token|credential|key|auth|sig)[^=]*= ]]
+}
+
 args=(--network host --build-arg "BASE_IMAGE=$BASE_IMAGE")
 [[ -n "${TORCH:-}" ]] && args+=(--build-arg "TORCH=$TORCH")
-[[ -n "${TORCH_INDEX_URL:-}" ]] && args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+  # Refused rather than dropped: without it the build would quietly install a different torch.
+  if holds_credentials "$TORCH_INDEX_URL"; then
+    echo "build.sh: TORCH_INDEX_URL holds credentials, which the image's history would keep; give the index" \
+         "without them (pass credentials with a pip.conf secret)" >&2
+    exit 2
+  fi
+  args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+fi
 
 # The builder's effective pip settings: its config files, then PIP_* variables (which win, as in pip).
 declare -A pip=()
@@ -92,8 +108,7 @@ for key in "${!pip[@]}"; do
     fi
   done
   if [[ $local_value == 1 && $ENGINE != podman ]]; then continue; fi
-  # Build arguments are recorded in the image's history: never forward an index URL with a password.
-  if [[ $value =~ ://[^/[:space:]]*@ ]]; then
+  if holds_credentials "$value"; then
     echo "build.sh: not forwarding pip's $key (it holds credentials); pass them with a pip.conf secret" >&2
     continue
   fi

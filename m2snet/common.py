@@ -52,6 +52,37 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+# --- secrets: what never reaches a log, an MLflow param/tag/input or a file we write ---------------
+# A name that says its value is a secret (a config key, a query parameter).
+SECRET_NAME = re.compile(
+    r"secret|passw|pwd|token|credential|access_?key|api_?key|private_?key|signature|^sig$|^key$|^auth", re.I)
+# A URL's userinfo: everything between "scheme://" and the LAST "@" before the host part ends, so a
+# password holding "@" (invalid unescaped, yet common) is covered whole.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/?#\s]*)@", re.I)
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
+REDACTED = "***"
+
+
+def _redact_userinfo(m: re.Match) -> str:
+    user, colon, _ = m["userinfo"].partition(":")
+    # "user:password@" keeps the user; a lone "TOKEN@" (GitHub, GitLab tokens) may itself be the secret.
+    return f"{m['scheme']}{user}:{REDACTED}@" if colon else f"{m['scheme']}{REDACTED}@"
+
+
+def redact(value: Any) -> Any:
+    """``value`` with the credentials in any URL it holds masked; non-strings are returned as they are.
+
+    Masks ``user:password@`` (keeping the user), a token-only ``TOKEN@``, and the values of
+    secret-named query parameters (``?password=``, ``&token=``, ``access_key=``, ``X-Amz-Signature=``,
+    ...). Use it on every URI, storage URL or data source before it is logged, shown or stored.
+    """
+    if not isinstance(value, str):
+        return value
+    text = _URL_USERINFO.sub(_redact_userinfo, value)
+    return _QUERY_PARAM.sub(
+        lambda m: f"{m['sep']}{m['name']}={REDACTED}" if SECRET_NAME.search(m["name"]) else m[0], text)
+
+
 def current_umask() -> int:
     """The process umask (read by setting and restoring it: POSIX has no getter)."""
     mask = os.umask(0o022)

@@ -41,6 +41,10 @@ def test_dockerfile_runs_as_non_root_from_a_base_given_as_an_argument():
     assert _arg_default(text, "BASE_IMAGE") == "python:3.11-slim"
     user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert user and not user[-1].startswith(("root", "0")), "the image must end on a non-root user"
+    # The pipeline's pods and k8s/base/mlflow.yaml run as that user, by number (runAsNonRoot checks it).
+    from m2snet.kubeflow.image import COMPONENT_GID, COMPONENT_UID
+
+    assert user[-1] == f"{COMPONENT_UID}:{COMPONENT_GID}"
     # The files the image copies are not excluded by .dockerignore.
     ignore = (ROOT / ".dockerignore").read_text()
     for needed in ("pyproject.toml", "README.md", "m2snet/"):
@@ -73,3 +77,42 @@ def test_container_runner_finds_the_podman_settings_of_the_checkout():
     from m2snet.kubeflow.container import PODMAN_CONF
 
     assert PODMAN_CONF == ROOT / "docker" / "containers.conf" and PODMAN_CONF.is_file()
+
+
+# --- docker/build.sh's settings, with a fake engine that records instead of building ----------------
+def _build_with_fake_engine(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    import os
+
+    calls = tmp_path / "engine-calls.txt"
+    engine = tmp_path / "engine"
+    # `image inspect` answers (the base "exists"); `build` and everything else are only recorded.
+    engine.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> {calls}\n'
+                      '[[ "$*" == *--format* ]] && echo 1000\nexit 0\n')
+    engine.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "docker" / "build.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ENGINE": str(engine), "BASE_IMAGE": "localhost/base:test",
+                               "TAG": "localhost/m2snet:test", "PYTHON": sys.executable, **env})
+    return proc, calls.read_text().splitlines() if calls.exists() else []
+
+
+@pytest.mark.parametrize("url", [
+    "https://user:s3cr3t@mirror.example/whl/cu124",
+    "https://s3cr3t@mirror.example/whl/cu124",
+    "https://mirror.example/whl/cu124?token=s3cr3t",
+])
+def test_build_refuses_a_torch_index_url_with_credentials(tmp_path, url):
+    """Build arguments stay in the image's history: an index URL with a password or token never becomes one."""
+    proc, calls = _build_with_fake_engine(tmp_path, TORCH_INDEX_URL=url)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "TORCH_INDEX_URL" in proc.stderr and "s3cr3t" not in proc.stderr + proc.stdout
+    assert not any(c.startswith("build") for c in calls), calls
+
+
+def test_build_forwards_a_plain_torch_index_url_and_drops_pip_credentials(tmp_path):
+    plain = "https://download.pytorch.org/whl/cpu"
+    proc, calls = _build_with_fake_engine(tmp_path, TORCH_INDEX_URL=plain,
+                                          PIP_EXTRA_INDEX_URL="https://s3cr3t@mirror.example/simple")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    build = next(c for c in calls if c.startswith("build"))
+    assert f"TORCH_INDEX_URL={plain}" in build and "s3cr3t" not in build
+    assert "not forwarding pip's extra-index-url" in proc.stderr

@@ -81,6 +81,8 @@ def test_yaml_is_a_pipeline_spec_with_gpu_training(fresh_yaml):
         secrets = {s.get("secretName") or s.get("secretNameParameter", {}).get("runtimeValue", {}).get("constant")
                    for s in k8s[name]["secretAsEnv"]}
         assert {"mlflow-client", "s3-credentials"} <= secrets, name
+        # ... and runs as the image's non-root user (docker/Dockerfile's USER).
+        assert k8s[name]["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000", "runAsNonRoot": True}, name
     assert k8s["exec-train-fold"]["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow.pyfunc
 import numpy as np
 import pytest
 import torch
@@ -83,6 +84,36 @@ def test_ensemble_pyfunc_logs_loads_and_predicts_masks_at_input_size(checkpoints
     np.testing.assert_allclose(both.predict_proba([grey])[0], expect, atol=1e-5)
     np.testing.assert_array_equal(masks[0], (expect >= 0.5).astype(np.uint8) * 255)
     assert registered.predict(frame.iloc[:1])["mask"][0] == out["mask"][0]
+    # logged as code (MLflow "models from code"): loading it unpickles nothing
+    for downloaded in (tmp_path / "dl-run", tmp_path / "dl-reg"):
+        assert "model_code_path" in next(downloaded.rglob("MLmodel")).read_text()
+        assert not list(downloaded.rglob("*.pkl")), list(downloaded.rglob("*.pkl"))
+
+
+class _PickledPayload(mlflow.pyfunc.PythonModel):
+    """A python_model whose unpickling creates ``marker``: a model logged the pickled way."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_a_pickled_python_model_is_refused_unloaded(tmp_path):
+    from m2snet.common import M2SNetError
+    from m2snet.mlops.serving import load_model
+
+    marker = tmp_path / "pwned"
+    mlflow.pyfunc.save_model(str(tmp_path / "old-model"), python_model=_PickledPayload(str(marker)),
+                             pip_requirements=[])  # (inferring them would load, so unpickle, the model)
+    assert (tmp_path / "old-model" / "python_model.pkl").is_file() and not marker.exists()
+    with pytest.raises(M2SNetError, match=r"old-model: this model's python_model is a pickle; refusing to unpickle"):
+        load_model(str(tmp_path / "old-model"))
+    assert not marker.exists()
 
 
 def test_bad_image_input_is_a_clear_400_error(checkpoints):

@@ -31,7 +31,7 @@ def _cfg(ds: Path, split: Path, out: Path, **kw) -> TrainConfig:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def _scramble_val_masks(ds: Path, split: Path, dest: Path) -> Path:
@@ -63,7 +63,7 @@ def test_selected_checkpoint_does_not_depend_on_the_reported_cases(data, tmp_pat
     wa, wb = _weights(a.checkpoint), _weights(b.checkpoint)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not set(a.selection_cases) & set(a.val_cases) if selection == "inner" else True
-    meta = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
+    meta = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
     assert meta["selection"] == selection and meta["selected_epoch"] == a.selected_epoch
     if selection == "final":
         assert a.selected_epoch == 3

@@ -121,3 +121,48 @@ def test_a_registered_model_is_downloaded_once_and_leaves_no_temporary_copy(prod
     assert list(temp.iterdir()) == []
     assert model.metadata is not None
 
+
+
+def test_readme_serve_command_works_without_activating_the_virtualenv(production_model, tmp_path):
+    """`mlflow models serve` starts `uvicorn` by name: the README's command must find the virtualenv's copy
+    when the virtualenv was never activated (it failed with "uvicorn: not found")."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import requests
+
+    from m2snet.common import free_port
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"`([^`]*mlflow models serve -m models:/m2snet-busi@production[^`]*)`", readme).group(1)
+    port = free_port()
+    command = command.replace("m2snet-busi", "serve-test").replace("-p 5001", f"-p {port}")
+    # A checkout whose .venv is this interpreter's environment; a shell whose PATH does not hold it.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    bare_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                if Path(p).resolve() != Path(sys.executable).parent.resolve())
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PATH=bare_path, MLFLOW_TRACKING_URI=production_model["uri"])
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["bash", "-c", command], cwd=checkout, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        assert proc.poll() is None, f"{command} exited: {log.read_text()[-2000:]}"
+        assert requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)

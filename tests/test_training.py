@@ -116,6 +116,8 @@ def test_resume_reproduces_uninterrupted_run_exactly(tiny_data, tmp_path):
         train(cfg)
     resumed = train(cfg, resume=True)
 
+    for path in (straight.last_checkpoint, straight.checkpoint):  # tensors and plain data: read weights-only
+        assert torch.load(path, weights_only=True)["model_name"] == "m2snet"
     a = Checkpoint.load(straight.last_checkpoint)
     b = Checkpoint.load(resumed.last_checkpoint)
     assert a.resumable and b.resumable

@@ -1,4 +1,5 @@
-"""CLI commands of the model area: model-info, convert-reference, recalibrate-bn, list-models, export."""
+"""CLI commands of the model area: model-info, convert-reference, upgrade-checkpoint, recalibrate-bn, list-models,
+export."""
 
 from __future__ import annotations
 
@@ -55,6 +56,18 @@ def convert_reference_command(
 
     path = convert_reference(ckpt, out, model=model)
     typer.echo(f"wrote {path}")
+
+
+@app.command("upgrade-checkpoint")
+def upgrade_checkpoint_command(
+    checkpoint: Path = typer.Argument(..., help="An m2snet checkpoint written before weights-only loading."),
+    out: Path = typer.Option(..., "--out", help="Where to write the plain-data checkpoint."),
+) -> None:
+    """Rewrite an older m2snet checkpoint (numpy RNG state in last.pt) as tensors and plain data, so it
+    loads (and resumes) again; anything but those numpy types is still refused, never unpickled."""
+    from m2snet.models.checkpoint import upgrade_checkpoint
+
+    typer.echo(f"wrote {upgrade_checkpoint(checkpoint, out)}")
 
 
 @app.command("recalibrate-bn")

@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 import typer
 
 from m2snet.cli.options import MODEL_NAME, PIPELINE_EXPERIMENT, PRESET, preset_overrides
-from m2snet.common import M2SNetError
+from m2snet.common import M2SNetError, interpreter_bin
 
 app = typer.Typer(help="The cross-validation pipeline: run locally, compile, submit to Kubeflow.", no_args_is_help=True)
 
@@ -87,7 +87,9 @@ def _print_summary(result: Any) -> None:
     if local_store:
         echo(f"  mlflow ui --backend-store-uri {uri}    # then open the links above")
     echo(f"  m2snet predict --model models:/{result.model_name}@production IMAGE.png --out predictions/")
-    echo(f"  mlflow models serve -m models:/{result.model_name}@production --env-manager local -p 5001")
+    # mlflow starts uvicorn by name: put this environment's bin first, as for a non-activated virtualenv.
+    echo(f'  PATH="{interpreter_bin()}:$PATH" mlflow models serve -m models:/{result.model_name}@production '
+         "--env-manager local -p 5001")
 
 
 @app.command("compile")

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from m2snet.common import M2SNetError
+from m2snet.common import M2SNetError, redact
 from m2snet.data.importers import list_importers
 from m2snet.kubeflow.container import container_runner
 from m2snet.kubeflow.image import COMPONENT_IMAGE
@@ -232,9 +232,9 @@ def run_local(
 
     failure: Exception | None = None
     with warnings.catch_warnings(), view, _kfp_runner(runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
-        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {uri}, runner {runner}\n"
+        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {redact(uri)}, runner {runner}\n"
                     f"logs: {view.log_dir}/")
-        log.info("local pipeline run: preset %s, MLflow %s, kfp root %s, runner %s", preset, uri, root, runner)
+        log.info("local pipeline run: preset %s, MLflow %s, kfp root %s, runner %s", preset, redact(uri), root, runner)
         # The SubprocessRunner warns that our image name has no "python" in it: we run in this env.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         local.init(runner=kfp_runner, pipeline_root=str(root), raise_on_error=True)
@@ -274,7 +274,7 @@ def run_local(
         model_name=model_name, version=version, pipeline_run_id=pipeline_run_id,
         parent_run_id=parent.run_id if parent else None,
         production_version=str(prod.version) if prod is not None else None,
-        promoted=prod is not None and str(prod.version) == version, cv_table=table.strip(), tracking_uri=uri,
+        promoted=prod is not None and str(prod.version) == version, cv_table=table.strip(), tracking_uri=redact(uri),
         pipeline_root=root, seconds=seconds, log_dir=view.log_dir,
         tasks=[TaskSummary(t.label, t.state, t.seconds, t.log) for t in view.tasks.values()],
         promotion=mv.tags.get("promotion_decision", ""), experiment_id=exp.experiment_id if exp else "",

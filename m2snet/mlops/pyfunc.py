@@ -13,6 +13,11 @@ Set ``M2SNET_DEVICE`` (e.g. ``cuda``) to choose the device at load time (default
 With ``onnx=True`` the ensemble is also exported (m2snet.mlops.export) as artifact ``onnx`` and served
 through ONNX Runtime (the same pre- and post-processing; 2x+ faster on a CPU, see README
 "Benchmarks"); without that artifact, or with ``M2SNET_SERVE_BACKEND=torch``, PyTorch serves.
+
+The model is logged as code (MLflow's "models from code", :mod:`m2snet.mlops.pyfunc_model`), not as a
+cloudpickled :class:`SegmentationPyfunc`: loading it runs m2snet's code and reads the checkpoints with
+``torch.load(weights_only=True)``; nothing in the model is unpickled. :func:`require_model_code`
+refuses a model logged the old, pickled way (re-log it from its checkpoints).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import m2snet
 from m2snet.common import M2SNetError, resolve_device
 
 MODEL_CONFIG_TTA = "tta_flip"
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # what MLflow runs to load the model
 # What the pyfunc needs at load time beyond the m2snet code it carries (code_paths).
 _RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "numpy",
                           "pillow", "pandas", "mlflow", "pyyaml", "onnx", "onnxruntime")
@@ -185,7 +191,7 @@ def _log(paths: list[Path], name: str, registered_model_name: str | None, input_
         artifacts[ONNX_ARTIFACT] = str(onnx_path)
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=SegmentationPyfunc(),
+        python_model=str(MODEL_CODE),  # models from code: nothing is pickled
         artifacts=artifacts,
         code_paths=[str(Path(m2snet.__file__).parent)],
         pip_requirements=pip_requirements(),
@@ -196,3 +202,19 @@ def _log(paths: list[Path], name: str, registered_model_name: str | None, input_
         metadata={"m2snet_version": m2snet.__version__, "n_checkpoints": len(paths),
                   "backend": "onnxruntime" if onnx_path is not None else "torch"},
     )
+
+
+def require_model_code(model_dir: str | os.PathLike) -> None:
+    """Refuse a pyfunc model whose loading would unpickle its ``python_model`` (logged before m2snet
+    logged models as code, or not by m2snet): MLflow would run whatever that pickle names."""
+    from mlflow.models import Model
+    from mlflow.models.model import MODEL_CODE_PATH
+
+    try:
+        flavor = Model.load(str(model_dir)).flavors.get(mlflow.pyfunc.FLAVOR_NAME, {})
+    except (MlflowException, OSError) as err:
+        raise M2SNetError(f"{model_dir}: not an MLflow model ({err})") from err
+    if MODEL_CODE_PATH not in flavor:
+        raise M2SNetError(
+            f"{model_dir}: this model's python_model is a pickle; refusing to unpickle it (m2snet logs models as "
+            "code now: log its checkpoints again with m2snet.mlops.pyfunc.log_segmentation_model)")

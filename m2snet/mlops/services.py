@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from m2snet.common import M2SNetError, find_tool, free_port, tool_env
+from m2snet.common import M2SNetError, find_tool, free_port, redact, tool_env
 
 log = logging.getLogger(__name__)
 
@@ -249,26 +249,18 @@ def start_mlflow_server(
     mlflow_bin = find_tool("mlflow")
     argv = [
         mlflow_bin, "server", "--host", LOOPBACK, "--port", str(port),
-        "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination,
-        "--serve-artifacts", "--workers", str(workers),
+        "--artifacts-destination", artifacts_destination, "--serve-artifacts", "--workers", str(workers),
     ]
-    proc_env = dict(env or {})
+    # The backend URI may hold a database password: the environment, not argv (which `ps` shows anyone).
+    proc_env = {**(env or {}), "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
     # mlflow 3 refuses requests whose Host header is not allowed; loopback names are what we use.
     proc_env.setdefault("MLFLOW_SERVER_ALLOWED_HOSTS", f"{LOOPBACK}:{port},localhost:{port},{LOOPBACK},localhost")
     proc = ManagedProcess("mlflow", argv, workdir / f"mlflow-{port}.log", env=proc_env, cwd=workdir)
     url = f"http://{LOOPBACK}:{port}"
     proc.wait_ready(lambda: _http_ok(f"{url}/health"), timeout, f"{url}/health")
-    log.info("MLflow server at %s (backend %s, artifacts %s)", url, _redact(backend_store_uri), artifacts_destination)
+    log.info("MLflow server at %s (backend %s, artifacts %s)", url, redact(backend_store_uri),
+             redact(artifacts_destination))
     return MlflowService(url, backend_store_uri, artifacts_destination, workdir, proc)
-
-
-def _redact(uri: str) -> str:
-    """Hide a password in a database URI for logs."""
-    if "://" in uri and "@" in uri:
-        scheme, rest = uri.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else uri
-    return uri
 
 
 # ------------------------------------------------------------------------------- `services up`

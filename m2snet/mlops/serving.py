@@ -78,10 +78,14 @@ def overlay(image_rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]
 
 def load_model(model_uri: str, cache_dir: str | os.PathLike | None = None):
     """``mlflow.pyfunc.load_model`` from a local copy (:func:`local_model_dir`), with a clear error for
-    an unknown model or alias."""
+    an unknown model or alias, and for a model that would be unpickled (:func:`require_model_code`)."""
     import mlflow.pyfunc
 
-    return mlflow.pyfunc.load_model(str(local_model_dir(model_uri, cache_dir)))
+    from m2snet.mlops.pyfunc import require_model_code
+
+    local = local_model_dir(model_uri, cache_dir)
+    require_model_code(local)
+    return mlflow.pyfunc.load_model(str(local))
 
 
 def local_model_dir(model_uri: str, cache_dir: str | os.PathLike | None = None) -> Path:

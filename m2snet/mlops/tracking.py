@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from m2snet.common import M2SNetError, git_commit, write_json
+from m2snet.common import SECRET_NAME, M2SNetError, git_commit, redact, write_json
 
 if TYPE_CHECKING:
     from m2snet.training.callbacks import EpochEnd, TrainEnd, TrainStart
@@ -51,8 +51,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # a run's / experiment's description in the UI (markdown)
 MAX_DATASET_DIGEST = 36  # MLflow's limit; a DVC directory hash ("<md5>.dir") is exactly 36
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private_key)", re.I)
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
 # MLflow error codes that retrying cannot fix (a bad request, not an unreachable server).
 _PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                      "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
@@ -76,24 +74,17 @@ class TrackingConfig:
         return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def redact(value: Any) -> Any:
-    """Strip ``user:password@`` from URL-like strings."""
-    if isinstance(value, str):
-        return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
-    return value
-
-
 def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
     """Nested dicts/lists -> ``{"a.b": "value"}`` strings; secret-looking keys are dropped."""
     out: dict[str, str] = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if _SECRET_KEY.search(str(k)):
+            if SECRET_NAME.search(str(k)):
                 continue
             out.update(flatten_params(v, f"{prefix}{k}."))
         return out
     key = prefix[:-1] if prefix.endswith(".") else prefix
-    text = json.dumps(obj) if isinstance(obj, (list, tuple)) else str(redact(obj))
+    text = redact(json.dumps(obj) if isinstance(obj, (list, tuple)) else str(obj))
     out[key] = text[:MAX_PARAM_LENGTH]
     return out
 
@@ -120,12 +111,13 @@ def with_retry(fn: Callable[[], T], what: str, cfg: TrackingConfig) -> T:
             if attempt < cfg.retries:
                 wait = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** attempt)
                 log.warning("tracking: %s failed (%s: %s); retry %d/%d in %.1fs", what,
-                            type(err).__name__, str(err).splitlines()[0][:200], attempt + 1, cfg.retries, wait)
+                            type(err).__name__, redact(str(err).splitlines()[0][:200]), attempt + 1, cfg.retries,
+                            wait)
                 time.sleep(wait)
-    raise TrackingError(
+    raise TrackingError(redact(
         f"tracking server {cfg.resolved_uri()} unreachable: {what} failed after {cfg.retries + 1} tries "
         f"({type(last).__name__}: {str(last).splitlines()[0][:300] if last else ''})"
-    )
+    ))
 
 
 def _quiet_mlflow_http_retries() -> None:
@@ -197,7 +189,7 @@ class Tracker:
             all_tags["mlflow.parentRunId"] = parent.run_id
         run = with_retry(lambda: client.create_run(exp_id, run_name=run_name, tags=all_tags),
                          f"create run {run_name!r}", cfg)
-        log.info("tracking: run %s (%s) at %s", run.info.run_id, run_name, cfg.resolved_uri())
+        log.info("tracking: run %s (%s) at %s", run.info.run_id, run_name, redact(cfg.resolved_uri()))
         return cls(client, run.info.run_id, cfg)
 
     def child(self, run_name: str, tags: dict[str, str] | None = None) -> "Tracker":
@@ -246,7 +238,7 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
 
         input_tags = [InputTag("mlflow.data.context", context)]
-        input_tags += [InputTag(k, str(v)) for k, v in (tags or {}).items() if v not in (None, "")]
+        input_tags += [InputTag(k, redact(str(v))) for k, v in (tags or {}).items() if v not in (None, "")]
         item = DatasetInput(lineage.to_mlflow(), input_tags)
         with_retry(lambda: self.client.log_inputs(self.run_id, datasets=[item]),
                    f"log dataset {lineage.name}@{lineage.digest}", self.cfg)
@@ -260,7 +252,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        chunk = [RunTag(k, str(redact(v))) for k, v in tags.items()]
+        chunk = [RunTag(k, redact(str(v))) for k, v in tags.items()]
         with_retry(lambda: self.client.log_batch(self.run_id, tags=chunk), "set tags", self.cfg)
 
     # --- metrics --------------------------------------------------------------------------------
@@ -334,6 +326,11 @@ class DatasetLineage:
     dvc_path: str = ""
     importer: str = ""  # the raw layout it was imported from, if it was
     n_cases: int | None = None
+
+    def __post_init__(self) -> None:
+        # A record of where the data came from, never used to fetch it: keep no credentials in it
+        # (a DVC repository given as https://user:token@host/... would reach MLflow's inputs verbatim).
+        object.__setattr__(self, "uri", redact(self.uri))
 
     @property
     def source_type(self) -> str:
@@ -412,7 +409,7 @@ PARENT_RUN_FILE = "mlflow_parent.json"  # in a CV's directory: the parent run of
 
 def write_run_file(path: str | os.PathLike, tracker: Tracker) -> Path:
     """Record ``tracker``'s run in ``path`` (``<dir>/mlflow_run.json``), so a later step or a resume reopens it."""
-    write_json(path, {"run_id": tracker.run_id, "tracking_uri": tracker.cfg.resolved_uri()})
+    write_json(path, {"run_id": tracker.run_id, "tracking_uri": redact(tracker.cfg.resolved_uri())})
     return Path(path)
 
 

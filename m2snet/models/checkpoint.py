@@ -29,6 +29,14 @@ Optional fields that are None are not written; keys this version does not know a
 ``Checkpoint.extra`` and written back. ``model.pt`` is the slim form (no resume state): what
 evaluation, the pyfunc model, the registry and serving load via
 ``Checkpoint.load(path).build_model(device=...)``.
+
+Safe loading: the file holds tensors and plain data only (dict, list, tuple, str, int, float, bool,
+None; :func:`plain` converts numpy scalars/arrays and paths when writing, and refuses anything else),
+so it is read with ``torch.load(weights_only=True)``, which never imports or calls what a pickle
+names. A file that needs more (a planted payload) is refused with one line naming it, never unpickled.
+The one thing older m2snet wrote beyond plain data is numpy's RNG state in ``last.pt`` (its
+``model.pt`` always was plain): :func:`upgrade_checkpoint` (``m2snet upgrade-checkpoint``) rewrites
+such a file, letting the weights-only unpickler rebuild exactly those numpy types and nothing else.
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import random
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,7 +107,8 @@ class Checkpoint:
 
     # --- the on-disk dict -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The ``torch.save`` payload (format_version first; None-valued optional fields left out)."""
+        """The ``torch.save`` payload: tensors and plain data only (:func:`plain`; format_version first,
+        None-valued optional fields left out)."""
         out: dict[str, Any] = {"format_version": FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -107,7 +118,7 @@ class Checkpoint:
         if self.resume is not None:
             out.update(dataclasses.asdict(self.resume))
         out.update(self.extra)
-        return out
+        return {k: plain(v, k) for k, v in out.items()}
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any], path: str | os.PathLike | None = None) -> Checkpoint:
@@ -155,11 +166,7 @@ class Checkpoint:
         path = Path(path)
         if not path.is_file():
             raise M2SNetError(f"{path}: checkpoint not found")
-        try:
-            # Our checkpoints hold plain python/numpy objects (RNG states, configs): not weights-only.
-            payload = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as err:
-            raise M2SNetError(f"{path}: not a readable torch checkpoint ({err})") from err
+        payload = _load_weights_only(path, map_location)
         if not isinstance(payload, dict):
             raise M2SNetError(f"{path}: not an m2snet checkpoint (a {type(payload).__name__}, not a dict; for the "
                               "authors' reference weights use m2snet.models.reference.convert_reference first)")
@@ -210,20 +217,120 @@ class Checkpoint:
         return model.to(device).eval()
 
 
+# --- safe reading and writing -------------------------------------------------------------------
+def _load_weights_only(path: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(weights_only=True)``: a pickle that names anything beyond tensors and plain data is
+    refused before it is called, so a planted payload never runs."""
+    try:
+        with warnings.catch_warnings():  # protocol-4 pickles (a plain pickle.dump) warn before failing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if _names_globals(path, err):
+            hint = (f" (an m2snet checkpoint from before weights-only loading: `m2snet upgrade-checkpoint {path} "
+                    "--out NEW` rewrites it)" if _only_legacy_globals(path) else "")
+            raise M2SNetError(f"{path} is not a safe m2snet checkpoint: it holds objects other than tensors and "
+                              f"plain data; refusing to unpickle it{hint}") from None
+        raise M2SNetError(f"{path}: not a readable torch checkpoint ({_reason(err)})") from err
+    except Exception as err:
+        raise M2SNetError(f"{path}: not a readable torch checkpoint ({_reason(err)})") from err
+
+
+def _names_globals(path: Path, err: Exception) -> bool:
+    """Whether the weights-only load failed on an object the pickle names (not on bytes that are no
+    pickle at all): those are the files worth calling unsafe rather than unreadable."""
+    reason = _reason(err).lower()  # torch's own line: "Unsupported global: GLOBAL io.open was not allowed..."
+    if "global" in reason or "allowlist" in reason:
+        return True
+    try:
+        return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 -- not a torch zip file: the bytes were the problem, not an object
+        return False
+
+
+def _only_legacy_globals(path: Path) -> bool:
+    """Whether the file names nothing but the numpy types older m2snet wrote (:data:`LEGACY_NUMPY_GLOBALS`)."""
+    try:
+        names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 -- not a torch zip file
+        return False
+    return bool(names) and names <= {f"{g.__module__}.{g.__qualname__}" for g in LEGACY_NUMPY_GLOBALS}
+
+
+# What m2snet wrote before checkpoints were plain data: numpy's legacy RNG state in last.pt, whose
+# key is a uint32 array. upgrade_checkpoint lets the weights-only unpickler rebuild exactly these.
+LEGACY_NUMPY_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+
+
+def upgrade_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Rewrite an m2snet checkpoint written before checkpoints were plain data (numpy RNG state in
+    ``last.pt``) as tensors and plain data; read weights-only with :data:`LEGACY_NUMPY_GLOBALS` allowed,
+    so anything else in it is still refused, never unpickled."""
+    src = Path(src)
+    if not src.is_file():
+        raise M2SNetError(f"{src}: checkpoint not found")
+    with torch.serialization.safe_globals(list(LEGACY_NUMPY_GLOBALS)):
+        payload = _load_weights_only(src, "cpu")
+    if not isinstance(payload, dict):
+        raise M2SNetError(f"{src}: not an m2snet checkpoint (a {type(payload).__name__}, not a dict)")
+    rng = payload.get("rng")
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):  # np.random.get_state()'s legacy tuple
+        rng["numpy"] = _numpy_rng_state(*rng["numpy"])
+    return Checkpoint.from_dict(payload, src).save(out)
+
+
+def _reason(err: Exception) -> str:
+    """One line out of torch's multi-paragraph weights-only message (or any other error)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def plain(value: Any, key: str = "checkpoint") -> Any:
+    """``value`` as tensors and plain data, what ``torch.load(weights_only=True)`` reads back.
+
+    numpy scalars and arrays become Python numbers and lists, paths strings; containers are converted
+    member by member (tuples stay tuples). Anything else is a TypeError naming ``key``: a checkpoint
+    that could only be read by unpickling arbitrary objects is never written.
+    """
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.Size)):
+        return value
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {plain(k, key): plain(v, f"{key}.{k}") for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(plain(v, f"{key}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"checkpoint field {key!r}: a {type(value).__module__}.{type(value).__qualname__} object is "
+                    "not a tensor or plain data (a checkpoint is read with torch.load(weights_only=True))")
+
+
 # --- RNG state -------------------------------------------------------------------------------
 def capture_rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    """Every generator's state as tensors and plain data (numpy's MT19937 key as an int64 tensor)."""
+    return {
+        "python": random.getstate(),  # (version, tuple of ints, gauss): plain
+        "numpy": _numpy_rng_state(*np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    return state
+
+
+def _numpy_rng_state(bit_generator: str, key: np.ndarray, pos: int, has_gauss: int, gauss: float) -> dict[str, Any]:
+    """np.random.get_state()'s tuple as plain data (the uint32 key as an int64 tensor)."""
+    return {"bit_generator": str(bit_generator), "key": torch.from_numpy(np.asarray(key).astype(np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["bit_generator"], np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

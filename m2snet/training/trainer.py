@@ -258,6 +258,8 @@ def train(
         raise M2SNetError(f"{last_path}: nothing to resume (no checkpoint); start without --resume")
     if not resume and last_path.exists():
         raise M2SNetError(f"{out}: already holds a run ({LAST}); use --resume to continue it or another --out")
+    # Read (safely) before building data and model: a foreign or unsafe last.pt fails in a second.
+    resumed = Checkpoint.load(last_path) if resume else None
     out.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(cfg.device)
@@ -308,8 +310,8 @@ def train(
     history: list[dict[str, float]] = []
     selected = {"epoch": 0, "score": -math.inf}
     start_epoch = 0
-    if resume:
-        ckpt = Checkpoint.load(last_path)
+    if resumed is not None:
+        ckpt, resumed = resumed, None  # not held for the rest of the run
         if not ckpt.resumable:
             raise M2SNetError(f"{last_path}: a slim checkpoint (no optimizer/RNG state); it cannot be resumed")
         if ckpt.train_config != cfg.to_dict():

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from m2snet.common import M2SNetError, git_commit, sha256_file, write_json
+from m2snet.common import M2SNetError, git_commit, redact, sha256_file, write_json
 from m2snet.data.demo import build_demo_dataset, make_demo_dataset
 from m2snet.data.format import load_dataset
 from m2snet.data.importers import import_dataset
@@ -136,8 +136,9 @@ def prepare_dataset(
             try:
                 Repo.get(repo, dvc_path, out=str(src), rev=dvc_rev or None)
             except Exception as err:
-                raise M2SNetError(f"dvc get {repo} {dvc_path} --rev {dvc_rev or 'HEAD'} failed: {err}") from err
-            source_desc = f"dvc:{repo}@{dvc_rev or 'HEAD'}:{dvc_path}"
+                # DVC's message repeats the URL: a repository given with a token keeps it out of the log.
+                raise M2SNetError(redact(f"dvc get {repo} {dvc_path} --rev {dvc_rev or 'HEAD'} failed: {err}")) from err
+            source_desc = redact(f"dvc:{repo}@{dvc_rev or 'HEAD'}:{dvc_path}")
             where = {"uri": repo, "dvc_rev": dvc_rev or "HEAD", "dvc_path": dvc_path}
         elif data_path:
             src = Path(data_path)

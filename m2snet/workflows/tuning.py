@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from m2snet.common import M2SNetError, write_json
+from m2snet.common import M2SNetError, redact, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import INNER_VAL_FRACTION, load_split, write_inner_split
-from m2snet.mlops.tracking import Tracker, TrackingConfig, redact, tracking_callbacks
+from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
 
 if TYPE_CHECKING:
     import optuna
@@ -108,7 +108,7 @@ def make_storage(url: str | None, default_dir: str | Path | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
-        raise M2SNetError(f"tuning storage {url!r}: expected sqlite:///FILE, journal:PATH or postgresql://...")
+        raise M2SNetError(f"tuning storage {redact(url)!r}: expected sqlite:///FILE, journal:PATH or postgresql://...")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # pool_pre_ping: a long study outlives idle PostgreSQL connections.
     return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None)

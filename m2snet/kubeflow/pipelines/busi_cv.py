@@ -30,6 +30,7 @@ from m2snet.kubeflow.components import (
     train_fold,
     tune_hyperparameters,
 )
+from m2snet.kubeflow.image import COMPONENT_GID, COMPONENT_UID
 from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PRESETS
 
 PIPELINE_NAME = "m2snet-busi-cv"
@@ -57,6 +58,10 @@ def _with_cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
     kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET,
                                  secret_key_to_env={k: k for k in MLFLOW_SECRET_KEYS})
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+    # The image's own non-root user. The SDK has no setting for allowPrivilegeEscalation or capabilities:
+    # KFP's backend sets allowPrivilegeEscalation: false and drops all capabilities on every task container
+    # (kfp-kubernetes 2.17, set_security_context's docstring).
+    kubernetes.set_security_context(task, run_as_user=COMPONENT_UID, run_as_group=COMPONENT_GID, run_as_non_root=True)
     return task
 
 
