@@ -213,12 +213,34 @@ def test_paper_figures_are_the_papers(tmp_path):
     assert "epochs=1, pretrained=False" in report and "Tab. 1" in report
 
 
+def test_protocol_split_uses_subsets_or_its_fallback(pranet, tmp_path):
+    from m2snet.workflows.protocols import get_protocol, protocol_split
+
+    polyp = get_protocol("polyp")
+    assert sorted(protocol_split(polyp, pranet, out=tmp_path / "a.json").test_sets) == [
+        "CVC-300", "ETIS-LaribPolypDB", "Kvasir"]
+    # A dataset without PraNet's subsets (Kvasir-SEG alone): the seeded 900/100 fallback, test set "Kvasir".
+    video = _video_dataset(tmp_path / "v")
+    split = protocol_split(polyp, video, out=tmp_path / "b.json")
+    assert list(split.test_sets) == ["Kvasir"] and len(split.test_sets["Kvasir"]) == 3
+    assert len(split.fold(0).train) == 27
+    clips = protocol_split(get_protocol("polyp-video"), video, out=tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["group_by"]["column"] == "clip" and not clips.crossings
+    with pytest.raises(M2SNetError, match="unknown protocol 'lung'"):
+        get_protocol("lung")
+
+
+@pytest.mark.slow  # two minutes on a loaded 2-core box (training, pyfunc logging, registration)
 def test_benchmark_polyp_on_a_pranet_layout(pranet, tmp_path):
+    """Import + split + train + one row per test set + the paper's figures + a registered model version."""
+    from mlflow import MlflowClient
+
     from m2snet.cli import app
 
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = CliRunner().invoke(app, ["benchmark", str(pranet.parent / "src"), "--protocol", "polyp", "--format",
                                    "pranet", "--out", str(tmp_path / "b"), "--epochs", "1", "--size", "64",
-                                   "--batch-size", "2", "--no-track", "--set", "pretrained=false",
+                                   "--batch-size", "2", "--tracking-uri", uri, "--set", "pretrained=false",
                                    "--set", "lossnet_weight=0", "--set", "device=cpu", "--set", "progress=false",
                                    "--set", f"cache_dir={tmp_path / 'cache'}"])
     assert res.exit_code == 0, res.output
@@ -226,3 +248,19 @@ def test_benchmark_polyp_on_a_pranet_layout(pranet, tmp_path):
     assert "| CVC-300 (CVC-T) | dice |" in comparison and "| Kvasir (Kvasir) | mae |" in comparison
     assert "epochs=1" in comparison and "pretrained=False" in comparison
     assert json.loads((tmp_path / "b" / "split.json").read_text())["protocol"] == "fixed"
+    assert "registered model: m2snet-polyp/1" in res.output
+    client = MlflowClient(uri, registry_uri=uri)
+    version = client.get_model_version("m2snet-polyp", "1")
+    rows = json.loads((tmp_path / "b" / "run" / "test_sets.json").read_text())
+    assert float(version.tags["cv_dice"]) == pytest.approx(rows["mean"]["dice"], abs=1e-6)
+    run = client.get_run(version.run_id)
+    assert "ours vs the paper (Tab. 1" in run.data.tags["mlflow.note.content"]
+
+
+def test_cv_refuses_a_fixed_split(pranet, tmp_path):
+    from m2snet.training.config import TrainConfig
+    from m2snet.workflows.folds import run_cv
+
+    split = make_fixed_split(pranet, out=tmp_path / "fixed.json")
+    with pytest.raises(M2SNetError, match="a fixed split"):
+        run_cv(TrainConfig(data=str(pranet), split=str(split.path)), tmp_path / "cv")

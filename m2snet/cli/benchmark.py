@@ -48,3 +48,5 @@ def benchmark_cmd(
     typer.echo(res.comparison_md.read_text())
     if res.run_id:
         typer.echo(f"mlflow run: {res.run_id}")
+    if res.registered:
+        typer.echo(f"registered model: {res.registered}")

@@ -247,6 +247,37 @@ class BenchmarkResult:
     table_md: Path
     comparison_md: Path
     run_id: str | None
+    registered: str | None = None  # "<model name>/<version>"
+
+
+def registered_model_name(protocol: str) -> str:
+    return f"m2snet-{protocol}"
+
+
+def register_protocol_model(protocol: str, fr: FixedResult, tracking, description: str) -> str:
+    """Register the run's pyfunc model as a version of ``m2snet-<protocol>`` (once per run); the score
+    the promotion gate reads is the mean Dice over the test sets."""
+    import mlflow
+
+    from m2snet.mlops.registry import SCORE_TAG, register_model_version
+
+    if fr.model_uri is None or fr.run_id is None:
+        raise M2SNetError(f"protocol {protocol}: the run logged no model to register")
+    uri = tracking.resolved_uri()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        from mlflow import MlflowClient
+
+        tags = {"m2snet.protocol": protocol, "run_id": fr.run_id,
+                **{f"mean_{k}": f"{v:.4f}" for k, v in fr.report.mean.items()},
+                SCORE_TAG: f"{fr.report.mean.get('dice', float('nan')):.6f}"}
+        mv = register_model_version(fr.model_uri, registered_model_name(protocol), idempotency_key=fr.run_id,
+                                    tags=tags, description=description,
+                                    client=MlflowClient(tracking_uri=uri, registry_uri=uri))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return f"{registered_model_name(protocol)}/{mv.version}"
 
 
 def _dataset(data: Path, fmt: str | None, out: Path, protocol: Protocol) -> Path:
@@ -292,9 +323,13 @@ def benchmark(protocol_name: str, data: str | os.PathLike, out_dir: str | os.Pat
         table_md, run_id = fr.table_md, fr.run_id
     comparison_md = out / "paper_comparison.md"
     comparison_md.write_text(f"{protocol.description}\n\n{protocol.notes}\n\n{comparison}\n")
+    registered = None
     if tracking is not None and run_id is not None:
         tracker = Tracker.start(tracking, run_id=run_id)
         tracker.set_description(table_md.read_text() + "\n\n" + comparison)
         tracker.log_artifact(comparison_md, "report")
         tracker.end("FINISHED")
-    return BenchmarkResult(protocol.name, table_md, comparison_md, run_id)
+        if log_model and not protocol.kfold:
+            # k-fold (busi): the pipeline registers the folds' ensemble (m2snet pipeline run --preset busi).
+            registered = register_protocol_model(protocol.name, fr, tracking, comparison)
+    return BenchmarkResult(protocol.name, table_md, comparison_md, run_id, registered)
