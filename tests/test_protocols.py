@@ -209,7 +209,7 @@ def test_paper_figures_are_the_papers(tmp_path):
                 if metric != "paper_name":
                     assert f"{value:.2f}" in text or f"{value:.3f}" in text or f"{value:.4f}" in text, (name, metric)
     report = paper_comparison("polyp", {"Kvasir": {"dice": 0.5, "iou": 0.4}}, {"epochs": 1, "pretrained": False})
-    assert "| Kvasir (Kvasir) | dice | 0.500 | 0.912 | -0.412 |" in report
+    assert "| Kvasir | dice | 0.500 | 0.912 | -0.412 |" in report
     assert "epochs=1, pretrained=False" in report and "Tab. 1" in report
 
 
@@ -245,7 +245,7 @@ def test_benchmark_polyp_on_a_pranet_layout(pranet, tmp_path):
                                    "--set", f"cache_dir={tmp_path / 'cache'}"])
     assert res.exit_code == 0, res.output
     comparison = (tmp_path / "b" / "paper_comparison.md").read_text()
-    assert "| CVC-300 (CVC-T) | dice |" in comparison and "| Kvasir (Kvasir) | mae |" in comparison
+    assert "| CVC-300 (CVC-T) | dice |" in comparison and "| Kvasir | mae |" in comparison
     assert "epochs=1" in comparison and "pretrained=False" in comparison
     assert json.loads((tmp_path / "b" / "split.json").read_text())["protocol"] == "fixed"
     assert "registered model: m2snet-polyp/1" in res.output
@@ -264,3 +264,24 @@ def test_cv_refuses_a_fixed_split(pranet, tmp_path):
     split = make_fixed_split(pranet, out=tmp_path / "fixed.json")
     with pytest.raises(M2SNetError, match="a fixed split"):
         run_cv(TrainConfig(data=str(pranet), split=str(split.path)), tmp_path / "cv")
+
+
+def test_comparison_from_a_finished_cv_and_fixed_run(tmp_path):
+    from m2snet.training.config import TrainConfig
+    from m2snet.workflows.protocols import comparison_from_results
+
+    cv = tmp_path / "cv"
+    (cv / "fold0").mkdir(parents=True)
+    TrainConfig(epochs=3, size=96, pretrained=False).save(cv / "fold0" / "train_config.json")
+    (cv / "cv_summary.json").write_text(json.dumps({"n_folds": 4, "folds": [0, 1, 2, 3],
+                                                    "mean_percent": {"dice": 70.0, "iou": 60.0},
+                                                    "std_percent": {"dice": 2.0, "iou": 1.0}}))
+    text = comparison_from_results("busi", cv / "cv_summary.json")
+    assert "| BUSI | dice | 70.00 | 79.21 | -9.21 |" in text
+    assert "| BUSI (std) (BUSI std) | iou | 1.00 | 1.19 | -0.19 |" in text
+    assert "epochs=3, size=96" in text and "pretrained=False" in text and "folds=4 of 4" in text
+    (tmp_path / "test_sets.json").write_text(json.dumps({"rows": {"CVC-300": {"dice": 0.9, "mae": 0.01}}}))
+    assert "| CVC-300 (CVC-T) | mae | 0.010 | 0.009 | +0.001 |" in comparison_from_results(
+        "polyp", tmp_path / "test_sets.json")
+    with pytest.raises(M2SNetError, match="results file not found"):
+        comparison_from_results("polyp", tmp_path / "nope.json")

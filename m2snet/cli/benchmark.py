@@ -50,3 +50,19 @@ def benchmark_cmd(
         typer.echo(f"mlflow run: {res.run_id}")
     if res.registered:
         typer.echo(f"registered model: {res.registered}")
+
+
+@app.command("paper-compare")
+def paper_compare_cmd(
+    results: Path = typer.Argument(..., help="test_sets.json of a fixed-split run, or cv_summary.json of a CV."),
+    protocol: str = typer.Option(..., "--protocol", help="busi, polyp, polyp-video, covid or oct."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the report to this markdown file."),
+) -> None:
+    """Ours beside the paper's M2SNet figures for a finished run, with the difference and the budget."""
+    from m2snet.workflows.protocols import comparison_from_results
+
+    text = comparison_from_results(protocol, results)
+    if out is not None:
+        out.write_text(text + "\n")
+    typer.echo(text)
+

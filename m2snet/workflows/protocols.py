@@ -126,11 +126,15 @@ class FixedResult:
     model_uri: str | None = None
 
 
-def budget_of(cfg: TrainConfig, result=None) -> dict[str, Any]:
-    """What a run spent: the knobs a reader needs to weigh our numbers against the paper's."""
-    out: dict[str, Any] = {"model": cfg.model, "epochs": cfg.epochs, "size": cfg.size, "batch_size": cfg.batch_size,
-                           "multiscale": cfg.multiscale, "lossnet_weight": cfg.lossnet_weight,
-                           "selection": cfg.selection, "pretrained": cfg.pretrained}
+BUDGET_FIELDS = ("model", "epochs", "size", "batch_size", "multiscale", "lossnet_weight", "selection", "pretrained",
+                 "max_train_cases")
+
+
+def budget_of(cfg: TrainConfig | Mapping[str, Any], result=None) -> dict[str, Any]:
+    """What a run spent: the knobs a reader needs to weigh our numbers against the paper's (a TrainConfig,
+    or a train_config.json's dict, which may come from another m2snet version)."""
+    values = cfg.to_dict() if isinstance(cfg, TrainConfig) else dict(cfg)
+    out: dict[str, Any] = {k: values[k] for k in BUDGET_FIELDS if k in values}
     if result is not None:
         out.update({"pretrained_source": result.pretrained_source or "none (random init)",
                     "train_cases": len(result.train_cases), "device": result.device})
@@ -226,16 +230,41 @@ def paper_comparison(protocol: str, ours: Mapping[str, Mapping[str, float]], bud
                 continue
             value = float(ours[name][metric]) * (1.0 if percent or not unit.startswith("percent") else 100.0)
             matched += 1
-            lines.append(f"| {name} ({figures['paper_name']}) | {metric} | {_fmt(value, unit)} | "
-                         f"{_fmt(paper_value, unit)} | {value - paper_value:+.3f} |")
+            label = name if figures["paper_name"] == name else f"{name} ({figures['paper_name']})"
+            diff = value - paper_value
+            lines.append(f"| {label} | {metric} | {_fmt(value, unit)} | {_fmt(paper_value, unit)} | "
+                         f"{'+' if diff >= 0 else '-'}{_fmt(abs(diff), unit)} |")
     if not matched:
         lines.append(f"| (none of our test sets {sorted(ours)} is one the paper reports: "
                      f"{sorted(entry['sets'])}) | | | | |")
     lines += ["", "Budget: " + ", ".join(f"{k}={v}" for k, v in budget.items()),
-              f"Paper figures: {entry['table']} of the M2SNet paper ({paper_results()['source']}). "
+              f"Paper figures: {entry['table']}, from {paper_results()['source']}. "
               "The paper trained at its full recipe (Res2Net-50 ImageNet weights, its epochs); a short or "
               "unpretrained run is not expected to match."]
     return "\n".join(lines)
+
+
+def comparison_from_results(protocol: str, results: str | os.PathLike) -> str:
+    """The paper-vs-ours report of a finished run: ``test_sets.json`` (a fixed run) or ``cv_summary.json``
+    (a CV, BUSI), with the budget read from the run's ``train_config.json`` (``fold0/`` for a CV)."""
+    path = Path(results)
+    if not path.is_file():
+        raise M2SNetError(f"{path}: results file not found (test_sets.json of a fixed run or cv_summary.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise M2SNetError(f"{path}: invalid JSON ({err})") from None
+    config = next((c for c in (path.parent / "train_config.json", path.parent / "fold0" / "train_config.json")
+                   if c.is_file()), None)
+    budget: dict[str, Any] = budget_of(json.loads(config.read_text())) if config else {"budget": "unknown"}
+    if "rows" in data:
+        return paper_comparison(protocol, data["rows"], budget)
+    if "mean_percent" in data:
+        label = "BUSI"
+        budget["folds"] = f"{len(data.get('folds', []))} of {data.get('n_folds')}"
+        return paper_comparison(protocol, {label: data["mean_percent"], f"{label} (std)": data["std_percent"]},
+                                budget, percent=True)
+    raise M2SNetError(f"{path}: neither a test_sets.json ('rows') nor a cv_summary.json ('mean_percent')")
 
 
 # --- one entry: import, split, train, evaluate, report ---------------------------------------------
