@@ -278,7 +278,7 @@ def test_comparison_from_a_finished_cv_and_fixed_run(tmp_path):
                                                     "std_percent": {"dice": 2.0, "iou": 1.0}}))
     text = comparison_from_results("busi", cv / "cv_summary.json")
     assert "| BUSI | dice | 70.00 | 79.21 | -9.21 |" in text
-    assert "| BUSI (std) (BUSI std) | iou | 1.00 | 1.19 | -0.19 |" in text
+    assert "| BUSI (std) | iou | 1.00 | 1.19 | -0.19 |" in text
     assert "epochs=3, size=96" in text and "pretrained=False" in text and "folds=4 of 4" in text
     (tmp_path / "test_sets.json").write_text(json.dumps({"rows": {"CVC-300": {"dice": 0.9, "mae": 0.01}}}))
     assert "| CVC-300 (CVC-T) | mae | 0.010 | 0.009 | +0.001 |" in comparison_from_results(
