@@ -133,3 +133,19 @@ def test_swapped_folders_are_fixed_by_options_on_a_read_only_copy(tmp_path):
     finally:
         for path in [src, *src.rglob("*")]:
             os.chmod(path, stat.S_IRWXU)
+
+
+def test_fixed_clip_split_60_20_20_by_sequence(clinicdb, tmp_path):
+    """The paper's video protocol (Tab. 2): whole sequences dealt 60 / 20 / 20 into train / val / test."""
+    info = load_dataset(clinicdb)
+    out = tmp_path / "clips.json"
+    result = CliRunner().invoke(app, ["data", "split", str(clinicdb), "--protocol", "fixed", "--fractions",
+                                      "60/20/20", "--group-by", "sequence", "--seed", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    split = load_split(out)
+    sides = {"train": split.fold(0).train, "val": split.fold(0).val, "test": split.test_sets["test"]}
+    sequences = {side: {info.case(c).column("sequence") for c in ids} for side, ids in sides.items()}
+    assert sum(map(len, sequences.values())) == 29  # each sequence on exactly one side
+    assert sum(map(len, sides.values())) == N_FRAMES and split.crossings == []
+    shares = [len(sides[s]) / N_FRAMES for s in ("train", "val", "test")]
+    assert shares == pytest.approx([0.6, 0.2, 0.2], abs=0.05), shares

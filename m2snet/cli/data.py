@@ -216,9 +216,31 @@ def split(
     duplicates: str = typer.Option("cluster", help="Which duplicates stay in one fold: 'cluster' (exact + near "
                                    "duplicates, the manifest's group) or 'sha256' (byte-identical only: the old, "
                                    "leaky rule, kept to measure it)."),
+    protocol: str = typer.Option("kfold", help="'kfold' (cross-validation) or 'fixed' (one training set, an "
+                                 "optional validation set and named test sets; see --train/--val/--test/--fractions)."),
+    train: Optional[str] = typer.Option(None, "--train", metavar="SELECTOR",
+                                        help="fixed: the training set: subset:NAME[,NAME], ids:FILE or rest "
+                                             "(default: rest; with no selector at all: subset:train)."),
+    val: Optional[str] = typer.Option(None, "--val", metavar="SELECTOR", help="fixed: the validation set, if any."),
+    test: List[str] = typer.Option([], "--test", metavar="NAME=SELECTOR",
+                                   help="fixed: a named test set (repeatable), e.g. CVC-300=subset:CVC-300. "
+                                        "Default: one per subset other than 'train'."),
+    fractions: Optional[str] = typer.Option(None, "--fractions", metavar="TRAIN/VAL/TEST",
+                                            help="fixed: deal whole groups (clusters, --group-by values) by shares "
+                                                 "of the cases, e.g. 60/20/20 or 900/0/100."),
+    test_name: str = typer.Option("test", "--test-name", help="fixed + --fractions: the test set's name."),
+    on_leak: str = typer.Option("report", "--on-leak", help="fixed by selectors: a duplicate cluster or --group-by "
+                                "value on two sides is 'report'ed (recorded in the file) or 'refuse'd."),
 ) -> None:
-    """Write a K-fold split: stratified by label, duplicate clusters (and --group-by values) in one fold,
-    deterministic for a seed."""
+    """Write a K-fold split (stratified by label, duplicate clusters and --group-by values in one fold) or,
+    with --protocol fixed, a fixed split with named test sets; deterministic for a seed."""
+    if protocol == "fixed":
+        _fixed_split(dest, seed, out, group_by, train, val, test, fractions, test_name, on_leak)
+        return
+    if protocol != "kfold":
+        raise M2SNetError(f"--protocol {protocol!r}: expected kfold or fixed")
+    if train or val or test or fractions:
+        raise M2SNetError("--train/--val/--test/--fractions need --protocol fixed")
     result = make_split(dest, n_folds=folds, seed=seed, out=out, group_by=group_by,
                         duplicates=duplicates)  # type: ignore[arg-type]
     for k, counts in enumerate(result.counts):
@@ -227,6 +249,33 @@ def split(
     what = f"duplicates ({result.group})" + (f" and {result.group_by!r} values" if result.group_by else "")
     typer.echo(f"kept together: {kept.get('groups', 0)} groups of {what} ({kept.get('cases', 0)} cases), "
                "each in one fold")
+    typer.echo(f"wrote {result.path} (sha256 {result.sha256})")
+
+
+def _fixed_split(dest: Path, seed: int, out: Optional[Path], group_by: Optional[str], train: Optional[str],
+                 val: Optional[str], test: list[str], fractions: Optional[str], test_name: str, on_leak: str) -> None:
+    from m2snet.data.fixed_split import make_fixed_split
+
+    if on_leak not in ("report", "refuse"):
+        raise M2SNetError(f"--on-leak {on_leak!r}: expected report or refuse")
+    tests: dict[str, str] = {}
+    for item in test:
+        name, sep, selector = item.partition("=")
+        if not sep or not name or not selector:
+            raise M2SNetError(f"--test {item!r}: expected NAME=SELECTOR (e.g. CVC-300=subset:CVC-300)")
+        tests[name] = selector
+    result = make_fixed_split(dest, train=train, val=val, tests=tests or None, fractions=fractions,
+                              test_name=test_name, group_by=group_by, seed=seed, out=out,
+                              on_leak=on_leak)  # type: ignore[arg-type]
+    fold = result.fold(0)
+    typer.echo(f"train: {len(fold.train)} cases, val: {len(fold.val)} cases")
+    for name, ids in result.test_sets.items():
+        typer.echo(f"test {name}: {len(ids)} cases")
+    for c in result.crossings[:5]:
+        typer.echo(f"WARNING: group on two sides ({' and '.join(c['sets'])}): {', '.join(c['cases'][:6])}")
+    if result.crossings:
+        typer.echo(f"WARNING: {len(result.crossings)} group(s) on two sides, recorded in the file's 'crossings' "
+                   "(--on-leak refuse to refuse them)")
     typer.echo(f"wrote {result.path} (sha256 {result.sha256})")
 
 

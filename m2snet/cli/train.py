@@ -35,6 +35,12 @@ def _tracking(no_track: bool, uri: Optional[str], experiment: str):
     return TrackingConfig(uri=uri, experiment=experiment)
 
 
+def _is_fixed(split: str) -> bool:
+    from m2snet.data.split import load_split
+
+    return load_split(split).is_fixed
+
+
 @app.command("train")
 def train_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset directory (m2snet layout)."),
@@ -56,6 +62,9 @@ def train_cmd(
 ) -> None:
     """Train one model (one fold of a split, or all cases); evaluate the selected checkpoint on the fold.
 
+    With a fixed split (`data split --protocol fixed`): train on its training set (its validation set
+    scored every epoch) and evaluate every named test set: one table row per set plus their mean.
+
     The checkpoint is the final epoch's (--set selection=inner: the best epoch on an inner split of
     the fold's training cases); the fold's validation cases never choose it."""
     import contextlib
@@ -68,6 +77,14 @@ def train_cmd(
                   fold=fold, model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
                   out_dir=str(out) if out else None)
     tracking = _tracking(no_track, tracking_uri, experiment)
+    if cfg.split and _is_fixed(cfg.split):
+        from m2snet.workflows.protocols import run_fixed
+
+        res = run_fixed(cfg, cfg.out_dir, tracking=tracking, tta_flip=tta_flip, resume=resume)
+        typer.echo(f"checkpoint: {res.checkpoint} (selection={cfg.selection}, epoch {res.selected_epoch})")
+        typer.echo(res.report.table())
+        typer.echo(f"table: {res.table_md}" + (f"\nmlflow run {res.run_id}" if res.run_id else ""))
+        return
     if cfg.split:
         fr = train_fold(cfg, cfg.fold, Path(cfg.out_dir).parent, tracking=tracking, resume=resume,
                         tta_flip=tta_flip, fold_dir=cfg.out_dir)
@@ -104,7 +121,9 @@ def evaluate_cmd(
     no_skill: bool = typer.Option(False, "--no-skill", help="Score the all-background predictor instead of a "
                                   "checkpoint (no training); with --split: every fold's table."),
 ) -> None:
-    """Score checkpoint(s) at each case's original size; write per-case CSV, means and overlays."""
+    """Score checkpoint(s) at each case's original size; write per-case CSV, means and overlays.
+
+    With a fixed split: every named test set (``OUT/<set>/``), one row each plus their mean (test_sets.md)."""
     from m2snet.common import M2SNetError
     from m2snet.evaluation.evaluate import evaluate
 
@@ -123,7 +142,17 @@ def evaluate_cmd(
     if split:
         from m2snet.data.split import load_split
 
-        case_ids = list(load_split(split).fold(fold or 0).val)
+        loaded = load_split(split)
+        if loaded.is_fixed:
+            from m2snet.evaluation.testsets import evaluate_split_test_sets
+
+            report = evaluate_split_test_sets(checkpoint, data, loaded, out, tta_flip=tta_flip, device=device,
+                                              batch_size=batch_size, progress=True, protocol=protocol)
+            _, table_md = report.write(out)
+            typer.echo(report.table())
+            typer.echo(f"table: {table_md}")
+            return
+        case_ids = list(loaded.fold(fold or 0).val)
     res = evaluate(checkpoint, data, case_ids=case_ids, out_dir=out, tta_flip=tta_flip, device=device,
                    batch_size=batch_size, protocol=protocol)
     for k, v in res.metrics.items():

@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 INNER_VAL_FRACTION = 0.2
 
 SPLIT_FORMAT_VERSION = 2
-READABLE_SPLIT_VERSIONS = (1, 2)  # version 1: groups by sha256 only
+# Version 3: a fixed-split protocol (``"protocol": "fixed"``, one training/validation fold plus
+# named test sets); k-fold files stay version 2 and unchanged.
+FIXED_SPLIT_FORMAT_VERSION = 3
+READABLE_SPLIT_VERSIONS = (1, 2, 3)  # version 1: groups by sha256 only
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,15 @@ class Split:
     sha256: str | None = None
     counts: list[dict[str, int]] = field(default_factory=list)
     groups_kept_together: dict[str, int] = field(default_factory=dict)
+    # "kfold" (version 1/2 files) or "fixed" (version 3: fold 0 = the training and validation sets).
+    protocol: str = "kfold"
+    test_sets: dict[str, list[str]] = field(default_factory=dict)  # name -> case ids (fixed only)
+    # Groups on two sides of a fixed split as made from the source's subsets (reported, not refused).
+    crossings: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.protocol == "fixed"
 
     def fold(self, k: int) -> Fold:
         if not 0 <= k < self.n_folds:
@@ -290,6 +302,13 @@ def load_split(path: str | os.PathLike) -> Split:
         raise M2SNetError(f"{path}: malformed split file ({err!r})") from None
     if len(folds) != n_folds or [f.fold for f in folds] != list(range(n_folds)):
         raise M2SNetError(f"{path}: expected folds 0..{n_folds - 1}, found {[f.fold for f in folds]}")
+    protocol = data.get("protocol", "kfold")
+    test_sets = data.get("test_sets") or {}
+    if (protocol == "fixed") != (data["format_version"] == FIXED_SPLIT_FORMAT_VERSION):
+        raise M2SNetError(f"{path}: protocol {protocol!r} does not match format_version {data['format_version']}")
+    if protocol == "fixed" and (n_folds != 1 or not isinstance(test_sets, dict) or not test_sets
+                                or not all(isinstance(v, list) and v for v in test_sets.values())):
+        raise M2SNetError(f"{path}: a fixed split needs one fold and at least one non-empty named test set")
     return Split(
         n_folds=n_folds,
         seed=int(data.get("seed", 0)),
@@ -302,4 +321,7 @@ def load_split(path: str | os.PathLike) -> Split:
         path=path.resolve(),
         sha256=sha256_file(path),
         counts=list(data.get("val_label_counts", [])),
+        protocol=protocol,
+        test_sets={str(k): [str(i) for i in v] for k, v in test_sets.items()},
+        crossings=list(data.get("crossings", [])),
     )

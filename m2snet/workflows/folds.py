@@ -396,6 +396,9 @@ def run_cv(
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
     split = load_split(cfg.split)
+    if split.is_fixed:
+        raise M2SNetError(f"{split.path}: a fixed split (named test sets), not k folds; "
+                          "run it with `m2snet train --split` or `m2snet benchmark`")
     folds = list(range(split.n_folds)) if folds is None else list(folds)
     for k in folds:
         split.fold(k)  # range check with a clear error
