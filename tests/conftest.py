@@ -39,6 +39,18 @@ def _private_m2snet_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _forget_the_active_mlflow_experiment():
+    """``mlflow.set_experiment`` is process-global (a module variable and MLFLOW_EXPERIMENT_ID): a module
+    that sets one against its own store would send a later module's ``start_run`` to an experiment id
+    its fresh store lacks ("No Experiment with id=1 exists"). Forget it after each module."""
+    yield
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture(scope="session")
 def busi_root() -> Path:
     if not (BUSI_ROOT / "benign").is_dir():
