@@ -359,3 +359,27 @@ def test_a_sigtermed_atomic_write_leaves_no_temporary(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert "Terminated" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt.ready"]
+
+
+# ------------------------------------------------------------------ a command never deletes what it did not write
+
+
+def test_demo_overwrite_replaces_only_a_previous_demo(tmp_path):
+    """``data demo DEST --overwrite`` onto a user's folder is refused, the folder intact; onto its own output it works."""
+    user_dir = tmp_path / "results"
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("months of work\n")
+    proc = _m2snet("data", "demo", user_dir, "--overwrite", "--n-per-class", "1", "--size", "32")
+    _one_error_line(proc, str(user_dir), "not an m2snet output")
+    assert _tree(user_dir) == {"thesis.tex": b"months of work\n"}
+    assert _leftovers(tmp_path, "results") == [user_dir]
+
+    demo = tmp_path / "demo"
+    make_demo_dataset(demo, n_per_class=1, size=32, seed=1)
+    proc = _m2snet("data", "demo", demo, "--overwrite", "--n-per-class", "1", "--size", "32", "--seed", "2")
+    assert proc.returncode == 0, proc.stderr
+    again = make_demo_dataset(tmp_path / "fresh", n_per_class=1, size=32, seed=2)
+    assert _tree(demo) == _tree(again)
+    assert _leftovers(tmp_path, "demo") == [demo]
+    # The marker is no image of the raw layout: the BUSI importer reads the demo's cases only.
+    assert len(import_dataset("busi", demo, tmp_path / "ds", progress=False, validate=False).cases) == 3
