@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from m2snet.common import M2SNetError, redact, write_json
+from m2snet.common import M2SNetError, atomic_file, redact, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import INNER_VAL_FRACTION, load_split, write_inner_split
 from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
@@ -168,7 +168,8 @@ def save_study_plots(study: "optuna.Study", out_dir: str | Path) -> list[Path]:
                 ax = fn(study)
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
             fig.set_size_inches(7, 5)
-            fig.savefig(out_dir / f"{name}.png", dpi=100, bbox_inches="tight")
+            with atomic_file(out_dir / f"{name}.png") as tmp:  # the temporary's suffix is .tmp: name the format
+                fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
             plt.close(fig)
             written.append(out_dir / f"{name}.png")
         except Exception as err:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
