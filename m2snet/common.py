@@ -6,6 +6,7 @@ Keep this module free of heavy imports (torch, mlflow, ...): the CLI imports it 
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
 import errno
 import fcntl
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from m2snet import __version__
 
@@ -129,14 +130,16 @@ def _fsync_directory(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it becomes ``path``, whole, or nothing does.
 
-    THE way m2snet writes a result file (JSON, manifest, checkpoint, ONNX graph): the caller writes
-    the temporary by name (``open``, ``torch.save``, ``onnx.save``). On success it gets the umask's
-    mode (mkstemp's is a private 0600, which hid checkpoints from other users and containers), is
-    flushed to disk (fsync) and renamed over ``path`` (atomic: a reader sees the old file or the new
-    one). On any exception, Ctrl-C or SIGTERM the temporary is removed and ``path`` is untouched.
+    THE way m2snet writes a result file (JSON, CSV, report, plot, manifest, checkpoint, ONNX graph):
+    the caller writes the temporary by name (``open``, ``torch.save``, ``savefig(tmp, format=...)``:
+    the temporary's suffix is ``.tmp``). On success it gets the umask's mode (mkstemp's is a private
+    0600, which hid checkpoints from other users and containers) or ``mode`` (0o600 for a file
+    holding secrets: it is never readable by others, not even for a moment), is flushed to disk
+    (fsync) and renamed over ``path`` (atomic: a reader sees the old file or the new one). On any
+    exception, Ctrl-C or SIGTERM the temporary is removed and ``path`` is untouched.
     """
     path = Path(path)
     _make_parent(path)
@@ -151,7 +154,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             yield tmp
             fd = os.open(tmp, os.O_RDONLY)
             try:
-                os.fchmod(fd, umask_mode())
+                os.fchmod(fd, umask_mode() if mode is None else mode)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -168,6 +171,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text result (report, table) atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Write rows as CSV (a header of ``columns``, ``\\n`` line ends) atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class Terminated(BaseException):

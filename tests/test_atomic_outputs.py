@@ -359,3 +359,123 @@ def test_a_sigtermed_atomic_write_leaves_no_temporary(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert "Terminated" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt.ready"]
+
+
+# ------------------------------------------------------------------ a command never deletes what it did not write
+
+
+def test_demo_overwrite_replaces_only_a_previous_demo(tmp_path):
+    """``data demo DEST --overwrite`` onto a user's folder is refused, intact; onto its own output it works."""
+    user_dir = tmp_path / "results"
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("months of work\n")
+    proc = _m2snet("data", "demo", user_dir, "--overwrite", "--n-per-class", "1", "--size", "32")
+    _one_error_line(proc, str(user_dir), "not an m2snet output")
+    assert _tree(user_dir) == {"thesis.tex": b"months of work\n"}
+    assert _leftovers(tmp_path, "results") == [user_dir]
+
+    demo = tmp_path / "demo"
+    make_demo_dataset(demo, n_per_class=1, size=32, seed=1)
+    proc = _m2snet("data", "demo", demo, "--overwrite", "--n-per-class", "1", "--size", "32", "--seed", "2")
+    assert proc.returncode == 0, proc.stderr
+    again = make_demo_dataset(tmp_path / "fresh", n_per_class=1, size=32, seed=2)
+    assert _tree(demo) == _tree(again)
+    assert _leftovers(tmp_path, "demo") == [demo]
+    # The marker is no image of the raw layout: the BUSI importer reads the demo's cases only.
+    assert len(import_dataset("busi", demo, tmp_path / "ds", progress=False, validate=False).cases) == 3
+
+
+# ------------------------------------------------------------------ every result file through atomic_file
+
+# Writes that are not a whole result file, each with why it needs no atomic_file: (module, function).
+PLAIN_WRITES_ALLOWED = {
+    ("m2snet/data/format.py", "write_png"): "an image inside import_dataset's atomic_directory (one fsync per image "
+                                             "would be wasted: the folder is swapped in whole)",
+    ("m2snet/mlops/services.py", "__init__"): "a service's log, streamed while it runs (append)",
+    ("m2snet/kubeflow/runview.py", "_write"): "a step's log, streamed while it runs (append)",
+}
+_ATOMIC = {"atomic_file", "atomic_directory"}
+_SAVERS = {("np", "save"), ("np", "savez"), ("np", "savez_compressed"), ("torch", "save")}
+
+
+def _plain_writes(path: Path) -> list[tuple[str, int, str]]:
+    """(function, line, call) of each file write in ``path`` outside a ``with atomic_file/atomic_directory``:
+    ``.write_text``, ``.write_bytes``, ``.savefig``, ``np.save``/``torch.save`` and ``open`` with a write mode."""
+    import ast
+
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+
+    def is_write(call: ast.Call) -> str | None:
+        f = call.func
+        if isinstance(f, ast.Attribute) and f.attr in ("write_text", "write_bytes", "savefig"):
+            return f.attr
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and (f.value.id, f.attr) in _SAVERS:
+            return f"{f.value.id}.{f.attr}"
+        if isinstance(f, ast.Name) and f.id == "open":
+            modes = [*call.args[1:2], *(k.value for k in call.keywords if k.arg == "mode")]
+            mode = modes[0] if modes else None
+            if mode is not None and not (isinstance(mode, ast.Constant) and set(str(mode.value)).isdisjoint("wax+")):
+                return "open(..., write mode)"
+        return None
+
+    def is_atomic(node: ast.With) -> bool:
+        calls = [i.context_expr for i in node.items if isinstance(i.context_expr, ast.Call)]
+        return any(getattr(c.func, "id", getattr(c.func, "attr", None)) in _ATOMIC for c in calls)
+
+    def visit(node: ast.AST, function: str, atomic: bool) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function, atomic = node.name, False  # a nested function runs later, maybe outside the block
+        if isinstance(node, (ast.With, ast.AsyncWith)) and is_atomic(node):
+            atomic = True
+        if isinstance(node, ast.Call) and not atomic and (what := is_write(node)):
+            found.append((function, node.lineno, what))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function, atomic)
+
+    visit(tree, "<module>", False)
+    return found
+
+
+def test_the_package_writes_result_files_only_through_atomic_file():
+    """A killed process never leaves half a result file: every write goes through atomic_file (or a helper on
+    it: write_json, write_text, write_csv) or into an atomic_directory, except the few allowed above."""
+    offenders, used = [], set()
+    for path in sorted((REPO_ROOT / "m2snet").rglob("*.py")):
+        module = path.relative_to(REPO_ROOT).as_posix()
+        for function, line, what in _plain_writes(path):
+            if (module, function) in PLAIN_WRITES_ALLOWED:
+                used.add((module, function))
+            else:
+                offenders.append(f"{module}:{line} {function}: {what}")
+    assert not offenders, "plain writes of result files (use m2snet.common.atomic_file):\n" + "\n".join(offenders)
+    assert used == set(PLAIN_WRITES_ALLOWED), f"stale allowances: {set(PLAIN_WRITES_ALLOWED) - used}"
+
+
+def test_the_scan_flags_a_plain_write(tmp_path):
+    """The scan above can fail: each kind of plain write is found, the atomic ones are not."""
+    src = tmp_path / "m.py"
+    src.write_text(
+        "def bad(p, fig, d):\n    p.write_text('x')\n    fig.savefig(p)\n    open(p, 'a')\n    np.save(p, d)\n"
+        "def good(p, fig):\n    open(p)\n    open(p, 'rb')\n"
+        "    with atomic_file(p) as tmp, open(tmp, 'w') as f:\n        fig.savefig(tmp, format='png')\n"
+    )
+    assert [(f, what) for f, _, what in _plain_writes(src)] == [
+        ("bad", "write_text"), ("bad", "savefig"), ("bad", "open(..., write mode)"), ("bad", "np.save")]
+
+
+def test_a_per_case_table_whose_writer_is_interrupted_keeps_the_old_table(tmp_path):
+    """Behaviour, not just the scan: Ctrl-C while ``cv_per_case.csv`` is written (its second row) leaves the
+    previous table whole and no temporary beside it (a plain ``open(.., "w")`` had truncated it)."""
+    from m2snet.mlops.cv_results import CV_PER_CASE, write_cv_per_case
+
+    class Interrupted:
+        def __str__(self):
+            raise KeyboardInterrupt
+
+    write_cv_per_case([{"case_id": "a", "dice": 0.5}], tmp_path, {"run": "old"})
+    before = (tmp_path / CV_PER_CASE).read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        write_cv_per_case([{"case_id": "b", "dice": 0.7}, {"case_id": "c", "dice": Interrupted()}], tmp_path, {})
+    assert (tmp_path / CV_PER_CASE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CV_PER_CASE, "cv_lineage.json"])

@@ -112,3 +112,24 @@ def test_study_is_shared_through_postgresql(pg_database):
     worker_a.tell(trial, 0.5)
     assert [t.value for t in worker_b.trials] == [0.5]
     assert params["backbone_lr"] == params["head_lr"] * worker_b.trials[0].params["backbone_ratio"]
+
+
+def test_a_trial_folder_m2snet_did_not_write_is_never_removed(tiny_data, tmp_path):
+    """``trial-0000`` in the output folder is removed (a crashed earlier attempt) only if tuning made it."""
+    from m2snet.workflows.tuning import TRIAL_MARKER, TuningConfig, tune
+
+    cfg = TuningConfig(n_trials=1, epochs=1, storage=f"journal:{tmp_path / 'study.log'}", study_name="s-user")
+    user_dir = tmp_path / "w" / "trial-0000"
+    user_dir.mkdir(parents=True)
+    (user_dir / "notes.txt").write_text("keep me\n")
+    with pytest.raises(M2SNetError, match="no trial completed"):
+        tune(_base(tiny_data), dataclasses.replace(cfg, n_trials=1), tmp_path / "w", tracking=False)
+    assert sorted(p.name for p in user_dir.iterdir()) == ["notes.txt"]
+
+    crashed = tmp_path / "w2" / "trial-0000"  # what an attempt killed mid-trial leaves
+    crashed.mkdir(parents=True)
+    (crashed / TRIAL_MARKER).touch()
+    (crashed / "last.pt").write_bytes(b"half")
+    result = tune(_base(tiny_data), dataclasses.replace(cfg, study_name="s-crashed", storage=""),
+                  tmp_path / "w2", tracking=False)
+    assert result.n_complete == 1 and not crashed.exists()

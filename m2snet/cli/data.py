@@ -37,7 +37,7 @@ def demo(
     seed: int = typer.Option(0, help="Random seed; the same seed gives byte-identical files."),
     n_per_class: str = typer.Option("12,8,6", help="Cases per class: one number, or benign,malignant,normal."),
     size: int = typer.Option(128, help="Image width in pixels."),
-    overwrite: bool = typer.Option(False, help="Replace DEST if it exists."),
+    overwrite: bool = typer.Option(False, help="Replace DEST only if it is a previous demo or empty."),
     formatted: bool = typer.Option(
         False, "--formatted",
         help="Write the m2snet format directly (= demo + `data import --format busi`); this is data/demo.",
@@ -110,7 +110,7 @@ def import_(
     ),
     near_duplicates: Optional[str] = typer.Option(None, "--near-duplicates", help=_NEAR_HELP + " Default: on."),
     near_duplicate_threshold: Optional[int] = typer.Option(None, "--near-duplicate-threshold", help=_THRESHOLD_HELP),
-    overwrite: bool = typer.Option(False, help="Replace DEST if it exists."),
+    overwrite: bool = typer.Option(False, help="Replace DEST only if it is a previous import or empty."),
     option: List[str] = typer.Option(
         [], "--option", "-o", help="Importer option KEY=VALUE (e.g. threshold=127, mask_suffix=_mask).",
     ),

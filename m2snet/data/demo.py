@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from m2snet.common import M2SNetError, atomic_directory
+from m2snet.common import M2SNetError, atomic_directory, write_json
 from m2snet.data.format import encode_png
 from m2snet.data.importers import import_dataset
 
@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 DEMO_CLASSES = ("benign", "malignant", "normal")
 DEFAULT_N_PER_CLASS = (12, 8, 6)
 DEFAULT_SIZE = 128
+# Written at the root of the raw (BUSI-layout) demo: what marks a folder as one m2snet wrote, so
+# ``--overwrite`` replaces a previous demo and never a user's folder. A dot-file outside the class
+# folders, so no importer reads it as an image. (The formatted demo has dataset.json instead.)
+DEMO_MARKER = ".m2snet-demo.json"
 
 
 @dataclass(frozen=True)
@@ -139,13 +143,16 @@ def make_demo_dataset(
 ) -> Path:
     """Write the synthetic set in the BUSI layout (``benign/benign (1).png`` + ``benign (1)_mask.png``).
 
-    Returns ``dest``. Same arguments -> byte-identical files.
+    Returns ``dest``. Same arguments -> byte-identical files. With ``overwrite`` only a previous
+    demo (it holds :data:`DEMO_MARKER`) or an empty folder is replaced.
     """
     if size < 32:
         raise M2SNetError(f"size: must be at least 32 px, got {size}")
     counts = _parse_counts(n_per_class)
     dest = Path(dest)
-    with atomic_directory(dest, overwrite=overwrite) as tmp:
+    with atomic_directory(dest, overwrite=overwrite, marker=DEMO_MARKER) as tmp:
+        write_json(tmp / DEMO_MARKER, {"generator": "m2snet data demo", "n_per_class": counts, "seed": seed,
+                                       "size": size})
         for label, count in counts.items():
             folder = tmp / label
             folder.mkdir()

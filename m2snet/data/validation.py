@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from m2snet.common import sha256_file, write_json
+from m2snet.common import sha256_file, write_json, write_text
 from m2snet.data.duplicates import (
     CROP_SCALES,
     LINKAGE,
@@ -141,7 +141,7 @@ class ValidationReport:
         self.root = info.root
         json_path, html_path = report_paths(info.root)
         write_json(json_path, self.to_dict())
-        html_path.write_text(render_html(self, info))
+        write_text(html_path, render_html(self, info))
         return json_path, html_path
 
 

@@ -13,7 +13,6 @@ that finds nothing would have scored (``noskill_*``).
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from m2snet.common import M2SNetError, resolve_device, write_json
+from m2snet.common import M2SNetError, resolve_device, write_csv, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.images import read_mask, read_rgb
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, case_metrics, check_protocol, has_lesion, summarize_cases
@@ -122,10 +121,7 @@ def evaluate_predictor(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         result.per_case_csv = out / "per_case.csv"
-        with open(result.per_case_csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(result.per_case_csv, rows, list(rows[0]))
         result.metrics_json = out / "metrics.json"
         write_json(result.metrics_json, result.metrics)
         # Best and worst cases by Dice (stable order: ties broken by case id).

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from m2snet.common import atomic_file
+
 
 def _pyplot():
     import matplotlib
@@ -47,7 +49,8 @@ def _save(plt, fig, out_path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
-    fig.savefig(out_path, dpi=80)
+    with atomic_file(out_path) as tmp:  # the temporary's suffix is .tmp: name the format
+        fig.savefig(tmp, dpi=80, format=out_path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return out_path
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from m2snet.common import M2SNetError, write_json
+from m2snet.common import M2SNetError, write_csv, write_json
 
 CV_PER_CASE = "cv_per_case.csv"
 CV_LINEAGE = "cv_lineage.json"
@@ -46,10 +46,7 @@ def write_cv_per_case(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathL
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))  # every column, in first-seen order
-    with open(out / CV_PER_CASE, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / CV_PER_CASE, rows, columns)
     write_json(out / CV_LINEAGE, dict(lineage))
     return out / CV_PER_CASE, out / CV_LINEAGE
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from m2snet.common import M2SNetError, find_tool, free_port, redact, tool_env
+from m2snet.common import M2SNetError, atomic_file, find_tool, free_port, redact, tool_env
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,8 @@ def start_seaweedfs(
         }]
     }
     config_path = workdir / "s3-identities.json"
-    config_path.write_text(json.dumps(identities))
-    config_path.chmod(0o600)
+    with atomic_file(config_path, mode=0o600) as tmp:  # secrets: never readable by others, not for a moment
+        tmp.write_text(json.dumps(identities))
     # Every listener gets an explicit free port (or 0 = off): weed's defaults (9333, 8080, 8181, 9101, ...)
     # collide with another instance on the same machine.
     s3_port = port or free_port()

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from m2snet.common import SECRET_NAME, M2SNetError, git_commit, redact, write_json
+from m2snet.common import SECRET_NAME, M2SNetError, atomic_file, git_commit, redact, write_json
 
 if TYPE_CHECKING:
     from m2snet.training.callbacks import EpochEnd, TrainEnd, TrainStart
@@ -295,7 +295,7 @@ class Tracker:
         spool_dir = Path(self.cfg.spool_dir or ".")
         spool_dir.mkdir(parents=True, exist_ok=True)
         path = spool_dir / f"mlflow-pending-{self.run_id}.jsonl"
-        with open(path, "w") as f:
+        with atomic_file(path) as tmp, open(tmp, "w") as f:
             for k, v, ts, step in self._pending:
                 f.write(json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": ts,
                                     "step": step}) + "\n")

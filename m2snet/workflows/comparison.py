@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from m2snet.common import M2SNetError, write_json
+from m2snet.common import M2SNetError, write_json, write_text
 from m2snet.evaluation.compare import (
     BOOTSTRAP_SEED,
     METRICS,
@@ -87,7 +87,7 @@ def compare_cv(source_a: str, source_b: str, out_dir: str | os.PathLike, *, metr
                                  f"[{100 * best.ci_low:+.2f}, {100 * best.ci_high:+.2f}] "
                                  f"({comparison.n_cases} paired cases)")
     result = CompareResult(comparison=comparison, a=a, b=b, report=report, out_dir=out, figure=figure)
-    (out / "compare.txt").write_text(report + "\n")
+    write_text(out / "compare.txt", report + "\n")
     if log_run:
         experiment = tracking.experiment or a.experiment or b.experiment or TrackingConfig().experiment
         result.run_id = _log_compare_run(result, replace(tracking, experiment=experiment))

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from m2snet.common import M2SNetError, git_commit, write_json
+from m2snet.common import M2SNetError, git_commit, write_json, write_text
 from m2snet.data.format import load_dataset
 from m2snet.data.split import load_split
 from m2snet.evaluation.metrics import (
@@ -354,7 +354,7 @@ def write_cv_summary(summary: CVSummary, per_fold: Sequence[Mapping[str, Any]], 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "cv_summary.json", {**summary.to_dict(), "per_fold": [dict(r) for r in per_fold]})
-    (out / "cv_table.md").write_text(summary.table(title=title) + "\n")
+    write_text(out / "cv_table.md", summary.table(title=title) + "\n")
     return out / "cv_summary.json", out / "cv_table.md"
 
 

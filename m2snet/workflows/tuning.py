@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from m2snet.common import M2SNetError, redact, write_json
+from m2snet.common import M2SNetError, atomic_file, redact, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import INNER_VAL_FRACTION, load_split, write_inner_split
 from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("m2snet.workflows.tuning")
 
 OBJECTIVE_METRIC = "val_dice"
+# In each trial folder: what marks it as one a trial made, so only such a folder is ever removed.
+TRIAL_MARKER = ".m2snet-trial"
 
 
 @dataclass
@@ -168,7 +170,8 @@ def save_study_plots(study: "optuna.Study", out_dir: str | Path) -> list[Path]:
                 ax = fn(study)
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
             fig.set_size_inches(7, 5)
-            fig.savefig(out_dir / f"{name}.png", dpi=100, bbox_inches="tight")
+            with atomic_file(out_dir / f"{name}.png") as tmp:  # the temporary's suffix is .tmp: name the format
+                fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
             plt.close(fig)
             written.append(out_dir / f"{name}.png")
         except Exception as err:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
@@ -178,6 +181,18 @@ def save_study_plots(study: "optuna.Study", out_dir: str | Path) -> list[Path]:
 
 
 # --- the study ----------------------------------------------------------------------------------
+def _fresh_trial_dir(trial_dir: Path) -> None:
+    """An empty ``trial_dir`` holding :data:`TRIAL_MARKER`. What is there already is removed only if a
+    trial made it (a crashed earlier attempt of the same trial number), never a folder of the user's."""
+    if trial_dir.exists():
+        if any(trial_dir.iterdir()) and not (trial_dir / TRIAL_MARKER).is_file():
+            raise M2SNetError(f"{trial_dir}: exists and was not written by m2snet tune (no {TRIAL_MARKER}); "
+                              "move it or choose another output folder")
+        shutil.rmtree(trial_dir)
+    trial_dir.mkdir(parents=True)
+    (trial_dir / TRIAL_MARKER).touch()
+
+
 def tune(
     base: "TrainConfig",
     cfg: TuningConfig,
@@ -225,8 +240,7 @@ def tune(
     def objective(trial: "optuna.Trial") -> float:
         params = suggest(trial, cfg)
         trial_dir = out_dir / f"trial-{trial.number:04d}"
-        if trial_dir.exists():  # a crashed earlier attempt of the same trial number
-            shutil.rmtree(trial_dir)
+        _fresh_trial_dir(trial_dir)
         tcfg = trial_base.override(out_dir=str(trial_dir), **params)
         child = run.child(f"trial-{trial.number}", tags={"optuna.trial": str(trial.number),
                                                           "optuna.study": cfg.study_name}) if run else None
