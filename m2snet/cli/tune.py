@@ -30,12 +30,12 @@ def tune_cmd(
 ) -> None:
     """Tune the head learning rate and backbone/head ratio with Optuna (pruning on per-epoch Dice)."""
     from m2snet.mlops.tracking import Tracker, TrackingConfig
-    from m2snet.workflows.tuning import TuningConfig, tune
+    from m2snet.workflows.tuning import tune
 
     base = train_config(preset, preset_overrides(preset, set_), data=str(data), split=str(split), fold=fold,
                         out_dir=str(out / "unused"))
-    cfg = TuningConfig(n_trials=trials, epochs=epochs or get_preset(preset).tune_epochs, storage=storage or None,
-                       study_name=study, seed=base.seed)
+    cfg = get_preset(preset).tuning_config(n_trials=trials, storage=storage or None, study_name=study, seed=base.seed,
+                                           **({"epochs": epochs} if epochs else {}))
     parent = Tracker.start(TrackingConfig(experiment=experiment), run_name=f"study-{study}",
                            tags={"m2snet.kind": "study"})
     with parent:

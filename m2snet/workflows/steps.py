@@ -63,7 +63,6 @@ from m2snet.workflows.folds import (
     tune_fold,
 )
 from m2snet.workflows.presets import DEFAULT_EXPERIMENT, get_preset, parse_overrides, train_config
-from m2snet.workflows.tuning import TuningConfig
 
 if TYPE_CHECKING:
     from m2snet.mlops.tracking import Tracker
@@ -232,9 +231,8 @@ def tune_step(
     base = train_config(preset, train_overrides, data=dataset_dir, split=split_path, fold=fold,
                         out_dir=str(work / "unused"))
     storage = storage or os.environ.get("M2SNET_OPTUNA_STORAGE", "")
-    cfg = TuningConfig(
-        n_trials=n_trials if n_trials > 0 else p.n_trials, epochs=p.tune_epochs,
-        storage=storage or None, seed=base.seed,
+    cfg = p.tuning_config(
+        n_trials=n_trials if n_trials > 0 else p.n_trials, storage=storage or None, seed=base.seed,
         # One study per pipeline run unless the caller shares a named storage on purpose.
         study_name=f"m2snet-{pipeline_run_id}-fold{fold}" if pipeline_run_id else f"m2snet-fold{fold}",
     )
