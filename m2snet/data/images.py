@@ -27,12 +27,13 @@ them (mode ``L``, ``RGB``, ``RGBA``, ``P``, ``1``, ...), so imports of 8-bit sou
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Iterator, Literal, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -97,6 +98,23 @@ def check_size(width: int, height: int, where: str, limit: int | None = None) ->
         )
 
 
+@contextlib.contextmanager
+def _opened(source: Source, where: str) -> Iterator[Image.Image]:
+    """PIL's lazy open of a path or bytes (header only until ``load``), with PIL's own bomb error as ours.
+
+    Our cap (:func:`check_size`) is the caller's to check; PIL's warning between its limit and twice it
+    is noise here.
+    """
+    data = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(data) as im:
+                yield im
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"{where}: image is too large to decode ({err})") from None
+
+
 def decode_image(source: Source, kind: Kind = "image", *, name: str | None = None,
                  limit: int | None = None) -> DecodedImage:
     """Decode a file path or raw bytes by content into an 8-bit image (see the module docstring).
@@ -105,18 +123,12 @@ def decode_image(source: Source, kind: Kind = "image", *, name: str | None = Non
     :func:`max_pixels`).
     """
     where = _label(source, name)
-    opened = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
     try:
-        with warnings.catch_warnings():
-            # Our cap is checked below; PIL's warning between its limit and twice it is noise here.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(opened) as im:
-                check_size(*im.size, where, limit)
-                im.load()
-                fmt, mode = im.format, im.mode
-                image = im.copy()
-    except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"{where}: image is too large to decode ({err})") from None
+        with _opened(source, where) as im:
+            check_size(*im.size, where, limit)
+            im.load()
+            fmt, mode = im.format, im.mode
+            image = im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if not isinstance(source, (bytes, bytearray)) and Path(source).suffix.lower() in (".tif", ".tiff"):
             decoded = _decode_tiff(Path(source), kind, where, limit)
@@ -148,14 +160,9 @@ def check_image(source: Source, *, name: str | None = None, limit: int | None = 
     Cheap (nothing is decoded): for refusing a batch before any work or output starts.
     """
     where = _label(source, name)
-    opened = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(opened) as im:
-                size = im.size
-    except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"{where}: image is too large to decode ({err})") from None
+        with _opened(source, where) as im:
+            size = im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if not isinstance(source, (bytes, bytearray)) and Path(source).suffix.lower() in (".tif", ".tiff"):
             size = _tiff_size(Path(source), where)
