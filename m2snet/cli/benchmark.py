@@ -59,10 +59,11 @@ def paper_compare_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the report to this markdown file."),
 ) -> None:
     """Ours beside the paper's M2SNet figures for a finished run, with the difference and the budget."""
+    from m2snet.common import write_text
     from m2snet.workflows.protocols import comparison_from_results
 
     text = comparison_from_results(protocol, results)
     if out is not None:
-        out.write_text(text + "\n")
+        write_text(out, text + "\n")
     typer.echo(text)
 

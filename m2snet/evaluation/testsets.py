@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from m2snet.common import M2SNetError, resolve_device, write_json
+from m2snet.common import M2SNetError, resolve_device, write_json, write_text
 from m2snet.data.split import Split
 from m2snet.evaluation.evaluate import EvalResult, evaluate_predictor
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
@@ -72,7 +72,7 @@ class TestSetReport:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "test_sets.json", {"rows": self.rows, "mean": self.mean,
                                             "mean_rule": "unweighted mean of the test-set means"})
-        (out / "test_sets.md").write_text(self.table(title) + "\n")
+        write_text(out / "test_sets.md", self.table(title) + "\n")
         return out / "test_sets.json", out / "test_sets.md"
 
 

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from m2snet.common import M2SNetError, git_commit, write_json
+from m2snet.common import M2SNetError, git_commit, write_json, write_text
 from m2snet.data.fixed_split import make_fixed_split
 from m2snet.data.format import DATASET_JSON
 from m2snet.data.split import Split, load_split, make_split
@@ -351,7 +351,7 @@ def benchmark(protocol_name: str, data: str | os.PathLike, out_dir: str | os.Pat
         comparison = paper_comparison(protocol.name, fr.report.rows, fr.budget)
         table_md, run_id = fr.table_md, fr.run_id
     comparison_md = out / "paper_comparison.md"
-    comparison_md.write_text(f"{protocol.description}\n\n{protocol.notes}\n\n{comparison}\n")
+    write_text(comparison_md, f"{protocol.description}\n\n{protocol.notes}\n\n{comparison}\n")
     registered = None
     if tracking is not None and run_id is not None:
         tracker = Tracker.start(tracking, run_id=run_id)
