@@ -242,3 +242,32 @@ def test_predict_into_an_impossible_out_folder_is_one_line(production_model, tmp
                        "--out", str(blocker / "sub")], monkeypatch, capsys)
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("predict")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --out {blocker / 'sub'}: "), err
+
+
+def test_concurrent_downloads_of_one_model_share_one_complete_copy(production_model, tmp_path):
+    """Two `m2snet predict` processes starting at once download the same registered model into the
+    shared cache: both must succeed and end with the one complete copy (first writer wins; before the
+    cache was shared, the second would fail on the first's lock or replace a copy being read)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cache = tmp_path / "cache"
+    # A barrier after the (slow, variable) imports, so the two downloads really overlap.
+    code = ("import sys, time, pathlib; from m2snet.mlops.serving import local_model_dir\n"
+            "ready = pathlib.Path(sys.argv[2]); (ready / sys.argv[3]).touch()\n"
+            "while len(list(ready.iterdir())) < 2: time.sleep(0.01)\n"
+            "print(local_model_dir('models:/serve-test@production', sys.argv[1]))")
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": production_model["uri"]}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(cache), str(ready), str(i)], env=env,
+                              cwd=production_model["root"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    dirs = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(dirs) == 1 and (Path(dirs.pop()) / "MLmodel").is_file()
+    leftovers = [p.name for p in (cache / "models").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
