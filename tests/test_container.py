@@ -113,6 +113,7 @@ def test_tiny_pipeline_runs_every_step_in_the_image_and_registers_a_model(image,
     from mlflow import MlflowClient
 
     from m2snet.kubeflow.runner import run_local
+    from m2snet.workflows.presets import get_preset
 
     engine, tag = image
     since = time.time() - 1
@@ -132,7 +133,15 @@ def test_tiny_pipeline_runs_every_step_in_the_image_and_registers_a_model(image,
     client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     mv = client.get_model_version(MODEL, result.version)
     assert mv.tags["pipeline_run_id"] == result.pipeline_run_id and mv.tags["n_folds"] == "4"
-    assert result.promoted and 0.0 <= float(mv.tags["cv_dice"]) <= 1.0
+    # The promote step ran in the image and applied the gate: a 1-epoch model that learns nothing is
+    # refused by the no-skill rule; one it promotes beats its no-skill Dice by the margin.
+    cv, noskill = float(mv.tags["cv_dice"]), float(mv.tags["noskill_dice"])
+    margin = get_preset("tiny").promotion.noskill_margin
+    assert 0.0 <= cv <= 1.0
+    if result.promoted:
+        assert cv >= noskill + margin, result.promotion
+    else:
+        assert cv < noskill + margin and "no-skill rule" in result.promotion, result.promotion
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and "cv_dice_mean" in parent.data.metrics
     folds = [r for r in client.search_runs([parent.info.experiment_id])
