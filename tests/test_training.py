@@ -46,6 +46,25 @@ def test_triangle_schedule_matches_formula():
     assert seen == [[0.0025, 0.025], [0.005, 0.05], [0.0025, 0.025]]
 
 
+def test_triangle_peak_moves_the_apex():
+    # E = 9 epochs, x = (e + 1) / 10; peak 0.2: rise x / 0.2 to e = 1, then (1 - x) / 0.8.
+    assert [round(triangle_factor(e, 9, 0.2), 6) for e in range(4)] == [0.5, 1.0, 0.875, 0.75]
+    # peak 0.5 is the reference's triangle, factor for factor.
+    assert all(abs(triangle_factor(e, 7, 0.5) - triangle_factor(e, 7)) < 1e-12 for e in range(7))
+    with pytest.raises(ValueError):
+        triangle_factor(0, 3, 1.0)
+    with pytest.raises(M2SNetError, match="warmup_fraction"):
+        TrainConfig(data="d", warmup_fraction=0.0).validate()
+
+
+def test_msu_bn_momentum_reaches_the_filter_norms():
+    from m2snet.models import create_model
+
+    model = create_model("m2snet", pretrained=False, msu_bn_momentum=0.01)
+    assert model.conv_3.norm.momentum == model.conv_5.norm.momentum == 0.01
+    assert create_model("m2snet", pretrained=False).conv_3.norm.momentum == 0.1
+
+
 def test_config_file_roundtrip_and_overrides(tmp_path):
     cfg = TrainConfig(data="d", epochs=3, model_config={"msu_impl": "dense"})
     cfg.save(tmp_path / "c.json")

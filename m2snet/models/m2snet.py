@@ -64,6 +64,8 @@ class M2SNet(SegmentationModel):
         msu_norm: ``"per_site"`` (default: one running mean / variance per call site of the
             shared filters, 10 units x 2 inputs) or ``"shared"`` (the reference: one for all 20
             calls); only for ``unit="msu"``. Same parameters and training; see README "The model".
+        msu_bn_momentum: the running-statistics momentum of the shared filters' BatchNorm (0.1,
+            PyTorch's default and the reference's; None = cumulative average); only for ``unit="msu"``.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class M2SNet(SegmentationModel):
         msu_impl: MSUImpl = "fast",
         msu_norm: MSUNorm = DEFAULT_MSU_NORM,
         channels: int = 64,
+        msu_bn_momentum: float | None = 0.1,
     ) -> None:
         super().__init__()
         if n_classes < 1:
@@ -89,8 +92,8 @@ class M2SNet(SegmentationModel):
             # running statistic per call site, the two inputs of each of the pyramid's units).
             self.msu_norm = msu_norm
             sites = 2 * len(PYRAMID)
-            self.conv_3 = OnesFilterBN(3, channels, msu_impl, msu_norm, sites)
-            self.conv_5 = OnesFilterBN(5, channels, msu_impl, msu_norm, sites)
+            self.conv_3 = OnesFilterBN(3, channels, msu_impl, msu_norm, sites, msu_bn_momentum)
+            self.conv_5 = OnesFilterBN(5, channels, msu_impl, msu_norm, sites, msu_bn_momentum)
         elif msu_impl != "fast":
             raise ValueError(f"msu_impl={msu_impl!r} only applies to unit='msu', not {unit!r}")
         elif msu_norm != DEFAULT_MSU_NORM:

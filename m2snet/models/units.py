@@ -76,7 +76,7 @@ class OnesFilterBN(nn.Module):
     """
 
     def __init__(self, kernel_size: int, channels: int = 64, impl: MSUImpl = "fast",
-                 norm: MSUNorm = "shared", sites: int = 0) -> None:
+                 norm: MSUNorm = "shared", sites: int = 0, momentum: float | None = 0.1) -> None:
         super().__init__()
         if impl not in ("fast", "dense"):
             raise ValueError(f"msu_impl must be 'fast' or 'dense', got {impl!r}")
@@ -86,7 +86,8 @@ class OnesFilterBN(nn.Module):
             raise ValueError(f"msu_norm='per_site' needs the number of call sites, got sites={sites}")
         self.kernel_size, self.channels, self.impl = kernel_size, channels, impl
         self.norm_mode, self.sites = norm, sites if norm == "per_site" else 0
-        self.norm = nn.BatchNorm2d(channels)
+        # ``momentum``: BatchNorm2d's (0.1; None = cumulative average); it drives the per-site rows too.
+        self.norm = nn.BatchNorm2d(channels, momentum=momentum)
         if impl == "dense":
             # Fixed (requires_grad=False) parameters, as the reference's CPU checkpoints hold them:
             # they count as the reference's 0.14 M "fixed" parameters (29.88 M in all).

@@ -69,6 +69,9 @@ class TrainConfig:
     nesterov: bool = True
     schedule: Literal["triangle", "constant"] = "triangle"
     schedule_unit: Literal["epoch", "step"] = "epoch"  # triangle evaluated per epoch or per step
+    # Where the triangle peaks, as a share of the run: 0.5 = the reference (rise over half the run);
+    # smaller = a shorter warm-up and a longer decay (m2snet.training.schedule).
+    warmup_fraction: float = 0.5
     grad_clip: float | None = None  # max grad norm; None = no clipping (reference has none)
     # --- input / augmentation -------------------------------------------------------------------
     size: int = 352  # base train size; the multi-scale set is REFERENCE_SCALES scaled by size/352
@@ -182,6 +185,8 @@ class TrainConfig:
             problems.append(f"batch_size={self.batch_size} must be >= 1")
         if self.size < 32 or self.size % 32:
             problems.append(f"size={self.size} must be a multiple of 32 (the encoder's stride)")
+        if not 0.0 < self.warmup_fraction < 1.0:
+            problems.append(f"warmup_fraction={self.warmup_fraction} must be in (0, 1)")
         if self.schedule not in ("triangle", "constant"):
             problems.append(f"schedule={self.schedule!r} must be 'triangle' or 'constant'")
         if self.schedule_unit not in ("epoch", "step"):

@@ -293,7 +293,7 @@ def train(
     optimizer = build_optimizer(model, cfg, on_cuda)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     total = cfg.epochs if cfg.schedule_unit == "epoch" else cfg.epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, cfg.schedule, total)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total, cfg.warmup_fraction)
     train_step = TrainStep(model, loss_fn, optimizer, cfg, device)
     scaler, forward = train_step.scaler, train_step.forward
 
