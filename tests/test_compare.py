@@ -278,3 +278,25 @@ def test_compare_logs_a_compare_run(tmp_path, monkeypatch):
     arts = {f.path for f in MlflowClient(uri).list_artifacts(res.run_id, "compare")}
     assert arts == {"compare/compare_dice.png", "compare/compare.txt"}
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["run_id"] == res.run_id
+
+
+def test_seeds_run_as_separate_jobs_join_with_plus(tmp_path):
+    """`A42+A43` is one CV of two seeds: its cases are averaged over both before pairing; a seed in two
+    parts or parts on two splits are refused."""
+    from m2snet.common import M2SNetError
+    from m2snet.mlops.cv_results import load_cv_cases
+
+    fold, a, b = _planted(0.05, n_per_fold=10)
+    write_cv_per_case(_rows(fold, a, seed=42), tmp_path / "A42", LINEAGE)
+    write_cv_per_case(_rows(fold, a + 0.02, seed=43), tmp_path / "A43", LINEAGE)
+    joined = load_cv_cases(f"{tmp_path / 'A42'}+{tmp_path / 'A43'}")
+    assert joined.seeds == ["42", "43"] and len(joined.rows) == 80
+    scores = average_seeds(joined.rows)
+    assert scores.n_seeds == 2
+    np.testing.assert_allclose(scores.values["dice"], a + 0.01, atol=2e-6)
+
+    with pytest.raises(M2SNetError, match="seed 42 is in both"):
+        load_cv_cases(f"{tmp_path / 'A42'}+{tmp_path / 'A42'}")
+    write_cv_per_case(_rows(fold, a, seed=44), tmp_path / "X", {**LINEAGE, "split_sha256": "c" * 64})
+    with pytest.raises(M2SNetError, match="are not one CV"):
+        load_cv_cases(f"{tmp_path / 'A42'}+{tmp_path / 'X'}")
