@@ -4,7 +4,7 @@
 # queue below in order (so a cut-short study has finished the first jobs). A fold takes 8-12 min on a
 # worker of the 2-core box shared with other work (~25-60 s a training epoch, ~50 s a validation pass),
 # so only the first pair runs all 4 folds; the second seed, the paper's recipe, the ablations and U-Net
-# run on folds 0-1 (compare pairs the cases both sides scored). Then `m2snet compare`
+# run on folds 0-1 and the ablations on fold 0 (compare pairs the cases both sides scored). Then `m2snet compare`
 # pairs any two of them on the same cases (bench/busi_study_report.sh).
 # Budget (the same for every job): BUSI at 128 px, batch 8, 10 epochs, 128 training cases sampled per
 # fold (seeded, the same cases for every job and seed), every validation case of the fold scored at
@@ -33,9 +33,9 @@ m2snet-bb005|42|0,1|--model m2snet --set backbone_lr=0.005
 msnet-bb005|42|0,1|--model msnet --set backbone_lr=0.005
 m2snet-bb05|43|0,1|--model m2snet --set backbone_lr=0.05
 msnet-bb05|43|0,1|--model msnet --set backbone_lr=0.05
-m2snet-bb05-warmup02|42|0,1|--model m2snet --set backbone_lr=0.05 --set warmup_fraction=0.2
-m2snet-bb05-bnmom001|42|0,1|--model m2snet --set backbone_lr=0.05 --set model_config={\"msu_bn_momentum\":0.01}
-unet-bb05|42|0,1|--model unet --set backbone_lr=0.05"}
+unet-bb05|42|0,1|--model unet --set backbone_lr=0.05
+m2snet-bb05-warmup02|42|0|--model m2snet --set backbone_lr=0.05 --set warmup_fraction=0.2
+m2snet-bb05-bnmom001|42|0|--model m2snet --set backbone_lr=0.05 --set model_config={\"msu_bn_momentum\":0.01}"}
 job() {
   IFS='|' read -r name seed folds args <<< "$1"
   out=runs/$name/seed$seed
