@@ -118,9 +118,17 @@ def two_epoch_mean():
 def test_a_rule_registered_in_one_place_is_validated_used_and_recorded(data, tmp_path, two_epoch_mean):
     from m2snet.training.trainer import train
 
+    from mlflow.tracking import MlflowClient
+
+    from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
+
     ds, split = data
     cfg = _cfg(ds, split, tmp_path / "toy", epochs=4).override_strings(["selection=toy_mean2"])  # as --set does
-    res = train(cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with Tracker.start(TrackingConfig(uri=uri, experiment="toy-rule"), run_name="toy") as tracker:
+        res = train(cfg, callbacks=tracking_callbacks(tracker))
+    params = MlflowClient(uri).get_run(tracker.run_id).data.params
+    assert params["epoch_val_cases"] == "inner split (toy: mean of 2)"  # the rule describes itself
     losses = [row["val_loss"] for row in res.history]
     means = [-np.mean(losses[max(0, i - 1):i + 1]) for i in range(len(losses))]
     assert res.selected_epoch == 1 + int(np.argmax(means))  # the first of equal means: "better" is strict
