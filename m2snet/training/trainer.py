@@ -4,13 +4,16 @@ Recipe (defaults of :class:`TrainConfig`, spec "Training recipe"): SGD + Nestero
 head parameter groups with their own max LR on the triangular schedule, multi-scale batches, AMP
 on CUDA. Each epoch ends with a validation pass (Dice/IoU per image at the train size) and an
 atomic checkpoint (``last.pt``: everything needed to resume; ``model.pt``: the run's result, slim,
-chosen by ``TrainConfig.selection`` -- the final epoch by default, so the cases a fold reports on
-never pick the checkpoint; see :func:`m2snet.training.cases.resolve_cases`). Resuming restores model, optimizer,
-scheduler, AMP scaler and every RNG; the order of the training cases comes from a DataLoader
-generator seeded by (seed, epoch), so a resumed run
-reproduces the uninterrupted one exactly on CPU in deterministic mode. The loop reports to
-callbacks (:mod:`m2snet.training.callbacks`) and knows nothing of MLflow; checkpoints are
-:class:`m2snet.models.checkpoint.Checkpoint` objects.
+chosen by the selection rule ``TrainConfig.selection`` names (:mod:`m2snet.training.selection`) --
+the final epoch by default, so the cases a fold reports on never pick the checkpoint; see
+:func:`m2snet.training.cases.resolve_cases`). :func:`train` reads as its phases: build, restore,
+then per epoch train, validate, select-and-save and end (log line, callbacks), then finish.
+Resuming restores model, optimizer, scheduler, AMP scaler and every RNG; the order of the training
+cases comes from a DataLoader generator seeded by (seed, epoch), so a resumed run reproduces the
+uninterrupted one exactly on CPU in deterministic mode. The loop reports to callbacks
+(:mod:`m2snet.training.callbacks`) and knows nothing of MLflow; checkpoints are
+:class:`m2snet.models.checkpoint.Checkpoint` objects, written through ``Checkpoint.save`` (one
+:func:`m2snet.common.atomic_file` each).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class TrainResult:
     last_checkpoint: Path | None  # last.pt (resumable); None when config.keep_last_checkpoint is off
     history: list[dict[str, float]]
     selected_epoch: int
-    selection_score: float  # the selected epoch's val_dice on the selection cases (or -train loss without)
+    selection_score: float  # the rule's score of the selected epoch (default rules: val_dice, or -train loss)
     config: TrainConfig
     pretrained_source: str | None = None
     loss_pretrained_source: str | None = None
@@ -241,6 +244,7 @@ def train(
     run.build()
     if resumed is not None:
         run.restore(resumed)
+        del resumed  # its tensors are not held for the rest of the run
     run.start()
     for epoch in range(run.start_epoch, cfg.epochs):
         ep = run.train_epoch(epoch)
