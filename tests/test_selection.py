@@ -93,3 +93,57 @@ def test_cv_records_the_rule_and_scores_only_unselected_cases(data, tmp_path):
         assert Path(record["checkpoint"]).name == "model.pt"
     summary = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
     assert [row["fold"] for row in summary["per_fold"]] == [0, 1]
+
+
+# --- rules as objects: a new rule is one register_selection call, here in the test file -------------
+@pytest.fixture
+def two_epoch_mean():
+    """A toy rule registered the way a new one would be: the lowest inner validation loss averaged over
+    the last two epochs (a smoothed "best"), scored on the inner split of the fold's training cases.
+    (The loss, not the Dice: a 4-epoch 32 px model scores a constant Dice, which cannot tell rules apart.)"""
+    from dataclasses import dataclass
+
+    from m2snet.training import selection
+
+    @dataclass(frozen=True)
+    class MeanOfLastTwo(selection.SelectionRule):
+        def score(self, history):
+            return -float(np.mean([row["val_loss"] for row in history[-2:]]))
+
+    rule = selection.register_selection(MeanOfLastTwo("toy_mean2", "inner split (toy: mean of 2)", epoch_cases="inner"))
+    yield rule
+    selection._RULES.pop(rule.name)
+
+
+def test_a_rule_registered_in_one_place_is_validated_used_and_recorded(data, tmp_path, two_epoch_mean):
+    from m2snet.training.trainer import train
+
+    from mlflow.tracking import MlflowClient
+
+    from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
+
+    ds, split = data
+    cfg = _cfg(ds, split, tmp_path / "toy", epochs=4).override_strings(["selection=toy_mean2"])  # as --set does
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with Tracker.start(TrackingConfig(uri=uri, experiment="toy-rule"), run_name="toy") as tracker:
+        res = train(cfg, callbacks=tracking_callbacks(tracker))
+    params = MlflowClient(uri).get_run(tracker.run_id).data.params
+    assert params["epoch_val_cases"] == "inner split (toy: mean of 2)"  # the rule describes itself
+    losses = [row["val_loss"] for row in res.history]
+    means = [-np.mean(losses[max(0, i - 1):i + 1]) for i in range(len(losses))]
+    assert res.selected_epoch == 1 + int(np.argmax(means))  # the first of equal means: "better" is strict
+    assert res.selection_score == pytest.approx(max(means))
+    assert set(res.selection_cases).isdisjoint(res.val_cases)  # epoch_cases="inner": the fold's cases unread
+    meta = torch.load(res.checkpoint, map_location="cpu", weights_only=True)
+    assert (meta["selection"], meta["selected_epoch"], meta["epoch"]) == ("toy_mean2", res.selected_epoch,
+                                                                          res.selected_epoch)
+
+
+def test_an_unknown_or_twice_registered_rule_is_refused(two_epoch_mean):
+    from m2snet.common import M2SNetError
+    from m2snet.training.selection import SelectionRule, register_selection
+
+    with pytest.raises(M2SNetError, match=r"selection='best' must be one of final, inner, fold_best, toy_mean2"):
+        TrainConfig(data="d", selection="best").validate()
+    with pytest.raises(ValueError, match="'inner' registered twice"):
+        register_selection(SelectionRule("inner", "again"))

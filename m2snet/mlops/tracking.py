@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from m2snet.common import SECRET_NAME, M2SNetError, atomic_file, git_commit, redact, write_json
+from m2snet.training.selection import selection_rule
 
 if TYPE_CHECKING:
     from m2snet.training.callbacks import EpochEnd, TrainEnd, TrainStart
@@ -430,11 +431,6 @@ def reopen_run(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> Tr
     return Tracker.start(cfg or TrackingConfig(), run_id=run_id) if run_id else None
 
 
-# What the per-epoch validation cases are, by TrainConfig.selection (a param of every training run).
-EPOCH_VAL_CASES = {"final": "fold validation (curves only)", "inner": "inner split of the training cases",
-                   "fold_best": "fold validation (SELECTS: leaky)"}
-
-
 class MlflowCallback:
     """A training callback (m2snet.training.callbacks.TrainCallback) that logs the run to ``tracker``:
     the params of :func:`run_params` at the start (and the run in ``<out_dir>/mlflow_run.json``), every
@@ -451,7 +447,7 @@ class MlflowCallback:
             device=event.device, seed=cfg.seed,
             extra={"n_train": len(event.train_cases), "n_val": len(event.reported_cases),
                    "n_epoch_val": len(event.epoch_val_cases),
-                   "epoch_val_cases": EPOCH_VAL_CASES[cfg.selection] if cfg.split else "none"}))
+                   "epoch_val_cases": selection_rule(cfg.selection).description if cfg.split else "none"}))
         write_run_file(Path(event.out_dir) / RUN_FILE, self.tracker)
 
     def on_epoch_end(self, event: EpochEnd) -> None:

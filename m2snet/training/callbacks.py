@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from m2snet.training.config import TrainConfig
+from m2snet.training.schedule import LR_PREFIX
 
 
 @dataclass
@@ -57,7 +58,7 @@ class EpochEnd:
 
     @property
     def learning_rates(self) -> dict[str, float]:
-        return {k: v for k, v in self.metrics.items() if k.startswith("lr_")}
+        return {k: v for k, v in self.metrics.items() if k.startswith(LR_PREFIX)}
 
 
 @dataclass

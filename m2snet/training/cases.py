@@ -1,6 +1,6 @@
 """Which cases a training run uses: the fold's training cases, the cases scored after every epoch
-(under the selection rule, never the fold's reported cases unless the old ``fold_best`` rule is
-asked for), and the fold's validation cases left for its report. Shared by the trainer and BatchNorm
+(the selection rule's ``epoch_cases``: the fold's validation cases, or an inner split of its
+training cases), and the fold's validation cases left for its report. Shared by the trainer and BatchNorm
 recalibration, which must see exactly the training cases the run saw.
 """
 
@@ -14,6 +14,7 @@ from m2snet.common import M2SNetError
 from m2snet.data.format import load_dataset
 from m2snet.data.split import groups_across, inner_split, load_split
 from m2snet.training.config import TrainConfig
+from m2snet.training.selection import selection_rule
 
 
 def _subsample(ids: list[str], n: int | None, seed: int) -> list[str]:
@@ -28,7 +29,7 @@ class FoldCases:
 
     info: Any  # DatasetInfo
     train: list[str]
-    epoch_val: list[str]  # scored after every epoch (learning curves; selection for inner/fold_best)
+    epoch_val: list[str]  # scored after every epoch (learning curves; what a best-epoch rule selects on)
     reported: list[str]  # the fold's validation cases (empty without a split)
     split_sha256: str | None
 
@@ -65,7 +66,7 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
                     f"(e.g. {leaks[0]}): the validation cases would be scored on copies of training images. "
                     f"Re-split with `m2snet data split {cfg.data}` (groups duplicate clusters), or set "
                     "leak_check=false to measure a leaky split on purpose")
-        if cfg.selection == "inner":
+        if selection_rule(cfg.selection).epoch_cases == "inner":
             train_ids, epoch_val = inner_split(info, train_ids, cfg.inner_val_fraction, seed, split.group_by)
             epoch_val = _subsample(epoch_val, cfg.max_val_cases, seed + 2)
         else:

@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from m2snet.common import M2SNetError, write_json
 from m2snet.data.split import INNER_VAL_FRACTION
+from m2snet.training.selection import list_selections
 
 # The reference's multi-scale set at a 352 px base size (spec: "every batch resized to one of ...").
 REFERENCE_SCALES = (224, 256, 288, 320, 352)
@@ -42,14 +43,10 @@ class TrainConfig:
     max_train_cases: int | None = None  # subsample (first N after a seeded shuffle) for quick runs
     max_val_cases: int | None = None
     # --- model selection (which checkpoint is THE result of the run) ----------------------------
-    # "final": the last epoch (the paper's, the reference's and nnU-Net's practice); the fold's
-    #   validation cases are scored every epoch for the learning curves only.
-    # "inner": the best epoch by Dice on an inner validation set carved out of the fold's TRAINING
-    #   cases (grouped, stratified); the fold's validation cases are not read during training.
-    # "fold_best": the best epoch by Dice on the fold's own validation cases -- test-set selection.
-    #   It exists only to measure the first version's optimism (bench/busi_cv.py --protocol old);
-    #   runs record it and the CV table says so.
-    selection: Literal["final", "inner", "fold_best"] = "final"
+    # A registered rule (m2snet.training.selection): "final" (the last epoch; the default),
+    # "inner" (the best epoch on an inner split of the fold's training cases) or "fold_best" (the
+    # best epoch on the fold's own validation cases -- test-set selection, kept to measure it).
+    selection: str = "final"
     inner_val_fraction: float = INNER_VAL_FRACTION  # selection="inner": share of the fold's training cases held out
     # Refuse a split whose folds put two copies of one image (a duplicate cluster) on both sides.
     leak_check: bool = True
@@ -191,8 +188,8 @@ class TrainConfig:
             problems.append(f"schedule={self.schedule!r} must be 'triangle' or 'constant'")
         if self.schedule_unit not in ("epoch", "step"):
             problems.append(f"schedule_unit={self.schedule_unit!r} must be 'epoch' or 'step'")
-        if self.selection not in ("final", "inner", "fold_best"):
-            problems.append(f"selection={self.selection!r} must be 'final', 'inner' or 'fold_best'")
+        if self.selection not in list_selections():
+            problems.append(f"selection={self.selection!r} must be one of {', '.join(list_selections())}")
         if not 0 < self.inner_val_fraction < 1:
             problems.append(f"inner_val_fraction={self.inner_val_fraction} must be within (0, 1)")
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):

@@ -36,3 +36,18 @@ def build_scheduler(
     if kind == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     raise ValueError(f"unknown schedule {kind!r}")
+
+
+# The per-epoch learning-rate metrics (history rows, MLflow) are named after the optimizer's param
+# groups (m2snet.training.trainer.param_groups: "backbone", "head" -> lr_backbone, lr_head).
+LR_PREFIX = "lr_"
+
+
+def lr_metric(group: str) -> str:
+    """The metric name of param group ``group``'s learning rate."""
+    return f"{LR_PREFIX}{group}"
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each param group's current learning rate, by :func:`lr_metric` of the group's name."""
+    return {lr_metric(g["name"]): g["lr"] for g in optimizer.param_groups}

@@ -4,13 +4,16 @@ Recipe (defaults of :class:`TrainConfig`, spec "Training recipe"): SGD + Nestero
 head parameter groups with their own max LR on the triangular schedule, multi-scale batches, AMP
 on CUDA. Each epoch ends with a validation pass (Dice/IoU per image at the train size) and an
 atomic checkpoint (``last.pt``: everything needed to resume; ``model.pt``: the run's result, slim,
-chosen by ``TrainConfig.selection`` -- the final epoch by default, so the cases a fold reports on
-never pick the checkpoint; see :func:`m2snet.training.cases.resolve_cases`). Resuming restores model, optimizer,
-scheduler, AMP scaler and every RNG; the order of the training cases comes from a DataLoader
-generator seeded by (seed, epoch), so a resumed run
-reproduces the uninterrupted one exactly on CPU in deterministic mode. The loop reports to
-callbacks (:mod:`m2snet.training.callbacks`) and knows nothing of MLflow; checkpoints are
-:class:`m2snet.models.checkpoint.Checkpoint` objects.
+chosen by the selection rule ``TrainConfig.selection`` names (:mod:`m2snet.training.selection`) --
+the final epoch by default, so the cases a fold reports on never pick the checkpoint; see
+:func:`m2snet.training.cases.resolve_cases`). :func:`train` reads as its phases: build, restore,
+then per epoch train, validate, select-and-save and end (log line, callbacks), then finish.
+Resuming restores model, optimizer, scheduler, AMP scaler and every RNG; the order of the training
+cases comes from a DataLoader generator seeded by (seed, epoch), so a resumed run reproduces the
+uninterrupted one exactly on CPU in deterministic mode. The loop reports to callbacks
+(:mod:`m2snet.training.callbacks`) and knows nothing of MLflow; checkpoints are
+:class:`m2snet.models.checkpoint.Checkpoint` objects, written through ``Checkpoint.save`` (one
+:func:`m2snet.common.atomic_file` each).
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ from m2snet.evaluation.plots import learning_curves
 from m2snet.models import create_model
 from m2snet.models.checkpoint import Checkpoint, ResumeState, capture_rng_state, restore_rng_state
 from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
-from m2snet.training.callbacks import CallbackLike, EpochEnd, TrainEnd, TrainStart, as_callbacks
+from m2snet.training.callbacks import CallbackLike, EpochEnd, TrainCallback, TrainEnd, TrainStart, as_callbacks
 from m2snet.training.cases import resolve_cases
 from m2snet.training.config import LAST, SELECTED, TrainConfig
 from m2snet.training.losses import TotalLoss
-from m2snet.training.schedule import build_scheduler
+from m2snet.training.schedule import build_scheduler, learning_rates
+from m2snet.training.selection import selection_rule
 
 log = logging.getLogger("m2snet.training")
 
@@ -56,7 +60,7 @@ class TrainResult:
     last_checkpoint: Path | None  # last.pt (resumable); None when config.keep_last_checkpoint is off
     history: list[dict[str, float]]
     selected_epoch: int
-    selection_score: float  # the selected epoch's val_dice on the selection cases (or -train loss without)
+    selection_score: float  # the rule's score of the selected epoch (default rules: val_dice, or -train loss)
     config: TrainConfig
     pretrained_source: str | None = None
     loss_pretrained_source: str | None = None
@@ -187,20 +191,6 @@ class EpochLosses:
         return self.sums[key] / self.seen
 
 
-def _account(totals: EpochLosses, step: int, n: int, losses: dict[str, torch.Tensor], *, epoch: int, bar, t0: float,
-             out: Path, last_path: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Add a step to the epoch's totals and the progress bar; stop on a non-finite loss, naming where."""
-    loss = totals.add(n, losses)
-    if not math.isfinite(loss):
-        lrs = f"backbone_lr={optimizer.param_groups[0]['lr']:.3g}, head_lr={optimizer.param_groups[1]['lr']:.3g}"
-        raise M2SNetError(
-            f"{out}: loss became {loss} at epoch {epoch + 1} step {step + 1} ({lrs}); "
-            "lower the learning rates or check the data; the last good checkpoint is "
-            f"{last_path if last_path.exists() else 'not written yet'}"
-        )
-    bar.set_postfix(loss=f"{totals.mean('loss'):.4f}", img_s=f"{totals.seen / (time.perf_counter() - t0):.1f}")
-
-
 @torch.no_grad()
 def validate(model, loader, loss_fn, device, n_classes: int, amp: bool) -> dict[str, float]:
     """Mean per-image Dice/IoU (threshold 0.5) and loss at the train size."""
@@ -248,177 +238,263 @@ def train(
     (``m2snet.mlops.tracking.tracking_callbacks``). With ``cfg.keep_last_checkpoint`` off, ``last.pt``
     is removed once the run has finished (a crash before that still leaves it to resume from).
     """
-
-
     cfg.validate()
-    callbacks = as_callbacks(callbacks)
-    out = Path(cfg.out_dir)
-    last_path, model_path = out / LAST, out / SELECTED
-    if resume and not last_path.is_file():
-        raise M2SNetError(f"{last_path}: nothing to resume (no checkpoint); start without --resume")
-    if not resume and last_path.exists():
-        raise M2SNetError(f"{out}: already holds a run ({LAST}); use --resume to continue it or another --out")
-    # Read (safely) before building data and model: a foreign or unsafe last.pt fails in a second.
-    resumed = Checkpoint.load(last_path) if resume else None
-    out.mkdir(parents=True, exist_ok=True)
-
-    device = resolve_device(cfg.device)
-    on_cuda = device.startswith("cuda")
-    amp = cfg.amp and on_cuda
-    seed_everything(cfg.seed, cfg.deterministic)
-
-    cases = resolve_cases(cfg)
-    info, train_ids, split_sha = cases.info, cases.train, cases.split_sha256
-    val_ids = cases.epoch_val
-    if cfg.selection == "fold_best":
-        log.warning("selection=fold_best: the checkpoint is chosen on the cases the fold reports "
-                    "(test-set selection); its metrics are optimistic")
-    n_classes = info.n_classes
-    cache_dir = None
-    if cfg.cache:
-
-        cache_dir = cfg.cache_dir or default_cache_dir()
-    model_config = {"n_classes": n_classes, **cfg.model_config}
-    model = create_model(cfg.model, pretrained=cfg.pretrained, **model_config).to(device)
-    normalization = model.normalization  # the model's preprocessing: fed to the data, kept in the checkpoint
-    train_ds = SegmentationDataset(info, train_ids, cfg.size, augment=cfg.augment, cache_dir=cache_dir,
-                                   normalization=normalization)
-    val_ds = SegmentationDataset(info, val_ids, cfg.size, augment=False, cache_dir=cache_dir,
-                                 normalization=normalization) if val_ids else None
-
-    loss_fn = TotalLoss(n_classes=n_classes, lossnet_weight=cfg.lossnet_weight,
-                        lossnet_pretrained=cfg.lossnet_pretrained).to(device)
-    pretrained_source = getattr(model, "pretrained_source", None)
-    loss_source = getattr(loss_fn, "pretrained_source", None)
-    optimizer = build_optimizer(model, cfg, on_cuda)
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
-    total = cfg.epochs if cfg.schedule_unit == "epoch" else cfg.epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, cfg.schedule, total, cfg.warmup_fraction)
-    train_step = TrainStep(model, loss_fn, optimizer, cfg, device)
-    scaler, forward = train_step.scaler, train_step.forward
-
-    dataset_version = info.version
-    base_meta = {
-        "model_name": cfg.model, "model_config": model_config, "n_classes": n_classes,
-        "image_size": cfg.size, "normalization": normalization, "train_config": cfg.to_dict(),
-        "pretrained_source": pretrained_source, "dataset_version": dataset_version,
-        "split_sha256": split_sha, "fold": cfg.fold if cfg.split else None,
-        "git_commit": git_commit(), "m2snet_version": __version__, "selection": cfg.selection,
-        "mask_classes": getattr(info, "mask_classes", None),
-    }
-
-    history: list[dict[str, float]] = []
-    selected = {"epoch": 0, "score": -math.inf}
-    start_epoch = 0
+    run = _Run(cfg, as_callbacks(callbacks))
+    resumed = run.open(resume)
+    run.build()
     if resumed is not None:
-        ckpt, resumed = resumed, None  # not held for the rest of the run
+        run.restore(resumed)
+        del resumed  # its tensors are not held for the rest of the run
+    run.start()
+    for epoch in range(run.start_epoch, cfg.epochs):
+        ep = run.train_epoch(epoch)
+        run.validate_epoch(ep)
+        run.select_and_save(ep)
+        run.end_epoch(ep)
+    return run.finish()
+
+
+@dataclass
+class _Epoch:
+    """One epoch in flight: its clock, loss totals, progress bar and history row."""
+
+    index: int  # 0-based
+    t0: float
+    bar: Any = None
+    totals: EpochLosses = field(default_factory=EpochLosses)
+    row: dict[str, float] = field(default_factory=dict)
+    chosen: bool = False  # the selection rule chose this epoch (model.pt rewritten)
+
+    @property
+    def number(self) -> int:  # 1-based, as logged and recorded
+        return self.index + 1
+
+
+class _Run:
+    """What the phases of :func:`train` share: the config, the built parts and the run's history."""
+
+    def __init__(self, cfg: TrainConfig, callbacks: list[TrainCallback]) -> None:
+        self.cfg, self.callbacks = cfg, callbacks
+        self.rule = selection_rule(cfg.selection)
+        self.out = Path(cfg.out_dir)
+        self.last_path, self.model_path = self.out / LAST, self.out / SELECTED
+        self.history: list[dict[str, float]] = []
+        self.selected = {"epoch": 0, "score": self.rule.NOT_SCORED}  # also in last.pt (ResumeState)
+        self.start_epoch = 0
+
+    # --- build ----------------------------------------------------------------------------------
+    def open(self, resume: bool) -> Checkpoint | None:
+        """Check the run directory against ``resume``; the checkpoint to resume from, if any."""
+        if resume and not self.last_path.is_file():
+            raise M2SNetError(f"{self.last_path}: nothing to resume (no checkpoint); start without --resume")
+        if not resume and self.last_path.exists():
+            raise M2SNetError(f"{self.out}: already holds a run ({LAST}); use --resume to continue it or another --out")
+        # Read (safely) before building data and model: a foreign or unsafe last.pt fails in a second.
+        resumed = Checkpoint.load(self.last_path) if resume else None
+        self.out.mkdir(parents=True, exist_ok=True)
+        return resumed
+
+    def build(self) -> None:
+        """Device, seeds, cases, then model, data, loss, optimizer and schedule (in an order that fixes
+        what the seeded RNG draws)."""
+        cfg = self.cfg
+        self.device = resolve_device(cfg.device)
+        self.on_cuda = self.device.startswith("cuda")
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.cases = resolve_cases(cfg)
+        if self.rule.warning:
+            log.warning(self.rule.warning)
+        self._build_model_and_data()
+        self._build_optimisation()
+        self.collate = MultiScaleCollate(cfg.scales() if cfg.multiscale else [cfg.size])
+        self.checkpoint_meta = self._checkpoint_meta()
+
+    def _build_model_and_data(self) -> None:
+        cfg, info = self.cfg, self.cases.info
+        self.cache_dir = (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
+        self.model_config = {"n_classes": info.n_classes, **cfg.model_config}
+        self.model = create_model(cfg.model, pretrained=cfg.pretrained, **self.model_config).to(self.device)
+        self.train_ds = self._dataset(self.cases.train, augment=cfg.augment)
+        self.val_ds = self._dataset(self.cases.epoch_val, augment=False) if self.cases.epoch_val else None
+        self.loss_fn = TotalLoss(n_classes=info.n_classes, lossnet_weight=cfg.lossnet_weight,
+                                 lossnet_pretrained=cfg.lossnet_pretrained).to(self.device)
+
+    def _dataset(self, case_ids: list[str], augment: bool) -> SegmentationDataset:
+        # The model's preprocessing feeds the data (and is kept in the checkpoint).
+        return SegmentationDataset(self.cases.info, case_ids, self.cfg.size, augment=augment, cache_dir=self.cache_dir,
+                                   normalization=self.model.normalization)
+
+    def _build_optimisation(self) -> None:
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model, cfg, self.on_cuda)
+        steps_per_epoch = math.ceil(len(self.train_ds) / cfg.batch_size)
+        total = cfg.epochs if cfg.schedule_unit == "epoch" else cfg.epochs * steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, total, cfg.warmup_fraction)
+        self.train_step = TrainStep(self.model, self.loss_fn, self.optimizer, cfg, self.device)
+
+    @property
+    def pretrained_source(self) -> str | None:
+        return getattr(self.model, "pretrained_source", None)
+
+    @property
+    def loss_pretrained_source(self) -> str | None:
+        return getattr(self.loss_fn, "pretrained_source", None)
+
+    # --- restore --------------------------------------------------------------------------------
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from ``last.pt``: weights, optimizer, schedule, AMP scaler, RNG, history, selection."""
         if not ckpt.resumable:
-            raise M2SNetError(f"{last_path}: a slim checkpoint (no optimizer/RNG state); it cannot be resumed")
-        if ckpt.train_config != cfg.to_dict():
-            diff = sorted(k for k, v in cfg.to_dict().items() if (ckpt.train_config or {}).get(k) != v)
+            raise M2SNetError(f"{self.last_path}: a slim checkpoint (no optimizer/RNG state); it cannot be resumed")
+        config = self.cfg.to_dict()
+        if ckpt.train_config != config:
+            diff = sorted(k for k, v in config.items() if (ckpt.train_config or {}).get(k) != v)
             raise M2SNetError(
-                f"{last_path}: config differs from the checkpoint's in {diff}; resume with the same config")
+                f"{self.last_path}: config differs from the checkpoint's in {diff}; resume with the same config")
         state = ckpt.resume
-        model.load_state_dict(ckpt.state_dict)
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        scaler.load_state_dict(state.scaler)
+        self.model.load_state_dict(ckpt.state_dict)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.train_step.scaler.load_state_dict(state.scaler)
         restore_rng_state(state.rng)
-        history, selected, start_epoch = list(state.history), dict(state.selected), int(ckpt.epoch)
-        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.epochs)
-    cfg.save(out / "train_config.json")
+        self.history, self.selected, self.start_epoch = list(state.history), dict(state.selected), int(ckpt.epoch)
+        log.info("resuming %s at epoch %d/%d", self.out, self.start_epoch + 1, self.cfg.epochs)
 
-    start = TrainStart(config=cfg, out_dir=out, device=device, start_epoch=start_epoch,
-                       n_params=sum(p.numel() for p in model.parameters()), train_cases=train_ids,
-                       epoch_val_cases=val_ids, reported_cases=cases.reported, dataset_version=dataset_version,
-                       split_sha256=split_sha, pretrained_source=pretrained_source,
-                       loss_pretrained_source=loss_source)
-    for cb in callbacks:
-        cb.on_train_start(start)
+    def start(self) -> None:
+        cfg, cases = self.cfg, self.cases
+        cfg.save(self.out / "train_config.json")
+        start = TrainStart(config=cfg, out_dir=self.out, device=self.device, start_epoch=self.start_epoch,
+                           n_params=sum(p.numel() for p in self.model.parameters()), train_cases=cases.train,
+                           epoch_val_cases=cases.epoch_val, reported_cases=cases.reported,
+                           dataset_version=cases.info.version, split_sha256=cases.split_sha256,
+                           pretrained_source=self.pretrained_source, loss_pretrained_source=self.loss_pretrained_source)
+        for cb in self.callbacks:
+            cb.on_train_start(start)
+        log.info("training %s on %d cases (%d val) for %d epochs on %s; scales %s; pretrained: %s", cfg.model,
+                 len(cases.train), len(cases.epoch_val), cfg.epochs, self.device, self.collate.scales,
+                 self.pretrained_source)
+        self.model.train()
 
-    collate = MultiScaleCollate(cfg.scales() if cfg.multiscale else [cfg.size])
-    log.info("training %s on %d cases (%d val) for %d epochs on %s; scales %s; pretrained: %s",
-             cfg.model, len(train_ids), len(val_ids), cfg.epochs, device, collate.scales, pretrained_source)
-    model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                            collate_fn=collate, pin_memory=on_cuda, drop_last=False,
-                            generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
-        lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
-        totals = EpochLosses()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
-                   leave=False)
+    # --- epoch ----------------------------------------------------------------------------------
+    def train_epoch(self, index: int) -> _Epoch:
+        """One pass over the training cases; the epoch's row holds its mean losses, LRs and speed."""
+        cfg = self.cfg
+        ep = _Epoch(index, time.perf_counter())
+        lrs = learning_rates(self.optimizer)  # the rates this epoch starts with
+        ep.bar = tqdm(self._loader(self.train_ds, index, shuffle=True), desc=f"epoch {ep.number}/{cfg.epochs}",
+                      unit="batch", disable=not cfg.progress, leave=False)
         pending = None  # (step, n, losses) of the previous step, read once the next one is queued
-        for step, batch in enumerate(bar):
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["mask"].to(device, non_blocking=True)
-            losses = train_step(x, y)
+        for step, batch in enumerate(ep.bar):
+            x = batch["image"].to(self.device, non_blocking=True)
+            y = batch["mask"].to(self.device, non_blocking=True)
+            losses = self.train_step(x, y)
             if cfg.schedule_unit == "step":
-                scheduler.step()
+                self.scheduler.step()
             if pending is not None:
-                _account(totals, *pending, epoch=epoch, bar=bar, t0=t0, out=out, last_path=last_path,
-                         optimizer=optimizer)
+                self._account(ep, *pending)
             pending = (step, x.shape[0], losses)
         if pending is not None:
-            _account(totals, *pending, epoch=epoch, bar=bar, t0=t0, out=out, last_path=last_path,
-                     optimizer=optimizer)
-        bar.close()
+            self._account(ep, *pending)
+        ep.bar.close()
         if cfg.schedule_unit == "epoch":
-            scheduler.step()
-        train_s = time.perf_counter() - t0
-        row: dict[str, float] = {"epoch": epoch + 1, "train_loss": totals.mean("loss"),
-                                 "train_structure": totals.mean("structure"),
-                                 "train_lossnet": totals.mean("lossnet"), **lrs,
-                                 "train_img_per_s": totals.seen / train_s}
-        if val_ds is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-            val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False,
-                                    num_workers=cfg.num_workers, pin_memory=on_cuda,
-                                    generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch) + 1))
-            row.update(validate(forward, val_loader, loss_fn, device, n_classes, amp))
-        row["epoch_seconds"] = time.perf_counter() - t0
-        history.append(row)
-        score = row.get("val_dice", -row["train_loss"])
-        ckpt = Checkpoint(**base_meta, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                          epoch=epoch + 1, metrics=row)
-        final = epoch + 1 == cfg.epochs
-        chosen = (final and cfg.selection == "final") or (cfg.selection != "final" and score > selected["score"])
-        if chosen:
-            selected = {"epoch": epoch + 1, "score": score}
-            dataclasses.replace(ckpt, selected_epoch=epoch + 1).save(model_path)
-        ckpt.resume = ResumeState(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                  scaler=scaler.state_dict(), rng=capture_rng_state(), history=history,
-                                  selected=selected)
-        ckpt.save(last_path)
-        log.info("epoch %d/%d: loss %.4f%s | %.1f img/s | %.1fs%s", epoch + 1, cfg.epochs, row["train_loss"],
+            self.scheduler.step()
+        totals = ep.totals
+        ep.row = {"epoch": ep.number, "train_loss": totals.mean("loss"), "train_structure": totals.mean("structure"),
+                  "train_lossnet": totals.mean("lossnet"), **lrs,
+                  "train_img_per_s": totals.seen / (time.perf_counter() - ep.t0)}
+        return ep
+
+    def _loader(self, dataset: SegmentationDataset, index: int, shuffle: bool) -> DataLoader:
+        # The order (and the scale draws) come from a generator seeded by (seed, epoch): a resumed
+        # run sees the same batches as the uninterrupted one.
+        seed = epoch_seed(self.cfg.seed, index) + (0 if shuffle else 1)
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
+                          collate_fn=self.collate if shuffle else None, pin_memory=self.on_cuda, drop_last=False,
+                          generator=torch.Generator().manual_seed(seed))
+
+    def _account(self, ep: _Epoch, step: int, n: int, losses: dict[str, torch.Tensor]) -> None:
+        """Add a step to the epoch's totals and the progress bar; stop on a non-finite loss, naming where."""
+        loss = ep.totals.add(n, losses)
+        if not math.isfinite(loss):
+            lrs = ", ".join(f"{k}={v:.3g}" for k, v in learning_rates(self.optimizer).items())
+            raise M2SNetError(
+                f"{self.out}: loss became {loss} at epoch {ep.number} step {step + 1} ({lrs}); "
+                "lower the learning rates or check the data; the last good checkpoint is "
+                f"{self.last_path if self.last_path.exists() else 'not written yet'}"
+            )
+        ep.bar.set_postfix(loss=f"{ep.totals.mean('loss'):.4f}",
+                           img_s=f"{ep.totals.seen / (time.perf_counter() - ep.t0):.1f}")
+
+    # --- validate -------------------------------------------------------------------------------
+    def validate_epoch(self, ep: _Epoch) -> None:
+        """Score the per-epoch validation cases every ``val_every`` epochs and at the last one."""
+        cfg = self.cfg
+        if self.val_ds is not None and (ep.number % cfg.val_every == 0 or ep.number == cfg.epochs):
+            ep.row.update(validate(self.train_step.forward, self._loader(self.val_ds, ep.index, shuffle=False),
+                                   self.loss_fn, self.device, self.cases.info.n_classes, self.train_step.amp))
+        ep.row["epoch_seconds"] = time.perf_counter() - ep.t0
+        self.history.append(ep.row)
+
+    # --- select and save ------------------------------------------------------------------------
+    def select_and_save(self, ep: _Epoch) -> None:
+        """``model.pt`` when the selection rule chooses this epoch, and ``last.pt`` (resumable) always;
+        both through :meth:`Checkpoint.save` (one atomic write each)."""
+        score = self.rule.score(self.history)
+        ep.chosen = self.rule.chooses(score, self.selected["score"], ep.number, self.cfg.epochs)
+        ckpt = self._checkpoint(ep)
+        if ep.chosen:
+            self.selected = {"epoch": ep.number, "score": score}
+            dataclasses.replace(ckpt, selected_epoch=ep.number).save(self.model_path)
+        ckpt.resume = ResumeState(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                                  scaler=self.train_step.scaler.state_dict(), rng=capture_rng_state(),
+                                  history=self.history, selected=self.selected)
+        ckpt.save(self.last_path)
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        """What every checkpoint of the run records beside its weights, epoch and metrics."""
+        cfg, cases = self.cfg, self.cases
+        return {"model_name": cfg.model, "model_config": self.model_config, "n_classes": cases.info.n_classes,
+                "image_size": cfg.size, "normalization": self.model.normalization, "train_config": cfg.to_dict(),
+                "pretrained_source": self.pretrained_source, "dataset_version": cases.info.version,
+                "split_sha256": cases.split_sha256, "fold": cfg.fold if cfg.split else None,
+                "git_commit": git_commit(), "m2snet_version": __version__, "selection": cfg.selection,
+                "mask_classes": getattr(cases.info, "mask_classes", None)}
+
+    def _checkpoint(self, ep: _Epoch) -> Checkpoint:
+        return Checkpoint(**self.checkpoint_meta, epoch=ep.number, metrics=ep.row,
+                          state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+
+    def end_epoch(self, ep: _Epoch) -> None:
+        """The epoch's log line, then the callbacks (its checkpoints are on disk)."""
+        row = ep.row
+        log.info("epoch %d/%d: loss %.4f%s | %.1f img/s | %.1fs%s", ep.number, self.cfg.epochs, row["train_loss"],
                  "".join(f" {k} {row[k]:.4f}" for k in ("val_dice", "val_iou") if k in row),
-                 row["train_img_per_s"], row["epoch_seconds"],
-                 " *selected*" if selected["epoch"] == epoch + 1 else "")
-        end = EpochEnd(epoch + 1, cfg.epochs, row, out, checkpoint=last_path, selected=chosen)
-        for cb in callbacks:
+                 row["train_img_per_s"], row["epoch_seconds"], " *selected*" if ep.chosen else "")
+        end = EpochEnd(ep.number, self.cfg.epochs, row, self.out, checkpoint=self.last_path, selected=ep.chosen)
+        for cb in self.callbacks:
             cb.on_epoch_end(end)
 
-    kept = (model_path, last_path) if cfg.keep_last_checkpoint else (model_path,)
-    if cfg.recalibrate_bn:  # the saved weights' BatchNorm statistics, from their training cases
-
-        recalibrate_run_checkpoints(kept, model, SegmentationDataset(
-            info, train_ids, cfg.size, cache_dir=cache_dir, normalization=normalization), cfg.batch_size, cfg.seed,
-            device, cfg.num_workers)
-    if not cfg.keep_last_checkpoint:  # the run is complete: nothing left to resume
-        last_path.unlink(missing_ok=True)
-    write_json(out / "history.json", history)
-    if history:
-
-        learning_curves(history, out / "learning_curves.png", title=f"{cfg.model} fold {cfg.fold}")
-    end_event = TrainEnd(config=cfg, out_dir=out, checkpoint=model_path, selected_epoch=int(selected["epoch"]),
-                         selection_score=float(selected["score"]), history=history)
-    for cb in callbacks:
-        cb.on_train_end(end_event)
-    return TrainResult(
-        out_dir=out, checkpoint=model_path, last_checkpoint=last_path if cfg.keep_last_checkpoint else None,
-        history=history,
-        selected_epoch=int(selected["epoch"]), selection_score=float(selected["score"]), config=cfg,
-        pretrained_source=pretrained_source, loss_pretrained_source=loss_source,
-        dataset_version=dataset_version, split_sha256=split_sha, train_cases=train_ids,
-        val_cases=cases.reported, selection_cases=val_ids, device=device,
-    )
+    # --- finish ---------------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        """BatchNorm recalibration (optional), ``last.pt`` dropped unless kept, history and curves, callbacks."""
+        cfg, cases = self.cfg, self.cases
+        kept = (self.model_path, self.last_path) if cfg.keep_last_checkpoint else (self.model_path,)
+        if cfg.recalibrate_bn:  # the saved weights' BatchNorm statistics, from their training cases
+            recalibrate_run_checkpoints(kept, self.model, self._dataset(cases.train, augment=False), cfg.batch_size,
+                                        cfg.seed, self.device, cfg.num_workers)
+        if not cfg.keep_last_checkpoint:  # the run is complete: nothing left to resume
+            self.last_path.unlink(missing_ok=True)
+        write_json(self.out / "history.json", self.history)
+        if self.history:
+            learning_curves(self.history, self.out / "learning_curves.png", title=f"{cfg.model} fold {cfg.fold}")
+        epoch, score = int(self.selected["epoch"]), float(self.selected["score"])
+        end = TrainEnd(config=cfg, out_dir=self.out, checkpoint=self.model_path, selected_epoch=epoch,
+                       selection_score=score, history=self.history)
+        for cb in self.callbacks:
+            cb.on_train_end(end)
+        return TrainResult(
+            out_dir=self.out, checkpoint=self.model_path,
+            last_checkpoint=self.last_path if cfg.keep_last_checkpoint else None, history=self.history,
+            selected_epoch=epoch, selection_score=score, config=cfg, pretrained_source=self.pretrained_source,
+            loss_pretrained_source=self.loss_pretrained_source, dataset_version=cases.info.version,
+            split_sha256=cases.split_sha256, train_cases=cases.train, val_cases=cases.reported,
+            selection_cases=cases.epoch_val, device=self.device)
