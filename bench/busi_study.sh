@@ -23,7 +23,7 @@ fi
 SPLIT=$STUDY/busi.split-4fold-seed42.json
 [ -f "$SPLIT" ] || "$M2SNET" data split busi --out "$SPLIT" || exit 1
 # Build the 128 px cache once, before the workers share it.
-"$M2SNET" train --data busi --split "$SPLIT" --epochs 1 --size 128 --out "$STUDY/warm" --no-track \
+[ -d "$STUDY/warm" ] || "$M2SNET" train --data busi --split "$SPLIT" --epochs 1 --size 128 --out "$STUDY/warm" --no-track \
   --set pretrained=false --set lossnet_weight=0 --set max_train_cases=1 --set max_val_cases=1 \
   --set device=cpu --set progress=false > logs/warm.log 2>&1 || { tail logs/warm.log; exit 1; }
 # name | seed | folds | model and --set overrides
