@@ -63,6 +63,8 @@ def test_msu_bn_momentum_reaches_the_filter_norms():
     model = create_model("m2snet", pretrained=False, msu_bn_momentum=0.01)
     assert model.conv_3.norm.momentum == model.conv_5.norm.momentum == 0.01
     assert create_model("m2snet", pretrained=False).conv_3.norm.momentum == 0.1
+    scaled = create_model("m2snet", pretrained=False, msu_gamma_init=0.1)
+    assert float(scaled.conv_3.norm.weight.max()) == float(scaled.conv_5.norm.weight.min()) == pytest.approx(0.1)
 
 
 def test_config_file_roundtrip_and_overrides(tmp_path):

@@ -66,6 +66,10 @@ class M2SNet(SegmentationModel):
             calls); only for ``unit="msu"``. Same parameters and training; see README "The model".
         msu_bn_momentum: the running-statistics momentum of the shared filters' BatchNorm (0.1,
             PyTorch's default and the reference's; None = cumulative average); only for ``unit="msu"``.
+        msu_gamma_init: the initial scale (BatchNorm weight) of the shared filters' outputs. 1.0 is
+            PyTorch's and the reference's; from random weights the filters' channel-constant terms then
+            start 1.3x as large as the units' plain difference |a - b| (docs/study-busi.md), and a
+            smaller value lets a unit start close to MSNet's. Only for ``unit="msu"``; init only.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class M2SNet(SegmentationModel):
         msu_norm: MSUNorm = DEFAULT_MSU_NORM,
         channels: int = 64,
         msu_bn_momentum: float | None = 0.1,
+        msu_gamma_init: float = 1.0,
     ) -> None:
         super().__init__()
         if n_classes < 1:
@@ -94,6 +99,8 @@ class M2SNet(SegmentationModel):
             sites = 2 * len(PYRAMID)
             self.conv_3 = OnesFilterBN(3, channels, msu_impl, msu_norm, sites, msu_bn_momentum)
             self.conv_5 = OnesFilterBN(5, channels, msu_impl, msu_norm, sites, msu_bn_momentum)
+            for f in (self.conv_3, self.conv_5):
+                nn.init.constant_(f.norm.weight, msu_gamma_init)
         elif msu_impl != "fast":
             raise ValueError(f"msu_impl={msu_impl!r} only applies to unit='msu', not {unit!r}")
         elif msu_norm != DEFAULT_MSU_NORM:
