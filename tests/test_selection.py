@@ -116,11 +116,10 @@ def two_epoch_mean():
 
 
 def test_a_rule_registered_in_one_place_is_validated_used_and_recorded(data, tmp_path, two_epoch_mean):
-    from m2snet.training.trainer import train
-
     from mlflow.tracking import MlflowClient
 
     from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
+    from m2snet.training.trainer import train
 
     ds, split = data
     cfg = _cfg(ds, split, tmp_path / "toy", epochs=4).override_strings(["selection=toy_mean2"])  # as --set does
