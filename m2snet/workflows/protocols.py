@@ -25,6 +25,7 @@ from m2snet.common import M2SNetError, git_commit, write_json, write_text
 from m2snet.data.fixed_split import make_fixed_split
 from m2snet.data.format import DATASET_JSON
 from m2snet.data.split import Split, load_split, make_split
+from m2snet.evaluation.metrics import NOSKILL_PREFIX
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
 from m2snet.mlops.tracking import Tracker, tracking_callbacks, write_run_file
 from m2snet.training.config import TrainConfig
@@ -126,8 +127,8 @@ class FixedResult:
     model_uri: str | None = None
 
 
-BUDGET_FIELDS = ("model", "epochs", "size", "batch_size", "multiscale", "lossnet_weight", "selection", "pretrained",
-                 "max_train_cases")
+BUDGET_FIELDS = ("model", "epochs", "size", "seed", "batch_size", "multiscale", "lossnet_weight", "selection",
+                 "pretrained", "max_train_cases")
 
 
 def budget_of(cfg: TrainConfig | Mapping[str, Any], result=None) -> dict[str, Any]:
@@ -135,6 +136,8 @@ def budget_of(cfg: TrainConfig | Mapping[str, Any], result=None) -> dict[str, An
     or a train_config.json's dict, which may come from another m2snet version)."""
     values = cfg.to_dict() if isinstance(cfg, TrainConfig) else dict(cfg)
     out: dict[str, Any] = {k: values[k] for k in BUDGET_FIELDS if k in values}
+    if "seed" in out:
+        out["seeds"] = str(out.pop("seed"))
     if result is not None:
         out.update({"pretrained_source": result.pretrained_source or "none (random init)",
                     "train_cases": len(result.train_cases), "device": result.device})
@@ -205,22 +208,34 @@ def run_fixed(cfg: TrainConfig, out_dir: str | os.PathLike, *, tracking=None, ru
 
 # --- the paper's numbers beside ours --------------------------------------------------------------
 
+# What every report states, "unknown" when a finished run's files do not say.
+BUDGET_STATED = ("epochs", "size", "train_cases", "seeds", "pretrained")
+
 
 def _fmt(value: float, unit: str) -> str:
     return f"{value:.2f}" if unit.startswith("percent") else f"{value:.3f}"
 
 
+def budget_line(budget: Mapping[str, Any]) -> str:
+    """``Budget: epochs=.., size=.., train_cases=.., seeds=.., pretrained=.., <the rest>``: the stated
+    fields first, each present (``unknown`` when not recorded), so no report omits them."""
+    stated = {k: budget.get(k, "unknown") for k in BUDGET_STATED}
+    return "Budget: " + ", ".join(f"{k}={v}" for k, v in {**stated, **budget}.items())
+
+
 def paper_comparison(protocol: str, ours: Mapping[str, Mapping[str, float]], budget: Mapping[str, Any],
                      percent: bool = False) -> str:
     """Markdown: for every test set the paper reports and we measured, each metric the paper prints --
-    ours, the paper's, ours - paper -- then the budget. ``ours``: set -> metric means (fractions, or
-    percent with ``percent``, as the paper's table is)."""
+    ours, the no-skill predictor's on the same cases, the paper's, ours - paper -- then the budget.
+    ``ours``: set -> metric means (fractions, or percent with ``percent``, as the paper's table is), with
+    the no-skill predictor's under ``noskill_<metric>`` (as evaluations and CV summaries hold them)."""
     entry = paper_results()["protocols"].get(protocol)
     if entry is None:
         raise M2SNetError(f"the paper reports no figures for protocol {protocol!r}")
     unit = entry["unit"]
+    scale = 1.0 if percent or not unit.startswith("percent") else 100.0
     lines = [f"### {protocol}: ours vs the paper ({entry['table']}, M2SNet row)", "",
-             "| test set | metric | ours | paper | ours - paper |", "|---|---|---|---|---|"]
+             "| test set | metric | ours | no skill | paper | ours - paper |", "|---|---|---|---|---|---|"]
     matched = 0
     for name, figures in entry["sets"].items():
         if name not in ours:
@@ -228,43 +243,125 @@ def paper_comparison(protocol: str, ours: Mapping[str, Mapping[str, float]], bud
         for metric, paper_value in figures.items():
             if metric == "paper_name" or metric not in ours[name]:
                 continue
-            value = float(ours[name][metric]) * (1.0 if percent or not unit.startswith("percent") else 100.0)
+            value = float(ours[name][metric]) * scale
+            noskill = ours[name].get(NOSKILL_PREFIX + metric)
             matched += 1
             label = name if figures["paper_name"] == name else f"{name} ({figures['paper_name']})"
             diff = value - paper_value
-            lines.append(f"| {label} | {metric} | {_fmt(value, unit)} | {_fmt(paper_value, unit)} | "
-                         f"{'+' if diff >= 0 else '-'}{_fmt(abs(diff), unit)} |")
+            lines.append(f"| {label} | {metric} | {_fmt(value, unit)} | "
+                         f"{'n/a' if noskill is None else _fmt(float(noskill) * scale, unit)} | "
+                         f"{_fmt(paper_value, unit)} | {'+' if diff >= 0 else '-'}{_fmt(abs(diff), unit)} |")
     if not matched:
         lines.append(f"| (none of our test sets {sorted(ours)} is one the paper reports: "
-                     f"{sorted(entry['sets'])}) | | | | |")
-    lines += ["", "Budget: " + ", ".join(f"{k}={v}" for k, v in budget.items()),
+                     f"{sorted(entry['sets'])}) | | | | | |")
+    lines += ["", budget_line(budget),
               f"Paper figures: {entry['table']}, from {paper_results()['source']}. "
               "The paper trained at its full recipe (Res2Net-50 ImageNet weights, its epochs); a short or "
-              "unpretrained run is not expected to match."]
+              "unpretrained run is not expected to match. No skill: the all-background predictor on the same "
+              "cases (a model at or below it learnt nothing)."]
     return "\n".join(lines)
 
 
-def comparison_from_results(protocol: str, results: str | os.PathLike) -> str:
-    """The paper-vs-ours report of a finished run: ``test_sets.json`` (a fixed run) or ``cv_summary.json``
-    (a CV, BUSI), with the budget read from the run's ``train_config.json`` (``fold0/`` for a CV)."""
-    path = Path(results)
-    if not path.is_file():
-        raise M2SNetError(f"{path}: results file not found (test_sets.json of a fixed run or cv_summary.json)")
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise M2SNetError(f"{path}: invalid JSON ({err})") from None
-    config = next((c for c in (path.parent / "train_config.json", path.parent / "fold0" / "train_config.json")
-                   if c.is_file()), None)
-    budget: dict[str, Any] = budget_of(json.loads(config.read_text())) if config else {"budget": "unknown"}
+
+
+def _cv_summary_from_per_case(directory: Path) -> dict[str, Any]:
+    """A CV summary rebuilt from ``cv_per_case.csv`` alone: the per-(seed, fold) case means aggregated as
+    :func:`m2snet.workflows.folds.report_cv` does (no no-skill rows: the per-case file holds the model's)."""
+    from m2snet.evaluation.metrics import mean_metrics
+    from m2snet.mlops.cv_results import load_cv_cases
+    from m2snet.workflows.folds import aggregate_cv
+
+    cases = load_cv_cases(str(directory))
+    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    skip = {"seed", "fold", "case_id", "label", "height", "width", "lesion", "pred_foreground_fraction"}
+    for row in cases.rows:
+        values = {}
+        for k, v in row.items():
+            if k not in skip and v not in ("", None):
+                try:
+                    values[k] = float(v)
+                except ValueError:
+                    pass
+        groups.setdefault((row.get("seed", ""), row["fold"]), []).append(values)
+    keys = sorted(groups, key=lambda g: (g[0], int(g[1])))
+    summary = aggregate_cv([mean_metrics(groups[g]) for g in keys], [int(g[1]) for g in keys])
+    n_folds = len({g[1] for g in keys})
+    return {**summary.to_dict(), "n_folds": n_folds, "per_fold": [{"seed": s, "fold": int(f)} for s, f in keys]}
+
+
+def _cv_budget(directory: Path, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A CV's budget: its fold 0's train_config.json, the seeds, and the training cases per fold
+    (every case not in the fold's validation set, capped by ``max_train_cases``)."""
+    from m2snet.mlops.cv_results import CV_LINEAGE, CV_PER_CASE
+
+    config = next((c for c in (directory / "fold0" / "train_config.json", directory / "train_config.json",
+                               *sorted(directory.glob("seed*/fold0/train_config.json"))) if c.is_file()), None)
+    budget: dict[str, Any] = budget_of(_read_json(config)) if config else {}
+    seeds = sorted({str(r["seed"]) for r in summary.get("per_fold", []) if r.get("seed") not in (None, "")})
+    if not seeds and (directory / CV_LINEAGE).is_file():
+        seeds = [str(s) for s in _read_json(directory / CV_LINEAGE).get("seeds", []) if s not in (None, "")]
+    if not seeds and config:
+        seeds = [str(_read_json(config).get("seed", "unknown"))]
+    budget["seeds"] = ",".join(seeds) if seeds else "unknown"
+    if (directory / CV_PER_CASE).is_file():
+        import csv
+
+        with open(directory / CV_PER_CASE, newline="") as f:
+            rows = list(csv.DictReader(f))
+        seed0 = rows[0].get("seed", "") if rows else ""
+        val = [sum(1 for r in rows if r.get("seed", "") == seed0 and r["fold"] == k)
+               for k in sorted({r["fold"] for r in rows}, key=int)]
+        total = len({r["case_id"] for r in rows})
+        train = sorted({min(total - v, budget.get("max_train_cases") or total) for v in val})
+        budget["train_cases"] = f"{train[0]}" if len(train) == 1 else f"{train[0]}-{train[-1]} per fold"
+    budget["folds"] = f"{len(summary.get('folds', []))} of {summary.get('n_folds')}"
+    return budget
+
+
+def comparison_from_results(protocol: str, results: str | os.PathLike) -> str:
+    """The paper-vs-ours report of a finished run, named by its output directory or results file:
+
+    - a fixed run: ``test_sets.json`` (budget from ``fixed_result.json`` or ``train_config.json`` beside it);
+    - a CV (BUSI): ``cv_summary.json``, or its directory -- ``cv_summary.json``, else rebuilt from
+      ``cv_per_case.csv`` -- with the budget from ``fold0/train_config.json``, the seeds and the folds.
+    """
+    path = Path(results)
+    if path.is_dir():
+        found = next((path / n for n in ("test_sets.json", "cv_summary.json") if (path / n).is_file()), None)
+        if found is None:
+            from m2snet.mlops.cv_results import CV_PER_CASE
+
+            if not (path / CV_PER_CASE).is_file():
+                raise M2SNetError(f"{path}: no test_sets.json, cv_summary.json or {CV_PER_CASE} (the output "
+                                  "directory of a fixed run or a CV)")
+            summary = _cv_summary_from_per_case(path)
+            return _cv_comparison(protocol, summary, _cv_budget(path, summary))
+        path = found
+    if not path.is_file():
+        raise M2SNetError(f"{path}: results file not found (test_sets.json of a fixed run or cv_summary.json)")
+    data = _read_json(path)
     if "rows" in data:
+        fixed = path.parent / FIXED_RUN_FILE
+        if fixed.is_file() and "budget" in _read_json(fixed):
+            budget = _read_json(fixed)["budget"]
+        else:
+            config = path.parent / "train_config.json"
+            budget = budget_of(_read_json(config)) if config.is_file() else {}
         return paper_comparison(protocol, data["rows"], budget)
     if "mean_percent" in data:
-        label = "BUSI"
-        budget["folds"] = f"{len(data.get('folds', []))} of {data.get('n_folds')}"
-        return paper_comparison(protocol, {label: data["mean_percent"], f"{label} (std)": data["std_percent"]},
-                                budget, percent=True)
+        return _cv_comparison(protocol, data, _cv_budget(path.parent, data))
     raise M2SNetError(f"{path}: neither a test_sets.json ('rows') nor a cv_summary.json ('mean_percent')")
+
+
+def _cv_comparison(protocol: str, summary: Mapping[str, Any], budget: Mapping[str, Any]) -> str:
+    label = "BUSI"  # the paper's only CV protocol (Tab. 4)
+    return paper_comparison(protocol, {label: summary["mean_percent"], f"{label} (std)": summary["std_percent"]},
+                            budget, percent=True)
 
 
 # --- one entry: import, split, train, evaluate, report ---------------------------------------------
@@ -342,8 +439,7 @@ def benchmark(protocol_name: str, data: str | os.PathLike, out_dir: str | os.Pat
 
         res = run_cv(cfg, out / "cv", tracking=tracking, run_name=f"benchmark-{protocol.name}",
                      log_models=log_model)
-        ours = {"BUSI": res.summary.mean, "BUSI (std)": res.summary.std}
-        comparison = paper_comparison(protocol.name, ours, budget_of(cfg), percent=True)
+        comparison = comparison_from_results(protocol.name, out / "cv")
         table_md, run_id = out / "cv" / "cv_table.md", res.parent_run_id
     else:
         fr = run_fixed(cfg, out / "run", tracking=tracking, run_name=f"benchmark-{protocol.name}",
