@@ -21,15 +21,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from m2snet.common import M2SNetError, git_commit, write_json, write_text
+from m2snet.common import M2SNetError, git_commit, sha256_file, write_json, write_text
 from m2snet.data.fixed_split import make_fixed_split
 from m2snet.data.format import DATASET_JSON
 from m2snet.data.split import Split, load_split, make_split
-from m2snet.evaluation.metrics import NOSKILL_PREFIX
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
 from m2snet.mlops.tracking import Tracker, tracking_callbacks, write_run_file
-from m2snet.training.config import TrainConfig
+from m2snet.training.config import SELECTED, TrainConfig
 from m2snet.workflows.folds import log_training_artifacts
+from m2snet.workflows.presets import parse_overrides, train_config
+from m2snet.workflows.steps import finalize_step as finalize_cv_step
+from m2snet.workflows.steps import log_fold_lineage, parent_run
 
 log = logging.getLogger("m2snet.workflows.protocols")
 PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
@@ -174,14 +177,7 @@ def run_fixed(cfg: TrainConfig, out_dir: str | os.PathLike, *, tracking=None, ru
         fr = FixedResult(report, out, result.checkpoint, result.selected_epoch, table_md, budget)
         if tracker is not None:
             log_training_artifacts(tracker, out)
-            tracker.log_metrics(report.flat_metrics(), step=cfg.epochs, flush=True)
-            for path in (out / "test_sets.json", table_md):
-                tracker.log_artifact(path, "test")
-            for ev in report.results.values():
-                if ev.per_case_csv is not None:
-                    tracker.log_artifact(ev.per_case_csv, f"test/{ev.per_case_csv.parent.name}")
-            tracker.set_description(f"Fixed split `{split.path.name}` ({len(split.test_sets)} test sets)\n\n"
-                                    + report.table(protocol or "test set"))
+            log_test_report(tracker, report, out, split, protocol, step=cfg.epochs)
             fr.run_id = tracker.run_id
             write_run_file(out / "mlflow_run.json", tracker)
             if log_model:
@@ -204,6 +200,21 @@ def run_fixed(cfg: TrainConfig, out_dir: str | os.PathLike, *, tracking=None, ru
     if tracker is not None:
         tracker.end("FINISHED")
     return fr
+
+
+def log_test_report(tracker, report: TestSetReport, out: Path, split: Split, protocol: str | None,
+                    step: int = 0, comparison: str = "") -> None:
+    """One run's record of a fixed split's evaluation: ``<set>_<metric>`` and ``<set>_noskill_<metric>``
+    metrics, the tables (``test/``), each set's per-case scores, and the table (+ ``comparison``) as the
+    run's description."""
+    tracker.log_metrics(report.flat_metrics(), step=step, flush=True)
+    for path in (out / "test_sets.json", out / "test_sets.md"):
+        tracker.log_artifact(path, "test")
+    for ev in report.results.values():
+        if ev.per_case_csv is not None:
+            tracker.log_artifact(ev.per_case_csv, f"test/{ev.per_case_csv.parent.name}")
+    tracker.set_description(f"Fixed split `{split.path.name}` ({len(split.test_sets)} test sets)\n\n"
+                            + report.table(protocol or "test set") + (f"\n\n{comparison}" if comparison else ""))
 
 
 # --- the paper's numbers beside ours --------------------------------------------------------------
@@ -380,12 +391,22 @@ def registered_model_name(protocol: str) -> str:
     return f"m2snet-{protocol}"
 
 
+def version_tags(protocol: str, mean: Mapping[str, float]) -> dict[str, str]:
+    """A protocol model version's tags: the mean row over the test sets; the promotion gate's scores are
+    its Dice and the no-skill predictor's Dice on the same cases (fractions)."""
+    from m2snet.mlops.registry import NOSKILL_TAG, SCORE_TAG
+
+    return {"m2snet.protocol": protocol, **{f"mean_{k}": f"{v:.4f}" for k, v in mean.items()},
+            SCORE_TAG: f"{mean.get('dice', float('nan')):.6f}",
+            NOSKILL_TAG: f"{mean.get(NOSKILL_PREFIX + 'dice', float('nan')):.6f}"}
+
+
 def register_protocol_model(protocol: str, fr: FixedResult, tracking, description: str) -> str:
     """Register the run's pyfunc model as a version of ``m2snet-<protocol>`` (once per run); the score
     the promotion gate reads is the mean Dice over the test sets."""
     import mlflow
 
-    from m2snet.mlops.registry import SCORE_TAG, register_model_version
+    from m2snet.mlops.registry import register_model_version
 
     if fr.model_uri is None or fr.run_id is None:
         raise M2SNetError(f"protocol {protocol}: the run logged no model to register")
@@ -395,9 +416,7 @@ def register_protocol_model(protocol: str, fr: FixedResult, tracking, descriptio
     try:
         from mlflow import MlflowClient
 
-        tags = {"m2snet.protocol": protocol, "run_id": fr.run_id,
-                **{f"mean_{k}": f"{v:.4f}" for k, v in fr.report.mean.items()},
-                SCORE_TAG: f"{fr.report.mean.get('dice', float('nan')):.6f}"}
+        tags = {"run_id": fr.run_id, **version_tags(protocol, fr.report.mean)}
         mv = register_model_version(fr.model_uri, registered_model_name(protocol), idempotency_key=fr.run_id,
                                     tags=tags, description=description,
                                     client=MlflowClient(tracking_uri=uri, registry_uri=uri))
@@ -458,3 +477,130 @@ def benchmark(protocol_name: str, data: str | os.PathLike, out_dir: str | os.Pat
             # k-fold (busi): the pipeline registers the folds' ensemble (m2snet pipeline run --preset busi).
             registered = register_protocol_model(protocol.name, fr, tracking, comparison)
     return BenchmarkResult(protocol.name, table_md, comparison_md, run_id, registered)
+
+
+# --- the fixed-split pipeline's steps (m2snet.kubeflow.pipelines.protocol) ---------------------------
+#
+# prepare (steps.prepare_dataset) -> split -> train (steps.train_fold_step on the split's one fold, no
+# tuning: the paper's recipe) -> evaluate every test set -> register -> promote (steps.promote_step);
+# finalize closes the parent run. Every step finds the pipeline's parent MLflow run as the CV steps do.
+
+
+def split_step(dataset_dir: str, out_path: str, *, protocol: str, seed: int, split_options: str = "{}",
+               pipeline_run_id: str = "", experiment: str = "") -> list[str]:
+    """The protocol's fixed split of the dataset (``split_options``: JSON of
+    :func:`~m2snet.data.fixed_split.make_fixed_split` arguments replacing its recipe, e.g.
+    ``{"tests": {"COVID": "ids:/data/infnet-test.txt"}}``); return the test sets' names."""
+    p = get_protocol(protocol)
+    if p.kfold:
+        raise M2SNetError(f"protocol {protocol!r} is k-fold CV: run the CV pipeline (preset {protocol})")
+    options = parse_overrides(split_options)
+    split = make_fixed_split(dataset_dir, seed=seed, out=out_path, **options) if options else \
+        protocol_split(p, dataset_dir, out=out_path, seed=seed)
+    parent = parent_run(pipeline_run_id, experiment)
+    if parent is not None:
+        parent.set_tags({"m2snet.protocol": protocol, "m2snet.kind": "protocol"})
+        parent.log_params({"protocol": protocol, "split_sha256": split.sha256, "split_protocol": "fixed",
+                           "test_sets": ",".join(split.test_sets), "split_crossings": len(split.crossings)})
+    return list(split.test_sets)
+
+
+def train_step(dataset_dir: str, split_path: str, out_dir: str, *, protocol: str, preset: str,
+               train_overrides: str = "{}", pipeline_run_id: str = "", experiment: str = "") -> dict[str, Any]:
+    """Train on the split's training set (its validation set, if any, scored every epoch) as the parent's
+    child run ``train``, with the preset's recipe, the protocol's differences on top and the user's
+    overrides on top of those; the checkpoint in ``out_dir``."""
+    from m2snet.training.trainer import train
+
+    fields = {**get_protocol(protocol).train, **parse_overrides(train_overrides)}
+    cfg = train_config(preset, fields, data=dataset_dir, split=split_path, fold=0, out_dir=out_dir,
+                       keep_last_checkpoint=False)
+    parent = parent_run(pipeline_run_id, experiment)
+    run = parent.child("train", tags={"m2snet.protocol": protocol, "m2snet.kind": "fixed"}) if parent else None
+    log_fold_lineage(parent, run, split_path, 0)
+    try:
+        result = train(cfg, callbacks=tracking_callbacks(run))
+        if run is not None:
+            log_training_artifacts(run, out_dir)
+            run.end("FINISHED")
+    except BaseException:
+        if run is not None:
+            run.end("FAILED")
+        raise
+    last_row = result.history[-1] if result.history else {}
+    return {"model_metadata": {"checkpoint": SELECTED, "run_id": run.run_id if run else "", "protocol": protocol,
+                               "selected_epoch": result.selected_epoch, "dataset_version": result.dataset_version,
+                               "split_sha256": result.split_sha256,
+                               "pretrained": result.pretrained_source or "none"},
+            "metrics": {k: float(v) for k, v in last_row.items() if k.startswith("val_")}}
+
+
+def evaluate_step(dataset_dir: str, split_path: str, model_dir: str, out_dir: str, *, protocol: str,
+                  metric_protocol: str = DEFAULT_PROTOCOL, pipeline_run_id: str = "",
+                  experiment: str = "") -> dict[str, float]:
+    """Score the trained checkpoint and the no-skill predictor on every test set: ``test_sets.md`` (one row
+    per set + mean, each with its no-skill row) and ``paper_comparison.md`` in ``out_dir``, logged on the
+    parent run (metrics ``<set>_<metric>``, ``<set>_noskill_<metric>``); returns those metrics."""
+    split = load_split(split_path)
+    checkpoint = Path(model_dir) / SELECTED
+    if not checkpoint.is_file():
+        raise M2SNetError(f"{model_dir}: no {SELECTED} checkpoint (the training step's Model artifact)")
+    out = Path(out_dir)
+    report = evaluate_split_test_sets([checkpoint], dataset_dir, split, out / "test", protocol=metric_protocol)
+    report.write(out, title=protocol)
+    config = json.loads((Path(model_dir) / "train_config.json").read_text())
+    budget = {**budget_of(config), "train_cases": len(split.fold(0).train)
+              if not config.get("max_train_cases") else min(config["max_train_cases"], len(split.fold(0).train))}
+    comparison = paper_comparison(protocol, report.rows, budget) if protocol in paper_results()["protocols"] else ""
+    write_text(out / "paper_comparison.md", f"{get_protocol(protocol).description}\n\n{comparison}\n")
+    write_json(out / FIXED_RUN_FILE, {"split": str(split.path), "split_sha256": split.sha256, "rows": report.rows,
+                                      "mean": report.mean, "budget": budget})
+    parent = parent_run(pipeline_run_id, experiment)
+    if parent is not None:
+        parent.log_params({"metric_protocol": metric_protocol})
+        log_test_report(parent, report, out, split, protocol, comparison=comparison)
+        parent.log_artifact(out / "paper_comparison.md", "report")
+    return {k: float(v) for k, v in report.flat_metrics().items()}
+
+
+def register_step(model_dir: str, report_dir: str, split_path: str, *, protocol: str, model_name: str = "",
+                  dataset_version: str = "", metric_protocol: str = DEFAULT_PROTOCOL, pipeline_run_id: str = "",
+                  experiment: str = "") -> tuple[str, str]:
+    """Register the checkpoint as one version of ``model_name`` (default ``m2snet-<protocol>``), once per
+    pipeline run, tagged with the test sets' mean row; return (name, version)."""
+    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.registry import find_version_by_key, register_model_version
+    from m2snet.mlops.tracking import TrackingConfig
+
+    name = model_name or registered_model_name(protocol)
+    checkpoint = Path(model_dir) / SELECTED
+    key = pipeline_run_id or f"ckpt-{sha256_file(checkpoint)[:12]}"
+    existing = find_version_by_key(name, key)
+    if existing is not None:
+        return name, str(existing.version)
+    result = json.loads((Path(report_dir) / FIXED_RUN_FILE).read_text())
+    parent = parent_run(pipeline_run_id, experiment)
+    info = log_segmentation_model([checkpoint], name="model", run_id=parent.run_id if parent else None,
+                                  tracking_uri=TrackingConfig().resolved_uri())
+    tags = {**version_tags(protocol, result["mean"]), "data_version": dataset_version,
+            "split_sha256": result["split_sha256"], "pipeline_run_id": pipeline_run_id or "manual",
+            "metric_protocol": metric_protocol}
+    description = "\n\n".join((Path(report_dir) / f).read_text() for f in ("test_sets.md", "paper_comparison.md"))
+    mv = register_model_version(info.model_uri, name, idempotency_key=key, tags=tags, description=description)
+    if parent is not None:
+        parent.set_tags({"m2snet.registered_model": f"{name}/{mv.version}"})
+    return name, str(mv.version)
+
+
+def finalize_step(state: str, error_message: str = "", *, pipeline_run_id: str = "", experiment: str = "") -> str:
+    """The exit handler: on success close the parent run keeping its description (the test-set table and
+    the paper's figures, set by :func:`evaluate_step`) and return the registered version; on failure
+    what :func:`m2snet.workflows.steps.finalize_step` does (the parent and open children FAILED, why)."""
+    if state != "SUCCEEDED":
+        return finalize_cv_step(state, error_message, pipeline_run_id=pipeline_run_id, experiment=experiment)
+    parent = parent_run(pipeline_run_id, experiment, create=False)
+    if parent is None:
+        return ""
+    parent.end("FINISHED")
+    registered = parent.client.get_run(parent.run_id).data.tags.get("m2snet.registered_model", "")
+    return registered.rpartition("/")[2]
