@@ -169,3 +169,27 @@ def test_paper_compare_reads_a_cv_output_directory(tmp_path):
     res = runner.invoke(app, ["paper-compare", str(only), "--protocol", "busi"])
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     assert f"| BUSI | dice | {dice:.2f} | n/a | 79.21 |" in res.output and "epochs=unknown" in res.output
+
+
+def test_covid_takes_the_infnet_test_list_as_an_id_file(tmp_path):
+    """Inf-Net's 48 test slices are not shipped: `--test COVID=ids:FILE` replaces the seeded 50/48 fallback,
+    every other case training; the CLI refuses --train without --test."""
+    from m2snet.cli import app
+    from m2snet.data.importers import import_dataset
+    from m2snet.workflows.protocols import get_protocol, protocol_split
+
+    for i in range(6):
+        image, mask = _pair(300 + i)
+        _save(tmp_path / "src" / "images" / f"slice{i}.png", image)
+        _save(tmp_path / "src" / "masks" / f"slice{i}.png", mask)
+    info = import_dataset("folder", tmp_path / "src", tmp_path / "data", progress=False)
+    ids = sorted(c.case_id for c in info.cases)
+    (tmp_path / "infnet-test.txt").write_text("\n".join(ids[:2]) + "\n")
+    covid = get_protocol("covid")
+    assert "--test COVID=ids:FILE" in covid.notes
+    split = protocol_split(covid, tmp_path / "data", out=tmp_path / "s.json",
+                           options={"tests": {"COVID": f"ids:{tmp_path / 'infnet-test.txt'}"}})
+    assert split.test_sets == {"COVID": ids[:2]} and split.fold(0).train == ids[2:]
+    res = CliRunner().invoke(app, ["benchmark", str(tmp_path / "data"), "--protocol", "covid", "--train", "rest",
+                                   "--out", str(tmp_path / "b")])
+    assert res.exit_code != 0 and "--test NAME=SELECTOR" in str(res.exception)

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from m2snet.cli.options import NO_TRACK, SETS, TRACKING_URI
+from m2snet.common import M2SNetError
 
 app = typer.Typer()
 
@@ -24,6 +25,10 @@ def benchmark_cmd(
     model: Optional[str] = typer.Option(None, "--model"),
     seed: int = typer.Option(42, "--seed", help="Seed of the split and of training."),
     sets: List[str] = SETS,
+    train: Optional[str] = typer.Option(None, "--train", metavar="SELECTOR", help="Replace the protocol's split: "
+                                        "the training set (subset:A,B | ids:FILE | rest; default rest)."),
+    test: List[str] = typer.Option([], "--test", metavar="NAME=SELECTOR", help="Replace the protocol's split: a "
+                                   "named test set (repeatable), e.g. COVID=ids:infnet-test.txt (Inf-Net's list)."),
     no_log_model: bool = typer.Option(False, "--no-log-model", help="Do not log a pyfunc model."),
     tracking_uri: Optional[str] = TRACKING_URI,
     experiment: str = typer.Option("m2snet-benchmark", "--experiment", help="MLflow experiment name."),
@@ -31,6 +36,7 @@ def benchmark_cmd(
 ) -> None:
     """Import (if needed), split by the protocol's recipe, train, evaluate every test set and print the
     table and the paper's figures beside ours (OUT/paper_comparison.md)."""
+    from m2snet.data.fixed_split import parse_test_sets
     from m2snet.training.config import TrainConfig
     from m2snet.workflows.protocols import benchmark
 
@@ -42,8 +48,11 @@ def benchmark_cmd(
         from m2snet.mlops.tracking import TrackingConfig
 
         tracking = TrackingConfig(uri=tracking_uri, experiment=experiment)
+    if train and not test:
+        raise M2SNetError("--train replaces the protocol's split: give its test set(s) with --test NAME=SELECTOR")
+    split_options = {"tests": parse_test_sets(test), **({"train": train} if train else {})} if test else None
     res = benchmark(protocol, data, out, fmt=fmt, train_overrides=changed, seed=seed, tracking=tracking,
-                    log_model=not no_log_model)
+                    log_model=not no_log_model, split_options=split_options)
     typer.echo(res.table_md.read_text())
     typer.echo(res.comparison_md.read_text())
     if res.run_id:

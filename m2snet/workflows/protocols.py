@@ -81,7 +81,11 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              ("covid-ct",), {"train": "subset:train", "tests": {"COVID": "subset:test"}},
              fallback_split={"fractions": "50/0/48", "test_name": "COVID"},
              notes="Uses the manifest's train/test subsets when the source has them, else a seeded 50/48 "
-                   "split of the cases (not Inf-Net's list: give --test COVID=ids:FILE for that)."),
+                   "split of the cases, which is NOT Inf-Net's. Inf-Net's 48 test slices (its list is not "
+                   "shipped here) go in as a case-id file: `m2snet benchmark --protocol covid --test "
+                   "COVID=ids:FILE` (or `m2snet data split --protocol fixed --test COVID=ids:FILE`, or the "
+                   "pipeline's split_options='{\"tests\": {\"COVID\": \"ids:FILE\"}}'); every other "
+                   "case trains."),
     Protocol("oct", "GOALS 2022 OCT layers, multi-class Dice and MED (Tab. 5)", ("goals",),
              {"fractions": "80/0/20", "test_name": "GOALS"},
              notes="The paper's figures are the challenge's leaderboard on its hidden test set; here a "
@@ -102,8 +106,14 @@ def paper_results() -> dict[str, Any]:
 
 
 def protocol_split(protocol: Protocol, data: str | os.PathLike, out: str | os.PathLike | None = None,
-                   seed: int = 42) -> Split:
-    """The protocol's split of ``data``: its own recipe, or the fallback when the data lacks its subsets/columns."""
+                   seed: int = 42, options: Mapping[str, Any] | None = None) -> Split:
+    """The protocol's split of ``data``: its own recipe, or the fallback when the data lacks its subsets/columns.
+    ``options``: :func:`~m2snet.data.fixed_split.make_fixed_split` arguments replacing the recipe (e.g.
+    Inf-Net's COVID test list: ``{"tests": {"COVID": "ids:FILE"}}``, the rest training)."""
+    if options:
+        if protocol.kfold:
+            raise M2SNetError(f"protocol {protocol.name!r} is k-fold CV: it takes no fixed-split sets")
+        return make_fixed_split(data, seed=seed, out=out, **options)
     if protocol.kfold:
         return make_split(data, n_folds=protocol.split["n_folds"], seed=seed, out=out)
     try:
@@ -443,13 +453,14 @@ def _dataset(data: Path, fmt: str | None, out: Path, protocol: Protocol) -> Path
 
 def benchmark(protocol_name: str, data: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str | None = None,
               train_overrides: Mapping[str, Any] | None = None, seed: int = 42, tracking=None,
-              log_model: bool = True) -> BenchmarkResult:
-    """Run one protocol end to end into ``out_dir``; writes ``<table>.md`` and ``paper_comparison.md``."""
+              log_model: bool = True, split_options: Mapping[str, Any] | None = None) -> BenchmarkResult:
+    """Run one protocol end to end into ``out_dir``; writes ``<table>.md`` and ``paper_comparison.md``.
+    ``split_options``: sets replacing the protocol's split recipe (see :func:`protocol_split`)."""
     protocol = get_protocol(protocol_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = _dataset(Path(data), fmt, out, protocol)
-    split = protocol_split(protocol, root, out=out / "split.json", seed=seed)
+    split = protocol_split(protocol, root, out=out / "split.json", seed=seed, options=split_options)
     fields = {**protocol.train, **dict(train_overrides or {}), "data": str(root), "split": str(split.path),
               "seed": seed}
     cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), **fields}, source=f"protocol {protocol.name!r}")
@@ -494,9 +505,7 @@ def split_step(dataset_dir: str, out_path: str, *, protocol: str, seed: int, spl
     p = get_protocol(protocol)
     if p.kfold:
         raise M2SNetError(f"protocol {protocol!r} is k-fold CV: run the CV pipeline (preset {protocol})")
-    options = parse_overrides(split_options)
-    split = make_fixed_split(dataset_dir, seed=seed, out=out_path, **options) if options else \
-        protocol_split(p, dataset_dir, out=out_path, seed=seed)
+    split = protocol_split(p, dataset_dir, out=out_path, seed=seed, options=parse_overrides(split_options))
     parent = parent_run(pipeline_run_id, experiment)
     if parent is not None:
         parent.set_tags({"m2snet.protocol": protocol, "m2snet.kind": "protocol"})
