@@ -190,6 +190,11 @@ def test_covid_takes_the_infnet_test_list_as_an_id_file(tmp_path):
     split = protocol_split(covid, tmp_path / "data", out=tmp_path / "s.json",
                            options={"tests": {"COVID": f"ids:{tmp_path / 'infnet-test.txt'}"}})
     assert split.test_sets == {"COVID": ids[:2]} and split.fold(0).train == ids[2:]
+    res = CliRunner().invoke(app, ["data", "split", str(tmp_path / "data"), "--protocol", "fixed", "--test",
+                                   f"COVID=ids:{tmp_path / 'infnet-test.txt'}", "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 0 and "train: 4 cases, val: 0 cases\ntest COVID: 2 cases" in res.output, res.output
     res = CliRunner().invoke(app, ["benchmark", str(tmp_path / "data"), "--protocol", "covid", "--train", "rest",
                                    "--out", str(tmp_path / "b")])
     assert res.exit_code != 0 and "--test NAME=SELECTOR" in str(res.exception)
+    res = CliRunner().invoke(app, ["data", "split", str(tmp_path / "data"), "--protocol", "fixed", "--test", "COVID"])
+    assert res.exit_code != 0 and "expected NAME=SELECTOR" in str(res.exception)

@@ -9,6 +9,12 @@
 - :func:`paper_comparison` -- ours beside the paper's figures (``paper_results.json``, only
   figures printed in the paper, with their table) with the difference and the budget.
 - :func:`benchmark` -- import (if needed), split, train, evaluate and report, for one protocol.
+- the fixed-split pipeline's steps (:func:`split_step`, :func:`train_step`, :func:`evaluate_step`,
+  :func:`register_step`, :func:`finalize_step`), one per component of
+  ``m2snet.kubeflow.pipelines.protocol``; its prepare and promote are the CV pipeline's.
+
+Every test-set table carries, under each row, the no-skill predictor's (all background) on the same
+cases, and every paper comparison a no-skill column: a model that learnt nothing is visible.
 """
 
 from __future__ import annotations
