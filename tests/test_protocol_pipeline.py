@@ -198,3 +198,13 @@ def test_covid_takes_the_infnet_test_list_as_an_id_file(tmp_path):
     assert res.exit_code != 0 and "--test NAME=SELECTOR" in str(res.exception)
     res = CliRunner().invoke(app, ["data", "split", str(tmp_path / "data"), "--protocol", "fixed", "--test", "COVID"])
     assert res.exit_code != 0 and "expected NAME=SELECTOR" in str(res.exception)
+
+
+def test_the_cv_protocol_is_not_the_fixed_split_pipeline(tmp_path):
+    from m2snet.common import M2SNetError
+    from m2snet.kubeflow.pipelines.protocol import run_local
+
+    with pytest.raises(M2SNetError, match="k-fold CV: run `m2snet pipeline run --local --preset busi`"):
+        run_local("busi", work_dir=tmp_path)
+    with pytest.raises(M2SNetError, match="unknown protocol"):
+        run_local("lung", work_dir=tmp_path)

@@ -184,15 +184,19 @@ def run_local(
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     t0 = time.perf_counter()
-    task = build_pipeline(cluster=False, local_threads=threads)(
-        protocol=protocol, preset=preset, data_path=data_path, importer=importer or p.formats[0], seed=seed,
-        split_options=json.dumps(dict(split_options or {})), train_overrides=json.dumps(dict(train_overrides or {})),
-        experiment=experiment, model_name=model_name,
-        promote_floor=pol.floor if floor is None else floor,
-        promote_margin=pol.margin if margin is None else margin,
-        promote_noskill_margin=pol.noskill_margin if noskill_margin is None else noskill_margin,
-        metric_protocol=check_protocol(metric_protocol),
-    )
+    try:
+        task = build_pipeline(cluster=False, local_threads=threads)(
+            protocol=protocol, preset=preset, data_path=data_path, importer=importer or p.formats[0], seed=seed,
+            split_options=json.dumps(dict(split_options or {})),
+            train_overrides=json.dumps(dict(train_overrides or {})), experiment=experiment, model_name=model_name,
+            promote_floor=pol.floor if floor is None else floor,
+            promote_margin=pol.margin if margin is None else margin,
+            promote_noskill_margin=pol.noskill_margin if noskill_margin is None else noskill_margin,
+            metric_protocol=check_protocol(metric_protocol),
+        )
+    except RuntimeError as err:  # the local runner's "inner task failed"; the exit handler closed the MLflow run
+        raise M2SNetError(f"protocol pipeline {protocol} failed: {err} (the task's output is above; task "
+                          f"files under {root})") from err
     seconds = time.perf_counter() - t0
     name = model_name or registered_model_name(protocol)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
