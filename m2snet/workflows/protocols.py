@@ -322,12 +322,12 @@ def _cv_summary_from_per_case(directory: Path) -> dict[str, Any]:
 
 
 def _cv_budget(directory: Path, summary: Mapping[str, Any]) -> dict[str, Any]:
-    """A CV's budget: its fold 0's train_config.json, the seeds, and the training cases per fold
+    """A CV's budget: its first fold's train_config.json, the seeds, and the training cases per fold
     (every case not in the fold's validation set, capped by ``max_train_cases``)."""
     from m2snet.mlops.cv_results import CV_LINEAGE, CV_PER_CASE
 
-    config = next((c for c in (directory / "fold0" / "train_config.json", directory / "train_config.json",
-                               *sorted(directory.glob("seed*/fold0/train_config.json"))) if c.is_file()), None)
+    config = next((c for c in (*sorted(directory.glob("fold*/train_config.json")), directory / "train_config.json",
+                               *sorted(directory.glob("seed*/fold*/train_config.json"))) if c.is_file()), None)
     budget: dict[str, Any] = budget_of(_read_json(config)) if config else {}
     seeds = sorted({str(r["seed"]) for r in summary.get("per_fold", []) if r.get("seed") not in (None, "")})
     if not seeds and (directory / CV_LINEAGE).is_file():
