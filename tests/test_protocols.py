@@ -175,7 +175,11 @@ def test_train_and_evaluate_report_one_row_per_test_set(pranet, tmp_path):
     assert res.exit_code == 0, res.output
     table = (tmp_path / "run" / "test_sets.md").read_text().splitlines()
     assert table[0].startswith("| test set | n | mDice | mIoU | wFm | Sm | mEm | MAE |")
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["CVC-300", "ETIS-LaribPolypDB", "Kvasir", "mean"]
+    labels = [line.split("|")[1].strip() for line in table[2:]]
+    assert labels == [x for s in ("CVC-300", "ETIS-LaribPolypDB", "Kvasir", "mean") for x in (s, f"{s}: no skill")]
+    # The no-skill row (all background) on the same cases: every synthetic case has a lesion, so its Dice is 0.
+    noskill = next(line for line in table if line.startswith("| Kvasir: no skill |")).split("|")
+    assert noskill[2].strip() == "3" and noskill[3].strip() == "0.000"
     rows = json.loads((tmp_path / "run" / "test_sets.json").read_text())
     assert {k: v["n_cases"] for k, v in rows["rows"].items()} == {"CVC-300": 2, "ETIS-LaribPolypDB": 2, "Kvasir": 3}
     assert rows["mean"]["dice"] == pytest.approx(np.mean([r["dice"] for r in rows["rows"].values()]))
@@ -183,6 +187,8 @@ def test_train_and_evaluate_report_one_row_per_test_set(pranet, tmp_path):
     metrics = mlflow.tracking.MlflowClient(uri).get_run(run_id).data.metrics
     assert metrics["Kvasir_dice"] == pytest.approx(rows["rows"]["Kvasir"]["dice"])
     assert "ETIS-LaribPolypDB_mae" in metrics and "mean_dice" in metrics
+    assert metrics["Kvasir_noskill_dice"] == 0.0 and metrics["mean_noskill_mae"] == pytest.approx(
+        rows["mean"]["noskill_mae"])
     res = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "run" / "model.pt"), "--data", str(pranet),
                               "--split", str(split), "--device", "cpu", "--out", str(tmp_path / "eval")])
     assert res.exit_code == 0, res.output
@@ -209,8 +215,9 @@ def test_paper_figures_are_the_papers(tmp_path):
                 if metric != "paper_name":
                     assert f"{value:.2f}" in text or f"{value:.3f}" in text or f"{value:.4f}" in text, (name, metric)
     report = paper_comparison("polyp", {"Kvasir": {"dice": 0.5, "iou": 0.4}}, {"epochs": 1, "pretrained": False})
-    assert "| Kvasir | dice | 0.500 | 0.912 | -0.412 |" in report
-    assert "epochs=1, pretrained=False" in report and "Tab. 1" in report
+    assert "| Kvasir | dice | 0.500 | n/a | 0.912 | -0.412 |" in report
+    assert "epochs=1, size=unknown, train_cases=unknown, seeds=unknown, pretrained=False" in report
+    assert "Tab. 1" in report
 
 
 def test_protocol_split_uses_subsets_or_its_fallback(pranet, tmp_path):
@@ -277,11 +284,12 @@ def test_comparison_from_a_finished_cv_and_fixed_run(tmp_path):
                                                     "mean_percent": {"dice": 70.0, "iou": 60.0},
                                                     "std_percent": {"dice": 2.0, "iou": 1.0}}))
     text = comparison_from_results("busi", cv / "cv_summary.json")
-    assert "| BUSI | dice | 70.00 | 79.21 | -9.21 |" in text
-    assert "| BUSI (std) | iou | 1.00 | 1.19 | -0.19 |" in text
+    assert "| BUSI | dice | 70.00 | n/a | 79.21 | -9.21 |" in text
+    assert "| BUSI (std) | iou | 1.00 | n/a | 1.19 | -0.19 |" in text
     assert "epochs=3, size=96" in text and "pretrained=False" in text and "folds=4 of 4" in text
-    (tmp_path / "test_sets.json").write_text(json.dumps({"rows": {"CVC-300": {"dice": 0.9, "mae": 0.01}}}))
-    assert "| CVC-300 (CVC-T) | mae | 0.010 | 0.009 | +0.001 |" in comparison_from_results(
+    (tmp_path / "test_sets.json").write_text(json.dumps({"rows": {"CVC-300": {"dice": 0.9, "mae": 0.01,
+                                                                              "noskill_mae": 0.05}}}))
+    assert "| CVC-300 (CVC-T) | mae | 0.010 | 0.050 | 0.009 | +0.001 |" in comparison_from_results(
         "polyp", tmp_path / "test_sets.json")
     with pytest.raises(M2SNetError, match="results file not found"):
         comparison_from_results("polyp", tmp_path / "nope.json")

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from m2snet.cli.options import NO_TRACK, SETS, TRACKING_URI
+from m2snet.common import M2SNetError
 
 app = typer.Typer()
 
@@ -24,6 +25,10 @@ def benchmark_cmd(
     model: Optional[str] = typer.Option(None, "--model"),
     seed: int = typer.Option(42, "--seed", help="Seed of the split and of training."),
     sets: List[str] = SETS,
+    train: Optional[str] = typer.Option(None, "--train", metavar="SELECTOR", help="Replace the protocol's split: "
+                                        "the training set (subset:A,B | ids:FILE | rest; default rest)."),
+    test: List[str] = typer.Option([], "--test", metavar="NAME=SELECTOR", help="Replace the protocol's split: a "
+                                   "named test set (repeatable), e.g. COVID=ids:infnet-test.txt (Inf-Net's list)."),
     no_log_model: bool = typer.Option(False, "--no-log-model", help="Do not log a pyfunc model."),
     tracking_uri: Optional[str] = TRACKING_URI,
     experiment: str = typer.Option("m2snet-benchmark", "--experiment", help="MLflow experiment name."),
@@ -31,6 +36,7 @@ def benchmark_cmd(
 ) -> None:
     """Import (if needed), split by the protocol's recipe, train, evaluate every test set and print the
     table and the paper's figures beside ours (OUT/paper_comparison.md)."""
+    from m2snet.data.fixed_split import parse_test_sets
     from m2snet.training.config import TrainConfig
     from m2snet.workflows.protocols import benchmark
 
@@ -42,8 +48,11 @@ def benchmark_cmd(
         from m2snet.mlops.tracking import TrackingConfig
 
         tracking = TrackingConfig(uri=tracking_uri, experiment=experiment)
+    if train and not test:
+        raise M2SNetError("--train replaces the protocol's split: give its test set(s) with --test NAME=SELECTOR")
+    split_options = {"tests": parse_test_sets(test), **({"train": train} if train else {})} if test else None
     res = benchmark(protocol, data, out, fmt=fmt, train_overrides=changed, seed=seed, tracking=tracking,
-                    log_model=not no_log_model)
+                    log_model=not no_log_model, split_options=split_options)
     typer.echo(res.table_md.read_text())
     typer.echo(res.comparison_md.read_text())
     if res.run_id:
@@ -67,3 +76,26 @@ def paper_compare_cmd(
         write_text(out, text + "\n")
     typer.echo(text)
 
+
+
+def run_protocol_pipeline(protocol: str, *, preset: str, data: str, importer: str, work_dir: Path, experiment: str,
+                          model_name: str, seed: int, sets: List[str], floor: Optional[float],
+                          margin: Optional[float], noskill_margin: Optional[float], metric_protocol: str,
+                          threads: Optional[int]) -> None:
+    """``m2snet pipeline run --local --protocol NAME``: the fixed-split pipeline on the kfp local runner.
+    The CV pipeline's option defaults (preset demo, importer busi, its experiment and model name) become
+    the protocol's own; the test-set table and the paper's figures are printed at the end."""
+    from m2snet.cli.options import preset_overrides
+    from m2snet.kubeflow.pipelines.protocol import DEFAULT_PROTOCOL_EXPERIMENT, run_local
+    from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET
+
+    preset = protocol if preset == DEFAULT_PRESET else preset
+    res = run_local(protocol, preset=preset, data_path=data, importer=None if importer == "busi" else importer,
+                    work_dir=work_dir, experiment=DEFAULT_PROTOCOL_EXPERIMENT if experiment == DEFAULT_EXPERIMENT
+                    else experiment, model_name="" if model_name == DEFAULT_MODEL_NAME else model_name, seed=seed,
+                    train_overrides=preset_overrides(preset, sets), floor=floor, margin=margin,
+                    noskill_margin=noskill_margin, metric_protocol=metric_protocol, threads=threads or 1)
+    typer.echo(f"\n{res.table}\n\n{res.comparison}\n")
+    state = "promoted to `production`" if res.promoted else "NOT promoted"
+    typer.echo(f"model {res.model_name} version {res.version}: {state} ({res.promotion})")
+    typer.echo(f"MLflow ({res.tracking_uri}): parent run {res.parent_run_id}; {res.seconds / 60:.1f} min")

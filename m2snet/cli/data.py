@@ -254,16 +254,11 @@ def split(
 
 def _fixed_split(dest: Path, seed: int, out: Optional[Path], group_by: Optional[str], train: Optional[str],
                  val: Optional[str], test: list[str], fractions: Optional[str], test_name: str, on_leak: str) -> None:
-    from m2snet.data.fixed_split import make_fixed_split
+    from m2snet.data.fixed_split import make_fixed_split, parse_test_sets
 
     if on_leak not in ("report", "refuse"):
         raise M2SNetError(f"--on-leak {on_leak!r}: expected report or refuse")
-    tests: dict[str, str] = {}
-    for item in test:
-        name, sep, selector = item.partition("=")
-        if not sep or not name or not selector:
-            raise M2SNetError(f"--test {item!r}: expected NAME=SELECTOR (e.g. CVC-300=subset:CVC-300)")
-        tests[name] = selector
+    tests = parse_test_sets(test)
     result = make_fixed_split(dest, train=train, val=val, tests=tests or None, fractions=fractions,
                               test_name=test_name, group_by=group_by, seed=seed, out=out,
                               on_leak=on_leak)  # type: ignore[arg-type]

@@ -46,6 +46,9 @@ def run_cmd(
     verbose: bool = typer.Option(False, "--verbose", help="Stream every task's full output (the logs are kept too)."),
     runner: str = typer.Option("subprocess", help="subprocess (this Python) | container (every step in the "
                                                   "component image via docker/podman; needs an MLflow server)."),
+    fixed_protocol: Optional[str] = typer.Option(
+        None, "--protocol", help="polyp | polyp-video | covid | oct: the fixed-split pipeline of that paper "
+        "protocol (pipelines/protocol.py); --preset and --importer then default to the protocol's."),
 ) -> None:
     """Run the whole pipeline: data -> validate -> split -> tune -> 4 folds -> CV table -> register -> promote."""
     from m2snet.kubeflow.runner import run_local
@@ -53,6 +56,14 @@ def run_cmd(
     if not local:
         raise M2SNetError("pipeline run: add --local (the kfp local runner); submit to a cluster with "
                           "`m2snet pipeline submit --host URL`")
+    if fixed_protocol:
+        from m2snet.cli.benchmark import run_protocol_pipeline
+
+        run_protocol_pipeline(fixed_protocol, preset=preset, data=data, importer=importer, work_dir=work_dir,
+                              experiment=experiment, model_name=model_name, seed=seed, sets=set_, floor=floor,
+                              margin=margin, noskill_margin=noskill_margin, metric_protocol=protocol,
+                              threads=threads)
+        return
     result = run_local(
         preset, data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, work_dir=work_dir,
         experiment=experiment, model_name=model_name, n_folds=folds, n_trials=trials, seed=seed,
@@ -106,6 +117,7 @@ def compile_cmd(
     check: bool = typer.Option(False, "--check", help="Only check that the committed YAML is up to date."),
 ) -> None:
     """Compile the cluster pipeline (GPU requests, retries, Secrets) to YAML."""
+    from m2snet.kubeflow.pipelines import protocol as protocol_pipeline
     from m2snet.kubeflow.runner import compile_pipeline, compiled_pipeline_path
 
     if check:
@@ -115,8 +127,11 @@ def compile_cmd(
         if not committed.is_file() or committed.read_text() != fresh:
             raise M2SNetError(f"{committed}: stale; run `m2snet pipeline compile` and commit the result")
         typer.echo(f"{committed}: up to date")
+        typer.echo(protocol_pipeline.check_compiled())
         return
     typer.echo(f"wrote {compile_pipeline(out)}")
+    if out is None:  # the packaged YAMLs: the fixed-split protocols' pipeline too
+        typer.echo(f"wrote {protocol_pipeline.compile_pipeline()}")
 
 
 @app.command("submit")

@@ -88,6 +88,17 @@ class Selector:
         raise M2SNetError(f"set selector {self.text!r}: expected subset:NAME[,NAME], ids:FILE or rest")
 
 
+def parse_test_sets(items: Sequence[str]) -> dict[str, str]:
+    """``["CVC-300=subset:CVC-300", "COVID=ids:infnet-test.txt"]`` -> {name: selector} (``--test`` options)."""
+    tests: dict[str, str] = {}
+    for item in items:
+        name, sep, selector = item.partition("=")
+        if not sep or not name or not selector:
+            raise M2SNetError(f"--test {item!r}: expected NAME=SELECTOR (e.g. CVC-300=subset:CVC-300)")
+        tests[name] = selector
+    return tests
+
+
 def parse_fractions(text: str | Sequence[float]) -> tuple[float, float, float]:
     """``"60/20/20"``, ``"900/0/100"`` or three numbers -> train/val/test shares summing to 1."""
     if isinstance(text, str):

@@ -5,6 +5,10 @@ E-measure and MAE per test set, as fractions with three decimals. Each set is sc
 :func:`m2snet.evaluation.evaluate.evaluate_predictor` (per-image means, original sizes) into its own
 folder ``<out>/<set>/`` (per-case CSV, metrics JSON, overlays); the ``mean`` row is the unweighted mean
 of the set means (each test set counts once, whatever its size), as benchmark papers average.
+
+Under every row the table prints the no-skill predictor's (all background) on the same cases: the
+evaluation scores it beside the model (``noskill_<metric>``, as in a CV table), so a model that learnt
+nothing shows as a row no better than the one beneath it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from m2snet.common import M2SNetError, resolve_device, write_json, write_text
 from m2snet.data.split import Split
 from m2snet.evaluation.evaluate import EvalResult, evaluate_predictor
-from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX
 from m2snet.evaluation.predict import Predictor
 
 # The paper's Tab. 1 columns, in its order (Sec. 4.2 names them), with our metric keys.
@@ -30,6 +34,7 @@ POLYP_TABLE = (("mDice", "dice"), ("mIoU", "iou"), ("wFm", "weighted_f_measure")
 # Multi-class sets (OCT layers) have no structure measures: Dice and MED.
 MULTICLASS_TABLE = (("mDice", "dice"), ("MED", "med"))
 MEAN_ROW = "mean"
+NOSKILL_LABEL = "no skill"  # the all-background predictor's row under each set's
 
 
 def metric_key(test_set: str, metric: str) -> str:
@@ -51,13 +56,18 @@ class TestSetReport:
         return {k: float(np.nanmean([r[k] for r in self.rows.values()])) for k in keys if k != "n_cases"}
 
     def table(self, title: str = "test set") -> str:
-        """Markdown, one row per test set and the mean row; three decimals as the paper prints."""
+        """Markdown, one row per test set and the mean row, each followed by the no-skill predictor's
+        row on the same cases; three decimals as the paper prints."""
         head = "| " + " | ".join([title, "n", *[c for c, _ in self.columns]]) + " |"
         lines = [head, "|" + "---|" * (len(self.columns) + 2)]
         for name, row in [*self.rows.items(), (MEAN_ROW, {**self.mean, "n_cases": sum(
                 r.get("n_cases", 0) for r in self.rows.values())})]:
-            cells = [f"{row[k]:.3f}" if k in row else "n/a" for _, k in self.columns]
-            lines.append("| " + " | ".join([name, str(int(row.get("n_cases", 0))), *cells]) + " |")
+            n = str(int(row.get("n_cases", 0)))
+            for label, prefix in ((name, ""), (f"{name}: {NOSKILL_LABEL}", NOSKILL_PREFIX)):
+                if prefix and not any(prefix + k in row for _, k in self.columns):
+                    continue  # a report read back from an older test_sets.json
+                cells = [f"{row[prefix + k]:.3f}" if prefix + k in row else "n/a" for _, k in self.columns]
+                lines.append("| " + " | ".join([label, n, *cells]) + " |")
         return "\n".join(lines)
 
     def flat_metrics(self) -> dict[str, float]:

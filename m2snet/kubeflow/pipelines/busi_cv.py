@@ -66,19 +66,35 @@ def _with_cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def configure_task(task: dsl.PipelineTask, display_name: str, *, cluster: bool, local_threads: int = 1
+                   ) -> dsl.PipelineTask:
+    """Every task of an m2snet pipeline: no caching; on a cluster its name and Secrets, locally its threads."""
+    # Every step writes to MLflow: a cached step would skip its side effects on a re-run.
+    task.set_caching_options(False)
+    if cluster:
+        task.set_display_name(display_name)  # the local runner ignores (and warns about) it
+        _with_cluster_env(task)
+    else:
+        # The local runner runs up to two fold tasks at once on the host: one thread each.
+        task.set_env_variable("OMP_NUM_THREADS", str(local_threads))
+    return task
+
+
+def request_training_resources(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A training task on the cluster: one GPU, CPU/memory limits, retries, the GPU nodes' taint tolerated."""
+    (task.set_accelerator_type(TRAIN_GPU).set_accelerator_limit(1)
+     .set_cpu_limit(TRAIN_CPU_LIMIT).set_memory_limit(TRAIN_MEMORY_LIMIT)
+     .set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0))
+    # GPU nodes are commonly tainted so that only GPU work lands there.
+    kubernetes.add_toleration(task, key=TRAIN_GPU, operator="Exists", effect="NoSchedule")
+    return task
+
+
 def build_pipeline(cluster: bool = True, local_threads: int = 1):
     """The pipeline function; ``cluster`` adds GPU requests, limits, retries and Secrets."""
 
     def prepare(task: dsl.PipelineTask, display_name: str) -> dsl.PipelineTask:
-        # Every step writes to MLflow: a cached step would skip its side effects on a re-run.
-        task.set_caching_options(False)
-        if cluster:
-            task.set_display_name(display_name)  # the local runner ignores (and warns about) it
-            _with_cluster_env(task)
-        else:
-            # The local runner runs up to two fold tasks at once on the host: one thread each.
-            task.set_env_variable("OMP_NUM_THREADS", str(local_threads))
-        return task
+        return configure_task(task, display_name, cluster=cluster, local_threads=local_threads)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.strip().splitlines()[0])
     def busi_cv(
@@ -126,12 +142,7 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
                     train_overrides=train_overrides, pipeline_run_id=run_id, experiment=experiment,
                 ), "train fold")
                 if cluster:
-                    (train.set_accelerator_type(TRAIN_GPU).set_accelerator_limit(1)
-                     .set_cpu_limit(TRAIN_CPU_LIMIT).set_memory_limit(TRAIN_MEMORY_LIMIT)
-                     .set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0))
-
-                    # GPU nodes are commonly tainted so that only GPU work lands there.
-                    kubernetes.add_toleration(train, key=TRAIN_GPU, operator="Exists", effect="NoSchedule")
+                    request_training_resources(train)
                 evaluation = prepare(evaluate_fold(
                     dataset=data.outputs["dataset"], split=split.outputs["split"],
                     model=train.outputs["model"], fold=fold, metric_protocol=metric_protocol,
