@@ -51,6 +51,10 @@ def source(study: Path, job: str) -> str | None:
     return JOIN.join(str(p) for p in parts) if parts else None
 
 
+def _seeds(seeds: list[str]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(seeds)}"
+
+
 def fold_means(src: str, metric: str) -> list[float]:
     """One mean per (seed, fold): the CV table's unit, whose spread is the table's +- std."""
     per: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                          log_run=False, n_resamples=args.resamples)
         d = res.comparison.metrics["dice"]
         folds = ", ".join(f"{k}: {100 * v:+.1f}" for k, v in sorted(d.per_fold.items()))
-        lines.append(f"| {question} | {job_a} ({len(res.a.seeds)} seeds) | {job_b} ({len(res.b.seeds)} seeds) | "
+        lines.append(f"| {question} | {job_a} ({_seeds(res.a.seeds)}) | {job_b} ({_seeds(res.b.seeds)}) | "
                      f"{res.comparison.n_cases} | {100 * d.diff:+.2f} | "
                      f"[{100 * d.ci_low:+.2f}, {100 * d.ci_high:+.2f}] | "
                      f"{d.p_wilcoxon:.3g} | {folds} | {d.wins_b} / {d.wins_a} |")
