@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
-from m2snet import __version__
+from m2snet import __version__, progress
 from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
 from m2snet.data.cache import default_cache_dir
 from m2snet.data.dataset import SegmentationDataset
@@ -394,6 +394,7 @@ def train(
                  "".join(f" {k} {row[k]:.4f}" for k in ("val_dice", "val_iou") if k in row),
                  row["train_img_per_s"], row["epoch_seconds"],
                  " *selected*" if selected["epoch"] == epoch + 1 else "")
+        progress.emit("epoch", epoch=epoch + 1, epochs=cfg.epochs, loss=row["train_loss"], val_dice=row.get("val_dice"))
         end = EpochEnd(epoch + 1, cfg.epochs, row, out, checkpoint=last_path, selected=chosen)
         for cb in callbacks:
             cb.on_epoch_end(end)

@@ -21,12 +21,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from m2snet.common import M2SNetError, git_commit, write_json, write_text
+from m2snet.common import M2SNetError, git_commit, read_json, write_json, write_text
 from m2snet.data.fixed_split import make_fixed_split
 from m2snet.data.format import DATASET_JSON
 from m2snet.data.split import Split, load_split, make_split
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
-from m2snet.mlops.tracking import Tracker, tracking_callbacks, write_run_file
+from m2snet.mlops.tracking import Tracker, mlflow_client, tracking_callbacks, write_run_file
 from m2snet.training.config import TrainConfig
 from m2snet.workflows.folds import log_training_artifacts
 
@@ -250,10 +250,7 @@ def comparison_from_results(protocol: str, results: str | os.PathLike) -> str:
     path = Path(results)
     if not path.is_file():
         raise M2SNetError(f"{path}: results file not found (test_sets.json of a fixed run or cv_summary.json)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise M2SNetError(f"{path}: invalid JSON ({err})") from None
+    data = read_json(path, "results file")
     config = next((c for c in (path.parent / "train_config.json", path.parent / "fold0" / "train_config.json")
                    if c.is_file()), None)
     budget: dict[str, Any] = budget_of(json.loads(config.read_text())) if config else {"budget": "unknown"}
@@ -296,14 +293,12 @@ def register_protocol_model(protocol: str, fr: FixedResult, tracking, descriptio
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        from mlflow import MlflowClient
-
         tags = {"m2snet.protocol": protocol, "run_id": fr.run_id,
                 **{f"mean_{k}": f"{v:.4f}" for k, v in fr.report.mean.items()},
                 SCORE_TAG: f"{fr.report.mean.get('dice', float('nan')):.6f}"}
         mv = register_model_version(fr.model_uri, registered_model_name(protocol), idempotency_key=fr.run_id,
                                     tags=tags, description=description,
-                                    client=MlflowClient(tracking_uri=uri, registry_uri=uri))
+                                    client=mlflow_client(uri))
     finally:
         mlflow.set_tracking_uri(previous)
     return f"{registered_model_name(protocol)}/{mv.version}"

@@ -32,7 +32,8 @@ from m2snet.kubeflow.components import (
     tune_hyperparameters,
 )
 from m2snet.kubeflow.image import COMPONENT_GID, COMPONENT_UID
-from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PRESETS
+from m2snet.mlops.tracking import PIPELINE_EXPERIMENT
+from m2snet.workflows.presets import DEFAULT_MODEL_NAME, PRESETS
 
 PIPELINE_NAME = "m2snet-busi-cv"
 CLUSTER_PRESET = PRESETS["busi"]  # the compiled pipeline's defaults
@@ -93,7 +94,7 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         n_trials: int = -1,
         tuning_storage: str = "",
         train_overrides: str = "{}",
-        experiment: str = DEFAULT_EXPERIMENT,
+        experiment: str = PIPELINE_EXPERIMENT,
         model_name: str = DEFAULT_MODEL_NAME,
         # The local run passes its own preset's gate.
         promote_floor: float = CLUSTER_PRESET.promotion.floor,
