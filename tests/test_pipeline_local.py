@@ -52,14 +52,14 @@ def _cli(*args: str, cwd: Path, url: str, timeout: float = 3600) -> subprocess.C
 def runs(mlflow_server, tmp_path_factory):
     from mlflow import MlflowClient
 
-    from m2snet.kubeflow.runner import run_local
+    from m2snet.kubeflow.runner import LocalRunOptions, run_local
 
     work = tmp_path_factory.mktemp("pipeline")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     mp.chdir(work)
     try:
-        first = run_local("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL)
+        first = run_local(LocalRunOptions("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL))
         gate = SimpleNamespace(promoted=first.promoted, reason=first.promotion)
         if not first.promoted:
             # 1 epoch may learn nothing: the gate refused it (checked below); the tests after it need a

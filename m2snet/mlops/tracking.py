@@ -319,7 +319,6 @@ class Tracker:
         with_retry(fn, f"upload artifact {path.name}", self.cfg)
 
 
-@dataclass(frozen=True)
 def parent_run(pipeline_run_id: str, experiment: str = "", create: bool = True) -> Tracker | None:
     """The MLflow parent run of a pipeline run, found by its :data:`PIPELINE_RUN_TAG` (created on first use)."""
     if not pipeline_run_id:
@@ -338,6 +337,7 @@ def parent_run(pipeline_run_id: str, experiment: str = "", create: bool = True) 
                          tags={PIPELINE_RUN_TAG: pipeline_run_id, "m2snet.kind": "pipeline"})
 
 
+@dataclass(frozen=True)
 class DatasetLineage:
     """Which data a run used, as MLflow records a dataset input.
 

@@ -73,8 +73,8 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
     def prepare(task: dsl.PipelineTask, display_name: str) -> dsl.PipelineTask:
         # Every step writes to MLflow: a cached step would skip its side effects on a re-run.
         task.set_caching_options(False)
+        task.set_display_name(display_name)  # the cluster UI's and the local console's label
         if cluster:
-            task.set_display_name(display_name)  # the local runner ignores (and warns about) it
             _with_cluster_env(task)
         else:
             # The local runner runs up to two fold tasks at once on the host: one thread each.
