@@ -12,7 +12,7 @@ e.g. the fold): a ``task_start`` event, a ``task_end`` one when the process exit
 :data:`TASK_MARK` line on its stdout at both ends, by which the local console files the runner's
 stream of that task into the task's own log. Event kinds and their fields:
 
-    task_start  component, item (loop item), context      task_end  ok
+    task_start  component, item (loop item), context      task_end  ok, error (the exception, one line)
     epoch       epoch, epochs, loss, val_dice (if scored) trial     number, of (the study's trial budget)
     evaluated   cases, dice                               promotion version, promoted, reason
     note        message (shown to the user once: e.g. training from random weights)
@@ -99,7 +99,11 @@ def _mark(event: str) -> None:
 
 def _task_ended() -> None:
     # An uncaught exception was printed (and stored in sys.last_value) before atexit handlers run.
-    failed = getattr(sys, "last_value", None) is not None
-    emit("task_end", ok=not failed)
+    err = getattr(sys, "last_value", None)
+    if err is None:
+        emit("task_end", ok=True)
+    else:  # the exception on one line, as the console's failure message
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        emit("task_end", ok=False, error=f"{type(err).__name__}: {message}"[:1000])
     sys.stderr.flush()
     _mark("end")

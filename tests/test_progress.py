@@ -66,7 +66,8 @@ def test_a_task_process_marks_its_stream_and_reports_how_it_ended(tmp_path):
     events.unlink()
     failed = _python(code, events, "fail")
     assert failed.returncode == 1 and "ValueError: corrupt" in failed.stderr
-    assert _events(events)[-1]["kind"] == "task_end" and _events(events)[-1]["ok"] is False
+    assert _events(events)[-1] == {**_events(events)[-1], "kind": "task_end", "ok": False,
+                                   "error": "ValueError: corrupt"}
     assert progress.parse_mark(failed.stdout.splitlines()[-1]) == {"task": "train-fold-2", "event": "end"}
 
 

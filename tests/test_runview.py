@@ -159,6 +159,7 @@ def test_failed_task_is_named_with_its_log(kfp_root):
         view.mark_skipped()
     (failed,) = view.failed
     assert failed.key == "failing-step" and "FAILED after" in out.getvalue()
+    assert failed.error == "ValueError: corrupt input 0"  # the task said so itself; no log is parsed
     assert failed.tail().startswith("Traceback") and "ValueError: corrupt input 0" in failed.tail()
 
 

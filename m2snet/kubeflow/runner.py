@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 import warnings
@@ -108,25 +107,6 @@ class PipelineTaskFailed(M2SNetError):
         self.task, self.log, self.parent_run_id = task, log, parent_run_id
 
 
-_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)\b.*)$")
-
-
-def _error_line(log_tail: str) -> str:
-    """The last exception of a task log (the traceback's last line, with its continuation lines) on one line."""
-    lines = log_tail.splitlines()
-    found = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
-    if not found:
-        return ""
-    first = lines[found[-1]]
-    indent = len(first) - len(first.lstrip())
-    message = [_ERROR_LINE.match(first)[1]]
-    for line in lines[found[-1] + 1:]:  # a multi-line message: its lines are indented deeper
-        if not line.strip() or len(line) - len(line.lstrip()) <= indent:
-            break
-        message.append(line.strip())
-    return " ".join(message)[:1000]
-
-
 def _record_failure(view: "RunView", experiment: str, err: Exception) -> PipelineTaskFailed:
     """The local runner's side of a failure: the parent run names the failed task, its log tail and file."""
     failed = view.failed[0] if view.failed else None
@@ -134,7 +114,7 @@ def _record_failure(view: "RunView", experiment: str, err: Exception) -> Pipelin
         return PipelineTaskFailed(f"local pipeline run failed: {err} (runner log: {view.main_log})", "pipeline",
                                   view.main_log, None)
     tail = failed.tail()
-    error = _error_line(tail) or "no exception in the log"
+    error = failed.error or "the task reported no exception (killed?)"
     parent_id = None
     try:
         parent = parent_run(view.pipeline_run_id, experiment, create=True)

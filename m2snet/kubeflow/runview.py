@@ -124,6 +124,7 @@ class TaskState:
     started: float | None = None  # time.time() of its task_start event
     ended: float | None = None
     progress: str = ""  # "epoch 3/50 · val Dice 0.712"
+    error: str = ""  # a failed task's exception, as its task_end event reported it
     result: str = ""  # "Dice 0.795 on 40 cases" once done
     last_plain: float = 0.0
     trial: tuple[int, int] = (0, 0)  # a tuning task: (running trial, trial budget)
@@ -271,6 +272,7 @@ class RunView:
             self.pipeline_run_id = self.pipeline_run_id or str(event.get("pipeline_run_id") or "")
             self._started(task, when)
         elif kind == "task_end":
+            task.error = str(event.get("error") or "")
             self._finished(task, bool(event.get("ok")), when)
         elif kind == "trial":
             task.trial = (int(event.get("number", 0)) + 1, int(event.get("of", 0)))
