@@ -198,7 +198,7 @@ class RunView:
         self.pipeline_run_id: str = ""  # the runner's job id, from a task's task_start context
         self.t0 = time.monotonic()
         self._lock = threading.RLock()
-        self._local = threading.local()  # .task: the task whose stream this thread prints; .partial: a line
+        self._thread = threading.local()  # .task: the task whose stream this thread prints; .partial: a line
         self._files: dict[str | None, TextIO] = {}
         self._live = None
         self._saved: list[Callable[[], None]] = []
@@ -314,19 +314,19 @@ class RunView:
     # --- the runner's stream -------------------------------------------------------------------
     def _write(self, text: str) -> None:
         """A thread's text: whole lines to the log of the task it is streaming (between its marks)."""
-        local = self._local
-        lines = (getattr(local, "partial", "") + text).split("\n")
-        local.partial = lines.pop()
+        thread = self._thread
+        lines = (getattr(thread, "partial", "") + text).split("\n")
+        thread.partial = lines.pop()
         for line in lines:
             self._line(line + "\n")
 
     def _line(self, line: str) -> None:
-        local = self._local
+        thread = self._thread
         mark = progress.parse_mark(line)
         if mark is not None:  # the task's own stream starts or ends here; the mark itself is no log line
-            local.task = str(mark["task"]) if mark.get("event") == "start" else None
+            thread.task = str(mark["task"]) if mark.get("event") == "start" else None
             return
-        key = getattr(local, "task", None)
+        key = getattr(thread, "task", None)
         with self._lock:
             f = self._files.get(key)
             if f is None:
