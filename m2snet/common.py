@@ -166,6 +166,22 @@ def atomic_file(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     _fsync_directory(path.parent)
 
 
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON document in ``path`` (``what``: what the file is, e.g. "split file"); a missing, unreadable
+    or invalid file raises one line of :class:`M2SNetError` naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise M2SNetError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise M2SNetError(f"{path}: cannot read the {what} ({err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise M2SNetError(f"{path}: invalid JSON in the {what} ({err})") from None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically (:func:`atomic_file`), so a crash never leaves half a file."""
     with atomic_file(path) as tmp, open(tmp, "w") as f:

@@ -392,7 +392,7 @@ PLAIN_WRITES_ALLOWED = {
     ("m2snet/data/format.py", "write_png"): "an image inside import_dataset's atomic_directory (one fsync per image "
                                              "would be wasted: the folder is swapped in whole)",
     ("m2snet/mlops/services.py", "__init__"): "a service's log, streamed while it runs (append)",
-    ("m2snet/kubeflow/runview.py", "_write"): "a step's log, streamed while it runs (append)",
+    ("m2snet/kubeflow/runview.py", "_line"): "a step's log, streamed while it runs (append)",
 }
 _ATOMIC = {"atomic_file", "atomic_directory"}
 _SAVERS = {("np", "save"), ("np", "savez"), ("np", "savez_compressed"), ("torch", "save")}

@@ -70,12 +70,12 @@ def test_image_runs_the_cli_as_a_non_root_user(image):
 
 
 def test_container_runner_refuses_a_tracking_store_the_containers_cannot_reach(tmp_path):
-    from m2snet.kubeflow.runner import run_local
+    from m2snet.kubeflow.runner import LocalRunOptions, run_local
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
         with pytest.raises(M2SNetError, match="MLflow tracking server"):
-            run_local("tiny", work_dir=tmp_path / "run", runner="container")
+            run_local(LocalRunOptions("tiny", work_dir=tmp_path / "run", runner="container"))
 
 
 def test_steps_get_the_tracking_and_storage_settings_but_not_the_rest_of_the_environment():
@@ -112,7 +112,7 @@ def _started_containers(engine: str, tag: str, since: float, until: float) -> li
 def test_tiny_pipeline_runs_every_step_in_the_image_and_registers_a_model(image, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    from m2snet.kubeflow.runner import run_local
+    from m2snet.kubeflow.runner import LocalRunOptions, run_local
     from m2snet.workflows.presets import get_preset
 
     engine, tag = image
@@ -120,8 +120,8 @@ def test_tiny_pipeline_runs_every_step_in_the_image_and_registers_a_model(image,
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
         mp.chdir(tmp_path)
-        result = run_local("tiny", work_dir=tmp_path / "run", experiment=EXPERIMENT, model_name=MODEL,
-                           runner="container")
+        result = run_local(LocalRunOptions("tiny", work_dir=tmp_path / "run", experiment=EXPERIMENT,
+                                           model_name=MODEL, runner="container"))
     started = _started_containers(engine, tag, since, time.time())
     print(f"\ncontainer runner: {len(started)} step containers, {result.seconds:.0f} s, "
           f"model {MODEL} version {result.version}")

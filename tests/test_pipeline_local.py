@@ -52,14 +52,14 @@ def _cli(*args: str, cwd: Path, url: str, timeout: float = 3600) -> subprocess.C
 def runs(mlflow_server, tmp_path_factory):
     from mlflow import MlflowClient
 
-    from m2snet.kubeflow.runner import run_local
+    from m2snet.kubeflow.runner import LocalRunOptions, run_local
 
     work = tmp_path_factory.mktemp("pipeline")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     mp.chdir(work)
     try:
-        first = run_local("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL)
+        first = run_local(LocalRunOptions("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL))
         gate = SimpleNamespace(promoted=first.promoted, reason=first.promotion)
         if not first.promoted:
             # 1 epoch may learn nothing: the gate refused it (checked below); the tests after it need a
@@ -287,7 +287,8 @@ def test_corrupt_data_fails_cleanly(mlflow_server, tmp_path):
 
 def test_exit_handler_closes_the_runs_a_dead_task_left_open(mlflow_server, monkeypatch):
     """finalize_step on a failed pipeline: the parent and its RUNNING children end FAILED, with the error."""
-    from m2snet.workflows.steps import finalize_step, parent_run
+    from m2snet.mlops.tracking import parent_run
+    from m2snet.workflows.steps import finalize_step
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     parent = parent_run("dead-fold", "pipeline-exit")

@@ -87,11 +87,12 @@ def run_protocol_pipeline(protocol: str, *, preset: str, data: str, importer: st
     the protocol's own; the test-set table and the paper's figures are printed at the end."""
     from m2snet.cli.options import preset_overrides
     from m2snet.kubeflow.pipelines.protocol import DEFAULT_PROTOCOL_EXPERIMENT, run_local
-    from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET
+    from m2snet.mlops.tracking import PIPELINE_EXPERIMENT
+    from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET
 
     preset = protocol if preset == DEFAULT_PRESET else preset
     res = run_local(protocol, preset=preset, data_path=data, importer=None if importer == "busi" else importer,
-                    work_dir=work_dir, experiment=DEFAULT_PROTOCOL_EXPERIMENT if experiment == DEFAULT_EXPERIMENT
+                    work_dir=work_dir, experiment=DEFAULT_PROTOCOL_EXPERIMENT if experiment == PIPELINE_EXPERIMENT
                     else experiment, model_name="" if model_name == DEFAULT_MODEL_NAME else model_name, seed=seed,
                     train_overrides=preset_overrides(preset, sets), floor=floor, margin=margin,
                     noskill_margin=noskill_margin, metric_protocol=metric_protocol, threads=threads or 1)

@@ -9,7 +9,8 @@ import typer
 
 from m2snet.common import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, PROTOCOLS
-from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET, PRESETS, train_config
+from m2snet.mlops import tracking
+from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, PRESETS, train_config
 
 # TrainConfig
 CONFIG: Optional[Path] = typer.Option(None, "--config", help="TrainConfig as JSON/YAML; options below override it.")
@@ -22,7 +23,7 @@ PRESET: str = typer.Option(DEFAULT_PRESET, "--preset", help=f"{' | '.join(PRESET
 TRACKING_URI: Optional[str] = typer.Option(
     None, "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
 NO_TRACK: bool = typer.Option(False, "--no-track", help="Do not log to MLflow.")
-PIPELINE_EXPERIMENT: str = typer.Option(DEFAULT_EXPERIMENT, "--experiment", help="MLflow experiment.")
+PIPELINE_EXPERIMENT: str = typer.Option(tracking.PIPELINE_EXPERIMENT, "--experiment", help="MLflow experiment.")
 MODEL_NAME: str = typer.Option(DEFAULT_MODEL_NAME, "--model-name", help="Registered model name.")
 
 # Evaluation (m2snet.evaluation.metrics)

@@ -51,7 +51,7 @@ def run_cmd(
         "protocol (pipelines/protocol.py); --preset and --importer then default to the protocol's."),
 ) -> None:
     """Run the whole pipeline: data -> validate -> split -> tune -> 4 folds -> CV table -> register -> promote."""
-    from m2snet.kubeflow.runner import run_local
+    from m2snet.kubeflow.runner import LocalRunOptions, run_local
 
     if not local:
         raise M2SNetError("pipeline run: add --local (the kfp local runner); submit to a cluster with "
@@ -64,13 +64,13 @@ def run_cmd(
                               margin=margin, noskill_margin=noskill_margin, metric_protocol=protocol,
                               threads=threads)
         return
-    result = run_local(
+    result = run_local(LocalRunOptions(
         preset, data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, work_dir=work_dir,
         experiment=experiment, model_name=model_name, n_folds=folds, n_trials=trials, seed=seed,
         train_overrides=preset_overrides(preset, set_), tuning_storage=tuning_storage, floor=floor, margin=margin,
         noskill_margin=noskill_margin, metric_protocol=protocol, threads=threads,
         display="stream" if verbose else "auto", runner=runner,
-    )
+    ))
     _print_summary(result)
 
 

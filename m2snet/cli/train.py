@@ -12,11 +12,12 @@ from typing import List, Optional
 import typer
 
 from m2snet.cli.options import CONFIG, METRIC_PROTOCOL, NO_TRACK, SETS, TRACKING_URI, parse_folds, parse_seeds
+from m2snet.mlops.tracking import CLI_EXPERIMENT
 
 app = typer.Typer()
 
 # A stand-alone training run's experiment (the pipeline's is options.PIPELINE_EXPERIMENT).
-EXPERIMENT = typer.Option("m2snet", "--experiment", help="MLflow experiment name.")
+EXPERIMENT = typer.Option(CLI_EXPERIMENT, "--experiment", help="MLflow experiment name.")
 
 
 def _config(config: Optional[Path], sets: List[str], **shortcuts):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from m2snet.common import M2SNetError, atomic_file, sha256_bytes, write_json
+from m2snet.common import M2SNetError, atomic_file, read_json, sha256_bytes, write_json
 
 FORMAT_VERSION = 2
 DATASET_JSON = "dataset.json"
@@ -271,10 +270,7 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
             f"{meta_path}: not found; {root} is not an m2snet dataset "
             "(create one with `m2snet data import` or `m2snet data demo`)"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise M2SNetError(f"{meta_path}: invalid JSON ({err})") from None
+    meta = read_json(meta_path, "dataset description")
     if meta.get("format_version") == 1:
         raise M2SNetError(
             f"{meta_path}: format_version 1 (written by an older m2snet) is no longer read: format 2 "

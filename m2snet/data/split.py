@@ -22,7 +22,6 @@ cases of each label are dealt, in a seeded order, to the fold that has the fewes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from m2snet.common import M2SNetError, sha256_file, write_json
+from m2snet.common import M2SNetError, read_json, sha256_file, write_json
 from m2snet.data.duplicates import UnionFind
 from m2snet.data.format import CaseRecord, DatasetInfo, load_dataset
 
@@ -289,10 +288,7 @@ def load_split(path: str | os.PathLike) -> Split:
     path = Path(path)
     if not path.is_file():
         raise M2SNetError(f"{path}: split file not found (create one with `m2snet data split DATASET`)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise M2SNetError(f"{path}: invalid JSON ({err})") from None
+    data = read_json(path, "split file")
     if data.get("format_version") not in READABLE_SPLIT_VERSIONS:
         raise M2SNetError(f"{path}: unsupported split format_version {data.get('format_version')!r}")
     try:

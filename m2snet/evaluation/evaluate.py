@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from m2snet import progress as progress_events
 from m2snet.common import M2SNetError, resolve_device, write_csv, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.images import read_mask, read_rgb
@@ -136,6 +137,7 @@ def evaluate_predictor(
     log.info("evaluated %d cases: %s", len(rows),
              ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k in
                        ("dice", "iou", "precision", "recall", "specificity", "med")))
+    progress_events.emit("evaluated", cases=len(rows), dice=result.metrics.get("dice"))
     return result
 
 

@@ -8,8 +8,9 @@ socket and stopped after it.
 
 The containers share the host's network (``--network host``), so the MLflow server and SeaweedFS on
 the host's loopback are reachable exactly as from the host; the kfp pipeline root is mounted at the
-same path (kfp does that), and so is ``data_path`` (read-only). Steps run as the calling user's
-uid:gid so the task outputs stay the caller's.
+same path (kfp does that), and so are ``data_path`` (read-only) and the local console's progress-events
+folder (``$M2SNET_PROGRESS_FILE``'s, inherited through the forwarded ``M2SNET_`` variables). Steps run as
+the calling user's uid:gid so the task outputs stay the caller's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from m2snet import progress
 from m2snet.common import M2SNetError
 from m2snet.mlops.services import ManagedProcess
 
@@ -105,13 +107,16 @@ def container_runner(image: str, *, data_path: str = "", tracking_uri: str) -> I
     """A kfp ``DockerRunner`` that runs ``image`` through docker or podman, for the duration of a run."""
     from kfp import local
 
+    import docker
+
     check_tracking_uri(tracking_uri)
     mounts = []
     if data_path:
-        import docker
-
         src = str(Path(data_path).resolve())
         mounts.append(docker.types.Mount(target=src, source=src, type="bind", read_only=True))
+    if progress.enabled():  # the steps append their progress events to the console's file, at the same path
+        events_dir = str(Path(os.environ[progress.ENV]).parent)
+        mounts.append(docker.types.Mount(target=events_dir, source=events_dir, type="bind", read_only=False))
     with docker_api() as url:
         _require_image(url, image)
         from kfp.local import docker_task_handler

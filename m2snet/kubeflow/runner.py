@@ -10,13 +10,12 @@ import contextlib
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlparse
 
 import yaml
@@ -26,14 +25,16 @@ from m2snet.data.importers import list_importers
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, check_protocol
 from m2snet.kubeflow.container import container_runner
 from m2snet.kubeflow.image import COMPONENT_IMAGE
-from m2snet.kubeflow.runview import RunView
+from m2snet.kubeflow.runview import RunView, planned_tasks
 from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
-from m2snet.mlops.tracking import DEFAULT_TRACKING_URI, TrackingError
-from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, DEFAULT_PRESET, get_preset
-from m2snet.workflows.steps import parent_run
-
-if TYPE_CHECKING:
-    from m2snet.kubeflow.runview import RunView
+from m2snet.mlops.tracking import (
+    DEFAULT_TRACKING_URI,
+    PIPELINE_EXPERIMENT,
+    TrackingError,
+    mlflow_client,
+    parent_run,
+)
+from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, get_preset
 
 log = logging.getLogger("m2snet.kubeflow")
 
@@ -106,25 +107,6 @@ class PipelineTaskFailed(M2SNetError):
         self.task, self.log, self.parent_run_id = task, log, parent_run_id
 
 
-_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)\b.*)$")
-
-
-def _error_line(log_tail: str) -> str:
-    """The last exception of a task log (the traceback's last line, with its continuation lines) on one line."""
-    lines = log_tail.splitlines()
-    found = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
-    if not found:
-        return ""
-    first = lines[found[-1]]
-    indent = len(first) - len(first.lstrip())
-    message = [_ERROR_LINE.match(first)[1]]
-    for line in lines[found[-1] + 1:]:  # a multi-line message: its lines are indented deeper
-        if not line.strip() or len(line) - len(line.lstrip()) <= indent:
-            break
-        message.append(line.strip())
-    return " ".join(message)[:1000]
-
-
 def _record_failure(view: "RunView", experiment: str, err: Exception) -> PipelineTaskFailed:
     """The local runner's side of a failure: the parent run names the failed task, its log tail and file."""
     failed = view.failed[0] if view.failed else None
@@ -132,7 +114,7 @@ def _record_failure(view: "RunView", experiment: str, err: Exception) -> Pipelin
         return PipelineTaskFailed(f"local pipeline run failed: {err} (runner log: {view.main_log})", "pipeline",
                                   view.main_log, None)
     tail = failed.tail()
-    error = _error_line(tail) or "no exception in the log"
+    error = failed.error or "the task reported no exception (killed?)"
     parent_id = None
     try:
         parent = parent_run(view.pipeline_run_id, experiment, create=True)
@@ -163,85 +145,107 @@ def _kfp_runner(runner: str, *, data_path: str, tracking_uri: str):
     return contextlib.nullcontext(local.SubprocessRunner(use_venv=False))
 
 
-def run_local(
-    preset: str = DEFAULT_PRESET,
-    *,
-    data_path: str = "",
-    dvc_repo: str = "",
-    dvc_rev: str = "",
-    importer: str = "busi",
-    work_dir: str | os.PathLike = ".m2snet/pipeline",
-    experiment: str = DEFAULT_EXPERIMENT,
-    model_name: str = DEFAULT_MODEL_NAME,
-    n_folds: int | None = None,
-    n_trials: int = -1,
-    seed: int = 42,
-    train_overrides: Mapping[str, Any] | None = None,
-    tuning_storage: str = "",
-    floor: float | None = None,
-    margin: float | None = None,
-    noskill_margin: float | None = None,
-    metric_protocol: str = DEFAULT_PROTOCOL,
-    threads: int | None = None,
-    display: str = "plain",
-    runner: str = "subprocess",
-) -> LocalRunResult:
-    """Run the pipeline on the kfp local runner: ``runner`` "subprocess" (this Python environment) or
-    "container" (every step in COMPONENT_IMAGE through docker/podman, see m2snet.kubeflow.container).
+@dataclass
+class LocalRunOptions:
+    """What a local pipeline run does (``m2snet pipeline run --local`` builds one from its options).
+
+    Each field is a pipeline parameter or a setting of the local runner; ``None`` means the preset's value.
+    """
+
+    preset: str = DEFAULT_PRESET
+    data_path: str = ""  # a dataset (m2snet format or a raw layout, see importer); "" = the demo set
+    dvc_repo: str = ""
+    dvc_rev: str = ""
+    importer: str = "busi"
+    work_dir: str | os.PathLike = ".m2snet/pipeline"  # kfp task outputs and the run's logs
+    experiment: str = PIPELINE_EXPERIMENT
+    model_name: str = DEFAULT_MODEL_NAME
+    n_folds: int | None = None
+    n_trials: int = -1  # -1: the preset's
+    seed: int = 42
+    train_overrides: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields (--set)
+    tuning_storage: str = ""
+    floor: float | None = None  # the promotion gate (None: the preset's)
+    margin: float | None = None
+    noskill_margin: float | None = None
+    metric_protocol: str = DEFAULT_PROTOCOL
+    threads: int | None = None  # torch threads per task (None: half the cores; two fold tasks run at once)
+    display: str = "plain"  # live | plain | stream | auto (see RunView)
+    runner: str = "subprocess"  # subprocess | container
+
+    def arguments(self) -> dict[str, Any]:
+        """The pipeline's arguments: the preset's defaults where a field is None."""
+        p = get_preset(self.preset)
+        return dict(
+            preset=self.preset, data_path=self.data_path, dvc_repo=self.dvc_repo, dvc_rev=self.dvc_rev,
+            importer=self.importer, n_folds=self.n_folds or p.n_folds, seed=self.seed, n_trials=self.n_trials,
+            tuning_storage=self.tuning_storage, train_overrides=json.dumps(dict(self.train_overrides)),
+            experiment=self.experiment, model_name=self.model_name,
+            promote_floor=p.promotion.floor if self.floor is None else self.floor,
+            promote_margin=p.promotion.margin if self.margin is None else self.margin,
+            promote_noskill_margin=p.promotion.noskill_margin if self.noskill_margin is None else self.noskill_margin,
+            metric_protocol=check_protocol(self.metric_protocol),
+        )
+
+
+def _local_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` or the default SQLite store, made absolute (every task subprocess shares it)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def run_local(options: LocalRunOptions) -> LocalRunResult:
+    """Run the pipeline on the kfp local runner: ``options.runner`` "subprocess" (this Python environment)
+    or "container" (every step in COMPONENT_IMAGE through docker/podman, see m2snet.kubeflow.container).
 
     The local runner executes the same components, ParallelFor fan-out, Collected fan-in and exit
     handler as a cluster (at most two loop iterations at once); GPU requests, limits, retries and
     Secrets are left out of the local variant. MLflow: ``$MLFLOW_TRACKING_URI`` or
     ``sqlite:///mlflow.db`` (made absolute, so every task subprocess writes to the same store).
 
-    Console (``display``, see :class:`m2snet.kubeflow.runview.RunView`): ``"live"`` a live task table,
-    ``"plain"`` a line per task start/end, ``"stream"`` everything the runner prints, ``"auto"``
+    Console (``options.display``, see :class:`m2snet.kubeflow.runview.RunView`): ``"live"`` a live task
+    table, ``"plain"`` a line per task start/end, ``"stream"`` everything the runner prints, ``"auto"``
     live on a terminal else plain. Every task's full output is in ``<work_dir>/logs/<time>/<task>.log``.
     A failed task raises :class:`PipelineTaskFailed` naming it and its log, after the parent MLflow
     run was marked FAILED with the log's tail.
     """
     from kfp import local
 
-    if runner not in RUNNERS:
-        raise M2SNetError(f"unknown runner {runner!r}; choose one of {list(RUNNERS)}")
-    p = get_preset(preset)
-    if importer not in list_importers():  # fail before starting anything
-        raise M2SNetError(f"--importer {importer!r}: unknown layout; choose one of {list_importers()}")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    o = options
+    if o.runner not in RUNNERS:
+        raise M2SNetError(f"unknown runner {o.runner!r}; choose one of {list(RUNNERS)}")
+    if o.importer not in list_importers():  # fail before starting anything
+        raise M2SNetError(f"--importer {o.importer!r}: unknown layout; choose one of {list_importers()}")
+    data_path = o.data_path
+    if data_path and o.runner == "container":
+        data_path = str(Path(data_path).resolve())  # mounted at the same path; the step's cwd is not ours
+    arguments = replace(o, data_path=data_path).arguments()
+    uri = _local_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    work = Path(work_dir).resolve()
+    work = Path(o.work_dir).resolve()
     root = work / "kfp"
     root.mkdir(parents=True, exist_ok=True)
     from m2snet.kubeflow.pipelines import busi_cv
 
-    pipeline_fn = busi_cv.build_pipeline(cluster=False, local_threads=threads or max(1, (os.cpu_count() or 2) // 2))
-    folds = n_folds or p.n_folds
-    if data_path and runner == "container":
-        data_path = str(Path(data_path).resolve())  # mounted at the same path; the step's cwd is not ours
-    arguments = dict(
-        preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, n_folds=folds,
-        seed=seed, n_trials=n_trials, tuning_storage=tuning_storage,
-        train_overrides=json.dumps(dict(train_overrides or {})), experiment=experiment, model_name=model_name,
-        promote_floor=p.promotion.floor if floor is None else floor,
-        promote_margin=p.promotion.margin if margin is None else margin,
-        promote_noskill_margin=p.promotion.noskill_margin if noskill_margin is None else noskill_margin,
-        metric_protocol=check_protocol(metric_protocol),
-    )
-    view = RunView(work / "logs" / time.strftime("%Y%m%d-%H%M%S"), n_folds=folds,
-                   n_trials=n_trials if n_trials > 0 else p.n_trials, mode=display)
+    pipeline_fn = busi_cv.build_pipeline(cluster=False, local_threads=o.threads or max(1, (os.cpu_count() or 2) // 2))
+    view = RunView(work / "logs" / time.strftime("%Y%m%d-%H%M%S"),
+                   planned_tasks(pipeline_fn, loop_items=arguments["n_folds"]), mode=o.display)
     # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
 
     failure: Exception | None = None
-    with warnings.catch_warnings(), view, _kfp_runner(runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
-        view.header(f"m2snet pipeline: preset {preset}, {folds} folds, MLflow {redact(uri)}, runner {runner}\n"
-                    f"logs: {view.log_dir}/")
-        log.info("local pipeline run: preset %s, MLflow %s, kfp root %s, runner %s", preset, redact(uri), root, runner)
-        # The SubprocessRunner warns that our image name has no "python" in it: we run in this env.
+    with warnings.catch_warnings(), view, _kfp_runner(o.runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
+        view.header(f"m2snet pipeline: preset {o.preset}, {arguments['n_folds']} folds, MLflow {redact(uri)}, "
+                    f"runner {o.runner}\nlogs: {view.log_dir}/")
+        log.info("local pipeline run: preset %s, MLflow %s, kfp root %s, runner %s", o.preset, redact(uri), root,
+                 o.runner)
+        # The SubprocessRunner warns that our image name has no "python" in it (we run in this env), and
+        # that display names are not shown locally (the console shows them).
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=r".*\['display_name'\] have no effect in the current local runner.*")
         local.init(runner=kfp_runner, pipeline_root=str(root), raise_on_error=True)
         try:
             task = pipeline_fn(**arguments)
@@ -250,23 +254,26 @@ def run_local(
             view.mark_skipped()
     seconds = time.perf_counter() - t0
     if failure is not None or view.failed:
-        raise _record_failure(view, experiment, failure or RuntimeError("a task failed")) from failure
-    from mlflow import MlflowClient
+        raise _record_failure(view, o.experiment, failure or RuntimeError("a task failed")) from failure
+    return _result(o, task, view, uri=uri, root=root, seconds=seconds)
 
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+def _result(o: LocalRunOptions, task: Any, view: RunView, *, uri: str, root: Path, seconds: float) -> LocalRunResult:
+    """What a finished local run registered and decided, read back from MLflow."""
+    client = mlflow_client(uri)
     outputs = getattr(task, "outputs", {}) or {}
     version = outputs.get("Output") if isinstance(outputs, dict) else getattr(task, "output", "")
     version = str(version) if version else ""
     if not version and view.pipeline_run_id:
-        mv = find_version_by_key(model_name, view.pipeline_run_id, client)
+        mv = find_version_by_key(o.model_name, view.pipeline_run_id, client)
         version = str(mv.version) if mv is not None else ""
     if not version:
-        raise M2SNetError(f"local pipeline run finished but registered no version of {model_name!r} "
+        raise M2SNetError(f"local pipeline run finished but registered no version of {o.model_name!r} "
                           f"(runner log: {view.main_log})")
-    mv = client.get_model_version(model_name, version)
+    mv = client.get_model_version(o.model_name, version)
     pipeline_run_id = mv.tags.get("pipeline_run_id", "")
-    parent = parent_run(pipeline_run_id, experiment, create=False)
-    prod = version_by_alias(model_name, PRODUCTION, client)
+    parent = parent_run(pipeline_run_id, o.experiment, create=False)
+    prod = version_by_alias(o.model_name, PRODUCTION, client)
     table = ""
     if parent is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -274,9 +281,9 @@ def run_local(
                 table = Path(client.download_artifacts(parent.run_id, "cv/cv_table.md", tmp)).read_text()
             except Exception as err:  # noqa: BLE001 - the table is a convenience here
                 log.warning("could not read the CV table of run %s: %s", parent.run_id, err)
-    exp = client.get_experiment_by_name(experiment)
+    exp = client.get_experiment_by_name(o.experiment)
     return LocalRunResult(
-        model_name=model_name, version=version, pipeline_run_id=pipeline_run_id,
+        model_name=o.model_name, version=version, pipeline_run_id=pipeline_run_id,
         parent_run_id=parent.run_id if parent else None,
         production_version=str(prod.version) if prod is not None else None,
         promoted=prod is not None and str(prod.version) == version, cv_table=table.strip(), tracking_uri=redact(uri),
@@ -330,7 +337,7 @@ def submit(
     host: str,
     *,
     params: Mapping[str, Any] | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
+    experiment: str = PIPELINE_EXPERIMENT,
     run_name: str | None = None,
     namespace: str | None = None,
     package: str | os.PathLike | None = None,

@@ -3,64 +3,116 @@
 The kfp local runner prints every task's executor input/output JSON and its whole output stream to
 stdout. :class:`RunView` takes that stream over for the duration of a run:
 
-* every kfp task's output (the KFP executor stream, the step's own logging, tracebacks) goes to its
-  own file, ``<log_dir>/<task>.log`` (``train-fold-2.log``, ...); whatever the runner prints
-  between tasks goes to ``<log_dir>/pipeline.log``;
+* the task list and its labels come from the pipeline's own spec (:func:`planned_tasks`: its tasks
+  in dependency order, display names as labels, a loop's tasks once per item), so a new step is
+  listed without editing this module;
+* what each task is doing comes from its progress events (:mod:`m2snet.progress`): the view points
+  ``$M2SNET_PROGRESS_FILE`` at ``<log_dir>/events.jsonl`` for the run and tails it (task start and
+  end, epochs, trials, evaluation scores, promotion, notes) -- data, not log wording;
+* every task's output (its own logging, the KFP executor's, tracebacks) goes to its own file,
+  ``<log_dir>/<task>.log`` (``train-fold-2.log``, ...): a task process marks the start and end of
+  its stream (:data:`m2snet.progress.TASK_MARK`), and the runner thread that prints that stream
+  sends it to that task's file; whatever the runner prints outside a task goes to ``pipeline.log``;
 * the console shows one line per task: queued, running (with its epoch / trial progress), done in
   N s (with its score), failed. On a terminal it is a live ``rich`` table; otherwise (CI, a pipe)
   a plain line is printed when a task starts or ends, and at most every ``PLAIN_PROGRESS_EVERY_S``
-  while it runs;
-* warnings the user must know (training from random weights) are shown once; library notices stay
-  in the logs;
+  while it runs; notes the user must know (training from random weights) are shown once;
 * ``mode="stream"`` (``--verbose``) prints everything as the runner does, and still writes the logs.
 
-How: the runner calls ``kfp.local.task_dispatcher.run_single_task_implementation`` once per task,
-in the thread that streams that task's subprocess; the view wraps that function to learn which task
-a thread runs, and replaces ``sys.stdout`` by a writer that sends each thread's text to its task's
-log. Both are restored when the run ends.
+Nothing of kfp is replaced: the view swaps ``sys.stdout``/``sys.stderr`` and the root logger's
+handlers for the run, and restores them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
+import os
 import sys
 import textwrap
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-# kfp component name (without "comp-") -> the label the console shows.
-TASK_LABELS = {
-    "prepare-dataset": "prepare + validate",
-    "split-dataset": "split",
-    "tune-hyperparameters": "tune fold {fold}",
-    "train-fold": "train fold {fold}",
-    "evaluate-fold": "evaluate fold {fold}",
-    "aggregate-cv": "CV table",
-    "register-model": "register",
-    "promote-model": "promote",
-    "finalize-run": "close MLflow run",
-}
-FOLD_COMPONENTS = ("tune-hyperparameters", "train-fold", "evaluate-fold")  # nested tuning: one study a fold
+from m2snet import progress
+
 PLAIN_PROGRESS_EVERY_S = 60.0  # a non-terminal console gets a progress line at most this often per task
 LOG_TAIL_LINES = 40
+POLL_S = 0.25  # how often the events file is read
+_ANSI = "\x1b["
 
-# What the console reads from a task's stream.
-_EPOCH = re.compile(r"epoch (\d+)/(\d+): loss [-\d.naif]+(?: val_dice ([\d.]+))?")
-_TRIAL_DONE = re.compile(r"Trial (\d+) (?:finished|pruned)")
-_TUNE_START = re.compile(r"tuning: study .* has (\d+)/(\d+) finished trials")
-_EVALUATED = re.compile(r"evaluated (\d+) cases: dice=([\d.]+)")
-_CV = re.compile(r"^\|\s*CV\s*\|")
-_RANDOM_INIT = re.compile(r"WARNING\]?:?\s*(.*(?:random weights|RANDOM weights).*)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_PROMOTION = re.compile(r"version (\S+): (PROMOTED|not promoted) \((.*)\)")
+
+# --- the plan: the pipeline spec's tasks -------------------------------------------------------------
+def _topological(tasks: Mapping[str, dict]) -> list[str]:
+    """Task names of one DAG, each after the tasks it depends on (ties: by name, for a stable order)."""
+    done: list[str] = []
+    pending = dict(sorted(tasks.items()))
+    while pending:
+        ready = [n for n, t in pending.items() if all(d in done or d not in tasks for d in t.get("dependentTasks", []))]
+        for name in ready or list(pending)[:1]:  # a cycle cannot happen in a valid spec; never loop forever
+            done.append(name)
+            pending.pop(name)
+    return done
+
+
+def planned_tasks(spec: Any, loop_items: int = 1) -> list[tuple[str, str]]:
+    """``(key, label)`` of every task a run of the pipeline ``spec`` executes, in dependency order.
+
+    ``spec``: a pipeline function (kfp ``GraphComponent``), its ``PipelineSpec`` proto or that as a dict
+    (a compiled YAML's first document). A task's label is its display name (``set_display_name``; the
+    task name otherwise); a loop's (``dsl.ParallelFor``) tasks are listed ``loop_items`` times, keyed
+    ``<component>-<i>`` and labelled ``<display name> <i>``: the key a task announces with
+    ``progress.task_started(component, i)``. Loop items are taken to be ``0 .. loop_items-1``.
+    """
+    if hasattr(spec, "pipeline_spec"):
+        spec = spec.pipeline_spec
+    if not isinstance(spec, Mapping):
+        from google.protobuf import json_format
+
+        spec = json_format.MessageToDict(spec)
+    components = spec.get("components", {})
+    plan: list[tuple[str, str]] = []
+
+    def walk(dag: Mapping[str, Any], item: int | None) -> None:
+        tasks = dag.get("tasks", {})
+        for name in _topological(tasks):
+            task = tasks[name]
+            ref = task.get("componentRef", {}).get("name", "")
+            component = components.get(ref, {})
+            if "dag" in component:
+                looped = "parameterIterator" in task or "artifactIterator" in task
+                for i in (range(loop_items) if looped else [item]):
+                    walk(component["dag"], i)
+                continue
+            label = task.get("taskInfo", {}).get("name") or name
+            key = ref.removeprefix("comp-") or name
+            plan.append((key, label) if item is None else (progress.task_key(key, item), f"{label} {item}"))
+
+    walk(spec.get("root", {}).get("dag", {}), None)
+    return plan
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 59.5:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60:02d} s"
+
+
+def _plain_text(text: str) -> str:
+    """``text`` without ANSI colour codes (kfp colours its task names; a log file wants plain text)."""
+    while (start := text.find(_ANSI)) >= 0:
+        end = text.find("m", start)
+        text = text[:start] + (text[end + 1:] if end >= 0 else "")
+    return text
 
 
 @dataclass
@@ -69,19 +121,19 @@ class TaskState:
     label: str  # "train fold 2"
     log: Path
     state: str = "queued"  # queued | running | done | failed | skipped
-    started: float | None = None
+    started: float | None = None  # time.time() of its task_start event
     ended: float | None = None
     progress: str = ""  # "epoch 3/50 · val Dice 0.712"
-    result: str = ""  # "Dice 0.795" once done
+    error: str = ""  # a failed task's exception, as its task_end event reported it
+    result: str = ""  # "Dice 0.795 on 40 cases" once done
     last_plain: float = 0.0
-    partial: str = ""  # an unfinished line of the stream
-    trials: tuple[int, int] = (0, 0)  # tune: (finished, wanted)
+    trial: tuple[int, int] = (0, 0)  # a tuning task: (running trial, trial budget)
 
     @property
     def seconds(self) -> float | None:
         if self.started is None:
             return None
-        return (self.ended or time.monotonic()) - self.started
+        return (self.ended or time.time()) - self.started
 
     def tail(self, n: int = LOG_TAIL_LINES) -> str:
         """The end of the task's log: from its last traceback on if it has one, at most ``n`` lines."""
@@ -94,46 +146,15 @@ class TaskState:
         return textwrap.dedent("\n".join(lines[-n:])).strip()
 
 
-def task_key(component_name: str, arguments: dict[str, Any]) -> str:
-    """The view's key of a kfp task: the component's name, with the fold index for fold tasks."""
-    name = component_name.removeprefix("comp-")
-    if name in FOLD_COMPONENTS and "fold" in arguments:
-        return f"{name}-{int(float(arguments['fold']))}"
-    return name
-
-
-def task_label(key: str) -> str:
-    for name in FOLD_COMPONENTS:
-        if key.startswith(name + "-"):
-            return TASK_LABELS[name].format(fold=key[len(name) + 1:])
-    return TASK_LABELS.get(key, key)
-
-
-def planned_tasks(n_folds: int) -> list[str]:
-    """The tasks of one pipeline run, in the order the console lists them."""
-    folds = [f"{name}-{i}" for i in range(n_folds) for name in FOLD_COMPONENTS]
-    return ["prepare-dataset", "split-dataset", *folds, "aggregate-cv", "register-model",
-            "promote-model", "finalize-run"]
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    if seconds < 59.5:
-        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
-    whole = round(seconds)
-    return f"{whole // 60} min {whole % 60:02d} s"
-
-
 class _ThreadRouter:
-    """A ``sys.stdout`` stand-in: each thread's text goes to the log of the task it runs."""
+    """A ``sys.stdout`` stand-in: each thread's text goes to the log of the task whose stream it prints."""
 
     def __init__(self, view: "RunView", echo: TextIO | None):
         self._view = view
         self._echo = echo  # the real stdout in stream mode
 
     def write(self, text: str) -> int:
-        self._view._write(getattr(self._view._local, "task", None), text)
+        self._view._write(text)
         if self._echo is not None:
             self._echo.write(text)
         return len(text)
@@ -151,9 +172,13 @@ class _ThreadRouter:
 
 
 class RunView:
-    """Console + per-task logs for one local pipeline run (a context manager around the run)."""
+    """Console + per-task logs for one local pipeline run (a context manager around the run).
 
-    def __init__(self, log_dir: str | Path, *, n_folds: int, n_trials: int = 0, mode: str = "auto",
+    ``plan``: the ``(key, label)`` of the tasks to list (:func:`planned_tasks`); tasks that announce
+    themselves without being planned are added as they start.
+    """
+
+    def __init__(self, log_dir: str | Path, plan: list[tuple[str, str]], *, mode: str = "auto",
                  stream: TextIO | None = None):
         if mode not in ("auto", "live", "plain", "stream"):
             raise ValueError(f"RunView mode {mode!r}: expected auto, live, plain or stream")
@@ -164,115 +189,151 @@ class RunView:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.main_log = self.log_dir / "pipeline.log"
+        self.events = self.log_dir / "events.jsonl"
         self.tasks: dict[str, TaskState] = {}
-        for key in planned_tasks(n_folds):
-            self._task(key)
-        if n_trials > 0:
-            for i in range(n_folds):
-                self.tasks[f"tune-hyperparameters-{i}"].trials = (0, n_trials)
-        self.notes: list[str] = []  # warnings shown once
-        self.pipeline_run_id: str = ""  # the runner's job id (= dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        self.cv_row: str = ""
-        self.promotion: str = ""
+        for key, label in plan:
+            self._task(key, label)
+        self.notes: list[str] = []  # notes shown once
+        self.promotion: str = ""  # the promote step's reason
+        self.pipeline_run_id: str = ""  # the runner's job id, from a task's task_start context
         self.t0 = time.monotonic()
         self._lock = threading.RLock()
-        self._local = threading.local()
+        self._thread = threading.local()  # .task: the task whose stream this thread prints; .partial: a line
         self._files: dict[str | None, TextIO] = {}
         self._live = None
         self._saved: list[Callable[[], None]] = []
+        self._offset = 0
+        self._stop = threading.Event()
+        self._tailer: threading.Thread | None = None
 
     # --- tasks ---------------------------------------------------------------------------------
-    def _task(self, key: str) -> TaskState:
+    def _task(self, key: str, label: str | None = None) -> TaskState:
         if key not in self.tasks:
-            self.tasks[key] = TaskState(key, task_label(key), self.log_dir / f"{key}.log")
+            self.tasks[key] = TaskState(key, label or key, self.log_dir / f"{key}.log")
         return self.tasks[key]
 
     @property
     def failed(self) -> list[TaskState]:
         return [t for t in self.tasks.values() if t.state == "failed"]
 
-    def task_started(self, key: str) -> None:
-        with self._lock:
-            task = self._task(key)
-            task.state, task.started, task.ended, task.progress = "running", time.monotonic(), None, ""
-            self._plain(task, "running")
-            self._refresh()
+    def _started(self, task: TaskState, when: float) -> None:
+        task.state, task.started, task.ended, task.progress = "running", when, None, ""
+        self._plain(task, "running")
 
-    def task_finished(self, key: str, ok: bool) -> None:
-        with self._lock:
-            task = self._task(key)
-            self._consume(task, task.partial + "\n") if task.partial else None
-            task.partial = ""
-            task.state, task.ended = ("done" if ok else "failed"), time.monotonic()
-            f = self._files.pop(key, None)
-            if f is not None:
-                f.close()
-            text = (f"done in {_duration(task.seconds)}" if ok else f"FAILED after {_duration(task.seconds)}")
-            self._plain(task, text + (f"  {task.result}" if ok and task.result else "")
-                        + f"  log: {task.log.name}")
-            self._refresh()
+    def _finished(self, task: TaskState, ok: bool, when: float) -> None:
+        if task.state not in ("running", "queued"):
+            return
+        task.state, task.ended = ("done" if ok else "failed"), when
+        text = f"done in {_duration(task.seconds)}" if ok else f"FAILED after {_duration(task.seconds)}"
+        self._plain(task, text + (f"  {task.result}" if ok and task.result else "") + f"  log: {task.log.name}")
 
     def mark_skipped(self) -> None:
-        """Tasks that never started because an upstream one failed."""
+        """After a failed run: tasks still running died without a word (failed); queued ones never ran."""
         with self._lock:
+            self.poll()
             for task in self.tasks.values():
-                if task.state == "queued":
+                if task.state == "running":
+                    self._finished(task, False, time.time())
+                elif task.state == "queued":
                     task.state = "skipped"
             self._refresh()
 
-    # --- the stream ----------------------------------------------------------------------------
-    def _write(self, key: str | None, text: str) -> None:
+    # --- progress events -------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Apply the events appended to the events file since the last call (complete lines only)."""
         with self._lock:
-            f = self._files.get(key)
-            if f is None:
-                path = self.tasks[key].log if key in self.tasks else self.main_log
-                f = self._files[key] = open(path, "a", encoding="utf-8", errors="replace")
-            f.write(_ANSI.sub("", text))  # kfp colours its task names; a log file wants plain text
-            f.flush()
-            if key in self.tasks:
-                task = self.tasks[key]
-                lines = (task.partial + text).split("\n")
-                task.partial = lines.pop()
-                for line in lines:
-                    self._consume(task, line)
+            try:
+                with open(self.events, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return
+            end = data.rfind(b"\n") + 1
+            self._offset += end
+            for line in data[:end].splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    self.apply(event)
+            self._refresh()
 
-    def _consume(self, task: TaskState, line: str) -> None:
-        """Read progress, scores and user-relevant warnings off one line of a task's stream."""
-        if (m := _EPOCH.search(line)) is not None:
-            epoch = f"epoch {m[1]}/{m[2]}" + (f" · val Dice {float(m[3]):.3f}" if m[3] else "")
-            if task.trials[1]:
-                done, wanted = task.trials
-                task.progress = f"trial {min(done + 1, wanted)}/{wanted} · {epoch}"
-            else:
-                task.progress = epoch
-            self._refresh()
-            if task.started is not None and time.monotonic() - task.last_plain >= PLAIN_PROGRESS_EVERY_S:
-                self._plain(task, task.progress)
-        elif (m := _TUNE_START.search(line)) is not None:
-            task.trials = (int(m[1]), int(m[2]))
-        elif (m := _TRIAL_DONE.search(line)) is not None and task.trials[1]:
-            task.trials = (task.trials[0] + 1, task.trials[1])
-            task.progress = f"trial {task.trials[0]}/{task.trials[1]} finished"
-            self._refresh()
-        elif (m := _EVALUATED.search(line)) is not None:
-            task.result = f"Dice {float(m[2]):.3f} on {m[1]} cases"
-        elif (m := _RANDOM_INIT.search(line)) is not None:
-            self._note(m[1].strip())
-        elif (m := _PROMOTION.search(line)) is not None:
-            self.promotion = m[3]
-        elif _CV.match(line.strip()):
-            self.cv_row = line.strip()
-        if task.key.startswith("train-fold") and (m := _EPOCH.search(line)) is not None and m[3]:
-            task.result = f"last val Dice {float(m[3]):.3f}"
+    def apply(self, event: Mapping[str, Any]) -> None:
+        """Update the table from one progress event (see :mod:`m2snet.progress` for the kinds)."""
+        kind, when = event.get("kind"), float(event.get("time") or time.time())
+        if kind == "note":
+            self._note(str(event.get("message", "")))
+            return
+        if not event.get("task"):
+            return
+        task = self._task(str(event["task"]))
+        if kind == "task_start":
+            self.pipeline_run_id = self.pipeline_run_id or str(event.get("pipeline_run_id") or "")
+            self._started(task, when)
+        elif kind == "task_end":
+            task.error = str(event.get("error") or "")
+            self._finished(task, bool(event.get("ok")), when)
+        elif kind == "trial":
+            task.trial = (int(event.get("number", 0)) + 1, int(event.get("of", 0)))
+            task.progress = f"trial {task.trial[0]}/{task.trial[1]}"
+        elif kind == "epoch":
+            self._epoch(task, event)
+        elif kind == "evaluated":
+            task.result = f"Dice {float(event['dice']):.3f} on {event['cases']} cases"
+        elif kind == "promotion":
+            self.promotion = str(event.get("reason", ""))
+            task.result = "promoted" if event.get("promoted") else "not promoted"
+
+    def _epoch(self, task: TaskState, event: Mapping[str, Any]) -> None:
+        val = event.get("val_dice")
+        epoch = f"epoch {event['epoch']}/{event['epochs']}"
+        epoch += f" · val Dice {float(val):.3f}" if val is not None else ""
+        if task.trial[1]:
+            task.progress = f"trial {task.trial[0]}/{task.trial[1]} · {epoch}"
+        else:
+            task.progress = epoch
+            if val is not None:
+                task.result = f"last val Dice {float(val):.3f}"
+        if task.state == "running" and time.monotonic() - task.last_plain >= PLAIN_PROGRESS_EVERY_S:
+            self._plain(task, task.progress)
 
     def _note(self, message: str) -> None:
-        if message in self.notes:
+        if not message or message in self.notes:
             return
         self.notes.append(message)
         if self.mode == "plain":
             self._print(f"note: {message}")
         elif self.mode == "live" and self._live is not None:
             self._live.console.print(f"[yellow]note:[/] {message}", highlight=False)
+
+    def _tail_events(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self.poll()
+
+    # --- the runner's stream -------------------------------------------------------------------
+    def _write(self, text: str) -> None:
+        """A thread's text: whole lines to the log of the task it is streaming (between its marks)."""
+        thread = self._thread
+        lines = (getattr(thread, "partial", "") + text).split("\n")
+        thread.partial = lines.pop()
+        for line in lines:
+            self._line(line + "\n")
+
+    def _line(self, line: str) -> None:
+        thread = self._thread
+        mark = progress.parse_mark(line)
+        if mark is not None:  # the task's own stream starts or ends here; the mark itself is no log line
+            thread.task = str(mark["task"]) if mark.get("event") == "start" else None
+            return
+        key = getattr(thread, "task", None)
+        with self._lock:
+            f = self._files.get(key)
+            if f is None:
+                path = self._task(key).log if key else self.main_log
+                f = self._files[key] = open(path, "a", encoding="utf-8", errors="replace")
+            f.write(_plain_text(line))
+            f.flush()
 
     # --- rendering -----------------------------------------------------------------------------
     def header(self, text: str) -> None:
@@ -320,28 +381,12 @@ class RunView:
 
     # --- hooks ---------------------------------------------------------------------------------
     def __enter__(self) -> "RunView":
-        from kfp.local import status as kfp_status
-        from kfp.local import task_dispatcher
-
-        original = task_dispatcher.run_single_task_implementation
-        view = self
-
-        def run_task(*args: Any, **kwargs: Any):
-            key = task_key(kwargs["component_name"], kwargs.get("arguments") or {})
-            view.pipeline_run_id = view.pipeline_run_id or kwargs.get("unique_pipeline_id", "")
-            view.task_started(key)
-            view._local.task = key
-            ok = False
-            try:
-                outputs, task_status = original(*args, **kwargs)
-                ok = task_status == kfp_status.Status.SUCCESS
-                return outputs, task_status
-            finally:
-                view._local.task = None
-                view.task_finished(key, ok)
-
-        task_dispatcher.run_single_task_implementation = run_task
-        self._saved.append(lambda: setattr(task_dispatcher, "run_single_task_implementation", original))
+        previous = os.environ.get(progress.ENV)
+        os.environ[progress.ENV] = str(self.events.resolve())  # the task processes inherit it
+        self._saved.append(lambda: os.environ.__setitem__(progress.ENV, previous) if previous is not None
+                           else os.environ.pop(progress.ENV, None))
+        self._tailer = threading.Thread(target=self._tail_events, name="m2snet-runview-events", daemon=True)
+        self._tailer.start()
 
         real_stdout, real_stderr = sys.stdout, sys.stderr
         router = _ThreadRouter(self, real_stdout if self.mode == "stream" else None)
@@ -367,6 +412,10 @@ class RunView:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._tailer is not None:
+            self._tailer.join()
+        self.poll()  # the last events (a task's end) written before the runner returned
         if self._live is not None:
             self._live.update(self.table(), refresh=True)
             self._live.stop()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from m2snet.common import M2SNetError, write_csv, write_json
+from m2snet.mlops.tracking import mlflow_client
 
 CV_PER_CASE = "cv_per_case.csv"
 CV_LINEAGE = "cv_lineage.json"
@@ -155,9 +156,7 @@ def load_cv_cases(source: str, tracking_uri: str | None = None) -> CVCases:
         return _read_dir(Path(source), source)
     if not source.startswith("models:/") and (os.sep in source or source.startswith(".")):
         raise M2SNetError(f"{source}: directory not found")
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     if source.startswith("models:/"):
         return version_cases(client, _model_version(client, source), source)
     return _from_run(client, source, source)

@@ -26,10 +26,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from m2snet import progress
 from m2snet.common import M2SNetError
 from m2snet.evaluation.compare import average_seeds, compare_paired, lineage_difference, pair
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.mlops.cv_results import version_cases
+from m2snet.mlops.tracking import mlflow_client
 
 if TYPE_CHECKING:  # heavy: imported lazily at run time
     from mlflow import MlflowClient
@@ -90,9 +92,7 @@ class PromotionDecision:
 
 
 def _client(tracking_uri: str | None = None) -> "MlflowClient":
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return mlflow_client(tracking_uri)
 
 
 def _is_not_found(err: Exception) -> bool:
@@ -295,6 +295,7 @@ def promote(
     client.set_model_version_tag(name, version, "promotion_decision", ("promoted: " if ok else "rejected: ") + reason)
     client.update_model_version(name, version, description=_with_decision(candidate.description, decision))
     log.info("model %s version %s: %s (%s)", name, version, "PROMOTED" if ok else "not promoted", reason)
+    progress.emit("promotion", version=version, promoted=ok, reason=reason)
     return decision
 
 

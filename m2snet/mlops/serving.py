@@ -33,6 +33,7 @@ from m2snet.common import M2SNetError, atomic_directory, find_tool, free_port
 from m2snet.data.cache import default_cache_dir
 from m2snet.data.images import check_image, read_rgb
 from m2snet.mlops.services import LOOPBACK, ManagedProcess
+from m2snet.mlops.tracking import mlflow_client
 
 log = logging.getLogger("m2snet.mlops.serving")
 
@@ -126,12 +127,11 @@ def _model_cache_key(model_uri: str) -> str:
     run's model, ``uri-<hash>`` otherwise; the hash covers the store's URI, so two servers' "v1"
     never share a copy."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     registered = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", model_uri)
     if registered:
         name, alias, version = registered.groups()
-        client = MlflowClient()
+        client = mlflow_client()
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
         version = found.version
         ident, store = f"{name}-v{version}", mlflow.get_registry_uri()

@@ -44,7 +44,10 @@ log = logging.getLogger("m2snet.mlops.tracking")
 T = TypeVar("T")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "m2snet"
+# Two experiments, two purposes: stand-alone runs of the CLI (`m2snet train / cv / compare`) and pipeline runs.
+CLI_EXPERIMENT = "m2snet"
+PIPELINE_EXPERIMENT = "m2snet-busi-cv"  # the pipeline's MLflow experiment (and KFP experiment on submit)
+PIPELINE_RUN_TAG = "m2snet.pipeline_run_id"  # on a pipeline's parent run: the KFP job id that finds it
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit for a param value
 # The experiment tag MLflow 3's UI reads to pick an experiment's landing page: "custom_model_development"
 # opens the training runs table (its default for untagged experiments is the GenAI overview).
@@ -64,7 +67,7 @@ class TrackingError(M2SNetError):
 @dataclass
 class TrackingConfig:
     uri: str | None = None  # None -> $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    experiment: str = DEFAULT_EXPERIMENT
+    experiment: str = CLI_EXPERIMENT
     retries: int = 5
     backoff_s: float = 1.0  # waits backoff_s * 2**attempt between tries
     max_backoff_s: float = 30.0
@@ -127,11 +130,16 @@ def _quiet_mlflow_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
-def make_client(cfg: TrackingConfig):
+def mlflow_client(uri: str | None = None):
+    """The package's one way to an ``MlflowClient``: tracking and model registry both at ``uri``.
+
+    ``uri=None`` leaves the choice to MLflow (``mlflow.set_tracking_uri``, ``$MLFLOW_TRACKING_URI``);
+    a :class:`TrackingConfig`'s is ``cfg.resolved_uri()``.
+    """
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow_http_retries()
-    return MlflowClient(tracking_uri=cfg.resolved_uri())
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def ensure_experiment(client, cfg: TrackingConfig) -> str:
@@ -180,7 +188,7 @@ class Tracker:
               tags: dict[str, str] | None = None) -> "Tracker":
         """Create a run (a child of ``parent`` if given) or reopen ``run_id`` (resume)."""
         cfg = cfg or (parent.cfg if parent else TrackingConfig())
-        client = parent.client if parent else make_client(cfg)
+        client = parent.client if parent else mlflow_client(cfg.resolved_uri())
         if run_id:
             with_retry(lambda: client.update_run(run_id, status="RUNNING"), f"reopen run {run_id}", cfg)
             return cls(client, run_id, cfg)
@@ -312,6 +320,24 @@ class Tracker:
         with_retry(fn, f"upload artifact {path.name}", self.cfg)
 
 
+def parent_run(pipeline_run_id: str, experiment: str = "", create: bool = True) -> Tracker | None:
+    """The MLflow parent run of a pipeline run, found by its :data:`PIPELINE_RUN_TAG` (created on first use)."""
+    if not pipeline_run_id:
+        return None
+    cfg = TrackingConfig(experiment=experiment or PIPELINE_EXPERIMENT)
+    client = mlflow_client(cfg.resolved_uri())
+    exp_id = ensure_experiment(client, cfg)
+    found = with_retry(lambda: client.search_runs(
+        [exp_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", order_by=["start_time ASC"]),
+        "find the pipeline's parent run", cfg)
+    if found:
+        return Tracker(client, found[0].info.run_id, cfg)
+    if not create:
+        return None
+    return Tracker.start(cfg, run_name=f"pipeline-{pipeline_run_id}",
+                         tags={PIPELINE_RUN_TAG: pipeline_run_id, "m2snet.kind": "pipeline"})
+
+
 @dataclass(frozen=True)
 class DatasetLineage:
     """Which data a run used, as MLflow records a dataset input.
@@ -373,7 +399,7 @@ def replay_spool(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> 
     from mlflow.entities import Metric
 
     cfg = cfg or TrackingConfig()
-    client = make_client(cfg)
+    client = mlflow_client(cfg.resolved_uri())
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     by_run: dict[str, list] = {}
     for r in rows:

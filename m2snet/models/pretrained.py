@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from m2snet import progress
 from m2snet.common import M2SNetError
 
 log = logging.getLogger("m2snet.models")
@@ -56,6 +57,7 @@ def weights_from_checkpoint():
 def _warn_random_init(message: str) -> None:
     if not _WEIGHTS_FOLLOW.get():
         log.warning(message)
+        progress.emit("note", message=message)  # the local console shows it once
 
 
 def offline() -> bool:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
-from m2snet import __version__
+from m2snet import __version__, progress
 from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
 from m2snet.data.cache import default_cache_dir
 from m2snet.data.dataset import SegmentationDataset
@@ -469,6 +469,8 @@ class _Run:
         log.info("epoch %d/%d: loss %.4f%s | %.1f img/s | %.1fs%s", ep.number, self.cfg.epochs, row["train_loss"],
                  "".join(f" {k} {row[k]:.4f}" for k in ("val_dice", "val_iou") if k in row),
                  row["train_img_per_s"], row["epoch_seconds"], " *selected*" if ep.chosen else "")
+        progress.emit("epoch", epoch=ep.number, epochs=self.cfg.epochs, loss=row["train_loss"],
+                      val_dice=row.get("val_dice"))
         end = EpochEnd(ep.number, self.cfg.epochs, row, self.out, checkpoint=self.last_path, selected=ep.chosen)
         for cb in self.callbacks:
             cb.on_epoch_end(end)

@@ -16,7 +16,6 @@ from m2snet.mlops.registry import PromotionPolicy
 from m2snet.training.config import TrainConfig
 from m2snet.workflows.tuning import TuningConfig
 
-DEFAULT_EXPERIMENT = "m2snet-busi-cv"  # the pipeline's MLflow experiment (and KFP experiment on submit)
 DEFAULT_MODEL_NAME = "m2snet-busi"  # the registered model the pipeline versions
 DEFAULT_PRESET = "demo"
 # The paper's shared training recipe (Sec. 4.1) on GPUs. Epochs: the paper's counts were lost in the text

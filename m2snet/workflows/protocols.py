@@ -27,18 +27,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from m2snet.common import M2SNetError, git_commit, sha256_file, write_json, write_text
+from m2snet.common import M2SNetError, git_commit, read_json, sha256_file, write_json, write_text
 from m2snet.data.fixed_split import make_fixed_split
 from m2snet.data.format import DATASET_JSON
 from m2snet.data.split import Split, load_split, make_split
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
-from m2snet.mlops.tracking import Tracker, tracking_callbacks, write_run_file
+from m2snet.mlops.tracking import Tracker, mlflow_client, parent_run, tracking_callbacks, write_run_file
 from m2snet.training.config import SELECTED, TrainConfig
 from m2snet.workflows.folds import log_training_artifacts
 from m2snet.workflows.presets import parse_overrides, train_config
 from m2snet.workflows.steps import finalize_step as finalize_cv_step
-from m2snet.workflows.steps import log_fold_lineage, parent_run
+from m2snet.workflows.steps import log_fold_lineage
 
 log = logging.getLogger("m2snet.workflows.protocols")
 PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
@@ -289,13 +289,6 @@ def paper_comparison(protocol: str, ours: Mapping[str, Mapping[str, float]], bud
     return "\n".join(lines)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise M2SNetError(f"{path}: invalid JSON ({err})") from None
-
-
 def _cv_summary_from_per_case(directory: Path) -> dict[str, Any]:
     """A CV summary rebuilt from ``cv_per_case.csv`` alone: the per-(seed, fold) case means aggregated as
     :func:`m2snet.workflows.folds.report_cv` does (no no-skill rows: the per-case file holds the model's)."""
@@ -328,12 +321,13 @@ def _cv_budget(directory: Path, summary: Mapping[str, Any]) -> dict[str, Any]:
 
     config = next((c for c in (*sorted(directory.glob("fold*/train_config.json")), directory / "train_config.json",
                                *sorted(directory.glob("seed*/fold*/train_config.json"))) if c.is_file()), None)
-    budget: dict[str, Any] = budget_of(_read_json(config)) if config else {}
+    budget: dict[str, Any] = budget_of(read_json(config, "training config")) if config else {}
     seeds = sorted({str(r["seed"]) for r in summary.get("per_fold", []) if r.get("seed") not in (None, "")})
     if not seeds and (directory / CV_LINEAGE).is_file():
-        seeds = [str(s) for s in _read_json(directory / CV_LINEAGE).get("seeds", []) if s not in (None, "")]
+        lineage = read_json(directory / CV_LINEAGE, "CV lineage")
+        seeds = [str(s) for s in lineage.get("seeds", []) if s not in (None, "")]
     if not seeds and config:
-        seeds = [str(_read_json(config).get("seed", "unknown"))]
+        seeds = [str(read_json(config, "training config").get("seed", "unknown"))]
     budget["seeds"] = ",".join(seeds) if seeds else "unknown"
     if (directory / CV_PER_CASE).is_file():
         import csv
@@ -371,14 +365,14 @@ def comparison_from_results(protocol: str, results: str | os.PathLike) -> str:
         path = found
     if not path.is_file():
         raise M2SNetError(f"{path}: results file not found (test_sets.json of a fixed run or cv_summary.json)")
-    data = _read_json(path)
+    data = read_json(path, "results file")
     if "rows" in data:
         fixed = path.parent / FIXED_RUN_FILE
-        if fixed.is_file() and "budget" in _read_json(fixed):
-            budget = _read_json(fixed)["budget"]
+        if fixed.is_file() and "budget" in read_json(fixed, "run file"):
+            budget = read_json(fixed, "run file")["budget"]
         else:
             config = path.parent / "train_config.json"
-            budget = budget_of(_read_json(config)) if config.is_file() else {}
+            budget = budget_of(read_json(config, "training config")) if config.is_file() else {}
         return paper_comparison(protocol, data["rows"], budget)
     if "mean_percent" in data:
         return _cv_comparison(protocol, data, _cv_budget(path.parent, data))
@@ -430,12 +424,10 @@ def register_protocol_model(protocol: str, fr: FixedResult, tracking, descriptio
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        from mlflow import MlflowClient
-
         tags = {"run_id": fr.run_id, **version_tags(protocol, fr.report.mean)}
         mv = register_model_version(fr.model_uri, registered_model_name(protocol), idempotency_key=fr.run_id,
                                     tags=tags, description=description,
-                                    client=MlflowClient(tracking_uri=uri, registry_uri=uri))
+                                    client=mlflow_client(uri))
     finally:
         mlflow.set_tracking_uri(previous)
     return f"{registered_model_name(protocol)}/{mv.version}"

@@ -47,10 +47,8 @@ from m2snet.mlops.tracking import (
     DatasetLineage,
     Tracker,
     TrackingConfig,
-    ensure_experiment,
     iter_child_runs,
-    make_client,
-    with_retry,
+    parent_run,
 )
 from m2snet.training.config import SELECTED
 from m2snet.workflows.folds import (
@@ -62,35 +60,15 @@ from m2snet.workflows.folds import (
     score_fold,
     tune_fold,
 )
-from m2snet.workflows.presets import DEFAULT_EXPERIMENT, get_preset, parse_overrides, train_config
+from m2snet.workflows.presets import get_preset, parse_overrides, train_config
 
 if TYPE_CHECKING:
     from m2snet.mlops.tracking import Tracker
 
 log = logging.getLogger("m2snet.workflows.steps")
 
-PIPELINE_RUN_TAG = "m2snet.pipeline_run_id"
 # The checkout (editable install): its data.dvc tracks the demo set, and `dvc get` defaults to it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def parent_run(pipeline_run_id: str, experiment: str = "", create: bool = True) -> "Tracker | None":
-    """The MLflow parent run of a pipeline run (found by tag; created on first use)."""
-
-    if not pipeline_run_id:
-        return None
-    cfg = TrackingConfig(experiment=experiment or DEFAULT_EXPERIMENT)
-    client = make_client(cfg)
-    exp_id = ensure_experiment(client, cfg)
-    found = with_retry(lambda: client.search_runs(
-        [exp_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", order_by=["start_time ASC"]),
-        "find the pipeline's parent run", cfg)
-    if found:
-        return Tracker(client, found[0].info.run_id, cfg)
-    if not create:
-        return None
-    return Tracker.start(cfg, run_name=f"pipeline-{pipeline_run_id}",
-                         tags={PIPELINE_RUN_TAG: pipeline_run_id, "m2snet.kind": "pipeline"})
 
 
 def tracked_demo_dataset(path: Path | None = None) -> Path:

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from m2snet import progress
 from m2snet.common import M2SNetError, atomic_file, redact, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import INNER_VAL_FRACTION, load_split, write_inner_split
@@ -238,6 +239,7 @@ def tune(
                         "tuning.inner_split": str(inner)})
 
     def objective(trial: "optuna.Trial") -> float:
+        progress.emit("trial", number=trial.number, of=cfg.n_trials)
         params = suggest(trial, cfg)
         trial_dir = out_dir / f"trial-{trial.number:04d}"
         _fresh_trial_dir(trial_dir)

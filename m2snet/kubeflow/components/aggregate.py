@@ -18,7 +18,10 @@ def aggregate_cv(
 ):
     """The CV table (mean +- std over folds, in percent; model and no-skill rows) and the per-case scores,
     logged on the parent run."""
+    from m2snet.progress import task_started
     from m2snet.workflows import steps
+
+    task_started("aggregate-cv", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
 
     summary = steps.aggregate_step(
         [m.metadata for m in fold_metrics], cv_table.path, report_dirs=[r.path for r in fold_reports],

@@ -16,7 +16,10 @@ def evaluate_fold(
 ):
     """Score the fold's checkpoint and the no-skill predictor on its validation cases at original size
     (per-case CSV + overlays) under the metric protocol."""
+    from m2snet.progress import task_started
     from m2snet.workflows import steps
+
+    task_started("evaluate-fold", fold)  # for the local console; no-op on a cluster
 
     scores = steps.evaluate_fold_step(dataset.path, split.path, fold, model.path, report.path,
                                       metric_protocol=metric_protocol)

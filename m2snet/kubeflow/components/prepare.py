@@ -17,7 +17,10 @@ def prepare_dataset(
     experiment: str = "",
 ) -> str:
     """Fetch (DVC revision / path / demo set), import a raw layout with ``importer``, validate; return the version."""
+    from m2snet.progress import task_started
     from m2snet.workflows import steps
+
+    task_started("prepare-dataset", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
 
     return steps.prepare_dataset(
         dataset.path, preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev,

@@ -10,7 +10,10 @@ def promote_model(
 ) -> bool:
     """Move alias `production` to the version if its CV Dice passes the floor, beats the no-skill predictor
     by ``noskill_margin`` and beats production by the margin."""
+    from m2snet.progress import task_started
     from m2snet.workflows import steps
+
+    task_started("promote-model", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
 
     return steps.promote_step(model_name, version, floor=floor, margin=margin, noskill_margin=noskill_margin,
                               pipeline_run_id=pipeline_run_id, experiment=experiment)

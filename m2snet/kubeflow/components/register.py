@@ -18,7 +18,10 @@ def register_model(
     experiment: str = "",
 ) -> str:
     """Register the folds as ONE model version (ensemble pyfunc); idempotent per pipeline run."""
+    from m2snet.progress import task_started
     from m2snet.workflows import steps
+
+    task_started("register-model", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
 
     return steps.register_step(
         [m.path for m in models], dict(cv_metrics.metadata), split.path, model_name=model_name,

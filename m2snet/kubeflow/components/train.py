@@ -18,7 +18,10 @@ def train_fold(
     experiment: str = "",
 ):
     """Train one CV fold (a child MLflow run of the pipeline's parent run); output its checkpoint."""
+    from m2snet.progress import task_started
     from m2snet.workflows import steps
+
+    task_started("train-fold", fold, pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
 
     result = steps.train_fold_step(
         dataset.path, split.path, fold, best_params.path, model.path, preset=preset,

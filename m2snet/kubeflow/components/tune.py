@@ -18,7 +18,10 @@ def tune_hyperparameters(
     experiment: str = "",
 ) -> str:
     """Nested tuning: an Optuna study on an inner split of fold ``fold``'s training cases; best params as JSON."""
+    from m2snet.progress import task_started
     from m2snet.workflows import steps
+
+    task_started("tune-hyperparameters", fold, pipeline_run_id=pipeline_run_id)  # for the local console
 
     return steps.tune_step(
         dataset.path, split.path, best_params.path, preset=preset, fold=fold, train_overrides=train_overrides,

@@ -32,7 +32,8 @@ from m2snet.kubeflow.components import (
     tune_hyperparameters,
 )
 from m2snet.kubeflow.image import COMPONENT_GID, COMPONENT_UID
-from m2snet.workflows.presets import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PRESETS
+from m2snet.mlops.tracking import PIPELINE_EXPERIMENT
+from m2snet.workflows.presets import DEFAULT_MODEL_NAME, PRESETS
 
 PIPELINE_NAME = "m2snet-busi-cv"
 CLUSTER_PRESET = PRESETS["busi"]  # the compiled pipeline's defaults
@@ -71,8 +72,8 @@ def configure_task(task: dsl.PipelineTask, display_name: str, *, cluster: bool, 
     """Every task of an m2snet pipeline: no caching; on a cluster its name and Secrets, locally its threads."""
     # Every step writes to MLflow: a cached step would skip its side effects on a re-run.
     task.set_caching_options(False)
+    task.set_display_name(display_name)  # the cluster UI's and the local console's label
     if cluster:
-        task.set_display_name(display_name)  # the local runner ignores (and warns about) it
         _with_cluster_env(task)
     else:
         # The local runner runs up to two fold tasks at once on the host: one thread each.
@@ -109,7 +110,7 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         n_trials: int = -1,
         tuning_storage: str = "",
         train_overrides: str = "{}",
-        experiment: str = DEFAULT_EXPERIMENT,
+        experiment: str = PIPELINE_EXPERIMENT,
         model_name: str = DEFAULT_MODEL_NAME,
         # The local run passes its own preset's gate.
         promote_floor: float = CLUSTER_PRESET.promotion.floor,

@@ -166,10 +166,8 @@ def run_local(
     output streams to the console). ``preset`` defaults to the protocol's, ``importer`` to its first
     source format. MLflow: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` (made absolute)."""
     from kfp import local
-    from mlflow import MlflowClient
 
-    from m2snet.mlops.tracking import DEFAULT_TRACKING_URI
-    from m2snet.workflows.steps import parent_run
+    from m2snet.mlops.tracking import DEFAULT_TRACKING_URI, mlflow_client, parent_run
 
     p = get_protocol(protocol)
     if p.kfold:
@@ -199,7 +197,7 @@ def run_local(
                           f"files under {root})") from err
     seconds = time.perf_counter() - t0
     name = model_name or registered_model_name(protocol)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = mlflow_client(uri)
     version = str(task.outputs.get("Output") or "")
     if not version:
         raise M2SNetError(f"protocol pipeline {protocol} finished but registered no version of {name!r}")
