@@ -111,18 +111,45 @@ def list_models_command() -> None:
 def export_command(
     sources: List[str] = typer.Argument(..., help="Checkpoint file(s) (an ensemble) or one model URI "
                                                    "(models:/NAME@production, runs:/..., a model directory)."),
-    out: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),
+    out: Path = typer.Option(..., "--out", "-o", help="The file to write (.onnx; a torch bundle for bf16)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (ONNX) | int8 (ONNX Runtime static "
+                                  "quantization) | bf16 (PyTorch CPU autocast bundle)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="bf16/int8: dataset directory (m2snet layout)."),
+    split: Optional[Path] = typer.Option(None, "--split", help="bf16/int8: split file; fold --fold's training "
+                                         "cases calibrate int8, its validation cases measure the accuracy cost."),
+    fold: int = typer.Option(0, "--fold"),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Dice points (0-100) the reduced precision "
+                                           "may lose against fp32 on the held-out cases (default 0.5)."),
+    warn_only: bool = typer.Option(False, "--warn-only", help="Past the budget: write it with a warning "
+                                   "instead of refusing."),
+    calibration_cases: Optional[int] = typer.Option(None, "--calibration-cases",
+                                                    help="int8: training cases to calibrate on (default 64)."),
+    max_check_cases: Optional[int] = typer.Option(None, "--max-check-cases",
+                                                  help="Score at most N held-out cases (default: all)."),
     tta_flip: bool = typer.Option(False, "--tta-flip", help="Average with the horizontally flipped pass."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Max |ONNX Runtime - PyTorch| on probabilities."),
 ) -> None:
-    """Export a checkpoint or a fold ensemble as ONNX (BatchNorm folded), checked against PyTorch."""
-    from m2snet.mlops.export import DEFAULT_ATOL, export_onnx, model_checkpoints
+    """Export a checkpoint or a fold ensemble (BatchNorm folded) at fp32, bf16 or int8; a reduced precision
+    reports its accuracy cost against fp32 on held-out cases and is refused past the budget."""
+    from m2snet.mlops.export import DEFAULT_ATOL, model_checkpoints
+    from m2snet.mlops.precision import DEFAULT_CALIBRATION_CASES, DEFAULT_DICE_BUDGET, FoldData, export_model
 
+    if (data is None) != (split is None):
+        raise M2SNetError("export: give --data and --split together")
     with tempfile.TemporaryDirectory(prefix="m2snet-export-") as tmp:
         paths = [Path(s) for s in sources]
         if len(sources) == 1 and not paths[0].is_file():
             paths = model_checkpoints(sources[0], tmp)
-        report = export_onnx(paths, out, tta_flip=tta_flip, atol=DEFAULT_ATOL if atol is None else atol)
-    typer.echo(f"wrote {report.path}: {report.n_models} model(s) at {report.image_size} px, "
-               f"max |ONNX Runtime - PyTorch| {report.max_abs_diff:.2e}, "
-               f"BatchNorm nodes left {report.batch_norms_left}")
+        report = export_model(
+            paths, out, precision, fold_data=FoldData(data, split, fold) if data is not None else None,
+            tta_flip=tta_flip, atol=DEFAULT_ATOL if atol is None else atol,
+            budget=DEFAULT_DICE_BUDGET if budget is None else budget, over_budget="warn" if warn_only else "refuse",
+            n_calibration=DEFAULT_CALIBRATION_CASES if calibration_cases is None else calibration_cases,
+            max_check_cases=max_check_cases)
+    typer.echo(f"wrote {report.path}: {report.n_models} model(s) at {report.image_size} px, {report.precision}"
+               + (f", calibrated on {report.calibration_cases} training cases" if report.calibration_cases else ""))
+    for line in report.lines:
+        typer.echo(line)
+    if report.cost is not None and not report.cost.within_budget:
+        typer.secho(f"WARNING: {report.precision} loses {report.cost.delta:.2f} Dice points against fp32, over the "
+                    f"budget of {report.cost.budget:g}", err=True, fg="red", bold=True)

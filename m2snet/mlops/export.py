@@ -12,6 +12,11 @@ the same graph but took 10x longer on the M2SNet here. After writing, ONNX Runti
 on a random batch against PyTorch; a difference above ``atol`` is an error and leaves nothing at
 the output path. The checkpoints' metadata (input size, classes, normalisation, tta_flip) rides in
 the file's metadata, so the file alone is enough to serve.
+
+Reduced precision (:mod:`m2snet.mlops.precision`, ``m2snet export --precision``) writes either an
+int8 ONNX file (static quantization, same metadata plus ``precision``) or, for bf16, a torch bundle of
+the checkpoints run under PyTorch's bf16 CPU autocast (ONNX Runtime has no bf16 CPU kernels).
+:func:`load_exported` serves any of them; the precision travels in the file's metadata.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ META_KEY = "m2snet"
 INPUT, OUTPUT = "image", "probability"
 DEFAULT_ATOL = 1e-4  # on probabilities in [0, 1]; fp32 kernels differ by ~1e-6 here
 OPSET = 17
+PRECISIONS = ("fp32", "bf16", "int8")
+BUNDLE_FORMAT = "m2snet-export-bundle"  # the bf16 artifact: {"format", "m2snet": meta, "checkpoints": [...]}
 
 
 class EnsembleProbabilities(nn.Module):
@@ -61,9 +68,9 @@ class ExportReport:
     batch_norms_left: int
 
 
-def onnx_meta(predictor: Predictor) -> dict:
+def onnx_meta(predictor: Predictor, precision: str = "fp32") -> dict:
     meta = predictor.meta
-    return {"image_size": predictor.size, "n_classes": predictor.n_classes,
+    return {"precision": precision, "image_size": predictor.size, "n_classes": predictor.n_classes,
             "normalization": meta.get("normalization"), "tta_flip": predictor.tta_flip,
             "n_models": len(predictor.models), "model_name": meta.get("model_name"),
             "dataset_version": meta.get("dataset_version")}
@@ -129,8 +136,7 @@ def export_onnx(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike
             expected = graph(x).numpy()
         model = onnx.load(str(tmp_path))
         _inline_initializer_aliases(model)
-        entry = model.metadata_props.add()
-        entry.key, entry.value = META_KEY, json.dumps(onnx_meta(predictor))
+        set_onnx_meta(model, onnx_meta(predictor))
         onnx.save(model, str(tmp_path))
         batch_norms = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
         got = ort_session(tmp_path).run([OUTPUT], {INPUT: x.numpy()})[0]
@@ -168,6 +174,53 @@ def model_checkpoints(model_uri: str, dst: str | os.PathLike) -> list[Path]:
     return [local / artifacts[k]["path"] for k in keys]
 
 
+def set_onnx_meta(model, meta: dict) -> None:
+    """Write (or replace) the m2snet metadata entry of a loaded ONNX model."""
+    kept = [(e.key, e.value) for e in model.metadata_props if e.key != META_KEY]
+    del model.metadata_props[:]
+    for key, value in [*kept, (META_KEY, json.dumps(meta))]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """A bf16 torch bundle (a zip written by torch.save), not an ONNX protobuf."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
+
+
+def write_bundle(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike, meta: dict) -> Path:
+    """The bf16 artifact: the checkpoints' inference form and the export metadata in one torch file
+    (tensors and plain data only, so it loads with ``weights_only=True``)."""
+    from m2snet.models.checkpoint import Checkpoint
+
+    payload = {"format": BUNDLE_FORMAT, META_KEY: meta,
+               "checkpoints": [Checkpoint.load(p).slim().to_dict() for p in checkpoints]}
+    with atomic_file(out) as tmp:
+        torch.save(payload, tmp)
+    return Path(out)
+
+
+def _read_bundle(path: Path) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise M2SNetError(f"{path}: not an m2snet export bundle ({str(err).splitlines()[0]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
+        raise M2SNetError(f"{path}: not an m2snet export bundle; export it with `m2snet export --precision bf16`")
+    return payload
+
+
+def read_export_meta(path: str | os.PathLike) -> dict:
+    """The m2snet metadata of any exported file (ONNX or bf16 bundle); ``precision`` defaults to fp32
+    for files written before reduced precision existed."""
+    path = Path(path)
+    if not path.is_file():
+        raise M2SNetError(f"{path}: exported model not found")
+    meta = _read_bundle(path)[META_KEY] if is_bundle(path) else read_onnx_meta(path)
+    return {"precision": "fp32", **meta}
+
+
 def read_onnx_meta(path: str | os.PathLike) -> dict:
     """The m2snet metadata of an exported file (without loading the graph's weights)."""
     import onnx
@@ -192,6 +245,7 @@ class OnnxPredictor(Predictor):
                  threads: int | None = None) -> None:
         meta = read_onnx_meta(path)
         self.path = Path(path)
+        self.precision = meta.get("precision", "fp32")
         self.session = ort_session(path, device, threads)
         self.models = []
         self.meta = meta
@@ -206,3 +260,37 @@ class OnnxPredictor(Predictor):
 
     def ensemble_probs(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run([OUTPUT], {INPUT: x.cpu().numpy()})[0])
+
+
+class AutocastPredictor(Predictor):
+    """A :class:`Predictor` whose models run under PyTorch's CPU autocast in ``dtype`` (bf16):
+    convolutions and matmuls in bf16 through oneDNN, reductions and the output in fp32."""
+
+    def __init__(self, *args, dtype: torch.dtype = torch.bfloat16, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dtype = dtype
+        self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+    def ensemble_probs(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=torch.device(self.device).type, dtype=self.dtype):
+            return super().ensemble_probs(x).float()
+
+
+def load_bundle(path: str | os.PathLike, device: str = "cpu", batch_size: int = 8) -> AutocastPredictor:
+    from m2snet.models.checkpoint import Checkpoint
+
+    path = Path(path)
+    payload = _read_bundle(path)
+    meta = payload[META_KEY]
+    ckpts = [Checkpoint.from_dict(c, path) for c in payload["checkpoints"]]
+    return AutocastPredictor([c.build_model(device) for c in ckpts], {**ckpts[0].meta(), **meta}, device=device,
+                             tta_flip=bool(meta["tta_flip"]), batch_size=batch_size)
+
+
+def load_exported(path: str | os.PathLike, device: str = "cpu", batch_size: int = 8,
+                  threads: int | None = None) -> Predictor:
+    """The predictor of an exported file at its precision: ONNX Runtime for fp32 / int8 ONNX, PyTorch
+    bf16 autocast for a bundle."""
+    if Path(path).is_file() and is_bundle(path):
+        return load_bundle(path, device=device, batch_size=batch_size)
+    return OnnxPredictor(path, device=device, batch_size=batch_size, threads=threads)

@@ -12,7 +12,9 @@ Set ``M2SNET_DEVICE`` (e.g. ``cuda``) to choose the device at load time (default
 
 With ``onnx=True`` the ensemble is also exported (m2snet.mlops.export) as artifact ``onnx`` and served
 through ONNX Runtime (the same pre- and post-processing; 2x+ faster on a CPU, see README
-"Benchmarks"); without that artifact, or with ``M2SNET_SERVE_BACKEND=torch``, PyTorch serves.
+"Benchmarks"); ``export=FILE`` serves a file written by ``m2snet export`` at any precision (fp32 / int8
+ONNX, bf16 bundle: the precision is in the file). Without either artifact, or with
+``M2SNET_SERVE_BACKEND=torch``, PyTorch serves the checkpoints in fp32.
 
 The model is logged as code (MLflow's "models from code", :mod:`m2snet.mlops.pyfunc_model`), not as a
 cloudpickled :class:`SegmentationPyfunc`: loading it runs m2snet's code and reads the checkpoints with
@@ -52,7 +54,8 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # what MLflow runs to 
 # What the pyfunc needs at load time beyond the m2snet code it carries (code_paths).
 _RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "timm", "segmentation-models-pytorch", "numpy",
                           "pillow", "pandas", "mlflow", "pyyaml", "onnx", "onnxruntime")
-ONNX_ARTIFACT = "onnx"
+ONNX_ARTIFACT = "onnx"  # the fp32 ONNX export made at logging time (onnx=True)
+EXPORT_ARTIFACT = "export"  # a file from `m2snet export`, any precision (export=...)
 log = logging.getLogger("m2snet.mlops.pyfunc")
 BACKEND_ENV = "M2SNET_SERVE_BACKEND"  # "torch" forces PyTorch even when the ONNX export is present
 
@@ -129,10 +132,11 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
                       key=lambda k: int(k.rsplit("_", 1)[1]))
         config = context.model_config or {}
         device = resolve_device(os.environ.get("M2SNET_DEVICE", "auto"))
-        if ONNX_ARTIFACT in context.artifacts and os.environ.get(BACKEND_ENV, "onnx") != "torch":
-            from m2snet.mlops.export import OnnxPredictor
+        exported = context.artifacts.get(EXPORT_ARTIFACT) or context.artifacts.get(ONNX_ARTIFACT)
+        if exported and os.environ.get(BACKEND_ENV, "onnx") != "torch":
+            from m2snet.mlops.export import load_exported
 
-            self.predictor = OnnxPredictor(context.artifacts[ONNX_ARTIFACT], device=device)
+            self.predictor = load_exported(exported, device=device)
             return
         self.predictor = Predictor.from_checkpoints(
             [context.artifacts[k] for k in keys], device=device, tta_flip=bool(config.get(MODEL_CONFIG_TTA, False)),
@@ -213,12 +217,14 @@ def log_segmentation_model(
     tracking_uri: str | None = None,
     tta_flip: bool = False,
     onnx: bool = False,
+    export: str | os.PathLike | None = None,
 ):
     """Log the checkpoint(s) as one pyfunc model; return MLflow's ``ModelInfo``.
 
     ``run_id``: the run to attach the model to (opened for the call; default: the active run).
     ``registered_model_name``: also register it as a new version of that model.
     ``onnx``: also export the ensemble to ONNX (checked against PyTorch) and serve through it.
+    ``export``: serve this file from ``m2snet export`` (any precision; made from the same checkpoints).
     """
     paths = [Path(p) for p in checkpoints]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -237,17 +243,25 @@ def log_segmentation_model(
                 from m2snet.mlops.export import export_onnx
 
                 onnx_path = export_onnx(paths, Path(tmp) / "model.onnx", tta_flip=tta_flip).path
-            return _log(paths, name, registered_model_name, input_example, tta_flip, onnx_path)
+            return _log(paths, name, registered_model_name, input_example, tta_flip, onnx_path,
+                        Path(export) if export is not None else None)
     finally:
         if tracking_uri:
             mlflow.set_tracking_uri(previous_uri)
 
 
 def _log(paths: list[Path], name: str, registered_model_name: str | None, input_example, tta_flip: bool,
-         onnx_path: Path | None = None):
+         onnx_path: Path | None = None, export: Path | None = None):
     artifacts = {f"checkpoint_{i}": str(p) for i, p in enumerate(paths)}
+    backend = "torch"
     if onnx_path is not None:
-        artifacts[ONNX_ARTIFACT] = str(onnx_path)
+        artifacts[ONNX_ARTIFACT], backend = str(onnx_path), "onnxruntime"
+    if export is not None:
+        from m2snet.mlops.export import is_bundle, read_export_meta
+
+        precision = read_export_meta(export)["precision"]  # refuses a file that is not an m2snet export
+        artifacts[EXPORT_ARTIFACT] = str(export)
+        backend = f"{'torch' if is_bundle(export) else 'onnxruntime'}-{precision}"
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),  # models from code: nothing is pickled
@@ -259,7 +273,7 @@ def _log(paths: list[Path], name: str, registered_model_name: str | None, input_
         model_config={MODEL_CONFIG_TTA: tta_flip},
         registered_model_name=registered_model_name,
         metadata={"m2snet_version": m2snet.__version__, "n_checkpoints": len(paths),
-                  "backend": "onnxruntime" if onnx_path is not None else "torch"},
+                  "backend": backend},
     )
 
 
