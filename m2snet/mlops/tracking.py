@@ -385,12 +385,19 @@ def replay_spool(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> 
     return len(rows)
 
 
+def config_params(train_config: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig as params: ``config.<field>``, except the learning rates, one per optimizer param
+    group (``<group>_lr``: ``head_lr``, ``backbone_lr``), which keep their field name: ONE spelling per rate
+    in MLflow, beside its provenance ``<group>_lr.source`` (m2snet.workflows.presets.settle_config)."""
+    return {(k if k.endswith("_lr") else f"config.{k}"): v for k, v in train_config.items()}
+
+
 def run_params(train_config: dict[str, Any], *, dataset_version: str | None, split_sha256: str | None,
                pretrained: str | None, loss_pretrained: str | None, device: str, seed: int,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The params every training run records (the contract in docs/architecture.md)."""
     return {
-        **{f"config.{k}": v for k, v in train_config.items()},
+        **config_params(train_config),
         "data_version": dataset_version or "unknown",
         "split_sha256": split_sha256 or "none",
         "git_commit": git_commit(),

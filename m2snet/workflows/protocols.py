@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,8 @@ from m2snet.data.split import Split, load_split, make_split
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
 from m2snet.mlops.tracking import Tracker, tracking_callbacks, write_run_file
 from m2snet.training.config import TrainConfig
-from m2snet.workflows.folds import log_training_artifacts
+from m2snet.workflows.context import RunContext
+from m2snet.workflows.folds import log_fold_model, log_training_artifacts
 
 log = logging.getLogger("m2snet.workflows.protocols")
 PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
@@ -158,7 +160,7 @@ def run_fixed(cfg: TrainConfig, out_dir: str | os.PathLike, *, tracking=None, ru
     tracker = Tracker.start(tracking, run_name=run_name or f"fixed-{protocol or cfg.model}",
                             tags={"m2snet.kind": "fixed", "m2snet.protocol": protocol or "custom"}) \
         if tracking is not None else None
-    try:
+    with tracker or contextlib.nullcontext():
         if tracker is not None:
             tracker.log_params({"test_sets": ",".join(split.test_sets), "split_protocol": "fixed",
                                 "split_crossings": len(split.crossings), "git_commit": git_commit()})
@@ -182,24 +184,13 @@ def run_fixed(cfg: TrainConfig, out_dir: str | os.PathLike, *, tracking=None, ru
             fr.run_id = tracker.run_id
             write_run_file(out / "mlflow_run.json", tracker)
             if log_model:
-                from m2snet.mlops.pyfunc import log_segmentation_model
-
-                info = log_segmentation_model([result.checkpoint], name="model", run_id=tracker.run_id,
-                                              tracking_uri=tracker.cfg.resolved_uri(), tta_flip=tta_flip)
-                fr.model_uri = info.model_uri
-                tracker.set_tags({"m2snet.model_uri": info.model_uri})
+                fr.model_uri = log_fold_model(tracker, result.checkpoint, tta_flip=tta_flip)
             else:
                 tracker.log_artifact(result.checkpoint, "checkpoints")
         write_json(out / FIXED_RUN_FILE, {"split": str(split.path), "split_sha256": split.sha256,
                                           "rows": report.rows, "mean": report.mean, "budget": budget,
                                           "checkpoint": str(result.checkpoint), "run_id": fr.run_id,
                                           "model_uri": fr.model_uri, "selected_epoch": result.selected_epoch})
-    except BaseException as err:
-        if tracker is not None:
-            tracker.__exit__(type(err), err, None)
-        raise
-    if tracker is not None:
-        tracker.end("FINISHED")
     return fr
 
 
@@ -340,7 +331,7 @@ def benchmark(protocol_name: str, data: str | os.PathLike, out_dir: str | os.Pat
     if protocol.kfold:
         from m2snet.workflows.folds import run_cv
 
-        res = run_cv(cfg, out / "cv", tracking=tracking, run_name=f"benchmark-{protocol.name}",
+        res = run_cv(cfg, out / "cv", ctx=RunContext(tracking), run_name=f"benchmark-{protocol.name}",
                      log_models=log_model)
         ours = {"BUSI": res.summary.mean, "BUSI (std)": res.summary.std}
         comparison = paper_comparison(protocol.name, ours, budget_of(cfg), percent=True)

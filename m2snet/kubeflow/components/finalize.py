@@ -8,5 +8,5 @@ def finalize_run(status: dsl.PipelineTaskFinalStatus, pipeline_run_id: str = "",
     """Exit handler: close the parent MLflow run (FINISHED with its CV table, or FAILED and why); return the version."""
     from m2snet.workflows import steps
 
-    return steps.finalize_step(status.state, status.error_message or "", pipeline_run_id=pipeline_run_id,
-                                  experiment=experiment)
+    return steps.finalize_step(status.state, status.error_message or "",
+                               ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment))
