@@ -233,7 +233,9 @@ def tune(
         tags["m2snet.fold"] = str(base.fold)
         name = f"tune-fold-{base.fold}"
         run = parent.child(name, tags=tags) if parent else Tracker.start(TrackingConfig(), run_name=name, tags=tags)
-        run.log_params({"tuning": {k: v for k, v in asdict(cfg).items() if k != "storage"},
+        # The search ranges are not rates: "<name>_range", so "head_lr" stays the one spelling of a rate used.
+        run.log_params({"tuning": {(f"{k}_range" if k in ("head_lr", "backbone_ratio") else k): v
+                                   for k, v in asdict(cfg).items() if k != "storage"},
                         "tuning.storage": redact(storage_url), "tuning.fold": base.fold,
                         "tuning.inner_split": str(inner)})
 
@@ -296,7 +298,8 @@ def tune(
         )
         write_json(out_dir / "best_params.json", result.to_dict())
         if run:
-            run.log_params({f"best.{k}": v for k, v in best_params.items()})
+            # The study's choice, under the rates' one spelling (head_lr, backbone_lr) with its source.
+            run.log_params({**best_params, **{f"{k}.source": "tuned" for k in best_params}})
             run.log_metrics({"best_" + OBJECTIVE_METRIC: result.best_value, "n_complete": result.n_complete,
                              "n_pruned": result.n_pruned}, flush=True)
             for p in plots:
