@@ -22,6 +22,7 @@ pipeline/CV parent run); the study's plots are logged as PNG artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -281,7 +282,7 @@ def tune(
     remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     log.info("tuning: study %r has %d/%d finished trials; running up to %d here",
              cfg.study_name, cfg.n_trials - max(remaining, 0), cfg.n_trials, max(remaining, 0))
-    try:
+    with run or contextlib.nullcontext():  # the tuning run ends FINISHED, or FAILED on an error
         if remaining > 0:
             study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, catch=(M2SNetError,),
                            callbacks=[MaxTrialsCallback(cfg.n_trials, states=finished)])
@@ -305,11 +306,6 @@ def tune(
             for p in plots:
                 run.log_artifact(p, "optuna_plots")
             run.log_artifact(out_dir / "best_params.json")
-            run.end("FINISHED")
         log.info("tuning: best %s=%.4f (trial %d): %s", OBJECTIVE_METRIC, result.best_value, result.best_trial,
                  json.dumps(best_params))
         return result
-    except BaseException:
-        if run:
-            run.end("FAILED")
-        raise
