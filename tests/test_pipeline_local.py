@@ -184,12 +184,13 @@ def test_second_run_that_does_not_beat_production_leaves_it(runs):
     assert str(client.get_model_version_by_alias(MODEL, "production").version) == str(first.version)
     assert "margin" in client.get_model_version(MODEL, second.version).tags["promotion_decision"]
     # The register step is idempotent per pipeline run: re-running it registers nothing new.
+    from m2snet.workflows.context import RunContext
     from m2snet.workflows.steps import register_step
 
     versions_before = len(client.search_model_versions(f"name = '{MODEL}'"))
     mv = client.get_model_version(MODEL, second.version)
     again = register_step([], {}, "", model_name=MODEL, dataset_version="x",
-                          pipeline_run_id=mv.tags["pipeline_run_id"], experiment=EXPERIMENT)
+                          ctx=RunContext.for_pipeline(mv.tags["pipeline_run_id"], EXPERIMENT))
     assert again == str(second.version)
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == versions_before
 

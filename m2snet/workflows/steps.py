@@ -322,15 +322,19 @@ def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: 
     return {k: float(v) for k, v in ev.metrics.items()}
 
 
-def collect_fold_reports(report_dirs: Sequence[str], out_dir: str | os.PathLike) -> tuple[list[Path], list[dict]]:
-    """The evaluate steps' reports -> the CV's ``cv_per_case.csv`` + ``cv_lineage.json`` in ``out_dir``; and
-    which fold and seed each report scored (:data:`FOLD_INFO`)."""
+def read_fold_info(report: str | os.PathLike) -> dict[str, Any]:
+    """Which fold and seed an evaluate step's report scored, on which data and split (:data:`FOLD_INFO`)."""
+    info_path = Path(report) / FOLD_INFO
+    if not info_path.is_file():
+        raise M2SNetError(f"{report}: no {FOLD_INFO} (not an evaluate step's report)")
+    return json.loads(info_path.read_text())
+
+
+def collect_fold_reports(report_dirs: Sequence[str], out_dir: str | os.PathLike) -> list[Path]:
+    """The evaluate steps' reports -> the CV's ``cv_per_case.csv`` + ``cv_lineage.json`` in ``out_dir``."""
     rows, infos = [], []
     for report in map(Path, report_dirs):
-        info_path = report / FOLD_INFO
-        if not info_path.is_file():
-            raise M2SNetError(f"{report}: no {FOLD_INFO} (not an evaluate step's report)")
-        info = json.loads(info_path.read_text())
+        info = read_fold_info(report)
         infos.append(info)
         rows += per_case_rows(report / "per_case.csv", info["fold"], info["seed"])
     for key in ("data_version", "split_sha256"):
@@ -338,7 +342,7 @@ def collect_fold_reports(report_dirs: Sequence[str], out_dir: str | os.PathLike)
             raise M2SNetError(f"the fold reports disagree on {key}: {sorted({i[key] for i in infos})}")
     lineage = {"data_version": infos[0]["data_version"], "split_sha256": infos[0]["split_sha256"],
                "seeds": sorted({i["seed"] for i in infos}, key=str), "folds": sorted({i["fold"] for i in infos})}
-    return list(write_cv_per_case(rows, out_dir, lineage)), infos
+    return list(write_cv_per_case(rows, out_dir, lineage))
 
 
 def aggregate_step(
@@ -357,7 +361,8 @@ def aggregate_step(
     """
 
     rows = [{k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for m in fold_metrics]
-    per_case, infos = collect_fold_reports(report_dirs, out_dir) if report_dirs else ([], [])
+    per_case = collect_fold_reports(report_dirs, out_dir) if report_dirs else []
+    infos = [read_fold_info(r) for r in report_dirs]
     seeds = {i["seed"] for i in infos}
     labels = [{**({"seed": i["seed"]} if len(seeds) > 1 else {}), "fold": i["fold"]} for i in infos] or None
     summary = report_cv(rows, [i["fold"] for i in infos] or list(range(len(rows))), out_dir,
