@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from m2snet.evaluation.metrics import BUSI_TABLE
     from m2snet.training.config import TrainConfig
+    from m2snet.workflows.context import RunContext
     from m2snet.workflows.folds import PAPER_BUSI_M2SNET, aggregate_cv, run_cv
 
     pretrained: bool | str = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             recalibrate_bn=False,
         )
         t0 = time.perf_counter()
-        res = run_cv(cfg, out / label, folds, tracking=tracking, log_models=False, with_sod=False)
+        res = run_cv(cfg, out / label, folds, ctx=RunContext(tracking), log_models=False, with_sod=False)
         timings[label] = time.perf_counter() - t0
         histories[label] = [fr.history for fr in res.folds]
         add_row(label + (" (old protocol: best epoch on the fold)" if args.protocol == "old" else ""), res.summary)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from m2snet.common import M2SNetError
 from m2snet.evaluation.compare import (
     average_seeds,
     compare_metric,
@@ -21,6 +22,7 @@ from m2snet.evaluation.compare import (
 )
 from m2snet.mlops.cv_results import write_cv_per_case
 from m2snet.mlops.registry import PromotionPolicy, decide_with_ci
+from tests.conftest import make_tiny_dataset
 
 LINEAGE = {"data_version": "0123456789abcdef0123456789abcdef.dir", "split_sha256": "a" * 64}
 
@@ -220,6 +222,7 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
     from m2snet.data.split import make_split
     from m2snet.mlops.tracking import TrackingConfig, iter_child_runs
     from m2snet.training.config import TrainConfig
+    from m2snet.workflows.context import RunContext
     from m2snet.workflows.folds import run_cv
 
     monkeypatch.chdir(tmp_path)
@@ -231,7 +234,7 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
                       max_train_cases=2, max_val_cases=3, cache_dir=str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = run_cv(cfg, tmp_path / "cv", folds=[0], seeds=[3, 4], log_models=False,
-                 tracking=TrackingConfig(uri=uri, experiment="seeds"))
+                 ctx=RunContext(TrackingConfig(uri=uri, experiment="seeds")))
     client = MlflowClient(uri)
     children = {r.info.run_name: r for r in iter_child_runs(client, res.parent_run_id)}
     assert sorted(children) == ["seed-3-fold-0", "seed-4-fold-0"]
@@ -249,7 +252,7 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
     assert res.summary.n_folds == 2  # seeds x folds rows in the table
     # One seed given: that seed trains, on the same cases.
     single = run_cv(cfg, tmp_path / "cv4", folds=[0], seeds=[4], log_models=False,
-                    tracking=TrackingConfig(uri=uri, experiment="seeds"))
+                    ctx=RunContext(TrackingConfig(uri=uri, experiment="seeds")))
     (run,) = iter_child_runs(client, single.parent_run_id)
     assert run.data.params["seed"] == "4" and run.info.run_name == "fold-0"
     alone = (tmp_path / "cv4" / "cv_per_case.csv").read_text().splitlines()
@@ -300,3 +303,38 @@ def test_seeds_run_as_separate_jobs_join_with_plus(tmp_path):
     write_cv_per_case(_rows(fold, a, seed=44), tmp_path / "X", {**LINEAGE, "split_sha256": "c" * 64})
     with pytest.raises(M2SNetError, match="are not one CV"):
         load_cv_cases(f"{tmp_path / 'A42'}+{tmp_path / 'X'}")
+
+
+def test_pipeline_steps_repeat_the_cv_per_seed_on_one_split(tmp_path):
+    """The pipeline's `seeds`: the split step fans out (seed, fold) tasks on ONE split; each seed's fold
+    trains with its seed and the config's case seed; the aggregate step writes cv_per_case.csv with the
+    seed column (what `m2snet compare` reads) and the table over seeds x folds."""
+    from m2snet.mlops.cv_results import load_cv_cases
+    from m2snet.workflows import steps
+
+    data, _ = make_tiny_dataset(tmp_path, n_per_class=(2, 2, 2))
+    split = tmp_path / "pipeline-split.json"
+    tasks = steps.split_dataset(data, split, n_folds=2, seed=0, seeds="3,4")
+    assert tasks == [{"fold": 0, "seed": 3}, {"fold": 1, "seed": 3}, {"fold": 0, "seed": 4}, {"fold": 1, "seed": 4}]
+    assert steps.split_dataset(data, tmp_path / "one.json", n_folds=2, seed=0) == [
+        {"fold": k, "seed": steps.NO_SEED} for k in (0, 1)]
+    with pytest.raises(M2SNetError, match="distinct"):
+        steps.split_dataset(data, tmp_path / "bad.json", n_folds=2, seed=0, seeds="3,3")
+    overrides = json.dumps({"size": 64, "epochs": 1, "batch_size": 4, "max_train_cases": 4})
+    metrics, reports = [], []
+    for task in tasks[:1] + tasks[2:3]:  # fold 0 of each seed keeps the test short
+        model = tmp_path / f"model-{task['seed']}"
+        out = steps.train_fold_step(str(data), str(split), task["fold"], "", str(model), preset="tiny",
+                                    train_overrides=overrides, seed=task["seed"])
+        assert out["model_metadata"]["seed"] == task["seed"]
+        config = json.loads((model / "train_config.json").read_text())
+        assert config["seed"] == task["seed"] and config["case_seed"] == 42  # the cases stay the config's
+        report = tmp_path / f"report-{task['seed']}"
+        metrics.append(steps.evaluate_fold_step(str(data), str(split), task["fold"], str(model), str(report)))
+        reports.append(str(report))
+    cv = steps.aggregate_step(metrics, str(tmp_path / "cv"), report_dirs=reports)
+    assert "cv_dice_mean" in cv
+    summary = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
+    assert [(r["seed"], r["fold"]) for r in summary["per_fold"]] == [(3, 0), (4, 0)]
+    cases = load_cv_cases(str(tmp_path / "cv"))
+    assert sorted(map(str, cases.seeds)) == ["3", "4"] and {str(r["seed"]) for r in cases.rows} == {"3", "4"}

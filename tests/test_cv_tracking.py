@@ -12,6 +12,7 @@ import pytest
 
 from m2snet.common import free_port
 from m2snet.mlops.tracking import Tracker, TrackingConfig, TrackingError, flatten_params
+from m2snet.workflows.context import RunContext
 
 BUSI_METRICS = ("iou", "precision", "recall", "specificity", "dice")
 
@@ -64,7 +65,7 @@ def test_cv_reports_noskill_and_lesion_rows_on_the_parent_run(cv_data, tmp_path)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = run_cv(_cv_config(cv_data), tmp_path / "cv", folds=[0], log_models=False, with_sod=False,
-                 tracking=TrackingConfig(uri=uri, experiment="cv-noskill"), protocol="reference")
+                 ctx=RunContext(TrackingConfig(uri=uri, experiment="cv-noskill")), protocol="reference")
     table = (tmp_path / "cv" / "cv_table.md").read_text()
     assert "reference protocol" in table and "no skill (all background): all cases" in table
     assert "m2snet: lesion cases" in table
@@ -149,6 +150,13 @@ def _check_fold_run(client, run, url: str, n_val: int, load_model: bool = True):
     assert run.data.params["config.size"] == "64" and len(run.data.params["split_sha256"]) == 64
     assert run.data.params["data_version"].endswith(".dir")
     assert run.data.metrics["final_n_cases"] == n_val
+    # the CLI's fold runs record what the pipeline's do: lineage, the rates under one name and their source
+    (given,) = run.inputs.dataset_inputs
+    assert given.dataset.digest == run.data.params["data_version"]
+    assert {t.key: t.value for t in given.tags}["split_sha256"] == run.data.params["split_sha256"]
+    assert run.data.params["head_lr.source"] == run.data.params["backbone_lr.source"] == "preset"
+    assert float(run.data.params["head_lr"]) > 0 and not any(k.startswith("config.") and k.endswith("_lr")
+                                                             for k in run.data.params)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/overlays.png", "eval/per_case.csv", "eval/metrics.json"} <= arts
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [1]
@@ -176,8 +184,8 @@ def test_cv_smoke_four_folds_against_mlflow_server_sqlite_s3(cv_data, mlflow_ser
     from m2snet.mlops.tracking import iter_child_runs
     from m2snet.workflows.folds import run_cv
 
-    res = run_cv(_cv_config(cv_data), tmp_path / "cv", tracking=TrackingConfig(uri=mlflow_server.url,
-                                                                               experiment="cv-sqlite"))
+    res = run_cv(_cv_config(cv_data), tmp_path / "cv", ctx=RunContext(TrackingConfig(uri=mlflow_server.url,
+                                                                               experiment="cv-sqlite")))
     client = MlflowClient(mlflow_server.url)
     children = list(iter_child_runs(client, res.parent_run_id))
     assert sorted(r.info.run_name for r in children) == ["fold-0", "fold-1", "fold-2", "fold-3"]
@@ -202,7 +210,7 @@ def test_cv_fold_against_mlflow_server_postgres_s3(cv_data, mlflow_server_pg, tm
     from m2snet.workflows.folds import run_cv
 
     res = run_cv(_cv_config(cv_data, lossnet_weight=0.1), tmp_path / "cv", folds=[1],
-                 tracking=TrackingConfig(uri=mlflow_server_pg.url, experiment="cv-pg"))
+                 ctx=RunContext(TrackingConfig(uri=mlflow_server_pg.url, experiment="cv-pg")))
     client = MlflowClient(mlflow_server_pg.url)
     (child,) = iter_child_runs(client, res.parent_run_id)
     assert child.data.tags["m2snet.fold"] == "1" and res.summary.folds == [1]

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 EXPERIMENT = "pipeline-test"
+USER_HEAD_LR = "0.031"  # the second run's `--set head_lr=...`, with tuning on
 MODEL = "m2snet-tiny"
 # Headless Debian chromium, offline and without first-run / sync / update traffic.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -72,7 +73,8 @@ def runs(mlflow_server, tmp_path_factory):
         kvasir = _kvasir_layout(work / "raw")
         cli = _cli("pipeline", "run", "--local", "--preset", "tiny", "--data", str(kvasir), "--importer", "kvasir",
                    "--work-dir", str(work / "run2"), "--experiment", EXPERIMENT, "--model-name", MODEL,
-                   "--folds", "2", "--trials", "1", "--margin", "1.0", cwd=work, url=mlflow_server.url)
+                   "--folds", "2", "--trials", "1", "--margin", "1.0", "--set", f"head_lr={USER_HEAD_LR}",
+                   cwd=work, url=mlflow_server.url)
         assert cli.returncode == 0, f"{cli.stdout}\n{cli.stderr}"
         client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
         latest = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda mv: int(mv.version))
@@ -127,7 +129,9 @@ def test_first_run_logs_parent_folds_and_trials(runs):
         assert given.dataset.digest == version and tags["split_sha256"] == split_sha == r.data.params["split_sha256"]
         assert tags["fold"] == r.data.tags["m2snet.fold"] and tags["mlflow.data.context"] == "training"
         assert {"dice", "iou", "precision", "recall", "specificity", "val_dice"} <= set(r.data.metrics)
-        assert r.data.params["tuned.head_lr"]  # the tuned learning rates reached training
+        # the tuned learning rates reached training, recorded under their one name with their source
+        assert r.data.params["head_lr.source"] == r.data.params["backbone_lr.source"] == "tuned"
+        assert r.data.tags["m2snet.model_uri"].startswith("models:/")  # a model per fold, as `m2snet cv`
     # Nested tuning: one study per fold, each on that fold's inner split; its best LR trains that fold.
     tunes = {r.data.tags["m2snet.fold"]: r for r in children if r.data.tags.get("m2snet.kind") == "tuning"}
     assert sorted(tunes) == ["0", "1", "2", "3"]
@@ -138,7 +142,8 @@ def test_first_run_logs_parent_folds_and_trials(runs):
         assert len(trials) == 2 and all(r.info.run_name.startswith("trial-") for r in trials)
         plots = {a.path for a in client.list_artifacts(tune.info.run_id, "optuna_plots")}
         assert "optuna_plots/optimization_history.png" in plots
-        assert float(fold_run.data.params["config.head_lr"]) == pytest.approx(float(tune.data.params["best.head_lr"]))
+        for rate in ("head_lr", "backbone_lr"):
+            assert float(fold_run.data.params[rate]) == pytest.approx(float(tune.data.params[rate]))
         assert fold_run.data.params["config.selection"] == "final" and fold_run.data.tags["m2snet.selection"] == "final"
 
 
@@ -179,14 +184,54 @@ def test_second_run_that_does_not_beat_production_leaves_it(runs):
     assert str(client.get_model_version_by_alias(MODEL, "production").version) == str(first.version)
     assert "margin" in client.get_model_version(MODEL, second.version).tags["promotion_decision"]
     # The register step is idempotent per pipeline run: re-running it registers nothing new.
+    from m2snet.workflows.context import RunContext
     from m2snet.workflows.steps import register_step
 
     versions_before = len(client.search_model_versions(f"name = '{MODEL}'"))
     mv = client.get_model_version(MODEL, second.version)
     again = register_step([], {}, "", model_name=MODEL, dataset_version="x",
-                          pipeline_run_id=mv.tags["pipeline_run_id"], experiment=EXPERIMENT)
+                          ctx=RunContext.for_pipeline(mv.tags["pipeline_run_id"], EXPERIMENT))
     assert again == str(second.version)
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == versions_before
+
+
+RATES = ("head_lr", "head_lr.source", "backbone_lr", "backbone_lr.source")
+
+
+def test_a_user_rate_with_tuning_is_recorded_alike_by_cv_and_the_pipeline(runs, tmp_path):
+    """preset < tuned < the user's override, the derived rate after it: `--set head_lr=X` with tuning on
+    records the same rates through `m2snet cv` as through `m2snet pipeline run --local` (the second run):
+    head_lr = X (user), backbone_lr = X x the fold's tuned backbone/head ratio (derived)."""
+    from tests.conftest import make_tiny_dataset
+
+    client = _client(runs["url"])
+    pipeline_id = client.get_model_version(MODEL, runs["second"].version).tags["pipeline_run_id"]
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`m2snet.pipeline_run_id` = '{pipeline_id}'")
+    data, split = make_tiny_dataset(tmp_path)
+    tiny = ["multiscale=false", "pretrained=false", "lossnet_weight=0", "lossnet_pretrained=false"]
+    sets = [arg for value in [f"head_lr={USER_HEAD_LR}", *tiny] for arg in ("--set", value)]
+    cv = _cli("cv", "--data", str(data), "--split", str(split), "--folds", "0", "--epochs", "1", "--size", "64",
+              "--batch-size", "4", "--tune-trials", "1", *sets, "--no-log-model", "--experiment", "precedence",
+              "--out", str(tmp_path / "cv"), cwd=tmp_path, url=runs["url"])
+    assert cv.returncode == 0, cv.stderr[-3000:]
+    cv_exp = client.get_experiment_by_name("precedence")
+    recorded = {}
+    for door, exp_id, parent_id in (("pipeline", exp.experiment_id, parent.info.run_id),
+                                    ("cv", cv_exp.experiment_id, None)):
+        children = client.search_runs([exp_id], "tags.`m2snet.fold` = '0'")
+        if parent_id:
+            children = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parent_id]
+        (fold,) = [r for r in children if r.data.tags["m2snet.kind"] == "fold"]
+        (tune,) = [r for r in children if r.data.tags["m2snet.kind"] == "tuning"]
+        ratio = float(tune.data.params["backbone_lr"]) / float(tune.data.params["head_lr"])
+        rates = {k: fold.data.params[k] for k in RATES}
+        assert rates["head_lr"] == USER_HEAD_LR and rates["head_lr.source"] == "user", door
+        assert rates["backbone_lr.source"] == "derived", door
+        assert float(rates["backbone_lr"]) == pytest.approx(float(USER_HEAD_LR) * ratio), door
+        recorded[door] = rates
+    # One study seed, one trial: both doors tuned the same ratio, so they record the very same rates.
+    assert recorded["cv"] == recorded["pipeline"]
 
 
 def test_compare_pairs_pipeline_versions_and_refuses_other_data(runs, tmp_path):
@@ -288,14 +333,15 @@ def test_corrupt_data_fails_cleanly(mlflow_server, tmp_path):
 def test_exit_handler_closes_the_runs_a_dead_task_left_open(mlflow_server, monkeypatch):
     """finalize_step on a failed pipeline: the parent and its RUNNING children end FAILED, with the error."""
     from m2snet.mlops.tracking import parent_run
+    from m2snet.workflows.context import RunContext
     from m2snet.workflows.steps import finalize_step
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     parent = parent_run("dead-fold", "pipeline-exit")
     fold = parent.child("fold-1", tags={"m2snet.kind": "fold"})
     fold.log_metrics({"val_dice": 0.5}, step=0, flush=True)  # then its pod was killed: never ended
-    assert finalize_step("FAILED", "Task train-fold failed.", pipeline_run_id="dead-fold",
-                         experiment="pipeline-exit") == ""
+    assert finalize_step("FAILED", "Task train-fold failed.", ctx=RunContext.for_pipeline("dead-fold",
+                         "pipeline-exit")) == ""
     client = parent.client
     assert client.get_run(fold.run_id).info.status == "FAILED"
     run = client.get_run(parent.run_id)

@@ -78,6 +78,10 @@ def test_shared_study_reports_epochs_and_logs_nested_runs(tiny_data, tmp_path, m
     assert all("val_dice" in r.data.metrics for r in trials)
     artifacts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "optuna_plots")}
     assert "optuna_plots/optimization_history.png" in artifacts
+    # One spelling per rate: the study's choice is head_lr / backbone_lr (source tuned); ranges are "_range".
+    assert float(tune_run.data.params["head_lr"]) == pytest.approx(result.best_params["head_lr"])
+    assert tune_run.data.params["head_lr.source"] == "tuned" and "tuning.head_lr_range" in tune_run.data.params
+    assert not {"best.head_lr", "tuning.head_lr"} & set(tune_run.data.params)
 
     # A second worker on the same storage finds the study full (load_if_exists + MaxTrialsCallback) ...
     again = tune(_base(tiny_data), cfg, tmp_path / "w2", tracking=False)
@@ -133,3 +137,25 @@ def test_a_trial_folder_m2snet_did_not_write_is_never_removed(tiny_data, tmp_pat
     result = tune(_base(tiny_data), dataclasses.replace(cfg, study_name="s-crashed", storage=""),
                   tmp_path / "w2", tracking=False)
     assert result.n_complete == 1 and not crashed.exists()
+
+
+@pytest.mark.parametrize("explicit, head, backbone, sources", [
+    ((), 0.04, 0.002, ("tuned", "tuned")),  # nothing set by the user: the study's values
+    (("head_lr",), 0.1, 0.1 * 0.002 / 0.04, ("user", "derived")),  # the tuned RATIO, applied to the user's head
+    (("head_lr", "backbone_lr"), 0.1, 0.03, ("user", "user")),
+    (("backbone_lr",), 0.04, 0.03, ("tuned", "user")),
+])
+def test_precedence_preset_then_tuned_then_user_and_derived_after(explicit, head, backbone, sources):
+    """presets.settle_config: preset < tuned < user; the backbone rate derived from the settled head rate."""
+    from m2snet.training.config import TrainConfig
+    from m2snet.workflows.presets import rate_params, settle_config
+
+    user = {"head_lr": 0.1, "backbone_lr": 0.03}
+    cfg = TrainConfig(head_lr=0.05, backbone_lr=0.005).override(**{k: user[k] for k in explicit})
+    settled, src = settle_config(cfg, {"head_lr": 0.04, "backbone_lr": 0.002}, frozenset(explicit))
+    assert (settled.head_lr, settled.backbone_lr) == (pytest.approx(head), pytest.approx(backbone))
+    assert (src["head_lr"], src["backbone_lr"]) == sources
+    assert rate_params(settled, src) == {"head_lr": settled.head_lr, "head_lr.source": sources[0],
+                                         "backbone_lr": settled.backbone_lr, "backbone_lr.source": sources[1]}
+    untuned, plain = settle_config(cfg, None, frozenset(explicit))
+    assert untuned == cfg and plain == {k: "user" if k in explicit else "preset" for k in ("head_lr", "backbone_lr")}

@@ -21,19 +21,21 @@ EXPERIMENT = typer.Option(CLI_EXPERIMENT, "--experiment", help="MLflow experimen
 
 
 def _config(config: Optional[Path], sets: List[str], **shortcuts):
+    """The TrainConfig (``--config`` file or defaults = the preset, then the user's options) and the fields the
+    user set explicitly (``--set`` and the shortcuts): they win over tuned values (presets.settle_config)."""
     from m2snet.training.config import TrainConfig
 
     cfg = TrainConfig.from_file(config) if config else TrainConfig()
     cfg = cfg.override(**shortcuts)
-    return cfg.override_strings(sets) if sets else cfg
+    explicit = {k for k, v in shortcuts.items() if v is not None}
+    explicit |= {s.partition("=")[0].strip().replace("-", "_") for s in sets}
+    return (cfg.override_strings(sets) if sets else cfg), frozenset(explicit)
 
 
-def _tracking(no_track: bool, uri: Optional[str], experiment: str):
-    if no_track:
-        return None
-    from m2snet.mlops.tracking import TrackingConfig
+def _context(no_track: bool, uri: Optional[str], experiment: str, parent_run_id: Optional[str] = None):
+    from m2snet.workflows.context import RunContext
 
-    return TrackingConfig(uri=uri, experiment=experiment)
+    return RunContext.for_cli(uri, experiment, track=not no_track, parent_run_id=parent_run_id)
 
 
 def _is_fixed(split: str) -> bool:
@@ -74,10 +76,11 @@ def train_cmd(
     from m2snet.training.trainer import train
     from m2snet.workflows.folds import fold_run, train_fold
 
-    cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
-                  fold=fold, model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
-                  out_dir=str(out) if out else None)
-    tracking = _tracking(no_track, tracking_uri, experiment)
+    cfg, explicit = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
+                            fold=fold, model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
+                            out_dir=str(out) if out else None)
+    ctx = _context(no_track, tracking_uri, experiment)
+    tracking = ctx.tracking
     if cfg.split and _is_fixed(cfg.split):
         from m2snet.workflows.protocols import run_fixed
 
@@ -87,7 +90,7 @@ def train_cmd(
         typer.echo(f"table: {res.table_md}" + (f"\nmlflow run {res.run_id}" if res.run_id else ""))
         return
     if cfg.split:
-        fr = train_fold(cfg, cfg.fold, Path(cfg.out_dir).parent, tracking=tracking, resume=resume,
+        fr = train_fold(cfg, cfg.fold, Path(cfg.out_dir).parent, ctx=ctx, explicit=explicit, resume=resume,
                         tta_flip=tta_flip, fold_dir=cfg.out_dir)
         typer.echo(f"checkpoint: {fr.checkpoint} (selection={cfg.selection}, epoch {fr.selected_epoch})")
         typer.echo("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in fr.metrics.items()))
@@ -192,16 +195,16 @@ def cv_cmd(
     """Cross-validate: train + evaluate each fold; print Jaccard/Precision/Recall/Specificity/Dice mean ± std (%)."""
     from m2snet.workflows.folds import run_cv
 
-    cfg = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
-                  model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
+    cfg, explicit = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
+                            model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
     seed_list = parse_seeds(seeds)
     tuning = None
     if tune_trials > 0:
         from m2snet.workflows.tuning import TuningConfig
 
         tuning = TuningConfig(n_trials=tune_trials, epochs=tune_epochs, seed=cfg.seed)
-    res = run_cv(cfg, out, parse_folds(folds), tracking=_tracking(no_track, tracking_uri, experiment),
-                 parent_run_id=parent_run_id, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
+    res = run_cv(cfg, out, parse_folds(folds), ctx=_context(no_track, tracking_uri, experiment, parent_run_id),
+                 explicit=explicit, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
                  tuning=tuning, protocol=protocol, seeds=seed_list)
     typer.echo(res.summary.table(title=cfg.model + (f" ({len(seed_list)} seeds)" if len(seed_list or []) > 1 else "")))
     if res.parent_run_id:

@@ -320,11 +320,14 @@ class Tracker:
         with_retry(fn, f"upload artifact {path.name}", self.cfg)
 
 
-def parent_run(pipeline_run_id: str, experiment: str = "", create: bool = True) -> Tracker | None:
-    """The MLflow parent run of a pipeline run, found by its :data:`PIPELINE_RUN_TAG` (created on first use)."""
+def parent_run(pipeline_run_id: str, experiment: str = "", create: bool = True,
+               cfg: TrackingConfig | None = None) -> Tracker | None:
+    """The MLflow parent run of a pipeline run, found by its :data:`PIPELINE_RUN_TAG` (created on first use;
+    idempotent, so a retried step never opens a second parent). ``cfg``: where to look (default: the
+    environment's tracking URI and ``experiment``, else the pipeline's)."""
     if not pipeline_run_id:
         return None
-    cfg = TrackingConfig(experiment=experiment or PIPELINE_EXPERIMENT)
+    cfg = cfg or TrackingConfig(experiment=experiment or PIPELINE_EXPERIMENT)
     client = mlflow_client(cfg.resolved_uri())
     exp_id = ensure_experiment(client, cfg)
     found = with_retry(lambda: client.search_runs(
@@ -412,12 +415,19 @@ def replay_spool(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> 
     return len(rows)
 
 
+def config_params(train_config: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig as params: ``config.<field>``, except the learning rates, one per optimizer param
+    group (``<group>_lr``: ``head_lr``, ``backbone_lr``), which keep their field name: ONE spelling per rate
+    in MLflow, beside its provenance ``<group>_lr.source`` (m2snet.workflows.presets.settle_config)."""
+    return {(k if k.endswith("_lr") else f"config.{k}"): v for k, v in train_config.items()}
+
+
 def run_params(train_config: dict[str, Any], *, dataset_version: str | None, split_sha256: str | None,
                pretrained: str | None, loss_pretrained: str | None, device: str, seed: int,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The params every training run records (the contract in docs/architecture.md)."""
     return {
-        **{f"config.{k}": v for k, v in train_config.items()},
+        **config_params(train_config),
         "data_version": dataset_version or "unknown",
         "split_sha256": split_sha256 or "none",
         "git_commit": git_commit(),

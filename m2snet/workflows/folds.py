@@ -21,6 +21,7 @@ CV) reopens the same run (:func:`fold_run`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from m2snet.common import M2SNetError, git_commit, write_json, write_text
+from m2snet.common import M2SNetError, git_commit, sha256_file, write_json, write_text
 from m2snet.data.format import load_dataset
 from m2snet.data.split import load_split
 from m2snet.evaluation.metrics import (
@@ -46,13 +47,17 @@ from m2snet.mlops.cv_results import per_case_rows, write_cv_per_case
 from m2snet.mlops.tracking import (
     PARENT_RUN_FILE,
     RUN_FILE,
+    DatasetLineage,
     Tracker,
+    config_params,
     read_run_file,
     reopen_run,
     tracking_callbacks,
     write_run_file,
 )
 from m2snet.training.config import TrainConfig
+from m2snet.workflows.context import UNTRACKED, RunContext
+from m2snet.workflows.presets import rate_params, settle_config
 from m2snet.workflows.tuning import tune
 
 log = logging.getLogger("m2snet.workflows.folds")
@@ -201,18 +206,20 @@ def fold_tags(fold: int, seed: int | None = None) -> dict[str, str]:
     return {"m2snet.fold": str(fold), "m2snet.kind": "fold", **({"m2snet.seed": str(seed)} if seed is not None else {})}
 
 
-def _fold_tracker(parent, tracking, fold_dir: Path, fold: int, resume: bool, seed: int | None = None):
-    if resume:
-        run = fold_run(fold_dir, parent.cfg if parent else tracking)
+def open_fold_run(ctx: RunContext, parent, fold: int, *, seed: int | None = None,
+                  fold_dir: str | os.PathLike | None = None):
+    """The fold's MLflow run: reopened from ``fold_dir`` (a resume), else a child of ``parent``, else a
+    stand-alone run; None untracked. Use it with ``with``: it ends FINISHED, or FAILED on an error."""
+    if not ctx.tracked:
+        return None
+    if fold_dir is not None:
+        run = fold_run(fold_dir, ctx.tracking)
         if run is not None:
             return run
     name = f"fold-{fold}" if seed is None else f"seed-{seed}-fold-{fold}"
     if parent is not None:
         return parent.child(name, tags=fold_tags(fold, seed))
-    if tracking is not None:
-
-        return Tracker.start(tracking, run_name=name, tags=fold_tags(fold, seed))
-    return None
+    return Tracker.start(ctx.tracking, run_name=name, tags=fold_tags(fold, seed))
 
 
 TRAINING_ARTIFACTS = ("history.json", "train_config.json", "learning_curves.png")
@@ -236,6 +243,31 @@ def log_evaluation(tracker, ev, step: int = 0) -> None:
             tracker.log_artifact(path, "eval")
 
 
+def dataset_lineage(data: str | os.PathLike) -> DatasetLineage:
+    """A dataset directory as an MLflow dataset input (a pipeline's parent logs the richer DVC source)."""
+    info = load_dataset(data)
+    return DatasetLineage(name=info.name, digest=info.version, uri=str(Path(data).resolve()), n_cases=len(info.cases))
+
+
+def log_fold_lineage(run, parent, data: str | os.PathLike, split_path: str | os.PathLike, fold: int) -> None:
+    """A fold run logs its CV's dataset input (the parent's, else the dataset directory's), tagged with
+    the fold and the split file's hash: ``m2snet cv`` and the pipeline alike."""
+    lineages = parent.dataset_inputs() if parent is not None else []
+    split_sha = sha256_file(split_path)
+    for lineage in lineages or [dataset_lineage(data)]:
+        run.log_dataset(lineage, tags={"fold": fold, "split_sha256": split_sha})
+
+
+def log_fold_model(run, checkpoint: str | os.PathLike, *, tta_flip: bool = False) -> str:
+    """The fold's pyfunc model (it carries model.pt as its artifact "checkpoint_0": not uploaded twice)."""
+    from m2snet.mlops.pyfunc import log_segmentation_model
+
+    info = log_segmentation_model([checkpoint], name="model", run_id=run.run_id,
+                                  tracking_uri=run.cfg.resolved_uri(), tta_flip=tta_flip)
+    run.set_tags({"m2snet.model_uri": info.model_uri})
+    return info.model_uri
+
+
 def tune_fold(cfg: TrainConfig, fold: int, tuning, out_dir: str | os.PathLike, *, parent=None,
               tracking: bool = True):
     """Nested tuning of fold ``fold``: the study's objective is an inner split of the fold's training cases.
@@ -247,20 +279,23 @@ def tune_fold(cfg: TrainConfig, fold: int, tuning, out_dir: str | os.PathLike, *
 
 
 def fit_fold(cfg: TrainConfig, fold: int, fold_dir: str | os.PathLike, *, tracker=None, resume: bool = False,
-             tuned: Mapping[str, float] | None = None):
-    """Train fold ``fold`` into ``fold_dir``; ``tuned`` values (the fold's study's best) replace the config's."""
+             tuned: Mapping[str, float] | None = None, explicit: frozenset[str] = frozenset(), parent=None):
+    """Train fold ``fold`` into ``fold_dir`` with the precedence of
+    :func:`m2snet.workflows.presets.settle_config` (preset < ``tuned`` < the ``explicit`` fields); log the
+    rates and their source, the selection rule, the dataset lineage and the training artifacts."""
     from m2snet.training.trainer import train
 
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
-    fold_cfg = cfg.override(**dict(tuned or {})).override(fold=fold, out_dir=str(fold_dir))
+    settled, sources = settle_config(cfg, tuned, explicit)
+    fold_cfg = settled.override(fold=fold, out_dir=str(fold_dir))
     result = train(fold_cfg, resume=resume, callbacks=tracking_callbacks(tracker))
     if not result.val_cases:
         raise M2SNetError(f"{cfg.split}: fold {fold} has no validation cases")
     if tracker is not None:
         tracker.set_tags({"m2snet.selection": fold_cfg.selection, "m2snet.selected_epoch": result.selected_epoch})
-        if tuned:
-            tracker.log_params({"tuned": dict(tuned)})
+        tracker.log_params(rate_params(fold_cfg, sources))
+        log_fold_lineage(tracker, parent, fold_cfg.data, fold_cfg.split, fold)
         log_training_artifacts(tracker, fold_dir)
     return result
 
@@ -286,8 +321,8 @@ def train_fold(
     fold: int,
     out_dir: str | os.PathLike,
     *,
-    parent=None,
-    tracking=None,
+    ctx: RunContext = UNTRACKED,
+    explicit: frozenset[str] = frozenset(),
     resume: bool = False,
     log_model: bool = True,
     tta_flip: bool = False,
@@ -299,8 +334,8 @@ def train_fold(
 ) -> FoldResult:
     """Tune (with ``tuning``, a TuningConfig), train and score fold ``fold`` of ``cfg.split`` in ``out_dir/fold<k>``.
 
-    ``parent``: a :class:`m2snet.mlops.tracking.Tracker` of the CV (the fold becomes a child run);
-    ``tracking``: a TrackingConfig for a stand-alone fold run; neither = no tracking.
+    ``ctx``: where it is tracked (with ``ctx.parent_run_id``, the fold is a child run of that CV);
+    ``explicit``: the config fields the user set (they win over tuned values).
     ``fold_dir`` overrides the output directory (``m2snet train`` writes exactly to ``--out``).
     ``seed_tag``: name and tag the fold's run with its seed (one seed of a repeated CV).
     """
@@ -308,14 +343,16 @@ def train_fold(
         raise M2SNetError("cross-validation needs a split file (--split)")
     fold_dir = Path(fold_dir) if fold_dir is not None else Path(out_dir) / f"fold{fold}"
     resume = resume and (fold_dir / "last.pt").is_file()
+    parent = ctx.parent(create=False)
     tuned: dict[str, float] = {}
     if tuning is not None and not resume:
         tuned = tune_fold(cfg, fold, tuning, fold_dir.with_name(fold_dir.name + "-tune"), parent=parent,
-                          tracking=parent is not None or tracking is not None).best_params
-    tracker = _fold_tracker(parent, tracking, fold_dir, fold, resume, seed_tag)
-    try:
-        result = fit_fold(cfg, fold, fold_dir, tracker=tracker, resume=resume, tuned=tuned)
-        ev = score_fold(result.checkpoint, cfg.data, result.val_cases, fold_dir / "eval", tracker=tracker,
+                          tracking=ctx.tracked).best_params
+    run = open_fold_run(ctx, parent, fold, seed=seed_tag, fold_dir=fold_dir if resume else None)
+    with run or contextlib.nullcontext():
+        result = fit_fold(cfg, fold, fold_dir, tracker=run, resume=resume, tuned=tuned, explicit=explicit,
+                          parent=parent)
+        ev = score_fold(result.checkpoint, cfg.data, result.val_cases, fold_dir / "eval", tracker=run,
                         step=cfg.epochs, tta_flip=tta_flip, device=result.device,
                         batch_size=max(1, cfg.batch_size), with_sod=with_sod, progress=cfg.progress,
                         protocol=protocol)
@@ -323,28 +360,16 @@ def train_fold(
                         selected_epoch=result.selected_epoch, per_case_csv=ev.per_case_csv,
                         overlay_png=ev.overlay_png, learning_curves_png=fold_dir / "learning_curves.png",
                         history=result.history, tuned=tuned)
-        if tracker is not None:
-            fr.run_id = tracker.run_id
-            if not log_model:
-                tracker.log_artifact(result.checkpoint, "checkpoints")
+        if run is not None:
+            fr.run_id = run.run_id
+            if log_model:
+                fr.model_uri = log_fold_model(run, result.checkpoint, tta_flip=tta_flip)
             else:
-                # The pyfunc model carries model.pt as its artifact "checkpoint_0": not uploaded twice.
-                from m2snet.mlops.pyfunc import log_segmentation_model
-
-                info = log_segmentation_model([result.checkpoint], name="model", run_id=tracker.run_id,
-                                              tracking_uri=tracker.cfg.resolved_uri(), tta_flip=tta_flip)
-                fr.model_uri = info.model_uri
-                tracker.set_tags({"m2snet.model_uri": info.model_uri})
+                run.log_artifact(result.checkpoint, "checkpoints")
         write_json(fold_dir / "fold_result.json", {"fold": fold, "metrics": fr.metrics, "run_id": fr.run_id,
                                                    "model_uri": fr.model_uri, "checkpoint": str(fr.checkpoint),
                                                    "selection": cfg.selection,
                                                    "selected_epoch": fr.selected_epoch, "tuned": tuned})
-    except BaseException:
-        if tracker is not None:
-            tracker.__exit__(RuntimeError, None, None)
-        raise
-    if tracker is not None:
-        tracker.end("FINISHED")
     return fr
 
 
@@ -371,9 +396,9 @@ def run_cv(
     out_dir: str | os.PathLike,
     folds: Sequence[int] | None = None,
     *,
-    tracking=None,
+    ctx: RunContext = UNTRACKED,
+    explicit: frozenset[str] = frozenset(),
     run_name: str | None = None,
-    parent_run_id: str | None = None,
     resume: bool = False,
     log_models: bool = True,
     tta_flip: bool = False,
@@ -384,6 +409,9 @@ def run_cv(
 ) -> CVResult:
     """Train + evaluate the listed folds (default: all) under one parent run; print the table.
 
+    ``ctx``: where it is tracked (``ctx.parent_run_id``: attach the folds to that CV run);
+    ``explicit``: the config fields the user set, which win over tuned values
+    (:func:`m2snet.workflows.presets.settle_config`).
     ``tuning`` (a TuningConfig): nested tuning, one study per fold on that fold's inner split.
     ``protocol``: the metric protocol (``project`` or the paper's ``reference``).
     ``seeds``: repeat the CV once per seed (initialisation and data order; the cases each run uses
@@ -409,36 +437,34 @@ def run_cv(
     # Repeated seeds vary initialisation and data order, not which cases are used.
     case_seed = cfg.seed if cfg.case_seed is None else cfg.case_seed
     data_version = load_dataset(cfg.data).version
-    parent = None
-    if tracking is not None:
-        if parent_run_id is None and resume:
-            parent_run_id = read_run_file(out / PARENT_RUN_FILE)
-        parent = (Tracker.start(tracking, run_id=parent_run_id) if parent_run_id else
-                  Tracker.start(tracking, run_name=run_name or f"cv-{cfg.model}", tags={"m2snet.kind": "cv"}))
-        write_run_file(out / PARENT_RUN_FILE, parent)
-
-        # The children record what actually happened (pretrained source, device); the parent
-        # records the shared inputs.
-        parent.log_params({**{f"config.{k}": v for k, v in cfg.to_dict().items()},
-                           "data_version": data_version, "split_sha256": split.sha256,
-                           "git_commit": git_commit(), "seed": cfg.seed, "n_folds": split.n_folds,
-                           **({"seeds": ",".join(map(str, seeds))} if given else {}),
-                           "folds": ",".join(map(str, folds)), "selection": cfg.selection,
-                           "split_group": split.group,
-                           "tuning": "nested per fold" if tuning is not None else "none"})
-    results: list[FoldResult] = []
-    runs: list[tuple[int, FoldResult]] = []  # (seed, fold result)
-    title = cfg.model + (f" ({len(seeds)} seeds)" if repeated else "")
-    try:
+    if ctx.tracked and ctx.parent_run_id is None and resume:
+        ctx = ctx.with_parent(read_run_file(out / PARENT_RUN_FILE))
+    parent = ctx.parent(run_name=run_name or f"cv-{cfg.model}", tags={"m2snet.kind": "cv"})
+    with parent or contextlib.nullcontext():
+        if parent is not None:
+            ctx = ctx.with_parent(parent.run_id)
+            write_run_file(out / PARENT_RUN_FILE, parent)
+            # The children record what actually happened (pretrained source, device, the rates and their
+            # source); the parent records the shared inputs.
+            parent.log_params({**{k: v for k, v in config_params(cfg.to_dict()).items() if k.startswith("config.")},
+                               "data_version": data_version, "split_sha256": split.sha256,
+                               "git_commit": git_commit(), "seed": cfg.seed, "n_folds": split.n_folds,
+                               **({"seeds": ",".join(map(str, seeds))} if given else {}),
+                               "folds": ",".join(map(str, folds)), "selection": cfg.selection,
+                               "split_group": split.group,
+                               "tuning": "nested per fold" if tuning is not None else "none"})
+            parent.log_dataset(dataset_lineage(cfg.data))
+        runs: list[tuple[int, FoldResult]] = []  # (seed, fold result)
+        title = cfg.model + (f" ({len(seeds)} seeds)" if repeated else "")
         for seed in seeds:
             seed_cfg = cfg.override(seed=seed, case_seed=case_seed) if given else cfg
             seed_out = out / f"seed{seed}" if repeated else out
             for k in folds:
                 log.info("=== %sfold %d (%d of %d) ===", f"seed {seed}, " if repeated else "", k, len(runs) + 1,
                          len(folds) * len(seeds))
-                fr = train_fold(seed_cfg, k, seed_out, parent=parent, resume=resume, log_model=log_models,
-                                tta_flip=tta_flip, with_sod=with_sod, tuning=tuning, protocol=protocol,
-                                seed_tag=seed if repeated else None)
+                fr = train_fold(seed_cfg, k, seed_out, ctx=ctx, explicit=explicit, resume=resume,
+                                log_model=log_models, tta_flip=tta_flip, with_sod=with_sod, tuning=tuning,
+                                protocol=protocol, seed_tag=seed if repeated else None)
                 runs.append((seed, fr))
         results = [fr for _, fr in runs]
         per_case = write_cv_per_case([row for s, r in runs for row in per_case_rows(r.per_case_csv, r.fold, s)], out,
@@ -451,12 +477,6 @@ def run_cv(
                                     out / "cv_learning_curves.png", title=f"{title}: {len(folds)} folds")
         if parent is not None:
             parent.log_artifact(curves, "cv")
-    except BaseException as err:
-        if parent is not None:
-            parent.__exit__(type(err), err, None)
-        raise
-    if parent is not None:
-        parent.end("FINISHED")
     return CVResult(summary=summary, folds=results, out_dir=out, parent_run_id=parent.run_id if parent else None)
 
 

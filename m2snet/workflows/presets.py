@@ -120,3 +120,39 @@ def train_config(preset: str, overrides: str | Mapping[str, Any] | None = None, 
     cfg = {**get_preset(preset).train, **parse_overrides(overrides), **fields}
     return TrainConfig.from_dict(cfg, source=f"preset {preset!r} + overrides")
 
+
+
+# --- precedence ------------------------------------------------------------------------------------
+# The learning rates tuning chooses, and how the backbone's follows the head's: the study searches the
+# head rate and the backbone/head ratio (m2snet.workflows.tuning.suggest).
+TUNED_RATES = ("head_lr", "backbone_lr")
+LR_SOURCE = "{}.source"  # the provenance param of a rate: head_lr.source = preset | tuned | user | derived
+
+
+def settle_config(cfg: TrainConfig, tuned: Mapping[str, float] | None,
+                  explicit: frozenset[str] | set[str] = frozenset()) -> tuple[TrainConfig, dict[str, str]]:
+    """THE precedence, for ``m2snet train``/``cv`` and every pipeline step: preset < tuned < the user's
+    explicit override. Return the fold's config and, per learning rate, where its value came from.
+
+    ``cfg``: the preset (or ``--config`` file, or TrainConfig's defaults) with the user's overrides on top;
+    ``explicit``: the fields the user set (``--set``, the CLI's shortcuts, the pipeline's
+    ``train_overrides``); ``tuned``: the study's best values (``head_lr``, ``backbone_lr``).
+
+    A derived value is derived after precedence is settled: a user's ``head_lr`` with a tuned study and no
+    user ``backbone_lr`` gives ``backbone_lr = head_lr x the study's backbone/head ratio`` (source
+    ``derived``), not the backbone rate the study derived from ITS head rate.
+    """
+    tuned = dict(tuned or {})
+    changes = {k: v for k, v in tuned.items() if k not in explicit}
+    sources = {k: "user" if k in explicit else "tuned" if k in tuned else "preset" for k in TUNED_RATES}
+    if ("head_lr" in explicit and "backbone_lr" not in explicit
+            and {"head_lr", "backbone_lr"} <= tuned.keys() and tuned["head_lr"] > 0):
+        changes["backbone_lr"] = cfg.head_lr * tuned["backbone_lr"] / tuned["head_lr"]
+        sources["backbone_lr"] = "derived"
+    return cfg.override(**changes), sources
+
+
+def rate_params(cfg: TrainConfig, sources: Mapping[str, str]) -> dict[str, Any]:
+    """The rates a run used and their provenance, as params: ``head_lr``, ``head_lr.source``, ..."""
+    return {k: v for name in TUNED_RATES for k, v in ((name, getattr(cfg, name)),
+                                                      (LR_SOURCE.format(name), sources.get(name, "preset")))}

@@ -19,6 +19,7 @@ cases, and every paper comparison a no-skill column: a model that learnt nothing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,10 +36,10 @@ from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
 from m2snet.mlops.tracking import Tracker, mlflow_client, parent_run, tracking_callbacks, write_run_file
 from m2snet.training.config import SELECTED, TrainConfig
-from m2snet.workflows.folds import log_training_artifacts
+from m2snet.workflows.context import RunContext
+from m2snet.workflows.folds import log_fold_lineage, log_fold_model, log_training_artifacts
 from m2snet.workflows.presets import parse_overrides, train_config
 from m2snet.workflows.steps import finalize_step as finalize_cv_step
-from m2snet.workflows.steps import log_fold_lineage
 
 log = logging.getLogger("m2snet.workflows.protocols")
 PAPER_RESULTS = Path(__file__).with_name("paper_results.json")
@@ -180,7 +181,7 @@ def run_fixed(cfg: TrainConfig, out_dir: str | os.PathLike, *, tracking=None, ru
     tracker = Tracker.start(tracking, run_name=run_name or f"fixed-{protocol or cfg.model}",
                             tags={"m2snet.kind": "fixed", "m2snet.protocol": protocol or "custom"}) \
         if tracking is not None else None
-    try:
+    with tracker or contextlib.nullcontext():
         if tracker is not None:
             tracker.log_params({"test_sets": ",".join(split.test_sets), "split_protocol": "fixed",
                                 "split_crossings": len(split.crossings), "git_commit": git_commit()})
@@ -197,24 +198,13 @@ def run_fixed(cfg: TrainConfig, out_dir: str | os.PathLike, *, tracking=None, ru
             fr.run_id = tracker.run_id
             write_run_file(out / "mlflow_run.json", tracker)
             if log_model:
-                from m2snet.mlops.pyfunc import log_segmentation_model
-
-                info = log_segmentation_model([result.checkpoint], name="model", run_id=tracker.run_id,
-                                              tracking_uri=tracker.cfg.resolved_uri(), tta_flip=tta_flip)
-                fr.model_uri = info.model_uri
-                tracker.set_tags({"m2snet.model_uri": info.model_uri})
+                fr.model_uri = log_fold_model(tracker, result.checkpoint, tta_flip=tta_flip)
             else:
                 tracker.log_artifact(result.checkpoint, "checkpoints")
         write_json(out / FIXED_RUN_FILE, {"split": str(split.path), "split_sha256": split.sha256,
                                           "rows": report.rows, "mean": report.mean, "budget": budget,
                                           "checkpoint": str(result.checkpoint), "run_id": fr.run_id,
                                           "model_uri": fr.model_uri, "selected_epoch": result.selected_epoch})
-    except BaseException as err:
-        if tracker is not None:
-            tracker.__exit__(type(err), err, None)
-        raise
-    if tracker is not None:
-        tracker.end("FINISHED")
     return fr
 
 
@@ -465,7 +455,7 @@ def benchmark(protocol_name: str, data: str | os.PathLike, out_dir: str | os.Pat
     if protocol.kfold:
         from m2snet.workflows.folds import run_cv
 
-        res = run_cv(cfg, out / "cv", tracking=tracking, run_name=f"benchmark-{protocol.name}",
+        res = run_cv(cfg, out / "cv", ctx=RunContext(tracking), run_name=f"benchmark-{protocol.name}",
                      log_models=log_model)
         comparison = comparison_from_results(protocol.name, out / "cv")
         table_md, run_id = out / "cv" / "cv_table.md", res.parent_run_id
@@ -524,7 +514,8 @@ def train_step(dataset_dir: str, split_path: str, out_dir: str, *, protocol: str
                        keep_last_checkpoint=False)
     parent = parent_run(pipeline_run_id, experiment)
     run = parent.child("train", tags={"m2snet.protocol": protocol, "m2snet.kind": "fixed"}) if parent else None
-    log_fold_lineage(parent, run, split_path, 0)
+    if run is not None:
+        log_fold_lineage(run, parent, dataset_dir, split_path, 0)
     try:
         result = train(cfg, callbacks=tracking_callbacks(run))
         if run is not None:
@@ -604,7 +595,7 @@ def finalize_step(state: str, error_message: str = "", *, pipeline_run_id: str =
     the paper's figures, set by :func:`evaluate_step`) and return the registered version; on failure
     what :func:`m2snet.workflows.steps.finalize_step` does (the parent and open children FAILED, why)."""
     if state != "SUCCEEDED":
-        return finalize_cv_step(state, error_message, pipeline_run_id=pipeline_run_id, experiment=experiment)
+        return finalize_cv_step(state, error_message, ctx=RunContext.for_pipeline(pipeline_run_id, experiment))
     parent = parent_run(pipeline_run_id, experiment, create=False)
     if parent is None:
         return ""

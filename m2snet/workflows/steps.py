@@ -1,15 +1,19 @@
 """The pipeline's step functions: one per Kubeflow component, plain Python over the library.
 
 Each component (``m2snet.kubeflow.components``) calls exactly one function below; so does the
-local run (through the kfp local runner, running the very same components). Steps communicate
-through files (the kfp artifacts' paths) and through MLflow, where every step of one pipeline run
-finds the run's PARENT MLflow run by the tag ``m2snet.pipeline_run_id`` (looked up or created:
-idempotent, so a retried step never opens a second parent):
+local run (through the kfp local runner, running the very same components). Every step takes the
+pipeline run's :class:`m2snet.workflows.context.RunContext` (``RunContext.for_pipeline``). Steps
+communicate through files (the kfp artifacts' paths) and through MLflow, where every step of one
+pipeline run finds the run's PARENT MLflow run through ``ctx.parent()`` (by the tag
+``m2snet.pipeline_run_id``; looked up or created: idempotent, so a retried step never opens a second
+parent). The fold steps use the fold runner's parts (:mod:`m2snet.workflows.folds`): the same
+precedence, lineage, per-fold model and selection record as ``m2snet cv``.
 
     parent run "pipeline-<id>"    params: preset, data version, split hash; metrics: cv_*; artifacts: cv/
       +- "tune-fold-K"            each fold's Optuna study; plots
       |    +- "trial-0", ...      one per trial, per-epoch val Dice
-      +- "fold-0" .. "fold-3"     training (per epoch) + evaluation at original size; artifacts
+      +- "fold-0" .. "fold-3"     training (per epoch) + evaluation at original size; artifacts; model
+      |                           (with ``seeds``: "seed-S-fold-K", one per seed and fold)
     registered model <name>       one version per pipeline run: the folds' ensemble pyfunc
 
 Nothing here imports kfp: the Kubeflow side sits above this layer.
@@ -17,6 +21,7 @@ Nothing here imports kfp: the Kubeflow side sits above this layer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,19 +48,15 @@ from m2snet.mlops.registry import (
     promote,
     register_model_version,
 )
-from m2snet.mlops.tracking import (
-    DatasetLineage,
-    Tracker,
-    TrackingConfig,
-    iter_child_runs,
-    parent_run,
-)
+from m2snet.mlops.tracking import DatasetLineage, TrackingConfig, iter_child_runs
 from m2snet.training.config import SELECTED
+from m2snet.workflows.context import UNTRACKED, RunContext
 from m2snet.workflows.folds import (
     CV_DESCRIPTION_HEADING,
     fit_fold,
     fold_run,
-    fold_tags,
+    log_fold_model,
+    open_fold_run,
     report_cv,
     score_fold,
     tune_fold,
@@ -69,6 +70,7 @@ log = logging.getLogger("m2snet.workflows.steps")
 
 # The checkout (editable install): its data.dvc tracks the demo set, and `dvc get` defaults to it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+NO_SEED = -1  # a fold task's seed when the pipeline repeats no seeds: the training config's own
 
 
 def tracked_demo_dataset(path: Path | None = None) -> Path:
@@ -101,8 +103,7 @@ def prepare_dataset(
     dvc_rev: str = "",
     dvc_path: str = "data/busi",
     importer: str = "busi",
-    pipeline_run_id: str = "",
-    experiment: str = "",
+    ctx: RunContext = UNTRACKED,
 ) -> str:
     """Materialise the pipeline's dataset in ``out_dir`` (m2snet format, validated); return its version.
 
@@ -157,7 +158,7 @@ def prepare_dataset(
             info = import_dataset(importer, src, out, overwrite=True, progress=False)  # validates
     version = info.version
     log.info("prepared %d cases from %s: version %s", len(info.cases), source_desc, version)
-    parent = parent_run(pipeline_run_id, experiment)
+    parent = ctx.parent()
     if parent is not None:
         parent.log_params({"preset": preset, "data_source": source_desc, "data_version": version,
                            "n_cases": len(info.cases)})
@@ -169,19 +170,40 @@ def prepare_dataset(
     return version
 
 
+def parse_seeds(text: str) -> list[int]:
+    """The pipeline's ``seeds`` ("42,43,44"; empty: the training config's one seed)."""
+    try:
+        seeds = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise M2SNetError(f"seeds {text!r}: expected comma-separated integers like 42,43,44") from None
+    if len(set(seeds)) != len(seeds) or any(x < 0 for x in seeds):
+        raise M2SNetError(f"seeds {text!r}: give distinct non-negative seeds")
+    return seeds
+
+
 def split_dataset(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n_folds: int, seed: int, *,
-                  pipeline_run_id: str = "", experiment: str = "") -> list[int]:
-    """Write the K-fold split file and record its hash on the pipeline's run; return the fold indices
-    (what the pipeline fans out over).
+                  seeds: str = "", ctx: RunContext = UNTRACKED) -> list[dict[str, int]]:
+    """Write the K-fold split file and record its hash (and the seeds) on the pipeline's run; return the
+    fold tasks to fan out over: ``{"fold": k, "seed": s}`` per seed of ``seeds`` and fold, the same split
+    for every seed (``seed`` :data:`NO_SEED` without ``seeds``: the config's own).
 
     The hash is logged here, once, and not by each fold: parallel folds logging the same parameter
     race in the tracking store (SQLite answered one of them with a UNIQUE-constraint error).
     """
     split = make_split(dataset_dir, n_folds=n_folds, seed=seed, out=out_path)
-    parent = parent_run(pipeline_run_id, experiment)
+    seed_list = parse_seeds(seeds)
+    parent = ctx.parent()
     if parent is not None:
-        parent.log_params({"split_sha256": sha256_file(out_path)})
-    return list(range(split.n_folds))
+        parent.log_params({"split_sha256": sha256_file(out_path), **({"seeds": seeds} if seed_list else {})})
+    return [{"fold": k, "seed": s} for s in seed_list or [NO_SEED] for k in range(split.n_folds)]
+
+
+def seeded_config(cfg, seed: int):
+    """One seed of a repeated CV: initialisation and data order change, the cases do not (as ``m2snet cv
+    --seeds``: ``case_seed`` stays the config's seed)."""
+    if seed == NO_SEED:
+        return cfg
+    return cfg.override(seed=seed, case_seed=cfg.seed if cfg.case_seed is None else cfg.case_seed)
 
 
 def tune_step(
@@ -194,8 +216,8 @@ def tune_step(
     n_trials: int = -1,
     storage: str = "",
     fold: int = 0,
-    pipeline_run_id: str = "",
-    experiment: str = "",
+    seed: int = NO_SEED,
+    ctx: RunContext = UNTRACKED,
     workdir: str | None = None,
 ) -> str:
     """Nested tuning of ONE fold: a study on an inner split of ``fold``'s training cases; write its best params.
@@ -206,16 +228,17 @@ def tune_step(
 
     p = get_preset(preset)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="m2snet-tune-"))
-    base = train_config(preset, train_overrides, data=dataset_dir, split=split_path, fold=fold,
-                        out_dir=str(work / "unused"))
+    base = seeded_config(train_config(preset, train_overrides, data=dataset_dir, split=split_path, fold=fold,
+                                      out_dir=str(work / "unused")), seed)
     storage = storage or os.environ.get("M2SNET_OPTUNA_STORAGE", "")
     cfg = p.tuning_config(
         n_trials=n_trials if n_trials > 0 else p.n_trials, storage=storage or None, seed=base.seed,
         # One study per pipeline run unless the caller shares a named storage on purpose.
-        study_name=f"m2snet-{pipeline_run_id}-fold{fold}" if pipeline_run_id else f"m2snet-fold{fold}",
+        study_name=(f"m2snet-{ctx.pipeline_run_id}-fold{fold}" if ctx.pipeline_run_id else f"m2snet-fold{fold}")
+        + (f"-seed{seed}" if seed != NO_SEED else ""),
     )
     try:
-        result = tune_fold(base, fold, cfg, work, parent=parent_run(pipeline_run_id, experiment))
+        result = tune_fold(base, fold, cfg, work, parent=ctx.parent(), tracking=ctx.tracked)
     finally:
         if not workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -232,47 +255,34 @@ def train_fold_step(
     *,
     preset: str,
     train_overrides: str = "{}",
-    pipeline_run_id: str = "",
-    experiment: str = "",
+    seed: int = NO_SEED,
+    ctx: RunContext = UNTRACKED,
 ) -> dict[str, Any]:
-    """Train fold ``fold`` with ITS tuned learning rates as a child run of the parent; checkpoint in ``out_dir``."""
+    """Train fold ``fold`` (one ``seed`` of a repeated CV) with ITS tuned learning rates as a child run of the
+    parent; checkpoint in ``out_dir``; the fold's pyfunc model logged on its run (as ``m2snet cv``)."""
 
     tuned = json.loads(Path(best_params_path).read_text())["best_params"] if best_params_path else {}
-    # Explicit user overrides win over tuned values: the user asked for them. last.pt (optimizer + RNG
-    # state) only serves --resume inside this pod: the trainer removes it at the end, it is not shipped.
-    cfg = train_config(preset, train_overrides, data=dataset_dir, split=split_path, fold=fold, out_dir=out_dir,
-                       keep_last_checkpoint=False)
-    tuned = {k: v for k, v in tuned.items() if k not in parse_overrides(train_overrides)}
-    parent = parent_run(pipeline_run_id, experiment)
-    run = parent.child(f"fold-{fold}", tags=fold_tags(fold)) if parent else None
-    log_fold_lineage(parent, run, split_path, fold)
-    try:
-        result = fit_fold(cfg, fold, out_dir, tracker=run, tuned=tuned)
-        if run:
-            run.end("FINISHED")  # evaluate_fold_step reopens it
-    except BaseException:
-        if run:
-            run.end("FAILED")
-        raise
+    # last.pt (optimizer + RNG state) only serves --resume inside this pod: the trainer removes it at the
+    # end, it is not shipped.
+    cfg = seeded_config(train_config(preset, train_overrides, data=dataset_dir, split=split_path, fold=fold,
+                                     out_dir=out_dir, keep_last_checkpoint=False), seed)
+    parent = ctx.parent()
+    run = open_fold_run(ctx, parent, fold, seed=None if seed == NO_SEED else seed)
+    with run or contextlib.nullcontext():  # FINISHED here; evaluate_fold_step reopens it
+        result = fit_fold(cfg, fold, out_dir, tracker=run, tuned=tuned,
+                          explicit=frozenset(parse_overrides(train_overrides)), parent=parent)
+        if run is not None:
+            log_fold_model(run, result.checkpoint)
     last_row = result.history[-1] if result.history else {}
     return {
-        "model_metadata": {"fold": fold, "checkpoint": SELECTED, "run_id": run.run_id if run else "",
+        "model_metadata": {"fold": fold, "seed": cfg.seed, "checkpoint": SELECTED,
+                           "run_id": run.run_id if run else "",
                            "selection": cfg.selection, "selected_epoch": result.selected_epoch,
                            "dataset_version": result.dataset_version, "split_sha256": result.split_sha256,
                            "pretrained": result.pretrained_source or "none"},
         "metrics": {k: float(v) for k, v in last_row.items() if k.startswith("val_")},
         "checkpoint": str(result.checkpoint),
     }
-
-
-def log_fold_lineage(parent: "Tracker | None", run: "Tracker | None", split_path: str, fold: int) -> None:
-    """A fold run logs its parent's dataset input, tagged with the fold and the split file's hash."""
-
-    if parent is None or run is None:
-        return
-    split_sha = sha256_file(split_path)
-    for lineage in parent.dataset_inputs():
-        run.log_dataset(lineage, tags={"fold": fold, "split_sha256": split_sha})
 
 
 def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
@@ -299,29 +309,27 @@ def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: 
     val = split.fold(fold).val
     train_config = Path(model_dir) / "train_config.json"
     seed = json.loads(train_config.read_text()).get("seed") if train_config.is_file() else None
-    run = fold_run(model_dir)
-    try:
+    with fold_run(model_dir) or contextlib.nullcontext() as run:
         ev = score_fold(_fold_checkpoint(model_dir), dataset_dir, val, out_dir, tracker=run,
                         protocol=metric_protocol)
         write_json(Path(out_dir) / FOLD_INFO, {"fold": fold, "seed": seed, "split_sha256": split.sha256,
                                                "data_version": load_dataset(dataset_dir).version})
-        if run:
-            run.end("FINISHED")
-    except BaseException:
-        if run:
-            run.end("FAILED")
-        raise
     return {k: float(v) for k, v in ev.metrics.items()}
+
+
+def read_fold_info(report: str | os.PathLike) -> dict[str, Any]:
+    """Which fold and seed an evaluate step's report scored, on which data and split (:data:`FOLD_INFO`)."""
+    info_path = Path(report) / FOLD_INFO
+    if not info_path.is_file():
+        raise M2SNetError(f"{report}: no {FOLD_INFO} (not an evaluate step's report)")
+    return json.loads(info_path.read_text())
 
 
 def collect_fold_reports(report_dirs: Sequence[str], out_dir: str | os.PathLike) -> list[Path]:
     """The evaluate steps' reports -> the CV's ``cv_per_case.csv`` + ``cv_lineage.json`` in ``out_dir``."""
     rows, infos = [], []
     for report in map(Path, report_dirs):
-        info_path = report / FOLD_INFO
-        if not info_path.is_file():
-            raise M2SNetError(f"{report}: no {FOLD_INFO} (not an evaluate step's report)")
-        info = json.loads(info_path.read_text())
+        info = read_fold_info(report)
         infos.append(info)
         rows += per_case_rows(report / "per_case.csv", info["fold"], info["seed"])
     for key in ("data_version", "split_sha256"):
@@ -337,20 +345,24 @@ def aggregate_step(
     out_dir: str,
     *,
     report_dirs: Sequence[str] = (),
-    pipeline_run_id: str = "",
-    experiment: str = "",
+    ctx: RunContext = UNTRACKED,
     metric_protocol: str = DEFAULT_PROTOCOL,
 ) -> dict[str, float]:
     """The CV table (model and no-skill rows) -> ``out_dir/cv_table.md`` + ``cv_summary.json``; logged on the
     parent (:func:`m2snet.workflows.folds.report_cv`, as ``m2snet cv`` does).
 
-    ``report_dirs``: the evaluate steps' reports, whose per-case scores become ``cv_per_case.csv``.
+    ``report_dirs``: the evaluate steps' reports (in ``fold_metrics``' order), whose per-case scores become
+    ``cv_per_case.csv``; with several seeds the table is mean +- std over seeds x folds, a row per seed and fold.
     """
 
     rows = [{k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for m in fold_metrics]
     per_case = collect_fold_reports(report_dirs, out_dir) if report_dirs else []
-    summary = report_cv(rows, list(range(len(rows))), out_dir, title="CV", protocol=metric_protocol,
-                        parent=parent_run(pipeline_run_id, experiment), artifacts=per_case)
+    infos = [read_fold_info(r) for r in report_dirs]
+    seeds = {i["seed"] for i in infos}
+    labels = [{**({"seed": i["seed"]} if len(seeds) > 1 else {}), "fold": i["fold"]} for i in infos] or None
+    summary = report_cv(rows, [i["fold"] for i in infos] or list(range(len(rows))), out_dir,
+                        title="CV" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""), protocol=metric_protocol,
+                        parent=ctx.parent(), artifacts=per_case, row_labels=labels)
     return summary.flat_metrics()
 
 
@@ -361,8 +373,7 @@ def register_step(
     *,
     model_name: str,
     dataset_version: str,
-    pipeline_run_id: str = "",
-    experiment: str = "",
+    ctx: RunContext = UNTRACKED,
     metric_protocol: str = DEFAULT_PROTOCOL,
 ) -> str:
     """Register the folds' ensemble as ONE model version (once per pipeline run); return the version."""
@@ -370,6 +381,7 @@ def register_step(
 
     checkpoints = [_fold_checkpoint(d) for d in model_dirs]
     # The key: the pipeline run (a retried step) or, run by hand, the checkpoints themselves.
+    pipeline_run_id = ctx.pipeline_run_id
     key = pipeline_run_id or "ckpt-" + "-".join(sha256_file(c)[:12] for c in checkpoints)
     existing = find_version_by_key(model_name, key)
     if existing is not None:
@@ -386,7 +398,7 @@ def register_step(
         SCORE_TAG: f"{cv_dice / 100.0:.6f}" if cv_dice is not None else "nan",
         NOSKILL_TAG: f"{noskill_dice / 100.0:.6f}" if noskill_dice is not None else "nan",
     }
-    parent = parent_run(pipeline_run_id, experiment)
+    parent = ctx.parent()
     info = log_segmentation_model(checkpoints, name="model", run_id=parent.run_id if parent else None,
                                   tracking_uri=TrackingConfig().resolved_uri())
     description = describe_version(n_folds=len(checkpoints), dataset_version=dataset_version, split_sha256=split_sha,
@@ -399,17 +411,18 @@ def register_step(
 
 
 def promote_step(model_name: str, version: str, *, floor: float, margin: float,
-                 noskill_margin: float = PromotionPolicy.noskill_margin, force: bool = False,
-                 pipeline_run_id: str = "", experiment: str = "") -> bool:
-    """Apply the promotion gate; record the decision on the parent run and close it."""
+                 noskill_margin: float = PromotionPolicy.noskill_margin, require_ci: bool = False,
+                 force: bool = False, ctx: RunContext = UNTRACKED) -> bool:
+    """Apply the promotion gate (``require_ci``: the paired CI against production where the two are
+    comparable, else the margin rule, the reason saying which); record the decision on the parent run and
+    close it."""
 
-    decision = promote(model_name, version,
-                       PromotionPolicy(floor=floor, margin=margin, noskill_margin=noskill_margin), force=force)
-    parent = parent_run(pipeline_run_id, experiment, create=False)
-    if parent is not None:
-        parent.set_tags({"m2snet.promotion": ("promoted: " if decision.promoted else "not promoted: ")
-                         + decision.reason})
-        parent.end("FINISHED")
+    policy = PromotionPolicy(floor=floor, margin=margin, noskill_margin=noskill_margin, require_ci=require_ci)
+    decision = promote(model_name, version, policy, force=force)
+    with ctx.parent(create=False) or contextlib.nullcontext() as parent:
+        if parent is not None:
+            parent.set_tags({"m2snet.promotion": ("promoted: " if decision.promoted else "not promoted: ")
+                             + decision.reason})
     return decision.promoted
 
 
@@ -447,7 +460,7 @@ def _close_open_children(parent: "Tracker") -> list[str]:
     return sorted(failed)
 
 
-def finalize_step(state: str, error_message: str = "", *, pipeline_run_id: str = "", experiment: str = "") -> str:
+def finalize_step(state: str, error_message: str = "", *, ctx: RunContext = UNTRACKED) -> str:
     """The pipeline's exit handler: close the parent MLflow run whatever happened.
 
     Returns the registered model version (``""`` when the run failed or registered none): the
@@ -458,7 +471,7 @@ def finalize_step(state: str, error_message: str = "", *, pipeline_run_id: str =
     error and the failed runs in tags and the description (the parent is created if the first step
     failed before making it, so every pipeline run is visible in MLflow).
     """
-    parent = parent_run(pipeline_run_id, experiment, create=state != "SUCCEEDED")
+    parent = ctx.parent(create=state != "SUCCEEDED")
     if parent is None:
         return ""
     if state == "SUCCEEDED":

@@ -22,6 +22,7 @@ pipeline/CV parent run); the study's plots are logged as PNG artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -234,7 +235,9 @@ def tune(
         tags["m2snet.fold"] = str(base.fold)
         name = f"tune-fold-{base.fold}"
         run = parent.child(name, tags=tags) if parent else Tracker.start(TrackingConfig(), run_name=name, tags=tags)
-        run.log_params({"tuning": {k: v for k, v in asdict(cfg).items() if k != "storage"},
+        # The search ranges are not rates: "<name>_range", so "head_lr" stays the one spelling of a rate used.
+        run.log_params({"tuning": {(f"{k}_range" if k in ("head_lr", "backbone_ratio") else k): v
+                                   for k, v in asdict(cfg).items() if k != "storage"},
                         "tuning.storage": redact(storage_url), "tuning.fold": base.fold,
                         "tuning.inner_split": str(inner)})
 
@@ -281,7 +284,7 @@ def tune(
     remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     log.info("tuning: study %r has %d/%d finished trials; running up to %d here",
              cfg.study_name, cfg.n_trials - max(remaining, 0), cfg.n_trials, max(remaining, 0))
-    try:
+    with run or contextlib.nullcontext():  # the tuning run ends FINISHED, or FAILED on an error
         if remaining > 0:
             study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, catch=(M2SNetError,),
                            callbacks=[MaxTrialsCallback(cfg.n_trials, states=finished)])
@@ -298,17 +301,13 @@ def tune(
         )
         write_json(out_dir / "best_params.json", result.to_dict())
         if run:
-            run.log_params({f"best.{k}": v for k, v in best_params.items()})
+            # The study's choice, under the rates' one spelling (head_lr, backbone_lr) with its source.
+            run.log_params({**best_params, **{f"{k}.source": "tuned" for k in best_params}})
             run.log_metrics({"best_" + OBJECTIVE_METRIC: result.best_value, "n_complete": result.n_complete,
                              "n_pruned": result.n_pruned}, flush=True)
             for p in plots:
                 run.log_artifact(p, "optuna_plots")
             run.log_artifact(out_dir / "best_params.json")
-            run.end("FINISHED")
         log.info("tuning: best %s=%.4f (trial %d): %s", OBJECTIVE_METRIC, result.best_value, result.best_trial,
                  json.dumps(best_params))
         return result
-    except BaseException:
-        if run:
-            run.end("FAILED")
-        raise

@@ -25,7 +25,7 @@ def aggregate_cv(
 
     summary = steps.aggregate_step(
         [m.metadata for m in fold_metrics], cv_table.path, report_dirs=[r.path for r in fold_reports],
-        pipeline_run_id=pipeline_run_id, experiment=experiment, metric_protocol=metric_protocol,
+        ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment), metric_protocol=metric_protocol,
     )
     for key, value in summary.items():
         cv_metrics.log_metric(key, value)

@@ -11,5 +11,5 @@ def finalize_run(status: dsl.PipelineTaskFinalStatus, pipeline_run_id: str = "",
 
     task_started("finalize-run", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
 
-    return steps.finalize_step(status.state, status.error_message or "", pipeline_run_id=pipeline_run_id,
-                                  experiment=experiment)
+    return steps.finalize_step(status.state, status.error_message or "",
+                               ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment))

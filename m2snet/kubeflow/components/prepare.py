@@ -24,5 +24,5 @@ def prepare_dataset(
 
     return steps.prepare_dataset(
         dataset.path, preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev,
-        dvc_path=dvc_path, importer=importer, pipeline_run_id=pipeline_run_id, experiment=experiment,
+        dvc_path=dvc_path, importer=importer, ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment),
     )

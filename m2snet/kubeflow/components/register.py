@@ -25,6 +25,6 @@ def register_model(
 
     return steps.register_step(
         [m.path for m in models], dict(cv_metrics.metadata), split.path, model_name=model_name,
-        dataset_version=dataset_version, pipeline_run_id=pipeline_run_id, experiment=experiment,
+        dataset_version=dataset_version, ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment),
         metric_protocol=metric_protocol,
     )

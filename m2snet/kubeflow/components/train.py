@@ -10,6 +10,7 @@ def train_fold(
     split: Input[Dataset],
     best_params: Input[Artifact],
     fold: int,
+    seed: int,
     model: Output[Model],
     metrics: Output[Metrics],
     preset: str,
@@ -25,7 +26,7 @@ def train_fold(
 
     result = steps.train_fold_step(
         dataset.path, split.path, fold, best_params.path, model.path, preset=preset,
-        train_overrides=train_overrides, pipeline_run_id=pipeline_run_id, experiment=experiment,
+        train_overrides=train_overrides, seed=seed, ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment),
     )
     model.metadata.update(result["model_metadata"])
     for key, value in result["metrics"].items():

@@ -11,6 +11,7 @@ def tune_hyperparameters(
     best_params: Output[Artifact],
     preset: str,
     fold: int = 0,
+    seed: int = -1,  # steps.NO_SEED: the training config's own
     train_overrides: str = "{}",
     n_trials: int = -1,
     storage: str = "",
@@ -25,5 +26,5 @@ def tune_hyperparameters(
 
     return steps.tune_step(
         dataset.path, split.path, best_params.path, preset=preset, fold=fold, train_overrides=train_overrides,
-        n_trials=n_trials, storage=storage, pipeline_run_id=pipeline_run_id, experiment=experiment,
+        n_trials=n_trials, storage=storage, seed=seed, ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment),
     )

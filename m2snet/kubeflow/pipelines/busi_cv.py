@@ -1,8 +1,8 @@
 """The BUSI-style cross-validation pipeline.
 
     DVC data / path / demo -> prepare (import + validate) -> split
-      -> ParallelFor fold: tune (Optuna, on the fold's inner split) -> train -> evaluate
-      -> Collected: aggregate (CV table) -> register -> promote
+      -> ParallelFor (seed, fold): tune (Optuna, on the fold's inner split) -> train -> evaluate
+      -> Collected: aggregate (CV table, per-case scores) -> register -> promote (margin or paired-CI gate)
     exit handler (always): finalize -> the parent MLflow run FINISHED with its CV table, or FAILED with why
 
 ``build_pipeline(cluster=True)`` is what gets compiled to ``busi_cv.yaml`` (and submitted): the
@@ -107,6 +107,9 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         importer: str = "busi",  # the raw layout of data_path / the DVC path (m2snet-format data needs none)
         n_folds: int = CLUSTER_PRESET.n_folds,
         seed: int = 42,
+        # Repeat the CV once per training seed on the same split ("42,43,44"; empty: the config's one seed),
+        # as `m2snet cv --seeds`: the table is mean +- std over seeds x folds.
+        seeds: str = "",
         n_trials: int = -1,
         tuning_storage: str = "",
         train_overrides: str = "{}",
@@ -116,6 +119,8 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         promote_floor: float = CLUSTER_PRESET.promotion.floor,
         promote_margin: float = CLUSTER_PRESET.promotion.margin,
         promote_noskill_margin: float = CLUSTER_PRESET.promotion.noskill_margin,
+        # The statistical gate: beat production by a paired 95 % CI above zero when comparable.
+        promote_require_ci: bool = CLUSTER_PRESET.promotion.require_ci,
         # project (default) | reference: the paper's test_score.py, to compare with its tables.
         metric_protocol: str = DEFAULT_PROTOCOL,
     ) -> str:
@@ -127,19 +132,20 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
                 preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, dvc_path=dvc_path,
                 importer=importer, pipeline_run_id=run_id, experiment=experiment,
             ), "prepare + validate")
-            split = prepare(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed,
+            split = prepare(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed, seeds=seeds,
                                           pipeline_run_id=run_id, experiment=experiment), "split")
-            with dsl.ParallelFor(split.outputs["Output"], parallelism=4) as fold:
+            with dsl.ParallelFor(split.outputs["Output"], parallelism=4) as task:
+                fold = task.fold
                 # Nested tuning: each fold tunes on an inner split of its own training cases, so no
                 # reported fold ever took part in choosing the learning rates it is scored with.
                 tune = prepare(tune_hyperparameters(
                     dataset=data.outputs["dataset"], split=split.outputs["split"], preset=preset, fold=fold,
-                    train_overrides=train_overrides, n_trials=n_trials, storage=tuning_storage,
+                    seed=task.seed, train_overrides=train_overrides, n_trials=n_trials, storage=tuning_storage,
                     pipeline_run_id=run_id, experiment=experiment,
                 ), "tune fold (Optuna)")
                 train = prepare(train_fold(
                     dataset=data.outputs["dataset"], split=split.outputs["split"],
-                    best_params=tune.outputs["best_params"], fold=fold, preset=preset,
+                    best_params=tune.outputs["best_params"], fold=fold, seed=task.seed, preset=preset,
                     train_overrides=train_overrides, pipeline_run_id=run_id, experiment=experiment,
                 ), "train fold")
                 if cluster:
@@ -161,7 +167,8 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
             ), "register")
             prepare(promote_model(
                 model_name=model_name, version=version.output, floor=promote_floor, margin=promote_margin,
-                noskill_margin=promote_noskill_margin, pipeline_run_id=run_id, experiment=experiment,
+                noskill_margin=promote_noskill_margin, require_ci=promote_require_ci,
+                pipeline_run_id=run_id, experiment=experiment,
             ), "promote")
         # Pipeline outputs must come from the top level: the exit handler returns the registered version.
         return finalize.output
