@@ -35,7 +35,8 @@ m2snet-bb05|43|0,1|--model m2snet --set backbone_lr=0.05
 msnet-bb05|43|0,1|--model msnet --set backbone_lr=0.05
 unet-bb05|42|0,1|--model unet --set backbone_lr=0.05
 m2snet-bb05-warmup02|42|0|--model m2snet --set backbone_lr=0.05 --set warmup_fraction=0.2
-m2snet-bb05-bnmom001|42|0|--model m2snet --set backbone_lr=0.05 --set model_config={\"msu_bn_momentum\":0.01}"}
+m2snet-bb05-bnmom001|42|0|--model m2snet --set backbone_lr=0.05 --set 'model_config={\"msu_bn_momentum\":0.01}'
+m2snet-bb05-gamma01|42|0|--model m2snet --set backbone_lr=0.05 --set 'model_config={\"msu_gamma_init\":0.1}'"}
 job() {
   IFS='|' read -r name seed folds args <<< "$1"
   out=runs/$name/seed$seed
@@ -47,7 +48,8 @@ job() {
     --set pretrained=false --set lossnet_weight=0 --set lossnet_pretrained=false \
     --set max_train_cases=128 --set case_seed=42 --set head_lr=0.05 --set val_every=5 --set progress=false \
     $args" > "logs/$name-seed$seed.log" 2>&1
-  echo "$(date +%T) end $name seed $seed rc=$? $(grep -E '^\| *Dice|Dice' "logs/$name-seed$seed.log" | tail -1)"
+  rc=$?
+  echo "$(date +%T) end $name seed $seed rc=$rc $(grep -E '^\| [a-z0-9]+: all cases' "logs/$name-seed$seed.log" | tail -1)"
 }
 export -f job; export M2SNET SPLIT
 printf '%s\n' "$QUEUE" | xargs -d '\n' -P "$WORKERS" -I{} bash -c 'job "$@"' _ {}
