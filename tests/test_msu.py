@@ -316,3 +316,19 @@ def test_multiscale_subtraction_per_site_batches_exactly(train: bool) -> None:
     with torch.no_grad():  # the in-place inference path gives the same numbers
         torch.testing.assert_close(MultiScaleSubtraction(copy.deepcopy(before), unit=unit)(a0, b0),
                                    results[0][0])
+
+
+def test_the_fast_msu_trains_after_an_inference_mode_forward_in_the_same_process():
+    """The fast unit caches its box kernels per shape: built first under inference_mode (an evaluation), they
+    must still serve a training step later (it failed with 'Inference tensors cannot be saved for backward')."""
+    from m2snet.models import units
+    from m2snet.models.units import OnesFilterBN, ones_filter_differences
+
+    units._BOX_CACHE.clear()
+    filters = [OnesFilterBN(k, 4, "fast", "shared") for k in (3, 5)]
+    a, b = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    with torch.inference_mode():
+        ones_filter_differences(filters, a, b)
+    x = a.clone().requires_grad_(True)
+    ones_filter_differences(filters, x, b).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

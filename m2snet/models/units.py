@@ -273,11 +273,14 @@ def _stacked_box(sizes: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     key, cache = (sizes, like.device, like.dtype), _BOX_CACHE
     if key not in cache:
         kmax = max(sizes)
-        box = torch.zeros(len(sizes), 1, kmax, kmax, dtype=like.dtype)
-        for i, k in enumerate(sizes):
-            lo = (kmax - k) // 2
-            box[i, :, lo:lo + k, lo:lo + k] = 1
-        cache[key] = box.to(like.device)
+        # A normal tensor even when first built under inference_mode (an evaluation before training in one
+        # process): an inference tensor would make every later training step fail in backward.
+        with torch.inference_mode(False):
+            box = torch.zeros(len(sizes), 1, kmax, kmax, dtype=like.dtype)
+            for i, k in enumerate(sizes):
+                lo = (kmax - k) // 2
+                box[i, :, lo:lo + k, lo:lo + k] = 1
+            cache[key] = box.to(like.device)
     return cache[key]
 
 
