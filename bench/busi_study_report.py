@@ -27,6 +27,7 @@ JOBS = {
     "MSNet, backbone LR 0.005 (head / 10, the paper's)": "msnet-bb005",
     "M2SNet bb 0.05, warm-up 0.2 (triangle peak at 20 %)": "m2snet-bb05-warmup02",
     "M2SNet bb 0.05, filter BN momentum 0.01": "m2snet-bb05-bnmom001",
+    "M2SNet bb 0.05, filter BN gamma initialised to 0.1": "m2snet-bb05-gamma01",
     "U-Net (smp, same Res2Net-50 encoder), backbone LR 0.05": "unet-bb05",
 }
 # (question, A, B): the report is B - A.
@@ -39,6 +40,8 @@ COMPARISONS = [
     ("M2SNet vs U-Net (bb 0.05)", "unet-bb05", "m2snet-bb05"),
     ("warm-up 0.2 vs 0.5, M2SNet bb 0.05", "m2snet-bb05", "m2snet-bb05-warmup02"),
     ("filter BN momentum 0.01 vs 0.1, M2SNet bb 0.05", "m2snet-bb05", "m2snet-bb05-bnmom001"),
+    ("filter BN gamma init 0.1 vs 1.0, M2SNet bb 0.05", "m2snet-bb05", "m2snet-bb05-gamma01"),
+    ("M2SNet gamma 0.1 vs MSNet (bb 0.05)", "msnet-bb05", "m2snet-bb05-gamma01"),
 ]
 
 

@@ -63,8 +63,14 @@ def test_msu_bn_momentum_reaches_the_filter_norms():
     model = create_model("m2snet", pretrained=False, msu_bn_momentum=0.01)
     assert model.conv_3.norm.momentum == model.conv_5.norm.momentum == 0.01
     assert create_model("m2snet", pretrained=False).conv_3.norm.momentum == 0.1
-    scaled = create_model("m2snet", pretrained=False, msu_gamma_init=0.1)
-    assert float(scaled.conv_3.norm.weight.max()) == float(scaled.conv_5.norm.weight.min()) == pytest.approx(0.1)
+    scaled = create_model("m2snet", pretrained=False, msu_gamma_init=0.5)
+    assert float(scaled.conv_3.norm.weight.max()) == float(scaled.conv_5.norm.weight.min()) == pytest.approx(0.5)
+    # Default: the random-initialisation recipe without pretrained weights (the reference's 1.0 with them).
+    from m2snet.models.m2snet import RANDOM_INIT_MSU_GAMMA
+
+    random_init = create_model("m2snet", pretrained=False)
+    assert random_init.pretrained_source is None
+    assert float(random_init.conv_3.norm.weight.max()) == pytest.approx(RANDOM_INIT_MSU_GAMMA)
 
 
 def test_config_file_roundtrip_and_overrides(tmp_path):
