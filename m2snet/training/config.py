@@ -80,9 +80,9 @@ class TrainConfig:
     # Speed knobs of the training step (m2snet.training.trainer.TrainStep; bench/train_speed.py
     # measures each). CUDA only: on CPU the step is today's eager one whatever they say.
     # CUDA only (no effect on the CPU). channels_last + fused SGD: 1.10x (M2SNet), 1.15x (MSNet)
-    # images/s on an H200 at batch 16, 352 px, AMP (bench/gpu_speed.sh, README Benchmarks).
+    # images/s on an H200 at batch 16, 352 px, AMP (bench/gpu_speed.sh, docs/benchmarks.md).
     channels_last: bool = True  # NHWC activations and weights (tensor-core friendly convolutions)
-    compile: bool = False  # torch.compile (inductor) the model; not measured to pay yet (README Benchmarks)
+    compile: bool = False  # torch.compile (inductor) the model; not measured to pay yet (docs/benchmarks.md)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # False: one static graph per (batch, scale) shape, compiled on first use (the multi-scale set
     # has 5 scales, x2 for a short last batch); True: one dynamic-shape graph for all of them.
