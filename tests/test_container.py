@@ -152,3 +152,32 @@ def test_tiny_pipeline_runs_every_step_in_the_image_and_registers_a_model(image,
     # The steps wrote their outputs as the caller (not the image's uid 1000) into the kfp root.
     outputs = [p for p in result.pipeline_root.rglob("*") if p.is_file()]
     assert outputs and all(p.stat().st_uid == os.getuid() for p in outputs)
+
+
+@pytest.mark.container
+def test_a_failed_step_keeps_its_exit_status_and_its_container_goes_with_the_run(image):
+    """kfp starts steps with auto_remove and then asks for the exit status: without the proxy a step that
+    ended first is gone (podman: a 500; docker: a 404 that kfp takes for success). Through the proxy kfp's
+    own, unmodified function reads the real status, and the run's containers are removed at its end."""
+    from kfp.local.docker_task_handler import run_docker_container
+
+    import docker
+    from m2snet.kubeflow.container import docker_api
+    from m2snet.kubeflow.engine_proxy import RUN_LABEL, EngineProxy
+
+    _, tag = image
+    with docker_api() as engine:
+        proxy = EngineProxy(engine)
+        with proxy as url:
+            client = docker.DockerClient(base_url=url)
+            try:
+                assert run_docker_container(client, tag, ["sh", "-c", "echo step; exit 3"], volumes={}) == 3
+                assert run_docker_container(client, tag, ["true"], volumes={}) == 0
+            finally:
+                client.close()
+        upstream = docker.DockerClient(base_url=engine)
+        try:
+            left = upstream.containers.list(all=True, filters={"label": f"{RUN_LABEL}={proxy.token}"})
+        finally:
+            upstream.close()
+    assert left == []

@@ -170,7 +170,7 @@ def test_first_run_registers_one_version_and_the_gate_names_its_rule(runs):
     assert "**Promotion:**" in mv.description
     assert mv.tags["pipeline_run_id"] == first.pipeline_run_id
     assert 0.0 <= float(mv.tags["cv_dice"]) <= 1.0
-    assert "Dice" in first.cv_table and "±" in first.cv_table
+    assert "Dice" in first.table and "±" in first.table
     # The local runner's task outputs exist (checkpoints were shipped as Model artifacts, without last.pt).
     checkpoints = list(first.pipeline_root.rglob("model.pt"))
     assert len(checkpoints) == 4 and not list(first.pipeline_root.rglob("last.pt"))

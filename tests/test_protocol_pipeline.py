@@ -71,10 +71,14 @@ def test_protocol_components_are_thin_and_run_alone():
         source = textwrap.dedent(inspect.getsource(comp.python_func))
         tree = ast.parse(source)
         imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-        assert [(i.module, [a.name for a in i.names]) for i in imports] == [("m2snet.workflows", ["protocols"])]
+        # The step itself, and the task's announcement to the local console (its progress events).
+        assert [(i.module, [a.name for a in i.names]) for i in imports] == [
+            ("m2snet.progress", ["task_started"]), ("m2snet.workflows", ["protocols"])]
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                  and isinstance(n.func.value, ast.Name) and n.func.value.id == "protocols"]
-        assert len(calls) == 1 and len(tree.body[0].body) <= 5, name
+        announced = [n for n in ast.walk(tree)
+                     if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "task_started"]
+        assert len(calls) == 1 and len(announced) == 1 and len(tree.body[0].body) <= 7, name
         namespace: dict = {}
         exec("import kfp\nfrom kfp import dsl\nfrom kfp.dsl import *\nfrom typing import *\n"
              + "\n".join(line for line in source.splitlines() if not line.startswith("@")), namespace)
@@ -111,6 +115,13 @@ def test_local_protocol_pipeline_logs_one_row_per_test_set_and_no_skill(pranet_t
                                    "--set", "batch_size=2", "--set", "device=cpu"])
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
     assert "model m2snet-polyp version 1" in res.output
+    # The CV pipeline's console: a line per task from the protocol pipeline's own display names, each
+    # task's output in its own log file (the runner's raw stream is not shown).
+    for label in ("prepare + validate", "split", "train", "evaluate test sets", "register", "promote", "finalize"):
+        assert any(line.split("]", 1)[-1].strip().startswith(label) and "done in" in line
+                   for line in res.output.splitlines()), (label, res.output)
+    assert "executor_input" not in res.output
+    assert len(list((tmp_path / "work" / "logs").glob("*/train-protocol.log"))) == 1
     client = MlflowClient(uri, registry_uri=uri)
     version = client.get_model_version("m2snet-polyp", "1")
     parent = client.get_run(version.run_id)
@@ -201,10 +212,17 @@ def test_covid_takes_the_infnet_test_list_as_an_id_file(tmp_path):
 
 
 def test_the_cv_protocol_is_not_the_fixed_split_pipeline(tmp_path):
+    from m2snet.cli import app
     from m2snet.common import M2SNetError
-    from m2snet.kubeflow.pipelines.protocol import run_local
+    from m2snet.kubeflow.runner import LocalRunOptions
 
     with pytest.raises(M2SNetError, match="k-fold CV: run `m2snet pipeline run --local --preset busi`"):
-        run_local("busi", work_dir=tmp_path)
+        LocalRunOptions.for_protocol("busi", work_dir=tmp_path)
     with pytest.raises(M2SNetError, match="unknown protocol"):
-        run_local("lung", work_dir=tmp_path)
+        LocalRunOptions.for_protocol("lung", work_dir=tmp_path)
+    options = LocalRunOptions.for_protocol("polyp", work_dir=tmp_path, seed=7)
+    assert (options.preset, options.importer, options.model_name, options.seed) == (
+        "polyp", "pranet", "m2snet-polyp", 7)
+    res = CliRunner().invoke(app, ["pipeline", "run", "--local", "--protocol", "polyp", "--folds", "3",
+                                   "--work-dir", str(tmp_path / "w")])
+    assert res.exit_code != 0 and "--folds: CV options" in str(res.exception) and not (tmp_path / "w").exists()

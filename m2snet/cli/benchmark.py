@@ -75,28 +75,3 @@ def paper_compare_cmd(
     if out is not None:
         write_text(out, text + "\n")
     typer.echo(text)
-
-
-
-def run_protocol_pipeline(protocol: str, *, preset: str, data: str, importer: str, work_dir: Path, experiment: str,
-                          model_name: str, seed: int, sets: List[str], floor: Optional[float],
-                          margin: Optional[float], noskill_margin: Optional[float], metric_protocol: str,
-                          threads: Optional[int]) -> None:
-    """``m2snet pipeline run --local --protocol NAME``: the fixed-split pipeline on the kfp local runner.
-    The CV pipeline's option defaults (preset demo, importer busi, its experiment and model name) become
-    the protocol's own; the test-set table and the paper's figures are printed at the end."""
-    from m2snet.cli.options import preset_overrides
-    from m2snet.kubeflow.pipelines.protocol import DEFAULT_PROTOCOL_EXPERIMENT, run_local
-    from m2snet.mlops.tracking import PIPELINE_EXPERIMENT
-    from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET
-
-    preset = protocol if preset == DEFAULT_PRESET else preset
-    res = run_local(protocol, preset=preset, data_path=data, importer=None if importer == "busi" else importer,
-                    work_dir=work_dir, experiment=DEFAULT_PROTOCOL_EXPERIMENT if experiment == PIPELINE_EXPERIMENT
-                    else experiment, model_name="" if model_name == DEFAULT_MODEL_NAME else model_name, seed=seed,
-                    train_overrides=preset_overrides(preset, sets), floor=floor, margin=margin,
-                    noskill_margin=noskill_margin, metric_protocol=metric_protocol, threads=threads or 1)
-    typer.echo(f"\n{res.table}\n\n{res.comparison}\n")
-    state = "promoted to `production`" if res.promoted else "NOT promoted"
-    typer.echo(f"model {res.model_name} version {res.version}: {state} ({res.promotion})")
-    typer.echo(f"MLflow ({res.tracking_uri}): parent run {res.parent_run_id}; {res.seconds / 60:.1f} min")

@@ -52,25 +52,31 @@ def run_cmd(
 ) -> None:
     """Run the whole pipeline: data -> validate -> split -> tune -> 4 folds -> CV table -> register -> promote."""
     from m2snet.kubeflow.runner import LocalRunOptions, run_local
+    from m2snet.mlops.tracking import PIPELINE_EXPERIMENT as CV_EXPERIMENT
+    from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET
 
     if not local:
         raise M2SNetError("pipeline run: add --local (the kfp local runner); submit to a cluster with "
                           "`m2snet pipeline submit --host URL`")
+    common = dict(data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, work_dir=work_dir, seed=seed, floor=floor,
+                  margin=margin, noskill_margin=noskill_margin, metric_protocol=protocol, threads=threads,
+                  display="stream" if verbose else "auto", runner=runner)
     if fixed_protocol:
-        from m2snet.cli.benchmark import run_protocol_pipeline
-
-        run_protocol_pipeline(fixed_protocol, preset=preset, data=data, importer=importer, work_dir=work_dir,
-                              experiment=experiment, model_name=model_name, seed=seed, sets=set_, floor=floor,
-                              margin=margin, noskill_margin=noskill_margin, metric_protocol=protocol,
-                              threads=threads)
-        return
-    result = run_local(LocalRunOptions(
-        preset, data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, importer=importer, work_dir=work_dir,
-        experiment=experiment, model_name=model_name, n_folds=folds, n_trials=trials, seed=seed,
-        train_overrides=preset_overrides(preset, set_), tuning_storage=tuning_storage, floor=floor, margin=margin,
-        noskill_margin=noskill_margin, metric_protocol=protocol, threads=threads,
-        display="stream" if verbose else "auto", runner=runner,
-    ))
+        cv_only = {"--folds": folds is not None, "--trials": trials != -1, "--tuning-storage": bool(tuning_storage)}
+        if any(cv_only.values()):
+            raise M2SNetError(f"{', '.join(k for k, given in cv_only.items() if given)}: CV options; the fixed-split "
+                              f"protocol {fixed_protocol} trains once on its training set")
+        # The CV pipeline's defaults (its preset, importer, experiment, model name) give way to the protocol's.
+        chosen = {k: v for k, v, cv_default in (("preset", preset, DEFAULT_PRESET), ("importer", importer, "busi"),
+                                               ("experiment", experiment, CV_EXPERIMENT),
+                                               ("model_name", model_name, DEFAULT_MODEL_NAME)) if v != cv_default}
+        options = LocalRunOptions.for_protocol(fixed_protocol, **common, **chosen)
+        options.train_overrides = preset_overrides(options.preset, set_)
+    else:
+        options = LocalRunOptions(preset, importer=importer, experiment=experiment, model_name=model_name,
+                                  n_folds=folds, n_trials=trials, tuning_storage=tuning_storage,
+                                  train_overrides=preset_overrides(preset, set_), **common)
+    result = run_local(options)
     _print_summary(result)
 
 
@@ -82,7 +88,9 @@ def _print_summary(result: Any) -> None:
     echo = typer.echo
     echo("")
     typer.secho(f"pipeline finished in {result.seconds / 60:.1f} min", bold=True)
-    echo(f"\nCross-validation (percent, mean ± std over folds):\n{result.cv_table or '(no table)'}\n")
+    echo(f"\n{result.table_title}:\n{result.table or '(no table)'}\n")
+    if result.comparison:
+        echo(f"{result.comparison}\n")
     verdict, _, reason = result.promotion.partition(": ")
     if result.promoted:
         state = "promoted to `production`"

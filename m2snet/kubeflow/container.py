@@ -4,7 +4,9 @@
 (docker/build.sh builds it) instead of a subprocess of this Python, the way a Kubeflow cluster runs
 them. kfp's DockerRunner talks to a Docker-compatible API (the ``docker`` SDK): ``$DOCKER_HOST`` or
 the docker socket when one answers, else a ``podman system service`` started for the run on a private
-socket and stopped after it.
+socket and stopped after it. kfp is pointed at an :class:`~m2snet.kubeflow.engine_proxy.EngineProxy` in
+front of that API, which keeps each step's container until kfp has read its exit status (kfp asks for
+auto-removal, which loses a failed step's status) and removes the run's containers at its end.
 
 The containers share the host's network (``--network host``), so the MLflow server and SeaweedFS on
 the host's loopback are reachable exactly as from the host; the kfp pipeline root is mounted at the
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from m2snet import progress
 from m2snet.common import M2SNetError
+from m2snet.kubeflow.engine_proxy import EngineProxy
 from m2snet.mlops.services import ManagedProcess
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,6 @@ FORWARDED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "M2SNET_")
 # sets no CONTAINERS_CONF and runc is installed.
 PODMAN_CONF = Path(__file__).resolve().parents[2] / "docker" / "containers.conf"  # in a checkout
 BUILD_HINT = "build it with docker/build.sh (or `make image`)"
-STEP_API_TIMEOUT_S = 600
 
 
 def _ping(base_url: str) -> bool:
@@ -117,21 +119,16 @@ def container_runner(image: str, *, data_path: str = "", tracking_uri: str) -> I
     if progress.enabled():  # the steps append their progress events to the console's file, at the same path
         events_dir = str(Path(os.environ[progress.ENV]).parent)
         mounts.append(docker.types.Mount(target=events_dir, source=events_dir, type="bind", read_only=False))
-    with docker_api() as url:
-        _require_image(url, image)
-        from kfp.local import docker_task_handler
-
+    with docker_api() as engine, EngineProxy(engine) as url:
+        _require_image(engine, image)
         previous = os.environ.get("DOCKER_HOST")
-        os.environ["DOCKER_HOST"] = url  # kfp's handler calls docker.from_env() per task
-        kfp_run = docker_task_handler.run_docker_container
-        docker_task_handler.run_docker_container = run_step_container
+        os.environ["DOCKER_HOST"] = url  # kfp's handler calls docker.from_env() per task: it talks to the proxy
         try:
             yield local.DockerRunner(
                 network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
                 environment={**step_environment(), "MLFLOW_TRACKING_URI": tracking_uri}, mounts=mounts,
             )
         finally:
-            docker_task_handler.run_docker_container = kfp_run
             if previous is None:
                 os.environ.pop("DOCKER_HOST", None)
             else:
@@ -149,29 +146,3 @@ def _require_image(url: str, image: str) -> None:
         raise M2SNetError(f"image {image} not found on {url}; {BUILD_HINT}") from None
     finally:
         client.close()
-
-
-def run_step_container(client, image: str, command: list[str], volumes: dict, **run_args) -> int:
-    """Run one step's container to its end; its exit code (stands in for kfp's run_docker_container).
-
-    kfp starts the container with auto_remove and then reads its logs and exit status: when the
-    step ends first, podman has already removed it and answers 500 (not docker's 404), and even on
-    docker kfp then assumes success. Here the container is removed only after its status is read.
-    """
-    import docker
-
-    run_args.pop("auto_remove", None)
-    # The engine may hold its storage lock for minutes (a concurrent image build commits a layer): the
-    # SDK's default 60 s read timeout would fail a step that has finished well.
-    client.api.timeout = STEP_API_TIMEOUT_S
-    container = client.containers.run(image=image, command=command, volumes=volumes, detach=True,
-                                      stdout=True, stderr=True, **run_args)
-    try:
-        for line in container.logs(stream=True, follow=True):
-            print(line.decode(errors="replace"), end="")
-        return int(container.wait()["StatusCode"])
-    finally:
-        try:
-            container.remove(force=True)
-        except docker.errors.APIError as err:  # the step's result stands; say what is left behind
-            log.warning("could not remove step container %s: %s", container.short_id, err)

@@ -31,6 +31,7 @@ from m2snet.mlops.tracking import (
     DEFAULT_TRACKING_URI,
     PIPELINE_EXPERIMENT,
     TrackingError,
+    absolute_sqlite_uri,
     mlflow_client,
     parent_run,
 )
@@ -72,7 +73,7 @@ class LocalRunResult:
     parent_run_id: str | None
     production_version: str | None
     promoted: bool
-    cv_table: str
+    table: str  # the CV table (folds), or the test-set table of a fixed-split protocol
     tracking_uri: str
     pipeline_root: Path
     seconds: float
@@ -81,6 +82,8 @@ class LocalRunResult:
     promotion: str = ""  # the promotion decision and its reason
     experiment_id: str = ""
     notes: list[str] = field(default_factory=list)  # warnings the run showed once (e.g. random init)
+    table_title: str = "Cross-validation (percent, mean ± std over folds)"
+    comparison: str = ""  # a fixed-split protocol's paper_comparison.md: the paper's figures beside ours
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -172,28 +175,77 @@ class LocalRunOptions:
     threads: int | None = None  # torch threads per task (None: half the cores; two fold tasks run at once)
     display: str = "plain"  # live | plain | stream | auto (see RunView)
     runner: str = "subprocess"  # subprocess | container
+    # A fixed-split protocol (polyp | polyp-video | covid | oct): its pipeline (pipelines/protocol.py) runs
+    # instead of the CV pipeline; n_folds, n_trials and tuning_storage do not apply to it.
+    fixed_split: str = ""
+    split_options: Mapping[str, Any] = field(default_factory=dict)  # make_fixed_split arguments (e.g. tests)
+
+    @classmethod
+    def for_protocol(cls, protocol: str, **fields: Any) -> "LocalRunOptions":
+        """A fixed-split protocol's run, with its defaults: its preset, first source format, experiment and
+        model name (``m2snet-<protocol>``); ``fields`` override them."""
+        from m2snet.kubeflow.pipelines.protocol import DEFAULT_PROTOCOL_EXPERIMENT
+        from m2snet.workflows.protocols import get_protocol, registered_model_name
+
+        p = get_protocol(protocol)
+        if p.kfold:
+            raise M2SNetError(f"protocol {protocol!r} is k-fold CV: "
+                              f"run `m2snet pipeline run --local --preset {protocol}`")
+        defaults = dict(preset=protocol, importer=p.formats[0], experiment=DEFAULT_PROTOCOL_EXPERIMENT,
+                        model_name=registered_model_name(protocol))
+        return cls(**{**defaults, **fields, "fixed_split": protocol})
 
     def arguments(self) -> dict[str, Any]:
         """The pipeline's arguments: the preset's defaults where a field is None."""
         p = get_preset(self.preset)
-        return dict(
+        common = dict(
             preset=self.preset, data_path=self.data_path, dvc_repo=self.dvc_repo, dvc_rev=self.dvc_rev,
-            importer=self.importer, n_folds=self.n_folds or p.n_folds, seed=self.seed, n_trials=self.n_trials,
-            tuning_storage=self.tuning_storage, train_overrides=json.dumps(dict(self.train_overrides)),
+            importer=self.importer, seed=self.seed, train_overrides=json.dumps(dict(self.train_overrides)),
             experiment=self.experiment, model_name=self.model_name,
             promote_floor=p.promotion.floor if self.floor is None else self.floor,
             promote_margin=p.promotion.margin if self.margin is None else self.margin,
             promote_noskill_margin=p.promotion.noskill_margin if self.noskill_margin is None else self.noskill_margin,
             metric_protocol=check_protocol(self.metric_protocol),
         )
+        if self.fixed_split:
+            return dict(common, protocol=self.fixed_split, split_options=json.dumps(dict(self.split_options)))
+        return dict(common, n_folds=self.n_folds or p.n_folds, n_trials=self.n_trials,
+                    tuning_storage=self.tuning_storage)
+
+    def pipeline(self) -> "LocalPipeline":
+        """The pipeline these options run, built for the local runner."""
+        if self.fixed_split:  # one task at a time: it may use every core
+            from m2snet.kubeflow.pipelines import protocol
+
+            threads = self.threads or os.cpu_count() or 1
+            return LocalPipeline(
+                protocol.build_pipeline(cluster=False, local_threads=threads), loop_items=1,
+                title=f"protocol {self.fixed_split} (fixed split), preset {self.preset}",
+                tables=("test/test_sets.md", "report/paper_comparison.md"),
+                table_title="Test sets (each with the no-skill predictor's row)")
+        from m2snet.kubeflow.pipelines import busi_cv
+
+        folds = self.n_folds or get_preset(self.preset).n_folds
+        threads = self.threads or max(1, (os.cpu_count() or 2) // 2)  # two fold tasks run at once
+        return LocalPipeline(busi_cv.build_pipeline(cluster=False, local_threads=threads), loop_items=folds,
+                             title=f"preset {self.preset}, {folds} folds", tables=("cv/cv_table.md",),
+                             table_title=LocalRunResult.table_title)
+
+
+@dataclass(frozen=True)
+class LocalPipeline:
+    """A pipeline as the local run needs it: its function, its loop's size, what to show at the end."""
+
+    function: Any  # the kfp pipeline function (build_pipeline(cluster=False))
+    loop_items: int  # items of its ParallelFor (the console lists a loop's tasks once per item)
+    title: str  # the console's header
+    tables: tuple[str, ...]  # the parent run's artifacts shown at the end: the table, then a comparison
+    table_title: str
 
 
 def _local_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` or the default SQLite store, made absolute (every task subprocess shares it)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    return uri
+    return absolute_sqlite_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
 def run_local(options: LocalRunOptions) -> LocalRunResult:
@@ -222,25 +274,23 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
     if data_path and o.runner == "container":
         data_path = str(Path(data_path).resolve())  # mounted at the same path; the step's cwd is not ours
     arguments = replace(o, data_path=data_path).arguments()
+    pipeline = o.pipeline()
     uri = _local_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     work = Path(o.work_dir).resolve()
     root = work / "kfp"
     root.mkdir(parents=True, exist_ok=True)
-    from m2snet.kubeflow.pipelines import busi_cv
-
-    pipeline_fn = busi_cv.build_pipeline(cluster=False, local_threads=o.threads or max(1, (os.cpu_count() or 2) // 2))
     view = RunView(work / "logs" / time.strftime("%Y%m%d-%H%M%S"),
-                   planned_tasks(pipeline_fn, loop_items=arguments["n_folds"]), mode=o.display)
+                   planned_tasks(pipeline.function, loop_items=pipeline.loop_items), mode=o.display)
     # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
 
     failure: Exception | None = None
     with warnings.catch_warnings(), view, _kfp_runner(o.runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
-        view.header(f"m2snet pipeline: preset {o.preset}, {arguments['n_folds']} folds, MLflow {redact(uri)}, "
-                    f"runner {o.runner}\nlogs: {view.log_dir}/")
-        log.info("local pipeline run: preset %s, MLflow %s, kfp root %s, runner %s", o.preset, redact(uri), root,
+        view.header(f"m2snet pipeline: {pipeline.title}, MLflow {redact(uri)}, runner {o.runner}\n"
+                    f"logs: {view.log_dir}/")
+        log.info("local pipeline run: %s, MLflow %s, kfp root %s, runner %s", pipeline.title, redact(uri), root,
                  o.runner)
         # The SubprocessRunner warns that our image name has no "python" in it (we run in this env), and
         # that display names are not shown locally (the console shows them).
@@ -248,17 +298,18 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
         warnings.filterwarnings("ignore", message=r".*\['display_name'\] have no effect in the current local runner.*")
         local.init(runner=kfp_runner, pipeline_root=str(root), raise_on_error=True)
         try:
-            task = pipeline_fn(**arguments)
+            task = pipeline.function(**arguments)
         except RuntimeError as err:  # the local runner's "inner task failed"
             failure = err
             view.mark_skipped()
     seconds = time.perf_counter() - t0
     if failure is not None or view.failed:
         raise _record_failure(view, o.experiment, failure or RuntimeError("a task failed")) from failure
-    return _result(o, task, view, uri=uri, root=root, seconds=seconds)
+    return _result(o, pipeline, task, view, uri=uri, root=root, seconds=seconds)
 
 
-def _result(o: LocalRunOptions, task: Any, view: RunView, *, uri: str, root: Path, seconds: float) -> LocalRunResult:
+def _result(o: LocalRunOptions, pipeline: LocalPipeline, task: Any, view: RunView, *, uri: str, root: Path,
+            seconds: float) -> LocalRunResult:
     """What a finished local run registered and decided, read back from MLflow."""
     client = mlflow_client(uri)
     outputs = getattr(task, "outputs", {}) or {}
@@ -274,23 +325,25 @@ def _result(o: LocalRunOptions, task: Any, view: RunView, *, uri: str, root: Pat
     pipeline_run_id = mv.tags.get("pipeline_run_id", "")
     parent = parent_run(pipeline_run_id, o.experiment, create=False)
     prod = version_by_alias(o.model_name, PRODUCTION, client)
-    table = ""
-    if parent is not None:
+    texts = []
+    for artifact in pipeline.tables if parent is not None else ():
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                table = Path(client.download_artifacts(parent.run_id, "cv/cv_table.md", tmp)).read_text()
-            except Exception as err:  # noqa: BLE001 - the table is a convenience here
-                log.warning("could not read the CV table of run %s: %s", parent.run_id, err)
+                texts.append(Path(client.download_artifacts(parent.run_id, artifact, tmp)).read_text().strip())
+            except Exception as err:  # noqa: BLE001 - the tables are a convenience here
+                log.warning("could not read %s of run %s: %s", artifact, parent.run_id, err)
+                texts.append("")
+    table, comparison = (texts + ["", ""])[:2]
     exp = client.get_experiment_by_name(o.experiment)
     return LocalRunResult(
         model_name=o.model_name, version=version, pipeline_run_id=pipeline_run_id,
         parent_run_id=parent.run_id if parent else None,
         production_version=str(prod.version) if prod is not None else None,
-        promoted=prod is not None and str(prod.version) == version, cv_table=table.strip(), tracking_uri=redact(uri),
+        promoted=prod is not None and str(prod.version) == version, table=table, tracking_uri=redact(uri),
         pipeline_root=root, seconds=seconds, log_dir=view.log_dir,
         tasks=[TaskSummary(t.label, t.state, t.seconds, t.log) for t in view.tasks.values()],
         promotion=mv.tags.get("promotion_decision", ""), experiment_id=exp.experiment_id if exp else "",
-        notes=list(view.notes),
+        notes=list(view.notes), table_title=pipeline.table_title, comparison=comparison,
     )
 
 

@@ -60,6 +60,14 @@ _PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESO
                      "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
+def absolute_sqlite_uri(uri: str) -> str:
+    """A relative SQLite store URI made absolute, so that processes with another working directory (the
+    pipeline's task subprocesses) open the same file; any other URI unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
 class TrackingError(M2SNetError):
     """The tracking server stayed unreachable after all retries."""
 

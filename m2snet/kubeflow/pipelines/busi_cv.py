@@ -17,21 +17,20 @@ Recompile after any change here or in m2snet/kubeflow/components/:  m2snet pipel
 
 from pathlib import Path
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.kubeflow.components import (
     aggregate_cv,
     evaluate_fold,
     finalize_run,
-    prepare_dataset,
     promote_model,
     register_model,
     split_dataset,
     train_fold,
     tune_hyperparameters,
 )
-from m2snet.kubeflow.image import COMPONENT_GID, COMPONENT_UID
+from m2snet.kubeflow.pipelines.tasks import PipelineTasks
 from m2snet.mlops.tracking import PIPELINE_EXPERIMENT
 from m2snet.workflows.presets import DEFAULT_MODEL_NAME, PRESETS
 
@@ -39,63 +38,10 @@ PIPELINE_NAME = "m2snet-busi-cv"
 CLUSTER_PRESET = PRESETS["busi"]  # the compiled pipeline's defaults
 COMPILED = Path(__file__).with_suffix(".yaml")
 
-# Kubernetes Secrets (k8s/base/secrets.yaml) mounted as environment on the cluster.
-MLFLOW_SECRET = "mlflow-client"
-MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                      "MLFLOW_S3_ENDPOINT_URL",
-                      # The Optuna storage (PostgreSQL) the tune step uses when tuning_storage is empty:
-                      # a URL with a password belongs in a Secret, not in a run parameter.
-                      "M2SNET_OPTUNA_STORAGE")
-S3_SECRET = "s3-credentials"
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-
-# Per-fold training resources on the cluster.
-TRAIN_GPU = "nvidia.com/gpu"
-TRAIN_CPU_LIMIT = "8"
-TRAIN_MEMORY_LIMIT = "48G"
-TRAIN_RETRIES = 2  # transient failures: node preemption, a flaky tracking server
-
-
-def _with_cluster_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET,
-                                 secret_key_to_env={k: k for k in MLFLOW_SECRET_KEYS})
-    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
-    # The image's own non-root user. The SDK has no setting for allowPrivilegeEscalation or capabilities:
-    # KFP's backend sets allowPrivilegeEscalation: false and drops all capabilities on every task container
-    # (kfp-kubernetes 2.17, set_security_context's docstring).
-    kubernetes.set_security_context(task, run_as_user=COMPONENT_UID, run_as_group=COMPONENT_GID, run_as_non_root=True)
-    return task
-
-
-def configure_task(task: dsl.PipelineTask, display_name: str, *, cluster: bool, local_threads: int = 1
-                   ) -> dsl.PipelineTask:
-    """Every task of an m2snet pipeline: no caching; on a cluster its name and Secrets, locally its threads."""
-    # Every step writes to MLflow: a cached step would skip its side effects on a re-run.
-    task.set_caching_options(False)
-    task.set_display_name(display_name)  # the cluster UI's and the local console's label
-    if cluster:
-        _with_cluster_env(task)
-    else:
-        # The local runner runs up to two fold tasks at once on the host: one thread each.
-        task.set_env_variable("OMP_NUM_THREADS", str(local_threads))
-    return task
-
-
-def request_training_resources(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """A training task on the cluster: one GPU, CPU/memory limits, retries, the GPU nodes' taint tolerated."""
-    (task.set_accelerator_type(TRAIN_GPU).set_accelerator_limit(1)
-     .set_cpu_limit(TRAIN_CPU_LIMIT).set_memory_limit(TRAIN_MEMORY_LIMIT)
-     .set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0))
-    # GPU nodes are commonly tainted so that only GPU work lands there.
-    kubernetes.add_toleration(task, key=TRAIN_GPU, operator="Exists", effect="NoSchedule")
-    return task
-
-
 def build_pipeline(cluster: bool = True, local_threads: int = 1):
     """The pipeline function; ``cluster`` adds GPU requests, limits, retries and Secrets."""
 
-    def prepare(task: dsl.PipelineTask, display_name: str) -> dsl.PipelineTask:
-        return configure_task(task, display_name, cluster=cluster, local_threads=local_threads)
+    step = PipelineTasks(cluster, local_threads)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.strip().splitlines()[0])
     def busi_cv(
@@ -125,47 +71,42 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         metric_protocol: str = DEFAULT_PROTOCOL,
     ) -> str:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        # Runs after everything else, whether it succeeded or not: no parent run is left RUNNING.
-        finalize = prepare(finalize_run(pipeline_run_id=run_id, experiment=experiment), "finalize")
-        with dsl.ExitHandler(finalize, name="cv-pipeline"):
-            data = prepare(prepare_dataset(
-                preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, dvc_path=dvc_path,
-                importer=importer, pipeline_run_id=run_id, experiment=experiment,
-            ), "prepare + validate")
-            split = prepare(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed, seeds=seeds,
+        source = dict(preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, dvc_path=dvc_path,
+                      importer=importer)
+        with step.guarded_run(finalize_run, "cv-pipeline", run_id=run_id, experiment=experiment,
+                                 source=source) as (finalize, data):
+            split = step(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed, seeds=seeds,
                                           pipeline_run_id=run_id, experiment=experiment), "split")
             with dsl.ParallelFor(split.outputs["Output"], parallelism=4) as task:
                 fold = task.fold
                 # Nested tuning: each fold tunes on an inner split of its own training cases, so no
                 # reported fold ever took part in choosing the learning rates it is scored with.
-                tune = prepare(tune_hyperparameters(
+                tune = step(tune_hyperparameters(
                     dataset=data.outputs["dataset"], split=split.outputs["split"], preset=preset, fold=fold,
                     seed=task.seed, train_overrides=train_overrides, n_trials=n_trials, storage=tuning_storage,
                     pipeline_run_id=run_id, experiment=experiment,
                 ), "tune fold (Optuna)")
-                train = prepare(train_fold(
+                train = step.training(train_fold(
                     dataset=data.outputs["dataset"], split=split.outputs["split"],
                     best_params=tune.outputs["best_params"], fold=fold, seed=task.seed, preset=preset,
                     train_overrides=train_overrides, pipeline_run_id=run_id, experiment=experiment,
                 ), "train fold")
-                if cluster:
-                    request_training_resources(train)
-                evaluation = prepare(evaluate_fold(
+                evaluation = step(evaluate_fold(
                     dataset=data.outputs["dataset"], split=split.outputs["split"],
                     model=train.outputs["model"], fold=fold, metric_protocol=metric_protocol,
                 ), "evaluate fold")
 
-            table = prepare(aggregate_cv(
+            table = step(aggregate_cv(
                 fold_metrics=dsl.Collected(evaluation.outputs["metrics"]),
                 fold_reports=dsl.Collected(evaluation.outputs["report"]),
                 pipeline_run_id=run_id, experiment=experiment, metric_protocol=metric_protocol,
             ), "aggregate CV")
-            version = prepare(register_model(
+            version = step(register_model(
                 models=dsl.Collected(train.outputs["model"]), cv_metrics=table.outputs["cv_metrics"],
                 split=split.outputs["split"], model_name=model_name, dataset_version=data.outputs["Output"],
                 pipeline_run_id=run_id, experiment=experiment, metric_protocol=metric_protocol,
             ), "register")
-            prepare(promote_model(
+            step(promote_model(
                 model_name=model_name, version=version.output, floor=promote_floor, margin=promote_margin,
                 noskill_margin=promote_noskill_margin, require_ci=promote_require_ci,
                 pipeline_run_id=run_id, experiment=experiment,
