@@ -336,5 +336,7 @@ def test_pipeline_steps_repeat_the_cv_per_seed_on_one_split(tmp_path):
     assert "cv_dice_mean" in cv
     summary = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
     assert [(r["seed"], r["fold"]) for r in summary["per_fold"]] == [(3, 0), (4, 0)]
+    # The table says what its rows are: one fold, twice (not "2 folds").
+    assert (tmp_path / "cv" / "cv_table.md").read_text().startswith("| 1 fold x 2 seeds, project protocol |")
     cases = load_cv_cases(str(tmp_path / "cv"))
     assert sorted(map(str, cases.seeds)) == ["3", "4"] and {str(r["seed"]) for r in cases.rows} == {"3", "4"}

@@ -290,6 +290,39 @@ def test_cli_console_is_short_and_says_where_to_look(runs):
     assert "random weights" in (log_dir / "train-fold-0.log").read_text()
 
 
+def test_seeds_repeat_the_cv_with_a_console_line_per_seed_and_fold(mlflow_server, tmp_path):
+    """`pipeline run --local --seeds 42,43 --require-ci`: every fold task once per seed on one split, each with
+    its own console line and log file (named by fold and seed), the seeds on the parent run, and the promote
+    step given the statistical gate."""
+    from m2snet.kubeflow.runner import LocalRunOptions
+    from m2snet.kubeflow.runview import planned_tasks
+
+    options = LocalRunOptions("tiny", n_folds=2, seeds="42,43")
+    keys = [key for key, _ in planned_tasks(options.pipeline().function, options.pipeline().loop_items)]
+    assert [k for k in keys if k.startswith("train-fold")] == [
+        "train-fold-0-seed42", "train-fold-1-seed42", "train-fold-0-seed43", "train-fold-1-seed43"]
+    cli = _cli("pipeline", "run", "--local", "--preset", "tiny", "--work-dir", str(tmp_path / "run"),
+               "--experiment", "pipeline-seeds", "--model-name", "m2snet-tiny-seeds", "--folds", "2",
+               "--trials", "1", "--seeds", "42,43", "--require-ci", cwd=tmp_path, url=mlflow_server.url)
+    assert cli.returncode == 0, f"{cli.stdout}\n{cli.stderr}"
+    assert "2 folds x 2 seeds" in cli.stdout and "| 2 folds x 2 seeds, project protocol |" in cli.stdout
+    done = set(re.findall(r"done in .*log: (\S+\.log)", cli.stdout))
+    for item in ("0-seed42", "1-seed42", "0-seed43", "1-seed43"):
+        assert {f"tune-hyperparameters-{item}.log", f"train-fold-{item}.log", f"evaluate-fold-{item}.log"} <= done
+    client = _client(mlflow_server.url)
+    mv = client.get_model_version("m2snet-tiny-seeds", "1")
+    exp = client.get_experiment_by_name("pipeline-seeds")
+    (parent,) = client.search_runs([exp.experiment_id],
+                                   filter_string=f"tags.`m2snet.pipeline_run_id` = '{mv.tags['pipeline_run_id']}'")
+    assert parent.data.params["seeds"] == "42,43"
+    folds = [r for r in client.search_runs([exp.experiment_id], "tags.`m2snet.kind` = 'fold'")
+             if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted((r.data.tags["m2snet.fold"], r.data.params["seed"]) for r in folds) == [
+        ("0", "42"), ("0", "43"), ("1", "42"), ("1", "43")]
+    # The gate the promote step applied is recorded on the version (the tiny preset's, with the CI rule).
+    assert mv.tags["promotion_policy"] == "floor=0 margin=0.005 noskill_margin=0.05 require_ci=True"
+
+
 def test_any_importer_reaches_the_pipeline(runs):
     """`--data RAW --importer kvasir`: the prepare step imported the Kvasir layout; lineage says so."""
     client = _client(runs["url"])

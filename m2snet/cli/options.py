@@ -55,12 +55,6 @@ def parse_folds(text: Optional[str]) -> Optional[list[int]]:
 
 def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
     """``--seeds 42,43,44`` -> [42, 43, 44]; empty = the config's one seed."""
-    if not text:
-        return None
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise M2SNetError(f"--seeds {text!r}: expected comma-separated integers like 42,43,44") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise M2SNetError(f"--seeds {text!r}: give one or more distinct seeds")
-    return seeds
+    from m2snet.workflows.steps import parse_seeds as parse
+
+    return parse(text, "--seeds") or None

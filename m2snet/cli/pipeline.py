@@ -36,11 +36,16 @@ def run_cmd(
     trials: int = typer.Option(-1, help="Optuna trials (default: the preset's)."),
     tuning_storage: str = typer.Option("", help="Optuna storage URL (sqlite:///..., journal:PATH, postgresql://...)."),
     seed: int = typer.Option(42, help="Split seed."),
+    seeds: str = typer.Option("", help="Repeat the CV once per training seed on the same split (e.g. 42,43,44): "
+                                       "the table is mean ± std over seeds x folds, as `m2snet cv --seeds`."),
     set_: List[str] = typer.Option([], "--set", help="Training option KEY=VALUE (TrainConfig field); repeatable."),
     floor: Optional[float] = typer.Option(None, help="Promotion floor on CV Dice (0..1); default: the preset's."),
     margin: Optional[float] = typer.Option(None, help="Margin over production's CV Dice; default: the preset's."),
     noskill_margin: Optional[float] = typer.Option(None, help="Margin over the no-skill (all-background) "
                                                    "predictor's CV Dice; default: the preset's."),
+    require_ci: Optional[bool] = typer.Option(
+        None, "--require-ci/--no-require-ci",
+        help="Statistical gate: beat production by a paired 95 % CI above zero (default: the preset's)."),
     protocol: str = METRIC_PROTOCOL,
     threads: Optional[int] = typer.Option(None, help="Torch threads per task (two fold tasks run at once)."),
     verbose: bool = typer.Option(False, "--verbose", help="Stream every task's full output (the logs are kept too)."),
@@ -62,7 +67,8 @@ def run_cmd(
                   margin=margin, noskill_margin=noskill_margin, metric_protocol=protocol, threads=threads,
                   display="stream" if verbose else "auto", runner=runner)
     if fixed_protocol:
-        cv_only = {"--folds": folds is not None, "--trials": trials != -1, "--tuning-storage": bool(tuning_storage)}
+        cv_only = {"--folds": folds is not None, "--trials": trials != -1, "--tuning-storage": bool(tuning_storage),
+                   "--seeds": bool(seeds), "--require-ci": require_ci is not None}
         if any(cv_only.values()):
             raise M2SNetError(f"{', '.join(k for k, given in cv_only.items() if given)}: CV options; the fixed-split "
                               f"protocol {fixed_protocol} trains once on its training set")
@@ -74,8 +80,8 @@ def run_cmd(
         options.train_overrides = preset_overrides(options.preset, set_)
     else:
         options = LocalRunOptions(preset, importer=importer, experiment=experiment, model_name=model_name,
-                                  n_folds=folds, n_trials=trials, tuning_storage=tuning_storage,
-                                  train_overrides=preset_overrides(preset, set_), **common)
+                                  n_folds=folds, n_trials=trials, tuning_storage=tuning_storage, seeds=seeds,
+                                  require_ci=require_ci, train_overrides=preset_overrides(preset, set_), **common)
     result = run_local(options)
     _print_summary(result)
 

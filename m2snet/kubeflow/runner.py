@@ -36,6 +36,7 @@ from m2snet.mlops.tracking import (
     parent_run,
 )
 from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, get_preset
+from m2snet.workflows.steps import loop_items, parse_seeds
 
 log = logging.getLogger("m2snet.kubeflow")
 
@@ -168,9 +169,11 @@ class LocalRunOptions:
     seed: int = 42
     train_overrides: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields (--set)
     tuning_storage: str = ""
+    seeds: str = ""  # repeat the CV once per training seed on one split ("42,43"; "": the config's one seed)
     floor: float | None = None  # the promotion gate (None: the preset's)
     margin: float | None = None
     noskill_margin: float | None = None
+    require_ci: bool | None = None  # the statistical gate: a paired 95 % CI above production's
     metric_protocol: str = DEFAULT_PROTOCOL
     threads: int | None = None  # torch threads per task (None: half the cores; two fold tasks run at once)
     display: str = "plain"  # live | plain | stream | auto (see RunView)
@@ -210,7 +213,8 @@ class LocalRunOptions:
         if self.fixed_split:
             return dict(common, protocol=self.fixed_split, split_options=json.dumps(dict(self.split_options)))
         return dict(common, n_folds=self.n_folds or p.n_folds, n_trials=self.n_trials,
-                    tuning_storage=self.tuning_storage)
+                    tuning_storage=self.tuning_storage, seeds=",".join(map(str, parse_seeds(self.seeds))),
+                    promote_require_ci=p.promotion.require_ci if self.require_ci is None else self.require_ci)
 
     def pipeline(self) -> "LocalPipeline":
         """The pipeline these options run, built for the local runner."""
@@ -227,8 +231,11 @@ class LocalRunOptions:
 
         folds = self.n_folds or get_preset(self.preset).n_folds
         threads = self.threads or max(1, (os.cpu_count() or 2) // 2)  # two fold tasks run at once
-        return LocalPipeline(busi_cv.build_pipeline(cluster=False, local_threads=threads), loop_items=folds,
-                             title=f"preset {self.preset}, {folds} folds", tables=("cv/cv_table.md",),
+        seeds = parse_seeds(self.seeds)
+        return LocalPipeline(busi_cv.build_pipeline(cluster=False, local_threads=threads),
+                             loop_items=loop_items(folds, self.seeds),
+                             title=f"preset {self.preset}, {folds} folds"
+                                   + (f" x {len(seeds)} seeds" if seeds else ""), tables=("cv/cv_table.md",),
                              table_title=LocalRunResult.table_title)
 
 
@@ -237,7 +244,7 @@ class LocalPipeline:
     """A pipeline as the local run needs it: its function, its loop's size, what to show at the end."""
 
     function: Any  # the kfp pipeline function (build_pipeline(cluster=False))
-    loop_items: int  # items of its ParallelFor (the console lists a loop's tasks once per item)
+    loop_items: int | list[str]  # items of its ParallelFor (the console lists a loop's tasks once per item)
     title: str  # the console's header
     tables: tuple[str, ...]  # the parent run's artifacts shown at the end: the table, then a comparison
     table_title: str

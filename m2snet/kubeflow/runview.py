@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from rich.console import Console
 from rich.live import Live
@@ -61,14 +61,14 @@ def _topological(tasks: Mapping[str, dict]) -> list[str]:
     return done
 
 
-def planned_tasks(spec: Any, loop_items: int = 1) -> list[tuple[str, str]]:
+def planned_tasks(spec: Any, loop_items: int | Sequence[Any] = 1) -> list[tuple[str, str]]:
     """``(key, label)`` of every task a run of the pipeline ``spec`` executes, in dependency order.
 
     ``spec``: a pipeline function (kfp ``GraphComponent``), its ``PipelineSpec`` proto or that as a dict
     (a compiled YAML's first document). A task's label is its display name (``set_display_name``; the
     task name otherwise); a loop's (``dsl.ParallelFor``) tasks are listed ``loop_items`` times, keyed
     ``<component>-<i>`` and labelled ``<display name> <i>``: the key a task announces with
-    ``progress.task_started(component, i)``. Loop items are taken to be ``0 .. loop_items-1``.
+    ``progress.task_started(component, i)``. ``loop_items``: the items (an int n: ``0 .. n-1``).
     """
     if hasattr(spec, "pipeline_spec"):
         spec = spec.pipeline_spec
@@ -87,7 +87,7 @@ def planned_tasks(spec: Any, loop_items: int = 1) -> list[tuple[str, str]]:
             component = components.get(ref, {})
             if "dag" in component:
                 looped = "parameterIterator" in task or "artifactIterator" in task
-                for i in (range(loop_items) if looped else [item]):
+                for i in ((range(loop_items) if isinstance(loop_items, int) else loop_items) if looped else [item]):
                     walk(component["dag"], i)
                 continue
             label = task.get("taskInfo", {}).get("name") or name

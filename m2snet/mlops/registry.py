@@ -76,6 +76,11 @@ class PromotionPolicy:
         if self.noskill_margin < 0:
             raise M2SNetError(f"promotion noskill_margin={self.noskill_margin} must be >= 0")
 
+    def describe(self) -> str:
+        """The gate in one line, as the version's ``promotion_policy`` tag records it."""
+        return (f"floor={self.floor:g} margin={self.margin:g} noskill_margin={self.noskill_margin:g} "
+                f"require_ci={self.require_ci}")
+
 
 @dataclass(frozen=True)
 class PromotionDecision:
@@ -293,6 +298,7 @@ def promote(
         production_version=current_version, production_score=prod_score,
     )
     client.set_model_version_tag(name, version, "promotion_decision", ("promoted: " if ok else "rejected: ") + reason)
+    client.set_model_version_tag(name, version, "promotion_policy", "forced" if force else policy.describe())
     client.update_model_version(name, version, description=_with_decision(candidate.description, decision))
     log.info("model %s version %s: %s (%s)", name, version, "PROMOTED" if ok else "not promoted", reason)
     progress.emit("promotion", version=version, promoted=ok, reason=reason)

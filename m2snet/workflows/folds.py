@@ -32,7 +32,7 @@ import numpy as np
 
 from m2snet.common import M2SNetError, git_commit, sha256_file, write_json, write_text
 from m2snet.data.format import load_dataset
-from m2snet.data.split import load_split
+from m2snet.data.split import Split, load_split
 from m2snet.evaluation.metrics import (
     BUSI_TABLE,
     DEFAULT_PROTOCOL,
@@ -105,7 +105,10 @@ class CVSummary:
     def table(self, columns: Sequence[tuple[str, str]] = BUSI_TABLE, title: str = "") -> str:
         """A Markdown table, the paper's BUSI columns: the model and the no-skill predictor (all
         background), each on all cases and on the lesion cases; a note for any metric NaN on a case."""
-        folds = f"{self.n_folds} fold" + ("s" if self.n_folds != 1 else "")
+        distinct = len(set(self.folds)) or self.n_folds
+        folds = f"{distinct} fold" + ("s" if distinct != 1 else "")
+        if self.n_folds > distinct:  # a repeated CV: each fold once per seed
+            folds += f" x {self.n_folds // distinct} seeds"
         head = "| " + " | ".join([f"{folds}, {self.protocol} protocol", *[c for c, _ in columns]]) + " |"
         lines = [head, "|" + "---|" * (len(columns) + 1)]
         for predictor, who in PREDICTORS:
@@ -391,6 +394,15 @@ class CVResult:
     parent_run_id: str | None = None
 
 
+def split_params(split: Split, seeds: Sequence[int] | None = None,
+                 folds: Sequence[int] | None = None) -> dict[str, Any]:
+    """What a CV's parent run records of its split and code, alike from ``m2snet cv`` and the pipeline's split
+    step: the split file's hash, its folds and duplicate rule, the folds run, the repeated seeds, the commit."""
+    return {"split_sha256": split.sha256, "n_folds": split.n_folds, "split_group": split.group,
+            "folds": ",".join(map(str, range(split.n_folds) if folds is None else folds)),
+            **({"seeds": ",".join(map(str, seeds))} if seeds else {}), "git_commit": git_commit()}
+
+
 def run_cv(
     cfg: TrainConfig,
     out_dir: str | os.PathLike,
@@ -447,11 +459,8 @@ def run_cv(
             # The children record what actually happened (pretrained source, device, the rates and their
             # source); the parent records the shared inputs.
             parent.log_params({**{k: v for k, v in config_params(cfg.to_dict()).items() if k.startswith("config.")},
-                               "data_version": data_version, "split_sha256": split.sha256,
-                               "git_commit": git_commit(), "seed": cfg.seed, "n_folds": split.n_folds,
-                               **({"seeds": ",".join(map(str, seeds))} if given else {}),
-                               "folds": ",".join(map(str, folds)), "selection": cfg.selection,
-                               "split_group": split.group,
+                               "data_version": data_version, "seed": cfg.seed, "selection": cfg.selection,
+                               **split_params(split, seeds if given else None, folds),
                                "tuning": "nested per fold" if tuning is not None else "none"})
             parent.log_dataset(dataset_lineage(cfg.data))
         runs: list[tuple[int, FoldResult]] = []  # (seed, fold result)

@@ -59,6 +59,7 @@ from m2snet.workflows.folds import (
     open_fold_run,
     report_cv,
     score_fold,
+    split_params,
     tune_fold,
 )
 from m2snet.workflows.presets import get_preset, parse_overrides, train_config
@@ -170,15 +171,27 @@ def prepare_dataset(
     return version
 
 
-def parse_seeds(text: str) -> list[int]:
-    """The pipeline's ``seeds`` ("42,43,44"; empty: the training config's one seed)."""
+def parse_seeds(text: str | None, option: str = "seeds") -> list[int]:
+    """Repeated training seeds, "42,43,44" (the pipeline's ``seeds``, the CLI's ``--seeds``); empty: none
+    repeated, the training config's one seed."""
     try:
-        seeds = [int(x) for x in str(text).split(",") if x.strip()]
+        seeds = [int(x) for x in str(text or "").split(",") if x.strip()]
     except ValueError:
-        raise M2SNetError(f"seeds {text!r}: expected comma-separated integers like 42,43,44") from None
+        raise M2SNetError(f"{option} {text!r}: expected comma-separated integers like 42,43,44") from None
     if len(set(seeds)) != len(seeds) or any(x < 0 for x in seeds):
-        raise M2SNetError(f"seeds {text!r}: give distinct non-negative seeds")
+        raise M2SNetError(f"{option} {text!r}: give distinct non-negative seeds")
     return seeds
+
+
+def loop_item(fold: int, seed: int = NO_SEED) -> str:
+    """The console's name of one fold task of the pipeline's loop: ``2``, or ``2-seed43`` when seeds repeat
+    (the fold's MLflow run is named alike); its tasks announce themselves as ``train-fold-<item>``."""
+    return str(fold) if seed == NO_SEED else f"{fold}-seed{seed}"
+
+
+def loop_items(n_folds: int, seeds: str = "") -> list[str]:
+    """Every item of the pipeline's fold loop, in :func:`split_dataset`'s order."""
+    return [loop_item(k, s) for s in parse_seeds(seeds) or [NO_SEED] for k in range(n_folds)]
 
 
 def split_dataset(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n_folds: int, seed: int, *,
@@ -194,7 +207,7 @@ def split_dataset(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n
     seed_list = parse_seeds(seeds)
     parent = ctx.parent()
     if parent is not None:
-        parent.log_params({"split_sha256": sha256_file(out_path), **({"seeds": seeds} if seed_list else {})})
+        parent.log_params(split_params(split, seed_list))
     return [{"fold": k, "seed": s} for s in seed_list or [NO_SEED] for k in range(split.n_folds)]
 
 

@@ -13,13 +13,14 @@ def evaluate_fold(
     report: Output[Dataset],
     metrics: Output[Metrics],
     metric_protocol: str,  # no default here: kfp ships this source alone; the pipeline passes it
+    seed: int = -1,  # steps.NO_SEED; only names the task for the local console
 ):
     """Score the fold's checkpoint and the no-skill predictor on its validation cases at original size
     (per-case CSV + overlays) under the metric protocol."""
     from m2snet.progress import task_started
     from m2snet.workflows import steps
 
-    task_started("evaluate-fold", fold)  # for the local console; no-op on a cluster
+    task_started("evaluate-fold", steps.loop_item(fold, seed))  # for the local console; no-op on a cluster
 
     scores = steps.evaluate_fold_step(dataset.path, split.path, fold, model.path, report.path,
                                       metric_protocol=metric_protocol)

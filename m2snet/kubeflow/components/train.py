@@ -22,7 +22,8 @@ def train_fold(
     from m2snet.progress import task_started
     from m2snet.workflows import steps
 
-    task_started("train-fold", fold, pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
+    # For the local console (a no-op on a cluster): "train-fold-2", or "train-fold-2-seed43" when seeds repeat.
+    task_started("train-fold", steps.loop_item(fold, seed), pipeline_run_id=pipeline_run_id)
 
     result = steps.train_fold_step(
         dataset.path, split.path, fold, best_params.path, model.path, preset=preset,

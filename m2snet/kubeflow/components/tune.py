@@ -22,7 +22,8 @@ def tune_hyperparameters(
     from m2snet.progress import task_started
     from m2snet.workflows import steps
 
-    task_started("tune-hyperparameters", fold, pipeline_run_id=pipeline_run_id)  # for the local console
+    # For the local console (a no-op on a cluster): "...-2", or "...-2-seed43" when seeds repeat.
+    task_started("tune-hyperparameters", steps.loop_item(fold, seed), pipeline_run_id=pipeline_run_id)
 
     return steps.tune_step(
         dataset.path, split.path, best_params.path, preset=preset, fold=fold, train_overrides=train_overrides,

@@ -93,7 +93,7 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
                 ), "train fold")
                 evaluation = step(evaluate_fold(
                     dataset=data.outputs["dataset"], split=split.outputs["split"],
-                    model=train.outputs["model"], fold=fold, metric_protocol=metric_protocol,
+                    model=train.outputs["model"], fold=fold, seed=task.seed, metric_protocol=metric_protocol,
                 ), "evaluate fold")
 
             table = step(aggregate_cv(
