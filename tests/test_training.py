@@ -89,6 +89,16 @@ def test_config_file_roundtrip_and_overrides(tmp_path):
         TrainConfig.from_file(tmp_path / "bad.yaml")
     with pytest.raises(M2SNetError, match="size=100 must be a multiple of 32"):
         cfg.override(size=100)
+    # Every value is checked against its field's type, whichever door it came through: a file ...
+    (tmp_path / "typed.yaml").write_text("epochs: ten\nhead_lr: fast\nmodel_config: [1]\n")
+    with pytest.raises(M2SNetError, match=r"typed.yaml: model_config=\[1\]: input should be a valid dictionary; "
+                                          r"epochs='ten': input should be a valid integer.*; "
+                                          r"head_lr='fast': input should be a valid number"):
+        TrainConfig.from_file(tmp_path / "typed.yaml")
+    # ... --set (typed by the same annotations), or a JSON override; a number in a string is read as one.
+    with pytest.raises(M2SNetError, match="epochs=2.5: input should be a valid integer"):
+        cfg.override(epochs=2.5)
+    assert cfg.override(epochs="4", head_lr="0.02").epochs == 4 and cfg.override(head_lr="0.02").head_lr == 0.02
 
 
 def test_multiscale_set_scales_with_base_size():

@@ -12,6 +12,7 @@ triangular schedule, batch 16, 352 px with multi-scale batches, flip + rotation,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -129,11 +130,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """The config from a mapping (a file, the pipeline's ``train_overrides`` JSON, ``--set``): every value
+        checked against the field's annotation (the one schema, enforced by pydantic), then :meth:`validate`."""
+        from pydantic import ValidationError
+
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise M2SNetError(f"{source}: unknown training option(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**data)
+        try:
+            cfg = _schema().validate_python(dict(data))
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg'].lower()}"
+                                 for e in err.errors())
+            raise M2SNetError(f"{source}: {problems}") from None
         cfg.validate(source)
         return cfg
 
@@ -198,6 +208,15 @@ class TrainConfig:
             problems.append("num_workers must be >= 0")
         if problems:
             raise M2SNetError(f"{source}: " + "; ".join(problems))
+
+
+@functools.cache
+def _schema():
+    """pydantic's validator of :class:`TrainConfig` from its annotations (lax: "3" is 3, 1 is 1.0; "ten",
+    2.5 epochs or a list for a dict are errors)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(TrainConfig)
 
 
 def _parse_value(raw: str, hint: Any, key: str) -> Any:

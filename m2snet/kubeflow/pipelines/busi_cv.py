@@ -74,9 +74,9 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         source = dict(preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, dvc_path=dvc_path,
                       importer=importer)
         with step.guarded_run(finalize_run, "cv-pipeline", run_id=run_id, experiment=experiment,
-                                 source=source) as (finalize, data):
+                              source=source) as (finalize, data):
             split = step(split_dataset(dataset=data.outputs["dataset"], n_folds=n_folds, seed=seed, seeds=seeds,
-                                          pipeline_run_id=run_id, experiment=experiment), "split")
+                                       pipeline_run_id=run_id, experiment=experiment), "split")
             with dsl.ParallelFor(split.outputs["Output"], parallelism=4) as task:
                 fold = task.fold
                 # Nested tuning: each fold tunes on an inner split of its own training cases, so no

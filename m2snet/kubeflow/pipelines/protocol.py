@@ -72,10 +72,10 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
         source = dict(preset=preset, data_path=data_path, dvc_repo=dvc_repo, dvc_rev=dvc_rev, dvc_path=dvc_path,
                       importer=importer)
         with step.guarded_run(finalize_protocol, "protocol-pipeline", run_id=run_id, experiment=experiment,
-                                 source=source) as (finalize, data):
+                              source=source) as (finalize, data):
             split = step(split_protocol(dataset=data.outputs["dataset"], protocol=protocol, seed=seed,
-                                           split_options=split_options, pipeline_run_id=run_id,
-                                           experiment=experiment), "split")
+                                        split_options=split_options, pipeline_run_id=run_id,
+                                        experiment=experiment), "split")
             train = step.training(train_protocol(
                 dataset=data.outputs["dataset"], split=split.outputs["split"], protocol=protocol, preset=preset,
                 train_overrides=train_overrides, pipeline_run_id=run_id, experiment=experiment,
