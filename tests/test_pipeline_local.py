@@ -74,7 +74,7 @@ def runs(mlflow_server, tmp_path_factory):
         cli = _cli("pipeline", "run", "--local", "--preset", "tiny", "--data", str(kvasir), "--importer", "kvasir",
                    "--work-dir", str(work / "run2"), "--experiment", EXPERIMENT, "--model-name", MODEL,
                    "--folds", "2", "--trials", "1", "--margin", "1.0", "--set", f"head_lr={USER_HEAD_LR}",
-                   cwd=work, url=mlflow_server.url)
+                   "--seeds", "42,43", "--require-ci", cwd=work, url=mlflow_server.url)
         assert cli.returncode == 0, f"{cli.stdout}\n{cli.stderr}"
         client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
         latest = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda mv: int(mv.version))
@@ -220,8 +220,9 @@ def test_a_user_rate_with_tuning_is_recorded_alike_by_cv_and_the_pipeline(runs, 
     for door, exp_id, parent_id in (("pipeline", exp.experiment_id, parent.info.run_id),
                                     ("cv", cv_exp.experiment_id, None)):
         children = client.search_runs([exp_id], "tags.`m2snet.fold` = '0'")
-        if parent_id:
-            children = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parent_id]
+        if parent_id:  # the pipeline's second run repeats seeds 42 and 43: its seed 42 is the CLI's seed
+            children = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parent_id
+                        and r.data.tags["m2snet.seed"] == "42"]
         (fold,) = [r for r in children if r.data.tags["m2snet.kind"] == "fold"]
         (tune,) = [r for r in children if r.data.tags["m2snet.kind"] == "tuning"]
         ratio = float(tune.data.params["backbone_lr"]) / float(tune.data.params["head_lr"])
@@ -274,26 +275,27 @@ def test_cli_console_is_short_and_says_where_to_look(runs):
     # The runner's executor JSON, library notices and progress bars are in the task logs, not here.
     for noise in ("KFP Executor", "executorInput", "parameterValues", "CloudPickle", "it/s]", "FutureWarning"):
         assert noise not in out + runs["cli"].stderr, noise
-    assert "Cross-validation" in out and "| CV: all cases" in out and "| no skill (all background)" in out
+    assert "Cross-validation" in out and "| CV (2 seeds): all cases" in out and "| no skill (all background)" in out
     assert "NOT promoted" in out and re.search(r"why: .*margin", out)
     assert f"model {MODEL} version {runs['second'].version}" in out and "#/models/" in out
     # Random init is true for the tiny preset's training: said once, and never by the tasks that load checkpoints.
     assert out.count("random weights") == 1
     log_dir = Path(re.search(r"^logs: (\S+)/", out, re.M)[1])
     done = re.findall(r"done in .*log: (\S+\.log)", out)
-    assert {"prepare-dataset.log", "train-fold-1.log", "evaluate-fold-1.log", "register-model.log",
+    assert {"prepare-dataset.log", "train-fold-1-seed43.log", "evaluate-fold-1-seed42.log", "register-model.log",
             "finalize-run.log"} <= set(done)
     for name in done:  # every task's full stream, the KFP executor's included
         assert "KFP Executor" in (log_dir / name).read_text(), name
-    for name in ("evaluate-fold-0.log", "evaluate-fold-1.log", "register-model.log", "promote-model.log"):
+    for name in ("evaluate-fold-0-seed42.log", "evaluate-fold-1-seed43.log", "register-model.log",
+                 "promote-model.log"):
         assert "random weights" not in (log_dir / name).read_text(), name
-    assert "random weights" in (log_dir / "train-fold-0.log").read_text()
+    assert "random weights" in (log_dir / "train-fold-0-seed42.log").read_text()
 
 
-def test_seeds_repeat_the_cv_with_a_console_line_per_seed_and_fold(mlflow_server, tmp_path):
-    """`pipeline run --local --seeds 42,43 --require-ci`: every fold task once per seed on one split, each with
-    its own console line and log file (named by fold and seed), the seeds on the parent run, and the promote
-    step given the statistical gate."""
+def test_seeds_repeat_the_cv_with_a_console_line_per_seed_and_fold(runs):
+    """The second run's `--seeds 42,43 --require-ci`: every fold task once per seed on one split, each with its
+    own console line and log file (named by fold and seed), the seeds on the parent run, and the promote step
+    given the statistical gate, which falls back to the margin rule against production on other data."""
     from m2snet.kubeflow.runner import LocalRunOptions
     from m2snet.kubeflow.runview import planned_tasks
 
@@ -301,26 +303,32 @@ def test_seeds_repeat_the_cv_with_a_console_line_per_seed_and_fold(mlflow_server
     keys = [key for key, _ in planned_tasks(options.pipeline().function, options.pipeline().loop_items)]
     assert [k for k in keys if k.startswith("train-fold")] == [
         "train-fold-0-seed42", "train-fold-1-seed42", "train-fold-0-seed43", "train-fold-1-seed43"]
-    cli = _cli("pipeline", "run", "--local", "--preset", "tiny", "--work-dir", str(tmp_path / "run"),
-               "--experiment", "pipeline-seeds", "--model-name", "m2snet-tiny-seeds", "--folds", "2",
-               "--trials", "1", "--seeds", "42,43", "--require-ci", cwd=tmp_path, url=mlflow_server.url)
-    assert cli.returncode == 0, f"{cli.stdout}\n{cli.stderr}"
-    assert "2 folds x 2 seeds" in cli.stdout and "| 2 folds x 2 seeds, project protocol |" in cli.stdout
-    done = set(re.findall(r"done in .*log: (\S+\.log)", cli.stdout))
+    out = runs["cli"].stdout
+    assert "2 folds x 2 seeds" in out and "| 2 folds x 2 seeds, project protocol |" in out
+    done = set(re.findall(r"done in .*log: (\S+\.log)", out))
     for item in ("0-seed42", "1-seed42", "0-seed43", "1-seed43"):
         assert {f"tune-hyperparameters-{item}.log", f"train-fold-{item}.log", f"evaluate-fold-{item}.log"} <= done
-    client = _client(mlflow_server.url)
-    mv = client.get_model_version("m2snet-tiny-seeds", "1")
-    exp = client.get_experiment_by_name("pipeline-seeds")
+    client = _client(runs["url"])
+    mv = client.get_model_version(MODEL, runs["second"].version)
+    exp = client.get_experiment_by_name(EXPERIMENT)
     (parent,) = client.search_runs([exp.experiment_id],
                                    filter_string=f"tags.`m2snet.pipeline_run_id` = '{mv.tags['pipeline_run_id']}'")
-    assert parent.data.params["seeds"] == "42,43"
+    assert parent.data.params["seeds"] == "42,43" and parent.data.params["folds"] == "0,1"
     folds = [r for r in client.search_runs([exp.experiment_id], "tags.`m2snet.kind` = 'fold'")
              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted((r.data.tags["m2snet.fold"], r.data.params["seed"]) for r in folds) == [
         ("0", "42"), ("0", "43"), ("1", "42"), ("1", "43")]
-    # The gate the promote step applied is recorded on the version (the tiny preset's, with the CI rule).
-    assert mv.tags["promotion_policy"] == "floor=0 margin=0.005 noskill_margin=0.05 require_ci=True"
+    tunes = [r for r in client.search_runs([exp.experiment_id], "tags.`m2snet.kind` = 'tuning'")
+             if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in tunes) == [  # each seed's study, told apart by name and tag
+        "seed-42-tune-fold-0", "seed-42-tune-fold-1", "seed-43-tune-fold-0", "seed-43-tune-fold-1"]
+    assert all(r.data.tags["m2snet.seed"] == r.info.run_name.split("-")[1] for r in tunes)
+    # The gate the promote step applied is recorded on the version, and its reason says which rule decided.
+    assert mv.tags["promotion_policy"] == "floor=0 margin=1 noskill_margin=0.05 require_ci=True"
+    decision = mv.tags["promotion_decision"]
+    assert decision.startswith("rejected: "), decision
+    if "production rule" in decision:  # the CI rule cannot pair other data: the margin rule decided, and says so
+        assert "margin rule: no paired comparison with production" in decision, decision
 
 
 def test_any_importer_reaches_the_pipeline(runs):

@@ -272,13 +272,13 @@ def log_fold_model(run, checkpoint: str | os.PathLike, *, tta_flip: bool = False
 
 
 def tune_fold(cfg: TrainConfig, fold: int, tuning, out_dir: str | os.PathLike, *, parent=None,
-              tracking: bool = True):
+              tracking: bool = True, seed_tag: int | None = None):
     """Nested tuning of fold ``fold``: the study's objective is an inner split of the fold's training cases.
 
     Returns the :class:`m2snet.workflows.tuning.TuningResult`; its ``best_params`` are TrainConfig fields.
     """
 
-    return tune(cfg.override(fold=fold), tuning, out_dir, parent=parent, tracking=tracking)
+    return tune(cfg.override(fold=fold), tuning, out_dir, parent=parent, tracking=tracking, seed_tag=seed_tag)
 
 
 def fit_fold(cfg: TrainConfig, fold: int, fold_dir: str | os.PathLike, *, tracker=None, resume: bool = False,
@@ -350,7 +350,7 @@ def train_fold(
     tuned: dict[str, float] = {}
     if tuning is not None and not resume:
         tuned = tune_fold(cfg, fold, tuning, fold_dir.with_name(fold_dir.name + "-tune"), parent=parent,
-                          tracking=ctx.tracked).best_params
+                          tracking=ctx.tracked, seed_tag=seed_tag).best_params
     run = open_fold_run(ctx, parent, fold, seed=seed_tag, fold_dir=fold_dir if resume else None)
     with run or contextlib.nullcontext():
         result = fit_fold(cfg, fold, fold_dir, tracker=run, resume=resume, tuned=tuned, explicit=explicit,

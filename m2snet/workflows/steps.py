@@ -251,7 +251,8 @@ def tune_step(
         + (f"-seed{seed}" if seed != NO_SEED else ""),
     )
     try:
-        result = tune_fold(base, fold, cfg, work, parent=ctx.parent(), tracking=ctx.tracked)
+        result = tune_fold(base, fold, cfg, work, parent=ctx.parent(), tracking=ctx.tracked,
+                           seed_tag=None if seed == NO_SEED else seed)
     finally:
         if not workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -202,12 +202,14 @@ def tune(
     *,
     parent: "Tracker | None" = None,
     tracking: bool = True,
+    seed_tag: int | None = None,
 ) -> TuningResult:
     """Run trials of the shared study (until it holds ``cfg.n_trials`` finished ones) and return the best.
 
     ``base``: the training config of the fold being tuned (``base.split`` / ``base.fold``). ``parent``:
     an MLflow run to nest the tuning run under (e.g. the pipeline's parent run). With ``tracking``,
-    the tuning run and one nested run per trial are logged.
+    the tuning run and one nested run per trial are logged; ``seed_tag`` names and tags it with its seed
+    (one seed of a repeated CV, as the fold's own run).
     """
     import optuna
     from optuna.study import MaxTrialsCallback
@@ -233,7 +235,9 @@ def tune(
     if tracking:
         tags = {"m2snet.kind": "tuning", "optuna.study": cfg.study_name}
         tags["m2snet.fold"] = str(base.fold)
-        name = f"tune-fold-{base.fold}"
+        if seed_tag is not None:
+            tags["m2snet.seed"] = str(seed_tag)
+        name = (f"seed-{seed_tag}-" if seed_tag is not None else "") + f"tune-fold-{base.fold}"
         run = parent.child(name, tags=tags) if parent else Tracker.start(TrackingConfig(), run_name=name, tags=tags)
         # The search ranges are not rates: "<name>_range", so "head_lr" stays the one spelling of a rate used.
         run.log_params({"tuning": {(f"{k}_range" if k in ("head_lr", "backbone_ratio") else k): v
