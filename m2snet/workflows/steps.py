@@ -183,15 +183,22 @@ def parse_seeds(text: str | None, option: str = "seeds") -> list[int]:
     return seeds
 
 
+def fold_tasks(n_folds: int, seeds: str = "") -> list[dict[str, int]]:
+    """The pipeline's fold loop: ``{"fold": k, "seed": s}`` per seed of ``seeds`` and fold, seed by seed
+    (``seed`` :data:`NO_SEED` without ``seeds``: the config's own)."""
+    return [{"fold": k, "seed": s} for s in parse_seeds(seeds) or [NO_SEED] for k in range(n_folds)]
+
+
 def loop_item(fold: int, seed: int = NO_SEED) -> str:
     """The console's name of one fold task of the pipeline's loop: ``2``, or ``2-seed43`` when seeds repeat
-    (the fold's MLflow run is named alike); its tasks announce themselves as ``train-fold-<item>``."""
+    (its MLflow runs are ``fold-2`` / ``seed-43-fold-2``); its tasks announce themselves as
+    ``train-fold-<item>``."""
     return str(fold) if seed == NO_SEED else f"{fold}-seed{seed}"
 
 
 def loop_items(n_folds: int, seeds: str = "") -> list[str]:
-    """Every item of the pipeline's fold loop, in :func:`split_dataset`'s order."""
-    return [loop_item(k, s) for s in parse_seeds(seeds) or [NO_SEED] for k in range(n_folds)]
+    """Every item of the pipeline's fold loop, in :func:`fold_tasks`'s order."""
+    return [loop_item(**task) for task in fold_tasks(n_folds, seeds)]
 
 
 def split_dataset(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n_folds: int, seed: int, *,
@@ -204,11 +211,10 @@ def split_dataset(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n
     race in the tracking store (SQLite answered one of them with a UNIQUE-constraint error).
     """
     split = make_split(dataset_dir, n_folds=n_folds, seed=seed, out=out_path)
-    seed_list = parse_seeds(seeds)
     parent = ctx.parent()
     if parent is not None:
-        parent.log_params(split_params(split, seed_list))
-    return [{"fold": k, "seed": s} for s in seed_list or [NO_SEED] for k in range(split.n_folds)]
+        parent.log_params(split_params(split, parse_seeds(seeds)))
+    return fold_tasks(split.n_folds, seeds)
 
 
 def seeded_config(cfg, seed: int):
