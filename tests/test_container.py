@@ -167,6 +167,9 @@ def test_a_failed_step_keeps_its_exit_status_and_its_container_goes_with_the_run
 
     _, tag = image
     with docker_api() as engine:
+        # A container the run did not create (another run's, the user's): the run's clean-up leaves it be.
+        upstream = docker.DockerClient(base_url=engine)
+        foreign = upstream.containers.create(tag, ["true"], labels={RUN_LABEL: "another-run"})
         proxy = EngineProxy(engine)
         with proxy as url:
             client = docker.DockerClient(base_url=url)
@@ -175,9 +178,11 @@ def test_a_failed_step_keeps_its_exit_status_and_its_container_goes_with_the_run
                 assert run_docker_container(client, tag, ["true"], volumes={}) == 0
             finally:
                 client.close()
-        upstream = docker.DockerClient(base_url=engine)
         try:
             left = upstream.containers.list(all=True, filters={"label": f"{RUN_LABEL}={proxy.token}"})
+            foreign.reload()  # raises NotFound had the clean-up removed it
+            assert foreign.labels[RUN_LABEL] == "another-run"
         finally:
+            foreign.remove(force=True)
             upstream.close()
     assert left == []
