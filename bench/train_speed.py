@@ -35,10 +35,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_speed import VARIANTS, _sync, interleaved_medians
 
-# mode -> TrainConfig speed overrides (only acted on under CUDA; on CPU every mode is the eager step)
+# mode -> TrainConfig speed overrides (compile/fused act under CUDA only; amp/channels_last on CUDA and on a
+# CPU with native bf16 units)
 MODES: dict[str, dict] = {
-    "eager": {},
+    "eager": {"channels_last": False},
     "cl": {"channels_last": True},
+    # CPU precisions (training.speed: they act on a CPU with native bf16 units, else all run fp32)
+    "fp32": {"amp": False, "channels_last": False},
+    "fp32_cl": {"amp": False, "channels_last": True},
+    "bf16": {"amp": True, "channels_last": False},
+    "bf16_cl": {"amp": True, "channels_last": True},
     "fused": {"fused_optimizer": True},
     "cl_fused": {"channels_last": True, "fused_optimizer": True},
     "compiled": {"compile": True},
@@ -82,7 +88,8 @@ def make_step(label: str, mode: str, device: str, size: int, batch: int, loss_fn
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import TrainStep, build_optimizer
 
-    cfg = TrainConfig(size=size, batch_size=batch, backbone_lr=1e-4, head_lr=1e-3, amp=amp, **MODES[mode])
+    cfg = TrainConfig(**{"size": size, "batch_size": batch, "backbone_lr": 1e-4, "head_lr": 1e-3, "amp": amp,
+                         **MODES[mode]})
     model = build_model(label, reference).to(device).train()
     on_cuda = device.startswith("cuda")
     if hasattr(model, "backbone_parameters"):

@@ -1,5 +1,6 @@
-"""The training step's speed knobs: inert on CPU, numerics of the compiled step on CUDA, and the
-GPU speed script's logic (a CPU dry run with the GPU machine's missing packages blocked)."""
+"""The training step's speed knobs: bf16 + channels_last on a CPU with native bf16 (fp32 without), compile and
+the fused optimizer inert on the CPU, numerics of the compiled step on CUDA, and the GPU speed script's logic
+(a CPU dry run with the GPU machine's missing packages blocked)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from m2snet.training import speed
 from m2snet.training.config import TrainConfig
 from m2snet.training.trainer import build_optimizer
 
@@ -21,16 +23,68 @@ sys.path.insert(0, str(REPO / "bench"))
 import train_speed  # noqa: E402
 
 
-def test_speed_knobs_leave_the_cpu_step_as_it_was() -> None:
-    # On CPU every knob is off whatever the config says: same losses bit for bit as plain eager.
-    curves = train_speed.loss_curves("m2snet_fast", ["eager", "compiled_cl_fused"], "cpu", size=64, batch=2,
-                                     n_steps=2, lossnet_weight=0.0)
-    assert curves["eager"] == curves["compiled_cl_fused"]
-    assert curves["eager"][0] != curves["eager"][1]  # the step did update the weights
-    step, _ = train_speed.make_step("msnet", "compiled_cl_fused", "cpu", 64, 2,
-                                    torch.nn.Identity())
-    assert step.forward is step.model and not step.channels_last and not step.amp
+def test_compile_and_fused_optimizer_are_inert_on_the_cpu() -> None:
+    # compile and the fused optimizer act on CUDA only: with the precision pinned, the step is plain eager.
+    fp32 = {"amp": False, "channels_last": False}
+    train_speed.MODES["_fp32_compiled_fused"] = {**fp32, "compile": True, "fused_optimizer": True}
+    try:
+        curves = train_speed.loss_curves("m2snet_fast", ["fp32", "_fp32_compiled_fused"], "cpu", size=64, batch=2,
+                                         n_steps=2, lossnet_weight=0.0)
+    finally:
+        del train_speed.MODES["_fp32_compiled_fused"]
+    assert curves["fp32"] == curves["_fp32_compiled_fused"]
+    assert curves["fp32"][0] != curves["fp32"][1]  # the step did update the weights
+    step, _ = train_speed.make_step("msnet", "compiled_cl_fused", "cpu", 64, 2, torch.nn.Identity())
+    assert step.forward is step.model
     assert not build_optimizer(step.model, TrainConfig(fused_optimizer=True), on_cuda=False).defaults["fused"]
+
+
+def _conv_output_dtypes(step, x: torch.Tensor, y: torch.Tensor) -> set[torch.dtype]:
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+             for m in step.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    step(x, y)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.skipif(not speed.cpu_has_native_bf16(), reason="this CPU has no native bf16 units (avx512_bf16/amx_bf16)")
+def test_amp_and_channels_last_run_bf16_nhwc_on_a_cpu_with_native_bf16() -> None:
+    from m2snet.training.losses import TotalLoss
+
+    x, y = train_speed.batch_at(64, 2, "cpu")
+    loss_fn = TotalLoss(n_classes=1, lossnet_weight=0.0, lossnet_pretrained=False)
+    step, _ = train_speed.make_step("m2snet_fast", "bf16_cl", "cpu", 64, 2, loss_fn)
+    assert step.amp and step.channels_last and step.precision.dtype == torch.bfloat16
+    assert not step.scaler.is_enabled()  # bf16 needs no loss scaling
+    assert _conv_output_dtypes(step, x, y) == {torch.bfloat16}
+    conv = next(m for m in step.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # The same training, fp32 and bf16 from the same weights on the same batches: bf16 rounds, the loss
+    # follows (the accuracy cost on real data: docs/results/busi-cpu.md, a paired CI).
+    curves = train_speed.loss_curves("m2snet_fast", ["fp32", "bf16_cl"], "cpu", size=64, batch=2, n_steps=3,
+                                     lossnet_weight=0.0)
+    assert curves["fp32"] != curves["bf16_cl"]
+    assert train_speed.max_relative_difference(curves["bf16_cl"], curves["fp32"]) < 0.05, curves
+
+
+def test_a_cpu_without_native_bf16_trains_fp32_nchw_whatever_the_config_says(monkeypatch) -> None:
+    # Emulated bf16 is slower than fp32 there: amp and channels_last are declined, bit for bit plain fp32.
+    monkeypatch.setattr(speed, "cpu_bf16_flags", lambda: frozenset())
+    precision = speed.step_precision("cpu", amp=True, channels_last=True)
+    assert (precision.amp, precision.channels_last, precision.dtype) == (False, False, None)
+    assert "without native bf16" in precision.describe()
+    curves = train_speed.loss_curves("m2snet_fast", ["fp32", "bf16_cl"], "cpu", size=64, batch=2, n_steps=2,
+                                     lossnet_weight=0.0)
+    assert curves["fp32"] == curves["bf16_cl"]
+
+
+def test_the_cpu_bf16_flags_come_from_cpuinfo() -> None:
+    flags = speed.cpu_bf16_flags()
+    assert flags <= speed.NATIVE_BF16_FLAGS
+    text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert bool(flags) == any(f in text.split() for f in speed.NATIVE_BF16_FLAGS)
 
 
 @pytest.mark.gpu

@@ -18,6 +18,9 @@ SETS: list[str] = typer.Option([], "--set", help="Override any TrainConfig field
 
 # Presets (m2snet.workflows.presets)
 PRESET: str = typer.Option(DEFAULT_PRESET, "--preset", help=f"{' | '.join(PRESETS)} (m2snet.workflows.presets).")
+TRAIN_PRESET: Optional[str] = typer.Option(
+    None, "--preset", help=f"Start from a pipeline preset's training settings ({' | '.join(PRESETS)}); "
+                           "default: TrainConfig's (the paper's recipe).")
 
 # MLflow
 TRACKING_URI: Optional[str] = typer.Option(

@@ -11,7 +11,17 @@ from typing import List, Optional
 
 import typer
 
-from m2snet.cli.options import CONFIG, METRIC_PROTOCOL, NO_TRACK, SETS, TRACKING_URI, parse_folds, parse_seeds
+from m2snet.cli.options import (
+    CONFIG,
+    METRIC_PROTOCOL,
+    NO_TRACK,
+    SETS,
+    TRACKING_URI,
+    TRAIN_PRESET,
+    parse_folds,
+    parse_seeds,
+)
+from m2snet.common import M2SNetError
 from m2snet.mlops.tracking import CLI_EXPERIMENT
 
 app = typer.Typer()
@@ -20,12 +30,16 @@ app = typer.Typer()
 EXPERIMENT = typer.Option(CLI_EXPERIMENT, "--experiment", help="MLflow experiment name.")
 
 
-def _config(config: Optional[Path], sets: List[str], **shortcuts):
-    """The TrainConfig (``--config`` file or defaults = the preset, then the user's options) and the fields the
-    user set explicitly (``--set`` and the shortcuts): they win over tuned values (presets.settle_config)."""
+def _config(config: Optional[Path], sets: List[str], preset: Optional[str] = None, **shortcuts):
+    """The TrainConfig (``--config`` file, or ``--preset``'s training settings, or TrainConfig's defaults; then
+    the user's options) and the fields the user set explicitly (``--set`` and the shortcuts): they win over tuned
+    values (presets.settle_config)."""
     from m2snet.training.config import TrainConfig
+    from m2snet.workflows.presets import train_config
 
-    cfg = TrainConfig.from_file(config) if config else TrainConfig()
+    if config and preset:
+        raise M2SNetError("--config and --preset both give the base settings; choose one (and --set on top)")
+    cfg = TrainConfig.from_file(config) if config else train_config(preset) if preset else TrainConfig()
     cfg = cfg.override(**shortcuts)
     explicit = {k for k, v in shortcuts.items() if v is not None}
     explicit |= {s.partition("=")[0].strip().replace("-", "_") for s in sets}
@@ -56,6 +70,7 @@ def train_cmd(
     device: Optional[str] = typer.Option(None, "--device"),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (checkpoints, logs, evaluation)."),
     config: Optional[Path] = CONFIG,
+    preset: Optional[str] = TRAIN_PRESET,
     sets: List[str] = SETS,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
     tta_flip: bool = typer.Option(False, "--tta-flip", help="Flip test-time augmentation in the final evaluation."),
@@ -76,7 +91,8 @@ def train_cmd(
     from m2snet.training.trainer import train
     from m2snet.workflows.folds import fold_run, train_fold
 
-    cfg, explicit = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
+    cfg, explicit = _config(config, sets, preset, data=str(data) if data else None,
+                            split=str(split) if split else None,
                             fold=fold, model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
                             out_dir=str(out) if out else None)
     ctx = _context(no_track, tracking_uri, experiment)
@@ -128,7 +144,6 @@ def evaluate_cmd(
     """Score checkpoint(s) at each case's original size; write per-case CSV, means and overlays.
 
     With a fixed split: every named test set (``OUT/<set>/``), one row each plus their mean (test_sets.md)."""
-    from m2snet.common import M2SNetError
     from m2snet.evaluation.evaluate import evaluate
 
     if no_skill:
@@ -178,6 +193,7 @@ def cv_cmd(
     device: Optional[str] = typer.Option(None, "--device"),
     out: Path = typer.Option(Path("runs/cv"), "--out"),
     config: Optional[Path] = CONFIG,
+    preset: Optional[str] = TRAIN_PRESET,
     sets: List[str] = SETS,
     resume: bool = typer.Option(False, "--resume", help="Resume unfinished folds in --out."),
     parent_run_id: Optional[str] = typer.Option(None, "--parent-run-id",
@@ -195,7 +211,8 @@ def cv_cmd(
     """Cross-validate: train + evaluate each fold; print Jaccard/Precision/Recall/Specificity/Dice mean ± std (%)."""
     from m2snet.workflows.folds import run_cv
 
-    cfg, explicit = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
+    cfg, explicit = _config(config, sets, preset, data=str(data) if data else None,
+                            split=str(split) if split else None,
                             model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
     seed_list = parse_seeds(seeds)
     tuning = None

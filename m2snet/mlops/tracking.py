@@ -490,7 +490,7 @@ class MlflowCallback:
             pretrained=event.pretrained_source, loss_pretrained=event.loss_pretrained_source,
             device=event.device, seed=cfg.seed,
             extra={"n_train": len(event.train_cases), "n_val": len(event.reported_cases),
-                   "n_epoch_val": len(event.epoch_val_cases),
+                   "n_epoch_val": len(event.epoch_val_cases), "step_precision": event.step_precision,
                    "epoch_val_cases": selection_rule(cfg.selection).description if cfg.split else "none"}))
         write_run_file(Path(event.out_dir) / RUN_FILE, self.tracker)
 

@@ -35,6 +35,7 @@ class TrainStart:
     split_sha256: str | None = None
     pretrained_source: str | None = None
     loss_pretrained_source: str | None = None
+    step_precision: str | None = None  # what amp/channels_last became on this device (training.speed)
 
 
 @dataclass

@@ -77,12 +77,14 @@ class TrainConfig:
     augment: bool = True  # flip + rotation within +-10 degrees (done by the dataset)
     # --- hardware -------------------------------------------------------------------------------
     device: str = "auto"
-    amp: bool = True  # mixed precision; only takes effect on CUDA
     # Speed knobs of the training step (m2snet.training.trainer.TrainStep; bench/train_speed.py
-    # measures each). CUDA only: on CPU the step is today's eager one whatever they say.
-    # CUDA only (no effect on the CPU). channels_last + fused SGD: 1.10x (M2SNet), 1.15x (MSNet)
-    # images/s on an H200 at batch 16, 352 px, AMP (bench/gpu_speed.sh, docs/benchmarks.md).
-    channels_last: bool = True  # NHWC activations and weights (tensor-core friendly convolutions)
+    # measures each). amp and channels_last act on CUDA and on a CPU with native bf16 units
+    # (m2snet.training.speed: bf16 autocast + NHWC, 2.3x fp32 for M2SNet at 128 px on an EPYC with
+    # avx512_bf16); a CPU without them trains fp32 NCHW whatever these say. compile and the fused
+    # optimizer are CUDA only. On an H200 (batch 16, 352 px, AMP) channels_last + fused SGD gave
+    # 1.10x (M2SNet), 1.15x (MSNet) images/s (bench/gpu_speed.sh, docs/benchmarks.md).
+    amp: bool = True  # mixed precision: fp16 autocast on CUDA, bf16 on a CPU with native bf16
+    channels_last: bool = True  # NHWC activations and weights (tensor cores; oneDNN's native layout)
     compile: bool = False  # torch.compile (inductor) the model; not measured to pay yet (docs/benchmarks.md)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # False: one static graph per (batch, scale) shape, compiled on first use (the multi-scale set

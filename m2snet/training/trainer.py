@@ -48,6 +48,7 @@ from m2snet.training.config import LAST, SELECTED, TrainConfig
 from m2snet.training.losses import TotalLoss
 from m2snet.training.schedule import build_scheduler, learning_rates
 from m2snet.training.selection import selection_rule
+from m2snet.training.speed import step_precision
 
 log = logging.getLogger("m2snet.training")
 
@@ -128,9 +129,10 @@ class TrainStep:
     """One optimisation step: forward under autocast, total loss, backward, optimizer step.
 
     The trainer's loop and ``bench/train_speed.py`` both run this, so the bench times what trains.
-    The speed knobs of :class:`TrainConfig` (channels_last, compile, fused optimizer) act on CUDA
-    only; on CPU this is the plain eager step. Returns the detached loss terms without reading
-    them back to the host, so that on CUDA the next step can be queued while this one runs.
+    ``amp`` and ``channels_last`` act where the device runs them fast (:func:`step_precision`: CUDA,
+    or a CPU with native bf16 units, where autocast is bf16 and needs no loss scaling); compile and
+    the fused optimizer act on CUDA only. Returns the detached loss terms without reading them back
+    to the host, so that on CUDA the next step can be queued while this one runs.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -138,9 +140,10 @@ class TrainStep:
         self.model, self.loss_fn, self.optimizer, self.cfg = model, loss_fn, optimizer, cfg
         self.device_type = device.split(":")[0]
         on_cuda = self.device_type == "cuda"
-        self.amp = cfg.amp and on_cuda
-        self.channels_last = cfg.channels_last and on_cuda
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.precision = step_precision(device, cfg.amp, cfg.channels_last)
+        self.amp, self.channels_last = self.precision.amp, self.precision.channels_last
+        # Loss scaling is for fp16's narrow range (CUDA); bf16 has fp32's exponent and needs none.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and on_cuda)
         if self.channels_last:  # in place: the optimizer keeps the same parameter objects
             model.to(memory_format=torch.channels_last)
         self.forward = model
@@ -156,7 +159,7 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=self.device_type, enabled=self.amp):
+        with torch.autocast(device_type=self.device_type, dtype=self.precision.dtype, enabled=self.amp):
             logits = self.forward(x)
         losses = self.loss_fn(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -366,12 +369,13 @@ class _Run:
                            n_params=sum(p.numel() for p in self.model.parameters()), train_cases=cases.train,
                            epoch_val_cases=cases.epoch_val, reported_cases=cases.reported,
                            dataset_version=cases.info.version, split_sha256=cases.split_sha256,
-                           pretrained_source=self.pretrained_source, loss_pretrained_source=self.loss_pretrained_source)
+                           pretrained_source=self.pretrained_source, loss_pretrained_source=self.loss_pretrained_source,
+                           step_precision=self.train_step.precision.describe())
         for cb in self.callbacks:
             cb.on_train_start(start)
-        log.info("training %s on %d cases (%d val) for %d epochs on %s; scales %s; pretrained: %s", cfg.model,
-                 len(cases.train), len(cases.epoch_val), cfg.epochs, self.device, self.collate.scales,
-                 self.pretrained_source)
+        log.info("training %s on %d cases (%d val) for %d epochs on %s (%s); scales %s; pretrained: %s", cfg.model,
+                 len(cases.train), len(cases.epoch_val), cfg.epochs, self.device, start.step_precision,
+                 self.collate.scales, self.pretrained_source)
         self.model.train()
 
     # --- epoch ----------------------------------------------------------------------------------
