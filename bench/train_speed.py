@@ -11,6 +11,7 @@ measured as images/s = batch x steps / median time of ``--steps`` consecutive st
     python bench/train_speed.py                               # CUDA: batch 16, 352 px, AMP
     python bench/train_speed.py --device cpu                   # CPU: batch 4, 128 px, fp32
     python bench/train_speed.py --modes eager compiled_cl_fused --multiscale
+    python bench/train_speed.py --precisions 128 160 352 --threads 1 --variants m2snet_fast msnet   # CPU precisions
 
 ``--multiscale`` also runs the recipe's multi-scale batches (5 scales) for each pair: the first
 step at each scale (compile time of a new shape) and the steady images/s cycling the scales.
@@ -157,6 +158,72 @@ def multiscale(step, scales: list[int], batch: int, device: str, rounds: int) ->
     return {"first_step_s": first, "img_per_s": batch * len(scales) / statistics.median(per_round)}
 
 
+def step_gflop(step, x: torch.Tensor, y: torch.Tensor) -> float:
+    """GFLOP of one training step (forward + backward), counted by torch's FlopCounterMode (convolutions
+    and matmuls: the work that precision changes the speed of)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(x, y)
+    return counter.get_total_flops() / 1e9
+
+
+def gemm_probe(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n x n matmul in ``dtype`` on this CPU (median of ``repeats``): the ceiling a
+    training step in that precision can approach."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up (oneDNN picks its kernel)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+CPU_PRECISIONS = ("fp32", "bf16", "bf16_cl")
+
+
+def precision_table(sizes: list[int], variants: list[str], modes: list[str], batch: int, repeats: int,
+                    steps: int) -> dict:
+    """img/s and achieved GFLOP/s of the training step per (size, model, precision) on the CPU, timed
+    round-robin per size, beside the fp32 and bf16 GEMM probes; speed-up = mode img/s / fp32 img/s."""
+    from m2snet.training.losses import TotalLoss
+    from m2snet.training.speed import cpu_bf16_flags
+
+    loss_fn = TotalLoss(n_classes=1, lossnet_weight=0.0, lossnet_pretrained=False)
+    gemm = {"fp32": gemm_probe(torch.float32), "bf16": gemm_probe(torch.bfloat16)}
+    out = {"threads": torch.get_num_threads(), "batch": batch, "cpu_bf16_flags": sorted(cpu_bf16_flags()),
+           "gemm_gflops": gemm, "rows": []}
+    print(f"GEMM probe (1024^3): fp32 {gemm['fp32']:.0f} GFLOP/s, bf16 {gemm['bf16']:.0f} GFLOP/s "
+          f"({gemm['bf16'] / gemm['fp32']:.2f}x); native bf16 flags: {out['cpu_bf16_flags'] or 'none'}", flush=True)
+    for size in sizes:
+        x, y = batch_at(size, batch, "cpu")
+        y = (torch.nn.functional.avg_pool2d(y, 5, 1, 2) > 0.5).float()
+        fns, gflop = {}, {}
+        for variant in variants:
+            for mode in modes:
+                step, _ = make_step(variant, mode, "cpu", size, batch, loss_fn)
+                if variant not in gflop:
+                    gflop[variant] = step_gflop(step, x, y)
+                fns[f"{variant}|{mode}"] = runner(step, x, y, steps)
+        medians = interleaved_medians(fns, "cpu", warmup=1, repeats=repeats)
+        for variant in variants:
+            base = batch * steps / medians[f"{variant}|{modes[0]}"]
+            for mode in modes:
+                t = medians[f"{variant}|{mode}"]
+                img_s = batch * steps / t
+                achieved = gflop[variant] * steps / t
+                ceiling = gemm["bf16" if mode.startswith("bf16") else "fp32"]
+                row = {"size": size, "variant": variant, "mode": mode, "img_per_s": img_s,
+                       "gflop_per_step": gflop[variant], "gflops": achieved, "of_gemm": achieved / ceiling,
+                       f"vs_{modes[0]}": img_s / base}
+                out["rows"].append(row)
+                print(f"{size:4d} px {variant:13s} {mode:8s} {img_s:6.2f} img/s {achieved:7.1f} GFLOP/s "
+                      f"({100 * achieved / ceiling:4.1f} % of its GEMM) {img_s / base:5.2f}x {modes[0]}", flush=True)
+    return out
+
+
 def write(path: str | None, out: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(out, indent=2))
@@ -211,7 +278,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lossnet-weight", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", dest="json_out", default=None, help="write results here (also partial ones)")
+    parser.add_argument("--precisions", type=int, nargs="*", default=None, metavar="SIZE",
+                        help="CPU: the precision table (fp32, bf16, bf16_cl) at these sizes, e.g. 128 160 352")
     args = parser.parse_args(argv)
+    if args.precisions is not None:
+        logging.basicConfig(level=logging.ERROR)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        modes = args.modes or list(CPU_PRECISIONS)
+        out = precision_table(args.precisions or [128, 160, 352], [v for v in args.variants if v in VARIANTS],
+                              modes, args.batch or 8, args.repeats, args.steps)
+        write(args.json_out, out)
+        return out
     device, on_cuda, size, batch = bench_setup(args, cpu_batch=4)
     modes = args.modes or (["eager", "cl_fused", "compiled_cl_fused"] if on_cuda else ["eager"])
     variants = list(args.variants) + ([REFERENCE] if args.reference and REFERENCE not in args.variants else [])
