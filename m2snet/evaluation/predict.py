@@ -50,6 +50,17 @@ class Predictor:
         self.std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.tta_flip = tta_flip
         self.batch_size = batch_size
+        self.guard = None  # an InputGuard (m2snet.evaluation.guard): set by attach_guard
+        self._taps: list = []
+
+    def attach_guard(self, guard) -> None:
+        """Score every image against ``guard`` from the features of the prediction's own forward pass."""
+        from m2snet.evaluation.guard import FeatureTap
+
+        if len(guard.members) != len(self.models):
+            raise M2SNetError(f"input guard has {len(guard.members)} members for an ensemble of {len(self.models)}")
+        self.guard = guard
+        self._taps = [FeatureTap(m, guard.levels) for m in self.models]
 
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | os.PathLike], device: str = "cpu",
@@ -85,8 +96,14 @@ class Predictor:
         """Normalised [N, 3, S, S] -> the models' mean probabilities [N, C, S, S] (what ONNX exports)."""
         prob = torch.zeros((x.shape[0], self.n_classes, self.size, self.size), device=x.device)
         passes = 0
-        for model in self.models:
-            prob += self._probs(model(x).float())
+        for i, model in enumerate(self.models):
+            if self._taps:  # the guard's features come from this (unflipped) pass
+                self._taps[i].armed = True
+            try:
+                prob += self._probs(model(x).float())
+            finally:
+                if self._taps:
+                    self._taps[i].armed = False
             passes += 1
             if self.tta_flip:
                 prob += self._probs(model(torch.flip(x, dims=[3])).float()).flip(dims=[3])
@@ -108,6 +125,16 @@ class Predictor:
                 p = p.cpu().numpy()
                 out.append(p[0] if self.n_classes == 1 else p)
         return out
+
+    def predict_guarded(self, images: Sequence) -> tuple[list[np.ndarray], np.ndarray]:
+        """Probabilities (as :meth:`predict_proba`) and each image's out-of-distribution score from the
+        attached guard (> 1: flagged); the scores come from the same forward passes."""
+        if self.guard is None:
+            raise M2SNetError("no input guard attached to this predictor")
+        for tap in self._taps:
+            tap.take()
+        probs = self.predict_proba(images)
+        return probs, self.guard.scores([tap.take() for tap in self._taps])
 
     def to_mask(self, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         """Binary: 0/1 uint8 by threshold; multi-class: argmax class ids."""
