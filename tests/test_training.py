@@ -302,3 +302,51 @@ def test_validation_builds_no_autograd_graph():
     batch = {"image": torch.randn(2, 3, 8, 8), "mask": (torch.rand(2, 1, 8, 8) > 0.5).float()}
     row = validate(Probe(), [batch], loss_fn, "cpu", n_classes=1, amp=False)
     assert seen_grad_mode == [False] and set(row) >= {"val_dice", "val_loss"}
+
+
+def test_a_cv_fold_killed_mid_way_and_resumed_by_a_new_process_ends_bitwise_as_an_uninterrupted_one(tiny_data,
+                                                                                                    tmp_path):
+    """`m2snet cv --resume` (bench/busi_cpu_cv.sh's sittings): SIGKILL once the fold has a last.pt, then a new
+    process continues it; the final weights equal an uninterrupted run's, with the machine's default precision
+    (bf16 + channels_last on a CPU with native bf16, fp32 elsewhere)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from m2snet.models.checkpoint import Checkpoint
+
+    data, split = tiny_data
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "M2SNET_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def cv(out: Path, *extra: str) -> subprocess.Popen:
+        args = ["cv", "--data", data, "--split", split, "--folds", "0", "--out", out, "--epochs", "6", "--size", "64",
+                "--batch-size", "2", "--device", "cpu", "--no-track", "--no-log-model",
+                *[a for kv in ("pretrained=false", "lossnet_weight=0", "lossnet_pretrained=false", "deterministic=true",
+                               "max_train_cases=2", "max_val_cases=1", "progress=false",
+                               f"cache_dir={tmp_path / 'cache'}") for a in ("--set", kv)], *extra]
+        log = open(tmp_path / f"{out.name}{len(extra)}.log", "w")  # a file: a full pipe would stall the run
+        return subprocess.Popen([sys.executable, "-m", "m2snet.cli", *map(str, args)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    straight = cv(tmp_path / "straight")
+    killed = cv(tmp_path / "killed")
+    last = tmp_path / "killed" / "fold0" / "last.pt"
+    deadline = time.monotonic() + 600
+    while not last.is_file() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    stopped_at = Checkpoint.load(last).epoch
+    assert 1 <= stopped_at < 6, stopped_at  # killed mid-way, not after the end
+    resumed = cv(tmp_path / "killed", "--resume")
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "killed1.log").read_text()[-2000:]
+    assert straight.wait(timeout=600) == 0, (tmp_path / "straight0.log").read_text()[-2000:]
+    a = Checkpoint.load(tmp_path / "straight" / "fold0" / "last.pt")
+    b = Checkpoint.load(last)
+    assert a.epoch == b.epoch == 6
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert (tmp_path / "killed" / "fold0" / "eval" / "per_case.csv").read_text() == \
+        (tmp_path / "straight" / "fold0" / "eval" / "per_case.csv").read_text()
