@@ -40,7 +40,8 @@ def production_model(tmp_path_factory):
     mv = register_model_version(info.model_uri, "serve-test", idempotency_key="serving-fixture",
                                 tags={"cv_dice": 0.9, "noskill_dice": 0.2})
     assert promote("serve-test", mv.version, PromotionPolicy(floor=0.0)).promoted
-    yield {"uri": uri, "root": root, "image": root / "raw" / "benign" / "benign (1).png"}
+    yield {"uri": uri, "root": root, "image": root / "raw" / "benign" / "benign (1).png",
+           "checkpoint": result.checkpoint}
     mlflow.set_tracking_uri(None)
     mp.undo()
 
@@ -271,3 +272,48 @@ def test_concurrent_downloads_of_one_model_share_one_complete_copy(production_mo
     assert len(dirs) == 1 and (Path(dirs.pop()) / "MLmodel").is_file()
     leftovers = [p.name for p in (cache / "models").iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers
+
+
+def test_m2snet_serve_answers_as_the_version_the_alias_named_at_start_and_a_restart_follows_promote_and_rollback(
+        production_model, tmp_path):
+    """The cluster's roll-forward/back mechanism, end to end on loopback: `m2snet serve` resolves the alias once;
+    promote v2 -> the running server still answers as v1, a restarted one as v2; rollback -> restart -> v1."""
+    import mlflow
+    import requests
+
+    from m2snet.common import find_tool, free_port
+    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.registry import PromotionPolicy, promote, register_model_version, rollback
+    from m2snet.mlops.services import ManagedProcess
+    from m2snet.mlops.serving import request_predictions
+
+    env = {"MLFLOW_TRACKING_URI": production_model["uri"], "M2SNET_CACHE_DIR": str(tmp_path / "cache")}
+    client = mlflow.MlflowClient()
+    v1 = client.get_model_version_by_alias("serve-test", "production").version
+
+    def served_version() -> str:
+        port = free_port()
+        proc = ManagedProcess("m2snet serve", [find_tool("m2snet"), "serve", "--model", "models:/serve-test@production",
+                                               "--port", str(port)], tmp_path / f"serve-{port}.log", env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            proc.wait_ready(lambda: requests.get(f"{url}/ping", timeout=2).status_code == 200, 180, f"{url}/ping")
+            rows = request_predictions(url, [production_model["image"]])
+        finally:
+            proc.stop()
+        assert not proc.alive()
+        assert rows[0]["mask"].ndim >= 2
+        return rows[0]["model_version"]
+
+    assert served_version() == f"serve-test/{v1}"
+    with mlflow.start_run():
+        info = log_segmentation_model([production_model["checkpoint"]])
+    v2 = register_model_version(info.model_uri, "serve-test", idempotency_key="serving-v2",
+                                tags={"cv_dice": 0.95, "noskill_dice": 0.2}).version
+    try:
+        assert promote("serve-test", v2, PromotionPolicy(floor=0.0, margin=0.0)).promoted
+        assert served_version() == f"serve-test/{v2}"
+        rollback("serve-test")
+        assert served_version() == f"serve-test/{v1}"
+    finally:  # the module's other tests serve the production alias: leave it where it was
+        client.set_registered_model_alias("serve-test", "production", v1)

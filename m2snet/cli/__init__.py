@@ -16,7 +16,7 @@ import sys
 
 import typer
 
-from m2snet.cli import benchmark, compare, data, models, pipeline, predict, registry, services, train, tune
+from m2snet.cli import benchmark, compare, data, models, pipeline, predict, registry, serve, services, train, tune
 from m2snet.common import M2SNetError, Terminated
 
 app = typer.Typer(
@@ -42,7 +42,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(pipeline.app, name="pipeline")
 app.add_typer(services.app, name="services")
 # Top-level commands: `m2snet <command>`.
-for area in (models, train, tune, compare, registry, predict, benchmark):
+for area in (models, train, tune, compare, registry, predict, serve, benchmark):
     app.add_typer(area.app)
 
 

@@ -57,6 +57,9 @@ _RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "timm", "segmentation-models-p
 ONNX_ARTIFACT = "onnx"  # the fp32 ONNX export made at logging time (onnx=True)
 EXPORT_ARTIFACT = "export"  # a file from `m2snet export`, any precision (export=...)
 log = logging.getLogger("m2snet.mlops.pyfunc")
+# NAME/VERSION the server answers as (set by `m2snet serve`, which resolved the alias at start); every
+# response carries it in the column model_version, so a client sees which version answered.
+SERVED_MODEL_ENV = "M2SNET_SERVED_MODEL"
 BACKEND_ENV = "M2SNET_SERVE_BACKEND"  # "torch" forces PyTorch even when the ONNX export is present
 
 
@@ -131,6 +134,7 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         keys = sorted((k for k in context.artifacts if k.startswith("checkpoint_")),
                       key=lambda k: int(k.rsplit("_", 1)[1]))
         config = context.model_config or {}
+        self.served_as = os.environ.get(SERVED_MODEL_ENV, "")
         device = resolve_device(os.environ.get("M2SNET_DEVICE", "auto"))
         exported = context.artifacts.get(EXPORT_ARTIFACT) or context.artifacts.get(ONNX_ARTIFACT)
         if exported and os.environ.get(BACKEND_ENV, "onnx") != "torch":
@@ -180,12 +184,14 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
                 if self.predictor.n_classes == 1:
                     mask = mask * 255
                 masks.append(encode_image(mask.astype(np.uint8)))
-        return pd.DataFrame({"mask": masks, "foreground_fraction": fractions})
+        return pd.DataFrame({"mask": masks, "foreground_fraction": fractions,
+                             "model_version": [getattr(self, "served_as", "")] * len(masks)})
 
 
 def signature():
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]),
-                          outputs=Schema([ColSpec("string", "mask"), ColSpec("double", "foreground_fraction")]))
+                          outputs=Schema([ColSpec("string", "mask"), ColSpec("double", "foreground_fraction"),
+                                          ColSpec("string", "model_version", required=False)]))
 
 
 def default_input_example(size: int = 48):

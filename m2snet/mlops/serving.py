@@ -128,13 +128,9 @@ def _model_cache_key(model_uri: str) -> str:
     never share a copy."""
     import mlflow
 
-    registered = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", model_uri)
+    registered = registered_version(model_uri)
     if registered:
-        name, alias, version = registered.groups()
-        client = mlflow_client()
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        version = found.version
-        ident, store = f"{name}-v{version}", mlflow.get_registry_uri()
+        ident, store = f"{registered[0]}-v{registered[1]}", mlflow.get_registry_uri()
     elif model_uri.startswith("runs:/"):
         ident, store = "run-" + model_uri.removeprefix("runs:/").split("/", 1)[0], mlflow.get_tracking_uri()
     else:
@@ -206,8 +202,10 @@ def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: 
                 out.rmdir()
 
 
-def request_masks(url: str, images: Sequence[str | os.PathLike | bytes], timeout: float = 120.0) -> list[np.ndarray]:
-    """POST images to a running ``mlflow models serve`` (``url`` = its base URL); return the masks."""
+def request_predictions(url: str, images: Sequence[str | os.PathLike | bytes],
+                        timeout: float = 120.0) -> list[dict]:
+    """POST images to a running scoring server (``url`` = its base URL); one row per image: its ``mask``
+    (decoded), ``foreground_fraction`` and the other columns as the server sent them."""
     import requests
 
     from m2snet.mlops.pyfunc import decode_mask, encode_image
@@ -217,8 +215,12 @@ def request_masks(url: str, images: Sequence[str | os.PathLike | bytes], timeout
     resp = requests.post(url.rstrip("/") + "/invocations", json=body, timeout=timeout)
     if resp.status_code != 200:
         raise M2SNetError(f"{url}/invocations answered {resp.status_code}: {resp.text[:500]}")
-    predictions = resp.json()["predictions"]
-    return [decode_mask(p["mask"]) for p in predictions]
+    return [{**p, "mask": decode_mask(p["mask"])} for p in resp.json()["predictions"]]
+
+
+def request_masks(url: str, images: Sequence[str | os.PathLike | bytes], timeout: float = 120.0) -> list[np.ndarray]:
+    """The masks of :func:`request_predictions`."""
+    return [p["mask"] for p in request_predictions(url, images, timeout)]
 
 
 @dataclass
@@ -229,6 +231,51 @@ class ModelServer:
 
     def stop(self) -> None:
         self.process.stop()
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What ``m2snet serve`` runs: the version an alias names at start, its local copy, the server's argv."""
+
+    model_uri: str  # as given (models:/NAME@production)
+    served_as: str  # NAME/VERSION, or the URI when it names no registered version
+    local_dir: Path
+    argv: list[str]
+
+
+def registered_version(model_uri: str) -> tuple[str, str] | None:
+    """(name, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the alias resolved now,
+    a version checked to exist); None for any other URI."""
+    registered = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", model_uri)
+    if not registered:
+        return None
+    name, alias, version = registered.groups()
+    if alias:
+        from m2snet.mlops.registry import version_by_alias
+
+        found = version_by_alias(name, alias, mlflow_client())
+        if found is None:
+            raise M2SNetError(f"--model {model_uri}: model {name!r} has no version with the alias {alias!r}")
+        version = found.version
+    else:
+        mlflow_client().get_model_version(name, version)  # an unknown one: MlflowException, as before
+    return name, str(version)
+
+
+def serve_plan(model_uri: str, host: str, port: int, workers: int = 1,
+               cache_dir: str | os.PathLike | None = None) -> ServePlan:
+    """Resolve the alias ONCE, at start, and download that version: the server then answers as that version
+    until it is restarted (``kubectl rollout restart``), which is how promoting or rolling back reaches a
+    running deployment; the pyfunc names the version in every response (its ``model_version`` column)."""
+    from m2snet.mlops.pyfunc import require_model_code
+
+    pinned = registered_version(model_uri)
+    uri = f"models:/{pinned[0]}/{pinned[1]}" if pinned else model_uri
+    local = local_model_dir(uri, cache_dir)
+    require_model_code(local)
+    argv = [find_tool("mlflow"), "models", "serve", "-m", str(local), "--env-manager", "local",
+            "--host", host, "--port", str(port), "--workers", str(workers)]
+    return ServePlan(model_uri, "/".join(pinned) if pinned else model_uri, local, argv)
 
 
 def start_model_server(model_uri: str, port: int | None = None, *, workdir: str | os.PathLike | None = None,
