@@ -11,7 +11,16 @@ from typing import List, Optional
 
 import typer
 
-from m2snet.cli.options import CONFIG, METRIC_PROTOCOL, NO_TRACK, SETS, TRACKING_URI, parse_folds, parse_seeds
+from m2snet.cli.options import (
+    ACCEPT_SPLIT_VERSION,
+    CONFIG,
+    METRIC_PROTOCOL,
+    NO_TRACK,
+    SETS,
+    TRACKING_URI,
+    parse_folds,
+    parse_seeds,
+)
 from m2snet.mlops.tracking import CLI_EXPERIMENT
 
 app = typer.Typer()
@@ -49,6 +58,7 @@ def train_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset directory (m2snet layout)."),
     split: Optional[Path] = typer.Option(None, "--split", help="Split file; trains on fold --fold's train cases."),
     fold: Optional[int] = typer.Option(None, "--fold"),
+    accept_split_version: Optional[str] = ACCEPT_SPLIT_VERSION,
     model: Optional[str] = typer.Option(None, "--model", help="Registered model name (m2snet, msnet, unet, ...)."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     size: Optional[int] = typer.Option(None, "--size"),
@@ -78,7 +88,7 @@ def train_cmd(
 
     cfg, explicit = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
                             fold=fold, model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
-                            out_dir=str(out) if out else None)
+                            out_dir=str(out) if out else None, accept_split_version=accept_split_version)
     ctx = _context(no_track, tracking_uri, experiment)
     tracking = ctx.tracking
     if cfg.split and _is_fixed(cfg.split):
@@ -117,6 +127,7 @@ def evaluate_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset directory."),
     split: Optional[Path] = typer.Option(None, "--split", help="Split file: evaluate on fold --fold's val cases."),
     fold: Optional[int] = typer.Option(None, "--fold", help="Fold of --split (default 0; with --no-skill: all)."),
+    accept_split_version: Optional[str] = ACCEPT_SPLIT_VERSION,
     out: Path = typer.Option(Path("eval"), "--out", help="Where per_case.csv, metrics.json, overlays.png go."),
     tta_flip: bool = typer.Option(False, "--tta-flip", help="Average with the horizontally flipped prediction."),
     device: str = typer.Option("auto", "--device"),
@@ -136,7 +147,8 @@ def evaluate_cmd(
 
         if checkpoint:
             raise M2SNetError("evaluate: --no-skill scores the all-background predictor; drop --checkpoint")
-        summary = noskill_cv(data, split, None if fold is None else [fold], out, protocol=protocol)
+        summary = noskill_cv(data, split, None if fold is None else [fold], out, protocol=protocol,
+                             accept_split_version=accept_split_version)
         typer.echo(summary.table(title="no skill"))
         typer.echo(f"tables: {out / 'cv_table.md'}, {out / 'cv_summary.json'}")
         return
@@ -144,9 +156,10 @@ def evaluate_cmd(
         raise M2SNetError("evaluate: give --checkpoint (or --no-skill)")
     case_ids = None
     if split:
+        from m2snet.data.format import load_dataset
         from m2snet.data.split import load_split
 
-        loaded = load_split(split)
+        loaded = load_split(split, load_dataset(data), accept_version=accept_split_version)
         if loaded.is_fixed:
             from m2snet.evaluation.testsets import evaluate_split_test_sets
 
@@ -167,6 +180,7 @@ def evaluate_cmd(
 def cv_cmd(
     data: Optional[Path] = typer.Option(None, "--data"),
     split: Optional[Path] = typer.Option(None, "--split"),
+    accept_split_version: Optional[str] = ACCEPT_SPLIT_VERSION,
     folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds (default: all)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Repeat the CV once per seed (comma-separated, "
                                         "e.g. 42,43,44): initialisation and data order change, the cases do not; "
@@ -196,7 +210,8 @@ def cv_cmd(
     from m2snet.workflows.folds import run_cv
 
     cfg, explicit = _config(config, sets, data=str(data) if data else None, split=str(split) if split else None,
-                            model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
+                            model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
+                            accept_split_version=accept_split_version)
     seed_list = parse_seeds(seeds)
     tuning = None
     if tune_trials > 0:

@@ -28,7 +28,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from m2snet.common import M2SNetError, read_json, sha256_file, write_json
 from m2snet.data.duplicates import UnionFind
@@ -284,11 +284,86 @@ def write_inner_split(info: DatasetInfo, outer: "Split", fold: int, out: str | o
     return Path(out)
 
 
-def load_split(path: str | os.PathLike) -> Split:
+def check_disjoint(sides: Mapping[str, Sequence[str]], where: str) -> None:
+    """Refuse a case listed twice on one side, or on two sides (``{"train": ids, "val": ids}``), naming it.
+
+    The one rule behind every split check (a fold's train and val, a fixed split's sets, int8
+    calibration against its held-out cases): a case scored must never have been trained on.
+    """
+    side_of: dict[str, str] = {}
+    for side, ids in sides.items():
+        counts = Counter(ids)
+        twice = next((i for i in ids if counts[i] > 1), None)
+        if twice is not None:
+            raise M2SNetError(f"{where}: case {twice} is listed twice in {side}")
+        both = [i for i in ids if i in side_of]
+        if both:
+            raise M2SNetError(f"{where}: case {both[0]} is in both {side_of[both[0]]} and {side} ({len(both)} "
+                              "case(s) on two sides): it would be scored after being trained on")
+        side_of.update(dict.fromkeys(ids, side))
+
+
+_UNVERSIONED_WARNED: set[Path] = set()  # legacy split files already warned about in this process
+
+
+def check_split(split: Split, info: DatasetInfo | None = None, accept_version: str | None = None) -> Split:
+    """THE split validator, run on every split file loaded (:func:`load_split`); returns ``split``.
+
+    Always: in every fold, no case on both sides and none twice on one side (a fixed split: its
+    training, validation and test sets pairwise). With the dataset ``info`` the split is used on: every
+    id is one of its cases, and the dataset version the split was made for is the data's, unless
+    ``accept_version`` names that version (the user's explicit ``--accept-split-version``; the run records
+    it). A split without a recorded version (an older m2snet's) is used with a warning naming the file.
+    """
+    where = split.path or "split"
+    for f in split.folds:
+        sides = {"train": f.train, "val": f.val}
+        if split.is_fixed:
+            sides.update({f"test set {name}": ids for name, ids in split.test_sets.items()})
+        for ids in sides.values():
+            odd = next((i for i in ids if not isinstance(i, str)), None)
+            if odd is not None:
+                raise M2SNetError(f"{where}: fold {f.fold}: case id {odd!r} is not a string")
+        check_disjoint(sides, f"{where}: fold {f.fold}")
+    if info is None:
+        return split
+    known = {c.case_id for c in info.cases}
+    for f in split.folds:
+        for side, ids in {"train": f.train, "val": f.val, **split.test_sets}.items():
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise M2SNetError(f"{where}: fold {f.fold}: case {unknown[0]} ({len(unknown)} case(s) of {side}) "
+                                  f"is not in {info.root}; was the split made for another dataset?")
+    made_for, now = split.dataset_version, info.version
+    if made_for is None:
+        if split.path not in _UNVERSIONED_WARNED:
+            _UNVERSIONED_WARNED.add(split.path)
+            log.warning("%s records no dataset version (written by an older m2snet): used on %s (version %s) "
+                        "unchecked; re-split (`m2snet data split`) to record it", where, info.root, now)
+    elif made_for != now:
+        if accept_version is None:
+            raise M2SNetError(f"{where}: made for dataset version {made_for}, but {info.root} is version {now} "
+                              "(the same case ids with other data?); re-split it (`m2snet data split`), or accept "
+                              f"it by naming that version: --accept-split-version {made_for}")
+        if accept_version != made_for:
+            raise M2SNetError(f"{where}: --accept-split-version {accept_version} is not the version it was made "
+                              f"for ({made_for}; {info.root} is {now})")
+        log.warning("%s: made for dataset version %s, used on %s (version %s): accepted by name "
+                    "(--accept-split-version)", where, made_for, info.root, now)
+    return split
+
+
+def load_split(path: str | os.PathLike, dataset: DatasetInfo | None = None, *,
+               accept_version: str | None = None) -> Split:
+    """Read a split file and validate it (:func:`check_split`): against ``dataset`` too when given, as
+    every consumer that uses the split's cases on a dataset must."""
     path = Path(path)
     if not path.is_file():
         raise M2SNetError(f"{path}: split file not found (create one with `m2snet data split DATASET`)")
     data = read_json(path, "split file")
+    if not isinstance(data, dict):
+        raise M2SNetError(f"{path}: a split file is a JSON object (format_version, folds, ...), "
+                          f"not a JSON {type(data).__name__}")
     if data.get("format_version") not in READABLE_SPLIT_VERSIONS:
         raise M2SNetError(f"{path}: unsupported split format_version {data.get('format_version')!r}")
     try:
@@ -305,7 +380,7 @@ def load_split(path: str | os.PathLike) -> Split:
     if protocol == "fixed" and (n_folds != 1 or not isinstance(test_sets, dict) or not test_sets
                                 or not all(isinstance(v, list) and v for v in test_sets.values())):
         raise M2SNetError(f"{path}: a fixed split needs one fold and at least one non-empty named test set")
-    return Split(
+    return check_split(Split(
         n_folds=n_folds,
         seed=int(data.get("seed", 0)),
         folds=folds,
@@ -320,4 +395,4 @@ def load_split(path: str | os.PathLike) -> Split:
         protocol=protocol,
         test_sets={str(k): [str(i) for i in v] for k, v in test_sets.items()},
         crossings=list(data.get("crossings", [])),
-    )
+    ), dataset, accept_version)

@@ -325,15 +325,18 @@ def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: 
     (``fold.json``): the aggregate step joins the folds' per-case CSVs with it.
     """
 
-    split = load_split(split_path)
-    val = split.fold(fold).val
     train_config = Path(model_dir) / "train_config.json"
-    seed = json.loads(train_config.read_text()).get("seed") if train_config.is_file() else None
+    config = json.loads(train_config.read_text()) if train_config.is_file() else {}
+    info = load_dataset(dataset_dir)
+    # The same check as the fold's training (and the same by-name acceptance, from its config).
+    split = load_split(split_path, info, accept_version=config.get("accept_split_version"))
+    val = split.fold(fold).val
+    seed = config.get("seed")
     with fold_run(model_dir) or contextlib.nullcontext() as run:
         ev = score_fold(_fold_checkpoint(model_dir), dataset_dir, val, out_dir, tracker=run,
                         protocol=metric_protocol)
         write_json(Path(out_dir) / FOLD_INFO, {"fold": fold, "seed": seed, "split_sha256": split.sha256,
-                                               "data_version": load_dataset(dataset_dir).version})
+                                               "data_version": info.version})
     return {k: float(v) for k, v in ev.metrics.items()}
 
 
