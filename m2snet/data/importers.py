@@ -576,6 +576,36 @@ def _problems_message(importer: Importer, src: Path, n_cases: int, problems: lis
     return head + ":\n  " + "\n  ".join(str(p) for p in problems)
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a byte the file system's name could not decode (a surrogate escape)
+        return False
+    return True
+
+
+def _check_source_names(src: Path, cases: list[SourceCase]) -> None:
+    """Refuse source file (or folder) names that are not valid UTF-8, before any work, naming the first one.
+
+    Why refuse rather than import under a substitute: the manifest (UTF-8 CSV, part of the data version)
+    records each case's source files by name (``source_image``, ``source_masks``) and the folder names
+    that became labels and subsets; a replaced name would record a file that does not exist under it, and
+    two names could map to one. Renaming the files (e.g. ``convmv``) keeps the provenance exact.
+    """
+    bad = []
+    for case in cases:
+        names = [p.relative_to(src).as_posix() for p in (case.image, *case.masks)]
+        wrong = [n for n in names if not _is_utf8(n)]
+        if not wrong and not all(_is_utf8(v) for v in (case.label, case.subset, *case.extra.values())):
+            wrong = names[:1]  # a label or subset taken from a folder's name
+        bad += wrong
+    if bad:
+        shown = os.fsencode(bad[0]).decode("utf-8", "backslashreplace")
+        raise M2SNetError(f"{src}: {len(bad)} source file name(s) are not valid UTF-8, e.g. {shown} (its bytes "
+                          "escaped): the manifest records every source file by name; rename them to UTF-8 "
+                          "(e.g. `convmv -f latin1 -t utf-8 -r --notest SRC`) and import again")
+
+
 def import_dataset(
     fmt: str,
     src: str | os.PathLike,
@@ -611,6 +641,7 @@ def import_dataset(
     cases = importer.scan(src)
     if not cases:
         raise M2SNetError(f"{src}: no images found for format {fmt!r} ({importer.description})")
+    _check_source_names(src, cases)
     ids = [c.case_id for c in cases]
     clashes = sorted({i for i in ids if ids.count(i) > 1})
     if clashes:
