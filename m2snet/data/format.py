@@ -26,7 +26,9 @@ Format 1 stored the subset in ``group`` and is refused with a request to re-impo
 Columns after ``MANIFEST_COLUMNS`` are the grouping a source itself knows, added by its importer
 (CVC-ClinicDB: ``sequence``, the video sequence of the frame) or by a user (e.g. ``patient``); they
 are kept as read and written back in name order, and ``m2snet data split --group-by COLUMN`` keeps
-every value of one on one side of every split (an empty value groups nothing).
+every value of one on one side of every split (an empty value groups nothing). dataset.json's
+``group_by`` names the column the importer knows to be a grouping (CVC-ClinicDB: ``sequence``): every
+split uses it unless told otherwise (``--group-by none``).
 """
 
 from __future__ import annotations
@@ -175,6 +177,12 @@ class DatasetInfo:
     @cached_property
     def _by_id(self) -> dict[str, CaseRecord]:
         return {c.case_id: c for c in self.cases}
+
+    @property
+    def group_by(self) -> str | None:
+        """The manifest column dataset.json names as the source's grouping (``group_by``, written by the
+        importer: CVC-ClinicDB's ``sequence``), or None; splits use it by default (m2snet.data.split)."""
+        return self.meta.get("group_by")
 
     @property
     def is_binary(self) -> bool:
@@ -342,6 +350,12 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
         raise M2SNetError(f"{manifest_path}: duplicate case ids {dup[:5]}")
     known = {"source_format", "n_classes", "mask_classes", "labels"}
     n_classes, mask_classes = _classes(meta, meta_path)
+    group_by = meta.get("group_by")
+    if group_by is not None and not isinstance(group_by, str):
+        raise M2SNetError(f"{meta_path}: group_by {group_by!r} must be a manifest column's name (or absent)")
+    if group_by is not None and group_by not in extra:
+        raise M2SNetError(f"{meta_path}: group_by {group_by!r} is no such manifest column (extra columns: "
+                          f"{', '.join(extra) or 'none'})")
     return DatasetInfo(
         root=root,
         name=root.name,

@@ -87,6 +87,9 @@ class Importer:
     # Near-duplicate threshold (bits) when the import is not given one: where the modality's
     # unrelated images start (see m2snet.data.duplicates).
     near_duplicate_threshold: ClassVar[int] = DEFAULT_MAX_DISTANCE
+    # The extra manifest column (SourceCase.extra) whose values the source says belong together (CVC-ClinicDB:
+    # ``sequence``, the video of a frame): recorded in dataset.json as ``group_by``, every split's default.
+    group_by: ClassVar[str | None] = None
 
     threshold: int | None = None
 
@@ -126,6 +129,12 @@ def register_importer(name: str) -> Callable[[type[Importer]], type[Importer]]:
 
 def list_importers() -> list[str]:
     return sorted(_IMPORTERS)
+
+
+def importer_group_by(name: str) -> str | None:
+    """The grouping importer ``name`` records (None for an unknown name)."""
+    cls = _IMPORTERS.get(name)
+    return cls.group_by if cls is not None else None
 
 
 def get_importer(name: str, **options: Any) -> Importer:
@@ -304,8 +313,9 @@ class ClinicDbImporter(Importer):
     """CVC-ClinicDB: ``Original/N.tif`` + ``Ground Truth/N.tif`` (TIFF, or the PNG re-release).
 
     The manifest's ``sequence`` column is frame N's video sequence from the source's table
-    (:data:`CLINICDB_SEQUENCES`; empty for a file not named by a frame number 1..612), so that
-    ``m2snet data split --group-by sequence`` keeps each sequence on one side. ``images_dir`` /
+    (:data:`CLINICDB_SEQUENCES`; empty for a file not named by a frame number 1..612); dataset.json
+    names it as the dataset's ``group_by``, so that ``m2snet data split`` keeps each sequence on one
+    side unless told ``--group-by none``. ``images_dir`` /
     ``masks_dir`` (relative to SRC) name the folders when they are not the usual ones, e.g. on a
     copy that has them swapped.
     """
@@ -313,6 +323,7 @@ class ClinicDbImporter(Importer):
     description: ClassVar[str] = "CVC-ClinicDB polyps (Original/, Ground Truth/, TIFF; options images_dir, masks_dir)"
     near_duplicate_threshold: ClassVar[int] = ENDOSCOPY_MAX_DISTANCE
     lesion_labels: ClassVar[list[str]] = ["polyp"]
+    group_by: ClassVar[str | None] = "sequence"
     threshold: int | None = 127
     images_dir: str | None = None
     masks_dir: str | None = None
@@ -678,10 +689,15 @@ def import_dataset(
             log.warning("label conflict (allowed for %s): %s", fmt, conflict.describe())
         for warning in dups.large_cluster_warnings():
             log.warning("%s", warning)
+        # Recorded only where the column holds a value (a ClinicDB copy of unnumbered files has none), and
+        # only for importers that have one: other datasets' dataset.json, and so their versions, are unchanged.
+        grouping = ({"group_by": importer.group_by} if importer.group_by
+                    and any(dict(r.extra).get(importer.group_by) for r in records) else {})
         write_dataset(
             tmp, records, source_format=fmt, n_classes=importer.n_classes,
             mask_classes=importer.mask_classes, labels=sorted({r.label for r in records}),
             extra={
+                **grouping,
                 "allow_duplicates": allow,
                 "allow_label_conflicts": allow_conflicts,
                 "near_duplicates": near.to_meta(),

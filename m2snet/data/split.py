@@ -12,7 +12,9 @@ Groups the source knows: a manifest column such as CVC-ClinicDB's ``sequence`` (
 comes from) or a user's ``patient`` column holds what no image hash can see: frames of one video,
 scans of one patient. ``group_by=COLUMN`` (``m2snet data split --group-by COLUMN``) adds "same
 non-empty value" to the rule above (the union of both groupings), so every value of the column sits
-on one side of every split, inner splits included; the split file records the column.
+on one side of every split, inner splits included; the split file records the column. The default
+(:data:`FROM_DATASET`) is the column dataset.json names as ``group_by`` (its importer's: CVC-ClinicDB's
+``sequence``): a grouping the source knows is never dropped unless asked (``--group-by none``).
 
 Why this assignment rather than sklearn's StratifiedGroupKFold: we need folds within one case of
 each other per class (the BUSI protocol's four folds) and byte-stable output for a seed with no
@@ -41,6 +43,11 @@ DuplicateRule = Literal["cluster", "sha256"]
 log = logging.getLogger(__name__)
 # Share of a fold's training cases held out as its inner validation set (tuning, selection="inner").
 INNER_VAL_FRACTION = 0.2
+
+# make_split's / make_fixed_split's default grouping: the column dataset.json names (see
+# dataset_group_by). A column name replaces it; None (CLI: ``--group-by none``) groups duplicates only.
+FROM_DATASET = "from-dataset"  # never a column's name (those are identifiers)
+NO_GROUPING = "none"
 
 SPLIT_FORMAT_VERSION = 2
 # Version 3: a fixed-split protocol (``"protocol": "fixed"``, one training/validation fold plus
@@ -117,6 +124,42 @@ def case_groups(cases: Sequence[CaseRecord], duplicates: DuplicateRule = "cluste
     return sorted(uf.components().values(), key=lambda g: g[0])
 
 
+def dataset_group_by(info: DatasetInfo) -> str | None:
+    """The dataset's own grouping column: dataset.json's ``group_by``; for a dataset imported before it was
+    recorded, the grouping its importer records, when the manifest has that column with values."""
+    if "group_by" in info.meta:
+        return info.group_by
+    from m2snet.data.importers import importer_group_by  # the registry, only for such older imports
+
+    column = importer_group_by(info.source_format)
+    return column if column and any(c.column(column) for c in info.cases) else None
+
+
+def group_by_option(text: str | None) -> str | None:
+    """The CLI's ``--group-by``: absent = the dataset's grouping (:data:`FROM_DATASET`), ``none`` = none."""
+    if text is None:
+        return FROM_DATASET
+    return None if text.strip().lower() == NO_GROUPING else text
+
+
+def resolve_group_by(info: DatasetInfo, group_by: str | None) -> str | None:
+    """The column a split groups by: ``group_by``, or the dataset's (:func:`dataset_group_by`) for FROM_DATASET."""
+    return dataset_group_by(info) if group_by == FROM_DATASET else group_by
+
+
+def grouping_note(info: DatasetInfo, used: str | None) -> str:
+    """One line saying which grouping a split used, and whether it dropped the dataset's own (console, logs)."""
+    known = dataset_group_by(info)
+    where = ("dataset.json's group_by" if "group_by" in info.meta
+             else f"the {info.source_format} importer's, imported before dataset.json recorded it")
+    if used and used == known:
+        return f"group by {used!r} ({where}: the source's own grouping; --group-by none to split without it)"
+    if known:
+        return (f"not grouped by {known!r} ({where})" + (f" but by {used!r}" if used else "")
+                + f": cases of one {known} may fall on several sides")
+    return f"group by {used!r} (--group-by)" if used else "group by: duplicate clusters only"
+
+
 def check_group_column(info: DatasetInfo, column: str) -> dict[str, Any]:
     """What the split file records of ``--group-by column``; refuses a column the manifest lacks or leaves empty."""
     if column in ("image", "mask") or column not in info.columns:
@@ -184,15 +227,17 @@ def make_split(
     n_folds: int = 4,
     seed: int = 42,
     out: str | os.PathLike | None = None,
-    group_by: str | None = None,
+    group_by: str | None = FROM_DATASET,
     duplicates: DuplicateRule = "cluster",
 ) -> Split:
     """Compute the split of a dataset and write it as JSON (to ``out`` or the default path).
 
     ``group_by``: a manifest column (e.g. ``sequence``) whose every value goes to one fold, on top
-    of the duplicate clusters; ``duplicates``: which duplicates stay together (see DuplicateRule).
+    of the duplicate clusters (default: the dataset's own, :func:`dataset_group_by`; None: none);
+    ``duplicates``: which duplicates stay together (see DuplicateRule).
     """
     info = root if isinstance(root, DatasetInfo) else load_dataset(root)
+    group_by = resolve_group_by(info, group_by)
     if n_folds < 2:
         raise M2SNetError(f"--folds must be at least 2, got {n_folds}")
     if duplicates not in ("cluster", "sha256"):
