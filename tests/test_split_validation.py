@@ -111,6 +111,9 @@ def test_ids_twice_on_one_side_unknown_ids_and_empty_files(tiny, tmp_path):
     ghost = _edit(split, tmp_path / "ghost.json", lambda d: d["folds"][1]["val"].append("benign_9999"))
     with pytest.raises(M2SNetError, match=f"ghost.json: fold 1: case benign_9999 .*not in {data}"):
         load_split(ghost, info)
+    as_text = _edit(split, tmp_path / "as_text.json", lambda d: d["folds"][0].update(train=first))
+    with pytest.raises(M2SNetError, match="as_text.json: malformed split file .*list of case ids"):
+        load_split(as_text)
     # Item 29.7: a split file that is not an object is one line naming it.
     for text in ("[]", '"x"', "3"):
         (tmp_path / "odd.json").write_text(text)

@@ -398,6 +398,12 @@ def check_split(split: Split, info: DatasetInfo | None = None, accept_version: s
     return split
 
 
+def _id_list(value: Any) -> list[str]:
+    if not isinstance(value, list):  # list("case") would be four one-letter ids
+        raise TypeError(f"a list of case ids expected, got {type(value).__name__}")
+    return list(value)
+
+
 def load_split(path: str | os.PathLike, dataset: DatasetInfo | None = None, *,
                accept_version: str | None = None) -> Split:
     """Read a split file and validate it (:func:`check_split`): against ``dataset`` too when given, as
@@ -412,7 +418,7 @@ def load_split(path: str | os.PathLike, dataset: DatasetInfo | None = None, *,
     if data.get("format_version") not in READABLE_SPLIT_VERSIONS:
         raise M2SNetError(f"{path}: unsupported split format_version {data.get('format_version')!r}")
     try:
-        folds = [Fold(int(f["fold"]), list(f["train"]), list(f["val"])) for f in data["folds"]]
+        folds = [Fold(int(f["fold"]), _id_list(f["train"]), _id_list(f["val"])) for f in data["folds"]]
         n_folds = int(data["n_folds"])
     except (KeyError, TypeError, ValueError) as err:
         raise M2SNetError(f"{path}: malformed split file ({err!r})") from None

@@ -189,7 +189,9 @@ def export_model(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLik
     reference = Predictor.from_checkpoints(checkpoints, device="cpu", tta_flip=tta_flip)
     meta = {**onnx_meta(reference, precision),
             "calibration": {"cases": len(calib), "source": f"fold {fold_data.fold} training cases",
-                            "split": str(fold_data.split)} if calib else None}
+                            "split": str(fold_data.split),
+                            **({"accepted_split_version": fold_data.accept_split_version}
+                               if fold_data.accept_split_version else {})} if calib else None}
     with tempfile.TemporaryDirectory(prefix="m2snet-precision-") as tmp:
         work = Path(tmp)
         fp32 = export_onnx(checkpoints, work / "fp32.onnx", tta_flip=tta_flip, atol=atol).path
