@@ -98,7 +98,7 @@ def _folds_of_sequences(split, info) -> dict[str, set[int]]:
 def test_split_by_sequence_keeps_every_sequence_in_one_fold(clinicdb, tmp_path):
     info = load_dataset(clinicdb)
     # Without the source's grouping, the duplicate clusters alone leave sequences across folds.
-    plain = make_split(info, n_folds=4, seed=0, out=tmp_path / "plain.json")
+    plain = make_split(info, n_folds=4, seed=0, out=tmp_path / "plain.json", group_by=None)
     assert sum(len(f) > 1 for f in _folds_of_sequences(plain, info).values()) > 0
 
     out = tmp_path / "by-sequence.json"
@@ -113,6 +113,65 @@ def test_split_by_sequence_keeps_every_sequence_in_one_fold(clinicdb, tmp_path):
     assert recorded["group_by"] == {"column": "sequence", "values": 29, "cases_without_value": 0}
     assert split.group_by == "sequence"
     assert "sequence" in result.output
+
+
+def _balanced(split) -> list[int]:
+    sizes = [len(f.val) for f in split.folds]
+    # 29 sequences of 6..26 frames: whole sequences fill the folds to within one long sequence.
+    assert sum(sizes) == N_FRAMES and max(sizes) - min(sizes) <= max(b - a + 1 for a, b in CLINICDB_SEQUENCES)
+    return sizes
+
+
+def test_the_importers_grouping_is_the_default(clinicdb, tmp_path):
+    """Issue 29.6: `m2snet data split` and the pipeline's split step grouped by sequence only when told to;
+    with the defaults 29 of 29 sequences had frames in two or more folds. The importer records its grouping
+    in dataset.json, every split uses it unless told `--group-by none`, and says so."""
+    from m2snet.workflows import steps
+
+    info = load_dataset(clinicdb)
+    assert json.loads((clinicdb / "dataset.json").read_text())["group_by"] == "sequence"
+    out = tmp_path / "default.json"
+    result = CliRunner().invoke(app, ["data", "split", str(clinicdb), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    split = load_split(out, info)
+    across = [s for s, folds in _folds_of_sequences(split, info).items() if len(folds) > 1]
+    assert across == [] and split.group_by == "sequence" and split.n_folds == 4
+    _balanced(split)
+    assert "group by 'sequence' (dataset.json" in result.output and "--group-by none" in result.output
+    # The pipeline's split step: the same rule, through the same function.
+    steps.split_dataset(str(clinicdb), str(tmp_path / "pipeline.json"), n_folds=4, seed=42)
+    piped = load_split(tmp_path / "pipeline.json", info)
+    assert all(len(f) == 1 for f in _folds_of_sequences(piped, info).values()) and piped.group_by == "sequence"
+    _balanced(piped)
+    # Turned off by name: duplicates only, and the output says what it dropped.
+    off = tmp_path / "off.json"
+    result = CliRunner().invoke(app, ["data", "split", str(clinicdb), "--group-by", "none", "--out", str(off)])
+    assert result.exit_code == 0, result.output
+    plain = load_split(off, info)
+    assert plain.group_by is None and json.loads(off.read_text())["group_by"] is None
+    assert sum(len(f) > 1 for f in _folds_of_sequences(plain, info).values()) > 0
+    assert "not grouped by 'sequence'" in result.output
+    # The fixed protocol's grouped fractions too.
+    fixed = tmp_path / "fixed.json"
+    result = CliRunner().invoke(app, ["data", "split", str(clinicdb), "--protocol", "fixed", "--fractions",
+                                      "60/20/20", "--out", str(fixed)])
+    assert result.exit_code == 0, result.output
+    assert load_split(fixed, info).group_by == "sequence" and load_split(fixed).crossings == []
+
+
+def test_a_dataset_json_grouping_must_name_a_manifest_column(clinicdb, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(clinicdb, ds)
+    meta = json.loads((ds / "dataset.json").read_text())
+    for value, problem in (("patient", "no such manifest column"), (3, "must be a manifest column's name")):
+        (ds / "dataset.json").write_text(json.dumps({**meta, "group_by": value}))
+        with pytest.raises(M2SNetError, match=rf"{ds / 'dataset.json'}: group_by .*{problem}"):
+            load_dataset(ds)
+    # Imported before dataset.json recorded it: the importer's grouping all the same.
+    (ds / "dataset.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "group_by"}))
+    assert make_split(ds, out=tmp_path / "legacy.json").group_by == "sequence"
 
 
 def test_swapped_folders_are_fixed_by_options_on_a_read_only_copy(tmp_path):

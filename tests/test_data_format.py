@@ -141,3 +141,26 @@ def test_cache_matches_direct_decoding(demo_dataset, tmp_path):
     path = cache_path(direct.info, 40, tmp_path / "cache")
     assert (path / "images.npy").is_file() and np.load(path / "images.npy", mmap_mode="r").shape == (12, 40, 40, 3)
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("value", ["one", [1], -3, 0, 1.5, True, None])
+def test_dataset_json_with_a_bad_n_classes_is_refused_naming_the_file(demo_dataset, tmp_path, value):
+    """Issues 29.7 and 29.9: ``n_classes: "one"`` or a list was a traceback, ``-3`` validated as OK."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(demo_dataset, ds)
+    meta = json.loads((ds / "dataset.json").read_text())
+    meta["n_classes"] = value
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(M2SNetError, match=rf"{ds / 'dataset.json'}: n_classes .* must be a whole number >= 1"):
+        load_dataset(ds)
+    # `m2snet data validate`: the same, one line, exit 2 (not "OK: every expectation met").
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "m2snet.cli", "data", "validate", str(ds)], capture_output=True,
+                          text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr + proc.stdout
+    assert str(ds / "dataset.json") in lines[0] and "n_classes" in lines[0]

@@ -371,3 +371,15 @@ def test_cli_an_os_error_on_a_user_path_is_one_line(monkeypatch, capsys):
     code, err = _main(["data", "demo", "/proc/m2snet-cannot-exist"], monkeypatch, capsys)
     line = _one_error_line(err)
     assert code == 2 and "/proc/" in line and "No such file or directory" in line
+
+
+def test_cli_a_source_file_name_that_is_not_utf8_is_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 29.7: a name with a Latin-1 byte (``cju1\\xe9.jpg``) crashed the manifest write with a
+    UnicodeEncodeError traceback. Refused up front, naming the file (its bytes escaped)."""
+    src = _kvasir(tmp_path / "kvasir", n=3)
+    for folder in ("images", "masks"):
+        os.rename(os.fsencode(src / folder / "cju1.jpg"), os.fsencode(src / folder) + b"/cju1\xe9.jpg")
+    code, err = _main(["data", "import", "-f", "kvasir", str(src), str(tmp_path / "out")], monkeypatch, capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "not valid UTF-8" in line and "images/cju1\\xe9.jpg" in line, line
+    assert _leftovers(tmp_path, "out") == []

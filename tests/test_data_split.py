@@ -164,6 +164,10 @@ def test_training_refuses_a_split_that_leaks_a_cluster(tmp_path, demo_ds):
         writer.writeheader()
         writer.writerows(rows)
     cfg = TrainConfig(data=str(ds), split=str(tmp_path / "s.json"), fold=0)
+    # The manifest changed, so the split was made for another dataset version: refused unless named.
+    with pytest.raises(M2SNetError, match="made for dataset version"):
+        resolve_cases(cfg)
+    cfg = cfg.override(accept_split_version=split.dataset_version)
     with pytest.raises(M2SNetError, match="duplicate group"):
         resolve_cases(cfg)
     assert resolve_cases(cfg.override(leak_check=False)).reported == split.fold(0).val

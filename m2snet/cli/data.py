@@ -11,7 +11,7 @@ import typer
 from m2snet.common import M2SNetError
 from m2snet.data.duplicates import NearDuplicateConfig
 from m2snet.data.format import load_dataset
-from m2snet.data.split import make_split
+from m2snet.data.split import group_by_option, grouping_note, make_split
 
 app = typer.Typer(help="Datasets: create the demo set, import public layouts, validate, split, version.",
                   no_args_is_help=True)
@@ -211,7 +211,8 @@ def split(
     group_by: Optional[str] = typer.Option(
         None, "--group-by", metavar="COLUMN",
         help="A manifest column whose every value stays in one fold, on top of the duplicate clusters "
-             "(e.g. 'sequence' for CVC-ClinicDB's videos, or a 'patient' column you add to manifest.csv).",
+             "(e.g. a 'patient' column you add to manifest.csv). Default: the grouping dataset.json names "
+             "(its importer's: 'sequence' for CVC-ClinicDB's videos); 'none': duplicate clusters only.",
     ),
     duplicates: str = typer.Option("cluster", help="Which duplicates stay in one fold: 'cluster' (exact + near "
                                    "duplicates, the manifest's group) or 'sha256' (byte-identical only: the old, "
@@ -234,15 +235,20 @@ def split(
 ) -> None:
     """Write a K-fold split (stratified by label, duplicate clusters and --group-by values in one fold) or,
     with --protocol fixed, a fixed split with named test sets; deterministic for a seed."""
+    info = load_dataset(dest)
+    group_by = group_by_option(group_by)
     if protocol == "fixed":
-        _fixed_split(dest, seed, out, group_by, train, val, test, fractions, test_name, on_leak)
+        result = _fixed_split(info, seed, out, group_by, train, val, test, fractions, test_name, on_leak)
+        typer.echo(grouping_note(info, result.group_by))
+        typer.echo(f"wrote {result.path} (sha256 {result.sha256})")
         return
     if protocol != "kfold":
         raise M2SNetError(f"--protocol {protocol!r}: expected kfold or fixed")
     if train or val or test or fractions:
         raise M2SNetError("--train/--val/--test/--fractions need --protocol fixed")
-    result = make_split(dest, n_folds=folds, seed=seed, out=out, group_by=group_by,
+    result = make_split(info, n_folds=folds, seed=seed, out=out, group_by=group_by,
                         duplicates=duplicates)  # type: ignore[arg-type]
+    typer.echo(grouping_note(info, result.group_by))
     for k, counts in enumerate(result.counts):
         typer.echo(f"fold {k}: {sum(counts.values())} val cases {counts}")
     kept = result.groups_kept_together
@@ -252,14 +258,14 @@ def split(
     typer.echo(f"wrote {result.path} (sha256 {result.sha256})")
 
 
-def _fixed_split(dest: Path, seed: int, out: Optional[Path], group_by: Optional[str], train: Optional[str],
-                 val: Optional[str], test: list[str], fractions: Optional[str], test_name: str, on_leak: str) -> None:
+def _fixed_split(info, seed: int, out: Optional[Path], group_by: Optional[str], train: Optional[str],
+                 val: Optional[str], test: list[str], fractions: Optional[str], test_name: str, on_leak: str):
     from m2snet.data.fixed_split import make_fixed_split, parse_test_sets
 
     if on_leak not in ("report", "refuse"):
         raise M2SNetError(f"--on-leak {on_leak!r}: expected report or refuse")
     tests = parse_test_sets(test)
-    result = make_fixed_split(dest, train=train, val=val, tests=tests or None, fractions=fractions,
+    result = make_fixed_split(info, train=train, val=val, tests=tests or None, fractions=fractions,
                               test_name=test_name, group_by=group_by, seed=seed, out=out,
                               on_leak=on_leak)  # type: ignore[arg-type]
     fold = result.fold(0)
@@ -271,7 +277,7 @@ def _fixed_split(dest: Path, seed: int, out: Optional[Path], group_by: Optional[
     if result.crossings:
         typer.echo(f"WARNING: {len(result.crossings)} group(s) on two sides, recorded in the file's 'crossings' "
                    "(--on-leak refuse to refuse them)")
-    typer.echo(f"wrote {result.path} (sha256 {result.sha256})")
+    return result
 
 
 @app.command("version")

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from m2snet.cli.options import ACCEPT_SPLIT_VERSION
 from m2snet.common import M2SNetError
 
 app = typer.Typer()
@@ -77,6 +78,7 @@ def recalibrate_bn_command(
     split: Optional[Path] = typer.Option(None, "--split", help="Split file: use fold --fold's training cases "
                                          "(default: all cases of --data)."),
     fold: int = typer.Option(0, "--fold"),
+    accept_split_version: Optional[str] = ACCEPT_SPLIT_VERSION,
     out: Path = typer.Option(..., "--out", help="Where to write the recalibrated checkpoint."),
     msu_norm: str = typer.Option("per_site", "--msu-norm", help="m2snet: per_site (upgrades a shared / "
                                  "reference checkpoint) | shared | keep (the checkpoint's mode)."),
@@ -90,7 +92,8 @@ def recalibrate_bn_command(
     from m2snet.training.bn_recalibration import recalibrate_checkpoint
 
     path, info = recalibrate_checkpoint(
-        checkpoint, out, data=data, split=split, fold=fold, msu_norm=None if msu_norm == "keep" else msu_norm,
+        checkpoint, out, data=data, split=split, fold=fold, accept_split_version=accept_split_version,
+        msu_norm=None if msu_norm == "keep" else msu_norm,
         size=size, batch_size=batch_size, max_cases=max_cases, device=device)
     mode = f", msu_norm {info['msu_norm']}" if info.get("msu_norm") else ""
     typer.echo(f"recalibrated {info['norms']} BatchNorms over {info['images']} of {info['cases']} training cases "
@@ -118,6 +121,7 @@ def export_command(
     split: Optional[Path] = typer.Option(None, "--split", help="bf16/int8: split file; fold --fold's training "
                                          "cases calibrate int8, its validation cases measure the accuracy cost."),
     fold: int = typer.Option(0, "--fold"),
+    accept_split_version: Optional[str] = ACCEPT_SPLIT_VERSION,
     budget: Optional[float] = typer.Option(None, "--budget", help="Dice points (0-100) the reduced precision "
                                            "may lose against fp32 on the held-out cases (default 0.5)."),
     warn_only: bool = typer.Option(False, "--warn-only", help="Past the budget: write it with a warning "
@@ -136,12 +140,13 @@ def export_command(
 
     if (data is None) != (split is None):
         raise M2SNetError("export: give --data and --split together")
+    fold_data = FoldData(data, split, fold, accept_split_version) if data is not None else None
     with tempfile.TemporaryDirectory(prefix="m2snet-export-") as tmp:
         paths = [Path(s) for s in sources]
         if len(sources) == 1 and not paths[0].is_file():
             paths = model_checkpoints(sources[0], tmp)
         report = export_model(
-            paths, out, precision, fold_data=FoldData(data, split, fold) if data is not None else None,
+            paths, out, precision, fold_data=fold_data,
             tta_flip=tta_flip, atol=DEFAULT_ATOL if atol is None else atol,
             budget=DEFAULT_DICE_BUDGET if budget is None else budget, over_budget="warn" if warn_only else "refuse",
             n_calibration=DEFAULT_CALIBRATION_CASES if calibration_cases is None else calibration_cases,

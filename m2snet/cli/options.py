@@ -16,6 +16,12 @@ from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, PRESETS
 CONFIG: Optional[Path] = typer.Option(None, "--config", help="TrainConfig as JSON/YAML; options below override it.")
 SETS: list[str] = typer.Option([], "--set", help="Override any TrainConfig field: --set key=value (repeatable).")
 
+# Splits (m2snet.data.split.check_split): a split made for another version of the data, used only when named.
+ACCEPT_SPLIT_VERSION: Optional[str] = typer.Option(
+    None, "--accept-split-version", metavar="VERSION",
+    help="Use a split made for another dataset version: name the version it records (its dataset_version); "
+         "the run records it.")
+
 # Presets (m2snet.workflows.presets)
 PRESET: str = typer.Option(DEFAULT_PRESET, "--preset", help=f"{' | '.join(PRESETS)} (m2snet.workflows.presets).")
 TRAIN_PRESET: Optional[str] = typer.Option(

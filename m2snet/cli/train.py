@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 
 from m2snet.cli.options import (
+    ACCEPT_SPLIT_VERSION,
     CONFIG,
     METRIC_PROTOCOL,
     NO_TRACK,
@@ -63,6 +64,7 @@ def train_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset directory (m2snet layout)."),
     split: Optional[Path] = typer.Option(None, "--split", help="Split file; trains on fold --fold's train cases."),
     fold: Optional[int] = typer.Option(None, "--fold"),
+    accept_split_version: Optional[str] = ACCEPT_SPLIT_VERSION,
     model: Optional[str] = typer.Option(None, "--model", help="Registered model name (m2snet, msnet, unet, ...)."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     size: Optional[int] = typer.Option(None, "--size"),
@@ -94,7 +96,7 @@ def train_cmd(
     cfg, explicit = _config(config, sets, preset, data=str(data) if data else None,
                             split=str(split) if split else None,
                             fold=fold, model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
-                            out_dir=str(out) if out else None)
+                            out_dir=str(out) if out else None, accept_split_version=accept_split_version)
     ctx = _context(no_track, tracking_uri, experiment)
     tracking = ctx.tracking
     if cfg.split and _is_fixed(cfg.split):
@@ -133,6 +135,7 @@ def evaluate_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset directory."),
     split: Optional[Path] = typer.Option(None, "--split", help="Split file: evaluate on fold --fold's val cases."),
     fold: Optional[int] = typer.Option(None, "--fold", help="Fold of --split (default 0; with --no-skill: all)."),
+    accept_split_version: Optional[str] = ACCEPT_SPLIT_VERSION,
     out: Path = typer.Option(Path("eval"), "--out", help="Where per_case.csv, metrics.json, overlays.png go."),
     tta_flip: bool = typer.Option(False, "--tta-flip", help="Average with the horizontally flipped prediction."),
     device: str = typer.Option("auto", "--device"),
@@ -151,7 +154,8 @@ def evaluate_cmd(
 
         if checkpoint:
             raise M2SNetError("evaluate: --no-skill scores the all-background predictor; drop --checkpoint")
-        summary = noskill_cv(data, split, None if fold is None else [fold], out, protocol=protocol)
+        summary = noskill_cv(data, split, None if fold is None else [fold], out, protocol=protocol,
+                             accept_split_version=accept_split_version)
         typer.echo(summary.table(title="no skill"))
         typer.echo(f"tables: {out / 'cv_table.md'}, {out / 'cv_summary.json'}")
         return
@@ -159,9 +163,10 @@ def evaluate_cmd(
         raise M2SNetError("evaluate: give --checkpoint (or --no-skill)")
     case_ids = None
     if split:
+        from m2snet.data.format import load_dataset
         from m2snet.data.split import load_split
 
-        loaded = load_split(split)
+        loaded = load_split(split, load_dataset(data), accept_version=accept_split_version)
         if loaded.is_fixed:
             from m2snet.evaluation.testsets import evaluate_split_test_sets
 
@@ -182,6 +187,7 @@ def evaluate_cmd(
 def cv_cmd(
     data: Optional[Path] = typer.Option(None, "--data"),
     split: Optional[Path] = typer.Option(None, "--split"),
+    accept_split_version: Optional[str] = ACCEPT_SPLIT_VERSION,
     folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds (default: all)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Repeat the CV once per seed (comma-separated, "
                                         "e.g. 42,43,44): initialisation and data order change, the cases do not; "
@@ -213,7 +219,8 @@ def cv_cmd(
 
     cfg, explicit = _config(config, sets, preset, data=str(data) if data else None,
                             split=str(split) if split else None,
-                            model=model, epochs=epochs, size=size, batch_size=batch_size, device=device)
+                            model=model, epochs=epochs, size=size, batch_size=batch_size, device=device,
+                            accept_split_version=accept_split_version)
     seed_list = parse_seeds(seeds)
     tuning = None
     if tune_trials > 0:

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from m2snet.cli.options import PRESET, SETS, preset_overrides
+from m2snet.cli.options import ACCEPT_SPLIT_VERSION, PRESET, SETS, preset_overrides
 from m2snet.workflows.presets import get_preset, train_config
 
 app = typer.Typer()
@@ -19,6 +19,7 @@ def tune_cmd(
     data: Path = typer.Option(..., help="Dataset directory (m2snet format)."),
     split: Path = typer.Option(..., help="Split file (m2snet data split)."),
     fold: int = typer.Option(0, help="Fold whose training cases are split into inner train/val."),
+    accept_split_version: Optional[str] = ACCEPT_SPLIT_VERSION,
     preset: str = PRESET,
     set_: List[str] = SETS,
     trials: int = typer.Option(20, help="Finished trials wanted in the study (all workers together)."),
@@ -33,7 +34,7 @@ def tune_cmd(
     from m2snet.workflows.tuning import tune
 
     base = train_config(preset, preset_overrides(preset, set_), data=str(data), split=str(split), fold=fold,
-                        out_dir=str(out / "unused"))
+                        out_dir=str(out / "unused")).override(accept_split_version=accept_split_version)
     cfg = get_preset(preset).tuning_config(n_trials=trials, storage=storage or None, study_name=study, seed=base.seed,
                                            **({"epochs": epochs} if epochs else {}))
     parent = Tracker.start(TrackingConfig(experiment=experiment), run_name=f"study-{study}",

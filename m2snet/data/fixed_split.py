@@ -40,11 +40,13 @@ from m2snet.common import M2SNetError, write_json
 from m2snet.data.format import DatasetInfo, load_dataset
 from m2snet.data.split import (
     FIXED_SPLIT_FORMAT_VERSION,
+    FROM_DATASET,
     Split,
     case_groups,
     check_group_column,
     groups_across,
     load_split,
+    resolve_group_by,
 )
 
 LeakPolicy = Literal["report", "refuse"]
@@ -142,7 +144,7 @@ def make_fixed_split(
     tests: Mapping[str, str] | None = None,
     fractions: str | Sequence[float] | None = None,
     test_name: str = "test",
-    group_by: str | None = None,
+    group_by: str | None = FROM_DATASET,
     seed: int = 42,
     out: str | os.PathLike | None = None,
     on_leak: LeakPolicy = "report",
@@ -154,6 +156,7 @@ def make_fixed_split(
     set named ``test_name``. ``on_leak``: what a set-defined split does with a group on two sides.
     """
     info = root if isinstance(root, DatasetInfo) else load_dataset(root)
+    group_by = resolve_group_by(info, group_by)  # default: the dataset's own grouping
     grouping = check_group_column(info, group_by) if group_by else None
     if fractions is not None:
         if train or val or tests:

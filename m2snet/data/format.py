@@ -26,7 +26,9 @@ Format 1 stored the subset in ``group`` and is refused with a request to re-impo
 Columns after ``MANIFEST_COLUMNS`` are the grouping a source itself knows, added by its importer
 (CVC-ClinicDB: ``sequence``, the video sequence of the frame) or by a user (e.g. ``patient``); they
 are kept as read and written back in name order, and ``m2snet data split --group-by COLUMN`` keeps
-every value of one on one side of every split (an empty value groups nothing).
+every value of one on one side of every split (an empty value groups nothing). dataset.json's
+``group_by`` names the column the importer knows to be a grouping (CVC-ClinicDB: ``sequence``): every
+split uses it unless told otherwise (``--group-by none``).
 """
 
 from __future__ import annotations
@@ -177,6 +179,12 @@ class DatasetInfo:
         return {c.case_id: c for c in self.cases}
 
     @property
+    def group_by(self) -> str | None:
+        """The manifest column dataset.json names as the source's grouping (``group_by``, written by the
+        importer: CVC-ClinicDB's ``sequence``), or None; splits use it by default (m2snet.data.split)."""
+        return self.meta.get("group_by")
+
+    @property
     def is_binary(self) -> bool:
         return self.n_classes == 1
 
@@ -261,6 +269,28 @@ def _dataset_path(root: Path, value: str, where: str, column: str) -> Path:
     return root / value
 
 
+def _names(value: Any, where: Path, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise M2SNetError(f"{where}: {key} {value!r} must be a list of names")
+    return value
+
+
+def _classes(meta: dict[str, Any], where: Path) -> tuple[int, list[str]]:
+    """dataset.json's ``n_classes`` and ``mask_classes``, checked: a wrong type or count here would reach the
+    model's head (``n_classes: -3`` once validated as OK) or fail deep inside training."""
+    n_classes = meta.get("n_classes", 1)
+    # bool is an int to Python, and 1.0 is not a class count anyone writes on purpose.
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+        raise M2SNetError(f"{where}: n_classes {n_classes!r} must be a whole number >= 1 (1 = a binary mask, "
+                          "k > 1 = class ids 0..k-1)")
+    mask_classes = _names(meta.get("mask_classes", BINARY_MASK_CLASSES), where, "mask_classes")
+    expected = 2 if n_classes == 1 else n_classes  # a binary mask's classes: background and lesion
+    if len(mask_classes) != expected:
+        raise M2SNetError(f"{where}: {len(mask_classes)} mask_classes {mask_classes} for n_classes {n_classes} "
+                          f"(expected {expected} names, one per mask value)")
+    return n_classes, mask_classes
+
+
 def load_dataset(root: str | os.PathLike) -> DatasetInfo:
     """Read a dataset directory written by an importer (or ``m2snet data demo`` + import)."""
     root = Path(root).resolve()
@@ -271,6 +301,8 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
             "(create one with `m2snet data import` or `m2snet data demo`)"
         )
     meta = read_json(meta_path, "dataset description")
+    if not isinstance(meta, dict):
+        raise M2SNetError(f"{meta_path}: a dataset description is a JSON object, not a JSON {type(meta).__name__}")
     if meta.get("format_version") == 1:
         raise M2SNetError(
             f"{meta_path}: format_version 1 (written by an older m2snet) is no longer read: format 2 "
@@ -317,13 +349,20 @@ def load_dataset(root: str | os.PathLike) -> DatasetInfo:
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise M2SNetError(f"{manifest_path}: duplicate case ids {dup[:5]}")
     known = {"source_format", "n_classes", "mask_classes", "labels"}
+    n_classes, mask_classes = _classes(meta, meta_path)
+    group_by = meta.get("group_by")
+    if group_by is not None and not isinstance(group_by, str):
+        raise M2SNetError(f"{meta_path}: group_by {group_by!r} must be a manifest column's name (or absent)")
+    if group_by is not None and group_by not in extra:
+        raise M2SNetError(f"{meta_path}: group_by {group_by!r} is no such manifest column (extra columns: "
+                          f"{', '.join(extra) or 'none'})")
     return DatasetInfo(
         root=root,
         name=root.name,
         source_format=str(meta.get("source_format", "")),
-        n_classes=int(meta.get("n_classes", 1)),
-        mask_classes=list(meta.get("mask_classes", BINARY_MASK_CLASSES)),
-        labels=list(meta.get("labels", sorted({c.label for c in cases}))),
+        n_classes=n_classes,
+        mask_classes=mask_classes,
+        labels=_names(meta.get("labels", sorted({c.label for c in cases})), meta_path, "labels"),
         cases=cases,
         meta={k: v for k, v in meta.items() if k not in known},
     )

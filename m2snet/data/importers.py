@@ -87,6 +87,9 @@ class Importer:
     # Near-duplicate threshold (bits) when the import is not given one: where the modality's
     # unrelated images start (see m2snet.data.duplicates).
     near_duplicate_threshold: ClassVar[int] = DEFAULT_MAX_DISTANCE
+    # The extra manifest column (SourceCase.extra) whose values the source says belong together (CVC-ClinicDB:
+    # ``sequence``, the video of a frame): recorded in dataset.json as ``group_by``, every split's default.
+    group_by: ClassVar[str | None] = None
 
     threshold: int | None = None
 
@@ -126,6 +129,12 @@ def register_importer(name: str) -> Callable[[type[Importer]], type[Importer]]:
 
 def list_importers() -> list[str]:
     return sorted(_IMPORTERS)
+
+
+def importer_group_by(name: str) -> str | None:
+    """The grouping importer ``name`` records (None for an unknown name)."""
+    cls = _IMPORTERS.get(name)
+    return cls.group_by if cls is not None else None
 
 
 def get_importer(name: str, **options: Any) -> Importer:
@@ -304,8 +313,9 @@ class ClinicDbImporter(Importer):
     """CVC-ClinicDB: ``Original/N.tif`` + ``Ground Truth/N.tif`` (TIFF, or the PNG re-release).
 
     The manifest's ``sequence`` column is frame N's video sequence from the source's table
-    (:data:`CLINICDB_SEQUENCES`; empty for a file not named by a frame number 1..612), so that
-    ``m2snet data split --group-by sequence`` keeps each sequence on one side. ``images_dir`` /
+    (:data:`CLINICDB_SEQUENCES`; empty for a file not named by a frame number 1..612); dataset.json
+    names it as the dataset's ``group_by``, so that ``m2snet data split`` keeps each sequence on one
+    side unless told ``--group-by none``. ``images_dir`` /
     ``masks_dir`` (relative to SRC) name the folders when they are not the usual ones, e.g. on a
     copy that has them swapped.
     """
@@ -313,6 +323,7 @@ class ClinicDbImporter(Importer):
     description: ClassVar[str] = "CVC-ClinicDB polyps (Original/, Ground Truth/, TIFF; options images_dir, masks_dir)"
     near_duplicate_threshold: ClassVar[int] = ENDOSCOPY_MAX_DISTANCE
     lesion_labels: ClassVar[list[str]] = ["polyp"]
+    group_by: ClassVar[str | None] = "sequence"
     threshold: int | None = 127
     images_dir: str | None = None
     masks_dir: str | None = None
@@ -576,6 +587,36 @@ def _problems_message(importer: Importer, src: Path, n_cases: int, problems: lis
     return head + ":\n  " + "\n  ".join(str(p) for p in problems)
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a byte the file system's name could not decode (a surrogate escape)
+        return False
+    return True
+
+
+def _check_source_names(src: Path, cases: list[SourceCase]) -> None:
+    """Refuse source file (or folder) names that are not valid UTF-8, before any work, naming the first one.
+
+    Why refuse rather than import under a substitute: the manifest (UTF-8 CSV, part of the data version)
+    records each case's source files by name (``source_image``, ``source_masks``) and the folder names
+    that became labels and subsets; a replaced name would record a file that does not exist under it, and
+    two names could map to one. Renaming the files (e.g. ``convmv``) keeps the provenance exact.
+    """
+    bad = []
+    for case in cases:
+        names = [p.relative_to(src).as_posix() for p in (case.image, *case.masks)]
+        wrong = [n for n in names if not _is_utf8(n)]
+        if not wrong and not all(_is_utf8(v) for v in (case.label, case.subset, *case.extra.values())):
+            wrong = names[:1]  # a label or subset taken from a folder's name
+        bad += wrong
+    if bad:
+        shown = os.fsencode(bad[0]).decode("utf-8", "backslashreplace")
+        raise M2SNetError(f"{src}: {len(bad)} source file name(s) are not valid UTF-8, e.g. {shown} (its bytes "
+                          "escaped): the manifest records every source file by name; rename them to UTF-8 "
+                          "(e.g. `convmv -f latin1 -t utf-8 -r --notest SRC`) and import again")
+
+
 def import_dataset(
     fmt: str,
     src: str | os.PathLike,
@@ -611,6 +652,7 @@ def import_dataset(
     cases = importer.scan(src)
     if not cases:
         raise M2SNetError(f"{src}: no images found for format {fmt!r} ({importer.description})")
+    _check_source_names(src, cases)
     ids = [c.case_id for c in cases]
     clashes = sorted({i for i in ids if ids.count(i) > 1})
     if clashes:
@@ -647,10 +689,15 @@ def import_dataset(
             log.warning("label conflict (allowed for %s): %s", fmt, conflict.describe())
         for warning in dups.large_cluster_warnings():
             log.warning("%s", warning)
+        # Recorded only where the column holds a value (a ClinicDB copy of unnumbered files has none), and
+        # only for importers that have one: other datasets' dataset.json, and so their versions, are unchanged.
+        grouping = ({"group_by": importer.group_by} if importer.group_by
+                    and any(dict(r.extra).get(importer.group_by) for r in records) else {})
         write_dataset(
             tmp, records, source_format=fmt, n_classes=importer.n_classes,
             mask_classes=importer.mask_classes, labels=sorted({r.label for r in records}),
             extra={
+                **grouping,
                 "allow_duplicates": allow,
                 "allow_label_conflicts": allow_conflicts,
                 "near_duplicates": near.to_meta(),

@@ -12,7 +12,9 @@ Groups the source knows: a manifest column such as CVC-ClinicDB's ``sequence`` (
 comes from) or a user's ``patient`` column holds what no image hash can see: frames of one video,
 scans of one patient. ``group_by=COLUMN`` (``m2snet data split --group-by COLUMN``) adds "same
 non-empty value" to the rule above (the union of both groupings), so every value of the column sits
-on one side of every split, inner splits included; the split file records the column.
+on one side of every split, inner splits included; the split file records the column. The default
+(:data:`FROM_DATASET`) is the column dataset.json names as ``group_by`` (its importer's: CVC-ClinicDB's
+``sequence``): a grouping the source knows is never dropped unless asked (``--group-by none``).
 
 Why this assignment rather than sklearn's StratifiedGroupKFold: we need folds within one case of
 each other per class (the BUSI protocol's four folds) and byte-stable output for a seed with no
@@ -28,7 +30,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from m2snet.common import M2SNetError, read_json, sha256_file, write_json
 from m2snet.data.duplicates import UnionFind
@@ -41,6 +43,11 @@ DuplicateRule = Literal["cluster", "sha256"]
 log = logging.getLogger(__name__)
 # Share of a fold's training cases held out as its inner validation set (tuning, selection="inner").
 INNER_VAL_FRACTION = 0.2
+
+# make_split's / make_fixed_split's default grouping: the column dataset.json names (see
+# dataset_group_by). A column name replaces it; None (CLI: ``--group-by none``) groups duplicates only.
+FROM_DATASET = "from-dataset"  # never a column's name (those are identifiers)
+NO_GROUPING = "none"
 
 SPLIT_FORMAT_VERSION = 2
 # Version 3: a fixed-split protocol (``"protocol": "fixed"``, one training/validation fold plus
@@ -117,6 +124,42 @@ def case_groups(cases: Sequence[CaseRecord], duplicates: DuplicateRule = "cluste
     return sorted(uf.components().values(), key=lambda g: g[0])
 
 
+def dataset_group_by(info: DatasetInfo) -> str | None:
+    """The dataset's own grouping column: dataset.json's ``group_by``; for a dataset imported before it was
+    recorded, the grouping its importer records, when the manifest has that column with values."""
+    if "group_by" in info.meta:
+        return info.group_by
+    from m2snet.data.importers import importer_group_by  # the registry, only for such older imports
+
+    column = importer_group_by(info.source_format)
+    return column if column and any(c.column(column) for c in info.cases) else None
+
+
+def group_by_option(text: str | None) -> str | None:
+    """The CLI's ``--group-by``: absent = the dataset's grouping (:data:`FROM_DATASET`), ``none`` = none."""
+    if text is None:
+        return FROM_DATASET
+    return None if text.strip().lower() == NO_GROUPING else text
+
+
+def resolve_group_by(info: DatasetInfo, group_by: str | None) -> str | None:
+    """The column a split groups by: ``group_by``, or the dataset's (:func:`dataset_group_by`) for FROM_DATASET."""
+    return dataset_group_by(info) if group_by == FROM_DATASET else group_by
+
+
+def grouping_note(info: DatasetInfo, used: str | None) -> str:
+    """One line saying which grouping a split used, and whether it dropped the dataset's own (console, logs)."""
+    known = dataset_group_by(info)
+    where = ("dataset.json's group_by" if "group_by" in info.meta
+             else f"the {info.source_format} importer's, imported before dataset.json recorded it")
+    if used and used == known:
+        return f"group by {used!r} ({where}: the source's own grouping; --group-by none to split without it)"
+    if known:
+        return (f"not grouped by {known!r} ({where})" + (f" but by {used!r}" if used else "")
+                + f": cases of one {known} may fall on several sides")
+    return f"group by {used!r} (--group-by)" if used else "group by: duplicate clusters only"
+
+
 def check_group_column(info: DatasetInfo, column: str) -> dict[str, Any]:
     """What the split file records of ``--group-by column``; refuses a column the manifest lacks or leaves empty."""
     if column in ("image", "mask") or column not in info.columns:
@@ -184,15 +227,17 @@ def make_split(
     n_folds: int = 4,
     seed: int = 42,
     out: str | os.PathLike | None = None,
-    group_by: str | None = None,
+    group_by: str | None = FROM_DATASET,
     duplicates: DuplicateRule = "cluster",
 ) -> Split:
     """Compute the split of a dataset and write it as JSON (to ``out`` or the default path).
 
     ``group_by``: a manifest column (e.g. ``sequence``) whose every value goes to one fold, on top
-    of the duplicate clusters; ``duplicates``: which duplicates stay together (see DuplicateRule).
+    of the duplicate clusters (default: the dataset's own, :func:`dataset_group_by`; None: none);
+    ``duplicates``: which duplicates stay together (see DuplicateRule).
     """
     info = root if isinstance(root, DatasetInfo) else load_dataset(root)
+    group_by = resolve_group_by(info, group_by)
     if n_folds < 2:
         raise M2SNetError(f"--folds must be at least 2, got {n_folds}")
     if duplicates not in ("cluster", "sha256"):
@@ -284,15 +329,96 @@ def write_inner_split(info: DatasetInfo, outer: "Split", fold: int, out: str | o
     return Path(out)
 
 
-def load_split(path: str | os.PathLike) -> Split:
+def check_disjoint(sides: Mapping[str, Sequence[str]], where: str) -> None:
+    """Refuse a case listed twice on one side, or on two sides (``{"train": ids, "val": ids}``), naming it.
+
+    The one rule behind every split check (a fold's train and val, a fixed split's sets, int8
+    calibration against its held-out cases): a case scored must never have been trained on.
+    """
+    side_of: dict[str, str] = {}
+    for side, ids in sides.items():
+        counts = Counter(ids)
+        twice = next((i for i in ids if counts[i] > 1), None)
+        if twice is not None:
+            raise M2SNetError(f"{where}: case {twice} is listed twice in {side}")
+        both = [i for i in ids if i in side_of]
+        if both:
+            raise M2SNetError(f"{where}: case {both[0]} is in both {side_of[both[0]]} and {side} ({len(both)} "
+                              "case(s) on two sides): it would be scored after being trained on")
+        side_of.update(dict.fromkeys(ids, side))
+
+
+_UNVERSIONED_WARNED: set[Path] = set()  # legacy split files already warned about in this process
+
+
+def check_split(split: Split, info: DatasetInfo | None = None, accept_version: str | None = None) -> Split:
+    """THE split validator, run on every split file loaded (:func:`load_split`); returns ``split``.
+
+    Always: in every fold, no case on both sides and none twice on one side (a fixed split: its
+    training, validation and test sets pairwise). With the dataset ``info`` the split is used on: every
+    id is one of its cases, and the dataset version the split was made for is the data's, unless
+    ``accept_version`` names that version (the user's explicit ``--accept-split-version``; the run records
+    it). A split without a recorded version (an older m2snet's) is used with a warning naming the file.
+    """
+    where = split.path or "split"
+    for f in split.folds:
+        sides = {"train": f.train, "val": f.val}
+        if split.is_fixed:
+            sides.update({f"test set {name}": ids for name, ids in split.test_sets.items()})
+        for ids in sides.values():
+            odd = next((i for i in ids if not isinstance(i, str)), None)
+            if odd is not None:
+                raise M2SNetError(f"{where}: fold {f.fold}: case id {odd!r} is not a string")
+        check_disjoint(sides, f"{where}: fold {f.fold}")
+    if info is None:
+        return split
+    known = {c.case_id for c in info.cases}
+    for f in split.folds:
+        for side, ids in {"train": f.train, "val": f.val, **split.test_sets}.items():
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise M2SNetError(f"{where}: fold {f.fold}: case {unknown[0]} ({len(unknown)} case(s) of {side}) "
+                                  f"is not in {info.root}; was the split made for another dataset?")
+    made_for, now = split.dataset_version, info.version
+    if made_for is None:
+        if split.path not in _UNVERSIONED_WARNED:
+            _UNVERSIONED_WARNED.add(split.path)
+            log.warning("%s records no dataset version (written by an older m2snet): used on %s (version %s) "
+                        "unchecked; re-split (`m2snet data split`) to record it", where, info.root, now)
+    elif made_for != now:
+        if accept_version is None:
+            raise M2SNetError(f"{where}: made for dataset version {made_for}, but {info.root} is version {now} "
+                              "(the same case ids with other data?); re-split it (`m2snet data split`), or accept "
+                              f"it by naming that version: --accept-split-version {made_for}")
+        if accept_version != made_for:
+            raise M2SNetError(f"{where}: --accept-split-version {accept_version} is not the version it was made "
+                              f"for ({made_for}; {info.root} is {now})")
+        log.warning("%s: made for dataset version %s, used on %s (version %s): accepted by name "
+                    "(--accept-split-version)", where, made_for, info.root, now)
+    return split
+
+
+def _id_list(value: Any) -> list[str]:
+    if not isinstance(value, list):  # list("case") would be four one-letter ids
+        raise TypeError(f"a list of case ids expected, got {type(value).__name__}")
+    return list(value)
+
+
+def load_split(path: str | os.PathLike, dataset: DatasetInfo | None = None, *,
+               accept_version: str | None = None) -> Split:
+    """Read a split file and validate it (:func:`check_split`): against ``dataset`` too when given, as
+    every consumer that uses the split's cases on a dataset must."""
     path = Path(path)
     if not path.is_file():
         raise M2SNetError(f"{path}: split file not found (create one with `m2snet data split DATASET`)")
     data = read_json(path, "split file")
+    if not isinstance(data, dict):
+        raise M2SNetError(f"{path}: a split file is a JSON object (format_version, folds, ...), "
+                          f"not a JSON {type(data).__name__}")
     if data.get("format_version") not in READABLE_SPLIT_VERSIONS:
         raise M2SNetError(f"{path}: unsupported split format_version {data.get('format_version')!r}")
     try:
-        folds = [Fold(int(f["fold"]), list(f["train"]), list(f["val"])) for f in data["folds"]]
+        folds = [Fold(int(f["fold"]), _id_list(f["train"]), _id_list(f["val"])) for f in data["folds"]]
         n_folds = int(data["n_folds"])
     except (KeyError, TypeError, ValueError) as err:
         raise M2SNetError(f"{path}: malformed split file ({err!r})") from None
@@ -305,7 +431,7 @@ def load_split(path: str | os.PathLike) -> Split:
     if protocol == "fixed" and (n_folds != 1 or not isinstance(test_sets, dict) or not test_sets
                                 or not all(isinstance(v, list) and v for v in test_sets.values())):
         raise M2SNetError(f"{path}: a fixed split needs one fold and at least one non-empty named test set")
-    return Split(
+    return check_split(Split(
         n_folds=n_folds,
         seed=int(data.get("seed", 0)),
         folds=folds,
@@ -320,4 +446,4 @@ def load_split(path: str | os.PathLike) -> Split:
         protocol=protocol,
         test_sets={str(k): [str(i) for i in v] for k, v in test_sets.items()},
         crossings=list(data.get("crossings", [])),
-    )
+    ), dataset, accept_version)

@@ -33,7 +33,7 @@ import numpy as np
 from m2snet.common import M2SNetError, atomic_file
 from m2snet.data.format import load_dataset
 from m2snet.data.images import read_mask, read_rgb
-from m2snet.data.split import load_split
+from m2snet.data.split import check_disjoint, load_split
 from m2snet.evaluation.metrics import binary_metrics
 from m2snet.evaluation.predict import Predictor
 from m2snet.mlops.export import (
@@ -60,11 +60,12 @@ class FoldData:
     data: Path
     split: Path
     fold: int = 0
+    accept_split_version: str | None = None  # a split made for another data version, accepted by name
 
     def cases(self) -> tuple[object, list[str], list[str]]:
         """(dataset info, training case ids, validation case ids) of the fold."""
         info = load_dataset(self.data)
-        split = load_split(self.split)
+        split = load_split(self.split, info, accept_version=self.accept_split_version)
         fold = split.fold(self.fold)
         return info, list(fold.train), list(fold.val)
 
@@ -73,10 +74,7 @@ def calibration_cases(train: Sequence[str], held_out: Sequence[str], n: int,
                       seed: int = CALIBRATION_SEED) -> list[str]:
     """``n`` of the training cases (seeded), refusing any that is also held out: a case scored by the
     accuracy check must never have set the quantization ranges."""
-    overlap = sorted(set(train) & set(held_out))
-    if overlap:
-        raise M2SNetError(f"calibration: {len(overlap)} case(s) are both training and held-out "
-                          f"(e.g. {overlap[0]}); refusing to calibrate on scored cases")
+    check_disjoint({"training": train, "held-out": held_out}, "calibration")
     ids = sorted(train)
     return ids if n >= len(ids) else sorted(random.Random(seed).sample(ids, n))
 
@@ -191,7 +189,9 @@ def export_model(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLik
     reference = Predictor.from_checkpoints(checkpoints, device="cpu", tta_flip=tta_flip)
     meta = {**onnx_meta(reference, precision),
             "calibration": {"cases": len(calib), "source": f"fold {fold_data.fold} training cases",
-                            "split": str(fold_data.split)} if calib else None}
+                            "split": str(fold_data.split),
+                            **({"accepted_split_version": fold_data.accept_split_version}
+                               if fold_data.accept_split_version else {})} if calib else None}
     with tempfile.TemporaryDirectory(prefix="m2snet-precision-") as tmp:
         work = Path(tmp)
         fp32 = export_onnx(checkpoints, work / "fp32.onnx", tta_flip=tta_flip, atol=atol).path

@@ -191,6 +191,7 @@ def recalibrate_checkpoint(
     data: str | os.PathLike,
     split: str | os.PathLike | None = None,
     fold: int = 0,
+    accept_split_version: str | None = None,
     msu_norm: str | None = "per_site",
     size: int | None = None,
     batch_size: int | None = None,
@@ -222,7 +223,7 @@ def recalibrate_checkpoint(
     size = size or int(ckpt.image_size or train_cfg.get("size") or 352)
     batch_size = batch_size or int(train_cfg.get("batch_size") or 16)
     cfg = TrainConfig(data=str(data), split=str(split) if split else None, fold=fold, max_train_cases=max_cases,
-                      seed=seed)
+                      seed=seed, accept_split_version=accept_split_version)
     cases = resolve_cases(cfg)
     info, train_ids, split_sha = cases.info, cases.train, cases.split_sha256
     if info.n_classes != int(ckpt.n_classes):

@@ -48,15 +48,9 @@ def resolve_cases(cfg: TrainConfig) -> FoldCases:
     seed = cfg.seed if cfg.case_seed is None else cfg.case_seed
     split_sha = None
     if cfg.split:
-
-        split = load_split(cfg.split)
+        split = load_split(cfg.split, info, accept_version=cfg.accept_split_version)
         fold = split.fold(cfg.fold)
         train_ids, val_ids, split_sha = list(fold.train), list(fold.val), split.sha256
-        known = {c.case_id for c in info.cases}
-        unknown = [c for c in train_ids + val_ids if c not in known]
-        if unknown:
-            raise M2SNetError(f"{cfg.split}: {len(unknown)} case ids not in {cfg.data} (e.g. {unknown[:3]}); "
-                              "was the split made for another dataset?")
         if cfg.leak_check:
             leaks = groups_across(info.cases, {**{c: 0 for c in train_ids}, **{c: 1 for c in val_ids}},
                                   split.group_by)

@@ -51,6 +51,9 @@ class TrainConfig:
     inner_val_fraction: float = INNER_VAL_FRACTION  # selection="inner": share of the fold's training cases held out
     # Refuse a split whose folds put two copies of one image (a duplicate cluster) on both sides.
     leak_check: bool = True
+    # A split made for another version of the data (its recorded ``dataset_version``) is refused;
+    # naming that version here (``--accept-split-version``) uses it anyway, and the run's params record it.
+    accept_split_version: str | None = None
     # --- model / loss ---------------------------------------------------------------------------
     model: str = "m2snet"
     model_config: dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs

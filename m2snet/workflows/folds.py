@@ -435,7 +435,8 @@ def run_cv(
 
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
-    split = load_split(cfg.split)
+    info = load_dataset(cfg.data)
+    split = load_split(cfg.split, info, accept_version=cfg.accept_split_version)
     if split.is_fixed:
         raise M2SNetError(f"{split.path}: a fixed split (named test sets), not k folds; "
                           "run it with `m2snet train --split` or `m2snet benchmark`")
@@ -448,7 +449,7 @@ def run_cv(
     seeds = list(seeds) if seeds else [cfg.seed]
     # Repeated seeds vary initialisation and data order, not which cases are used.
     case_seed = cfg.seed if cfg.case_seed is None else cfg.case_seed
-    data_version = load_dataset(cfg.data).version
+    data_version = info.version
     if ctx.tracked and ctx.parent_run_id is None and resume:
         ctx = ctx.with_parent(read_run_file(out / PARENT_RUN_FILE))
     parent = ctx.parent(run_name=run_name or f"cv-{cfg.model}", tags={"m2snet.kind": "cv"})
@@ -491,7 +492,7 @@ def run_cv(
 
 def noskill_cv(data: str | os.PathLike, split: str | os.PathLike | None, folds: Sequence[int] | None,
                out_dir: str | os.PathLike, *, protocol: str = DEFAULT_PROTOCOL,
-               with_sod: bool = True) -> CVSummary:
+               with_sod: bool = True, accept_split_version: str | None = None) -> CVSummary:
     """The no-skill rows of a CV table without training: the all-background predictor scored on every
     fold's validation cases (or on all cases without a split), through the same evaluation as a model.
 
@@ -502,7 +503,7 @@ def noskill_cv(data: str | os.PathLike, split: str | os.PathLike | None, folds: 
     info = load_dataset(data)
     out = Path(out_dir)
     if split:
-        s = load_split(split)
+        s = load_split(split, info, accept_version=accept_split_version)
         folds = list(range(s.n_folds)) if folds is None else list(folds)
         cases = {k: list(s.fold(k).val) for k in folds}
     else:

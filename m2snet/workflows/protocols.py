@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 from m2snet.common import M2SNetError, git_commit, read_json, sha256_file, write_json, write_text
 from m2snet.data.fixed_split import make_fixed_split
-from m2snet.data.format import DATASET_JSON
+from m2snet.data.format import DATASET_JSON, load_dataset
 from m2snet.data.split import Split, load_split, make_split
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
@@ -539,14 +539,14 @@ def evaluate_step(dataset_dir: str, split_path: str, model_dir: str, out_dir: st
     """Score the trained checkpoint and the no-skill predictor on every test set: ``test_sets.md`` (one row
     per set + mean, each with its no-skill row) and ``paper_comparison.md`` in ``out_dir``, logged on the
     parent run (metrics ``<set>_<metric>``, ``<set>_noskill_<metric>``); returns those metrics."""
-    split = load_split(split_path)
     checkpoint = Path(model_dir) / SELECTED
     if not checkpoint.is_file():
         raise M2SNetError(f"{model_dir}: no {SELECTED} checkpoint (the training step's Model artifact)")
+    config = json.loads((Path(model_dir) / "train_config.json").read_text())
+    split = load_split(split_path, load_dataset(dataset_dir), accept_version=config.get("accept_split_version"))
     out = Path(out_dir)
     report = evaluate_split_test_sets([checkpoint], dataset_dir, split, out / "test", protocol=metric_protocol)
     report.write(out, title=protocol)
-    config = json.loads((Path(model_dir) / "train_config.json").read_text())
     budget = {**budget_of(config), "train_cases": len(split.fold(0).train)
               if not config.get("max_train_cases") else min(config["max_train_cases"], len(split.fold(0).train))}
     comparison = paper_comparison(protocol, report.rows, budget) if protocol in paper_results()["protocols"] else ""

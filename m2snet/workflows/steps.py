@@ -34,7 +34,7 @@ from m2snet.common import M2SNetError, atomic_directory, git_commit, redact, sha
 from m2snet.data.demo import build_demo_dataset, make_demo_dataset
 from m2snet.data.format import DATASET_JSON, load_dataset
 from m2snet.data.importers import import_dataset
-from m2snet.data.split import load_split, make_split
+from m2snet.data.split import grouping_note, load_split, make_split
 from m2snet.data.validation import validate_dataset
 from m2snet.data.versioning import dataset_version, tracked_version
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
@@ -210,7 +210,10 @@ def split_dataset(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n
     The hash is logged here, once, and not by each fold: parallel folds logging the same parameter
     race in the tracking store (SQLite answered one of them with a UNIQUE-constraint error).
     """
-    split = make_split(dataset_dir, n_folds=n_folds, seed=seed, out=out_path)
+    info = load_dataset(dataset_dir)
+    # The dataset's own grouping (CVC-ClinicDB's sequences) by default, said in the task's log.
+    split = make_split(info, n_folds=n_folds, seed=seed, out=out_path)
+    log.info("%s", grouping_note(info, split.group_by))
     parent = ctx.parent()
     if parent is not None:
         parent.log_params(split_params(split, parse_seeds(seeds)))
@@ -325,15 +328,18 @@ def evaluate_fold_step(dataset_dir: str, split_path: str, fold: int, model_dir: 
     (``fold.json``): the aggregate step joins the folds' per-case CSVs with it.
     """
 
-    split = load_split(split_path)
-    val = split.fold(fold).val
     train_config = Path(model_dir) / "train_config.json"
-    seed = json.loads(train_config.read_text()).get("seed") if train_config.is_file() else None
+    config = json.loads(train_config.read_text()) if train_config.is_file() else {}
+    info = load_dataset(dataset_dir)
+    # The same check as the fold's training (and the same by-name acceptance, from its config).
+    split = load_split(split_path, info, accept_version=config.get("accept_split_version"))
+    val = split.fold(fold).val
+    seed = config.get("seed")
     with fold_run(model_dir) or contextlib.nullcontext() as run:
         ev = score_fold(_fold_checkpoint(model_dir), dataset_dir, val, out_dir, tracker=run,
                         protocol=metric_protocol)
         write_json(Path(out_dir) / FOLD_INFO, {"fold": fold, "seed": seed, "split_sha256": split.sha256,
-                                               "data_version": load_dataset(dataset_dir).version})
+                                               "data_version": info.version})
     return {k: float(v) for k, v in ev.metrics.items()}
 
 

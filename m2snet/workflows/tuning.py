@@ -222,11 +222,12 @@ def tune(
         raise M2SNetError("tuning needs a split file (the objective is the Dice of an inner split of a fold)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The split is checked (and the inner split written) before a study is opened for it.
+    info = load_dataset(base.data)
+    outer = load_split(base.split, info, accept_version=base.accept_split_version)
+    inner = write_inner_split(info, outer, base.fold, out_dir / "inner_split.json", cfg.inner_val_fraction, cfg.seed)
     storage_url = cfg.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
     study = open_study(cfg, make_storage(storage_url))
-
-    inner = write_inner_split(load_dataset(base.data), load_split(base.split), base.fold,
-                              out_dir / "inner_split.json", cfg.inner_val_fraction, cfg.seed)
     # A trial scores its final epoch on the inner validation cases (the selection rule the CV uses).
     trial_base = base.override(split=str(inner), fold=0, epochs=cfg.epochs or base.epochs, val_every=1,
                                selection="final")
