@@ -224,10 +224,13 @@ def fit_guard(predictor, data, split, folds: Sequence[int], quantile: float = DE
     for i, k in enumerate(folds):
         fold = split.fold(k)
         calibration, measurement = held_out_halves(fold.val)
+        if not calibration:  # too few held-out cases to halve (a toy set): all calibrate, none measure
+            calibration, measurement = sorted(fold.val), []
         member = GuardMember.fit(backbone_features(predictor, i, images(fold.train)),
                                  backbone_features(predictor, i, images(calibration)), quantile)
         members.append(member)
-        held_scores.append(member.distances(backbone_features(predictor, i, images(measurement))) / member.threshold)
+        measured = backbone_features(predictor, i, images(measurement)) if measurement else None
+        held_scores.append(member.distances(measured) / member.threshold if measured is not None else np.zeros(0))
         held_ids.append(measurement)
     fit = GuardFit(InputGuard(members=members, quantile=quantile), held_scores, held_ids)
     fit.guard.rates["held_out_flag_rate"] = fit.held_out_flag_rate()

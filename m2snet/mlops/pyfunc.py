@@ -56,6 +56,7 @@ _RUNTIME_DISTRIBUTIONS = ("torch", "torchvision", "timm", "segmentation-models-p
                           "pillow", "pandas", "mlflow", "pyyaml", "onnx", "onnxruntime")
 ONNX_ARTIFACT = "onnx"  # the fp32 ONNX export made at logging time (onnx=True)
 EXPORT_ARTIFACT = "export"  # a file from `m2snet export`, any precision (export=...)
+GUARD_ARTIFACT = "input_guard"  # m2snet.evaluation.guard.InputGuard (safetensors), fitted at registration
 log = logging.getLogger("m2snet.mlops.pyfunc")
 # NAME/VERSION the server answers as (set by `m2snet serve`, which resolved the alias at start); every
 # response carries it in the column model_version, so a client sees which version answered.
@@ -137,14 +138,22 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         self.served_as = os.environ.get(SERVED_MODEL_ENV, "")
         device = resolve_device(os.environ.get("M2SNET_DEVICE", "auto"))
         exported = context.artifacts.get(EXPORT_ARTIFACT) or context.artifacts.get(ONNX_ARTIFACT)
+        guard = context.artifacts.get(GUARD_ARTIFACT)
         if exported and os.environ.get(BACKEND_ENV, "onnx") != "torch":
             from m2snet.mlops.export import load_exported
 
             self.predictor = load_exported(exported, device=device)
+            if guard:  # the exported graph gives probabilities only: the guard's features need PyTorch
+                log.warning("input guard not applied: the %s backend has no encoder features (set %s=torch)",
+                            type(self.predictor).__name__, BACKEND_ENV)
             return
         self.predictor = Predictor.from_checkpoints(
             [context.artifacts[k] for k in keys], device=device, tta_flip=bool(config.get(MODEL_CONFIG_TTA, False)),
         )
+        if guard:
+            from m2snet.evaluation.guard import InputGuard
+
+            self.predictor.attach_guard(InputGuard.load(guard))
 
     def predict(self, context, model_input, params=None):
         try:
@@ -169,13 +178,18 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
             raise _as_serving_error(err) from None
         # One batch decoded, predicted and encoded at a time: a long request holds at most one batch of
         # full-size images and probability maps.
-        masks, fractions = [], []
+        masks, fractions, ood_scores = [], [], []
+        guarded = getattr(self.predictor, "guard", None) is not None
         size = self.predictor.batch_size
         for start in range(0, len(texts), size):
             images = [decode_image(t, start + i) for i, t in enumerate(texts[start:start + size])]
             try:
                 with torch.inference_mode():
-                    probs = self.predictor.predict_proba(images)
+                    if guarded:
+                        probs, scores = self.predictor.predict_guarded(images)
+                        ood_scores.extend(float(v) for v in scores)
+                    else:
+                        probs = self.predictor.predict_proba(images)
             except M2SNetError as err:
                 raise ServingError(str(err)) from None
             for prob in probs:
@@ -184,14 +198,20 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
                 if self.predictor.n_classes == 1:
                     mask = mask * 255
                 masks.append(encode_image(mask.astype(np.uint8)))
-        return pd.DataFrame({"mask": masks, "foreground_fraction": fractions,
-                             "model_version": [getattr(self, "served_as", "")] * len(masks)})
+        out = pd.DataFrame({"mask": masks, "foreground_fraction": fractions,
+                            "model_version": [getattr(self, "served_as", "")] * len(masks)})
+        if guarded:  # > 1: further from the training images than held-out cases of the training data were
+            out["ood_score"] = ood_scores
+            out["ood_flag"] = [v > 1.0 for v in ood_scores]
+        return out
 
 
 def signature():
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]),
                           outputs=Schema([ColSpec("string", "mask"), ColSpec("double", "foreground_fraction"),
-                                          ColSpec("string", "model_version", required=False)]))
+                                          ColSpec("string", "model_version", required=False),
+                                          ColSpec("double", "ood_score", required=False),
+                                          ColSpec("boolean", "ood_flag", required=False)]))
 
 
 def default_input_example(size: int = 48):
@@ -224,6 +244,7 @@ def log_segmentation_model(
     tta_flip: bool = False,
     onnx: bool = False,
     export: str | os.PathLike | None = None,
+    guard: str | os.PathLike | None = None,
 ):
     """Log the checkpoint(s) as one pyfunc model; return MLflow's ``ModelInfo``.
 
@@ -231,6 +252,7 @@ def log_segmentation_model(
     ``registered_model_name``: also register it as a new version of that model.
     ``onnx``: also export the ensemble to ONNX (checked against PyTorch) and serve through it.
     ``export``: serve this file from ``m2snet export`` (any precision; made from the same checkpoints).
+    ``guard``: an input guard file for these checkpoints (m2snet.evaluation.guard), applied to every prediction.
     """
     paths = [Path(p) for p in checkpoints]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -250,15 +272,17 @@ def log_segmentation_model(
 
                 onnx_path = export_onnx(paths, Path(tmp) / "model.onnx", tta_flip=tta_flip).path
             return _log(paths, name, registered_model_name, input_example, tta_flip, onnx_path,
-                        Path(export) if export is not None else None)
+                        Path(export) if export is not None else None, Path(guard) if guard is not None else None)
     finally:
         if tracking_uri:
             mlflow.set_tracking_uri(previous_uri)
 
 
 def _log(paths: list[Path], name: str, registered_model_name: str | None, input_example, tta_flip: bool,
-         onnx_path: Path | None = None, export: Path | None = None):
+         onnx_path: Path | None = None, export: Path | None = None, guard: Path | None = None):
     artifacts = {f"checkpoint_{i}": str(p) for i, p in enumerate(paths)}
+    if guard is not None:
+        artifacts[GUARD_ARTIFACT] = str(guard)
     backend = "torch"
     if onnx_path is not None:
         artifacts[ONNX_ARTIFACT], backend = str(onnx_path), "onnxruntime"

@@ -181,7 +181,8 @@ PROMOTION_MARK = "**Promotion:**"  # the line of a version's description that pr
 
 
 def describe_version(*, n_folds: int, dataset_version: str, split_sha256: str, cv_metrics: Mapping[str, Any],
-                     pipeline_run_id: str = "", metric_protocol: str = DEFAULT_PROTOCOL) -> str:
+                     pipeline_run_id: str = "", metric_protocol: str = DEFAULT_PROTOCOL,
+                     guard_rates: Mapping[str, Any] | None = None) -> str:
     """A registered version's description (markdown): what the model is and what it scored."""
     def pct(name: str, stat: str = "mean") -> str:
         mean = cv_metrics.get(f"cv_{name}_{stat}")
@@ -201,6 +202,14 @@ def describe_version(*, n_folds: int, dataset_version: str, split_sha256: str, c
         f"- **Lesion cases only:** Dice {pct('lesion_dice')} (no skill {pct('lesion_dice', 'noskill')})",
         f"- **Data version:** `{dataset_version}` (DVC hash); split sha256 `{split_sha256[:16]}`",
     ]
+    if guard_rates and not guard_rates.get("held_out_cases"):
+        lines.append("- **Input guard:** fitted, its false-flag rate not measured (too few held-out cases); "
+                     "predictions return `ood_score` and `ood_flag` (score > 1)")
+    elif guard_rates:
+        lines.append(f"- **Input guard:** flags {100 * float(guard_rates['held_out_flag_rate']):.1f} % of "
+                     f"{guard_rates['held_out_cases']} held-out cases of the training data (each scored by the fold "
+                     f"model that never trained on it; threshold: quantile {guard_rates['quantile']} of held-out "
+                     "distances); predictions return `ood_score` and `ood_flag` (score > 1)")
     if pipeline_run_id:
         lines.append(f"- **Pipeline run:** `{pipeline_run_id}`")
     return "\n".join(lines)

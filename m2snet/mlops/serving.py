@@ -48,6 +48,11 @@ class Prediction:
     mask: Path
     overlay: Path
     foreground_fraction: float
+    ood_score: float | None = None  # the input guard's score (> 1: unlike the training images); None: no guard
+
+    @property
+    def ood_flag(self) -> bool | None:
+        return None if self.ood_score is None else self.ood_score > 1.0
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -186,8 +191,10 @@ def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: 
                     raise M2SNetError(f"{path}: model returned a {mask.shape} mask for a {rgb.shape[:2]} image")
                 Image.fromarray(mask).save(staging / f"{path.stem}_mask.png")
                 Image.fromarray(overlay(rgb, mask)).save(staging / f"{path.stem}_overlay.png")
+                score = row.get("ood_score")
                 results.append(Prediction(path, out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png",
-                                          float(row["foreground_fraction"])))
+                                          float(row["foreground_fraction"]),
+                                          None if score is None else float(score)))
             bar.update(len(chunk))
         bar.close()
         for r in results:

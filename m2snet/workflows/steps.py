@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -308,6 +309,30 @@ def train_fold_step(
     }
 
 
+@dataclass
+class FittedGuard:
+    path: Path
+    rates: dict
+
+
+def fit_input_guard(checkpoints: Sequence[Path], data: str, split_path: str, out_dir: Path) -> FittedGuard | None:
+    """The ensemble's input guard (m2snet.evaluation.guard.fit_guard) in ``out_dir``; None, with a warning, for
+    checkpoints that do not record their fold (the guard needs each model's own held-out cases)."""
+    from m2snet.evaluation.guard import GUARD_FILE, fit_guard
+    from m2snet.evaluation.predict import Predictor
+    from m2snet.models.checkpoint import Checkpoint
+
+    folds = [Checkpoint.load(c).fold for c in checkpoints]
+    if any(k is None for k in folds):
+        log.warning("no input guard: %s do not all record their fold", ", ".join(map(str, checkpoints)))
+        return None
+    info = load_dataset(data)
+    fit = fit_guard(Predictor.from_checkpoints(checkpoints), info, load_split(split_path, dataset=info), folds)
+    log.info("input guard: %.1f %% of %d held-out cases flagged (threshold: quantile %.3f)",
+             100 * fit.held_out_flag_rate(), fit.guard.rates["held_out_cases"], fit.guard.quantile)
+    return FittedGuard(fit.guard.save(out_dir / GUARD_FILE), dict(fit.guard.rates, quantile=fit.guard.quantile))
+
+
 def _fold_checkpoint(model_dir: str | os.PathLike) -> Path:
 
     path = Path(model_dir) / SELECTED
@@ -401,8 +426,13 @@ def register_step(
     dataset_version: str,
     ctx: RunContext = UNTRACKED,
     metric_protocol: str = DEFAULT_PROTOCOL,
+    data: str | None = None,
 ) -> str:
-    """Register the folds' ensemble as ONE model version (once per pipeline run); return the version."""
+    """Register the folds' ensemble as ONE model version (once per pipeline run); return the version.
+
+    With ``data`` (the dataset the folds were trained on), the version carries an input guard fitted on it
+    (m2snet.evaluation.guard: each fold model's training cases, thresholded on its held-out cases), and its
+    description states the guard's measured false-flag rate."""
     from m2snet.mlops.pyfunc import log_segmentation_model
 
     checkpoints = [_fold_checkpoint(d) for d in model_dirs]
@@ -425,11 +455,14 @@ def register_step(
         NOSKILL_TAG: f"{noskill_dice / 100.0:.6f}" if noskill_dice is not None else "nan",
     }
     parent = ctx.parent()
-    info = log_segmentation_model(checkpoints, name="model", run_id=parent.run_id if parent else None,
-                                  tracking_uri=TrackingConfig().resolved_uri())
+    with tempfile.TemporaryDirectory(prefix="m2snet-guard-") as tmp:
+        guard = fit_input_guard(checkpoints, data, split_path, Path(tmp)) if data else None
+        info = log_segmentation_model(checkpoints, name="model", run_id=parent.run_id if parent else None,
+                                      tracking_uri=TrackingConfig().resolved_uri(),
+                                      guard=guard.path if guard else None)
     description = describe_version(n_folds=len(checkpoints), dataset_version=dataset_version, split_sha256=split_sha,
                                    cv_metrics=cv_metrics, pipeline_run_id=pipeline_run_id,
-                                   metric_protocol=metric_protocol)
+                                   metric_protocol=metric_protocol, guard_rates=guard.rates if guard else None)
     mv = register_model_version(info.model_uri, model_name, idempotency_key=key, tags=tags, description=description)
     if parent is not None:
         parent.set_tags({"m2snet.registered_model": f"{model_name}/{mv.version}"})

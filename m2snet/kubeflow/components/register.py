@@ -11,13 +11,15 @@ def register_model(
     models: Input[List[Model]],
     cv_metrics: Input[Metrics],
     split: Input[Dataset],
+    dataset: Input[Dataset],
     model_name: str,
     dataset_version: str,
     metric_protocol: str,  # no default here: kfp ships this source alone; the pipeline passes it
     pipeline_run_id: str = "",
     experiment: str = "",
 ) -> str:
-    """Register the folds as ONE model version (ensemble pyfunc); idempotent per pipeline run."""
+    """Register the folds as ONE model version (ensemble pyfunc) with its input guard fitted on ``dataset``;
+    idempotent per pipeline run."""
     from m2snet.progress import task_started
     from m2snet.workflows import steps
 
@@ -26,5 +28,5 @@ def register_model(
     return steps.register_step(
         [m.path for m in models], dict(cv_metrics.metadata), split.path, model_name=model_name,
         dataset_version=dataset_version, ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment),
-        metric_protocol=metric_protocol,
+        metric_protocol=metric_protocol, data=dataset.path,
     )

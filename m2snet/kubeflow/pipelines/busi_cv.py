@@ -103,7 +103,8 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
             ), "aggregate CV")
             version = step(register_model(
                 models=dsl.Collected(train.outputs["model"]), cv_metrics=table.outputs["cv_metrics"],
-                split=split.outputs["split"], model_name=model_name, dataset_version=data.outputs["Output"],
+                split=split.outputs["split"], dataset=data.outputs["dataset"], model_name=model_name,
+                dataset_version=data.outputs["Output"],
                 pipeline_run_id=run_id, experiment=experiment, metric_protocol=metric_protocol,
             ), "register")
             step(promote_model(
