@@ -79,3 +79,50 @@ def test_a_guard_for_another_ensemble_size_is_refused():
     guard = InputGuard(members=[])
     with pytest.raises(M2SNetError, match="0 members for an ensemble of 1"):
         predictor.attach_guard(guard)
+
+
+def test_a_model_logged_with_its_guard_returns_scores_from_the_pyfunc_and_predict_warns(tiny, tmp_path, monkeypatch):
+    """register_step's path without the pipeline: fit_input_guard on fold checkpoints, the pyfunc logged with it,
+    then `m2snet predict --json` on an in-distribution image and a blank one (the CLI, in process)."""
+    import json
+
+    import mlflow
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from m2snet.cli import app
+    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.models import create_model
+    from m2snet.models.checkpoint import Checkpoint
+    from m2snet.workflows.steps import fit_input_guard
+
+    data, split = tiny
+    torch.manual_seed(0)
+    checkpoints = []
+    for k in (0, 1):
+        model = create_model("m2snet", pretrained=False)
+        checkpoints.append(Checkpoint(model_name="m2snet", state_dict=model.state_dict(), model_config={},
+                                      image_size=64, fold=k).save(tmp_path / f"fold{k}.pt"))
+    guard = fit_input_guard(checkpoints, str(data), str(split), tmp_path)
+    assert guard is not None and guard.rates["quantile"] == 0.975
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("M2SNET_CACHE_DIR", str(tmp_path / "cache"))
+    known = next(Path(data).rglob("images/*.png"))
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (64, 64)).save(blank)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run():
+            info = log_segmentation_model(checkpoints, guard=guard.path)
+        result = CliRunner().invoke(app, ["predict", "--model", info.model_uri, str(known), str(blank),
+                                          "--out", str(tmp_path / "out"), "--json"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert result.exit_code == 0, result.output
+    rows = {Path(r["image"]).name: r for r in map(json.loads, result.stdout.strip().splitlines())}
+    assert set(rows) == {known.name, "blank.png"}
+    for r in rows.values():
+        assert r["ood_threshold"] == 1.0 and r["ood_flag"] == (r["ood_score"] > 1.0)
+    assert rows["blank.png"]["ood_flag"] is True
+    assert f"warning: {blank}: unlike the images this model was trained on" in result.stderr
