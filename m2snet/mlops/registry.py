@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from m2snet import progress
-from m2snet.common import M2SNetError
+from m2snet.common import M2SNetError, redact
 from m2snet.evaluation.compare import average_seeds, compare_paired, lineage_difference, pair
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.mlops.cv_results import version_cases
@@ -155,7 +155,7 @@ def register_model_version(
     if not idempotency_key:
         raise M2SNetError(f"registering {name}: an idempotency key (pipeline run id or checkpoint hash) is required")
     client = client or _client()
-    tags = {k: str(v) for k, v in (tags or {}).items()}
+    tags = {k: redact(str(v)) for k, v in (tags or {}).items()}  # a version's tags are shown to every reader
     existing = find_version_by_key(name, idempotency_key, client)
     if existing is not None:
         log.info("model %s: version %s already registered with %s=%s; not registering again",
@@ -172,7 +172,7 @@ def register_model_version(
         model_uri, name, tags={**tags, IDEMPOTENCY_TAG: idempotency_key}, await_registration_for=300,
     )
     if description:
-        client.update_model_version(name, mv.version, description=description)
+        client.update_model_version(name, mv.version, description=redact(description))
     log.info("model %s: registered version %s from %s", name, mv.version, model_uri)
     return _wait_ready(client, name, mv.version)
 
