@@ -213,7 +213,9 @@ def test_concurrent_promotes_serialise(registry_uri):
         client.create_model_version(name, SOURCE, tags={"cv_dice": str(score), "noskill_dice": "0.2"})
     client.set_registered_model_alias(name, PRODUCTION, "1")
 
-    ctx = multiprocessing.get_context("spawn")
+    # Real processes from a fork server that imported MLflow once (not ten interpreters importing it each).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["mlflow.tracking", "m2snet.mlops.registry", "tests.test_registry"])
     barrier, results = ctx.Barrier(10), ctx.Queue()
     procs = [ctx.Process(target=_promote_at_barrier, args=(registry_uri, name, str(2 + i % 2), barrier, results))
              for i in range(10)]
