@@ -1,12 +1,14 @@
-"""Peak memory of `mlflow models serve` answering oversized images (issue 17: one 252 KB request of a
-13000 x 13000 PNG took the server from 1.67 to 3.44 GB, three to 5.5 GB).
+"""Peak memory of `mlflow models serve` answering oversized images and requests (issue 17: one 252 KB
+request of a 13000 x 13000 PNG took the server from 1.67 to 3.44 GB, three to 5.5 GB; issue 29: one 2.5 MB
+request of twelve 7000 x 7000 PNGs took it from 1.87 to 5.16 GB, two concurrent 6-image ones to 7.7 GB).
 
 Starts the server (``--env-manager local``, one worker) on a model, sends one small image (warm-up),
-then ``--requests`` PNGs of ``--side`` x ``--side`` pixels one after another, and samples the resident
-memory of the server's whole process tree every 20 ms. Prints each answer's status and message and
-the idle / peak RSS as JSON.
+then ``--requests`` requests of ``--images`` PNGs of ``--side`` x ``--side`` pixels each, ``--concurrent``
+at a time, and samples the resident memory of the server's whole process tree every 20 ms. Prints each
+answer's status and message and the idle / peak / after RSS as JSON.
 
     python bench/serve_memory.py                        # a random-weight MSNet logged with this checkout
+    python bench/serve_memory.py --side 7000 --images 12 --requests 3 --concurrent 3   # issue 29's case
     python bench/serve_memory.py --model /path/to/model  # any logged pyfunc (its code_paths copy serves)
 
 The served code is the model's own copy of m2snet (code_paths): log the model with the checkout to measure.
@@ -20,6 +22,7 @@ import json
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +97,11 @@ def main() -> None:
     parser.add_argument("--model", help="A local pyfunc model directory (default: a random-weight MSNet).")
     parser.add_argument("--side", type=int, default=13000)
     parser.add_argument("--requests", type=int, default=3)
+    parser.add_argument("--images", type=int, default=1, help="Images per request.")
+    parser.add_argument("--concurrent", type=int, default=1, help="Requests in flight at once.")
     parser.add_argument("--max-pixels", help="M2SNET_MAX_PIXELS for the server (default: unset = the default cap).")
+    parser.add_argument("--max-request-pixels",
+                        help="M2SNET_MAX_REQUEST_PIXELS for the server (default: unset = the default budget).")
     args = parser.parse_args()
 
     import requests
@@ -105,11 +112,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="m2snet-serve-memory-") as tmp:
         work = Path(tmp)
         model = args.model or random_model(work)
-        env = {"M2SNET_MAX_PIXELS": args.max_pixels} if args.max_pixels else {}
+        env = {name: value for name, value in (("M2SNET_MAX_PIXELS", args.max_pixels),
+                                               ("M2SNET_MAX_REQUEST_PIXELS", args.max_request_pixels)) if value}
         server = start_model_server(model, workdir=work / "serve", env=env)
         try:
-            def post(png: bytes):
-                body = {"dataframe_split": {"columns": ["image"], "data": [[encode_image(png)]]}}
+            def post(png: bytes, n: int = 1):
+                body = {"dataframe_split": {"columns": ["image"], "data": [[encode_image(png)]] * n}}
                 return requests.post(server.url + "/invocations", json=body, timeout=600)
 
             small = io.BytesIO()
@@ -120,17 +128,17 @@ def main() -> None:
             png = big_png(args.side)
             sampler = PeakSampler(server.process.pid)
             sampler.start()
-            answers = []
-            for _ in range(args.requests):
-                reply = post(png)
-                answers.append({"status": reply.status_code, "body": reply.text[:300]})
+            with ThreadPoolExecutor(args.concurrent) as pool:
+                replies = list(pool.map(lambda _: post(png, args.images), range(args.requests)))
+            answers = [{"status": r.status_code, "body": r.text[:300]} for r in replies]
             time.sleep(1.0)
             peak = sampler.stop()
             after = tree_rss(server.process.pid)
         finally:
             server.stop()
     print(json.dumps({
-        "side": args.side, "request_png_bytes": len(png), "requests": args.requests, "warm_up_status": warm.status_code,
+        "side": args.side, "images_per_request": args.images, "concurrent": args.concurrent,
+        "image_png_bytes": len(png), "requests": args.requests, "warm_up_status": warm.status_code,
         "idle_rss_gb": round(idle / 1e9, 3), "peak_rss_gb": round(peak / 1e9, 3), "rss_after_gb": round(after / 1e9, 3),
         "answers": answers,
     }, indent=2))

@@ -125,3 +125,114 @@ def test_params_and_tags_mask_urls_inside_lists_and_dicts():
     from m2snet.mlops.tracking import flatten_params
 
     assert SECRET not in json.dumps(flatten_params({"sources": [f"https://{SECRET}@host/a", "/data/b"]}))
+
+
+# --- one redaction for everything that leaves the process (issue 29, item 2) -------------------------------
+LEAKS = ("hunter7", "tok_x", "pw@")  # the issue's secrets: a password, a query token, a password before "@"
+
+
+def _cli(*args: str, cwd, env: dict[str, str], timeout: float = 300):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "m2snet.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=timeout)
+
+
+def _files_holding(root, words=LEAKS) -> list[str]:
+    """Every file under ``root`` (logs, the MLflow store and its artifacts, kfp outputs) holding a secret."""
+    from pathlib import Path
+
+    found = []
+    for path in Path(root).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            found += [f"{path}: {w}" for w in words if w.encode() in data]
+    return found
+
+
+def test_redact_masks_secret_values_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter7")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw-s3cr3t@tracking:5000")
+    monkeypatch.setenv("M2SNET_TEST_TOKEN", "abc")  # too short to mask wherever it appears
+    text = "boto: signature mismatch for wJalrXUtnFEMI/K7MDENG; login hunter7 refused; pw-s3cr3t; abc"
+    shown = redact(text)
+    assert "wJalrXUtnFEMI" not in shown and "hunter7" not in shown and "pw-s3cr3t" not in shown
+    assert shown.endswith("; abc")
+    # the working directory is named like a secret (PWD) but is none
+    monkeypatch.setenv("PWD", "/home/alice/project")
+    assert redact("/home/alice/project/data") == "/home/alice/project/data"
+
+
+def test_redact_ends_a_query_value_at_a_quote():
+    assert redact("Failed to clone repo 'https://h/d.git?token=tok_x' to '/tmp/x'") == \
+        "Failed to clone repo 'https://h/d.git?token=***' to '/tmp/x'"
+
+
+def test_cli_error_line_and_library_warnings_are_masked(tmp_path):
+    """`MLFLOW_TRACKING_URI=http://alice:pw@...?token=... m2snet promote M 1`: neither urllib3's retry warnings
+    nor the error line show the password or the token."""
+    from m2snet.common import free_port
+
+    uri = f"http://alice:pw@127.0.0.1:{free_port()}/?token=tok_x"
+    proc = _cli("promote", "M", "1", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 2, proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "Retrying" in out and "error: " in out  # the warning and the error line were printed, masked
+    assert "alice:***@127.0.0.1" in out and "token=***" in out
+    assert not [w for w in LEAKS if w in out], out
+
+
+def test_python_warnings_and_tracebacks_in_logs_are_masked(tmp_path):
+    """After install_redaction, a library's ``warnings.warn`` and a logged exception's traceback are masked,
+    whichever handler writes them."""
+    code = """
+import logging, warnings
+from m2snet.common import install_redaction
+install_redaction()
+logging.basicConfig()
+warnings.warn("retrying https://alice:hunter7@host/d.git?token=tok_x")
+try:
+    raise ValueError("cannot reach https://alice:hunter7@host/x")
+except ValueError:
+    logging.getLogger("mlflow.store").exception("upload failed")
+"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "UserWarning" in proc.stderr and "ValueError: cannot reach https://alice:***@host/x" in proc.stderr
+    assert not [w for w in LEAKS if w in proc.stderr], proc.stderr
+
+
+def test_text_artifacts_are_uploaded_masked(tmp_path, monkeypatch):
+    """A log file a library wrote with a secret in it reaches MLflow masked (the file itself is not changed)."""
+    from m2snet.mlops.tracking import Tracker, TrackingConfig
+
+    monkeypatch.chdir(tmp_path)
+    log_file = tmp_path / "tool.log"
+    log_file.write_text("cloning https://alice:hunter7@host/d.git?token=tok_x\n")
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="masked-artifacts")
+    with Tracker.start(cfg, run_name="r") as run:
+        run.log_artifact(log_file, "logs")
+    uploaded = next((tmp_path / "mlruns").rglob("logs/tool.log")).read_text()
+    assert uploaded == "cloning https://alice:***@host/d.git?token=***\n"
+    assert "hunter7" in log_file.read_text()
+
+
+def test_pipeline_dvc_credentials_reach_no_log_nor_artifact(tmp_path):
+    """The issue's repro: `pipeline run --local --dvc-repo 'https://alice:hunter7@host/d.git?token=tok_x'` fails
+    cloning; the task's log, the runner's log, the MLflow store and its artifacts hold neither secret, and
+    the failed task's log is still uploaded, naming the repository."""
+    repo = "https://alice:hunter7@127.0.0.1:9/d.git?token=tok_x"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = _cli("pipeline", "run", "--local", "--preset", "tiny", "--dvc-repo", repo, "--dvc-rev", "v1",
+                "--work-dir", str(tmp_path / "work"), cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "prepare" in proc.stderr, proc.stdout + proc.stderr
+    assert not [w for w in LEAKS if w in proc.stdout + proc.stderr]
+    uploaded = list(tmp_path.rglob("artifacts/logs/prepare-dataset.log"))
+    assert uploaded and "alice:***@127.0.0.1:9/d.git?token=***" in uploaded[0].read_text()
+    assert _files_holding(tmp_path) == []

@@ -317,3 +317,56 @@ def test_m2snet_serve_answers_as_the_version_the_alias_named_at_start_and_a_rest
         assert served_version() == f"serve-test/{v1}"
     finally:  # the module's other tests serve the production alias: leave it where it was
         client.set_registered_model_alias("serve-test", "production", v1)
+
+
+def test_pixel_batches_bound_images_and_pixels():
+    from m2snet.mlops.pyfunc import pixel_batches
+
+    sizes = [(100, 100)] * 5 + [(7000, 7000)] + [(100, 100)] * 2
+    assert pixel_batches(sizes, max_images=3, max_pixels=40_000) == [range(0, 3), range(3, 5), range(5, 6),
+                                                                    range(6, 8)]
+    assert pixel_batches([], 8, 10) == []
+
+
+def test_server_refuses_a_request_over_its_pixel_budget(production_model, tmp_path):
+    """`mlflow models serve` with M2SNET_MAX_REQUEST_PIXELS: a request whose images sum to more pixels than the
+    budget is refused from the headers with 413 naming the budget; one just under it is predicted. `m2snet
+    predict` under the same budget sends its images in batches within it."""
+    import requests
+
+    from m2snet.mlops.pyfunc import encode_image
+    from m2snet.mlops.serving import predict_files, start_model_server
+
+    MAX_REQUEST_PIXELS_ENV = "M2SNET_MAX_REQUEST_PIXELS"  # the server's documented setting
+
+    png = production_model["image"].read_bytes()
+    w, h = Image.open(production_model["image"]).size
+    budget = 3 * w * h + 1  # three images just under, four over
+    env = {"MLFLOW_TRACKING_URI": production_model["uri"], MAX_REQUEST_PIXELS_ENV: str(budget)}
+    server = start_model_server("models:/serve-test@production", workdir=production_model["root"] / "serve-budget",
+                                env=env)
+    try:
+        def post(n: int):
+            body = {"dataframe_split": {"columns": ["image"], "data": [[encode_image(png)]] * n}}
+            return requests.post(server.url + "/invocations", json=body, timeout=300)
+
+        over, under = post(4), post(3)
+    finally:
+        server.stop()
+    assert over.status_code == 413, over.text
+    message = over.json()["message"]
+    assert message == (f"request of 4 images decodes to {4 * w * h} pixels, above the per-request budget of "
+                       f"{budget} pixels ({MAX_REQUEST_PIXELS_ENV}); send fewer or smaller images per request")
+    assert under.status_code == 200 and len(under.json()["predictions"]) == 3, under.text[:300]
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv(MAX_REQUEST_PIXELS_ENV, str(2 * w * h))
+    try:
+        inputs = []
+        for i in range(5):
+            inputs.append(tmp_path / f"img{i}.png")
+            inputs[-1].write_bytes(png)
+        preds = predict_files("models:/serve-test@production", inputs, tmp_path / "out", batch_size=8)
+    finally:
+        mp.undo()
+    assert len(preds) == 5 and all(p.mask.is_file() for p in preds)

@@ -68,18 +68,24 @@ class DecodedImage:
     source_mode: str  # the PIL mode as stored, before any conversion ("I;16", "RGB", ...)
 
 
-def max_pixels() -> int:
-    """The pixel limit: ``$M2SNET_MAX_PIXELS`` when set (a positive integer), else DEFAULT_MAX_PIXELS."""
-    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+def positive_env(name: str, default: int, what: str = "number of pixels") -> int:
+    """``$name`` as a positive integer ("5e7" reads as well as "50000000"), else ``default``; anything
+    else is one line of M2SNetError naming the variable."""
+    text = os.environ.get(name, "").strip()
     if not text:
-        return DEFAULT_MAX_PIXELS
+        return default
     try:
-        value = int(float(text))  # "5e7" reads as well as "50000000"
-    except ValueError:
+        value = int(float(text))
+    except (ValueError, OverflowError):
         value = 0
     if value <= 0:
-        raise M2SNetError(f"{MAX_PIXELS_ENV}={text!r}: expected a positive number of pixels")
+        raise M2SNetError(f"{name}={text!r}: expected a positive {what}")
     return value
+
+
+def max_pixels() -> int:
+    """The pixel limit: ``$M2SNET_MAX_PIXELS`` when set (a positive integer), else DEFAULT_MAX_PIXELS."""
+    return positive_env(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS)
 
 
 def _label(source: Source, name: str | None) -> str:

@@ -41,6 +41,7 @@ from rich.live import Live
 from rich.table import Table
 
 from m2snet import progress
+from m2snet.common import redact
 
 PLAIN_PROGRESS_EVERY_S = 60.0  # a non-terminal console gets a progress line at most this often per task
 LOG_TAIL_LINES = 40
@@ -156,7 +157,7 @@ class _ThreadRouter:
     def write(self, text: str) -> int:
         self._view._write(text)
         if self._echo is not None:
-            self._echo.write(text)
+            self._echo.write(redact(text))
         return len(text)
 
     def flush(self) -> None:
@@ -272,7 +273,7 @@ class RunView:
             self.pipeline_run_id = self.pipeline_run_id or str(event.get("pipeline_run_id") or "")
             self._started(task, when)
         elif kind == "task_end":
-            task.error = str(event.get("error") or "")
+            task.error = redact(str(event.get("error") or ""))
             self._finished(task, bool(event.get("ok")), when)
         elif kind == "trial":
             task.trial = (int(event.get("number", 0)) + 1, int(event.get("of", 0)))
@@ -332,7 +333,9 @@ class RunView:
             if f is None:
                 path = self._task(key).log if key else self.main_log
                 f = self._files[key] = open(path, "a", encoding="utf-8", errors="replace")
-            f.write(_plain_text(line))
+            # Masked as written: a task's libraries print what they were given (dvc's clone error quotes the
+            # repository URL with its password and token), and a failed task's log is uploaded to MLflow.
+            f.write(redact(_plain_text(line)))
             f.flush()
 
     # --- rendering -----------------------------------------------------------------------------
@@ -402,8 +405,10 @@ class RunView:
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
             root.handlers[:] = [handler]
             self._saved.append(lambda: root.handlers.__setitem__(slice(None), handlers))
-            logging.captureWarnings(True)
-            self._saved.append(lambda: logging.captureWarnings(False))
+            # Warnings through logging (masked there, see install_redaction); left on if they already were.
+            if getattr(logging, "_warnings_showwarning", None) is None:
+                logging.captureWarnings(True)
+                self._saved.append(lambda: logging.captureWarnings(False))
         if self.mode == "live":
             console = Console(file=self.stream, force_terminal=True)
             self._live = Live(self.table(), console=console, refresh_per_second=4, transient=False,

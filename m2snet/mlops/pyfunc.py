@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import functools
+import gc
 import io
 import logging
 import os
 import tempfile
+import threading
 from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
@@ -47,7 +51,7 @@ from PIL import Image
 
 import m2snet
 from m2snet.common import M2SNetError, resolve_device
-from m2snet.data.images import ImageTooLarge, check_image, read_image, read_mask
+from m2snet.data.images import ImageTooLarge, check_image, positive_env, read_image, read_mask
 
 MODEL_CONFIG_TTA = "tta_flip"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # what MLflow runs to load the model
@@ -62,6 +66,23 @@ log = logging.getLogger("m2snet.mlops.pyfunc")
 # response carries it in the column model_version, so a client sees which version answered.
 SERVED_MODEL_ENV = "M2SNET_SERVED_MODEL"
 BACKEND_ENV = "M2SNET_SERVE_BACKEND"  # "torch" forces PyTorch even when the ONNX export is present
+# What one request may make the server decode, in pixels, summed over its images and checked from their
+# headers before any is decoded: the per-image cap ($M2SNET_MAX_PIXELS) alone let one 2.5 MB request of
+# twelve 7000 x 7000 PNGs take the server from 1.87 to 5.16 GB. 100 MP: two images at the per-image cap,
+# ~330 BUSI images, 50 Kvasir-SEG ones.
+MAX_REQUEST_PIXELS_ENV = "M2SNET_MAX_REQUEST_PIXELS"
+DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
+# How many requests decode and predict at once in one server process (the others wait their turn): two
+# concurrent 6-image requests peaked at 7.7 GB. A wait longer than the queue timeout is answered 503.
+MAX_CONCURRENT_ENV = "M2SNET_MAX_CONCURRENT_PREDICTIONS"
+DEFAULT_MAX_CONCURRENT = 1
+QUEUE_TIMEOUT_ENV = "M2SNET_PREDICTION_QUEUE_S"
+DEFAULT_QUEUE_TIMEOUT_S = 50  # under the scoring server's own 60 s request timeout: our 503 says why
+# A batch holds at most this many decoded pixels (and at most the predictor's batch size): small images
+# batch together, a large one is decoded, predicted and encoded alone, then freed before the next.
+BATCH_PIXELS = 4_000_000
+# After a request that decoded more than this, freed memory is handed back to the system (malloc_trim).
+TRIM_AFTER_PIXELS = 10_000_000
 
 
 def encode_image(image, fmt: str = "PNG") -> str:
@@ -121,6 +142,59 @@ def decode_image(text: str, row: int = 0):
         raise _as_serving_error(err) from None
 
 
+def max_request_pixels() -> int:
+    """The per-request decoded-pixel budget: ``$M2SNET_MAX_REQUEST_PIXELS``, else DEFAULT_MAX_REQUEST_PIXELS."""
+    return positive_env(MAX_REQUEST_PIXELS_ENV, DEFAULT_MAX_REQUEST_PIXELS)
+
+
+def check_request_pixels(sizes: Sequence[tuple[int, int]], budget: int | None = None) -> int:
+    """The pixels a request's images (their ``(width, height)``, from headers) decode to; a ServingError 413
+    naming the budget when their sum is above it."""
+    budget = max_request_pixels() if budget is None else budget
+    total = sum(w * h for w, h in sizes)
+    if total > budget:
+        raise ServingError(
+            f"request of {len(sizes)} images decodes to {total} pixels, above the per-request budget of {budget} "
+            f"pixels ({MAX_REQUEST_PIXELS_ENV}); send fewer or smaller images per request", status=413)
+    return total
+
+
+def pixel_batches(sizes: Sequence[tuple[int, int]], max_images: int, max_pixels: int) -> list[range]:
+    """Consecutive index ranges of at most ``max_images`` images and ``max_pixels`` pixels each (an image
+    larger than ``max_pixels`` alone)."""
+    batches, start, pixels = [], 0, 0
+    for i, (w, h) in enumerate(sizes):
+        if i > start and (i - start >= max_images or pixels + w * h > max_pixels):
+            batches.append(range(start, i))
+            start, pixels = i, 0
+        pixels += w * h
+    if start < len(sizes):
+        batches.append(range(start, len(sizes)))
+    return batches
+
+
+@functools.lru_cache(maxsize=1)
+def _prediction_slots() -> threading.BoundedSemaphore:
+    return threading.BoundedSemaphore(positive_env(MAX_CONCURRENT_ENV, DEFAULT_MAX_CONCURRENT, "number"))
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent elsewhere (musl, macOS)
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system: without it glibc keeps the arenas a
+    large request grew (the issue's server stayed at 4.07 GB idle after its big requests)."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def decode_mask(text: str) -> np.ndarray:
     """The ``mask`` output column back to a uint8 array."""
     return read_mask(base64.b64decode(text), name="mask")
@@ -172,17 +246,31 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
             raise ServingError("input must be a DataFrame with a string column 'image' (base64 PNG/JPEG)")
         texts = model_input["image"].tolist()
         try:  # every row's header first: a request with an oversized or foreign row 9 costs no prediction
-            for row, text in enumerate(texts):
-                check_image(_payload(text, row), name=f"row {row}")
+            sizes = [check_image(_payload(text, row), name=f"row {row}") for row, text in enumerate(texts)]
         except M2SNetError as err:
             raise _as_serving_error(err) from None
-        # One batch decoded, predicted and encoded at a time: a long request holds at most one batch of
-        # full-size images and probability maps.
+        total = check_request_pixels(sizes)
+        # One request decodes at a time per process (by default): concurrent requests wait here holding only
+        # their encoded bytes, instead of each decoding its images at once.
+        slots = _prediction_slots()
+        wait = positive_env(QUEUE_TIMEOUT_ENV, DEFAULT_QUEUE_TIMEOUT_S, "number of seconds")
+        if not slots.acquire(timeout=wait):
+            raise ServingError(f"server busy: other requests held the prediction slots ({MAX_CONCURRENT_ENV}) for "
+                               f"{wait} s; retry later", status=503)
+        try:
+            return self._predict_batches(texts, sizes, torch)
+        finally:
+            slots.release()
+            if total > TRIM_AFTER_PIXELS:
+                release_freed_memory()
+
+    def _predict_batches(self, texts: list[str], sizes: list[tuple[int, int]], torch) -> pd.DataFrame:
+        # One pixel-bounded batch decoded, predicted and encoded at a time (a large image alone), each freed
+        # before the next: a request holds at most one batch of full-size images and probability maps.
         masks, fractions, ood_scores = [], [], []
         guarded = getattr(self.predictor, "guard", None) is not None
-        size = self.predictor.batch_size
-        for start in range(0, len(texts), size):
-            images = [decode_image(t, start + i) for i, t in enumerate(texts[start:start + size])]
+        for rows in pixel_batches(sizes, self.predictor.batch_size, BATCH_PIXELS):
+            images = [decode_image(texts[row], row) for row in rows]
             try:
                 with torch.inference_mode():
                     if guarded:
@@ -192,12 +280,17 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
                         probs = self.predictor.predict_proba(images)
             except M2SNetError as err:
                 raise ServingError(str(err)) from None
-            for prob in probs:
+            del images
+            probs = list(probs)
+            while probs:
+                prob = probs.pop(0)  # dropped as it is encoded: never all full-size maps of a batch at once
                 mask = self.predictor.to_mask(prob)
+                del prob
                 fractions.append(float((mask > 0).mean()))
                 if self.predictor.n_classes == 1:
-                    mask = mask * 255
-                masks.append(encode_image(mask.astype(np.uint8)))
+                    mask *= 255
+                masks.append(encode_image(mask))
+                del mask
         out = pd.DataFrame({"mask": masks, "foreground_fraction": fractions,
                             "model_version": [getattr(self, "served_as", "")] * len(masks)})
         if guarded:  # > 1: further from the training images than held-out cases of the training data were

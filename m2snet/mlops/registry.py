@@ -12,6 +12,10 @@ Promotion moves two aliases and nothing else:
   version without a CV Dice tag cannot be compared with: the gate refuses (``--force`` to replace it);
 * ``previous``   -> the version that was production, so ``rollback`` is one alias move back.
 
+Concurrent promotions are serialised: :func:`promote` and :func:`rollback` read, judge and move the
+aliases holding the model's alias lock (:func:`alias_lock`), a lock kept in the registry itself, so it
+holds across processes, machines and backends (SQLite, PostgreSQL, a remote ``mlflow server``).
+
 Retries are safe. Registering looks up an existing version carrying the same idempotency key
 (the pipeline run id, or a hash of the fold checkpoints) before creating one, and promoting a
 version that already is production is a no-op, so a Kubeflow retry of the register/promote step
@@ -20,14 +24,20 @@ never creates a second version nor moves ``previous`` onto the production versio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import random
+import secrets
+import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from m2snet import progress
-from m2snet.common import M2SNetError
+from m2snet.common import M2SNetError, redact
 from m2snet.evaluation.compare import average_seeds, compare_paired, lineage_difference, pair
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.mlops.cv_results import version_cases
@@ -38,6 +48,7 @@ if TYPE_CHECKING:  # heavy: imported lazily at run time
     from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PRODUCTION = "production"
 PREVIOUS = "previous"
@@ -155,7 +166,7 @@ def register_model_version(
     if not idempotency_key:
         raise M2SNetError(f"registering {name}: an idempotency key (pipeline run id or checkpoint hash) is required")
     client = client or _client()
-    tags = {k: str(v) for k, v in (tags or {}).items()}
+    tags = {k: redact(str(v)) for k, v in (tags or {}).items()}  # a version's tags are shown to every reader
     existing = find_version_by_key(name, idempotency_key, client)
     if existing is not None:
         log.info("model %s: version %s already registered with %s=%s; not registering again",
@@ -172,7 +183,7 @@ def register_model_version(
         model_uri, name, tags={**tags, IDEMPOTENCY_TAG: idempotency_key}, await_registration_for=300,
     )
     if description:
-        client.update_model_version(name, mv.version, description=description)
+        client.update_model_version(name, mv.version, description=redact(description))
     log.info("model %s: registered version %s from %s", name, mv.version, model_uri)
     return _wait_ready(client, name, mv.version)
 
@@ -263,6 +274,194 @@ def decide(candidate: float | None, production: float | None, policy: PromotionP
     return True, f"{passed}; beats production's {production:.4f} by >= {policy.margin:.4f}"
 
 
+# --- the alias lock --------------------------------------------------------------------------------------
+# Why a ticket lock in the registry: a file lock beside the store covers a local SQLite file only, and a
+# remote tracking server offers no compare-and-set on aliases or tags (set_*_tag is a blind upsert, so a
+# "lock tag" two processes write at once can be held by both). What every MLflow registry does offer
+# atomically is numbering model versions: version N+1 is created only after N is committed (a primary key
+# on (name, version); soft-deleted versions keep their numbers, so a number is never handed out twice).
+# So each promote takes a ticket, a new version of a companion model "<name>.alias-lock", and enters when no
+# live ticket below its own remains: first come, first served, with no write that two processes can race.
+# A crashed holder never blocks for good: a ticket is stale once its process is gone (same host) or its
+# lease has lapsed (LOCK_TTL_S; renewed by a heartbeat while its owner waits or holds), and the next waiter
+# deletes it (the lease is the owner's clock against the waiter's: hosts' clocks must agree to well within
+# it, as NTP keeps them). A holder whose ticket was taken away (its lease lapsed: a frozen process) stops before moving
+# any alias (AliasLock.check).
+LOCK_MODEL_SUFFIX = ".alias-lock"
+LOCK_TTL_S = 60.0  # a ticket's lease; renewed every third of it
+LOCK_WAIT_S = 600.0  # how long a promote waits for the lock before giving up, naming the holder
+LOCK_POLL_S = 0.2
+_OWNER_TAG, _EXPIRES_TAG = "owner", "expires_at"
+# A model version needs a source; this one holds no model (an absolute path: a server refuses a relative one).
+_LOCK_SOURCE = "m2snet-lock://registry/alias-lock"
+_TRANSIENT = ("database is locked", "IntegrityError", "UNIQUE constraint failed", "duplicate key",
+              "could not serialize", "deadlock detected")
+
+
+def _transient(err: Exception) -> bool:
+    """A registry error a retry fixes: SQLite's write lock, a unique-key race between two writers (MLflow
+    reports both as BAD_REQUEST), an unavailable server."""
+    code = getattr(err, "error_code", "")
+    return code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR") or any(t in str(err) for t in _TRANSIENT)
+
+
+def _retrying(fn: Callable[[], T], what: str, tries: int = 8) -> T:
+    """``fn()``, retried with jittered back-off on :func:`_transient` errors (concurrent SQLite writers)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            return fn()
+        except MlflowException as err:
+            if not _transient(err) or attempt == tries - 1:
+                raise
+            wait = min(5.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            log.debug("registry: %s failed (%s); retrying in %.2f s", what, str(err).splitlines()[0][:200], wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AliasLock:
+    """One ticket of the alias lock of ``name`` (see the comment above LOCK_MODEL_SUFFIX)."""
+
+    def __init__(self, name: str, client: "MlflowClient", ttl: float = LOCK_TTL_S):
+        self.name, self.client, self.ttl = name, client, ttl
+        self.model = f"{name}{LOCK_MODEL_SUFFIX}"
+        self.owner = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(4)}"
+        self.ticket: str | None = None
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self.lost = False
+
+    def _expiry(self) -> str:
+        return f"{time.time() + self.ttl:.3f}"
+
+    def _ensure_model(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _retrying(lambda: self.client.create_registered_model(
+                self.model, tags={"m2snet.lock_of": self.name},
+                description=f"m2snet's lock on the aliases of `{self.name}`: one version per waiting or "
+                            "running `m2snet promote`/`rollback`, deleted when it is done. Not a model."),
+                f"create {self.model}")
+        except MlflowException as err:
+            if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+    def _take_ticket(self) -> None:
+        mv = _retrying(lambda: self.client.create_model_version(
+            self.model, _LOCK_SOURCE, tags={_OWNER_TAG: self.owner, _EXPIRES_TAG: self._expiry()},
+            description=f"ticket of {self.owner}"), f"take a ticket of {self.model}")
+        self.ticket = str(mv.version)
+
+    def _stale(self, mv: "ModelVersion") -> bool:
+        host, _, rest = mv.tags.get(_OWNER_TAG, "").partition(" ")
+        pid = rest.partition(" ")[0]
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            return True
+        try:
+            return float(mv.tags.get(_EXPIRES_TAG, "0")) < time.time()
+        except ValueError:
+            return True
+
+    def _tickets(self) -> list["ModelVersion"]:
+        escaped = self.model.replace("'", "\\'")
+        found = _retrying(lambda: self.client.search_model_versions(f"name = '{escaped}'"),
+                          f"list the tickets of {self.model}")
+        return sorted(found, key=lambda mv: int(mv.version))
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                _retrying(lambda: self.client.set_model_version_tag(self.model, self.ticket, _EXPIRES_TAG,
+                                                                    self._expiry()), "renew the lock")
+            except Exception as err:  # noqa: BLE001 -- the holder learns it in check(); never kill the thread
+                log.warning("model %s: could not renew the alias lock (%s)", self.name, err)
+
+    def acquire(self, timeout: float = LOCK_WAIT_S) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self._ensure_model()
+        self._take_ticket()
+        self._heartbeat = threading.Thread(target=self._renew, name="m2snet-alias-lock", daemon=True)
+        self._heartbeat.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            tickets = self._tickets()
+            if not any(str(mv.version) == self.ticket for mv in tickets):
+                # Our ticket was judged stale and removed (we were frozen past the lease): queue again.
+                log.warning("model %s: alias lock ticket %s was removed as stale; taking a new one",
+                            self.name, self.ticket)
+                self._take_ticket()
+                continue
+            ahead = [mv for mv in tickets if int(mv.version) < int(self.ticket)]
+            for mv in ahead:
+                if self._stale(mv):
+                    log.warning("model %s: removing the stale alias lock ticket %s of %s (its process is gone "
+                                "or its lease lapsed)", self.name, mv.version, mv.tags.get(_OWNER_TAG, "?"))
+                    with contextlib.suppress(MlflowException):  # another waiter removed it first
+                        self.client.delete_model_version(self.model, mv.version)
+            live = [mv for mv in ahead if not self._stale(mv)]
+            if not live:
+                return
+            if time.monotonic() > deadline:
+                self.release()
+                raise M2SNetError(
+                    f"model {self.name!r}: another promote/rollback ({live[0].tags.get(_OWNER_TAG, '?')}) holds the "
+                    f"alias lock (registered model {self.model!r}, version {live[0].version}); waited {timeout:.0f} s")
+            time.sleep(LOCK_POLL_S * random.uniform(0.5, 1.5))
+
+    def check(self) -> None:
+        """Raise when this ticket is no longer there (taken away as stale): moving aliases now could race."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _retrying(lambda: self.client.get_model_version(self.model, self.ticket), "check the alias lock")
+        except MlflowException as err:
+            if not _is_not_found(err):
+                raise
+            self.lost = True
+            raise M2SNetError(f"model {self.name!r}: lost the alias lock (its lease of {self.ttl:.0f} s lapsed); "
+                              "nothing was moved, run the command again") from None
+
+    def release(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        if self.ticket is not None:
+            try:
+                _retrying(lambda: self.client.delete_model_version(self.model, self.ticket), "release the lock")
+            except MlflowException as err:  # removed as stale already, or the registry went away: it expires
+                log.debug("model %s: releasing the alias lock: %s", self.name, err)
+            self.ticket = None
+
+
+@contextlib.contextmanager
+def alias_lock(name: str, client: "MlflowClient", *, ttl: float = LOCK_TTL_S,
+               timeout: float = LOCK_WAIT_S) -> Iterator[AliasLock]:
+    """Hold the alias lock of registered model ``name`` for the block (waiting for it, first come first
+    served); released on exit, whatever happens. Call ``lock.check()`` just before moving aliases."""
+    lock = AliasLock(name, client, ttl)
+    lock.acquire(timeout)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def promote(
     name: str,
     version: str | int,
@@ -280,6 +479,14 @@ def promote(
         candidate = client.get_model_version(name, version)
     except MlflowException as err:
         raise M2SNetError(f"model {name!r} version {version}: not found in the registry ({err.message})") from err
+    # Read, judge and move under the lock: two promotes judged against the same production version both
+    # "won", and the later alias move erased the other's promotion (issue 29).
+    with alias_lock(name, client) as lock:
+        return _promote_locked(name, version, candidate, policy, force, client, lock)
+
+
+def _promote_locked(name: str, version: str, candidate: "ModelVersion", policy: PromotionPolicy, force: bool,
+                    client: "MlflowClient", lock: AliasLock) -> PromotionDecision:
     current = version_by_alias(name, PRODUCTION, client)
     cand_score = version_score(candidate, policy.metric_tag)
     prod_score = version_score(current, policy.metric_tag) if current is not None else None
@@ -298,17 +505,24 @@ def promote(
                             production_version=current_version)
 
     if ok and current_version != version:
+        lock.check()
         if current_version is not None:
-            client.set_registered_model_alias(name, PREVIOUS, current_version)
-        client.set_registered_model_alias(name, PRODUCTION, version)
-        client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            _retrying(lambda: client.set_registered_model_alias(name, PREVIOUS, current_version), "move previous")
+        _retrying(lambda: client.set_registered_model_alias(name, PRODUCTION, version), "move production")
+        _retrying(lambda: client.set_model_version_tag(name, version, "promoted_at",
+                                                       time.strftime("%Y-%m-%dT%H:%M:%S%z")), "tag promoted_at")
     decision = PromotionDecision(
         name=name, version=version, promoted=ok, reason=reason, candidate_score=cand_score,
         production_version=current_version, production_score=prod_score,
     )
-    client.set_model_version_tag(name, version, "promotion_decision", ("promoted: " if ok else "rejected: ") + reason)
-    client.set_model_version_tag(name, version, "promotion_policy", "forced" if force else policy.describe())
-    client.update_model_version(name, version, description=_with_decision(candidate.description, decision))
+    # Retried: another writer of this version's tags (a register step updating them) races on the same rows.
+    _retrying(lambda: client.set_model_version_tag(name, version, "promotion_decision",
+                                                   ("promoted: " if ok else "rejected: ") + reason), "tag the decision")
+    _retrying(lambda: client.set_model_version_tag(name, version, "promotion_policy",
+                                                   "forced" if force else policy.describe()), "tag the policy")
+    _retrying(lambda: client.update_model_version(name, version,
+                                                  description=_with_decision(candidate.description, decision)),
+              "describe the decision")
     log.info("model %s version %s: %s (%s)", name, version, "PROMOTED" if ok else "not promoted", reason)
     progress.emit("promotion", version=version, promoted=ok, reason=reason)
     return decision
@@ -321,12 +535,20 @@ def rollback(name: str, *, client: "MlflowClient | None" = None) -> PromotionDec
     re-deploying the version that was just rolled back.
     """
     client = client or _client()
+    if version_by_alias(name, PREVIOUS, client) is None:  # checked again under the lock; no lock model for a typo
+        raise M2SNetError(f"model {name!r}: no version has the alias {PREVIOUS!r}, nothing to roll back to")
+    with alias_lock(name, client) as lock:
+        return _rollback_locked(name, client, lock)
+
+
+def _rollback_locked(name: str, client: "MlflowClient", lock: AliasLock) -> PromotionDecision:
     prev = version_by_alias(name, PREVIOUS, client)
     if prev is None:
         raise M2SNetError(f"model {name!r}: no version has the alias {PREVIOUS!r}, nothing to roll back to")
     current = version_by_alias(name, PRODUCTION, client)
-    client.set_registered_model_alias(name, PRODUCTION, prev.version)
-    client.delete_registered_model_alias(name, PREVIOUS)
+    lock.check()
+    _retrying(lambda: client.set_registered_model_alias(name, PRODUCTION, prev.version), "move production")
+    _retrying(lambda: client.delete_registered_model_alias(name, PREVIOUS), "drop previous")
     if current is not None:
         client.set_model_version_tag(name, current.version, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     log.info("model %s: production %s -> %s (rollback)", name, current.version if current else None, prev.version)

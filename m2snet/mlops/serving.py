@@ -156,14 +156,13 @@ def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: 
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from m2snet.mlops.pyfunc import decode_mask, encode_image
+    from m2snet.mlops.pyfunc import decode_mask, encode_image, max_request_pixels, pixel_batches
 
     images = collect_images(inputs)
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
         raise M2SNetError("several input images share a file name; predict them into separate --out folders")
-    for path in images:
-        check_image(path)
+    sizes = [check_image(path) for path in images]
     out = Path(out_dir)
     created = not out.exists()
     try:
@@ -176,8 +175,9 @@ def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: 
         model = model or load_model(model_uri)
         results: list[Prediction] = []
         bar = tqdm(total=len(images), desc="predict", unit="img")
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
+        # Batches within the model's per-request pixel budget, which it refuses above (a served model as well).
+        for rows in pixel_batches(sizes, batch_size, max_request_pixels()):
+            chunk = [images[i] for i in rows]
             rgbs = [read_rgb(p) for p in chunk]  # the model decodes the same bytes with the same decoder
             frame = pd.DataFrame({"image": [encode_image(p.read_bytes()) for p in chunk]})
             try:

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,12 +321,36 @@ class Tracker:
 
     # --- artifacts ------------------------------------------------------------------------------
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload a file or folder; a text file (a task's log, a report) goes up masked (:func:`redact`)."""
         path = Path(path)
-        if path.is_dir():
-            fn = lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path)  # noqa: E731
-        else:
-            fn = lambda: self.client.log_artifact(self.run_id, str(path), artifact_path)  # noqa: E731
-        with_retry(fn, f"upload artifact {path.name}", self.cfg)
+        with tempfile.TemporaryDirectory(prefix="m2snet-artifact-") as tmp:
+            if path.is_dir():
+                fn = lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path)  # noqa: E731
+            else:
+                upload = _masked_copy(path, Path(tmp))
+                fn = lambda: self.client.log_artifact(self.run_id, str(upload), artifact_path)  # noqa: E731
+            with_retry(fn, f"upload artifact {path.name}", self.cfg)
+
+
+# Files read and masked before upload: the text a process wrote (logs, reports, tables), never a model.
+_TEXT_ARTIFACTS = (".log", ".txt", ".md", ".json", ".jsonl", ".yaml", ".yml", ".csv")
+_MAX_MASKED_BYTES = 64 << 20
+
+
+def _masked_copy(path: Path, tmp: Path) -> Path:
+    """``path``, or a copy of it in ``tmp`` (same name) with its secrets masked when it holds any.
+
+    The log files are masked as they are written (RunView); this is the second line, for any text file
+    that reaches MLflow, whoever wrote it (a library's own log file, a report quoting a URI)."""
+    if path.suffix.lower() not in _TEXT_ARTIFACTS or not path.is_file() or path.stat().st_size > _MAX_MASKED_BYTES:
+        return path
+    text = path.read_text(encoding="utf-8", errors="replace")
+    clean = redact(text)
+    if clean == text:
+        return path
+    copy = tmp / path.name
+    copy.write_text(clean, encoding="utf-8")
+    return copy
 
 
 def parent_run(pipeline_run_id: str, experiment: str = "", create: bool = True,
