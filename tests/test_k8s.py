@@ -191,3 +191,27 @@ def test_mlflow_database_password_is_not_on_the_command_line():
         ref = next(e for e in env if e["name"] == var)
         assert ref["valueFrom"]["secretKeyRef"] == {"name": "postgres-credentials", "key": var}
         assert names.index(var) < names.index("MLFLOW_BACKEND_STORE_URI")
+
+
+def test_the_serving_overlay_serves_the_production_alias_with_bounded_memory_and_secret_credentials():
+    from m2snet.mlops.pyfunc import BATCH_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, MAX_REQUEST_PIXELS_ENV
+
+    objs = render(K8S / "overlays" / "serving")
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    deployment = by[("Deployment", "m2snet-serve")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["m2snet", "serve"]
+    assert "--model=models:/m2snet-busi@production" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-client", var  # never a literal
+    # The memory limit holds the request budget the server enforces (one request at a time).
+    assert int(env[MAX_REQUEST_PIXELS_ENV]["value"]) == DEFAULT_MAX_REQUEST_PIXELS >= BATCH_PIXELS
+    assert env["M2SNET_MAX_CONCURRENT_PREDICTIONS"]["value"] == "1"
+    assert container["resources"]["limits"]["memory"] == "3Gi"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    hpa = by[("HorizontalPodAutoscaler", "m2snet-serve")]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "m2snet-serve"
+    service = by[("Service", "m2snet-serve")]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
