@@ -320,7 +320,8 @@ def _partial_prefix(dest: Path) -> str:
     return f".{dest.name}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -352,7 +353,7 @@ def remove_stale_partials(dest: str | os.PathLike) -> list[Path]:
                 and path.is_dir() and not path.is_symlink()):
             continue
         m = tagged.match(path.name)
-        if m and (m.group("host") != host or _pid_alive(int(m.group("pid")))):
+        if m and (m.group("host") != host or pid_alive(int(m.group("pid")))):
             continue
         if path.name.endswith(_ASIDE_SUFFIX) and not os.path.lexists(dest):
             os.rename(path, dest)

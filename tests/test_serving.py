@@ -125,8 +125,8 @@ def test_a_registered_model_is_downloaded_once_and_leaves_no_temporary_copy(prod
 
 
 def test_readme_serve_command_works_without_activating_the_virtualenv(production_model, tmp_path):
-    """`mlflow models serve` starts `uvicorn` by name: the README's command must find the virtualenv's copy
-    when the virtualenv was never activated (it failed with "uvicorn: not found")."""
+    """`mlflow models serve` (which `m2snet serve` runs) starts `uvicorn` by name: the README's command must find
+    the virtualenv's copy when the virtualenv was never activated (it failed with "uvicorn: not found")."""
     import os
     import re
     import subprocess
@@ -139,9 +139,9 @@ def test_readme_serve_command_works_without_activating_the_virtualenv(production
     from m2snet.common import free_port
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    command = re.search(r"`([^`]*mlflow models serve -m models:/m2snet-busi@production[^`]*)`", readme).group(1)
+    command = re.search(r"`([^`]*m2snet serve --model models:/m2snet-busi@production[^`]*)`", readme).group(1)
     port = free_port()
-    command = command.replace("m2snet-busi", "serve-test").replace("-p 5001", f"-p {port}")
+    command = command.replace("m2snet-busi", "serve-test").replace("--port 5001", f"--port {port}")
     # A checkout whose .venv is this interpreter's environment; a shell whose PATH does not hold it.
     checkout = tmp_path / "checkout"
     checkout.mkdir()

@@ -291,8 +291,9 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
                     mask *= 255
                 masks.append(encode_image(mask))
                 del mask
-        out = pd.DataFrame({"mask": masks, "foreground_fraction": fractions,
-                            "model_version": [getattr(self, "served_as", "")] * len(masks)})
+        out = pd.DataFrame({"mask": masks, "foreground_fraction": fractions})
+        if getattr(self, "served_as", ""):  # served by `m2snet serve`, which knows the version it resolved
+            out["model_version"] = self.served_as
         if guarded:  # > 1: further from the training images than held-out cases of the training data were
             out["ood_score"] = ood_scores
             out["ood_flag"] = [v > 1.0 for v in ood_scores]

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from m2snet import progress
-from m2snet.common import M2SNetError, redact
+from m2snet.common import M2SNetError, pid_alive, redact
 from m2snet.evaluation.compare import average_seeds, compare_paired, lineage_difference, pair
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.mlops.cv_results import version_cases
@@ -321,16 +321,6 @@ def _retrying(fn: Callable[[], T], what: str, tries: int = 8) -> T:
     raise AssertionError("unreachable")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class AliasLock:
     """One ticket of the alias lock of ``name`` (see the comment above LOCK_MODEL_SUFFIX)."""
 
@@ -368,7 +358,7 @@ class AliasLock:
     def _stale(self, mv: "ModelVersion") -> bool:
         host, _, rest = mv.tags.get(_OWNER_TAG, "").partition(" ")
         pid = rest.partition(" ")[0]
-        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
             return True
         try:
             return float(mv.tags.get(_EXPIRES_TAG, "0")) < time.time()
