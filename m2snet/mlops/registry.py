@@ -355,8 +355,8 @@ def paired_dice_ci(candidate: "ModelVersion", production: "ModelVersion",
         problem = lineage_difference(prod.lineage(), cand.lineage(), "production", "candidate")
         if problem:
             return None, problem
-        dice = compare_paired(pair(average_seeds(prod.rows, ("dice",)), average_seeds(cand.rows, ("dice",))),
-                              ("dice",)).metrics["dice"]
+        dice = compare_paired(pair(average_seeds(prod.rows, ("dice",), prod.origins),
+                                   average_seeds(cand.rows, ("dice",), cand.origins)), ("dice",)).metrics["dice"]
     except M2SNetError as err:
         return None, str(err)
     return (dice.ci_low, dice.ci_high), ""
