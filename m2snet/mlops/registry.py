@@ -96,8 +96,8 @@ class PromotionDecision:
         return asdict(self)
 
 
-def _client(tracking_uri: str | None = None) -> "MlflowClient":
-    return mlflow_client(tracking_uri)
+def _client(tracking_uri: str | None = None, *, writes: bool = False) -> "MlflowClient":
+    return mlflow_client(tracking_uri, writes=writes)
 
 
 def _is_not_found(err: Exception) -> bool:
@@ -154,7 +154,7 @@ def register_model_version(
     """
     if not idempotency_key:
         raise M2SNetError(f"registering {name}: an idempotency key (pipeline run id or checkpoint hash) is required")
-    client = client or _client()
+    client = client or _client(writes=True)
     tags = {k: str(v) for k, v in (tags or {}).items()}
     existing = find_version_by_key(name, idempotency_key, client)
     if existing is not None:
@@ -265,7 +265,7 @@ def promote(
     """Point ``production`` at ``version`` if it passes ``policy`` (or ``force``); old one -> ``previous``."""
     from mlflow.exceptions import MlflowException
 
-    client = client or _client()
+    client = client or _client(writes=True)
     version = str(version)
     try:
         candidate = client.get_model_version(name, version)
@@ -311,7 +311,7 @@ def rollback(name: str, *, client: "MlflowClient | None" = None) -> PromotionDec
     Dropping it (rather than swapping) means a second rollback fails loudly instead of
     re-deploying the version that was just rolled back.
     """
-    client = client or _client()
+    client = client or _client(writes=True)
     prev = version_by_alias(name, PREVIOUS, client)
     if prev is None:
         raise M2SNetError(f"model {name!r}: no version has the alias {PREVIOUS!r}, nothing to roll back to")
