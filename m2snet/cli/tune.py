@@ -23,7 +23,8 @@ def tune_cmd(
     set_: List[str] = SETS,
     trials: int = typer.Option(20, help="Finished trials wanted in the study (all workers together)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per trial (default: the preset's tuning epochs)."),
-    storage: str = typer.Option("", help="sqlite:///FILE, journal:PATH or postgresql://... (shared by workers)."),
+    storage: str = typer.Option("", help="sqlite:///FILE, journal:PATH or postgresql+psycopg2://... "
+                                "(shared by workers)."),
     study: str = typer.Option("m2snet", help="Study name (workers with the same name and storage share it)."),
     out: Path = typer.Option(Path("runs/tune"), help="Work directory (trial checkpoints, plots, best_params.json)."),
     experiment: str = typer.Option("m2snet-tuning", help="MLflow experiment."),
