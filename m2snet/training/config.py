@@ -25,6 +25,9 @@ from m2snet.training.selection import list_selections
 # The reference's multi-scale set at a 352 px base size (spec: "every batch resized to one of ...").
 REFERENCE_SCALES = (224, 256, 288, 320, 352)
 REFERENCE_BASE_SIZE = 352
+# Every registered encoder's output stride: train sizes are multiples of it, and the deepest feature map of
+# a size-32 input is 1x1 (a batch of one there leaves BatchNorm one value per channel).
+ENCODER_STRIDE = 32
 
 
 # A training run's directory: the resumable checkpoint of the latest epoch, and the checkpoint the
@@ -190,8 +193,8 @@ class TrainConfig:
             problems.append(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} must be >= 1")
-        if self.size < 32 or self.size % 32:
-            problems.append(f"size={self.size} must be a multiple of 32 (the encoder's stride)")
+        if self.size < ENCODER_STRIDE or self.size % ENCODER_STRIDE:
+            problems.append(f"size={self.size} must be a multiple of {ENCODER_STRIDE} (the encoder's stride)")
         if not 0.0 < self.warmup_fraction < 1.0:
             problems.append(f"warmup_fraction={self.warmup_fraction} must be in (0, 1)")
         if self.schedule not in ("triangle", "constant"):
