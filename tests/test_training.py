@@ -101,6 +101,29 @@ def test_config_file_roundtrip_and_overrides(tmp_path):
     assert cfg.override(epochs="4", head_lr="0.02").epochs == 4 and cfg.override(head_lr="0.02").head_lr == 0.02
 
 
+@pytest.mark.parametrize("assignment, problem", [
+    ("head_lr=nan", "head_lr=nan must be a finite number"),
+    ("backbone_lr=inf", "backbone_lr=inf must be a finite number"),
+    ("lossnet_weight=-inf", "lossnet_weight=-inf must be a finite number"),
+    ("head_lr=0", "head_lr=0.0 must be > 0"),
+    ("backbone_lr=-0.001", "backbone_lr=-0.001 must be >= 0"),
+    ("weight_decay=-1", "weight_decay=-1.0 must be >= 0"),
+    ("momentum=1.5", "momentum=1.5 must be within [0, 1)"),
+    ("lossnet_weight=-0.1", "lossnet_weight=-0.1 must be >= 0"),
+    ("grad_clip=0", "grad_clip=0.0 must be > 0 (or none: no clipping)"),
+    ("grad_clip=nan", "grad_clip=nan must be a finite number"),
+    ("max_train_cases=-2", "max_train_cases=-2 must be >= 1 (or none: all)"),
+    ("max_val_cases=-1", "max_val_cases=-1 must be >= 0 (or none: all)"),
+    ("val_every=0", "val_every=0 must be >= 1"),
+])
+def test_a_meaningless_number_is_refused_at_config_validation_naming_the_field(assignment, problem):
+    """NaN, infinities and negatives where they mean nothing: refused before any work (head_lr=nan was caught
+    only once the loss went NaN; max_train_cases=-2 and val_every=0 were tracebacks)."""
+    with pytest.raises(M2SNetError) as err:
+        TrainConfig(data="d").override_strings([assignment])
+    assert str(err.value) == f"overrides: {problem}"
+
+
 def test_multiscale_set_scales_with_base_size():
     assert TrainConfig(size=352).scales() == [224, 256, 288, 320, 352]
     assert TrainConfig(size=256).scales() == [192, 224, 256]
