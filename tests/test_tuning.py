@@ -133,6 +133,39 @@ def test_a_storage_whose_driver_is_missing_or_server_is_down_is_one_line(monkeyp
     assert "pw" not in str(err.value) and "\n" not in str(err.value)
 
 
+_FIRST_TRIAL = """
+import json, sys
+from m2snet.workflows.tuning import TuningConfig, make_storage, open_study, suggest
+cfg = TuningConfig(n_trials=4, storage=sys.argv[1], study_name="workers", seed=7)
+trial = open_study(cfg, make_storage(cfg.storage)).ask()
+print(json.dumps({"number": trial.number, **suggest(trial, cfg)}))
+"""
+
+
+def _first_trial(storage: str) -> dict:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FIRST_TRIAL, storage], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_workers_on_one_study_propose_different_trials_reproducibly(tmp_path, kind):
+    """Two worker processes joining one study each ask for a trial before any has finished: with one sampler
+    seed they proposed the same learning rates. Each trial's sampler is seeded from (seed, trial number),
+    which the storage hands out once, so workers differ, and a fresh study repeats the same proposals."""
+    def storage(name):
+        return f"sqlite:///{tmp_path / name}.db" if kind == "sqlite" else f"journal:{tmp_path / name}.log"
+
+    a, b = _first_trial(storage("study")), _first_trial(storage("study"))
+    assert (a["number"], b["number"]) == (0, 1)
+    assert a["head_lr"] != b["head_lr"] and a["backbone_lr"] != b["backbone_lr"]
+    again = _first_trial(storage("again")), _first_trial(storage("again"))
+    assert again == (a, b)
+
+
 def test_study_is_shared_through_postgresql(pg_database):
     """Two workers opening the study on the cluster's kind of storage see one study (load_if_exists)."""
     from m2snet.workflows.tuning import TuningConfig, make_storage, open_study, suggest
