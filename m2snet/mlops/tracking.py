@@ -147,7 +147,9 @@ def _local_store_path(uri: str) -> Path | None:
         from urllib.parse import unquote, urlparse
 
         return Path(unquote(urlparse(uri).path))
-    return None if "://" in uri else Path(uri)
+    if ":" in uri.split("/", 1)[0] or uri in ("databricks", "databricks-uc", "uc"):  # a scheme: a server, a database
+        return None
+    return Path(uri)  # a bare path is a file store
 
 
 def check_store_writable(uri: str) -> None:
