@@ -88,3 +88,17 @@ def test_a_read_only_tracking_store_is_refused_before_any_work(read_only_store, 
     # Reading a read-only store stays possible (a shared archive of results).
     proc = _m2snet("compare", "nowhere-run-id-a", "nowhere-run-id-b", "--no-track", cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "read-only" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_postgresql_tracking_uri_without_its_driver_names_the_package(tmp_path):
+    """A bare postgresql:// is psycopg 3 to SQLAlchemy 2.1, which this package does not install (it installs
+    psycopg2): MLflow's ModuleNotFoundError traceback becomes one line saying what to install or write."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is not None:
+        pytest.skip("psycopg 3 is installed here: a bare postgresql:// has its driver")
+    env = {"MLFLOW_TRACKING_URI": "postgresql://alice:pw@127.0.0.1:5432/test"}
+    line = _one_error_line(_m2snet("promote", "M", "1", cwd=tmp_path, env=env))
+    assert line == ("error: tracking URI 'postgresql://alice:***@127.0.0.1:5432/test' (--tracking-uri or "
+                    "$MLFLOW_TRACKING_URI): its database driver psycopg is not installed (pip install "
+                    "'psycopg[binary]'; or name the installed psycopg2: postgresql+psycopg2://...)")

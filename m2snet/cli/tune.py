@@ -31,12 +31,14 @@ def tune_cmd(
 ) -> None:
     """Tune the head learning rate and backbone/head ratio with Optuna (pruning on per-epoch Dice)."""
     from m2snet.mlops.tracking import Tracker, TrackingConfig
-    from m2snet.workflows.tuning import tune
+    from m2snet.workflows.tuning import make_storage, tune
 
     base = train_config(preset, preset_overrides(preset, set_), data=str(data), split=str(split), fold=fold,
                         out_dir=str(out / "unused"))
     cfg = get_preset(preset).tuning_config(n_trials=trials, storage=storage or None, study_name=study, seed=base.seed,
                                            **({"epochs": epochs} if epochs else {}))
+    if cfg.storage:  # a storage that cannot be opened is refused before an MLflow run is started for the study
+        make_storage(cfg.storage)
     parent = Tracker.start(TrackingConfig(experiment=experiment), run_name=f"study-{study}",
                            tags={"m2snet.kind": "study"})
     with parent:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from m2snet.common import SECRET_NAME, M2SNetError, atomic_file, git_commit, redact, write_json
+from m2snet.common import SECRET_NAME, M2SNetError, atomic_file, database_driver_hint, git_commit, redact, write_json
 from m2snet.training.selection import selection_rule
 
 if TYPE_CHECKING:
@@ -188,15 +188,19 @@ def mlflow_client(uri: str | None = None, *, writes: bool = False):
     resolved = uri or mlflow.get_tracking_uri()
     if writes:
         check_store_writable(resolved)
+    shown = f"tracking URI {resolved!r} (--tracking-uri or $MLFLOW_TRACKING_URI)"
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except ImportError as err:  # SQLAlchemy's driver of a database URI (a bare postgresql:// is psycopg 3)
+        missing = err.name or "its driver module"
+        raise M2SNetError(redact(f"{shown}: its database driver {missing} is not installed "
+                                 f"({database_driver_hint(missing)})")) from None
     except MlflowException as err:
         scheme = resolved.split("://", 1)[0] if "://" in resolved else ""
         why = (f"MLflow has no store for the scheme {scheme!r}; use sqlite:///FILE, a folder, http(s)://HOST:PORT "
                "or postgresql://..." if "unsupported uri" in err.message.lower() and scheme
                else err.message.strip().splitlines()[0])
-        raise M2SNetError(redact(f"tracking URI {resolved!r} (--tracking-uri or $MLFLOW_TRACKING_URI): {why}")) \
-            from None
+        raise M2SNetError(redact(f"{shown}: {why}")) from None
     return client
 
 

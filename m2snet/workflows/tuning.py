@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from m2snet import progress
-from m2snet.common import M2SNetError, atomic_file, redact, sha256_bytes, write_json
+from m2snet.common import M2SNetError, atomic_file, database_driver_hint, redact, sha256_bytes, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import INNER_VAL_FRACTION, load_split, write_inner_split
 from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
@@ -122,27 +122,11 @@ def make_storage(url: str | None, default_dir: str | Path | None = None):
         return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None)
     except ImportError as err:  # Optuna re-raises SQLAlchemy's failed import of the URL's driver
         missing = getattr(err.__cause__, "name", None) or getattr(err, "name", None) or "its driver module"
-        raise M2SNetError(f"{shown}: its database driver {missing} is not installed ({_driver_hint(missing)})") \
-            from None
+        raise M2SNetError(f"{shown}: its database driver {missing} is not installed "
+                          f"({database_driver_hint(missing)})") from None
     except SQLAlchemyError as err:  # a server that does not answer, refuses the login, a missing database
         reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
         raise M2SNetError(redact(f"{shown}: cannot open the database ({reason})")) from None
-
-
-# Database driver modules SQLAlchemy imports for a storage URL -> what to install. A bare postgresql:// is
-# psycopg (3) to SQLAlchemy 2.1; this package installs psycopg2 (postgresql+psycopg2://).
-_DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "'psycopg[binary]'", "pg8000": "pg8000",
-                    "pymysql": "PyMySQL", "MySQLdb": "mysqlclient"}
-
-
-def _driver_hint(module: str) -> str:
-    import importlib.util
-
-    hint = f"pip install {_DRIVER_PACKAGES.get(module, module)}"
-    with contextlib.suppress(ImportError, ValueError):  # find_spec raises for a module blocked in sys.modules
-        if module == "psycopg" and importlib.util.find_spec("psycopg2") is not None:
-            hint += "; or name the installed psycopg2: postgresql+psycopg2://..."
-    return hint
 
 
 def trial_seed(seed: int, trial_number: int) -> int:
