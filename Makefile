@@ -51,5 +51,12 @@ constraints: $(STAMP)
 test-container: $(STAMP)
 	$(BIN)/python -m pytest -m container
 
+## The quick CPU benches (figures and ratios; the long and GPU ones are in bench/, see docs/benchmarks.md):
+## the models' forward speed at 128 px, batch 1, and whether the training loader keeps up with a training
+## step on the demo set. About 4 min each on a busy 2-core box.
+bench: $(STAMP)
+	$(BIN)/python bench/model_speed.py --device cpu --size 128 --batches 1 --repeats 3 --warmup 1 --no-train
+	$(BIN)/python bench/data_speed.py --demo 8 --size 64 --workers 0 --repeats 2
+
 clean:
 	rm -rf $(VENV) mlflow.db mlruns .m2snet

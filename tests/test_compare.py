@@ -126,6 +126,25 @@ def test_compare_cli_json_and_refusal_on_another_split(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("bad, problem", [
+    ("abc", "'abc' is not a number"), ("", "is empty"),
+    ("nan", "'nan' is not a finite number (every paired case needs a score: re-evaluate the case or remove its row)")])
+def test_compare_refuses_a_per_case_score_that_is_not_a_number_naming_file_row_column(tmp_path, bad, problem):
+    """A metric cell that is text, NaN or empty is refused naming the file, its line and the column: a NaN
+    would otherwise turn the interval into a silent NaN, and text into a traceback."""
+    fold, a, b = _planted(0.05, n_per_fold=5, n_folds=2)
+    write_cv_per_case(_rows(fold, a), tmp_path / "A", LINEAGE)
+    rows = _rows(fold, b)
+    rows[3]["iou"] = bad
+    write_cv_per_case(rows, tmp_path / "B", LINEAGE)
+    proc = _m2snet("compare", str(tmp_path / "A"), str(tmp_path / "B"), "--no-track", "--resamples", "200",
+                   "--out", str(tmp_path / "cmp"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'B' / 'cv_per_case.csv'} line 5 (case case003), column 'iou': {problem}"]
+    assert not (tmp_path / "cmp" / "compare.json").exists()
+
+
 def test_gate_ci_rule_when_comparable_margin_rule_otherwise():
     policy = PromotionPolicy(floor=0.5, margin=0.02, require_ci=True)
     skill = dict(noskill=0.17, production_version="1")  # both well above no skill: only production decides

@@ -101,6 +101,29 @@ def test_config_file_roundtrip_and_overrides(tmp_path):
     assert cfg.override(epochs="4", head_lr="0.02").epochs == 4 and cfg.override(head_lr="0.02").head_lr == 0.02
 
 
+@pytest.mark.parametrize("assignment, problem", [
+    ("head_lr=nan", "head_lr=nan must be a finite number"),
+    ("backbone_lr=inf", "backbone_lr=inf must be a finite number"),
+    ("lossnet_weight=-inf", "lossnet_weight=-inf must be a finite number"),
+    ("head_lr=0", "head_lr=0.0 must be > 0"),
+    ("backbone_lr=-0.001", "backbone_lr=-0.001 must be >= 0"),
+    ("weight_decay=-1", "weight_decay=-1.0 must be >= 0"),
+    ("momentum=1.5", "momentum=1.5 must be within [0, 1)"),
+    ("lossnet_weight=-0.1", "lossnet_weight=-0.1 must be >= 0"),
+    ("grad_clip=0", "grad_clip=0.0 must be > 0 (or none: no clipping)"),
+    ("grad_clip=nan", "grad_clip=nan must be a finite number"),
+    ("max_train_cases=-2", "max_train_cases=-2 must be >= 1 (or none: all)"),
+    ("max_val_cases=-1", "max_val_cases=-1 must be >= 0 (or none: all)"),
+    ("val_every=0", "val_every=0 must be >= 1"),
+])
+def test_a_meaningless_number_is_refused_at_config_validation_naming_the_field(assignment, problem):
+    """NaN, infinities and negatives where they mean nothing: refused before any work (head_lr=nan was caught
+    only once the loss went NaN; max_train_cases=-2 and val_every=0 were tracebacks)."""
+    with pytest.raises(M2SNetError) as err:
+        TrainConfig(data="d").override_strings([assignment])
+    assert str(err.value) == f"overrides: {problem}"
+
+
 def test_multiscale_set_scales_with_base_size():
     assert TrainConfig(size=352).scales() == [224, 256, 288, 320, 352]
     assert TrainConfig(size=256).scales() == [192, 224, 256]
@@ -130,6 +153,48 @@ def test_multiscale_collate_resizes_whole_batch_and_keeps_binary_masks():
 
 
 # --- training ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, batch_size, sizes", [(5, 4, [5]), (9, 4, [4, 5]), (8, 4, [4, 4]), (7, 4, [4, 3]),
+                                                   (3, 4, [3]), (1, 4, [1])])
+def test_training_batches_never_hold_one_case_when_the_epoch_has_more(n, batch_size, sizes):
+    """A leftover single case joins the previous batch (BatchNorm in training needs more than one value per
+    channel: a batch of one at a 1x1 feature map is an error); every case is seen once per epoch; the
+    seeded order is torch's own shuffle, so other batchings are those of torch's BatchSampler."""
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from m2snet.training.trainer import TrainBatches
+
+    batches = list(TrainBatches(n, batch_size, torch.Generator().manual_seed(3)))
+    assert [len(b) for b in batches] == sizes and len(TrainBatches(n, batch_size, torch.Generator())) == len(sizes)
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    reference = list(BatchSampler(RandomSampler(range(n), generator=torch.Generator().manual_seed(3)), batch_size,
+                                  drop_last=False))
+    if n % batch_size != 1 or n < batch_size:
+        assert batches == reference
+    else:
+        assert batches == [*reference[:-2], reference[-2] + reference[-1]]
+
+
+def test_a_last_batch_of_one_at_a_1x1_feature_map_trains(tiny_data, tmp_path):
+    """`train --size 32 --batch-size 2` on 3 cases: the last batch would hold one image whose deepest feature
+    map is 1x1, which BatchNorm refuses in training ("Expected more than 1 value per channel")."""
+    from m2snet.training.trainer import train
+
+    res = train(tiny_config(*tiny_data, tmp_path / "run", size=32, batch_size=2, max_train_cases=3, epochs=1))
+    assert len(res.train_cases) == 3 and res.checkpoint.is_file()
+
+
+@pytest.mark.parametrize("change", [{"max_train_cases": 1}, {"batch_size": 1}])
+def test_a_batch_of_one_at_a_1x1_feature_map_is_refused_naming_the_limit(tiny_data, tmp_path, change):
+    """Where a batch of one cannot be avoided (one training case, or batch size 1) at size 32, refuse
+    before training instead of BatchNorm's ValueError at the first step."""
+    from m2snet.training.trainer import train
+
+    cfg = tiny_config(*tiny_data, tmp_path / "run", size=32, max_train_cases=3, epochs=1).override(**change)
+    with pytest.raises(M2SNetError, match=r"a training batch of one image at size 32, .*1x1.*BatchNorm"):
+        train(cfg)
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
 def test_resume_reproduces_uninterrupted_run_exactly(tiny_data, tmp_path):
     from m2snet.models.checkpoint import Checkpoint
     from m2snet.training.trainer import train

@@ -103,6 +103,69 @@ def test_bad_tuning_settings_are_user_errors(tiny_data, tmp_path):
         tune(dataclasses.replace(_base(tiny_data), split=None), TuningConfig(n_trials=1), tmp_path, tracking=False)
 
 
+def test_a_storage_whose_driver_is_missing_or_server_is_down_is_one_line(monkeypatch):
+    """`tune --storage postgresql://...` without its driver names the package to install; a database that
+    does not answer is named too (both were tracebacks). A bare postgresql:// is psycopg 3 to SQLAlchemy 2.1,
+    not the psycopg2 this package installs: the error says how to name the installed one."""
+    import sys
+
+    from m2snet.common import free_port
+    from m2snet.workflows.tuning import make_storage
+
+    url = f"postgresql+psycopg2://alice:pw@127.0.0.1:{free_port()}/test"
+    shown = url.replace(":pw@", ":***@")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "psycopg2", None)  # what an environment without the driver sees on import
+        with pytest.raises(M2SNetError) as err:
+            make_storage(url)
+    assert str(err.value) == (f"tuning storage {shown!r}: its database driver psycopg2 is not installed "
+                              "(pip install psycopg2-binary)")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "psycopg", None)
+        with pytest.raises(M2SNetError) as err:
+            make_storage(url.replace("+psycopg2", ""))
+    assert str(err.value) == (f"tuning storage {shown.replace('+psycopg2', '')!r}: its database driver psycopg is not "
+                              "installed (pip install 'psycopg[binary]'; or name the installed psycopg2: "
+                              "postgresql+psycopg2://...)")
+    with pytest.raises(M2SNetError, match="cannot open the database") as err:
+        make_storage(url)
+    assert str(err.value).startswith(f"tuning storage {shown!r}: cannot open the database (")
+    assert "pw" not in str(err.value) and "\n" not in str(err.value)
+
+
+_FIRST_TRIAL = """
+import json, sys
+from m2snet.workflows.tuning import TuningConfig, make_storage, open_study, suggest
+cfg = TuningConfig(n_trials=4, storage=sys.argv[1], study_name="workers", seed=7)
+trial = open_study(cfg, make_storage(cfg.storage)).ask()
+print(json.dumps({"number": trial.number, **suggest(trial, cfg)}))
+"""
+
+
+def _first_trial(storage: str) -> dict:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FIRST_TRIAL, storage], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_workers_on_one_study_propose_different_trials_reproducibly(tmp_path, kind):
+    """Two worker processes joining one study each ask for a trial before any has finished: with one sampler
+    seed they proposed the same learning rates. Each trial's sampler is seeded from (seed, trial number),
+    which the storage hands out once, so workers differ, and a fresh study repeats the same proposals."""
+    def storage(name):
+        return f"sqlite:///{tmp_path / name}.db" if kind == "sqlite" else f"journal:{tmp_path / name}.log"
+
+    a, b = _first_trial(storage("study")), _first_trial(storage("study"))
+    assert (a["number"], b["number"]) == (0, 1)
+    assert a["head_lr"] != b["head_lr"] and a["backbone_lr"] != b["backbone_lr"]
+    again = _first_trial(storage("again")), _first_trial(storage("again"))
+    assert again == (a, b)
+
+
 def test_study_is_shared_through_postgresql(pg_database):
     """Two workers opening the study on the cluster's kind of storage see one study (load_if_exists)."""
     from m2snet.workflows.tuning import TuningConfig, make_storage, open_study, suggest

@@ -29,8 +29,31 @@ app = typer.Typer(
 )
 
 
+def version_line() -> str:
+    """``m2snet <version>``, with the commit when the package runs from a git checkout (``, modified``
+    when it has uncommitted changes)."""
+    from m2snet import __version__
+    from m2snet.common import git_commit
+
+    commit = git_commit()
+    if commit.startswith("m2snet-"):  # not a checkout: git_commit fell back to the package version
+        return f"m2snet {__version__}"
+    sha, dirty = commit.removesuffix("+dirty"), commit.endswith("+dirty")
+    return f"m2snet {__version__} (git {sha[:12]}{', modified' if dirty else ''})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version (and the git commit of a checkout) and exit."),
+) -> None:
     install_redaction()  # before any library logs: no credential reaches the console or a log file
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

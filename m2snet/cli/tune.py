@@ -24,19 +24,22 @@ def tune_cmd(
     set_: List[str] = SETS,
     trials: int = typer.Option(20, help="Finished trials wanted in the study (all workers together)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per trial (default: the preset's tuning epochs)."),
-    storage: str = typer.Option("", help="sqlite:///FILE, journal:PATH or postgresql://... (shared by workers)."),
+    storage: str = typer.Option("", help="sqlite:///FILE, journal:PATH or postgresql+psycopg2://... "
+                                "(shared by workers)."),
     study: str = typer.Option("m2snet", help="Study name (workers with the same name and storage share it)."),
     out: Path = typer.Option(Path("runs/tune"), help="Work directory (trial checkpoints, plots, best_params.json)."),
     experiment: str = typer.Option("m2snet-tuning", help="MLflow experiment."),
 ) -> None:
     """Tune the head learning rate and backbone/head ratio with Optuna (pruning on per-epoch Dice)."""
     from m2snet.mlops.tracking import Tracker, TrackingConfig
-    from m2snet.workflows.tuning import tune
+    from m2snet.workflows.tuning import make_storage, tune
 
     base = train_config(preset, preset_overrides(preset, set_), data=str(data), split=str(split), fold=fold,
                         out_dir=str(out / "unused")).override(accept_split_version=accept_split_version)
     cfg = get_preset(preset).tuning_config(n_trials=trials, storage=storage or None, study_name=study, seed=base.seed,
                                            **({"epochs": epochs} if epochs else {}))
+    if cfg.storage:  # a storage that cannot be opened is refused before an MLflow run is started for the study
+        make_storage(cfg.storage)
     parent = Tracker.start(TrackingConfig(experiment=experiment), run_name=f"study-{study}",
                            tags={"m2snet.kind": "study"})
     with parent:

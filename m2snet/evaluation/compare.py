@@ -16,6 +16,7 @@ knows about MLflow or files: the loading and logging live in :mod:`m2snet.mlops.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -56,9 +57,31 @@ class CaseScores:
     n_seeds: int = 1
 
 
-def average_seeds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = METRICS) -> CaseScores:
+def _cell(row: Mapping[str, Any], column: str, where: str, parse: type) -> Any:
+    """``row[column]`` parsed by ``parse`` (int or float); a cell that is empty, text or not finite raises
+    one line naming ``where`` (the file and line), the case and the column. A NaN score would make every
+    bootstrap mean NaN, an interval people would read as a result."""
+    raw = row.get(column)
+    where = f"{where} (case {row.get('case_id')}), column {column!r}"
+    if raw is None or str(raw).strip() == "":
+        raise M2SNetError(f"{where}: is empty")
+    try:
+        value = parse(raw)
+    except (TypeError, ValueError):
+        raise M2SNetError(f"{where}: {raw!r} is not {'an integer' if parse is int else 'a number'}") from None
+    if parse is float and not math.isfinite(value):
+        raise M2SNetError(f"{where}: {raw!r} is not a finite number (every paired case needs a score: "
+                          "re-evaluate the case or remove its row)")
+    return value
+
+
+def average_seeds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = METRICS,
+                  origins: Sequence[str] | None = None) -> CaseScores:
     """Per-case rows (each with ``fold``, ``case_id``, optional ``seed`` and the metrics) -> one score
-    per (fold, case): the mean over the seeds that scored it."""
+    per (fold, case): the mean over the seeds that scored it.
+
+    ``origins``: where each row comes from (``FILE line N``), named when a fold or score does not parse
+    or a score is not finite."""
     if not rows:
         raise M2SNetError("no per-case rows")
     missing = [m for m in metrics if m not in rows[0]]
@@ -67,9 +90,10 @@ def average_seeds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ME
     sums: dict[tuple[int, str], np.ndarray] = {}
     counts: dict[tuple[int, str], int] = {}
     seeds = set()
-    for r in rows:
-        key = (int(r["fold"]), str(r["case_id"]))
-        vals = np.array([float(r[m]) for m in metrics], dtype=np.float64)
+    for i, r in enumerate(rows):
+        where = origins[i] if origins else f"per-case row {i + 1}"
+        key = (_cell(r, "fold", where, int), str(r["case_id"]))
+        vals = np.array([_cell(r, m, where, float) for m in metrics], dtype=np.float64)
         sums[key] = sums.get(key, 0.0) + vals
         counts[key] = counts.get(key, 0) + 1
         seeds.add(str(r.get("seed", "")))

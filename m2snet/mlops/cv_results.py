@@ -63,19 +63,26 @@ class CVCases:
     run_id: str | None = None  # the MLflow parent run, when the CV is tracked
     seeds: list[str] = field(default_factory=list)
     experiment: str | None = None  # the MLflow experiment of that run
+    origins: list[str] = field(default_factory=list, repr=False)  # "FILE line N" of each row, for errors
 
     def lineage(self) -> dict[str, str | None]:
         return {"data_version": self.data_version, "split_sha256": self.split_sha256}
 
 
 def _read_dir(directory: Path, source: str, fallback: Mapping[str, Any] | None = None,
-              run_id: str | None = None) -> CVCases:
+              run_id: str | None = None, shown_as: str | None = None) -> CVCases:
+    """``shown_as``: how errors name the CSV (a run's artifact is read from a temporary folder)."""
     csv_path = directory / CV_PER_CASE
     if not csv_path.is_file():
         raise M2SNetError(f"{source}: no {CV_PER_CASE} (written by `m2snet cv` and the pipeline since per-case "
                           "results are kept; re-run the CV)")
+    shown_as = shown_as or str(csv_path)
+    rows, origins = [], []
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        for row in reader:
+            rows.append(row)
+            origins.append(f"{shown_as} line {reader.line_num}")
     if not rows:
         raise M2SNetError(f"{source}: {CV_PER_CASE} has no rows")
     for col in ("fold", "case_id"):
@@ -90,7 +97,7 @@ def _read_dir(directory: Path, source: str, fallback: Mapping[str, Any] | None =
     known = {**{k: v for k, v in (fallback or {}).items() if v}, **{k: v for k, v in lineage.items() if v}}
     seeds = sorted({r.get("seed", "") for r in rows})
     return CVCases(source=source, rows=rows, data_version=known.get("data_version"),
-                   split_sha256=known.get("split_sha256"), run_id=run_id, seeds=seeds)
+                   split_sha256=known.get("split_sha256"), run_id=run_id, seeds=seeds, origins=origins)
 
 
 def _model_version(client, uri: str):
@@ -129,7 +136,8 @@ def _from_run(client, run_id: str, source: str, fallback: Mapping[str, Any] | No
                 if name == CV_PER_CASE:
                     raise M2SNetError(f"{source}: run {run_id} has no artifact {ARTIFACT_DIR}/{name} (a CV parent "
                                       f"run logs it; runs from before per-case results were kept do not)") from err
-        cases = _read_dir(Path(tmp) / ARTIFACT_DIR, source, known, run_id)
+        cases = _read_dir(Path(tmp) / ARTIFACT_DIR, source, known, run_id,
+                          shown_as=f"{source}: run {run_id} artifact {ARTIFACT_DIR}/{CV_PER_CASE}")
     cases.experiment = experiment
     return cases
 
@@ -181,4 +189,4 @@ def join_seeds(parts: Sequence[CVCases], source: str) -> CVCases:
                 raise M2SNetError(f"{source}: seed {seed} is in both {seen[seed]} and {part.source}")
             seen[seed] = part.source
     return CVCases(source=source, rows=[r for p in parts for r in p.rows], data_version=first.data_version,
-                   split_sha256=first.split_sha256, seeds=sorted(seen))
+                   split_sha256=first.split_sha256, seeds=sorted(seen), origins=[o for p in parts for o in p.origins])

@@ -107,8 +107,8 @@ class PromotionDecision:
         return asdict(self)
 
 
-def _client(tracking_uri: str | None = None) -> "MlflowClient":
-    return mlflow_client(tracking_uri)
+def _client(tracking_uri: str | None = None, *, writes: bool = False) -> "MlflowClient":
+    return mlflow_client(tracking_uri, writes=writes)
 
 
 def _is_not_found(err: Exception) -> bool:
@@ -165,7 +165,7 @@ def register_model_version(
     """
     if not idempotency_key:
         raise M2SNetError(f"registering {name}: an idempotency key (pipeline run id or checkpoint hash) is required")
-    client = client or _client()
+    client = client or _client(writes=True)
     tags = {k: redact(str(v)) for k, v in (tags or {}).items()}  # a version's tags are shown to every reader
     existing = find_version_by_key(name, idempotency_key, client)
     if existing is not None:
@@ -463,7 +463,7 @@ def promote(
     """Point ``production`` at ``version`` if it passes ``policy`` (or ``force``); old one -> ``previous``."""
     from mlflow.exceptions import MlflowException
 
-    client = client or _client()
+    client = client or _client(writes=True)
     version = str(version)
     try:
         candidate = client.get_model_version(name, version)
@@ -524,7 +524,7 @@ def rollback(name: str, *, client: "MlflowClient | None" = None) -> PromotionDec
     Dropping it (rather than swapping) means a second rollback fails loudly instead of
     re-deploying the version that was just rolled back.
     """
-    client = client or _client()
+    client = client or _client(writes=True)
     if version_by_alias(name, PREVIOUS, client) is None:  # checked again under the lock; no lock model for a typo
         raise M2SNetError(f"model {name!r}: no version has the alias {PREVIOUS!r}, nothing to roll back to")
     with alias_lock(name, client) as lock:
@@ -576,8 +576,8 @@ def paired_dice_ci(candidate: "ModelVersion", production: "ModelVersion",
         problem = lineage_difference(prod.lineage(), cand.lineage(), "production", "candidate")
         if problem:
             return None, problem
-        dice = compare_paired(pair(average_seeds(prod.rows, ("dice",)), average_seeds(cand.rows, ("dice",))),
-                              ("dice",)).metrics["dice"]
+        dice = compare_paired(pair(average_seeds(prod.rows, ("dice",), prod.origins),
+                                   average_seeds(cand.rows, ("dice",), cand.origins)), ("dice",)).metrics["dice"]
     except M2SNetError as err:
         return None, str(err)
     return (dice.ci_low, dice.ci_high), ""

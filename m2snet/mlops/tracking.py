@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from m2snet.common import SECRET_NAME, M2SNetError, atomic_file, git_commit, redact, write_json
+from m2snet.common import SECRET_NAME, M2SNetError, atomic_file, database_driver_hint, git_commit, redact, write_json
 from m2snet.training.selection import selection_rule
 
 if TYPE_CHECKING:
@@ -139,16 +139,70 @@ def _quiet_mlflow_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
-def mlflow_client(uri: str | None = None):
+def _local_store_path(uri: str) -> Path | None:
+    """The file (SQLite) or folder (file store) a local tracking URI names; None for a server or database."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+        return None if path in ("", ":memory:") or path.startswith("file:") else Path(path)
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    if ":" in uri.split("/", 1)[0] or uri in ("databricks", "databricks-uc", "uc"):  # a scheme: a server, a database
+        return None
+    return Path(uri)  # a bare path is a file store
+
+
+def check_store_writable(uri: str) -> None:
+    """Refuse, in one line naming the file, a local tracking store this process cannot write.
+
+    Called before a command that writes to the store (a run, a promotion) starts its work: MLflow would
+    otherwise fail on its first write, after the work, with a traceback per retry. A store on a server
+    answers for itself. ``os.access`` also sees an immutable file (chattr +i) for root."""
+    path = _local_store_path(uri)
+    if path is None:
+        return
+    # SQLite writes the database and a journal beside it; a file store writes inside its folder.
+    needed = [path, path.parent] if uri.startswith("sqlite:") else [path]
+    for p in needed:
+        while not p.exists() and p != p.parent:  # not created yet: its nearest existing folder must be writable
+            p = p.parent
+        if not os.access(p, os.W_OK):
+            what = "the tracking store is read-only" if p == path else f"the tracking store's folder {p} is read-only"
+            raise M2SNetError(f"{path}: {what}; make it writable or point --tracking-uri / $MLFLOW_TRACKING_URI at "
+                              "another store (commands that log runs also take --no-track)")
+
+
+def mlflow_client(uri: str | None = None, *, writes: bool = False):
     """The package's one way to an ``MlflowClient``: tracking and model registry both at ``uri``.
 
     ``uri=None`` leaves the choice to MLflow (``mlflow.set_tracking_uri``, ``$MLFLOW_TRACKING_URI``);
-    a :class:`TrackingConfig`'s is ``cfg.resolved_uri()``.
+    a :class:`TrackingConfig`'s is ``cfg.resolved_uri()``. ``writes``: the caller will write (runs,
+    aliases), so a read-only local store is refused now (:func:`check_store_writable`). A URI MLflow
+    has no store for is one line naming it, not MLflow's traceback.
     """
+    import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow_http_retries()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    resolved = uri or mlflow.get_tracking_uri()
+    if writes:
+        check_store_writable(resolved)
+    shown = f"tracking URI {resolved!r} (--tracking-uri or $MLFLOW_TRACKING_URI)"
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except ImportError as err:  # SQLAlchemy's driver of a database URI (a bare postgresql:// is psycopg 3)
+        missing = err.name or "its driver module"
+        raise M2SNetError(redact(f"{shown}: its database driver {missing} is not installed "
+                                 f"({database_driver_hint(missing)})")) from None
+    except MlflowException as err:
+        scheme = resolved.split("://", 1)[0] if "://" in resolved else ""
+        why = (f"MLflow has no store for the scheme {scheme!r}; use sqlite:///FILE, a folder, http(s)://HOST:PORT "
+               "or postgresql://..." if "unsupported uri" in err.message.lower() and scheme
+               else err.message.strip().splitlines()[0])
+        raise M2SNetError(redact(f"{shown}: {why}")) from None
+    return client
 
 
 def ensure_experiment(client, cfg: TrackingConfig) -> str:
@@ -197,7 +251,7 @@ class Tracker:
               tags: dict[str, str] | None = None) -> "Tracker":
         """Create a run (a child of ``parent`` if given) or reopen ``run_id`` (resume)."""
         cfg = cfg or (parent.cfg if parent else TrackingConfig())
-        client = parent.client if parent else mlflow_client(cfg.resolved_uri())
+        client = parent.client if parent else mlflow_client(cfg.resolved_uri(), writes=True)
         if run_id:
             with_retry(lambda: client.update_run(run_id, status="RUNNING"), f"reopen run {run_id}", cfg)
             return cls(client, run_id, cfg)
@@ -361,7 +415,7 @@ def parent_run(pipeline_run_id: str, experiment: str = "", create: bool = True,
     if not pipeline_run_id:
         return None
     cfg = cfg or TrackingConfig(experiment=experiment or PIPELINE_EXPERIMENT)
-    client = mlflow_client(cfg.resolved_uri())
+    client = mlflow_client(cfg.resolved_uri(), writes=True)
     exp_id = ensure_experiment(client, cfg)
     found = with_retry(lambda: client.search_runs(
         [exp_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", order_by=["start_time ASC"]),
@@ -435,7 +489,7 @@ def replay_spool(path: str | os.PathLike, cfg: TrackingConfig | None = None) -> 
     from mlflow.entities import Metric
 
     cfg = cfg or TrackingConfig()
-    client = mlflow_client(cfg.resolved_uri())
+    client = mlflow_client(cfg.resolved_uri(), writes=True)
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     by_run: dict[str, list] = {}
     for r in rows:

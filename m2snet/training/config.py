@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -25,6 +26,9 @@ from m2snet.training.selection import list_selections
 # The reference's multi-scale set at a 352 px base size (spec: "every batch resized to one of ...").
 REFERENCE_SCALES = (224, 256, 288, 320, 352)
 REFERENCE_BASE_SIZE = 352
+# Every registered encoder's output stride: train sizes are multiples of it, and the deepest feature map of
+# a size-32 input is 1x1 (a batch of one there leaves BatchNorm one value per channel).
+ENCODER_STRIDE = 32
 
 
 # A training run's directory: the resumable checkpoint of the latest epoch, and the checkpoint the
@@ -191,13 +195,35 @@ class TrainConfig:
 
     def validate(self, source: str = "config") -> None:
         problems = []
+        # NaN or an infinity in any number (a rate, a weight, a fraction) only shows once the loss is NaN.
+        infinite = {f.name for f in fields(self)
+                    if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))}
+        problems += [f"{name}={getattr(self, name)} must be a finite number" for name in sorted(infinite)]
+
+        def at_least(name: str, low: float, strict: bool = False, none: str = "") -> None:
+            value = getattr(self, name)
+            if name in infinite or value is None or (value > low if strict else value >= low):
+                return
+            problems.append(f"{name}={value} must be {'>' if strict else '>='} {low:g}" + (f" (or none: {none})"
+                                                                                             if none else ""))
+
+        at_least("head_lr", 0, strict=True)
+        at_least("backbone_lr", 0)  # 0: a frozen backbone
+        at_least("weight_decay", 0)
+        at_least("lossnet_weight", 0)  # 0: no LossNet term
+        at_least("grad_clip", 0, strict=True, none="no clipping")
+        at_least("max_train_cases", 1, none="all")
+        at_least("max_val_cases", 0, none="all")
+        at_least("val_every", 1)
+        if "momentum" not in infinite and not 0 <= self.momentum < 1:
+            problems.append(f"momentum={self.momentum} must be within [0, 1)")
         if self.epochs < 1:
             problems.append(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size} must be >= 1")
-        if self.size < 32 or self.size % 32:
-            problems.append(f"size={self.size} must be a multiple of 32 (the encoder's stride)")
-        if not 0.0 < self.warmup_fraction < 1.0:
+        if self.size < ENCODER_STRIDE or self.size % ENCODER_STRIDE:
+            problems.append(f"size={self.size} must be a multiple of {ENCODER_STRIDE} (the encoder's stride)")
+        if "warmup_fraction" not in infinite and not 0.0 < self.warmup_fraction < 1.0:
             problems.append(f"warmup_fraction={self.warmup_fraction} must be in (0, 1)")
         if self.schedule not in ("triangle", "constant"):
             problems.append(f"schedule={self.schedule!r} must be 'triangle' or 'constant'")
@@ -205,7 +231,7 @@ class TrainConfig:
             problems.append(f"schedule_unit={self.schedule_unit!r} must be 'epoch' or 'step'")
         if self.selection not in list_selections():
             problems.append(f"selection={self.selection!r} must be one of {', '.join(list_selections())}")
-        if not 0 < self.inner_val_fraction < 1:
+        if "inner_val_fraction" not in infinite and not 0 < self.inner_val_fraction < 1:
             problems.append(f"inner_val_fraction={self.inner_val_fraction} must be within (0, 1)")
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
             problems.append(f"compile_mode={self.compile_mode!r} is not a torch.compile mode this trainer supports")

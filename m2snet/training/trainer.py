@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Sampler, default_collate
 from tqdm import tqdm
 
 from m2snet import __version__, progress
@@ -44,7 +44,7 @@ from m2snet.models.checkpoint import Checkpoint, ResumeState, capture_rng_state,
 from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
 from m2snet.training.callbacks import CallbackLike, EpochEnd, TrainCallback, TrainEnd, TrainStart, as_callbacks
 from m2snet.training.cases import resolve_cases
-from m2snet.training.config import LAST, SELECTED, TrainConfig
+from m2snet.training.config import ENCODER_STRIDE, LAST, SELECTED, TrainConfig
 from m2snet.training.losses import TotalLoss
 from m2snet.training.schedule import build_scheduler, learning_rates
 from m2snet.training.selection import selection_rule
@@ -99,6 +99,33 @@ class MultiScaleCollate:
                 else:
                     out["mask"] = F.interpolate(mask, size=(size, size), mode="nearest")
         return out
+
+
+class TrainBatches(Sampler[list[int]]):
+    """One epoch's training batches: a seeded shuffle of the ``n`` cases cut into ``batch_size`` chunks,
+    except that a single leftover case joins the batch before it.
+
+    BatchNorm in training needs more than one value per channel: a batch of one whose deepest feature
+    map is 1x1 (``--size 32``) is an error, and at any size its statistics come from one image. Merging
+    keeps every case in every epoch (unlike ``drop_last``) at the cost of one batch of ``batch_size + 1``.
+    The order is ``torch.randperm`` on ``generator``, as torch's ``RandomSampler`` draws it, so every other
+    batching equals ``BatchSampler(RandomSampler(...))``'s: runs without a leftover of one are unchanged.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            leftover = batches.pop()
+            batches[-1] += leftover
+        yield from batches
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -305,12 +332,25 @@ class _Run:
         self.on_cuda = self.device.startswith("cuda")
         seed_everything(cfg.seed, cfg.deterministic)
         self.cases = resolve_cases(cfg)
+        self._check_no_batch_of_one_at_1x1()
         if self.rule.warning:
             log.warning(self.rule.warning)
         self._build_model_and_data()
         self._build_optimisation()
         self.collate = MultiScaleCollate(cfg.scales() if cfg.multiscale else [cfg.size])
         self.checkpoint_meta = self._checkpoint_meta()
+
+    def _check_no_batch_of_one_at_1x1(self) -> None:
+        """TrainBatches avoids a batch of one when the epoch has two cases or more; where it cannot (one
+        training case, or batch size 1), an image whose deepest feature map is 1x1 would fail in BatchNorm."""
+        cfg, n = self.cfg, len(self.cases.train)
+        smallest = min(self.cfg.scales())
+        if (n == 1 or cfg.batch_size == 1) and smallest <= ENCODER_STRIDE:
+            why = "1 training case" if n == 1 else "batch_size=1"
+            raise M2SNetError(
+                f"{cfg.data}: {why} makes a training batch of one image at size {smallest}, whose deepest feature "
+                f"map is 1x1: BatchNorm needs more than one value per channel in training; use --size "
+                f"{2 * ENCODER_STRIDE} or more, or a batch of 2+ images")
 
     def _build_model_and_data(self) -> None:
         cfg, info = self.cfg, self.cases.info
@@ -330,7 +370,7 @@ class _Run:
     def _build_optimisation(self) -> None:
         cfg = self.cfg
         self.optimizer = build_optimizer(self.model, cfg, self.on_cuda)
-        steps_per_epoch = math.ceil(len(self.train_ds) / cfg.batch_size)
+        steps_per_epoch = len(TrainBatches(len(self.train_ds), cfg.batch_size, torch.Generator()))
         total = cfg.epochs if cfg.schedule_unit == "epoch" else cfg.epochs * steps_per_epoch
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, total, cfg.warmup_fraction)
         self.train_step = TrainStep(self.model, self.loss_fn, self.optimizer, cfg, self.device)
@@ -411,9 +451,13 @@ class _Run:
         # The order (and the scale draws) come from a generator seeded by (seed, epoch): a resumed
         # run sees the same batches as the uninterrupted one.
         seed = epoch_seed(self.cfg.seed, index) + (0 if shuffle else 1)
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
-                          collate_fn=self.collate if shuffle else None, pin_memory=self.on_cuda, drop_last=False,
-                          generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        if shuffle:  # training: never a batch of one (TrainBatches); one generator orders batches and seeds workers
+            return DataLoader(dataset, batch_sampler=TrainBatches(len(dataset), self.cfg.batch_size, generator),
+                              num_workers=self.cfg.num_workers, collate_fn=self.collate, pin_memory=self.on_cuda,
+                              generator=generator)
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
+                          pin_memory=self.on_cuda, drop_last=False, generator=generator)
 
     def _account(self, ep: _Epoch, step: int, n: int, losses: dict[str, torch.Tensor]) -> None:
         """Add a step to the epoch's totals and the progress bar; stop on a non-finite loss, naming where."""

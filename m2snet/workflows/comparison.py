@@ -71,7 +71,7 @@ def compare_cv(source_a: str, source_b: str, out_dir: str | os.PathLike, *, metr
     problem = lineage_difference(a.lineage(), b.lineage())
     if problem:
         raise M2SNetError(f"cannot pair {source_a} and {source_b}: {problem}")
-    scores_a, scores_b = average_seeds(a.rows, metrics), average_seeds(b.rows, metrics)
+    scores_a, scores_b = average_seeds(a.rows, metrics, a.origins), average_seeds(b.rows, metrics, b.origins)
     paired = pair(scores_a, scores_b)
     comparison = compare_paired(paired, metrics, n_resamples=n_resamples, seed=seed)
     comparison.notes += [n for n in (_seed_note("A", a), _seed_note("B", b)) if n]

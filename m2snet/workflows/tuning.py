@@ -30,10 +30,10 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from m2snet import progress
-from m2snet.common import M2SNetError, atomic_file, redact, write_json
+from m2snet.common import M2SNetError, atomic_file, database_driver_hint, redact, sha256_bytes, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import INNER_VAL_FRACTION, load_split, write_inner_split
 from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
@@ -114,20 +114,79 @@ def make_storage(url: str | None, default_dir: str | Path | None = None):
     if "://" not in url:
         raise M2SNetError(f"tuning storage {redact(url)!r}: expected sqlite:///FILE, journal:PATH or postgresql://...")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # pool_pre_ping: a long study outlives idle PostgreSQL connections.
-    return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    shown = f"tuning storage {redact(url)!r}"
+    try:
+        # pool_pre_ping: a long study outlives idle PostgreSQL connections.
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else None)
+    except ImportError as err:  # Optuna re-raises SQLAlchemy's failed import of the URL's driver
+        missing = getattr(err.__cause__, "name", None) or getattr(err, "name", None) or "its driver module"
+        raise M2SNetError(f"{shown}: its database driver {missing} is not installed "
+                          f"({database_driver_hint(missing)})") from None
+    except SQLAlchemyError as err:  # a server that does not answer, refuses the login, a missing database
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise M2SNetError(redact(f"{shown}: cannot open the database ({reason})")) from None
+
+
+def trial_seed(seed: int, trial_number: int) -> int:
+    """The sampler seed of trial ``trial_number`` of a study seeded ``seed``: the first 32 bits of
+    sha256("<seed>:<trial number>"), a function of the two alone (any process, any machine)."""
+    return int(sha256_bytes(f"{seed}:{trial_number}".encode())[:8], 16)
+
+
+def trial_seeded_sampler(seed: int, make: "Callable[[int], optuna.samplers.BaseSampler]"):
+    """A sampler that proposes each trial with a fresh ``make(trial_seed(seed, trial.number))``.
+
+    Workers sharing a study (several ``m2snet tune`` processes or pipeline pods) each hold a sampler; seeded
+    alike, they proposed the same trials. The storage hands out each trial number once, so seeding by it
+    gives every worker's trial its own draws, with no worker index to assign, and a study run again
+    with the same seed proposes trial n as before given the same finished trials.
+    """
+    from optuna.samplers import BaseSampler
+
+    class TrialSeededSampler(BaseSampler):
+        def __init__(self) -> None:
+            self._by_trial: dict[int, BaseSampler] = {}
+
+        def _for(self, trial) -> BaseSampler:
+            if trial.number not in self._by_trial:
+                self._by_trial[trial.number] = make(trial_seed(seed, trial.number))
+            return self._by_trial[trial.number]
+
+        def infer_relative_search_space(self, study, trial):
+            return self._for(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._for(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial) -> None:
+            self._for(trial).before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._for(trial).after_trial(study, trial, state, values)
+            self._by_trial.pop(trial.number, None)
+
+        def reseed_rng(self) -> None:
+            pass  # the seeds come from the trial numbers (Optuna reseeds for n_jobs > 1, unused here)
+
+    return TrialSeededSampler()
 
 
 def open_study(cfg: TuningConfig, storage) -> "optuna.Study":
     import optuna
 
+    startup = max(2, cfg.pruner_startup_trials)
     return optuna.create_study(
         study_name=cfg.study_name,
         storage=storage,
         direction="maximize",
         load_if_exists=True,
-        # Each worker seeds its sampler differently (by trial count), else parallel workers repeat trials.
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, cfg.pruner_startup_trials)),
+        # TPE seeded per trial from (seed, trial number): parallel workers never repeat each other's proposals.
+        sampler=trial_seeded_sampler(cfg.seed, lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=startup)),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                            n_warmup_steps=cfg.pruner_warmup_epochs),
     )
