@@ -159,7 +159,8 @@ def test_first_run_registers_one_version_and_the_gate_names_its_rule(runs):
     assert mv.tags["n_folds"] == "4"
     assert mv.description.startswith("Ensemble of 4 fold models") and mv.tags["data_version"] in mv.description
     assert "**No skill (all background) on the same cases:** Dice" in mv.description
-    assert "**Input guard:**" in mv.description  # fitted on the prepared data at registration
+    # The tiny set's folds have too few held-out cases to set a guard's threshold on: none, and no false alarms.
+    assert "**Input guard:**" not in mv.description
     # The gate: a 1-epoch model that learns nothing is refused by the no-skill rule; one it promotes
     # beats its no-skill row by the margin.
     cv, noskill = float(mv.tags["cv_dice"]), float(mv.tags["noskill_dice"])
@@ -266,7 +267,7 @@ def test_production_model_predicts_masks(runs, tmp_path, monkeypatch):
     for p in out:
         assert Image.open(p.mask).size == Image.open(p.image).size
         assert p.overlay.is_file()
-        assert p.ood_score is not None and p.ood_flag == (p.ood_score > 1)  # the version's input guard
+        assert p.ood_score is None and p.ood_flag is None  # no guard on a set this small
 
 
 def test_cli_console_is_short_and_says_where_to_look(runs):

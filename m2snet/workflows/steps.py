@@ -315,10 +315,12 @@ class FittedGuard:
     rates: dict
 
 
-def fit_input_guard(checkpoints: Sequence[Path], data: str, split_path: str, out_dir: Path) -> FittedGuard | None:
+def fit_input_guard(checkpoints: Sequence[Path], data: str, split_path: str, out_dir: Path,
+                    min_calibration: int | None = None) -> FittedGuard | None:
     """The ensemble's input guard (m2snet.evaluation.guard.fit_guard) in ``out_dir``; None, with a warning, for
-    checkpoints that do not record their fold (the guard needs each model's own held-out cases)."""
-    from m2snet.evaluation.guard import GUARD_FILE, fit_guard
+    checkpoints that do not record their fold (the guard needs each model's own held-out cases) or folds with
+    fewer than ``min_calibration`` (default MIN_CALIBRATION_CASES) cases to set a threshold on."""
+    from m2snet.evaluation.guard import GUARD_FILE, MIN_CALIBRATION_CASES, calibration_sizes, fit_guard
     from m2snet.evaluation.predict import Predictor
     from m2snet.models.checkpoint import Checkpoint
 
@@ -327,7 +329,13 @@ def fit_input_guard(checkpoints: Sequence[Path], data: str, split_path: str, out
         log.warning("no input guard: %s do not all record their fold", ", ".join(map(str, checkpoints)))
         return None
     info = load_dataset(data)
-    fit = fit_guard(Predictor.from_checkpoints(checkpoints), info, load_split(split_path, dataset=info), folds)
+    split = load_split(split_path, dataset=info)
+    needed = MIN_CALIBRATION_CASES if min_calibration is None else min_calibration
+    if min(calibration_sizes(split, folds)) < needed:
+        log.warning("no input guard: a fold has %d held-out cases to set its threshold on, fewer than the %d it "
+                    "needs (a larger dataset gets one)", min(calibration_sizes(split, folds)), needed)
+        return None
+    fit = fit_guard(Predictor.from_checkpoints(checkpoints), info, split, folds)
     log.info("input guard: %.1f %% of %d held-out cases flagged (threshold: quantile %.3f)",
              100 * fit.held_out_flag_rate(), fit.guard.rates["held_out_cases"], fit.guard.quantile)
     return FittedGuard(fit.guard.save(out_dir / GUARD_FILE), dict(fit.guard.rates, quantile=fit.guard.quantile))
