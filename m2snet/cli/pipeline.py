@@ -82,7 +82,12 @@ def run_cmd(
         options = LocalRunOptions(preset, importer=importer, experiment=experiment, model_name=model_name,
                                   n_folds=folds, n_trials=trials, tuning_storage=tuning_storage, seeds=seeds,
                                   require_ci=require_ci, train_overrides=preset_overrides(preset, set_), **common)
-    result = run_local(options)
+    try:
+        result = run_local(options)
+    except KeyboardInterrupt as err:
+        # Typer turns Ctrl-C into a silent exit 130: say what was stopped and which MLflow run was closed.
+        typer.secho(f"interrupted: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(128 + 2) from None
     _print_summary(result)
 
 

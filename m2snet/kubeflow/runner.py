@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from m2snet.common import M2SNetError, redact
+from m2snet.common import Interruption, M2SNetError, Terminated, redact, stop_children_on_signal
 from m2snet.data.importers import list_importers
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, check_protocol
 from m2snet.kubeflow.container import container_runner
@@ -35,8 +35,9 @@ from m2snet.mlops.tracking import (
     mlflow_client,
     parent_run,
 )
+from m2snet.workflows.context import RunContext
 from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, get_preset
-from m2snet.workflows.steps import loop_items, parse_seeds
+from m2snet.workflows.steps import finalize_step, loop_items, parse_seeds
 
 log = logging.getLogger("m2snet.kubeflow")
 
@@ -135,6 +136,21 @@ def _record_failure(view: "RunView", experiment: str, err: Exception) -> Pipelin
         log.error("could not record the failure on the MLflow parent run: %s", record_err)
     return PipelineTaskFailed(f"pipeline task '{failed.label}' failed: {error} -- full log: {failed.log}",
                               failed.label, failed.log, parent_id)
+
+
+def _record_interruption(view: "RunView", experiment: str, interruption: Interruption, seconds: float) -> str:
+    """Ctrl-C or SIGTERM stopped a local run (its task processes are gone by now): close its parent MLflow run
+    and the runs its tasks left open as KILLED, saying why; the console's one line."""
+    reason = f"interrupted by {interruption.signal or 'SIGINT (Ctrl-C)'} after {seconds:.0f} s"
+    closed = ""
+    if view.pipeline_run_id:
+        try:
+            finalize_step("CANCELED", f"{reason}; {interruption.stopped} processes stopped",
+                          ctx=RunContext.for_pipeline(view.pipeline_run_id, experiment))
+            closed = f"; MLflow run pipeline-{view.pipeline_run_id} marked KILLED"
+        except (M2SNetError, OSError) as err:  # the interruption itself must still be reported
+            log.error("could not close the MLflow runs of the interrupted pipeline: %s", err)
+    return f"{reason}: {interruption.stopped} processes stopped{closed} (logs: {view.log_dir}/)"
 
 
 RUNNERS = ("subprocess", "container")
@@ -270,8 +286,6 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
     A failed task raises :class:`PipelineTaskFailed` naming it and its log, after the parent MLflow
     run was marked FAILED with the log's tail.
     """
-    from kfp import local
-
     o = options
     if o.runner not in RUNNERS:
         raise M2SNetError(f"unknown runner {o.runner!r}; choose one of {list(RUNNERS)}")
@@ -293,7 +307,24 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
 
-    failure: Exception | None = None
+    interruption = Interruption()  # replaced by the block's own; what a signal stopped
+    try:
+        with stop_children_on_signal() as interruption:
+            task, failure = _run_pipeline(o, pipeline, arguments, view, data_path=data_path, uri=uri, root=root)
+    except (KeyboardInterrupt, Terminated) as err:
+        raise type(err)(_record_interruption(view, o.experiment, interruption, time.perf_counter() - t0)) from None
+    seconds = time.perf_counter() - t0
+    if failure is not None or view.failed:
+        raise _record_failure(view, o.experiment, failure or RuntimeError("a task failed")) from failure
+    return _result(o, pipeline, task, view, uri=uri, root=root, seconds=seconds)
+
+
+def _run_pipeline(o: LocalRunOptions, pipeline: LocalPipeline, arguments: dict[str, Any], view: RunView, *,
+                  data_path: str, uri: str, root: Path) -> tuple[Any, Exception | None]:
+    """The pipeline on the kfp local runner, its console and logs in ``view``: (its final task, a failure)."""
+    from kfp import local
+
+    task, failure = None, None
     with warnings.catch_warnings(), view, _kfp_runner(o.runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
         view.header(f"m2snet pipeline: {pipeline.title}, MLflow {redact(uri)}, runner {o.runner}\n"
                     f"logs: {view.log_dir}/")
@@ -309,10 +340,7 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
         except RuntimeError as err:  # the local runner's "inner task failed"
             failure = err
             view.mark_skipped()
-    seconds = time.perf_counter() - t0
-    if failure is not None or view.failed:
-        raise _record_failure(view, o.experiment, failure or RuntimeError("a task failed")) from failure
-    return _result(o, pipeline, task, view, uri=uri, root=root, seconds=seconds)
+    return task, failure
 
 
 def _result(o: LocalRunOptions, pipeline: LocalPipeline, task: Any, view: RunView, *, uri: str, root: Path,
