@@ -396,14 +396,16 @@ def remove_stale_partials(dest: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _writer_lock(dest: Path) -> Iterator[None]:
-    """Hold ``.<name>.lock`` beside ``dest`` (``flock``, not waiting): one writer per DEST at a time.
+def writer_lock(dest: str | os.PathLike, *, wait: bool = False) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``dest`` (``flock``): one writer per DEST at a time.
 
-    A second writer fails at once with a one-line error instead of racing the first (the later one
-    replaced the earlier, both exiting 0). The file is removed on release so it never lingers
-    beside the output; a file a SIGKILLed holder left is simply locked and removed by the next
-    writer (the kernel drops the lock with the process).
+    Not waiting (the default), a second writer fails at once with a one-line error instead of racing
+    the first (the later one replaced the earlier, both exiting 0); ``wait=True`` queues it behind the
+    first instead (a one-off set-up that the second must find done, e.g. a fresh database's schema). The
+    file is removed on release so it never lingers beside the output; a file a SIGKILLed holder left
+    is simply locked and removed by the next writer (the kernel drops the lock with the process).
     """
+    dest = Path(dest)
     lock_path = dest.parent / f"{_partial_prefix(dest)}{_LOCK_SUFFIX}"
     while True:
         try:
@@ -411,7 +413,7 @@ def _writer_lock(dest: Path) -> Iterator[None]:
         except OSError as err:
             raise _cannot_write(dest, err) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)
@@ -556,7 +558,7 @@ def atomic_directory(
         raise ValueError("atomic_directory: a shared directory is never overwritten")
     _check_outside(dest, protect)
     _make_parent(dest)
-    with _sigterm_raises(), (contextlib.nullcontext() if shared else _writer_lock(dest)):
+    with _sigterm_raises(), (contextlib.nullcontext() if shared else writer_lock(dest)):
         if not shared:
             _check_destination(dest, overwrite, marker)
         remove_stale_partials(dest)

@@ -23,6 +23,7 @@ Default tracking URI: ``sqlite:///mlflow.db`` with artifacts in ``./mlruns`` (or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from m2snet.common import SECRET_NAME, M2SNetError, atomic_file, git_commit, redact, write_json
+from m2snet.common import SECRET_NAME, M2SNetError, atomic_file, git_commit, redact, write_json, writer_lock
 from m2snet.training.selection import selection_rule
 
 if TYPE_CHECKING:
@@ -138,15 +139,53 @@ def _quiet_mlflow_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
+_READY_SQLITE_STORES: set[str] = set()  # SQLite stores this process has seen created and migrated
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI (None: another store, or an in-memory one)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _ready_sqlite_store(uri: str) -> None:
+    """Create and migrate a SQLite store under a lock beside its file, once per process.
+
+    MLflow creates a fresh store's tables and runs its schema migrations on the first connection, with
+    no lock between processes: two first runs against one fresh file (two pipelines, two folds, two
+    ``m2snet train``) both migrate and one fails on alembic's version row. The first here does it alone;
+    the others wait, then find it done. A store we cannot put a lock beside (read-only) is left to MLflow.
+    """
+    path = _sqlite_path(uri)
+    if path is None or uri in _READY_SQLITE_STORES:
+        return
+    from mlflow.tracking import MlflowClient
+
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(writer_lock(path, wait=True))
+        except M2SNetError as err:
+            log.debug("tracking: no lock beside %s (%s); MLflow creates the store unguarded", path, err)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the tracking tables, created or migrated
+        client.search_registered_models(max_results=1)  # the registry's, on the same file
+    _READY_SQLITE_STORES.add(uri)
+
+
 def mlflow_client(uri: str | None = None):
     """The package's one way to an ``MlflowClient``: tracking and model registry both at ``uri``.
 
     ``uri=None`` leaves the choice to MLflow (``mlflow.set_tracking_uri``, ``$MLFLOW_TRACKING_URI``);
-    a :class:`TrackingConfig`'s is ``cfg.resolved_uri()``.
+    a :class:`TrackingConfig`'s is ``cfg.resolved_uri()``. A SQLite store is created and migrated by
+    one process at a time (:func:`_ready_sqlite_store`).
     """
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     _quiet_mlflow_http_retries()
+    _ready_sqlite_store(uri or mlflow.get_tracking_uri())
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
