@@ -445,6 +445,47 @@ def test_ctrl_c_stops_every_task_and_closes_the_runs_killed(tmp_path):
     assert {s for name, s in statuses.items() if name.startswith("tune-fold-")} == {"KILLED"}, statuses
 
 
+def _events(log_root: Path) -> list[dict]:
+    return [json.loads(line) for events in sorted(log_root.glob("*/events.jsonl"))
+            for line in events.read_text().splitlines() if line.endswith("}")]
+
+
+def test_two_runs_in_one_work_dir_keep_their_own_logs_console_and_store(tmp_path):
+    """Two `pipeline run --local` started together in one directory (one work dir, one fresh SQLite store):
+    each has its own log folder and events file, its console lists only its own tasks, and neither fails on
+    the store's creation. Both are stopped with Ctrl-C once both have imported their data."""
+    from m2snet.data.demo import make_demo_dataset
+
+    raw = make_demo_dataset(tmp_path / "raw", n_per_class=2, size=64)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = [sys.executable, "-m", "m2snet.cli", "pipeline", "run", "--local", "--preset", "tiny", "--data", str(raw)]
+    procs = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) for _ in range(2)]
+    logs = tmp_path / ".m2snet" / "pipeline" / "logs"
+    try:
+        deadline = time.monotonic() + 600
+        while len({e.get("pid") for e in _events(logs) if e.get("kind") == "task_end"}) < 2:  # both imported
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "the runs did not both finish their first task"
+            time.sleep(0.2)
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [130, 130], outputs  # stopped, neither failed
+    dirs = [Path(re.search(r"^logs: (\S+)/$", out, re.M)[1]) for out, _ in outputs]
+    assert dirs[0] != dirs[1] and sorted(dirs) == sorted(logs.iterdir())
+    for (out, _), log_dir in zip(outputs, dirs):
+        events = [json.loads(line) for line in (log_dir / "events.jsonl").read_text().splitlines()]
+        assert len({e["pipeline_run_id"] for e in events if e["kind"] == "task_start"}) == 1, events
+        assert out.count("prepare + validate   running") == 1, out
+        assert (log_dir / "pipeline.log").read_text().count("Executing task 'prepare-dataset'") == 1
+
+
 def test_exit_handler_closes_the_runs_a_dead_task_left_open(mlflow_server, monkeypatch):
     """finalize_step on a failed pipeline: the parent and its RUNNING children end FAILED, with the error."""
     from m2snet.mlops.tracking import parent_run

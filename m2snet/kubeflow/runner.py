@@ -266,6 +266,22 @@ class LocalPipeline:
     table_title: str
 
 
+def _new_log_dir(logs: Path) -> Path:
+    """This run's own log folder, ``<logs>/<time>-<pid>``, created here and nowhere else (``mkdir`` fails on
+    one that exists): two runs in one work dir never share a folder, its task logs or its events file
+    (which the console follows), however close together they start."""
+    logs.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for n in range(1000):  # the same process starting runs within one second (a script, a test)
+        path = logs / (stem if n == 0 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise M2SNetError(f"{logs}: could not create a new log folder {stem}-N")
+
+
 def _local_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` or the default SQLite store, made absolute (every task subprocess shares it)."""
     return absolute_sqlite_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
@@ -282,7 +298,7 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
 
     Console (``options.display``, see :class:`m2snet.kubeflow.runview.RunView`): ``"live"`` a live task
     table, ``"plain"`` a line per task start/end, ``"stream"`` everything the runner prints, ``"auto"``
-    live on a terminal else plain. Every task's full output is in ``<work_dir>/logs/<time>/<task>.log``.
+    live on a terminal else plain. Every task's full output is in ``<work_dir>/logs/<time>-<pid>/<task>.log``.
     A failed task raises :class:`PipelineTaskFailed` naming it and its log, after the parent MLflow
     run was marked FAILED with the log's tail.
     """
@@ -301,8 +317,8 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
     work = Path(o.work_dir).resolve()
     root = work / "kfp"
     root.mkdir(parents=True, exist_ok=True)
-    view = RunView(work / "logs" / time.strftime("%Y%m%d-%H%M%S"),
-                   planned_tasks(pipeline.function, loop_items=pipeline.loop_items), mode=o.display)
+    view = RunView(_new_log_dir(work / "logs"), planned_tasks(pipeline.function, loop_items=pipeline.loop_items),
+                   mode=o.display)
     # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
