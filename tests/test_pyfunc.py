@@ -91,6 +91,15 @@ def test_ensemble_pyfunc_logs_loads_and_predicts_masks_at_input_size(checkpoints
         assert not list(downloaded.rglob("*.pkl")), list(downloaded.rglob("*.pkl"))
 
 
+def test_the_model_class_loads_without_mlflow_warnings():
+    """MLflow checks a PythonModel's predict() where the class is defined, i.e. on every load of the model
+    (it is logged as code): an unannotated input printed a coloured UserWarning before every `m2snet predict`."""
+    code = "import warnings; warnings.simplefilter('always'); import m2snet.mlops.pyfunc"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 0 and "Warning" not in res.stderr, res.stderr
+
+
 class _PickledPayload(mlflow.pyfunc.PythonModel):
     """A python_model whose unpickling creates ``marker``: a model logged the pickled way."""
 

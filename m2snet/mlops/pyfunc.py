@@ -142,7 +142,10 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
             [context.artifacts[k] for k in keys], device=device, tta_flip=bool(config.get(MODEL_CONFIG_TTA, False)),
         )
 
-    def predict(self, context, model_input, params=None):
+    # The annotation tells MLflow the input is a DataFrame, a type it infers no schema from: it validates
+    # nothing more (the signature logged with the model does that) and no longer warns, in colour, on every
+    # load of the model, that predict() has no type hints.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         try:
             return self._predict(model_input)
         except MlflowException:
