@@ -62,7 +62,9 @@ def runs(mlflow_server, tmp_path_factory):
     mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     mp.chdir(work)
     try:
-        first = run_local(LocalRunOptions("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL))
+        # Its task outputs are kept (the tests below read its checkpoints and images); the second run's are not.
+        first = run_local(LocalRunOptions("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL,
+                                          keep_intermediates=True))
         gate = SimpleNamespace(promoted=first.promoted, reason=first.promotion)
         if not first.promoted:
             # 1 epoch may learn nothing: the gate refused it (checked below); the tests after it need a
@@ -292,6 +294,10 @@ def test_cli_console_is_short_and_says_where_to_look(runs):
                  "promote-model.log"):
         assert "random weights" not in (log_dir / name).read_text(), name
     assert "random weights" in (log_dir / "train-fold-0-seed42.log").read_text()
+    # A successful run removes its own task outputs (the fold checkpoints live on in MLflow), and only those.
+    outputs = Path(re.search(r"^task outputs: (\S+)  \(removed: the run succeeded", out, re.M)[1])
+    assert outputs.parent == runs["work"] / "run2" / "kfp" and not outputs.exists()
+    assert runs["first"].pipeline_root.is_dir()
 
 
 def test_seeds_repeat_the_cv_with_a_console_line_per_seed_and_fold(runs):

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -86,6 +87,7 @@ class LocalRunResult:
     notes: list[str] = field(default_factory=list)  # warnings the run showed once (e.g. random init)
     table_title: str = "Cross-validation (percent, mean ± std over folds)"
     comparison: str = ""  # a fixed-split protocol's paper_comparison.md: the paper's figures beside ours
+    intermediates_removed: bool = False  # pipeline_root was removed after the run (no --keep-intermediates)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -198,6 +200,9 @@ class LocalRunOptions:
     # instead of the CV pipeline; n_folds, n_trials and tuning_storage do not apply to it.
     fixed_split: str = ""
     split_options: Mapping[str, Any] = field(default_factory=dict)  # make_fixed_split arguments (e.g. tests)
+    # The runner's task outputs (<work_dir>/kfp/<run>/: data copies, fold checkpoints, reports) are removed
+    # after a successful run unless kept; a failed or interrupted run keeps them for a look.
+    keep_intermediates: bool = False
 
     @classmethod
     def for_protocol(cls, protocol: str, **fields: Any) -> "LocalRunOptions":
@@ -315,10 +320,10 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
     uri = _local_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     work = Path(o.work_dir).resolve()
-    root = work / "kfp"
-    root.mkdir(parents=True, exist_ok=True)
     view = RunView(_new_log_dir(work / "logs"), planned_tasks(pipeline.function, loop_items=pipeline.loop_items),
                    mode=o.display)
+    root = work / "kfp" / view.log_dir.name  # this run's task outputs alone: removed after a success
+    root.mkdir(parents=True)
     # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
@@ -332,7 +337,13 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
     seconds = time.perf_counter() - t0
     if failure is not None or view.failed:
         raise _record_failure(view, o.experiment, failure or RuntimeError("a task failed")) from failure
-    return _result(o, pipeline, task, view, uri=uri, root=root, seconds=seconds)
+    result = _result(o, pipeline, task, view, uri=uri, root=root, seconds=seconds)
+    if not o.keep_intermediates:
+        # Everything a later step or a user needs is in MLflow (the checkpoints in the models, linked there
+        # in a local store, the reports as artifacts); the task outputs were ~4 checkpoints' worth of disk.
+        shutil.rmtree(root, ignore_errors=True)
+        result.intermediates_removed = True
+    return result
 
 
 def _run_pipeline(o: LocalRunOptions, pipeline: LocalPipeline, arguments: dict[str, Any], view: RunView, *,
