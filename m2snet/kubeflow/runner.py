@@ -150,8 +150,9 @@ def _record_interruption(view: "RunView", experiment: str, interruption: Interru
             finalize_step("CANCELED", f"{reason}; {interruption.stopped} processes stopped",
                           ctx=RunContext.for_pipeline(view.pipeline_run_id, experiment))
             closed = f"; MLflow run pipeline-{view.pipeline_run_id} marked KILLED"
-        except (M2SNetError, OSError) as err:  # the interruption itself must still be reported
-            log.error("could not close the MLflow runs of the interrupted pipeline: %s", err)
+        except Exception as err:  # noqa: BLE001 - whatever MLflow raises, the interruption must still be reported
+            log.error("could not close the MLflow runs of the interrupted pipeline: %s", redact(str(err)))
+            closed = f"; MLflow run pipeline-{view.pipeline_run_id} NOT closed ({type(err).__name__})"
     return f"{reason}: {interruption.stopped} processes stopped{closed} (logs: {view.log_dir}/)"
 
 
