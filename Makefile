@@ -6,13 +6,18 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint test-slow test-container image deploy constraints bench clean
 
+# pip -qq: errors only. With -q, pip's warnings (one per missing folder of a pip.conf's file:// index, ~300
+# lines on a machine with a local mirror) and the build backend's notices came before the pipeline's first line.
+PIP_INSTALL := $(BIN)/pip install -qq
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned to the release this project is tested on (CPU or CUDA build both work).
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "creating $(VENV) (pip install, a few minutes the first time; errors are shown)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP_INSTALL) --upgrade pip
+	@# torch first, pinned to the release this project is tested on (CPU or CUDA build both work).
+	@$(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1
+	@$(PIP_INSTALL) -e '.[dev]'
+	@touch $(STAMP)
 
 ## The main job on embedded defaults: the BUSI-style CV pipeline on the kfp local runner,
 ## MLflow on SQLite (./mlflow.db, ./mlruns), the built-in demo dataset, CPU, no network.

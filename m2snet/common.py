@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -304,13 +306,110 @@ def _sigterm_raises() -> Iterator[None]:
         return
 
     def handler(signum, frame):  # signal handler signature
-        raise Terminated(f"terminated by signal {signum}")
+        raise Terminated("partial output removed")  # atomic_file / atomic_directory remove it on the way out
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
+STOP_GRACE_S = 5.0  # how long a stopped child may take to close what it opened before it is killed
+
+
+@dataclass
+class Interruption:
+    """What :func:`stop_children_on_signal` saw: the signal that arrived ("" if none), the processes stopped."""
+
+    signal: str = ""
+    stopped: int = 0
+
+
+@contextlib.contextmanager
+def stop_children_on_signal(grace_s: float = STOP_GRACE_S, poll_s: float = 0.1) -> Iterator[Interruption]:
+    """Within the block (main thread), SIGINT or SIGTERM stops every process this one started, however deep.
+
+    Why: only a terminal's Ctrl-C reaches a command's children (they share its process group); ``kill -INT``,
+    a supervisor's SIGTERM or a Ctrl-C to a process that put its children elsewhere reach this process
+    alone, and a thread pool that started them (kfp's local runner) waits for them -- and starts its queued
+    tasks -- after the main thread was interrupted. On the first signal every descendant gets SIGINT (a
+    Python child raises KeyboardInterrupt and closes what it opened, e.g. its MLflow run as KILLED), one
+    still alive ``grace_s`` later gets SIGKILL, and so does any that starts after it (a queued task), until
+    the block ends; then the main thread gets KeyboardInterrupt (SIGINT) or :class:`Terminated` (SIGTERM).
+    A second signal kills them all at once. Leaving the block after a signal, it waits for the stopped
+    processes (at most ``grace_s``) and kills what is left; the previous handlers are restored.
+    """
+    state = Interruption()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    import psutil
+
+    me = psutil.Process()
+    seen: dict[tuple[int, float], tuple[psutil.Process, float]] = {}  # (pid, start) -> (process, SIGINT time)
+    lock, done, urgent = threading.Lock(), threading.Event(), threading.Event()
+
+    def stopped() -> list[tuple[Any, float]]:
+        with lock:
+            return list(seen.values())
+
+    def sweep(kill_all: bool) -> None:
+        now = time.monotonic()
+        with contextlib.suppress(psutil.Error):
+            for proc in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    key = (proc.pid, proc.create_time())
+                    if key not in seen:
+                        proc.send_signal(signal.SIGINT)
+                        with lock:
+                            seen[key] = (proc, now)
+        # Stopped ones may have left the tree already (a shell parent died first): kill them by their record.
+        for proc, since in stopped():
+            if kill_all or now - since >= grace_s:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()  # psutil checks the start time: never a recycled pid
+        state.stopped = len(seen)
+
+    def reap() -> None:
+        while not done.is_set():
+            sweep(urgent.is_set())
+            done.wait(poll_s)
+
+    reaper = threading.Thread(target=reap, name="m2snet-stop-children", daemon=True)
+
+    def handler(signum, frame):  # signal handler signature
+        if state.signal:  # a second signal: no more grace
+            urgent.set()
+            return
+        state.signal = SIGNAL_NAMES.get(signum, f"signal {signum}")
+        reaper.start()
+        raise KeyboardInterrupt(state.signal) if signum == signal.SIGINT else Terminated(state.signal)
+
+    previous = {sig: signal.signal(sig, handler) for sig in SIGNAL_NAMES}
+    try:
+        yield state
+    finally:
+        if state.signal:
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and any(_alive(p) for p, _ in stopped()):
+                time.sleep(poll_s)
+            urgent.set()
+            done.set()
+            reaper.join()
+            sweep(kill_all=True)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+def _alive(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @contextlib.contextmanager
@@ -383,14 +482,16 @@ def remove_stale_partials(dest: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _writer_lock(dest: Path) -> Iterator[None]:
-    """Hold ``.<name>.lock`` beside ``dest`` (``flock``, not waiting): one writer per DEST at a time.
+def writer_lock(dest: str | os.PathLike, *, wait: bool = False) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``dest`` (``flock``): one writer per DEST at a time.
 
-    A second writer fails at once with a one-line error instead of racing the first (the later one
-    replaced the earlier, both exiting 0). The file is removed on release so it never lingers
-    beside the output; a file a SIGKILLed holder left is simply locked and removed by the next
-    writer (the kernel drops the lock with the process).
+    Not waiting (the default), a second writer fails at once with a one-line error instead of racing
+    the first (the later one replaced the earlier, both exiting 0); ``wait=True`` queues it behind the
+    first instead (a one-off set-up that the second must find done, e.g. a fresh database's schema). The
+    file is removed on release so it never lingers beside the output; a file a SIGKILLed holder left
+    is simply locked and removed by the next writer (the kernel drops the lock with the process).
     """
+    dest = Path(dest)
     lock_path = dest.parent / f"{_partial_prefix(dest)}{_LOCK_SUFFIX}"
     while True:
         try:
@@ -398,7 +499,7 @@ def _writer_lock(dest: Path) -> Iterator[None]:
         except OSError as err:
             raise _cannot_write(dest, err) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)
@@ -543,7 +644,7 @@ def atomic_directory(
         raise ValueError("atomic_directory: a shared directory is never overwritten")
     _check_outside(dest, protect)
     _make_parent(dest)
-    with _sigterm_raises(), (contextlib.nullcontext() if shared else _writer_lock(dest)):
+    with _sigterm_raises(), (contextlib.nullcontext() if shared else writer_lock(dest)):
         if not shared:
             _check_destination(dest, overwrite, marker)
         remove_stale_partials(dest)

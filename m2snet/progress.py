@@ -59,6 +59,41 @@ def emit(kind: str, **fields: Any) -> None:
         log.debug("progress event %s not written to %s: %s", kind, path, err)
 
 
+PLAIN_BAR_EVERY_S = 30.0  # a progress bar on a non-terminal stream: one plain line at most this often
+
+
+class _PlainLines:
+    """A file for tqdm on a stream that is no terminal (a log file, a pipe): each redraw becomes one plain
+    line, and clearing a bar (``\\r`` alone) writes nothing -- no carriage-return floods in a log."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def bar(iterable: Any = None, *, desc: str, total: int | None = None, unit: str = "it", disable: bool = False,
+        leave: bool = True):
+    """The package's progress bar (a ``tqdm``): live on a terminal; on anything else (``m2snet train > log``,
+    a pipeline task's piped output) a plain ``desc: n/total [elapsed<remaining]`` line every
+    :data:`PLAIN_BAR_EVERY_S` and a last one at the end, for a loop that lasts that long; a shorter one prints
+    nothing (the work's own log lines, e.g. the trainer's per-epoch line, say it ended)."""
+    from tqdm import tqdm
+
+    stream = sys.stderr
+    if disable or stream.isatty():
+        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, leave=leave, file=stream)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=True, file=_PlainLines(stream),
+                mininterval=PLAIN_BAR_EVERY_S, maxinterval=PLAIN_BAR_EVERY_S, delay=PLAIN_BAR_EVERY_S,
+                bar_format="{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+
 def task_key(component: str, item: Any = None) -> str:
     """The console's key of a task: its component, with its loop item (``train-fold-2``)."""
     return component if item is None else f"{component}-{item}"

@@ -8,6 +8,7 @@ checkpoint, with one line naming the file and exit 2, and the marker never appea
 from __future__ import annotations
 
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -88,11 +89,35 @@ def test_every_command_refuses_a_planted_checkpoint(command, tiny_data, tmp_path
     assert f"{evil} is not a safe m2snet checkpoint" in lines[0] and "refusing to unpickle it" in lines[0]
 
 
-def test_a_non_checkpoint_file_is_still_reported_as_unreadable(tmp_path):
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(M2SNetError, match=r"junk.pt: not a readable torch checkpoint \(") as err:
-        Checkpoint.load(tmp_path / "junk.pt")
-    assert "\n" not in str(err.value)
+def _file(kind: str, path: Path) -> Path:
+    import pickle
+
+    if kind == "zip cut short":  # a torch.save copy that stopped early
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "pickle":  # a plain pickle.dump, not torch.save
+        path.write_bytes(pickle.dumps({"state_dict": {}}, protocol=4))
+    else:
+        path.write_bytes({"text": b"e not a checkpoint", "empty": b""}[kind])
+    return path
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("text", r"neither a torch\.save zip archive nor a pickle \(it starts with b'e not a c'\)"),
+    ("empty", r"the file is empty"),
+    ("zip cut short", r"a damaged torch\.save zip archive \(failed finding central directory\); copy or save it again"),
+    ("pickle", r"a Python pickle \(protocol 4\), not written by torch\.save; m2snet reads checkpoints as tensors and "
+               r"plain data only and does not unpickle other files"),
+])
+def test_an_unreadable_file_is_named_with_what_it_is(tmp_path, kind, says):
+    """One line naming the file and what it is: never torch's bare opcode ("(101)") nor its advice to retry
+    with weights_only=False, which would run whatever the file holds."""
+    path = _file(kind, tmp_path / "model.pt")
+    with pytest.raises(M2SNetError) as err:
+        Checkpoint.load(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a readable torch checkpoint: ") and re.search(says, message), message
+    assert "\n" not in message and "weights_only" not in message.replace("weights-only", "")
 
 
 def test_rng_state_round_trips_weights_only(tmp_path):

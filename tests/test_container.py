@@ -121,7 +121,7 @@ def test_tiny_pipeline_runs_every_step_in_the_image_and_registers_a_model(image,
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
         mp.chdir(tmp_path)
         result = run_local(LocalRunOptions("tiny", work_dir=tmp_path / "run", experiment=EXPERIMENT,
-                                           model_name=MODEL, runner="container"))
+                                           model_name=MODEL, runner="container", keep_intermediates=True))
     started = _started_containers(engine, tag, since, time.time())
     print(f"\ncontainer runner: {len(started)} step containers, {result.seconds:.0f} s, "
           f"model {MODEL} version {result.version}")

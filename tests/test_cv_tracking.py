@@ -3,6 +3,7 @@ and the tracking layer's behaviour when the server is down."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from m2snet.common import free_port
 from m2snet.mlops.tracking import Tracker, TrackingConfig, TrackingError, flatten_params
 from m2snet.workflows.context import RunContext
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 BUSI_METRICS = ("iou", "precision", "recall", "specificity", "dice")
 
 
@@ -83,6 +85,40 @@ def test_unreachable_server_fails_clearly_after_retries():
                        match=r"tracking server http://127.0.0.1:\d+ unreachable: .* after 3 tries .*Connection"):
         Tracker.start(cfg, run_name="nowhere")
     assert time.time() - t0 < 60
+
+
+# A first run on a store: imported, then waiting at a file barrier so that both open the fresh store at once.
+FIRST_RUN = r"""
+import sys, time
+from pathlib import Path
+from m2snet.mlops.tracking import Tracker, TrackingConfig
+barrier, me = Path(sys.argv[2]), sys.argv[3]
+(barrier / me).touch()
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.01)
+Tracker.start(TrackingConfig(uri=sys.argv[1], experiment="first"), run_name=me).end()
+"""
+
+
+def test_two_first_runs_on_a_fresh_sqlite_store_both_succeed(tmp_path):
+    """MLflow creates and migrates a fresh SQLite store on the first connection, unlocked: two processes
+    doing it at once failed on alembic's version row. m2snet serialises it."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    uri, barrier = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_RUN, uri, str(barrier), name], stderr=subprocess.PIPE,
+                              text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+             for name in ("a", "b")]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(errors)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("first").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["barrier", "mlflow.db"]  # no lock left behind
 
 
 def test_server_killed_mid_run_loses_no_accepted_metric(tmp_path):

@@ -12,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,7 +62,9 @@ def runs(mlflow_server, tmp_path_factory):
     mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     mp.chdir(work)
     try:
-        first = run_local(LocalRunOptions("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL))
+        # Its task outputs are kept (the tests below read its checkpoints and images); the second run's are not.
+        first = run_local(LocalRunOptions("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL,
+                                          keep_intermediates=True))
         gate = SimpleNamespace(promoted=first.promoted, reason=first.promotion)
         if not first.promoted:
             # 1 epoch may learn nothing: the gate refused it (checked below); the tests after it need a
@@ -293,6 +297,10 @@ def test_cli_console_is_short_and_says_where_to_look(runs):
                  "promote-model.log"):
         assert "random weights" not in (log_dir / name).read_text(), name
     assert "random weights" in (log_dir / "train-fold-0-seed42.log").read_text()
+    # A successful run removes its own task outputs (the fold checkpoints live on in MLflow), and only those.
+    outputs = Path(re.search(r"^task outputs: (\S+)  \(removed: the run succeeded", out, re.M)[1])
+    assert outputs.parent == runs["work"] / "run2" / "kfp" and not outputs.exists()
+    assert runs["first"].pipeline_root.is_dir()
 
 
 def test_seeds_repeat_the_cv_with_a_console_line_per_seed_and_fold(runs):
@@ -372,6 +380,119 @@ def test_corrupt_data_fails_cleanly(mlflow_server, tmp_path):
     assert parent.data.tags["m2snet.failed_log"] == str(log)
     assert "cannot decode" in parent.data.tags["m2snet.error"] and bad.name in parent.data.tags["mlflow.note.content"]
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "logs")] == ["logs/prepare-dataset.log"]
+
+
+def _tagged_processes(tag: str) -> list:
+    """Live processes whose environment carries ``M2SNET_TEST_TAG=tag``: a command's whole process tree,
+    however deep, and whatever was reparented when a parent died."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("M2SNET_TEST_TAG") == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:  # gone, or another user's
+            continue
+    return found
+
+
+def _wait_for_event(log_root: Path, proc: subprocess.Popen, want, timeout: float = 600) -> dict:
+    """The first progress event of a run under ``log_root`` for which ``want(event)`` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for events in log_root.glob("*/events.jsonl"):
+            for line in events.read_text().splitlines():
+                event = json.loads(line) if line.endswith("}") else {}
+                if want(event):
+                    return event
+        assert proc.poll() is None, f"the run ended first: {proc.communicate()}"
+        time.sleep(0.2)
+    raise AssertionError(f"no such event under {log_root}")
+
+
+def test_ctrl_c_stops_every_task_and_closes_the_runs_killed(tmp_path):
+    """`kill -INT` of `pipeline run --local` once the fold loop started (two folds at once, more queued):
+    every process it started is gone when it exits 130, the parent MLflow run and the runs its tasks opened
+    are KILLED, and the parent says why. The default SQLite store, as `make run` uses."""
+    from mlflow import MlflowClient
+
+    from m2snet.data.demo import make_demo_dataset
+
+    raw = make_demo_dataset(tmp_path / "raw", n_per_class=2, size=64)
+    tag, uri = f"ctrl-c-{os.getpid()}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "M2SNET_TEST_TAG": tag}
+    proc = subprocess.Popen([sys.executable, "-m", "m2snet.cli", "pipeline", "run", "--local", "--preset", "tiny",
+                             "--data", str(raw), "--work-dir", str(tmp_path / "work"), "--experiment", "ctrl-c"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as a terminal's Ctrl-C would find it (a suite run with `&` ignores SIGINT)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        # A fold's tuning has opened its MLflow run and started a trial; the runner's threads run two folds
+        # at once, and more are queued.
+        _wait_for_event(tmp_path / "work" / "logs", proc, lambda e: e.get("kind") == "trial")
+        assert len(_tagged_processes(tag)) > 1
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)  # a hang guard: without the fix the folds run on for minutes
+    finally:
+        for leftover in [proc] * (proc.poll() is None) + _tagged_processes(tag):  # a failed test leaves none
+            leftover.kill()
+    assert proc.returncode == 130, out + err
+    assert _tagged_processes(tag) == [], "task processes outlived the command"
+    assert re.search(r"interrupted: interrupted by SIGINT \(Ctrl-C\) after \d+ s: \d+ processes stopped; "
+                     r"MLflow run pipeline-\S+ marked KILLED", err), err
+    assert "Traceback" not in err
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("m2snet.kind") == "pipeline"]
+    assert parent.info.status == "KILLED" and parent.data.tags["m2snet.status"] == "canceled"
+    assert "interrupted by SIGINT" in parent.data.tags["m2snet.error"]
+    assert "interrupted by SIGINT" in parent.data.tags["mlflow.note.content"]
+    statuses = {r.info.run_name: r.info.status for r in runs}
+    assert "RUNNING" not in statuses.values(), statuses
+    assert {s for name, s in statuses.items() if name.startswith("tune-fold-")} == {"KILLED"}, statuses
+
+
+def _events(log_root: Path) -> list[dict]:
+    return [json.loads(line) for events in sorted(log_root.glob("*/events.jsonl"))
+            for line in events.read_text().splitlines() if line.endswith("}")]
+
+
+def test_two_runs_in_one_work_dir_keep_their_own_logs_console_and_store(tmp_path):
+    """Two `pipeline run --local` started together in one directory (one work dir, one fresh SQLite store):
+    each has its own log folder and events file, its console lists only its own tasks, and neither fails on
+    the store's creation. Both are stopped with Ctrl-C once both have imported their data."""
+    from m2snet.data.demo import make_demo_dataset
+
+    raw = make_demo_dataset(tmp_path / "raw", n_per_class=2, size=64)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = [sys.executable, "-m", "m2snet.cli", "pipeline", "run", "--local", "--preset", "tiny", "--data", str(raw)]
+    procs = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) for _ in range(2)]
+    logs = tmp_path / ".m2snet" / "pipeline" / "logs"
+    try:
+        deadline = time.monotonic() + 600
+        while len({e.get("pid") for e in _events(logs) if e.get("kind") == "task_end"}) < 2:  # both imported
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "the runs did not both finish their first task"
+            time.sleep(0.2)
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [130, 130], outputs  # stopped, neither failed
+    dirs = [Path(re.search(r"^logs: (\S+)/$", out, re.M)[1]) for out, _ in outputs]
+    assert dirs[0] != dirs[1] and sorted(dirs) == sorted(logs.iterdir())
+    for (out, _), log_dir in zip(outputs, dirs):
+        events = [json.loads(line) for line in (log_dir / "events.jsonl").read_text().splitlines()]
+        assert len({e["pipeline_run_id"] for e in events if e["kind"] == "task_start"}) == 1, events
+        assert out.count("prepare + validate   running") == 1, out
+        assert (log_dir / "pipeline.log").read_text().count("Executing task 'prepare-dataset'") == 1
 
 
 def test_exit_handler_closes_the_runs_a_dead_task_left_open(mlflow_server, monkeypatch):

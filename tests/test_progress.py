@@ -93,3 +93,35 @@ def test_training_and_evaluation_emit_their_progress(tmp_path, monkeypatch):
                       with_sod=False)
     (evaluated,) = [e for e in _events(events) if e["kind"] == "evaluated"]
     assert evaluated["cases"] == len(result.rows) and evaluated["dice"] == result.metrics["dice"]
+
+
+def test_train_into_a_file_writes_plain_lines_not_carriage_returns(tmp_path):
+    """`m2snet train > log 2>&1`: no tqdm redraws (one per batch, joined by carriage returns) in the file."""
+    from tests.conftest import make_tiny_dataset
+
+    data, split = make_tiny_dataset(tmp_path / "data", n_per_class=(2, 2, 0), size=64)
+    log = tmp_path / "train.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(progress.ENV, None)
+    with open(log, "w") as out:
+        res = subprocess.run([sys.executable, "-m", "m2snet.cli", "train", "--data", str(data), "--split", str(split),
+                              "--fold", "0", "--model", "unet", "--epochs", "1", "--batch-size", "1", "--size", "64",
+                              "--no-track", "--device", "cpu", "--out", str(tmp_path / "run"),
+                              "--set", "pretrained=false", "--set", "lossnet_pretrained=false"],
+                             stdout=out, stderr=subprocess.STDOUT, env=env, timeout=600)
+    text = log.read_bytes()  # not read_text(): universal newlines would turn each \r into a line end
+    assert res.returncode == 0, text
+    assert b"\r" not in text and b"epoch 1/1: loss" in text  # the trainer's own line per epoch
+
+
+def test_a_long_loop_off_a_terminal_prints_a_plain_line_now_and_then(monkeypatch, capsys):
+    import time
+
+    monkeypatch.setattr(progress, "PLAIN_BAR_EVERY_S", 0.2)
+    for _ in progress.bar(range(12), desc="evaluate", unit="img"):
+        time.sleep(0.05)
+    for _ in progress.bar(range(3), desc="short", unit="img"):  # over before the first line is due: silent
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert 1 <= len(lines) <= 6 and "\r" not in "".join(lines), lines
+    assert all(line.startswith("evaluate: ") for line in lines) and lines[-1].startswith("evaluate: 12/12 img")

@@ -91,6 +91,42 @@ def test_ensemble_pyfunc_logs_loads_and_predicts_masks_at_input_size(checkpoints
         assert not list(downloaded.rglob("*.pkl")), list(downloaded.rglob("*.pkl"))
 
 
+def test_the_model_class_loads_without_mlflow_warnings():
+    """MLflow checks a PythonModel's predict() where the class is defined, i.e. on every load of the model
+    (it is logged as code): an unannotated input printed a coloured UserWarning before every `m2snet predict`."""
+    code = "import warnings; warnings.simplefilter('always'); import m2snet.mlops.pyfunc"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 0 and "Warning" not in res.stderr, res.stderr
+
+
+def test_a_local_store_keeps_one_copy_of_each_checkpoint(checkpoints, tmp_path, monkeypatch):
+    """Each fold's model and the ensemble store the same checkpoints: in a local artifact store they are hard
+    links to one file each, which outlive the runner's copy (removed after a run)."""
+    import shutil
+
+    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.tracking import Tracker, TrackingConfig
+
+    monkeypatch.chdir(tmp_path)
+    outputs = tmp_path / "task-outputs"  # the kfp runner's copies
+    sources = []
+    for i, checkpoint in enumerate(checkpoints):
+        (outputs / f"fold{i}").mkdir(parents=True)
+        sources.append(Path(shutil.copy(checkpoint, outputs / f"fold{i}" / "model.pt")))
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="one-copy")
+    for i, source in enumerate(sources):
+        with Tracker.start(cfg, run_name=f"fold-{i}") as fold:
+            log_segmentation_model([source], run_id=fold.run_id, tracking_uri=cfg.uri)
+    with Tracker.start(cfg, run_name="parent") as parent:
+        log_segmentation_model(sources, run_id=parent.run_id, tracking_uri=cfg.uri)
+    stored = [p for p in (tmp_path / "mlruns").rglob("*.pt")]
+    assert len(stored) == 4 and len({p.stat().st_ino for p in stored}) == 2
+    shutil.rmtree(outputs)
+    for path in stored:
+        Checkpoint.load(path)
+
+
 class _PickledPayload(mlflow.pyfunc.PythonModel):
     """A python_model whose unpickling creates ``marker``: a model logged the pickled way."""
 

@@ -86,9 +86,10 @@ def main() -> None:
         where = f"{err.filename}: " if err.filename else ""
         typer.secho(f"error: {redact(where + str(err.strerror or err))}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-    except Terminated:
-        # SIGTERM during an atomic write: the partial output is already removed; exit as SIGTERM would.
-        typer.secho("terminated: partial output removed", fg=typer.colors.RED, err=True)
+    except Terminated as err:
+        # SIGTERM during an atomic write (the partial output is already removed) or a pipeline run (its task
+        # processes stopped, its MLflow runs closed): what was cleaned up, and the exit status SIGTERM gives.
+        typer.secho(f"terminated: {err}", fg=typer.colors.RED, err=True)
         sys.exit(128 + 15)
     except Exception:  # noqa: BLE001 -- printed (masked) and exit 1, as an uncaught one would
         # A bug (or a library error we do not translate yet): the traceback is for the developer, but it

@@ -51,6 +51,9 @@ def run_cmd(
     verbose: bool = typer.Option(False, "--verbose", help="Stream every task's full output (the logs are kept too)."),
     runner: str = typer.Option("subprocess", help="subprocess (this Python) | container (every step in the "
                                                   "component image via docker/podman; needs an MLflow server)."),
+    keep_intermediates: bool = typer.Option(
+        False, "--keep-intermediates", help="Keep the runner's task outputs (<work-dir>/kfp/<run>/: data copies, "
+        "fold checkpoints, reports) after a successful run; MLflow holds what the run produced either way."),
     fixed_protocol: Optional[str] = typer.Option(
         None, "--protocol", help="polyp | polyp-video | covid | oct: the fixed-split pipeline of that paper "
         "protocol (pipelines/protocol.py); --preset and --importer then default to the protocol's."),
@@ -65,7 +68,7 @@ def run_cmd(
                           "`m2snet pipeline submit --host URL`")
     common = dict(data_path=data, dvc_repo=dvc_repo, dvc_rev=dvc_rev, work_dir=work_dir, seed=seed, floor=floor,
                   margin=margin, noskill_margin=noskill_margin, metric_protocol=protocol, threads=threads,
-                  display="stream" if verbose else "auto", runner=runner)
+                  display="stream" if verbose else "auto", runner=runner, keep_intermediates=keep_intermediates)
     if fixed_protocol:
         cv_only = {"--folds": folds is not None, "--trials": trials != -1, "--tuning-storage": bool(tuning_storage),
                    "--seeds": bool(seeds), "--require-ci": require_ci is not None}
@@ -82,7 +85,12 @@ def run_cmd(
         options = LocalRunOptions(preset, importer=importer, experiment=experiment, model_name=model_name,
                                   n_folds=folds, n_trials=trials, tuning_storage=tuning_storage, seeds=seeds,
                                   require_ci=require_ci, train_overrides=preset_overrides(preset, set_), **common)
-    result = run_local(options)
+    try:
+        result = run_local(options)
+    except KeyboardInterrupt as err:
+        # Typer turns Ctrl-C into a silent exit 130: say what was stopped and which MLflow run was closed.
+        typer.secho(f"interrupted: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(128 + 2) from None
     _print_summary(result)
 
 
@@ -113,7 +121,8 @@ def _print_summary(result: Any) -> None:
     echo(f"  all runs: {links['runs']}")
     echo(f"  model:    {links['model']}")
     echo(f"logs: {result.log_dir}/  (<task>.log per task, pipeline.log for the runner)")
-    echo(f"task outputs: {result.pipeline_root}")
+    echo(f"task outputs: {result.pipeline_root}" + ("  (removed: the run succeeded; --keep-intermediates keeps "
+                                                    "them)" if result.intermediates_removed else ""))
     echo("\nwhere to look next:")
     if local_store:
         echo(f"  mlflow ui --backend-store-uri {uri}    # then open the links above")

@@ -22,6 +22,7 @@ from PIL import Image
 from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.format import DatasetInfo, load_dataset
 from m2snet.data.images import read_image
+from m2snet.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,6 @@ def cache_path(info: DatasetInfo, size: int, cache_dir: str | os.PathLike | None
 def build_cache(info: DatasetInfo, size: int, cache_dir: str | os.PathLike | None = None,
                 progress: bool = True) -> Path:
     """Decode and resize every case of ``info`` into the cache (no-op when already built)."""
-    from tqdm.auto import tqdm
 
 
     path = cache_path(info, size, cache_dir)
@@ -80,7 +80,7 @@ def build_cache(info: DatasetInfo, size: int, cache_dir: str | os.PathLike | Non
     with atomic_directory(path, shared=True) as tmp:
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
-        for i, case in enumerate(tqdm(info.cases, desc=f"cache {size}px", disable=not progress, leave=False)):
+        for i, case in enumerate(progress_bar(info.cases, desc=f"cache {size}px", disable=not progress, leave=False)):
             images[i], masks[i] = load_case_arrays(case.image_path, case.mask_path, size)
         images.flush()
         masks.flush()

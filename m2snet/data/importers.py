@@ -23,7 +23,6 @@ from typing import Any, Callable, ClassVar, Literal, Union, get_args, get_origin
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.duplicates import (
@@ -47,6 +46,7 @@ from m2snet.data.format import (
 )
 from m2snet.data.images import decode_image
 from m2snet.data.validation import validate_dataset
+from m2snet.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -663,7 +663,7 @@ def import_dataset(
     # Only a previous import (it has dataset.json) is ever replaced, never the source or a folder around it.
     with atomic_directory(dest, overwrite=overwrite, marker=DATASET_JSON, protect=(src,)) as tmp:
         records, hashes, problems = [], [], []
-        for case in tqdm(cases, desc=f"import {fmt}", disable=not progress, leave=False):
+        for case in progress_bar(cases, desc=f"import {fmt}", disable=not progress, leave=False):
             try:
                 record, phash = _convert_case(importer, case, src, tmp, notes, hashes=near.enabled)
             except M2SNetError as err:

@@ -21,7 +21,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from m2snet import progress as progress_events
 from m2snet.common import M2SNetError, resolve_device, write_csv, write_json
@@ -97,7 +96,7 @@ def evaluate_predictor(
     rows: list[dict] = []
     noskill_rows: list[dict[str, float]] = []
     keep: list[tuple[float, OverlayCase]] = []
-    bar = tqdm(total=len(cases), desc="evaluate", unit="img", disable=not progress)
+    bar = progress_events.bar(total=len(cases), desc="evaluate", unit="img", disable=not progress)
     for start in range(0, len(cases), predictor.batch_size):
         chunk = cases[start:start + predictor.batch_size]
         pairs = [_load_pair(c) for c in chunk]

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -20,7 +21,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from m2snet.common import M2SNetError, redact
+from m2snet.common import Interruption, M2SNetError, Terminated, redact, stop_children_on_signal
 from m2snet.data.importers import list_importers
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, check_protocol
 from m2snet.kubeflow.container import container_runner
@@ -35,8 +36,9 @@ from m2snet.mlops.tracking import (
     mlflow_client,
     parent_run,
 )
+from m2snet.workflows.context import RunContext
 from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, get_preset
-from m2snet.workflows.steps import loop_items, parse_seeds
+from m2snet.workflows.steps import finalize_step, loop_items, parse_seeds
 
 log = logging.getLogger("m2snet.kubeflow")
 
@@ -85,6 +87,7 @@ class LocalRunResult:
     notes: list[str] = field(default_factory=list)  # warnings the run showed once (e.g. random init)
     table_title: str = "Cross-validation (percent, mean ± std over folds)"
     comparison: str = ""  # a fixed-split protocol's paper_comparison.md: the paper's figures beside ours
+    intermediates_removed: bool = False  # pipeline_root was removed after the run (no --keep-intermediates)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -137,6 +140,22 @@ def _record_failure(view: "RunView", experiment: str, err: Exception) -> Pipelin
                               failed.label, failed.log, parent_id)
 
 
+def _record_interruption(view: "RunView", experiment: str, interruption: Interruption, seconds: float) -> str:
+    """Ctrl-C or SIGTERM stopped a local run (its task processes are gone by now): close its parent MLflow run
+    and the runs its tasks left open as KILLED, saying why; the console's one line."""
+    reason = f"interrupted by {interruption.signal or 'SIGINT (Ctrl-C)'} after {seconds:.0f} s"
+    closed = ""
+    if view.pipeline_run_id:
+        try:
+            finalize_step("CANCELED", f"{reason}; {interruption.stopped} processes stopped",
+                          ctx=RunContext.for_pipeline(view.pipeline_run_id, experiment))
+            closed = f"; MLflow run pipeline-{view.pipeline_run_id} marked KILLED"
+        except Exception as err:  # noqa: BLE001 - whatever MLflow raises, the interruption must still be reported
+            log.error("could not close the MLflow runs of the interrupted pipeline: %s", redact(str(err)))
+            closed = f"; MLflow run pipeline-{view.pipeline_run_id} NOT closed ({type(err).__name__})"
+    return f"{reason}: {interruption.stopped} processes stopped{closed} (logs: {view.log_dir}/)"
+
+
 RUNNERS = ("subprocess", "container")
 
 
@@ -182,6 +201,9 @@ class LocalRunOptions:
     # instead of the CV pipeline; n_folds, n_trials and tuning_storage do not apply to it.
     fixed_split: str = ""
     split_options: Mapping[str, Any] = field(default_factory=dict)  # make_fixed_split arguments (e.g. tests)
+    # The runner's task outputs (<work_dir>/kfp/<run>/: data copies, fold checkpoints, reports) are removed
+    # after a successful run unless kept; a failed or interrupted run keeps them for a look.
+    keep_intermediates: bool = False
 
     @classmethod
     def for_protocol(cls, protocol: str, **fields: Any) -> "LocalRunOptions":
@@ -250,6 +272,22 @@ class LocalPipeline:
     table_title: str
 
 
+def _new_log_dir(logs: Path) -> Path:
+    """This run's own log folder, ``<logs>/<time>-<pid>``, created here and nowhere else (``mkdir`` fails on
+    one that exists): two runs in one work dir never share a folder, its task logs or its events file
+    (which the console follows), however close together they start."""
+    logs.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for n in range(1000):  # the same process starting runs within one second (a script, a test)
+        path = logs / (stem if n == 0 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise M2SNetError(f"{logs}: could not create a new log folder {stem}-N")
+
+
 def _local_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` or the default SQLite store, made absolute (every task subprocess shares it)."""
     return absolute_sqlite_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
@@ -266,12 +304,10 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
 
     Console (``options.display``, see :class:`m2snet.kubeflow.runview.RunView`): ``"live"`` a live task
     table, ``"plain"`` a line per task start/end, ``"stream"`` everything the runner prints, ``"auto"``
-    live on a terminal else plain. Every task's full output is in ``<work_dir>/logs/<time>/<task>.log``.
+    live on a terminal else plain. Every task's full output is in ``<work_dir>/logs/<time>-<pid>/<task>.log``.
     A failed task raises :class:`PipelineTaskFailed` naming it and its log, after the parent MLflow
     run was marked FAILED with the log's tail.
     """
-    from kfp import local
-
     o = options
     if o.runner not in RUNNERS:
         raise M2SNetError(f"unknown runner {o.runner!r}; choose one of {list(RUNNERS)}")
@@ -285,15 +321,38 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
     uri = _local_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     work = Path(o.work_dir).resolve()
-    root = work / "kfp"
-    root.mkdir(parents=True, exist_ok=True)
-    view = RunView(work / "logs" / time.strftime("%Y%m%d-%H%M%S"),
-                   planned_tasks(pipeline.function, loop_items=pipeline.loop_items), mode=o.display)
+    view = RunView(_new_log_dir(work / "logs"), planned_tasks(pipeline.function, loop_items=pipeline.loop_items),
+                   mode=o.display)
+    root = work / "kfp" / view.log_dir.name  # this run's task outputs alone: removed after a success
+    root.mkdir(parents=True)
     # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
 
-    failure: Exception | None = None
+    interruption = Interruption()  # replaced by the block's own; what a signal stopped
+    try:
+        with stop_children_on_signal() as interruption:
+            task, failure = _run_pipeline(o, pipeline, arguments, view, data_path=data_path, uri=uri, root=root)
+    except (KeyboardInterrupt, Terminated) as err:
+        raise type(err)(_record_interruption(view, o.experiment, interruption, time.perf_counter() - t0)) from None
+    seconds = time.perf_counter() - t0
+    if failure is not None or view.failed:
+        raise _record_failure(view, o.experiment, failure or RuntimeError("a task failed")) from failure
+    result = _result(o, pipeline, task, view, uri=uri, root=root, seconds=seconds)
+    if not o.keep_intermediates:
+        # Everything a later step or a user needs is in MLflow (the checkpoints in the models, linked there
+        # in a local store, the reports as artifacts); the task outputs were ~4 checkpoints' worth of disk.
+        shutil.rmtree(root, ignore_errors=True)
+        result.intermediates_removed = True
+    return result
+
+
+def _run_pipeline(o: LocalRunOptions, pipeline: LocalPipeline, arguments: dict[str, Any], view: RunView, *,
+                  data_path: str, uri: str, root: Path) -> tuple[Any, Exception | None]:
+    """The pipeline on the kfp local runner, its console and logs in ``view``: (its final task, a failure)."""
+    from kfp import local
+
+    task, failure = None, None
     with warnings.catch_warnings(), view, _kfp_runner(o.runner, data_path=data_path, tracking_uri=uri) as kfp_runner:
         view.header(f"m2snet pipeline: {pipeline.title}, MLflow {redact(uri)}, runner {o.runner}\n"
                     f"logs: {view.log_dir}/")
@@ -309,10 +368,7 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
         except RuntimeError as err:  # the local runner's "inner task failed"
             failure = err
             view.mark_skipped()
-    seconds = time.perf_counter() - t0
-    if failure is not None or view.failed:
-        raise _record_failure(view, o.experiment, failure or RuntimeError("a task failed")) from failure
-    return _result(o, pipeline, task, view, uri=uri, root=root, seconds=seconds)
+    return task, failure
 
 
 def _result(o: LocalRunOptions, pipeline: LocalPipeline, task: Any, view: RunView, *, uri: str, root: Path,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ctypes
+import filecmp
 import functools
 import gc
 import io
@@ -44,7 +45,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from PIL import Image
@@ -229,7 +230,10 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
 
             self.predictor.attach_guard(InputGuard.load(guard))
 
-    def predict(self, context, model_input, params=None):
+    # The annotation tells MLflow the input is a DataFrame, a type it infers no schema from: it validates
+    # nothing more (the signature logged with the model does that) and no longer warns, in colour, on every
+    # load of the model, that predict() has no type hints.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         try:
             return self._predict(model_input)
         except MlflowException:
@@ -365,8 +369,10 @@ def log_segmentation_model(
                 from m2snet.mlops.export import export_onnx
 
                 onnx_path = export_onnx(paths, Path(tmp) / "model.onnx", tta_flip=tta_flip).path
-            return _log(paths, name, registered_model_name, input_example, tta_flip, onnx_path,
+            info = _log(paths, name, registered_model_name, input_example, tta_flip, onnx_path,
                         Path(export) if export is not None else None, Path(guard) if guard is not None else None)
+            _link_stored_copies(info, paths)
+            return info
     finally:
         if tracking_uri:
             mlflow.set_tracking_uri(previous_uri)
@@ -401,10 +407,48 @@ def _log(paths: list[Path], name: str, registered_model_name: str | None, input_
     )
 
 
+def _link_stored_copies(info, sources: Sequence[Path]) -> int:
+    """In a local artifact store, make each checkpoint the model stored a hard link to the file it was copied
+    from (same bytes, same file system); return how many.
+
+    A checkpoint is ~120 MB, and a pipeline stores each fold's three times (the runner's task output, the
+    fold run's model, the registered ensemble): linked, the store holds one copy of each; the runner's copy
+    can be removed after the run without touching them. A store that is not a local folder (S3, a server's
+    proxied store) or a copy on another file system is left as it is.
+    """
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    location = mlflow.get_logged_model(info.model_id).artifact_location if info.model_id else ""
+    url = urlparse(location)
+    if url.scheme not in ("", "file"):
+        return 0
+    model_dir = Path(url2pathname(url.path))
+    try:
+        artifacts = Model.load(str(model_dir)).flavors[mlflow.pyfunc.FLAVOR_NAME].get("artifacts", {})
+    except (MlflowException, OSError, KeyError):
+        return 0
+    linked = 0
+    for i, source in enumerate(sources):
+        stored = model_dir / artifacts.get(f"checkpoint_{i}", {}).get("path", "")
+        if stored == model_dir or not stored.is_file() or stored.samefile(source):
+            continue
+        if stored.stat().st_size != source.stat().st_size or not filecmp.cmp(stored, source, shallow=False):
+            continue
+        tmp = stored.with_name(f".{stored.name}.link")
+        try:
+            os.link(source, tmp)
+            os.replace(tmp, stored)
+            linked += 1
+        except OSError as err:  # another file system, a store that forbids links: the copy stays
+            log.debug("kept the copy %s of %s (%s)", stored, source, err)
+            tmp.unlink(missing_ok=True)
+    return linked
+
+
 def require_model_code(model_dir: str | os.PathLike) -> None:
     """Refuse a pyfunc model whose loading would unpickle its ``python_model`` (logged before m2snet
     logged models as code, or not by m2snet): MLflow would run whatever that pickle names."""
-    from mlflow.models import Model
     from mlflow.models.model import MODEL_CODE_PATH
 
     try:

@@ -27,13 +27,13 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from m2snet.common import M2SNetError, atomic_directory, find_tool, free_port
 from m2snet.data.cache import default_cache_dir
 from m2snet.data.images import check_image, read_rgb
 from m2snet.mlops.services import LOOPBACK, ManagedProcess
 from m2snet.mlops.tracking import mlflow_client
+from m2snet.progress import bar as progress_bar
 
 log = logging.getLogger("m2snet.mlops.serving")
 
@@ -174,7 +174,7 @@ def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: 
     try:
         model = model or load_model(model_uri)
         results: list[Prediction] = []
-        bar = tqdm(total=len(images), desc="predict", unit="img")
+        bar = progress_bar(total=len(images), desc="predict", unit="img")
         # Batches within the model's per-request pixel budget, which it refuses above (a served model as well).
         for rows in pixel_batches(sizes, batch_size, max_request_pixels()):
             chunk = [images[i] for i in rows]

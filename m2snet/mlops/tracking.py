@@ -23,6 +23,7 @@ Default tracking URI: ``sqlite:///mlflow.db`` with artifacts in ``./mlruns`` (or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -35,7 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from m2snet.common import SECRET_NAME, M2SNetError, atomic_file, database_driver_hint, git_commit, redact, write_json
+from m2snet.common import (
+    SECRET_NAME,
+    M2SNetError,
+    atomic_file,
+    database_driver_hint,
+    git_commit,
+    redact,
+    write_json,
+    writer_lock,
+)
 from m2snet.training.selection import selection_rule
 
 if TYPE_CHECKING:
@@ -139,6 +149,41 @@ def _quiet_mlflow_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
+_READY_SQLITE_STORES: set[str] = set()  # SQLite stores this process has seen created and migrated
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI (None: another store, or an in-memory one)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _ready_sqlite_store(uri: str) -> None:
+    """Create and migrate a SQLite store under a lock beside its file, once per process.
+
+    MLflow creates a fresh store's tables and runs its schema migrations on the first connection, with
+    no lock between processes: two first runs against one fresh file (two pipelines, two folds, two
+    ``m2snet train``) both migrate and one fails on alembic's version row. The first here does it alone;
+    the others wait, then find it done. A store we cannot put a lock beside (read-only) is left to MLflow.
+    """
+    path = _sqlite_path(uri)
+    if path is None or uri in _READY_SQLITE_STORES:
+        return
+    from mlflow.tracking import MlflowClient
+
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(writer_lock(path, wait=True))
+        except M2SNetError as err:
+            log.debug("tracking: no lock beside %s (%s); MLflow creates the store unguarded", path, err)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the tracking tables, created or migrated
+        client.search_registered_models(max_results=1)  # the registry's, on the same file
+    _READY_SQLITE_STORES.add(uri)
+
+
 def _local_store_path(uri: str) -> Path | None:
     """The file (SQLite) or folder (file store) a local tracking URI names; None for a server or database."""
     if uri.startswith("sqlite:///"):
@@ -179,7 +224,8 @@ def mlflow_client(uri: str | None = None, *, writes: bool = False):
     ``uri=None`` leaves the choice to MLflow (``mlflow.set_tracking_uri``, ``$MLFLOW_TRACKING_URI``);
     a :class:`TrackingConfig`'s is ``cfg.resolved_uri()``. ``writes``: the caller will write (runs,
     aliases), so a read-only local store is refused now (:func:`check_store_writable`). A URI MLflow
-    has no store for is one line naming it, not MLflow's traceback.
+    has no store for is one line naming it, not MLflow's traceback. A SQLite store is created and
+    migrated by one process at a time (:func:`_ready_sqlite_store`).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -191,6 +237,7 @@ def mlflow_client(uri: str | None = None, *, writes: bool = False):
         check_store_writable(resolved)
     shown = f"tracking URI {resolved!r} (--tracking-uri or $MLFLOW_TRACKING_URI)"
     try:
+        _ready_sqlite_store(resolved)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     except ImportError as err:  # SQLAlchemy's driver of a database URI (a bare postgresql:// is psycopg 3)
         missing = err.name or "its driver module"

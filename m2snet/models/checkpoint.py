@@ -222,9 +222,30 @@ def _load_weights_only(path: Path, map_location: str | torch.device) -> Any:
                     "--out NEW` rewrites it)" if _only_legacy_globals(path) else "")
             raise M2SNetError(f"{path} is not a safe m2snet checkpoint: it holds objects other than tensors and "
                               f"plain data; refusing to unpickle it{hint}") from None
-        raise M2SNetError(f"{path}: not a readable torch checkpoint ({_reason(err)})") from err
+        raise _unreadable(path, err) from err
     except Exception as err:
-        raise M2SNetError(f"{path}: not a readable torch checkpoint ({_reason(err)})") from err
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: Exception) -> M2SNetError:
+    """What a file torch could not read is, from its first bytes: torch's own error is an opcode ("101") or
+    advice to retry with ``weights_only=False`` (which would run whatever the file holds), never passed on."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as read_err:
+        return M2SNetError(f"{path}: cannot read it ({read_err.strerror or read_err})")
+    if not head:
+        what = "the file is empty"
+    elif head.startswith(b"PK\x03\x04"):  # torch.save's format since 1.6, cut short or altered
+        detail = _reason(err).removeprefix("PytorchStreamReader failed reading zip archive: ").split(". ")[0]
+        what = f"a damaged torch.save zip archive ({detail}); copy or save it again"
+    elif head[0] == 0x80:  # a pickle's PROTO opcode, without torch.save's legacy magic number
+        what = (f"a Python pickle (protocol {head[1]}), not written by torch.save; m2snet reads checkpoints as "
+                "tensors and plain data only and does not unpickle other files")
+    else:
+        what = f"neither a torch.save zip archive nor a pickle (it starts with {head!r})"
+    return M2SNetError(f"{path}: not a readable torch checkpoint: {what}")
 
 
 def _names_globals(path: Path, err: Exception) -> bool:
@@ -275,7 +296,8 @@ def _reason(err: Exception) -> str:
     text = str(err)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # Never torch's advice to load with weights_only=False: it runs whatever the file holds.
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
     return lines[0] if lines else type(err).__name__
 
 

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, default_collate
-from tqdm import tqdm
 
 from m2snet import __version__, progress
 from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
@@ -424,7 +423,7 @@ class _Run:
         cfg = self.cfg
         ep = _Epoch(index, time.perf_counter())
         lrs = learning_rates(self.optimizer)  # the rates this epoch starts with
-        ep.bar = tqdm(self._loader(self.train_ds, index, shuffle=True), desc=f"epoch {ep.number}/{cfg.epochs}",
+        ep.bar = progress.bar(self._loader(self.train_ds, index, shuffle=True), desc=f"epoch {ep.number}/{cfg.epochs}",
                       unit="batch", disable=not cfg.progress, leave=False)
         pending = None  # (step, n, losses) of the previous step, read once the next one is queued
         for step, batch in enumerate(ep.bar):
@@ -469,8 +468,9 @@ class _Run:
                 "lower the learning rates or check the data; the last good checkpoint is "
                 f"{self.last_path if self.last_path.exists() else 'not written yet'}"
             )
+        # Shown at the bar's next redraw: refresh=True would redraw once per batch (a line per batch in a log).
         ep.bar.set_postfix(loss=f"{ep.totals.mean('loss'):.4f}",
-                           img_s=f"{ep.totals.seen / (time.perf_counter() - ep.t0):.1f}")
+                           img_s=f"{ep.totals.seen / (time.perf_counter() - ep.t0):.1f}", refresh=False)
 
     # --- validate -------------------------------------------------------------------------------
     def validate_epoch(self, ep: _Epoch) -> None:

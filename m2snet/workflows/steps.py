@@ -512,19 +512,24 @@ def run_description(parent: "Tracker") -> str:
     return "\n".join(lines)
 
 
-def _close_open_children(parent: "Tracker") -> list[str]:
-    """Mark the parent's still-RUNNING descendants FAILED (a fold whose task died); return all failed ones."""
+# KFP's final states of a run stopped on purpose: its MLflow runs end KILLED, not FAILED.
+CANCELLED_STATES = ("CANCELED", "CANCELLED", "CANCELING")
 
-    failed, todo = [], [parent.run_id]
+
+def _close_open_children(parent: "Tracker", status: str = "FAILED") -> list[str]:
+    """Mark the parent's still-RUNNING descendants ``status`` (a fold whose task died or was stopped); return
+    the names of all that ended so (FAILED or KILLED)."""
+
+    closed, todo = [], [parent.run_id]
     while todo:
         for child in iter_child_runs(parent.client, todo.pop()):
             todo.append(child.info.run_id)
             if child.info.status == "RUNNING":
-                parent.client.set_terminated(child.info.run_id, status="FAILED")
-                failed.append(child.info.run_name)
-            elif child.info.status == "FAILED":
-                failed.append(child.info.run_name)
-    return sorted(failed)
+                parent.client.set_terminated(child.info.run_id, status=status)
+                closed.append(child.info.run_name)
+            elif child.info.status in ("FAILED", "KILLED"):
+                closed.append(child.info.run_name)
+    return sorted(closed)
 
 
 def finalize_step(state: str, error_message: str = "", *, ctx: RunContext = UNTRACKED) -> str:
@@ -536,11 +541,25 @@ def finalize_step(state: str, error_message: str = "", *, ctx: RunContext = UNTR
     Success: the parent's description becomes the CV table and the promotion decision. Failure
     (any state but SUCCEEDED): still-running child runs and the parent are marked FAILED, with the
     error and the failed runs in tags and the description (the parent is created if the first step
-    failed before making it, so every pipeline run is visible in MLflow).
+    failed before making it, so every pipeline run is visible in MLflow). A cancelled run
+    (:data:`CANCELLED_STATES`, e.g. the local runner stopped by Ctrl-C) ends the same way, KILLED.
     """
     parent = ctx.parent(create=state != "SUCCEEDED")
     if parent is None:
         return ""
+    if state == "SUCCEEDED":
+        parent.set_description(run_description(parent))
+        parent.end("FINISHED")
+        registered = parent.client.get_run(parent.run_id).data.tags.get("m2snet.registered_model", "")
+        return registered.rpartition("/")[2]
+    status = "KILLED" if state.upper() in CANCELLED_STATES else "FAILED"
+    closed = _close_open_children(parent, status)
+    parent.set_tags({"m2snet.status": state.lower(), "m2snet.error": error_message[:4000] or "(none given)",
+                     **({"m2snet.failed_runs": ", ".join(closed)} if closed else {})})
+    parent.set_description(f"**Pipeline {state}.** {error_message}"
+                           + (f"\n\n{status.capitalize()} MLflow runs: {', '.join(closed)}" if closed else ""))
+    parent.end(status)
+    return ""
     if state == "SUCCEEDED":
         parent.set_description(run_description(parent))
         parent.end("FINISHED")

@@ -338,6 +338,9 @@ def tune(
             if child:
                 child.set_tags({"optuna.state": "PRUNED"})
             raise
+        except KeyboardInterrupt:  # Ctrl-C, or the local runner stopping its tasks: stopped, not failed
+            status = "KILLED"
+            raise
         finally:
             if child:
                 child.end(status)
