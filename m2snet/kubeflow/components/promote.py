@@ -11,9 +11,11 @@ def promote_model(
     """Move alias `production` to the version if its CV Dice passes the floor, beats the no-skill predictor
     by ``noskill_margin`` and beats production by the margin (``require_ci``: by a paired 95 % CI above zero
     when the two are comparable, else by the margin, the reason saying so)."""
+    from m2snet.common import install_redaction
     from m2snet.progress import task_started
     from m2snet.workflows import steps
 
+    install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("promote-model", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
 
     return steps.promote_step(model_name, version, floor=floor, margin=margin, noskill_margin=noskill_margin,

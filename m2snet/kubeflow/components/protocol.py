@@ -16,9 +16,11 @@ from m2snet.kubeflow.image import COMPONENT_IMAGE
 def split_protocol(dataset: Input[Dataset], split: Output[Dataset], protocol: str, seed: int,
                    split_options: str = "{}", pipeline_run_id: str = "", experiment: str = "") -> List[str]:
     """The protocol's fixed split (training, validation and named test sets); return the test sets' names."""
+    from m2snet.common import install_redaction
     from m2snet.progress import task_started
     from m2snet.workflows import protocols
 
+    install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("split-protocol", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
     return protocols.split_step(dataset.path, split.path, protocol=protocol, seed=seed, split_options=split_options,
                                 pipeline_run_id=pipeline_run_id, experiment=experiment)
@@ -37,9 +39,11 @@ def train_protocol(
     experiment: str = "",
 ):
     """Train on the split's training set with the preset's recipe and the protocol's; output the checkpoint."""
+    from m2snet.common import install_redaction
     from m2snet.progress import task_started
     from m2snet.workflows import protocols
 
+    install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("train-protocol", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
     result = protocols.train_step(dataset.path, split.path, model.path, protocol=protocol, preset=preset,
                                   train_overrides=train_overrides, pipeline_run_id=pipeline_run_id,
@@ -62,9 +66,11 @@ def evaluate_test_sets(
     experiment: str = "",
 ):
     """One row per test set (+ the mean), each with the no-skill predictor's row, and the paper's figures."""
+    from m2snet.common import install_redaction
     from m2snet.progress import task_started
     from m2snet.workflows import protocols
 
+    install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("evaluate-test-sets", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
     scores = protocols.evaluate_step(dataset.path, split.path, model.path, report.path, protocol=protocol,
                                      metric_protocol=metric_protocol, pipeline_run_id=pipeline_run_id,
@@ -86,9 +92,11 @@ def register_protocol(
     experiment: str = "",
 ) -> NamedTuple("Registered", model_name=str, version=str):
     """Register the model as one version of ``model_name`` (default ``m2snet-<protocol>``); idempotent per run."""
+    from m2snet.common import install_redaction
     from m2snet.progress import task_started
     from m2snet.workflows import protocols
 
+    install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("register-protocol", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
     return protocols.register_step(model.path, report.path, split.path, protocol=protocol, model_name=model_name,
                                    dataset_version=dataset_version, metric_protocol=metric_protocol,
@@ -98,9 +106,11 @@ def register_protocol(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def finalize_protocol(status: dsl.PipelineTaskFinalStatus, pipeline_run_id: str = "", experiment: str = "") -> str:
     """Exit handler: close the parent MLflow run (its test-set table stays its description); return the version."""
+    from m2snet.common import install_redaction
     from m2snet.progress import task_started
     from m2snet.workflows import protocols
 
+    install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("finalize-protocol", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
     return protocols.finalize_step(status.state, status.error_message or "", pipeline_run_id=pipeline_run_id,
                                    experiment=experiment)

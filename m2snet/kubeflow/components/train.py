@@ -19,10 +19,12 @@ def train_fold(
     experiment: str = "",
 ):
     """Train one CV fold (a child MLflow run of the pipeline's parent run); output its checkpoint."""
+    from m2snet.common import install_redaction
     from m2snet.progress import task_started
     from m2snet.workflows import steps
 
     # For the local console (a no-op on a cluster): "train-fold-2", or "train-fold-2-seed43" when seeds repeat.
+    install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("train-fold", steps.loop_item(fold, seed), pipeline_run_id=pipeline_run_id)
 
     result = steps.train_fold_step(

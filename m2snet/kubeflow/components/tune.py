@@ -19,10 +19,12 @@ def tune_hyperparameters(
     experiment: str = "",
 ) -> str:
     """Nested tuning: an Optuna study on an inner split of fold ``fold``'s training cases; best params as JSON."""
+    from m2snet.common import install_redaction
     from m2snet.progress import task_started
     from m2snet.workflows import steps
 
     # For the local console (a no-op on a cluster): "...-2", or "...-2-seed43" when seeds repeat.
+    install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("tune-hyperparameters", steps.loop_item(fold, seed), pipeline_run_id=pipeline_run_id)
 
     return steps.tune_step(
