@@ -20,7 +20,8 @@ trap 'kill 0' INT TERM
 cv() {  # model, folds, log name: one worker
   "$M2SNET" cv --preset busi-cpu --model "$1" --data busi --split "$SPLIT" --folds "$2" --out "runs/$1" --resume \
     --device cpu --no-track --no-log-model > "logs/$3.log" 2>&1
-  echo "$(date +%T) $3 (folds $2) rc=$?"
+  local rc=$?
+  echo "$(date +%T) $3 (folds $2) rc=$rc"
 }
 echo "$(date +%T) start: M2SNet folds 0,2 | 1,3, then MSNet folds $MSNET_FOLDS"
 cv m2snet 0,2 m2snet-w0 & cv m2snet 1,3 m2snet-w1 & wait
@@ -31,6 +32,7 @@ for model in m2snet msnet; do
   folds=$([ $model = m2snet ] && echo 0,1,2,3 || echo "$MSNET_FOLDS")
   "$M2SNET" cv --preset busi-cpu --model $model --data busi --split "$SPLIT" --folds "$folds" --out "runs/$model" \
     --resume --device cpu --tracking-uri "sqlite:///$OUT/mlflow.db" --experiment busi-cpu-cv > "logs/$model-table.log" 2>&1
-  echo "$(date +%T) $model table rc=$?"; tail -n 8 "logs/$model-table.log"
+  rc=$?
+  echo "$(date +%T) $model table rc=$rc"; tail -n 8 "logs/$model-table.log"
 done
 "$M2SNET" compare runs/msnet runs/m2snet --out compare --no-track | tee logs/compare.log
