@@ -415,3 +415,31 @@ def test_a_cv_fold_killed_mid_way_and_resumed_by_a_new_process_ends_bitwise_as_a
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     assert (tmp_path / "killed" / "fold0" / "eval" / "per_case.csv").read_text() == \
         (tmp_path / "straight" / "fold0" / "eval" / "per_case.csv").read_text()
+
+
+def test_a_run_resumes_across_a_code_update_that_added_a_config_field_and_with_the_split_named_another_way(
+        tiny_data, tmp_path, monkeypatch):
+    """A last.pt written before a TrainConfig field existed ran with that field's default: resuming it with the
+    default is the same config (it was refused with 'config differs ... in []'); so is the same split file named
+    relatively instead of absolutely. A real change is still refused."""
+    from m2snet.models.checkpoint import Checkpoint
+    from m2snet.training.trainer import train
+
+    data, split = tiny_data
+
+    def kill_after_first_epoch(info):
+        if info.epoch == 1:
+            raise KeyboardInterrupt
+
+    cfg = tiny_config(data, split, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[kill_after_first_epoch])
+    last = tmp_path / "run" / "last.pt"
+    old = Checkpoint.load(last)
+    del old.train_config["accept_split_version"]  # as written before the field existed
+    old.save(last)
+    monkeypatch.chdir(Path(split).parent)
+    relative = cfg.override(split=Path(split).name)
+    with pytest.raises(M2SNetError, match=r"config differs from the checkpoint's in \['epochs'\]"):
+        train(relative.override(epochs=3), resume=True)
+    assert [h["epoch"] for h in train(relative, resume=True).history] == [1, 2]

@@ -151,6 +151,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> 
                            fused=True if (cfg.fused_optimizer and on_cuda) else None)
 
 
+def _resolved(path: Any) -> Any:
+    return str(Path(path).resolve()) if isinstance(path, str) and path else path
+
+
 class TrainStep:
     """One optimisation step: forward under autocast, total loss, backward, optimizer step.
 
@@ -387,9 +391,14 @@ class _Run:
         """Continue from ``last.pt``: weights, optimizer, schedule, AMP scaler, RNG, history, selection."""
         if not ckpt.resumable:
             raise M2SNetError(f"{self.last_path}: a slim checkpoint (no optimizer/RNG state); it cannot be resumed")
-        config = self.cfg.to_dict()
-        if ckpt.train_config != config:
-            diff = sorted(k for k, v in config.items() if (ckpt.train_config or {}).get(k) != v)
+        config, saved = self.cfg.to_dict(), dict(ckpt.train_config or {})
+        defaults = TrainConfig().to_dict()
+        for key in config.keys() - saved.keys():  # a field added since the checkpoint was written: it ran with
+            saved[key] = defaults.get(key)  # that field's default
+        for key in ("data", "split"):  # one file named two ways (relative, absolute) is the same input
+            config[key], saved[key] = (_resolved(config.get(key)), _resolved(saved.get(key)))
+        diff = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
+        if diff:
             raise M2SNetError(
                 f"{self.last_path}: config differs from the checkpoint's in {diff}; resume with the same config")
         state = ckpt.resume
