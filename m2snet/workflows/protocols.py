@@ -330,7 +330,20 @@ def _cv_budget(directory: Path, summary: Mapping[str, Any]) -> dict[str, Any]:
         total = len({r["case_id"] for r in rows})
         train = sorted({min(total - v, budget.get("max_train_cases") or total) for v in val})
         budget["train_cases"] = f"{train[0]}" if len(train) == 1 else f"{train[0]}-{train[-1]} per fold"
-    budget["folds"] = f"{len(summary.get('folds', []))} of {summary.get('n_folds')}"
+    n_folds = summary.get("n_folds")
+    split_file = read_json(config, "training config").get("split") if config else None
+    if split_file and Path(split_file).is_file():  # the split knows what a CV of some of its folds trained on
+        split = load_split(split_file)
+        n_folds, cap = split.n_folds, budget.get("max_train_cases")
+        train = sorted({min(len(split.fold(int(k)).train), cap or 10**9) for k in summary.get("folds", [])})
+        if train:
+            budget["train_cases"] = f"{train[0]}" if len(train) == 1 else f"{train[0]}-{train[-1]} per fold"
+    checkpoint = config.parent / SELECTED if config else None
+    if checkpoint is not None and checkpoint.is_file():  # what it started from, not what it asked for
+        from m2snet.models.checkpoint import Checkpoint
+
+        budget["pretrained_source"] = Checkpoint.load(checkpoint).pretrained_source or "none (random init)"
+    budget["folds"] = f"{len(summary.get('folds', []))} of {n_folds}"
     return budget
 
 
