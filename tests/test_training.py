@@ -153,6 +153,22 @@ def test_multiscale_collate_resizes_whole_batch_and_keeps_binary_masks():
 
 
 # --- training ----------------------------------------------------------------------------------
+class Killed(Exception):
+    pass
+
+
+def stopped_after_first_epoch(cfg: TrainConfig) -> None:
+    """Train ``cfg`` until its first epoch's checkpoints are written, then stop as a crash would."""
+    from m2snet.training.trainer import train
+
+    def kill_after_first_epoch(info):
+        if info.epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, callbacks=[kill_after_first_epoch])
+
+
 @pytest.mark.parametrize("n, batch_size, sizes", [(5, 4, [5]), (9, 4, [4, 5]), (8, 4, [4, 4]), (7, 4, [4, 3]),
                                                    (3, 4, [3]), (1, 4, [1])])
 def test_training_batches_never_hold_one_case_when_the_epoch_has_more(n, batch_size, sizes):
@@ -203,16 +219,8 @@ def test_resume_reproduces_uninterrupted_run_exactly(tiny_data, tmp_path):
     straight = train(tiny_config(data, split, tmp_path / "straight"))
     assert [h["epoch"] for h in straight.history] == [1, 2]
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_epoch(info):
-        if info.epoch == 1:
-            raise Killed
-
     cfg = tiny_config(data, split, tmp_path / "resumed")
-    with pytest.raises(Killed):
-        train(cfg, callbacks=[kill_after_first_epoch])
+    stopped_after_first_epoch(cfg)
     assert Checkpoint.load(tmp_path / "resumed" / "last.pt").epoch == 1
     with pytest.raises(M2SNetError, match="use --resume"):
         train(cfg)
@@ -427,13 +435,8 @@ def test_a_run_resumes_across_a_code_update_that_added_a_config_field_and_with_t
 
     data, split = tiny_data
 
-    def kill_after_first_epoch(info):
-        if info.epoch == 1:
-            raise KeyboardInterrupt
-
     cfg = tiny_config(data, split, tmp_path / "run")
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, callbacks=[kill_after_first_epoch])
+    stopped_after_first_epoch(cfg)
     last = tmp_path / "run" / "last.pt"
     old = Checkpoint.load(last)
     del old.train_config["accept_split_version"]  # as written before the field existed
