@@ -71,14 +71,16 @@ def test_protocol_components_are_thin_and_run_alone():
         source = textwrap.dedent(inspect.getsource(comp.python_func))
         tree = ast.parse(source)
         imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-        # The step itself, and the task's announcement to the local console (its progress events).
+        # The step itself, the task's announcement to the local console (its progress events), and the
+        # masking of credentials in what it logs.
         assert [(i.module, [a.name for a in i.names]) for i in imports] == [
-            ("m2snet.progress", ["task_started"]), ("m2snet.workflows", ["protocols"])]
+            ("m2snet.common", ["install_redaction"]), ("m2snet.progress", ["task_started"]),
+            ("m2snet.workflows", ["protocols"])]
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                  and isinstance(n.func.value, ast.Name) and n.func.value.id == "protocols"]
         announced = [n for n in ast.walk(tree)
                      if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "task_started"]
-        assert len(calls) == 1 and len(announced) == 1 and len(tree.body[0].body) <= 7, name
+        assert len(calls) == 1 and len(announced) == 1 and len(tree.body[0].body) <= 9, name
         namespace: dict = {}
         exec("import kfp\nfrom kfp import dsl\nfrom kfp.dsl import *\nfrom typing import *\n"
              + "\n".join(line for line in source.splitlines() if not line.startswith("@")), namespace)
