@@ -44,6 +44,7 @@ from m2snet.common import (
     git_commit,
     redact,
     write_json,
+    write_text,
     writer_lock,
 )
 from m2snet.training.selection import selection_rule
@@ -450,7 +451,7 @@ def _masked_copy(path: Path, tmp: Path) -> Path:
     if clean == text:
         return path
     copy = tmp / path.name
-    copy.write_text(clean, encoding="utf-8")
+    write_text(copy, clean)
     return copy
 
 
