@@ -331,9 +331,10 @@ def fit_input_guard(checkpoints: Sequence[Path], data: str, split_path: str, out
     info = load_dataset(data)
     split = load_split(split_path, dataset=info)
     needed = MIN_CALIBRATION_CASES if min_calibration is None else min_calibration
-    if min(calibration_sizes(split, folds)) < needed:
+    fewest = min(calibration_sizes(split, folds))
+    if fewest < needed:
         log.warning("no input guard: a fold has %d held-out cases to set its threshold on, fewer than the %d it "
-                    "needs (a larger dataset gets one)", min(calibration_sizes(split, folds)), needed)
+                    "needs (a larger dataset gets one)", fewest, needed)
         return None
     fit = fit_guard(Predictor.from_checkpoints(checkpoints), info, split, folds)
     log.info("input guard: %.1f %% of %d held-out cases flagged (threshold: quantile %.3f)",
