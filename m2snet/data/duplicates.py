@@ -40,7 +40,7 @@ own case id and the id does not depend on the order cases were read in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -356,10 +356,3 @@ def find_duplicates(
     return DuplicateReport(config=config, clusters=clusters, group_of={c: group_of[c] for c in case_ids},
                            exact_groups=exact, near_pairs_across=across)
 
-
-def hash_files(paths: Iterable[Any]) -> np.ndarray:
-    """Perceptual hashes of image files, uint64 [n, len(CROP_SCALES)]."""
-    from m2snet.data.images import read_image
-
-    rows = [perceptual_hashes(read_image(path)) for path in paths]
-    return np.stack(rows) if rows else np.zeros((0, len(CROP_SCALES)), dtype=np.uint64)
