@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from m2snet.cli import app
 from m2snet.common import M2SNetError
 from m2snet.data.format import load_dataset
-from m2snet.data.importers import CLINICDB_SEQUENCES, clinicdb_sequence, import_dataset
+from m2snet.data.importers import import_dataset
+from m2snet.data.importers.clinicdb import CLINICDB_SEQUENCES, clinicdb_sequence
 from m2snet.data.split import load_split, make_split
 
 N_FRAMES = 612
