@@ -136,6 +136,19 @@ def deal_groups(sizes: Sequence[int], shares: Sequence[float], seed: int) -> lis
     return side_of
 
 
+@dataclass(frozen=True)
+class FixedSets:
+    """The sets of a fixed split, as chosen, and the recipe that chose them (recorded in the file)."""
+
+    train: list[str]
+    val: list[str]
+    tests: dict[str, list[str]]
+    recipe: dict[str, Any]
+
+    def sizes(self) -> dict[str, int]:
+        return {TRAIN: len(self.train), VAL: len(self.val), **{f"test:{k}": len(v) for k, v in self.tests.items()}}
+
+
 def make_fixed_split(
     root: str | os.PathLike | DatasetInfo,
     *,
@@ -161,53 +174,72 @@ def make_fixed_split(
     if fractions is not None:
         if train or val or tests:
             raise M2SNetError("give either --fractions or set selectors (--train/--val/--test), not both")
-        shares = parse_fractions(fractions)
-        groups = case_groups(info.cases, "cluster", group_by)
-        side_of = deal_groups([len(g) for g in groups], shares, seed)
-        sides: list[list[str]] = [[], [], []]
-        for g, side in zip(groups, side_of):
-            sides[side] += [info.cases[i].case_id for i in g]
-        train_ids, val_ids, test_sets = sorted(sides[0]), sorted(sides[1]), {test_name: sorted(sides[2])}
-        recipe: dict[str, Any] = {"by": "fractions", "fractions": list(shares), "test_name": test_name}
+        sets = _sets_by_fractions(info, parse_fractions(fractions), test_name, group_by, seed)
     else:
-        if not train and not tests:
-            subsets = sorted({c.subset for c in info.cases if c.subset})
-            if TRAIN not in subsets or len(subsets) < 2:
-                raise M2SNetError(f"{info.root / 'manifest.csv'}: no 'train' subset and test subsets to split by "
-                                  f"(subsets: {', '.join(subsets) or 'none'}); give --train/--test or --fractions")
-            train, tests = f"subset:{TRAIN}", {s: f"subset:{s}" for s in subsets if s != TRAIN}
-        if not tests:
-            raise M2SNetError("a fixed split needs at least one test set (--test NAME=SELECTOR)")
-        # 'rest' takes what the other sets left, so it is resolved last.
-        named = [(f"test:{n}", s) for n, s in tests.items()]
-        named += ([(VAL, val)] if val else []) + [(TRAIN, train or "rest")]
-        named.sort(key=lambda t: Selector(t[1]).kind() == "rest")
-        chosen: dict[str, list[str]] = {}
-        taken: dict[str, str] = {}
-        for name, text in named:
-            ids = Selector(text).select(info, set(taken))
-            twice = [i for i in ids if i in taken]
-            if twice:
-                raise M2SNetError(f"set {name} ({text}) and set {taken[twice[0]]} both hold {len(twice)} case(s) "
-                                  f"(e.g. {twice[0]}): a case belongs to one set")
-            taken.update({i: name for i in ids})
-            chosen[name] = ids
-        train_ids, val_ids = chosen[TRAIN], chosen.get(VAL, [])
-        test_sets = {n: chosen[f"test:{n}"] for n in tests}
-        recipe = {"by": "sets", "train": train or "rest", "val": val, "test": dict(tests)}
-    empty = [n for n, ids in [(TRAIN, train_ids), *((f"test:{k}", v) for k, v in test_sets.items())] if not ids]
+        sets = _sets_by_selectors(info, train, val, tests)
+    empty = [n for n, ids in [(TRAIN, sets.train), *((f"test:{k}", v) for k, v in sets.tests.items())] if not ids]
     if empty:
         raise M2SNetError(f"{info.root}: set {empty[0]} of the fixed split is empty")
-    crossings = _crossings(info, train_ids, val_ids, test_sets, group_by)
+    crossings = _crossings(info, sets.train, sets.val, sets.tests, group_by)
     if crossings and on_leak == "refuse":
         c = crossings[0]
         raise M2SNetError(f"{info.root}: {len(crossings)} duplicate group(s)"
                           f"{' or ' + repr(group_by) + ' value(s)' if group_by else ''} on two sides of the fixed "
                           f"split (e.g. {c['cases'][:4]} in {' and '.join(c['sets'])}); use --fractions, or "
                           "--on-leak report to record them")
-    set_sizes = {TRAIN: len(train_ids), VAL: len(val_ids), **{f"test:{k}": len(v) for k, v in test_sets.items()}}
+    path = Path(out) if out is not None else default_fixed_split_path(info.root, sets.recipe, seed)
+    write_json(path, _split_file(info, sets, grouping, crossings, seed))
+    return load_split(path)
+
+
+def _sets_by_fractions(info: DatasetInfo, shares: tuple[float, float, float], test_name: str,
+                       group_by: str | None, seed: int) -> FixedSets:
+    """Whole groups dealt to train / val / test by their shares of the cases (:func:`deal_groups`)."""
+    groups = case_groups(info.cases, "cluster", group_by)
+    side_of = deal_groups([len(g) for g in groups], shares, seed)
+    sides: list[list[str]] = [[], [], []]
+    for g, side in zip(groups, side_of):
+        sides[side] += [info.cases[i].case_id for i in g]
+    return FixedSets(sorted(sides[0]), sorted(sides[1]), {test_name: sorted(sides[2])},
+                     {"by": "fractions", "fractions": list(shares), "test_name": test_name})
+
+
+def _sets_by_selectors(info: DatasetInfo, train: str | None, val: str | None,
+                       tests: Mapping[str, str] | None) -> FixedSets:
+    """Each set by its selector; without any, the PraNet layout (subset ``train``, one test set per other
+    subset). A case chosen by two sets is an error."""
+    if not train and not tests:
+        subsets = sorted({c.subset for c in info.cases if c.subset})
+        if TRAIN not in subsets or len(subsets) < 2:
+            raise M2SNetError(f"{info.root / 'manifest.csv'}: no 'train' subset and test subsets to split by "
+                              f"(subsets: {', '.join(subsets) or 'none'}); give --train/--test or --fractions")
+        train, tests = f"subset:{TRAIN}", {s: f"subset:{s}" for s in subsets if s != TRAIN}
+    if not tests:
+        raise M2SNetError("a fixed split needs at least one test set (--test NAME=SELECTOR)")
+    # 'rest' takes what the other sets left, so it is resolved last.
+    named = [(f"test:{n}", s) for n, s in tests.items()]
+    named += ([(VAL, val)] if val else []) + [(TRAIN, train or "rest")]
+    named.sort(key=lambda t: Selector(t[1]).kind() == "rest")
+    chosen: dict[str, list[str]] = {}
+    taken: dict[str, str] = {}
+    for name, text in named:
+        ids = Selector(text).select(info, set(taken))
+        twice = [i for i in ids if i in taken]
+        if twice:
+            raise M2SNetError(f"set {name} ({text}) and set {taken[twice[0]]} both hold {len(twice)} case(s) "
+                              f"(e.g. {twice[0]}): a case belongs to one set")
+        taken.update({i: name for i in ids})
+        chosen[name] = ids
+    return FixedSets(chosen[TRAIN], chosen.get(VAL, []), {n: chosen[f"test:{n}"] for n in tests},
+                     {"by": "sets", "train": train or "rest", "val": val, "test": dict(tests)})
+
+
+def _split_file(info: DatasetInfo, sets: FixedSets, grouping: dict[str, Any] | None,
+                crossings: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The fixed split file's content (format in the module docstring)."""
+    set_sizes = sets.sizes()
     label_of = {c.case_id: c.label for c in info.cases}
-    payload: dict[str, Any] = {
+    return {
         "format_version": FIXED_SPLIT_FORMAT_VERSION,
         "protocol": "fixed",
         "n_folds": 1,
@@ -217,17 +249,14 @@ def make_fixed_split(
         "group_by": grouping,
         "dataset": info.name,
         "dataset_version": info.version,
-        "recipe": recipe,
+        "recipe": sets.recipe,
         "set_sizes": set_sizes,
         "unused_cases": len(info.cases) - sum(set_sizes.values()),
         "crossings": crossings,
-        "val_label_counts": [dict(sorted(Counter(label_of[i] for i in val_ids).items()))],
-        "folds": [{"fold": 0, "train": train_ids, "val": val_ids}],
-        "test_sets": test_sets,
+        "val_label_counts": [dict(sorted(Counter(label_of[i] for i in sets.val).items()))],
+        "folds": [{"fold": 0, "train": sets.train, "val": sets.val}],
+        "test_sets": sets.tests,
     }
-    path = Path(out) if out is not None else default_fixed_split_path(info.root, recipe, seed)
-    write_json(path, payload)
-    return load_split(path)
 
 
 def default_fixed_split_path(root: Path, recipe: Mapping[str, Any], seed: int) -> Path:
