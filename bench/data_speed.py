@@ -58,8 +58,8 @@ def loader_rate(info, size: int, batch: int, workers: int, cache_dir: Path | Non
 
     from m2snet.data.dataset import SegmentationDataset
     from m2snet.models.preprocessing import DEFAULT_NORMALIZATION
+    from m2snet.training.batches import MultiScaleCollate, epoch_seed
     from m2snet.training.config import TrainConfig
-    from m2snet.training.trainer import MultiScaleCollate, epoch_seed
 
     ds = SegmentationDataset(info, None, size, augment=True, cache_dir=cache_dir, normalization=DEFAULT_NORMALIZATION)
     collate = MultiScaleCollate(TrainConfig(size=size).scales())

@@ -1,6 +1,6 @@
 """Training throughput: images/s of one full training step, per model and per speed setting.
 
-One step is exactly what the trainer runs (``m2snet.training.trainer.TrainStep``): forward under
+One step is exactly what the trainer runs (``m2snet.training.step.TrainStep``): forward under
 autocast, TotalLoss with LossNet, backward, SGD step. Models: M2SNet (fast MSU), M2SNet (dense
 all-ones MSU, the reference's form), MSNet, and the authors' own M2SNet class when ``--reference``
 points at a checkout of their code (CUDA only: their fixed filters call ``.cuda()``). Modes are
@@ -87,7 +87,7 @@ def make_step(label: str, mode: str, device: str, size: int, batch: int, loss_fn
               reference: str | None = None, amp: bool = True):
     """(TrainStep, its TrainConfig) for one model in one mode; lr small so random data stays finite."""
     from m2snet.training.config import TrainConfig
-    from m2snet.training.trainer import TrainStep, build_optimizer
+    from m2snet.training.step import TrainStep, build_optimizer
 
     cfg = TrainConfig(**{"size": size, "batch_size": batch, "backbone_lr": 1e-4, "head_lr": 1e-3, "amp": amp,
                          **MODES[mode]})

@@ -16,7 +16,7 @@ import torch
 
 from m2snet.training import speed
 from m2snet.training.config import TrainConfig
-from m2snet.training.trainer import build_optimizer
+from m2snet.training.step import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

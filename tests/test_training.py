@@ -132,7 +132,7 @@ def test_multiscale_set_scales_with_base_size():
 
 
 def test_multiscale_collate_resizes_whole_batch_and_keeps_binary_masks():
-    from m2snet.training.trainer import MultiScaleCollate
+    from m2snet.training.batches import MultiScaleCollate
 
     torch.manual_seed(0)
     collate = MultiScaleCollate([96, 128])
@@ -177,7 +177,7 @@ def test_training_batches_never_hold_one_case_when_the_epoch_has_more(n, batch_s
     seeded order is torch's own shuffle, so other batchings are those of torch's BatchSampler."""
     from torch.utils.data import BatchSampler, RandomSampler
 
-    from m2snet.training.trainer import TrainBatches
+    from m2snet.training.batches import TrainBatches
 
     batches = list(TrainBatches(n, batch_size, torch.Generator().manual_seed(3)))
     assert [len(b) for b in batches] == sizes and len(TrainBatches(n, batch_size, torch.Generator())) == len(sizes)
@@ -354,7 +354,7 @@ def test_callbacks_get_start_epochs_end_and_last_checkpoint_can_go(tiny_data, tm
 
 def test_validation_builds_no_autograd_graph():
     """validate() runs under no_grad: a graph per validation batch would hold every activation."""
-    from m2snet.training.trainer import validate
+    from m2snet.training.validate import validate
 
     seen_grad_mode = []
 

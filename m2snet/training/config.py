@@ -84,7 +84,7 @@ class TrainConfig:
     augment: bool = True  # flip + rotation within +-10 degrees (done by the dataset)
     # --- hardware -------------------------------------------------------------------------------
     device: str = "auto"
-    # Speed knobs of the training step (m2snet.training.trainer.TrainStep; bench/train_speed.py
+    # Speed knobs of the training step (m2snet.training.step.TrainStep; bench/train_speed.py
     # measures each). amp and channels_last act on CUDA and on a CPU with native bf16 units
     # (m2snet.training.speed: bf16 autocast + NHWC, 2.3x fp32 for M2SNet at 128 px on an EPYC with
     # avx512_bf16); a CPU without them trains fp32 NCHW whatever these say. compile and the fused

@@ -39,7 +39,7 @@ def build_scheduler(
 
 
 # The per-epoch learning-rate metrics (history rows, MLflow) are named after the optimizer's param
-# groups (m2snet.training.trainer.param_groups: "backbone", "head" -> lr_backbone, lr_head).
+# groups (m2snet.training.step.param_groups: "backbone", "head" -> lr_backbone, lr_head).
 LR_PREFIX = "lr_"
 
 

@@ -14,6 +14,10 @@ uninterrupted one exactly on CPU in deterministic mode. The loop reports to call
 (:mod:`m2snet.training.callbacks`) and knows nothing of MLflow; checkpoints are
 :class:`m2snet.models.checkpoint.Checkpoint` objects, written through ``Checkpoint.save`` (one
 :func:`m2snet.common.atomic_file` each).
+
+The parts the phases use live beside it: the epoch's batches (:mod:`.batches`), one optimisation step
+(:mod:`.step`), the validation pass (:mod:`.validate`) and the run's state on disk, resume checks and
+checkpoint metadata (:mod:`.run_state`).
 """
 
 from __future__ import annotations
@@ -27,30 +31,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler, default_collate
 
-from m2snet import __version__, progress
-from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
+from m2snet import progress
+from m2snet.common import M2SNetError, resolve_device, seed_everything, write_json
 from m2snet.data.cache import default_cache_dir
 from m2snet.data.dataset import SegmentationDataset
-from m2snet.evaluation.metrics import binary_metrics, multiclass_dice
 from m2snet.evaluation.plots import learning_curves
 from m2snet.models import create_model
 from m2snet.models.checkpoint import Checkpoint, ResumeState, capture_rng_state, restore_rng_state
+from m2snet.training.batches import MultiScaleCollate, TrainBatches, epoch_loader
 from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
 from m2snet.training.callbacks import CallbackLike, EpochEnd, TrainCallback, TrainEnd, TrainStart, as_callbacks
 from m2snet.training.cases import resolve_cases
 from m2snet.training.config import ENCODER_STRIDE, LAST, SELECTED, TrainConfig
 from m2snet.training.losses import TotalLoss
+from m2snet.training.run_state import check_resumable, checkpoint_meta, open_run_dir
 from m2snet.training.schedule import build_scheduler, learning_rates
 from m2snet.training.selection import selection_rule
-from m2snet.training.speed import step_precision
+from m2snet.training.step import EpochLosses, TrainStep, build_optimizer
+from m2snet.training.validate import validate
 
 log = logging.getLogger("m2snet.training")
-
 
 
 @dataclass
@@ -72,188 +74,6 @@ class TrainResult:
     val_cases: list[str] = field(default_factory=list, repr=False)
     selection_cases: list[str] = field(default_factory=list, repr=False)  # scored every epoch
     device: str = "cpu"
-
-
-class MultiScaleCollate:
-    """Stack a batch, then resize the whole batch to one scale drawn from ``scales``.
-
-    The scale comes from torch's global RNG: in the main process that RNG is checkpointed, and in
-    DataLoader workers torch seeds it from the loader's generator, so the draws are reproducible.
-    Images are resized bilinearly, masks with nearest neighbour (targets stay 0/1 or class ids).
-    """
-
-    def __init__(self, scales: Sequence[int]):
-        self.scales = list(scales)
-
-    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        out = default_collate(batch)
-        if len(self.scales) > 1:
-            size = self.scales[int(torch.randint(len(self.scales), ()))]
-            if size != out["image"].shape[-1]:
-                out["image"] = F.interpolate(out["image"], size=(size, size), mode="bilinear",
-                                             align_corners=False)
-                mask = out["mask"]
-                if mask.dtype == torch.long:  # class ids [B, H, W]
-                    out["mask"] = F.interpolate(mask[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-                else:
-                    out["mask"] = F.interpolate(mask, size=(size, size), mode="nearest")
-        return out
-
-
-class TrainBatches(Sampler[list[int]]):
-    """One epoch's training batches: a seeded shuffle of the ``n`` cases cut into ``batch_size`` chunks,
-    except that a single leftover case joins the batch before it.
-
-    BatchNorm in training needs more than one value per channel: a batch of one whose deepest feature
-    map is 1x1 (``--size 32``) is an error, and at any size its statistics come from one image. Merging
-    keeps every case in every epoch (unlike ``drop_last``) at the cost of one batch of ``batch_size + 1``.
-    The order is ``torch.randperm`` on ``generator``, as torch's ``RandomSampler`` draws it, so every other
-    batching equals ``BatchSampler(RandomSampler(...))``'s: runs without a leftover of one are unchanged.
-    """
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=self.generator).tolist()
-        batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            leftover = batches.pop()
-            batches[-1] += leftover
-        yield from batches
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of epoch ``epoch``'s shuffling generator: a function of (seed, epoch) only."""
-    return (seed * 1_000_003 + epoch * 7919) % (2 ** 63 - 1)
-
-
-def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Backbone and head groups with their own max LR (the reference: 0.005 / 0.05)."""
-    backbone = [p for p in model.backbone_parameters() if p.requires_grad]
-    head = [p for p in model.head_parameters() if p.requires_grad]
-    ids = {id(p) for p in backbone} | {id(p) for p in head}
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
-    if missing:
-        raise M2SNetError(f"model {cfg.model!r}: parameters in neither backbone nor head: {missing[:5]}")
-    return [{"params": backbone, "lr": cfg.backbone_lr, "name": "backbone"},
-            {"params": head, "lr": cfg.head_lr, "name": "head"}]
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, on_cuda: bool) -> torch.optim.Optimizer:
-    """SGD over :func:`param_groups`; ``fused_optimizer`` (CUDA) updates every tensor in one kernel."""
-    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.head_lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-                           fused=True if (cfg.fused_optimizer and on_cuda) else None)
-
-
-def _resolved(path: Any) -> Any:
-    return str(Path(path).resolve()) if isinstance(path, str) and path else path
-
-
-class TrainStep:
-    """One optimisation step: forward under autocast, total loss, backward, optimizer step.
-
-    The trainer's loop and ``bench/train_speed.py`` both run this, so the bench times what trains.
-    ``amp`` and ``channels_last`` act where the device runs them fast (:func:`step_precision`: CUDA,
-    or a CPU with native bf16 units, where autocast is bf16 and needs no loss scaling); compile and
-    the fused optimizer act on CUDA only. Returns the detached loss terms without reading them back
-    to the host, so that on CUDA the next step can be queued while this one runs.
-    """
-
-    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 cfg: TrainConfig, device: str) -> None:
-        self.model, self.loss_fn, self.optimizer, self.cfg = model, loss_fn, optimizer, cfg
-        self.device_type = device.split(":")[0]
-        on_cuda = self.device_type == "cuda"
-        self.precision = step_precision(device, cfg.amp, cfg.channels_last)
-        self.amp, self.channels_last = self.precision.amp, self.precision.channels_last
-        # Loss scaling is for fp16's narrow range (CUDA); bf16 has fp32's exponent and needs none.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and on_cuda)
-        if self.channels_last:  # in place: the optimizer keeps the same parameter objects
-            model.to(memory_format=torch.channels_last)
-        self.forward = model
-        if cfg.compile and on_cuda:
-            import torch._dynamo as dynamo
-
-            # Static shapes: one graph per (batch size, scale); make room for all of them (the
-            # default limit of 8 would silently fall back to eager for the later scales).
-            n_shapes = 2 * len(cfg.scales())
-            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, n_shapes + 2)
-            self.forward = torch.compile(model, mode=cfg.compile_mode, dynamic=cfg.compile_dynamic)
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=self.device_type, dtype=self.precision.dtype, enabled=self.amp):
-            logits = self.forward(x)
-        losses = self.loss_fn(logits.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
-        if self.cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return {k: v.detach() for k, v in losses.items()}
-
-
-@dataclass
-class EpochLosses:
-    """One epoch's image-weighted loss sums. The loop adds each step's losses one step late, once the
-    next step is queued, so reading them never stalls CUDA."""
-
-    sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "structure": 0.0, "lossnet": 0.0})
-    seen: int = 0
-
-    def add(self, n: int, losses: dict[str, torch.Tensor]) -> float:
-        """Add a step of ``n`` images; returns its total loss (not added when it is not finite)."""
-        loss = float(losses["loss"])
-        if math.isfinite(loss):
-            self.seen += n
-            for k in self.sums:
-                if k in losses:
-                    self.sums[k] += float(losses[k]) * n
-        return loss
-
-    def mean(self, key: str) -> float:
-        return self.sums[key] / self.seen
-
-
-@torch.no_grad()
-def validate(model, loader, loss_fn, device, n_classes: int, amp: bool) -> dict[str, float]:
-    """Mean per-image Dice/IoU (threshold 0.5) and loss at the train size."""
-
-    model.eval()
-    dices, ious, losses = [], [], []
-    for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
-        y = batch["mask"].to(device, non_blocking=True)
-        with torch.autocast(device_type=device.split(":")[0], enabled=amp):
-            logits = model(x)
-        logits = logits.float()
-        losses.append(float(loss_fn(logits, y)["loss"]) * x.shape[0])
-        if n_classes == 1:
-            pred = (torch.sigmoid(logits) >= 0.5).cpu().numpy()[:, 0]
-            gt = (y > 0.5).cpu().numpy()[:, 0]
-            for p, g in zip(pred, gt):
-                m = binary_metrics(p, g)
-                dices.append(m["dice"])
-                ious.append(m["iou"])
-        else:
-            pred = logits.argmax(1).cpu().numpy()
-            for p, g in zip(pred, y.cpu().numpy()):
-                dices.append(multiclass_dice(p, g, n_classes)["dice"])
-    model.train()
-    n = max(1, len(dices))
-    out = {"val_dice": float(np.mean(dices)), "val_loss": sum(losses) / n}
-    if ious:
-        out["val_iou"] = float(np.mean(ious))
-    return out
 
 
 def train(
@@ -318,14 +138,7 @@ class _Run:
     # --- build ----------------------------------------------------------------------------------
     def open(self, resume: bool) -> Checkpoint | None:
         """Check the run directory against ``resume``; the checkpoint to resume from, if any."""
-        if resume and not self.last_path.is_file():
-            raise M2SNetError(f"{self.last_path}: nothing to resume (no checkpoint); start without --resume")
-        if not resume and self.last_path.exists():
-            raise M2SNetError(f"{self.out}: already holds a run ({LAST}); use --resume to continue it or another --out")
-        # Read (safely) before building data and model: a foreign or unsafe last.pt fails in a second.
-        resumed = Checkpoint.load(self.last_path) if resume else None
-        self.out.mkdir(parents=True, exist_ok=True)
-        return resumed
+        return open_run_dir(self.out, resume)
 
     def build(self) -> None:
         """Device, seeds, cases, then model, data, loss, optimizer and schedule (in an order that fixes
@@ -341,7 +154,7 @@ class _Run:
         self._build_model_and_data()
         self._build_optimisation()
         self.collate = MultiScaleCollate(cfg.scales() if cfg.multiscale else [cfg.size])
-        self.checkpoint_meta = self._checkpoint_meta()
+        self.checkpoint_meta = checkpoint_meta(cfg, self.cases, self.model, self.model_config)
 
     def _check_no_batch_of_one_at_1x1(self) -> None:
         """TrainBatches avoids a batch of one when the epoch has two cases or more; where it cannot (one
@@ -389,18 +202,7 @@ class _Run:
     # --- restore --------------------------------------------------------------------------------
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from ``last.pt``: weights, optimizer, schedule, AMP scaler, RNG, history, selection."""
-        if not ckpt.resumable:
-            raise M2SNetError(f"{self.last_path}: a slim checkpoint (no optimizer/RNG state); it cannot be resumed")
-        config, saved = self.cfg.to_dict(), dict(ckpt.train_config or {})
-        defaults = TrainConfig().to_dict()
-        for key in config.keys() - saved.keys():  # a field added since the checkpoint was written: it ran with
-            saved[key] = defaults.get(key)  # that field's default
-        for key in ("data", "split"):  # one file named two ways (relative, absolute) is the same input
-            config[key], saved[key] = (_resolved(config.get(key)), _resolved(saved.get(key)))
-        diff = sorted(k for k in config.keys() | saved.keys() if config.get(k) != saved.get(k))
-        if diff:
-            raise M2SNetError(
-                f"{self.last_path}: config differs from the checkpoint's in {diff}; resume with the same config")
+        check_resumable(ckpt, self.cfg, self.last_path)
         state = ckpt.resume
         self.model.load_state_dict(ckpt.state_dict)
         self.optimizer.load_state_dict(state.optimizer)
@@ -455,17 +257,8 @@ class _Run:
                   "train_img_per_s": totals.seen / (time.perf_counter() - ep.t0)}
         return ep
 
-    def _loader(self, dataset: SegmentationDataset, index: int, shuffle: bool) -> DataLoader:
-        # The order (and the scale draws) come from a generator seeded by (seed, epoch): a resumed
-        # run sees the same batches as the uninterrupted one.
-        seed = epoch_seed(self.cfg.seed, index) + (0 if shuffle else 1)
-        generator = torch.Generator().manual_seed(seed)
-        if shuffle:  # training: never a batch of one (TrainBatches); one generator orders batches and seeds workers
-            return DataLoader(dataset, batch_sampler=TrainBatches(len(dataset), self.cfg.batch_size, generator),
-                              num_workers=self.cfg.num_workers, collate_fn=self.collate, pin_memory=self.on_cuda,
-                              generator=generator)
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
-                          pin_memory=self.on_cuda, drop_last=False, generator=generator)
+    def _loader(self, dataset: SegmentationDataset, index: int, shuffle: bool):
+        return epoch_loader(dataset, self.cfg, index, shuffle=shuffle, collate=self.collate, on_cuda=self.on_cuda)
 
     def _account(self, ep: _Epoch, step: int, n: int, losses: dict[str, torch.Tensor]) -> None:
         """Add a step to the epoch's totals and the progress bar; stop on a non-finite loss, naming where."""
@@ -505,16 +298,6 @@ class _Run:
                                   scaler=self.train_step.scaler.state_dict(), rng=capture_rng_state(),
                                   history=self.history, selected=self.selected)
         ckpt.save(self.last_path)
-
-    def _checkpoint_meta(self) -> dict[str, Any]:
-        """What every checkpoint of the run records beside its weights, epoch and metrics."""
-        cfg, cases = self.cfg, self.cases
-        return {"model_name": cfg.model, "model_config": self.model_config, "n_classes": cases.info.n_classes,
-                "image_size": cfg.size, "normalization": self.model.normalization, "train_config": cfg.to_dict(),
-                "pretrained_source": self.pretrained_source, "dataset_version": cases.info.version,
-                "split_sha256": cases.split_sha256, "fold": cfg.fold if cfg.split else None,
-                "git_commit": git_commit(), "m2snet_version": __version__, "selection": cfg.selection,
-                "mask_classes": getattr(cases.info, "mask_classes", None)}
 
     def _checkpoint(self, ep: _Epoch) -> Checkpoint:
         return Checkpoint(**self.checkpoint_meta, epoch=ep.number, metrics=ep.row,
