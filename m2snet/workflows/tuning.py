@@ -270,40 +270,61 @@ def tune(
     the tuning run and one nested run per trial are logged; ``seed_tag`` names and tags it with its seed
     (one seed of a repeated CV, as the fold's own run).
     """
-    import optuna
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
-
-    from m2snet.training.trainer import train
-
     cfg.validate()
     if not base.split:
         raise M2SNetError("tuning needs a split file (the objective is the Dice of an inner split of a fold)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The split is checked (and the inner split written) before a study is opened for it.
-    info = load_dataset(base.data)
-    outer = load_split(base.split, info, accept_version=base.accept_split_version)
-    inner = write_inner_split(info, outer, base.fold, out_dir / "inner_split.json", cfg.inner_val_fraction, cfg.seed)
+    inner = _inner_split(base, cfg, out_dir)  # checked and written before a study is opened for it
     storage_url = cfg.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
     study = open_study(cfg, make_storage(storage_url))
     # A trial scores its final epoch on the inner validation cases (the selection rule the CV uses).
     trial_base = base.override(split=str(inner), fold=0, epochs=cfg.epochs or base.epochs, val_every=1,
                                selection="final")
+    run = _start_tuning_run(base, cfg, inner, storage_url, parent, seed_tag) if tracking else None
+    with run or contextlib.nullcontext():  # the tuning run ends FINISHED, or FAILED on an error
+        _run_trials(study, cfg, _objective(cfg, trial_base, out_dir, run))
+        result = _best_result(study, cfg, out_dir, storage_url, run)
+        write_json(out_dir / "best_params.json", result.to_dict())
+        if run:
+            _log_result(run, result, out_dir)
+        log.info("tuning: best %s=%.4f (trial %d): %s", OBJECTIVE_METRIC, result.best_value, result.best_trial,
+                 json.dumps(result.best_params))
+        return result
 
-    run: Tracker | None = None
-    if tracking:
-        tags = {"m2snet.kind": "tuning", "optuna.study": cfg.study_name}
-        tags["m2snet.fold"] = str(base.fold)
-        if seed_tag is not None:
-            tags["m2snet.seed"] = str(seed_tag)
-        name = (f"seed-{seed_tag}-" if seed_tag is not None else "") + f"tune-fold-{base.fold}"
-        run = parent.child(name, tags=tags) if parent else Tracker.start(TrackingConfig(), run_name=name, tags=tags)
-        # The search ranges are not rates: "<name>_range", so "head_lr" stays the one spelling of a rate used.
-        run.log_params({"tuning": {(f"{k}_range" if k in ("head_lr", "backbone_ratio") else k): v
-                                   for k, v in asdict(cfg).items() if k != "storage"},
-                        "tuning.storage": redact(storage_url), "tuning.fold": base.fold,
-                        "tuning.inner_split": str(inner)})
+
+def _inner_split(base: "TrainConfig", cfg: TuningConfig, out_dir: Path) -> Path:
+    """The fold's inner split (its training cases into inner train / validation), written into ``out_dir``."""
+    info = load_dataset(base.data)
+    outer = load_split(base.split, info, accept_version=base.accept_split_version)
+    return write_inner_split(info, outer, base.fold, out_dir / "inner_split.json", cfg.inner_val_fraction, cfg.seed)
+
+
+def _start_tuning_run(base: "TrainConfig", cfg: TuningConfig, inner: Path, storage_url: str,
+                      parent: "Tracker | None", seed_tag: int | None) -> Tracker:
+    """The MLflow run of this tuning (nested under ``parent`` when given), with the search as its params."""
+    tags = {"m2snet.kind": "tuning", "optuna.study": cfg.study_name}
+    tags["m2snet.fold"] = str(base.fold)
+    if seed_tag is not None:
+        tags["m2snet.seed"] = str(seed_tag)
+    name = (f"seed-{seed_tag}-" if seed_tag is not None else "") + f"tune-fold-{base.fold}"
+    run = parent.child(name, tags=tags) if parent else Tracker.start(TrackingConfig(), run_name=name, tags=tags)
+    # The search ranges are not rates: "<name>_range", so "head_lr" stays the one spelling of a rate used.
+    run.log_params({"tuning": {(f"{k}_range" if k in ("head_lr", "backbone_ratio") else k): v
+                               for k, v in asdict(cfg).items() if k != "storage"},
+                    "tuning.storage": redact(storage_url), "tuning.fold": base.fold,
+                    "tuning.inner_split": str(inner)})
+    return run
+
+
+def _objective(cfg: TuningConfig, trial_base: "TrainConfig", out_dir: Path,
+               run: Tracker | None) -> "Callable[[optuna.Trial], float]":
+    """Optuna's objective: train one trial in its own folder (and nested run), reporting each epoch's
+    :data:`OBJECTIVE_METRIC` so the pruner can stop it; the value is the final epoch's."""
+    # optuna and the trainer (torch) are imported when a study runs, not when the workflows are imported.
+    import optuna
+
+    from m2snet.training.trainer import train
 
     def objective(trial: "optuna.Trial") -> float:
         progress.emit("trial", number=trial.number, of=cfg.n_trials)
@@ -347,34 +368,47 @@ def tune(
             if not cfg.keep_trial_dirs:
                 shutil.rmtree(trial_dir, ignore_errors=True)
 
+    return objective
+
+
+def _run_trials(study: "optuna.Study", cfg: TuningConfig, objective: "Callable[[optuna.Trial], float]") -> None:
+    """Run this worker's share: trials until the study holds ``cfg.n_trials`` finished (complete or pruned)."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     log.info("tuning: study %r has %d/%d finished trials; running up to %d here",
              cfg.study_name, cfg.n_trials - max(remaining, 0), cfg.n_trials, max(remaining, 0))
-    with run or contextlib.nullcontext():  # the tuning run ends FINISHED, or FAILED on an error
-        if remaining > 0:
-            study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, catch=(M2SNetError,),
-                           callbacks=[MaxTrialsCallback(cfg.n_trials, states=finished)])
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
-            raise M2SNetError(f"tuning study {cfg.study_name!r}: no trial completed (see the trial runs' errors)")
-        best_params = best_training_params(study)
-        plots = save_study_plots(study, out_dir / "plots")
-        result = TuningResult(
-            study_name=cfg.study_name, storage=str(redact(storage_url)), best_params=best_params,
-            best_value=float(study.best_value), best_trial=study.best_trial.number, n_complete=len(complete),
-            n_pruned=len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
-            plots=[str(p) for p in plots], run_id=run.run_id if run else None,
-        )
-        write_json(out_dir / "best_params.json", result.to_dict())
-        if run:
-            # The study's choice, under the rates' one spelling (head_lr, backbone_lr) with its source.
-            run.log_params({**best_params, **{f"{k}.source": "tuned" for k in best_params}})
-            run.log_metrics({"best_" + OBJECTIVE_METRIC: result.best_value, "n_complete": result.n_complete,
-                             "n_pruned": result.n_pruned}, flush=True)
-            for p in plots:
-                run.log_artifact(p, "optuna_plots")
-            run.log_artifact(out_dir / "best_params.json")
-        log.info("tuning: best %s=%.4f (trial %d): %s", OBJECTIVE_METRIC, result.best_value, result.best_trial,
-                 json.dumps(best_params))
-        return result
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, catch=(M2SNetError,),
+                       callbacks=[MaxTrialsCallback(cfg.n_trials, states=finished)])
+
+
+def _best_result(study: "optuna.Study", cfg: TuningConfig, out_dir: Path, storage_url: str,
+                 run: Tracker | None) -> TuningResult:
+    """The study's best trial as training-config values, with its plots; an error when no trial completed."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise M2SNetError(f"tuning study {cfg.study_name!r}: no trial completed (see the trial runs' errors)")
+    plots = save_study_plots(study, out_dir / "plots")
+    return TuningResult(
+        study_name=cfg.study_name, storage=str(redact(storage_url)), best_params=best_training_params(study),
+        best_value=float(study.best_value), best_trial=study.best_trial.number, n_complete=len(complete),
+        n_pruned=len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))),
+        plots=[str(p) for p in plots], run_id=run.run_id if run else None,
+    )
+
+
+def _log_result(run: Tracker, result: TuningResult, out_dir: Path) -> None:
+    """The study's choice on the tuning run, under the rates' one spelling (head_lr, backbone_lr) with its
+    source, its metrics, plots and best_params.json."""
+    best_params = result.best_params
+    run.log_params({**best_params, **{f"{k}.source": "tuned" for k in best_params}})
+    run.log_metrics({"best_" + OBJECTIVE_METRIC: result.best_value, "n_complete": result.n_complete,
+                     "n_pruned": result.n_pruned}, flush=True)
+    for p in result.plots:
+        run.log_artifact(p, "optuna_plots")
+    run.log_artifact(out_dir / "best_params.json")
