@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.services"]
+pytest_plugins = ["tests.fixtures.services", "tests.fixtures.container"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The real BUSI set sits beside the checkout (../shared/data/busi); a user's clone has none.

@@ -324,6 +324,26 @@ def test_seeds_run_as_separate_jobs_join_with_plus(tmp_path):
         load_cv_cases(f"{tmp_path / 'A42'}+{tmp_path / 'X'}")
 
 
+def test_folds_run_in_separate_sittings_join_with_plus(tmp_path):
+    """`F01+F23` is one CV whose folds ran as separate jobs (one seed): the joined CV holds every fold once and
+    pairs like the CV run in one go; a fold in two parts is refused."""
+    from m2snet.common import M2SNetError
+    from m2snet.mlops.cv_results import load_cv_cases
+
+    fold, a, b = _planted(0.05, n_per_fold=10)
+    rows = _rows(fold, a, seed=42)
+    write_cv_per_case([r for r in rows if r["fold"] in "01"], tmp_path / "F01", LINEAGE)
+    write_cv_per_case([r for r in rows if r["fold"] in "23"], tmp_path / "F23", LINEAGE)
+    write_cv_per_case(rows, tmp_path / "ALL", LINEAGE)
+    write_cv_per_case(_rows(fold, b, seed=42), tmp_path / "B", LINEAGE)
+    joined = load_cv_cases(f"{tmp_path / 'F01'}+{tmp_path / 'F23'}")
+    assert joined.seeds == ["42"] and sorted({r["fold"] for r in joined.rows}) == ["0", "1", "2", "3"]
+    assert average_seeds(joined.rows).values["dice"].tolist() == average_seeds(
+        load_cv_cases(str(tmp_path / "ALL")).rows).values["dice"].tolist()
+    with pytest.raises(M2SNetError, match=r"seed 42 is in both .*F01 and .*ALL \(fold 0\)"):
+        load_cv_cases(f"{tmp_path / 'F01'}+{tmp_path / 'ALL'}")
+
+
 def test_pipeline_steps_repeat_the_cv_per_seed_on_one_split(tmp_path):
     """The pipeline's `seeds`: the split step fans out (seed, fold) tasks on ONE split; each seed's fold
     trains with its seed and the config's case seed; the aggregate step writes cv_per_case.csv with the

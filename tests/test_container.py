@@ -12,49 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from m2snet.common import M2SNetError
-from m2snet.kubeflow.image import COMPONENT_IMAGE
+from tests.fixtures.container import engine_env as _engine_env
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "container-test"
 MODEL = "m2snet-tiny-container"
 # At least prepare, split, tune, 4 x (train, evaluate), aggregate, register, promote.
 MIN_TINY_STEPS = 3 + 2 * 4 + 3
-
-
-def _engine() -> str:
-    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
-        return "docker"
-    if shutil.which("podman"):
-        return "podman"
-    pytest.skip("neither a docker daemon nor podman (apt-get install podman runc)")
-
-
-def _engine_env() -> dict[str, str]:
-    from m2snet.kubeflow.container import PODMAN_CONF
-
-    env = dict(os.environ)
-    if "CONTAINERS_CONF" not in env and shutil.which("runc"):
-        env["CONTAINERS_CONF"] = str(PODMAN_CONF)
-    return env
-
-
-@pytest.fixture(scope="module")
-def image() -> tuple[str, str]:
-    engine = _engine()
-    t0 = time.perf_counter()
-    proc = subprocess.run(["bash", str(ROOT / "docker" / "build.sh")], env={**_engine_env(), "ENGINE": engine},
-                          capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    print(f"\nbuild.sh: {time.perf_counter() - t0:.0f} s; {proc.stdout.strip().splitlines()[-1]}")
-    return engine, COMPONENT_IMAGE
 
 
 @pytest.mark.container

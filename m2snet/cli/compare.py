@@ -16,8 +16,8 @@ app = typer.Typer()
 @app.command("compare")
 def compare_cmd(
     a: str = typer.Argument(..., help="CV A: its output directory, MLflow parent run id, or models:/NAME/VERSION "
-                                      "(or models:/NAME@alias); DIR1+DIR2 joins the seeds of one CV run as "
-                                      "separate jobs."),
+                                      "(or models:/NAME@alias); DIR1+DIR2 joins the seeds or folds of one CV run "
+                                      "as separate jobs."),
     b: str = typer.Argument(..., help="CV B, the same ways; the report is B - A."),
     metric: List[str] = typer.Option(["dice", "iou"], "--metric", help="Metric(s) to compare (repeatable)."),
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Where compare.txt/.json and the figure go."),

@@ -151,15 +151,15 @@ def version_cases(client, mv, source: str = "") -> CVCases:
     return _from_run(client, mv.run_id, source, {k: mv.tags.get(k) for k in LINEAGE_KEYS})
 
 
-# Joins the per-seed parts of one CV run as separate jobs: ``runs/m2snet/seed42+runs/m2snet/seed43``.
+# Joins the parts of one CV run as separate jobs: ``runs/m2snet/seed42+runs/m2snet/seed43``.
 JOIN = "+"
 
 
 def load_cv_cases(source: str, tracking_uri: str | None = None) -> CVCases:
     """A CV's per-case results from a directory, an MLflow run id, or ``models:/NAME/VERSION|@alias``;
-    ``A+B+...`` joins the seeds of one CV run as several jobs (:func:`join_seeds`)."""
+    ``A+B+...`` joins the seeds or folds of one CV run as several jobs (:func:`join_parts`)."""
     if JOIN in source and not Path(source).exists():
-        return join_seeds([load_cv_cases(part, tracking_uri) for part in source.split(JOIN)], source)
+        return join_parts([load_cv_cases(part, tracking_uri) for part in source.split(JOIN)], source)
     if Path(source).is_dir():
         return _read_dir(Path(source), source)
     if not source.startswith("models:/") and (os.sep in source or source.startswith(".")):
@@ -170,23 +170,23 @@ def load_cv_cases(source: str, tracking_uri: str | None = None) -> CVCases:
     return _from_run(client, source, source)
 
 
-def join_seeds(parts: Sequence[CVCases], source: str) -> CVCases:
-    """One CV from its seeds run as separate jobs (e.g. ``m2snet cv --seeds 42`` and ``--seeds 43`` on two
-    machines): the parts must share the data version and split and hold disjoint seeds, so that no
-    case is counted twice for one seed."""
+def join_parts(parts: Sequence[CVCases], source: str) -> CVCases:
+    """One CV from parts run as separate jobs: its seeds (``m2snet cv --seeds 42`` and ``--seeds 43`` on two
+    machines) or its folds (``--folds 0,1`` today, ``--folds 2,3`` in a later sitting). The parts must share
+    the data version and split and hold disjoint (seed, fold) pairs, so that no case is counted twice."""
     first = parts[0]
     for part in parts[1:]:
         if part.lineage() != first.lineage():
             diff = ", ".join(f"{k} {first.lineage()[k]} vs {part.lineage()[k]}" for k in LINEAGE_KEYS
                              if first.lineage()[k] != part.lineage()[k])
             raise M2SNetError(f"{source}: {first.source} and {part.source} are not one CV ({diff})")
-    seen: dict[str, str] = {}
+    owner: dict[tuple[str, str], str] = {}
     for part in parts:
-        for seed in part.seeds:
-            if not seed:
-                raise M2SNetError(f"{source}: {part.source} records no seed per case; join only CVs run with --seeds")
-            if seed in seen:
-                raise M2SNetError(f"{source}: seed {seed} is in both {seen[seed]} and {part.source}")
-            seen[seed] = part.source
+        for seed, fold in sorted({(r.get("seed", ""), r["fold"]) for r in part.rows}):
+            if (seed, fold) in owner:
+                which = f"seed {seed}" if seed else "a CV without --seeds"
+                raise M2SNetError(f"{source}: {which} is in both {owner[seed, fold]} and {part.source} (fold {fold})")
+            owner[seed, fold] = part.source
     return CVCases(source=source, rows=[r for p in parts for r in p.rows], data_version=first.data_version,
-                   split_sha256=first.split_sha256, seeds=sorted(seen), origins=[o for p in parts for o in p.origins])
+                   split_sha256=first.split_sha256, seeds=sorted({s for s, _ in owner}),
+                   origins=[o for p in parts for o in p.origins])
