@@ -113,9 +113,9 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
 
 def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[str, list[dict]]:
     """Per-fold metrics of the same runs under other readings (final epoch, batch stats, recalibrated)."""
-    from m2snet.common import resolve_device
     from m2snet.evaluation.evaluate import evaluate_predictor
     from m2snet.evaluation.predict import Predictor
+    from m2snet.runtime import resolve_device
     from m2snet.training.cases import resolve_cases
     from m2snet.workflows.folds import score_fold
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.compare import (
     average_seeds,
     compare_metric,
@@ -305,7 +305,7 @@ def test_compare_logs_a_compare_run(tmp_path, monkeypatch):
 def test_seeds_run_as_separate_jobs_join_with_plus(tmp_path):
     """`A42+A43` is one CV of two seeds: its cases are averaged over both before pairing; a seed in two
     parts or parts on two splits are refused."""
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
     from m2snet.mlops.cv_results import load_cv_cases
 
     fold, a, b = _planted(0.05, n_per_fold=10)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 
 ROOT = Path(__file__).resolve().parents[1]

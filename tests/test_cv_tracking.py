@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m2snet.common import free_port
 from m2snet.mlops.tracking import Tracker, TrackingConfig, TrackingError, flatten_params
+from m2snet.processes import free_port
 from m2snet.workflows.context import RunContext
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -162,7 +162,7 @@ def test_reference_protocol_scores_as_the_papers_test_score():
     assert case_metrics(np.zeros(gt.shape), empty, protocol="reference", with_sod=False)["dice"] == 1.0
     # Precision (not in test_score.py) of an empty prediction on a lesion: 0, not a smoothed 1
     assert case_metrics(np.zeros(gt.shape), gt, protocol="reference", with_sod=False)["precision"] == 0.0
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
 
     with pytest.raises(M2SNetError, match="protocol"):
         case_metrics(prob, gt, protocol="paper")

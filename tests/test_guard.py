@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from m2snet.common import M2SNetError
 from m2snet.data.format import load_dataset
 from m2snet.data.split import load_split
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.guard import InputGuard, backbone_features, fit_guard, held_out_halves
 from m2snet.evaluation.predict import Predictor
 

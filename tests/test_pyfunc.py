@@ -141,7 +141,7 @@ class _PickledPayload(mlflow.pyfunc.PythonModel):
 
 
 def test_a_pickled_python_model_is_refused_unloaded(tmp_path):
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
     from m2snet.mlops.serving import load_model
 
     marker = tmp_path / "pwned"
@@ -242,8 +242,8 @@ def test_mlflow_models_serve_json_round_trip(checkpoints, tmp_path):
 
     import mlflow
 
-    from m2snet.common import free_port
     from m2snet.mlops.pyfunc import decode_mask, encode_image, log_segmentation_model
+    from m2snet.processes import free_port
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.mlops.registry import (
     PREVIOUS,
     PRODUCTION,

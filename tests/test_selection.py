@@ -141,7 +141,7 @@ def test_a_rule_registered_in_one_place_is_validated_used_and_recorded(data, tmp
 
 
 def test_an_unknown_or_twice_registered_rule_is_refused(two_epoch_mean):
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
     from m2snet.training.selection import SelectionRule, register_selection
 
     with pytest.raises(M2SNetError, match=r"selection='best' must be one of final, inner, fold_best, toy_mean2"):

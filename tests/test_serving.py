@@ -136,7 +136,7 @@ def test_readme_serve_command_works_without_activating_the_virtualenv(production
 
     import requests
 
-    from m2snet.common import free_port
+    from m2snet.processes import free_port
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     command = re.search(r"`([^`]*m2snet serve --model models:/m2snet-busi@production[^`]*)`", readme).group(1)
@@ -281,11 +281,11 @@ def test_m2snet_serve_answers_as_the_version_the_alias_named_at_start_and_a_rest
     import mlflow
     import requests
 
-    from m2snet.common import find_tool, free_port
     from m2snet.mlops.pyfunc import log_segmentation_model
     from m2snet.mlops.registry import PromotionPolicy, promote, register_model_version, rollback
     from m2snet.mlops.services import ManagedProcess
     from m2snet.mlops.serving import request_predictions
+    from m2snet.processes import find_tool, free_port
 
     env = {"MLFLOW_TRACKING_URI": production_model["uri"], "M2SNET_CACHE_DIR": str(tmp_path / "cache")}
     client = mlflow.MlflowClient()

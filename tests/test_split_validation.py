@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from m2snet.common import M2SNetError
 from m2snet.data.split import load_split
+from m2snet.errors import M2SNetError
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_a_storage_whose_driver_is_missing_or_server_is_down_is_one_line(monkeyp
     not the psycopg2 this package installs: the error says how to name the installed one."""
     import sys
 
-    from m2snet.common import free_port
+    from m2snet.processes import free_port
     from m2snet.workflows.tuning import make_storage
 
     url = f"postgresql+psycopg2://alice:pw@127.0.0.1:{free_port()}/test"

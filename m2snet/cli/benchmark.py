@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from m2snet.cli.options import NO_TRACK, SETS, TRACKING_URI
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 app = typer.Typer()
 
@@ -68,7 +68,7 @@ def paper_compare_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the report to this markdown file."),
 ) -> None:
     """Ours beside the paper's M2SNet figures for a finished run, with the difference and the budget."""
-    from m2snet.common import write_text
+    from m2snet.files import write_text
     from m2snet.workflows.protocols import comparison_from_results
 
     text = comparison_from_results(protocol, results)

@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from m2snet.cli.options import ACCEPT_SPLIT_VERSION
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 app = typer.Typer()
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, PROTOCOLS
 from m2snet.mlops import tracking
 from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, PRESETS, train_config

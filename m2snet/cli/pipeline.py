@@ -14,7 +14,8 @@ from typing import Any, List, Optional
 import typer
 
 from m2snet.cli.options import METRIC_PROTOCOL, MODEL_NAME, PIPELINE_EXPERIMENT, PRESET, preset_overrides
-from m2snet.common import M2SNetError, interpreter_bin
+from m2snet.errors import M2SNetError
+from m2snet.processes import interpreter_bin
 
 app = typer.Typer(help="The cross-validation pipeline: run locally, compile, submit to Kubeflow.", no_args_is_help=True)
 

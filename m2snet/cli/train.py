@@ -22,7 +22,7 @@ from m2snet.cli.options import (
     parse_folds,
     parse_seeds,
 )
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.mlops.tracking import CLI_EXPERIMENT
 
 app = typer.Typer()

@@ -24,7 +24,6 @@ from typing import Any, Callable, ClassVar, Literal, Union, get_args, get_origin
 import numpy as np
 from PIL import Image
 
-from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.duplicates import (
     DEFAULT_MAX_DISTANCE,
     ENDOSCOPY_MAX_DISTANCE,
@@ -46,6 +45,8 @@ from m2snet.data.format import (
 )
 from m2snet.data.images import decode_image
 from m2snet.data.validation import validate_dataset
+from m2snet.directories import atomic_directory
+from m2snet.errors import M2SNetError
 from m2snet.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from m2snet.common import sha256_file, write_json, write_text
 from m2snet.data.duplicates import (
     CROP_SCALES,
     LINKAGE,
@@ -39,6 +38,8 @@ from m2snet.data.duplicates import (
 )
 from m2snet.data.format import DatasetInfo, load_dataset
 from m2snet.data.images import ImageError, decode_image
+from m2snet.files import write_json, write_text
+from m2snet.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

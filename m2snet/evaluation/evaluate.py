@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from m2snet import progress as progress_events
-from m2snet.common import M2SNetError, resolve_device, write_csv, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.images import read_mask, read_rgb
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, case_metrics, check_protocol, has_lesion, summarize_cases
 from m2snet.evaluation.plots import OverlayCase, overlay_grid
 from m2snet.evaluation.predict import Predictor
+from m2snet.files import write_csv, write_json
+from m2snet.runtime import resolve_device
 
 log = logging.getLogger("m2snet.evaluation")
 

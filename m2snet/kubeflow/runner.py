@@ -21,8 +21,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from m2snet.common import Interruption, M2SNetError, Terminated, redact, stop_children_on_signal
 from m2snet.data.importers import list_importers
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, check_protocol
 from m2snet.kubeflow.container import container_runner
 from m2snet.kubeflow.image import COMPONENT_IMAGE
@@ -36,6 +36,9 @@ from m2snet.mlops.tracking import (
     mlflow_client,
     parent_run,
 )
+from m2snet.processes import Interruption, stop_children_on_signal
+from m2snet.redaction import redact
+from m2snet.signals import Terminated
 from m2snet.workflows.context import RunContext
 from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, get_preset
 from m2snet.workflows.steps import finalize_step, loop_items, parse_seeds

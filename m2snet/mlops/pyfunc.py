@@ -51,8 +51,9 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 import m2snet
-from m2snet.common import M2SNetError, resolve_device
 from m2snet.data.images import ImageTooLarge, check_image, positive_env, read_image, read_mask
+from m2snet.errors import M2SNetError
+from m2snet.runtime import resolve_device
 
 MODEL_CONFIG_TTA = "tta_flip"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # what MLflow runs to load the model

@@ -37,11 +37,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from m2snet import progress
-from m2snet.common import M2SNetError, pid_alive, redact
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.compare import average_seeds, compare_paired, lineage_difference, pair
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.mlops.cv_results import version_cases
 from m2snet.mlops.tracking import mlflow_client
+from m2snet.processes import pid_alive
+from m2snet.redaction import redact
 
 if TYPE_CHECKING:  # heavy: imported lazily at run time
     from mlflow import MlflowClient

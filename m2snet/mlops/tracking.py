@@ -36,17 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from m2snet.common import (
-    SECRET_NAME,
-    M2SNetError,
-    atomic_file,
-    database_driver_hint,
-    git_commit,
-    redact,
-    write_json,
-    write_text,
-    writer_lock,
-)
+from m2snet.errors import M2SNetError, database_driver_hint
+from m2snet.files import atomic_file, write_json, write_text
+from m2snet.locks import writer_lock
+from m2snet.redaction import SECRET_NAME, redact
+from m2snet.runtime import git_commit
 from m2snet.training.selection import selection_rule
 
 if TYPE_CHECKING:

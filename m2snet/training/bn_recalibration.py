@@ -33,11 +33,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
-from m2snet.common import M2SNetError, resolve_device
 from m2snet.data.dataset import SegmentationDataset
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import binary_metrics
 from m2snet.models.checkpoint import Checkpoint
 from m2snet.models.units import OnesFilterBN
+from m2snet.runtime import resolve_device
 from m2snet.training.cases import resolve_cases
 from m2snet.training.config import TrainConfig
 

@@ -13,7 +13,7 @@ cases comes from a DataLoader generator seeded by (seed, epoch), so a resumed ru
 uninterrupted one exactly on CPU in deterministic mode. The loop reports to callbacks
 (:mod:`m2snet.training.callbacks`) and knows nothing of MLflow; checkpoints are
 :class:`m2snet.models.checkpoint.Checkpoint` objects, written through ``Checkpoint.save`` (one
-:func:`m2snet.common.atomic_file` each).
+:func:`m2snet.files.atomic_file` each).
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 from m2snet import __version__, progress
-from m2snet.common import M2SNetError, git_commit, resolve_device, seed_everything, write_json
 from m2snet.data.cache import default_cache_dir
 from m2snet.data.dataset import SegmentationDataset
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import binary_metrics, multiclass_dice
 from m2snet.evaluation.plots import learning_curves
+from m2snet.files import write_json
 from m2snet.models import create_model
 from m2snet.models.checkpoint import Checkpoint, ResumeState, capture_rng_state, restore_rng_state
+from m2snet.runtime import git_commit, resolve_device, seed_everything
 from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
 from m2snet.training.callbacks import CallbackLike, EpochEnd, TrainCallback, TrainEnd, TrainStart, as_callbacks
 from m2snet.training.cases import resolve_cases

@@ -30,9 +30,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from m2snet.common import M2SNetError, git_commit, sha256_file, write_json, write_text
 from m2snet.data.format import load_dataset
 from m2snet.data.split import Split, load_split
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import (
     BUSI_TABLE,
     DEFAULT_PROTOCOL,
@@ -43,6 +43,8 @@ from m2snet.evaluation.metrics import (
     is_percent_metric,
 )
 from m2snet.evaluation.plots import cv_learning_curves
+from m2snet.files import write_json, write_text
+from m2snet.hashing import sha256_file
 from m2snet.mlops.cv_results import per_case_rows, write_cv_per_case
 from m2snet.mlops.tracking import (
     PARENT_RUN_FILE,
@@ -55,6 +57,7 @@ from m2snet.mlops.tracking import (
     tracking_callbacks,
     write_run_file,
 )
+from m2snet.runtime import git_commit
 from m2snet.training.config import TrainConfig
 from m2snet.workflows.context import UNTRACKED, RunContext
 from m2snet.workflows.presets import rate_params, settle_config

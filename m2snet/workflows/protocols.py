@@ -28,13 +28,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from m2snet.common import M2SNetError, git_commit, read_json, sha256_file, write_json, write_text
 from m2snet.data.fixed_split import make_fixed_split
 from m2snet.data.format import DATASET_JSON, load_dataset
 from m2snet.data.split import Split, load_split, make_split
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
+from m2snet.files import read_json, write_json, write_text
+from m2snet.hashing import sha256_file
 from m2snet.mlops.tracking import Tracker, mlflow_client, parent_run, tracking_callbacks, write_run_file
+from m2snet.runtime import git_commit
 from m2snet.training.config import SELECTED, TrainConfig
 from m2snet.workflows.context import RunContext
 from m2snet.workflows.folds import log_fold_lineage, log_fold_model, log_training_artifacts
