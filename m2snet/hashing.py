@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from typing import Any
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -18,8 +16,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: the form we hash."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
