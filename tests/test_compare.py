@@ -21,7 +21,7 @@ from m2snet.evaluation.compare import (
     stratified_bootstrap_means,
 )
 from m2snet.mlops.cv_results import write_cv_per_case
-from m2snet.mlops.registry import PromotionPolicy, decide_with_ci
+from m2snet.mlops.promotion_gate import PromotionPolicy, decide_with_ci
 from tests.conftest import make_tiny_dataset
 
 LINEAGE = {"data_version": "0123456789abcdef0123456789abcdef.dir", "split_sha256": "a" * 64}

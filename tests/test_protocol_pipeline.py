@@ -107,7 +107,7 @@ def test_local_protocol_pipeline_logs_one_row_per_test_set_and_no_skill(pranet_t
     from mlflow import MlflowClient
 
     from m2snet.cli import app
-    from m2snet.mlops.registry import NOSKILL_TAG, SCORE_TAG
+    from m2snet.mlops.promotion_gate import NOSKILL_TAG, SCORE_TAG
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

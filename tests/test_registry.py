@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from m2snet.errors import M2SNetError
+from m2snet.mlops.promotion_gate import PromotionPolicy, decide
 from m2snet.mlops.registry import (
     PREVIOUS,
     PRODUCTION,
-    PromotionPolicy,
-    decide,
     find_version_by_key,
     promote,
     register_model_version,
@@ -166,7 +165,8 @@ def _promote_at_barrier(uri: str, name: str, version: str, barrier, results) -> 
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
-    from m2snet.mlops.registry import PromotionPolicy, promote
+    from m2snet.mlops.promotion_gate import PromotionPolicy
+    from m2snet.mlops.registry import promote
 
     barrier.wait(timeout=300)
     try:
@@ -239,7 +239,7 @@ def _hold_the_lock_forever(uri: str, name: str, held) -> None:
     import time
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    from m2snet.mlops.registry import alias_lock
+    from m2snet.mlops.alias_lock import alias_lock
     from m2snet.mlops.tracking import mlflow_client
 
     with alias_lock(name, mlflow_client(uri)):
@@ -253,7 +253,7 @@ def test_a_killed_holder_or_a_lapsed_lease_does_not_block_the_lock(mlflow_sqlite
     import signal
     import time
 
-    from m2snet.mlops.registry import _EXPIRES_TAG, _OWNER_TAG, alias_lock
+    from m2snet.mlops.alias_lock import _EXPIRES_TAG, _OWNER_TAG, alias_lock
     from m2snet.mlops.tracking import mlflow_client
 
     client = mlflow_client(mlflow_sqlite)

@@ -17,8 +17,9 @@ def production_model(tmp_path_factory):
     from m2snet.data.demo import make_demo_dataset
     from m2snet.data.importers import import_dataset
     from m2snet.data.split import make_split
+    from m2snet.mlops.promotion_gate import PromotionPolicy
     from m2snet.mlops.pyfunc import log_segmentation_model
-    from m2snet.mlops.registry import PromotionPolicy, promote, register_model_version
+    from m2snet.mlops.registry import promote, register_model_version
     from m2snet.training.trainer import train
     from m2snet.workflows.presets import train_config
 
@@ -281,8 +282,9 @@ def test_m2snet_serve_answers_as_the_version_the_alias_named_at_start_and_a_rest
     import mlflow
     import requests
 
+    from m2snet.mlops.promotion_gate import PromotionPolicy
     from m2snet.mlops.pyfunc import log_segmentation_model
-    from m2snet.mlops.registry import PromotionPolicy, promote, register_model_version, rollback
+    from m2snet.mlops.registry import promote, register_model_version, rollback
     from m2snet.mlops.services import ManagedProcess
     from m2snet.mlops.serving import request_predictions
     from m2snet.processes import find_tool, free_port

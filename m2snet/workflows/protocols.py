@@ -410,7 +410,7 @@ def registered_model_name(protocol: str) -> str:
 def version_tags(protocol: str, mean: Mapping[str, float]) -> dict[str, str]:
     """A protocol model version's tags: the mean row over the test sets; the promotion gate's scores are
     its Dice and the no-skill predictor's Dice on the same cases (fractions)."""
-    from m2snet.mlops.registry import NOSKILL_TAG, SCORE_TAG
+    from m2snet.mlops.promotion_gate import NOSKILL_TAG, SCORE_TAG
 
     return {"m2snet.protocol": protocol, **{f"mean_{k}": f"{v:.4f}" for k, v in mean.items()},
             SCORE_TAG: f"{mean.get('dice', float('nan')):.6f}",
