@@ -50,6 +50,28 @@ def _scores(cv_dice: float) -> dict[str, float]:
     return {"cv_dice": cv_dice, "noskill_dice": 0.2}
 
 
+def test_a_missing_model_or_alias_is_none(mlflow_sqlite):
+    """What the registry answers for them (RESOURCE_DOES_NOT_EXIST, INVALID_PARAMETER_VALUE) means "none"."""
+    from m2snet.mlops.tracking import mlflow_client
+
+    client = mlflow_client(mlflow_sqlite, writes=True)
+    assert version_by_alias("m2snet-nonexistent", PRODUCTION, client) is None
+    client.create_registered_model("m2snet-no-alias")
+    assert version_by_alias("m2snet-no-alias", PRODUCTION, client) is None
+
+
+def test_an_unreachable_registry_is_an_error_not_a_missing_alias(monkeypatch):
+    """A tracking server nobody answers at (a closed loopback port) is no "version without the alias":
+    MLflow's error names the .../registered-models/alias endpoint, which once read as "alias not found"."""
+    from m2snet.mlops.tracking import mlflow_client
+    from m2snet.processes import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: no need to ask again
+    uri = f"http://127.0.0.1:{free_port()}"  # bound and closed again: nothing listens there
+    with pytest.raises(M2SNetError, match=r"cannot read the alias 'production'.*127\.0\.0\.1"):
+        version_by_alias("m2snet-test", PRODUCTION, mlflow_client(uri))
+
+
 def test_decide_rule():
     policy = PromotionPolicy(floor=0.5, margin=0.01)
     assert decide(0.7, None, policy, noskill=0.2)[0]

@@ -39,7 +39,7 @@ from m2snet.mlops.promotion_gate import (
     paired_dice_ci,
     version_score,
 )
-from m2snet.mlops.registry_errors import is_not_found, retrying
+from m2snet.mlops.registry_errors import is_missing_alias, retrying
 from m2snet.mlops.tracking import mlflow_client
 from m2snet.mlops.version_description import with_decision
 from m2snet.redaction import redact
@@ -62,16 +62,20 @@ def _client(tracking_uri: str | None = None, *, writes: bool = False) -> "Mlflow
 
 
 def version_by_alias(name: str, alias: str, client: "MlflowClient | None" = None) -> "ModelVersion | None":
-    """The version an alias points to, or None when the model or the alias does not exist."""
+    """The version an alias points to, or None when the registry answers that the model or the alias does
+    not exist (:func:`is_missing_alias`). Any other failure (an unreachable server, a refused request) is
+    one line naming the alias and MLflow's error, never "no version has the alias"."""
     from mlflow.exceptions import MlflowException
 
     client = client or _client()
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
-        if is_not_found(err) or "alias" in str(err).lower():
+        if is_missing_alias(err):
             return None
-        raise
+        first = (err.message.strip().splitlines() or [""])[0][:300]
+        raise M2SNetError(redact(f"model {name!r}: cannot read the alias {alias!r} from the registry "
+                                 f"({err.error_code}: {first})")) from err
 
 
 def find_version_by_key(name: str, key: str, client: "MlflowClient | None" = None) -> "ModelVersion | None":

@@ -21,6 +21,15 @@ def is_not_found(err: Exception) -> bool:
     return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(err).lower()
 
 
+def is_missing_alias(err: Exception) -> bool:
+    """The registry's answer to ``get_model_version_by_alias`` for a model that does not exist
+    (RESOURCE_DOES_NOT_EXIST) or has no such alias (INVALID_PARAMETER_VALUE, "Registered model alias ...
+    not found."): MLflow's SQL and file stores raise these, and its server passes them on. Decided by the
+    code, not the text: an unreachable server's message names the .../registered-models/alias endpoint."""
+    code = getattr(err, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(err).lower())
+
+
 def is_transient(err: Exception) -> bool:
     """A registry error a retry fixes: SQLite's write lock, a unique-key race between two writers (MLflow
     reports both as BAD_REQUEST), an unavailable server."""
