@@ -135,11 +135,12 @@ def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[s
                 ev = evaluate_predictor(predictor, cfg.data, cases.reported, with_sod=False)
             rows.setdefault(f"{label} (filter BN on batch statistics)", []).append(ev.metrics)
         if "recalibrated" in extras:
-            from m2snet.training.bn_recalibration import recalibrate_checkpoint
+            from m2snet.training.bn_recalibration import RecalibrationOptions, recalibrate_checkpoint
 
             out, _ = recalibrate_checkpoint(fr.checkpoint, fr.out_dir / "model-recalibrated.pt", data=cfg.data,
-                                            split=cfg.split, fold=fr.fold, msu_norm=None,
-                                            max_cases=cfg.max_train_cases, device=device, seed=cfg.seed)
+                                            options=RecalibrationOptions(
+                                                split=cfg.split, fold=fr.fold, msu_norm=None,
+                                                max_cases=cfg.max_train_cases, device=device, seed=cfg.seed))
             ev = score_fold(out, cfg.data, cases.reported, fr.out_dir / "eval-recalibrated", device=device,
                             batch_size=cfg.batch_size, with_sod=False)
             rows.setdefault(f"{label} + BN recalibration", []).append(ev.metrics)

@@ -147,7 +147,7 @@ def evaluate_cmd(
     """Score checkpoint(s) at each case's original size; write per-case CSV, means and overlays.
 
     With a fixed split: every named test set (``OUT/<set>/``), one row each plus their mean (test_sets.md)."""
-    from m2snet.evaluation.evaluate import evaluate
+    from m2snet.evaluation.evaluate import EvalOptions, evaluate
 
     if no_skill:
         from m2snet.workflows.folds import noskill_cv
@@ -177,8 +177,8 @@ def evaluate_cmd(
             typer.echo(f"table: {table_md}")
             return
         case_ids = list(loaded.fold(fold or 0).val)
-    res = evaluate(checkpoint, data, case_ids=case_ids, out_dir=out, tta_flip=tta_flip, device=device,
-                   batch_size=batch_size, protocol=protocol)
+    res = evaluate(checkpoint, data, case_ids=case_ids, out_dir=out,
+                   options=EvalOptions(tta_flip=tta_flip, device=device, batch_size=batch_size, protocol=protocol))
     for k, v in res.metrics.items():
         typer.echo(f"{k:>20s}: {v:.4f}")
     typer.echo(f"per-case CSV: {res.per_case_csv}\noverlays: {res.overlay_png}")

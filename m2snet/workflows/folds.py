@@ -312,10 +312,11 @@ def score_fold(checkpoint: str | os.PathLike, data: str | os.PathLike, val_cases
                protocol: str = DEFAULT_PROTOCOL):
     """Evaluate ``checkpoint`` (and the no-skill predictor) on the fold's validation cases at their original
     sizes under the metric ``protocol``; log to ``tracker``."""
-    from m2snet.evaluation.evaluate import evaluate
+    from m2snet.evaluation.evaluate import EvalOptions, evaluate
 
-    ev = evaluate([checkpoint], data, case_ids=list(val_cases), out_dir=out_dir, tta_flip=tta_flip,
-                  device=device, batch_size=batch_size, with_sod=with_sod, progress=progress, protocol=protocol)
+    ev = evaluate([checkpoint], data, case_ids=list(val_cases), out_dir=out_dir, options=EvalOptions(
+        tta_flip=tta_flip, device=device, batch_size=batch_size, with_sod=with_sod, progress=progress,
+        protocol=protocol))
     if tracker is not None:
         tracker.log_params({"metric_protocol": protocol})
         log_evaluation(tracker, ev, step=step)
