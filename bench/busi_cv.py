@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tracking = None
     if args.tracking_uri:
-        from m2snet.mlops.tracking import TrackingConfig
+        from m2snet.mlops.mlflow_store import TrackingConfig
 
         tracking = TrackingConfig(uri=args.tracking_uri, experiment="busi-bench")
     for label, name, model_config in parse_models(args.models):

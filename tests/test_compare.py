@@ -239,7 +239,8 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
     from m2snet.data.demo import make_demo_dataset
     from m2snet.data.importers import import_dataset
     from m2snet.data.split import make_split
-    from m2snet.mlops.tracking import TrackingConfig, iter_child_runs
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import iter_child_runs
     from m2snet.training.config import TrainConfig
     from m2snet.workflows.context import RunContext
     from m2snet.workflows.folds import run_cv
@@ -281,7 +282,7 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
 def test_compare_logs_a_compare_run(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from m2snet.mlops.tracking import TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
     from m2snet.workflows.comparison import compare_cv
 
     monkeypatch.chdir(tmp_path)

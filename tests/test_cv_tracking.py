@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m2snet.mlops.tracking import Tracker, TrackingConfig, TrackingError, flatten_params
+from m2snet.mlops.mlflow_store import TrackingConfig, TrackingError
+from m2snet.mlops.tracking import Tracker, flatten_params
 from m2snet.processes import free_port
 from m2snet.workflows.context import RunContext
 
@@ -91,7 +92,8 @@ def test_unreachable_server_fails_clearly_after_retries():
 FIRST_RUN = r"""
 import sys, time
 from pathlib import Path
-from m2snet.mlops.tracking import Tracker, TrackingConfig
+from m2snet.mlops.mlflow_store import TrackingConfig
+from m2snet.mlops.tracking import Tracker
 barrier, me = Path(sys.argv[2]), sys.argv[3]
 (barrier / me).touch()
 while len(list(barrier.iterdir())) < 2:

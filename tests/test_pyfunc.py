@@ -47,8 +47,9 @@ def test_ensemble_pyfunc_logs_loads_and_predicts_masks_at_input_size(checkpoints
     import pandas as pd
 
     from m2snet.evaluation.predict import Predictor
+    from m2snet.mlops.mlflow_store import TrackingConfig
     from m2snet.mlops.pyfunc import decode_mask, encode_image, log_segmentation_model
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="pyfunc-test")
@@ -105,8 +106,9 @@ def test_a_local_store_keeps_one_copy_of_each_checkpoint(checkpoints, tmp_path, 
     links to one file each, which outlive the runner's copy (removed after a run)."""
     import shutil
 
+    from m2snet.mlops.mlflow_store import TrackingConfig
     from m2snet.mlops.pyfunc import log_segmentation_model
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
     outputs = tmp_path / "task-outputs"  # the kfp runner's copies

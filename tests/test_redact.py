@@ -61,7 +61,9 @@ def _everything_stored(client, run_id: str) -> str:
 
 def test_dataset_input_source_with_credentials_is_not_stored(tmp_path, monkeypatch, caplog):
     """A DVC repository given with a password or token reaches neither MLflow nor the console."""
-    from m2snet.mlops.tracking import DatasetLineage, Tracker, TrackingConfig
+    from m2snet.mlops.lineage import DatasetLineage
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="secrets")
@@ -211,7 +213,8 @@ except ValueError:
 
 def test_text_artifacts_are_uploaded_masked(tmp_path, monkeypatch):
     """A log file a library wrote with a secret in it reaches MLflow masked (the file itself is not changed)."""
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
     log_file = tmp_path / "tool.log"

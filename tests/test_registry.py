@@ -52,7 +52,7 @@ def _scores(cv_dice: float) -> dict[str, float]:
 
 def test_a_missing_model_or_alias_is_none(mlflow_sqlite):
     """What the registry answers for them (RESOURCE_DOES_NOT_EXIST, INVALID_PARAMETER_VALUE) means "none"."""
-    from m2snet.mlops.tracking import mlflow_client
+    from m2snet.mlops.mlflow_store import mlflow_client
 
     client = mlflow_client(mlflow_sqlite, writes=True)
     assert version_by_alias("m2snet-nonexistent", PRODUCTION, client) is None
@@ -63,7 +63,7 @@ def test_a_missing_model_or_alias_is_none(mlflow_sqlite):
 def test_an_unreachable_registry_is_an_error_not_a_missing_alias(monkeypatch):
     """A tracking server nobody answers at (a closed loopback port) is no "version without the alias":
     MLflow's error names the .../registered-models/alias endpoint, which once read as "alias not found"."""
-    from m2snet.mlops.tracking import mlflow_client
+    from m2snet.mlops.mlflow_store import mlflow_client
     from m2snet.processes import free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: no need to ask again
@@ -226,7 +226,7 @@ def test_concurrent_promotes_serialise(registry_uri):
     import multiprocessing
     import uuid
 
-    from m2snet.mlops.tracking import mlflow_client
+    from m2snet.mlops.mlflow_store import mlflow_client
 
     client = mlflow_client(registry_uri)
     name = f"race-{uuid.uuid4().hex[:8]}"
@@ -262,7 +262,7 @@ def _hold_the_lock_forever(uri: str, name: str, held) -> None:
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from m2snet.mlops.alias_lock import alias_lock
-    from m2snet.mlops.tracking import mlflow_client
+    from m2snet.mlops.mlflow_store import mlflow_client
 
     with alias_lock(name, mlflow_client(uri)):
         held.set()
@@ -276,7 +276,7 @@ def test_a_killed_holder_or_a_lapsed_lease_does_not_block_the_lock(mlflow_sqlite
     import time
 
     from m2snet.mlops.alias_lock import _EXPIRES_TAG, _OWNER_TAG, alias_lock
-    from m2snet.mlops.tracking import mlflow_client
+    from m2snet.mlops.mlflow_store import mlflow_client
 
     client = mlflow_client(mlflow_sqlite)
     name = "locked"

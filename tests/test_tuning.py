@@ -46,7 +46,8 @@ def test_shared_study_reports_epochs_and_logs_nested_runs(tiny_data, tmp_path, m
     import mlflow
     import optuna
 
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import Tracker
     from m2snet.workflows.tuning import TuningConfig, make_storage, tune
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -45,7 +45,7 @@ def benchmark_cmd(
     changed = {k: v for k, v in overrides.to_dict().items() if v != TrainConfig().to_dict()[k]}
     tracking = None
     if not no_track:
-        from m2snet.mlops.tracking import TrackingConfig
+        from m2snet.mlops.mlflow_store import TrackingConfig
 
         tracking = TrackingConfig(uri=tracking_uri, experiment=experiment)
     if train and not test:

@@ -61,7 +61,7 @@ def run_cmd(
 ) -> None:
     """Run the whole pipeline: data -> validate -> split -> tune -> 4 folds -> CV table -> register -> promote."""
     from m2snet.kubeflow.runner import LocalRunOptions, run_local
-    from m2snet.mlops.tracking import PIPELINE_EXPERIMENT as CV_EXPERIMENT
+    from m2snet.mlops.mlflow_store import PIPELINE_EXPERIMENT as CV_EXPERIMENT
     from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET
 
     if not local:

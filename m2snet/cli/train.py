@@ -23,7 +23,7 @@ from m2snet.cli.options import (
     parse_seeds,
 )
 from m2snet.errors import M2SNetError
-from m2snet.mlops.tracking import CLI_EXPERIMENT
+from m2snet.mlops.mlflow_store import CLI_EXPERIMENT
 
 app = typer.Typer()
 
@@ -89,7 +89,8 @@ def train_cmd(
     the fold's training cases); the fold's validation cases never choose it."""
     import contextlib
 
-    from m2snet.mlops.tracking import Tracker, tracking_callbacks
+    from m2snet.mlops.tracking import Tracker
+    from m2snet.mlops.training_run import tracking_callbacks
     from m2snet.training.trainer import train
     from m2snet.workflows.folds import fold_run, train_fold
 

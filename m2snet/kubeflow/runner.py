@@ -27,15 +27,15 @@ from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, check_protocol
 from m2snet.kubeflow.container import container_runner
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 from m2snet.kubeflow.runview import RunView, planned_tasks
-from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
-from m2snet.mlops.tracking import (
+from m2snet.mlops.mlflow_store import (
     DEFAULT_TRACKING_URI,
     PIPELINE_EXPERIMENT,
     TrackingError,
     absolute_sqlite_uri,
     mlflow_client,
-    parent_run,
 )
+from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
+from m2snet.mlops.tracking import parent_run
 from m2snet.processes import Interruption, stop_children_on_signal
 from m2snet.redaction import redact
 from m2snet.signals import Terminated

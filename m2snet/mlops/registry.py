@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from m2snet import progress
 from m2snet.errors import M2SNetError
 from m2snet.mlops.alias_lock import AliasLock, alias_lock
+from m2snet.mlops.mlflow_store import mlflow_client
 from m2snet.mlops.promotion_gate import (
     PromotionDecision,
     PromotionPolicy,
@@ -40,7 +41,6 @@ from m2snet.mlops.promotion_gate import (
     version_score,
 )
 from m2snet.mlops.registry_errors import is_missing_alias, retrying
-from m2snet.mlops.tracking import mlflow_client
 from m2snet.mlops.version_description import with_decision
 from m2snet.redaction import redact
 

@@ -32,8 +32,8 @@ from m2snet.data.cache import default_cache_dir
 from m2snet.data.images import check_image, read_rgb
 from m2snet.directories import atomic_directory
 from m2snet.errors import M2SNetError
+from m2snet.mlops.mlflow_store import mlflow_client
 from m2snet.mlops.services import LOOPBACK, ManagedProcess
-from m2snet.mlops.tracking import mlflow_client
 from m2snet.processes import find_tool, free_port
 from m2snet.progress import bar as progress_bar
 

@@ -270,7 +270,7 @@ def train(
     (:class:`m2snet.training.callbacks.TrainCallback`, or plain functions of :class:`EpochEnd`) get
     the run's start, each epoch's end once its checkpoint is written (raise to stop: the run stays
     resumable) and the end, in the order given; MLflow tracking is one of them
-    (``m2snet.mlops.tracking.tracking_callbacks``). With ``cfg.keep_last_checkpoint`` off, ``last.pt``
+    (``m2snet.mlops.training_run.tracking_callbacks``). With ``cfg.keep_last_checkpoint`` off, ``last.pt``
     is removed once the run has finished (a crash before that still leaves it to resume from).
     """
     cfg.validate()

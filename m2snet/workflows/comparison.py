@@ -31,7 +31,8 @@ from m2snet.evaluation.compare import (
 from m2snet.evaluation.plots import paired_scores
 from m2snet.files import write_json, write_text
 from m2snet.mlops.cv_results import CVCases, load_cv_cases
-from m2snet.mlops.tracking import Tracker, TrackingConfig
+from m2snet.mlops.mlflow_store import TrackingConfig
+from m2snet.mlops.tracking import Tracker
 
 log = logging.getLogger("m2snet.workflows.comparison")
 

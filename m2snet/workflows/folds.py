@@ -13,7 +13,7 @@ through the functions below, so each rule lives in one place:
   runs it for every fold under one parent run; :func:`aggregate_cv` turns per-fold metrics into
   mean +- std in percent (sample std, ddof=1; 0 for a single fold).
 
-Tracking is attached here, not in the trainer: :func:`m2snet.mlops.tracking.tracking_callbacks`
+Tracking is attached here, not in the trainer: :func:`m2snet.mlops.training_run.tracking_callbacks`
 gives ``train`` the MLflow callback of a fold's run. That callback records the run id in ``<fold dir>/mlflow_run.json``
 (``m2snet.mlops.tracking.write_run_file``), so a later step (the pipeline's evaluate task, a resumed
 CV) reopens the same run (:func:`fold_run`).
@@ -46,17 +46,9 @@ from m2snet.evaluation.plots import cv_learning_curves
 from m2snet.files import write_json, write_text
 from m2snet.hashing import sha256_file
 from m2snet.mlops.cv_results import per_case_rows, write_cv_per_case
-from m2snet.mlops.tracking import (
-    PARENT_RUN_FILE,
-    RUN_FILE,
-    DatasetLineage,
-    Tracker,
-    config_params,
-    read_run_file,
-    reopen_run,
-    tracking_callbacks,
-    write_run_file,
-)
+from m2snet.mlops.lineage import DatasetLineage
+from m2snet.mlops.tracking import PARENT_RUN_FILE, RUN_FILE, Tracker, read_run_file, reopen_run, write_run_file
+from m2snet.mlops.training_run import config_params, tracking_callbacks
 from m2snet.runtime import git_commit
 from m2snet.training.config import TrainConfig
 from m2snet.workflows.context import UNTRACKED, RunContext

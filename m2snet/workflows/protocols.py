@@ -36,7 +36,9 @@ from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
 from m2snet.files import read_json, write_json, write_text
 from m2snet.hashing import sha256_file
-from m2snet.mlops.tracking import Tracker, mlflow_client, parent_run, tracking_callbacks, write_run_file
+from m2snet.mlops.mlflow_store import mlflow_client
+from m2snet.mlops.tracking import Tracker, parent_run, write_run_file
+from m2snet.mlops.training_run import tracking_callbacks
 from m2snet.runtime import git_commit
 from m2snet.training.config import SELECTED, TrainConfig
 from m2snet.workflows.context import RunContext
@@ -582,9 +584,9 @@ def register_step(model_dir: str, report_dir: str, split_path: str, *, protocol:
                   experiment: str = "") -> tuple[str, str]:
     """Register the checkpoint as one version of ``model_name`` (default ``m2snet-<protocol>``), once per
     pipeline run, tagged with the test sets' mean row; return (name, version)."""
+    from m2snet.mlops.mlflow_store import TrackingConfig
     from m2snet.mlops.pyfunc import log_segmentation_model
     from m2snet.mlops.registry import find_version_by_key, register_model_version
-    from m2snet.mlops.tracking import TrackingConfig
 
     name = model_name or registered_model_name(protocol)
     checkpoint = Path(model_dir) / SELECTED

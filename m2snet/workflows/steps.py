@@ -43,9 +43,11 @@ from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.files import write_json
 from m2snet.hashing import sha256_file
 from m2snet.mlops.cv_results import per_case_rows, write_cv_per_case
+from m2snet.mlops.lineage import DatasetLineage
+from m2snet.mlops.mlflow_store import TrackingConfig
 from m2snet.mlops.promotion_gate import NOSKILL_TAG, SCORE_TAG, PromotionPolicy
 from m2snet.mlops.registry import find_version_by_key, promote, register_model_version
-from m2snet.mlops.tracking import DatasetLineage, TrackingConfig, iter_child_runs
+from m2snet.mlops.tracking import iter_child_runs
 from m2snet.mlops.version_description import describe_version
 from m2snet.redaction import redact
 from m2snet.runtime import git_commit
