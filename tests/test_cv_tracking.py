@@ -180,7 +180,7 @@ def _cv_config(base: Path, **kw):
 def _check_fold_run(client, run, url: str, n_val: int, load_model: bool = True):
     import mlflow
 
-    from m2snet.mlops.pyfunc import decode_mask, encode_image
+    from m2snet.mlops.pyfunc_io import decode_mask, encode_image
 
     for k in BUSI_METRICS:
         assert 0.0 <= run.data.metrics[k] <= 1.0

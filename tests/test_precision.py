@@ -147,7 +147,8 @@ def test_pyfunc_serves_int8_and_bf16_exports(exports, fold, tmp_path, monkeypatc
     import mlflow
     import pandas as pd
 
-    from m2snet.mlops.pyfunc import decode_mask, encode_image, log_segmentation_model
+    from m2snet.mlops.pyfunc_io import decode_mask, encode_image
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
 
     _, _, ckpt = fold
     monkeypatch.chdir(tmp_path)

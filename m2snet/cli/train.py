@@ -123,7 +123,7 @@ def train_cmd(
     with tracker or contextlib.nullcontext():
         result = train(cfg, resume=resume, callbacks=tracking_callbacks(tracker))
         if tracker is not None:
-            from m2snet.mlops.pyfunc import log_segmentation_model
+            from m2snet.mlops.pyfunc_logging import log_segmentation_model
 
             tracker.log_artifact(result.checkpoint, "checkpoints")
             log_segmentation_model([result.checkpoint], run_id=tracker.run_id,

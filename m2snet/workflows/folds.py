@@ -258,7 +258,7 @@ def log_fold_lineage(run, parent, data: str | os.PathLike, split_path: str | os.
 
 def log_fold_model(run, checkpoint: str | os.PathLike, *, tta_flip: bool = False) -> str:
     """The fold's pyfunc model (it carries model.pt as its artifact "checkpoint_0": not uploaded twice)."""
-    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
 
     info = log_segmentation_model([checkpoint], name="model", run_id=run.run_id,
                                   tracking_uri=run.cfg.resolved_uri(), tta_flip=tta_flip)

@@ -585,7 +585,7 @@ def register_step(model_dir: str, report_dir: str, split_path: str, *, protocol:
     """Register the checkpoint as one version of ``model_name`` (default ``m2snet-<protocol>``), once per
     pipeline run, tagged with the test sets' mean row; return (name, version)."""
     from m2snet.mlops.mlflow_store import TrackingConfig
-    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
     from m2snet.mlops.registry import find_version_by_key, register_model_version
 
     name = model_name or registered_model_name(protocol)

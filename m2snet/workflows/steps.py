@@ -443,7 +443,7 @@ def register_step(
     With ``data`` (the dataset the folds were trained on), the version carries an input guard fitted on it
     (m2snet.evaluation.guard: each fold model's training cases, thresholded on its held-out cases), and its
     description states the guard's measured false-flag rate."""
-    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
 
     checkpoints = [_fold_checkpoint(d) for d in model_dirs]
     # The key: the pipeline run (a retried step) or, run by hand, the checkpoints themselves.
