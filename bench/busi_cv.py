@@ -113,9 +113,9 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
 
 def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[str, list[dict]]:
     """Per-fold metrics of the same runs under other readings (final epoch, batch stats, recalibrated)."""
-    from m2snet.common import resolve_device
     from m2snet.evaluation.evaluate import evaluate_predictor
     from m2snet.evaluation.predict import Predictor
+    from m2snet.runtime import resolve_device
     from m2snet.training.cases import resolve_cases
     from m2snet.workflows.folds import score_fold
 
@@ -135,11 +135,12 @@ def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[s
                 ev = evaluate_predictor(predictor, cfg.data, cases.reported, with_sod=False)
             rows.setdefault(f"{label} (filter BN on batch statistics)", []).append(ev.metrics)
         if "recalibrated" in extras:
-            from m2snet.training.bn_recalibration import recalibrate_checkpoint
+            from m2snet.training.bn_recalibration import RecalibrationOptions, recalibrate_checkpoint
 
             out, _ = recalibrate_checkpoint(fr.checkpoint, fr.out_dir / "model-recalibrated.pt", data=cfg.data,
-                                            split=cfg.split, fold=fr.fold, msu_norm=None,
-                                            max_cases=cfg.max_train_cases, device=device, seed=cfg.seed)
+                                            options=RecalibrationOptions(
+                                                split=cfg.split, fold=fr.fold, msu_norm=None,
+                                                max_cases=cfg.max_train_cases, device=device, seed=cfg.seed))
             ev = score_fold(out, cfg.data, cases.reported, fr.out_dir / "eval-recalibrated", device=device,
                             batch_size=cfg.batch_size, with_sod=False)
             rows.setdefault(f"{label} + BN recalibration", []).append(ev.metrics)
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tracking = None
     if args.tracking_uri:
-        from m2snet.mlops.tracking import TrackingConfig
+        from m2snet.mlops.mlflow_store import TrackingConfig
 
         tracking = TrackingConfig(uri=args.tracking_uri, experiment="busi-bench")
     for label, name, model_config in parse_models(args.models):

@@ -15,7 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from m2snet.common import M2SNetError, write_text
+from m2snet.errors import M2SNetError
+from m2snet.files import write_text
 from m2snet.mlops.cv_results import JOIN, load_cv_cases
 from m2snet.workflows.comparison import compare_cv
 

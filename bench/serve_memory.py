@@ -35,7 +35,7 @@ def random_model(work: Path) -> str:
     import mlflow
     import torch
 
-    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
     from m2snet.models import create_model
     from m2snet.models.checkpoint import Checkpoint
 
@@ -106,7 +106,7 @@ def main() -> None:
 
     import requests
 
-    from m2snet.mlops.pyfunc import encode_image
+    from m2snet.mlops.pyfunc_io import encode_image
     from m2snet.mlops.serving import start_model_server
 
     with tempfile.TemporaryDirectory(prefix="m2snet-serve-memory-") as tmp:

@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2snet.common import M2SNetError, atomic_directory, write_json
 from m2snet.data.demo import make_demo_dataset
 from m2snet.data.format import load_dataset
 from m2snet.data.importers import import_dataset
+from m2snet.directories import atomic_directory
+from m2snet.errors import M2SNetError
+from m2snet.files import write_json
 from m2snet.models.checkpoint import Checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +166,7 @@ def test_a_read_only_dest_folder_is_one_line(corrupt_raw, tmp_path):
 _REWRITER = """
 import json, os, sys
 from pathlib import Path
-from m2snet.common import atomic_directory
+from m2snet.directories import atomic_directory
 dest, n = Path(sys.argv[1]), int(sys.argv[2])
 generation = 0
 while True:  # replace DEST again and again until killed
@@ -219,12 +221,12 @@ def test_overwrite_leaves_old_or_new_complete_whatever_kills_the_writer(tmp_path
 def test_the_fallback_swap_is_atomic_and_a_killed_one_is_restored(tmp_path, monkeypatch):
     """Where the kernel cannot exchange two directories, DEST is moved aside and the new copy renamed
     in; a writer killed between the two leaves the old copy aside, and the next writer puts it back."""
-    import m2snet.common as common
+    import m2snet.directories as directories
 
     dest = tmp_path / "out"
     with atomic_directory(dest) as tmp:
         (tmp / "dataset.json").write_text("old")
-    monkeypatch.setattr(common, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(directories, "_exchange", lambda a, b: False)
     with atomic_directory(dest, overwrite=True) as tmp:
         (tmp / "dataset.json").write_text("new")
     assert (dest / "dataset.json").read_text() == "new" and _leftovers(tmp_path, "out") == [dest]
@@ -234,7 +236,7 @@ def test_the_fallback_swap_is_atomic_and_a_killed_one_is_restored(tmp_path, monk
     dead.wait()
     aside = tmp_path / f".out.{os.uname().nodename}-{dead.pid}.x1y2z3.old"
     dest.rename(aside)
-    assert common.remove_stale_partials(dest) == [] and (dest / "dataset.json").read_text() == "new"
+    assert directories.remove_stale_partials(dest) == [] and (dest / "dataset.json").read_text() == "new"
     assert _leftovers(tmp_path, "out") == [dest]
 
 
@@ -332,7 +334,7 @@ def test_checkpoints_and_json_follow_the_umask(tmp_path, umask, mode):
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    from m2snet.common import atomic_file
+    from m2snet.files import atomic_file
 
     target = tmp_path / "result.json"
     write_json(target, {"old": True})
@@ -347,7 +349,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
 def test_a_sigtermed_atomic_write_leaves_no_temporary(tmp_path):
     target = tmp_path / "model.pt"
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom m2snet.common import atomic_file\n"
+        "import sys, time\nfrom pathlib import Path\nfrom m2snet.files import atomic_file\n"
         "with atomic_file(sys.argv[1]) as tmp:\n"
         "    tmp.write_text('half')\n    Path(sys.argv[1] + '.ready').touch()\n    time.sleep(60)\n"
     )
@@ -448,7 +450,7 @@ def test_the_package_writes_result_files_only_through_atomic_file():
                 used.add((module, function))
             else:
                 offenders.append(f"{module}:{line} {function}: {what}")
-    assert not offenders, "plain writes of result files (use m2snet.common.atomic_file):\n" + "\n".join(offenders)
+    assert not offenders, "plain writes of result files (use m2snet.files.atomic_file):\n" + "\n".join(offenders)
     assert used == set(PLAIN_WRITES_ALLOWED), f"stale allowances: {set(PLAIN_WRITES_ALLOWED) - used}"
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.models import create_model
 from m2snet.training.bn_recalibration import (
     filter_batch_statistics,

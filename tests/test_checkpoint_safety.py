@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.models.checkpoint import Checkpoint, capture_rng_state, restore_rng_state
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.compare import (
     average_seeds,
     compare_metric,
@@ -21,7 +21,7 @@ from m2snet.evaluation.compare import (
     stratified_bootstrap_means,
 )
 from m2snet.mlops.cv_results import write_cv_per_case
-from m2snet.mlops.registry import PromotionPolicy, decide_with_ci
+from m2snet.mlops.promotion_gate import PromotionPolicy, decide_with_ci
 from tests.conftest import make_tiny_dataset
 
 LINEAGE = {"data_version": "0123456789abcdef0123456789abcdef.dir", "split_sha256": "a" * 64}
@@ -239,7 +239,8 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
     from m2snet.data.demo import make_demo_dataset
     from m2snet.data.importers import import_dataset
     from m2snet.data.split import make_split
-    from m2snet.mlops.tracking import TrackingConfig, iter_child_runs
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import iter_child_runs
     from m2snet.training.config import TrainConfig
     from m2snet.workflows.context import RunContext
     from m2snet.workflows.folds import run_cv
@@ -281,7 +282,7 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
 def test_compare_logs_a_compare_run(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from m2snet.mlops.tracking import TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
     from m2snet.workflows.comparison import compare_cv
 
     monkeypatch.chdir(tmp_path)
@@ -305,7 +306,7 @@ def test_compare_logs_a_compare_run(tmp_path, monkeypatch):
 def test_seeds_run_as_separate_jobs_join_with_plus(tmp_path):
     """`A42+A43` is one CV of two seeds: its cases are averaged over both before pairing; a seed in two
     parts or parts on two splits are refused."""
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
     from m2snet.mlops.cv_results import load_cv_cases
 
     fold, a, b = _planted(0.05, n_per_fold=10)
@@ -327,7 +328,7 @@ def test_seeds_run_as_separate_jobs_join_with_plus(tmp_path):
 def test_folds_run_in_separate_sittings_join_with_plus(tmp_path):
     """`F01+F23` is one CV whose folds ran as separate jobs (one seed): the joined CV holds every fold once and
     pairs like the CV run in one go; a fold in two parts is refused."""
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
     from m2snet.mlops.cv_results import load_cv_cases
 
     fold, a, b = _planted(0.05, n_per_fold=10)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from tests.fixtures.container import engine_env as _engine_env
 
 EXPERIMENT = "container-test"

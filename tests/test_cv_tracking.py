@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m2snet.common import free_port
-from m2snet.mlops.tracking import Tracker, TrackingConfig, TrackingError, flatten_params
+from m2snet.mlops.mlflow_store import TrackingConfig, TrackingError
+from m2snet.mlops.tracking import Tracker, flatten_params
+from m2snet.processes import free_port
 from m2snet.workflows.context import RunContext
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,8 @@ def test_unreachable_server_fails_clearly_after_retries():
 FIRST_RUN = r"""
 import sys, time
 from pathlib import Path
-from m2snet.mlops.tracking import Tracker, TrackingConfig
+from m2snet.mlops.mlflow_store import TrackingConfig
+from m2snet.mlops.tracking import Tracker
 barrier, me = Path(sys.argv[2]), sys.argv[3]
 (barrier / me).touch()
 while len(list(barrier.iterdir())) < 2:
@@ -178,7 +180,7 @@ def _cv_config(base: Path, **kw):
 def _check_fold_run(client, run, url: str, n_val: int, load_model: bool = True):
     import mlflow
 
-    from m2snet.mlops.pyfunc import decode_mask, encode_image
+    from m2snet.mlops.pyfunc_io import decode_mask, encode_image
 
     for k in BUSI_METRICS:
         assert 0.0 <= run.data.metrics[k] <= 1.0

@@ -16,11 +16,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from m2snet.cli import app
-from m2snet.common import M2SNetError
 from m2snet.data.format import load_dataset
 from m2snet.data.importers import import_dataset
 from m2snet.data.importers.clinicdb import CLINICDB_SEQUENCES, clinicdb_sequence
 from m2snet.data.split import load_split, make_split
+from m2snet.errors import M2SNetError
 
 N_FRAMES = 612
 H, W = 36, 44

@@ -14,12 +14,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from m2snet.cli import app
-from m2snet.common import M2SNetError
 from m2snet.data.demo import make_demo_dataset
 from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates, near_pairs, perceptual_hashes
 from m2snet.data.format import load_dataset
 from m2snet.data.importers import import_dataset
 from m2snet.data.validation import report_paths, validate_dataset
+from m2snet.errors import M2SNetError
 
 
 def _jpeg(im: Image.Image, quality: int = 70) -> Image.Image:
@@ -112,7 +112,7 @@ def test_near_duplicates_off_and_threshold(planted, tmp_path):
 def test_edited_images_make_the_recorded_groups_stale(planted, tmp_path):
     info = import_dataset("busi", planted, tmp_path / "ds", progress=False)
     # Overwrite benign_0007's image with an unrelated one and fix its sha256 in the manifest.
-    from m2snet.common import sha256_file
+    from m2snet.hashing import sha256_file
 
     Image.open(info.case("normal_0001").image_path).save(info.case("benign_0007").image_path)
     edited = info.case("benign_0007")

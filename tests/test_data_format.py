@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from m2snet.common import M2SNetError
 from m2snet.data.demo import make_demo_dataset
 from m2snet.data.format import MANIFEST_COLUMNS, load_dataset, safe_case_id
 from m2snet.data.importers import import_dataset
+from m2snet.errors import M2SNetError
 
 
 @pytest.fixture(scope="module")

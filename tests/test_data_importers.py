@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from m2snet.common import M2SNetError
 from m2snet.data.format import load_dataset
 from m2snet.data.importers import import_dataset, list_importers
+from m2snet.errors import M2SNetError
 
 H, W = 40, 48
 

@@ -25,13 +25,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from m2snet.cli import app
-from m2snet.common import M2SNetError
 from m2snet.data.demo import make_case, make_demo_dataset
 from m2snet.data.format import load_dataset
 from m2snet.data.importers import import_dataset
 from m2snet.data.split import make_split
 from m2snet.data.validation import report_paths, validate_dataset
 from m2snet.data.versioning import dataset_version
+from m2snet.errors import M2SNetError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def test_a_sigkilled_imports_partial_is_removed_by_the_next_import(tmp_path, cap
 
 
 def test_a_live_writers_partial_is_not_removed(tmp_path):
-    from m2snet.common import remove_stale_partials
+    from m2snet.directories import remove_stale_partials
 
     live = tmp_path / f".out.{os.uname().nodename}-{os.getpid()}.abcd1234.partial"
     live.mkdir()

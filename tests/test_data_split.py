@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from m2snet.common import M2SNetError, sha256_file
 from m2snet.data.demo import make_demo_dataset
 from m2snet.data.format import CaseRecord, DatasetInfo, load_dataset
 from m2snet.data.importers import import_dataset
 from m2snet.data.importers.busi import BusiImporter
 from m2snet.data.split import assign_folds, load_split, make_split
+from m2snet.errors import M2SNetError
+from m2snet.hashing import sha256_file
 
 
 @pytest.fixture(scope="module")

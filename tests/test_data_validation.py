@@ -90,8 +90,8 @@ def test_a_manifest_path_outside_the_dataset_is_refused(ds, bad_path):
     """Issue 17.9: a path escaping the dataset root is not covered by its version: refused, naming row and path."""
     import csv
 
-    from m2snet.common import M2SNetError
     from m2snet.data.format import load_dataset
+    from m2snet.errors import M2SNetError
 
     outside = ds.parent / "outside"
     outside.mkdir(exist_ok=True)

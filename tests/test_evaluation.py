@@ -162,7 +162,7 @@ def test_reference_protocol_scores_as_the_papers_test_score():
     assert case_metrics(np.zeros(gt.shape), empty, protocol="reference", with_sod=False)["dice"] == 1.0
     # Precision (not in test_score.py) of an empty prediction on a lesion: 0, not a smoothed 1
     assert case_metrics(np.zeros(gt.shape), gt, protocol="reference", with_sod=False)["precision"] == 0.0
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
 
     with pytest.raises(M2SNetError, match="protocol"):
         case_metrics(prob, gt, protocol="paper")
@@ -193,10 +193,10 @@ def trained(tmp_path_factory):
 
 
 def test_evaluate_writes_per_case_csv_metrics_and_overlays(trained, tmp_path):
-    from m2snet.evaluation.evaluate import evaluate
+    from m2snet.evaluation.evaluate import EvalOptions, evaluate
 
     data, ckpt, info = trained
-    res = evaluate([ckpt], data, out_dir=tmp_path / "ev", device="cpu", progress=False)
+    res = evaluate([ckpt], data, out_dir=tmp_path / "ev", options=EvalOptions(device="cpu", progress=False))
     rows = list(csv.DictReader(open(res.per_case_csv)))
     assert len(rows) == len(info.cases) == res.n_cases
     sizes = {c.case_id: (c.height, c.width) for c in info.cases}
@@ -210,18 +210,18 @@ def test_evaluate_writes_per_case_csv_metrics_and_overlays(trained, tmp_path):
     assert res.metrics["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]))
     assert res.overlay_png.stat().st_size > 1000 and res.metrics_json.is_file()
     # an ensemble of the same checkpoint twice with flip TTA runs and gives probabilities in range
-    tta = evaluate([ckpt, ckpt], data, case_ids=[info.cases[0].case_id], device="cpu", tta_flip=True,
-                   progress=False)
+    tta = evaluate([ckpt, ckpt], data, case_ids=[info.cases[0].case_id],
+                   options=EvalOptions(device="cpu", tta_flip=True, progress=False))
     assert tta.n_cases == 1 and 0.0 <= tta.metrics["dice"] <= 1.0
 
 
 def test_evaluate_scores_no_skill_and_lesion_cases_on_the_same_cases(trained):
     from PIL import Image
 
-    from m2snet.evaluation.evaluate import evaluate
+    from m2snet.evaluation.evaluate import EvalOptions, evaluate
 
     data, ckpt, info = trained
-    res = evaluate([ckpt], data, device="cpu", progress=False)
+    res = evaluate([ckpt], data, options=EvalOptions(device="cpu", progress=False))
     lesion = [bool(np.asarray(Image.open(c.mask_path)).any()) for c in info.cases]
     m = res.metrics
     assert m["n_cases"] == len(info.cases) and m["n_lesion_cases"] == sum(lesion) > 0
@@ -231,7 +231,7 @@ def test_evaluate_scores_no_skill_and_lesion_cases_on_the_same_cases(trained):
     by_id = {r["case_id"]: r for r in res.rows}
     assert m["lesion_dice"] == pytest.approx(np.mean([by_id[c.case_id]["dice"] for c, les in zip(info.cases, lesion)
                                                       if les]))
-    ref = evaluate([ckpt], data, device="cpu", progress=False, protocol="reference")
+    ref = evaluate([ckpt], data, options=EvalOptions(device="cpu", progress=False, protocol="reference"))
     assert ref.metrics["noskill_dice"] == pytest.approx(1 - np.mean(lesion), abs=1e-6)
 
 

@@ -65,7 +65,9 @@ def test_pyfunc_serves_through_onnxruntime_with_the_torch_masks(exported, tmp_pa
     import pandas as pd
 
     from m2snet.mlops.export import OnnxPredictor, model_checkpoints
-    from m2snet.mlops.pyfunc import BACKEND_ENV, encode_image, log_segmentation_model
+    from m2snet.mlops.pyfunc import BACKEND_ENV
+    from m2snet.mlops.pyfunc_io import encode_image
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
 
     checkpoints, _ = exported
     monkeypatch.chdir(tmp_path)
@@ -91,7 +93,7 @@ def test_pyfunc_serves_through_onnxruntime_with_the_torch_masks(exported, tmp_pa
     # Random-weight probabilities sit near 0.5, so a pixel may flip on a 1e-6 difference: compare
     # the fractions loosely and most of the mask exactly.
     np.testing.assert_allclose(a["foreground_fraction"], b["foreground_fraction"], atol=0.01)
-    from m2snet.mlops.pyfunc import decode_mask
+    from m2snet.mlops.pyfunc_io import decode_mask
 
     for ma, mb in zip(a["mask"], b["mask"]):
         assert (decode_mask(ma) == decode_mask(mb)).mean() > 0.99

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from m2snet.common import M2SNetError
 from m2snet.data.format import load_dataset
 from m2snet.data.split import load_split
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.guard import InputGuard, backbone_features, fit_guard, held_out_halves
 from m2snet.evaluation.predict import Predictor
 
@@ -91,7 +91,7 @@ def test_a_model_logged_with_its_guard_returns_scores_from_the_pyfunc_and_predic
     from typer.testing import CliRunner
 
     from m2snet.cli import app
-    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
     from m2snet.models import create_model
     from m2snet.models.checkpoint import Checkpoint
     from m2snet.workflows.steps import fit_input_guard

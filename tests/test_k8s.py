@@ -194,7 +194,8 @@ def test_mlflow_database_password_is_not_on_the_command_line():
 
 
 def test_the_serving_overlay_serves_the_production_alias_with_bounded_memory_and_secret_credentials():
-    from m2snet.mlops.pyfunc import BATCH_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, MAX_REQUEST_PIXELS_ENV
+    from m2snet.mlops.pyfunc import BATCH_PIXELS
+    from m2snet.mlops.pyfunc_io import DEFAULT_MAX_REQUEST_PIXELS, MAX_REQUEST_PIXELS_ENV
 
     objs = render(K8S / "overlays" / "serving")
     by = {(o["kind"], o["metadata"]["name"]): o for o in objs}

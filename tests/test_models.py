@@ -10,9 +10,10 @@ import pytest
 import timm
 import torch
 
-from m2snet.common import M2SNetError, free_port
+from m2snet.errors import M2SNetError
 from m2snet.models import create_model, list_models
 from m2snet.models.info import count_macs, model_info
+from m2snet.processes import free_port
 
 ALL = ["m2snet", "msnet", "m2snet_au", "m2snet_aspp", "m2snet_denseaspp", "fpn", "unet", "unetplusplus"]
 

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from m2snet.common import M2SNetError, free_port
+from m2snet.errors import M2SNetError
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 from m2snet.kubeflow.runner import compile_pipeline, compiled_pipeline_path, parse_params, submit
+from m2snet.processes import free_port
 from m2snet.workflows.presets import PRESETS, train_config
 
 
@@ -87,7 +88,7 @@ def test_yaml_is_a_pipeline_spec_with_gpu_training(fresh_yaml):
 
 
 def test_components_are_thin():
-    """Each component body masks credentials in what the task logs (m2snet.common.install_redaction: a pod's
+    """Each component body masks credentials in what the task logs (m2snet.redaction.install_redaction: a pod's
     log on a cluster as the CLI's console), announces itself to the local console (m2snet.progress.task_started,
     under its own component name: the key the console's plan gives it) and calls exactly one
     m2snet.workflows.steps function."""
@@ -99,7 +100,7 @@ def test_components_are_thin():
         body = tree.body[0].body
         imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert [(i.module, [a.name for a in i.names]) for i in imports] == [
-            ("m2snet.common", ["install_redaction"]), ("m2snet.progress", ["task_started"]),
+            ("m2snet.progress", ["task_started"]), ("m2snet.redaction", ["install_redaction"]),
             ("m2snet.workflows", ["steps"])], name
         assert any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "install_redaction"
                    for n in ast.walk(tree)), name

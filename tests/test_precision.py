@@ -109,7 +109,7 @@ def test_int8_calibration_reads_training_cases_only(exports, fold) -> None:
     assert set(reads["score"]) == held_out  # the accuracy check scores exactly the held-out cases
     # bf16 calibrates nothing; a split whose training and held-out cases overlap is refused
     assert exports["bf16"][1]["calibrate"] == []
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
 
     with pytest.raises(M2SNetError, match="both training and held-out"):
         calibration_cases(["a", "b"], ["b", "c"], 2)
@@ -130,7 +130,7 @@ def test_over_budget_is_refused_or_written_with_a_loud_warning(fold, tmp_path, c
     assert refused.returncode == 2 and "over the budget" in error and "not written" in error
     assert str(bad) in error and "Traceback" not in refused.stderr and not bad.exists()
     # --warn-only: written, with the loss said loudly (the API's over_budget="warn").
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
     from m2snet.mlops.precision import export_model
 
     with caplog.at_level(logging.WARNING, logger="m2snet.mlops.precision"):
@@ -147,7 +147,8 @@ def test_pyfunc_serves_int8_and_bf16_exports(exports, fold, tmp_path, monkeypatc
     import mlflow
     import pandas as pd
 
-    from m2snet.mlops.pyfunc import decode_mask, encode_image, log_segmentation_model
+    from m2snet.mlops.pyfunc_io import decode_mask, encode_image
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
 
     _, _, ckpt = fold
     monkeypatch.chdir(tmp_path)

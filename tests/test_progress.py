@@ -73,7 +73,7 @@ def test_a_task_process_marks_its_stream_and_reports_how_it_ended(tmp_path):
 
 def test_training_and_evaluation_emit_their_progress(tmp_path, monkeypatch):
     """The trainer's epoch end and the evaluation's summary are events (what the console reads), not log wording."""
-    from m2snet.evaluation.evaluate import evaluate
+    from m2snet.evaluation.evaluate import EvalOptions, evaluate
     from m2snet.training.config import TrainConfig
     from m2snet.training.trainer import train
     from tests.conftest import make_tiny_dataset
@@ -89,8 +89,8 @@ def test_training_and_evaluation_emit_their_progress(tmp_path, monkeypatch):
     assert [(e["epoch"], e["epochs"]) for e in epochs] == [(1, 2), (2, 2)]
     assert epochs[-1]["val_dice"] == res.history[-1]["val_dice"] and epochs[-1]["loss"] == res.history[-1]["train_loss"]
 
-    result = evaluate([res.checkpoint], data, out_dir=tmp_path / "eval", device="cpu", progress=False,
-                      with_sod=False)
+    result = evaluate([res.checkpoint], data, out_dir=tmp_path / "eval",
+                      options=EvalOptions(device="cpu", progress=False, with_sod=False))
     (evaluated,) = [e for e in _events(events) if e["kind"] == "evaluated"]
     assert evaluated["cases"] == len(result.rows) and evaluated["dice"] == result.metrics["dice"]
 

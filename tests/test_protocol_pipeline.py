@@ -74,7 +74,7 @@ def test_protocol_components_are_thin_and_run_alone():
         # The step itself, the task's announcement to the local console (its progress events), and the
         # masking of credentials in what it logs.
         assert [(i.module, [a.name for a in i.names]) for i in imports] == [
-            ("m2snet.common", ["install_redaction"]), ("m2snet.progress", ["task_started"]),
+            ("m2snet.progress", ["task_started"]), ("m2snet.redaction", ["install_redaction"]),
             ("m2snet.workflows", ["protocols"])]
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
                  and isinstance(n.func.value, ast.Name) and n.func.value.id == "protocols"]
@@ -107,7 +107,7 @@ def test_local_protocol_pipeline_logs_one_row_per_test_set_and_no_skill(pranet_t
     from mlflow import MlflowClient
 
     from m2snet.cli import app
-    from m2snet.mlops.registry import NOSKILL_TAG, SCORE_TAG
+    from m2snet.mlops.promotion_gate import NOSKILL_TAG, SCORE_TAG
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -215,7 +215,7 @@ def test_covid_takes_the_infnet_test_list_as_an_id_file(tmp_path):
 
 def test_the_cv_protocol_is_not_the_fixed_split_pipeline(tmp_path):
     from m2snet.cli import app
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
     from m2snet.kubeflow.runner import LocalRunOptions
 
     with pytest.raises(M2SNetError, match="k-fold CV: run `m2snet pipeline run --local --preset busi`"):

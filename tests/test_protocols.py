@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from m2snet.common import M2SNetError
 from m2snet.data.fixed_split import deal_groups, make_fixed_split, parse_fractions
 from m2snet.data.format import MANIFEST_CSV, load_dataset
 from m2snet.data.importers import import_dataset
 from m2snet.data.split import load_split, make_split
+from m2snet.errors import M2SNetError
 
 H, W = 40, 48
 PRANET_SETS = (("TrainDataset", 4), ("TestDataset/CVC-300", 2), ("TestDataset/ETIS-LaribPolypDB", 2),

@@ -47,8 +47,10 @@ def test_ensemble_pyfunc_logs_loads_and_predicts_masks_at_input_size(checkpoints
     import pandas as pd
 
     from m2snet.evaluation.predict import Predictor
-    from m2snet.mlops.pyfunc import decode_mask, encode_image, log_segmentation_model
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.pyfunc_io import decode_mask, encode_image
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
+    from m2snet.mlops.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="pyfunc-test")
@@ -105,8 +107,9 @@ def test_a_local_store_keeps_one_copy_of_each_checkpoint(checkpoints, tmp_path, 
     links to one file each, which outlive the runner's copy (removed after a run)."""
     import shutil
 
-    from m2snet.mlops.pyfunc import log_segmentation_model
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
+    from m2snet.mlops.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
     outputs = tmp_path / "task-outputs"  # the kfp runner's copies
@@ -141,7 +144,7 @@ class _PickledPayload(mlflow.pyfunc.PythonModel):
 
 
 def test_a_pickled_python_model_is_refused_unloaded(tmp_path):
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
     from m2snet.mlops.serving import load_model
 
     marker = tmp_path / "pwned"
@@ -188,7 +191,7 @@ def test_a_16bit_grey_png_is_predicted_as_its_8bit_picture(checkpoints):
     """A 16-bit grey PNG (an 8-bit picture * 257) gives the same mask as the 8-bit PNG, not a saturated one."""
     import pandas as pd
 
-    from m2snet.mlops.pyfunc import decode_image, encode_image
+    from m2snet.mlops.pyfunc_io import decode_image, encode_image
 
     rng = np.random.default_rng(3)
     grey = (rng.random((40, 52)) * 255).astype(np.uint8)
@@ -213,7 +216,7 @@ def _http_error(call) -> tuple[int, dict]:
 def test_oversized_and_undecodable_images_are_413_and_400_with_one_line(checkpoints, monkeypatch):
     import pandas as pd
 
-    from m2snet.mlops.pyfunc import encode_image
+    from m2snet.mlops.pyfunc_io import encode_image
 
     model = _loaded_pyfunc(checkpoints[0])
     small, big = encode_image(_png(np.zeros((8, 8), np.uint8))), encode_image(_png(np.zeros((30, 40), np.uint8)))
@@ -242,8 +245,9 @@ def test_mlflow_models_serve_json_round_trip(checkpoints, tmp_path):
 
     import mlflow
 
-    from m2snet.common import free_port
-    from m2snet.mlops.pyfunc import decode_mask, encode_image, log_segmentation_model
+    from m2snet.mlops.pyfunc_io import decode_mask, encode_image
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
+    from m2snet.processes import free_port
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:

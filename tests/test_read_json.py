@@ -1,12 +1,13 @@
-"""common.read_json: the one reader of the package's JSON inputs, failing with one line naming the file."""
+"""files.read_json: the one reader of the package's JSON inputs, failing with one line naming the file."""
 
 from __future__ import annotations
 
 import pytest
 
-from m2snet.common import M2SNetError, read_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import load_split
+from m2snet.errors import M2SNetError
+from m2snet.files import read_json
 from m2snet.workflows.protocols import comparison_from_results
 
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from m2snet.common import redact
+from m2snet.redaction import redact
 
 SECRET = "s3cr3t-Value"
 
@@ -61,7 +61,9 @@ def _everything_stored(client, run_id: str) -> str:
 
 def test_dataset_input_source_with_credentials_is_not_stored(tmp_path, monkeypatch, caplog):
     """A DVC repository given with a password or token reaches neither MLflow nor the console."""
-    from m2snet.mlops.tracking import DatasetLineage, Tracker, TrackingConfig
+    from m2snet.mlops.lineage import DatasetLineage
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="secrets")
@@ -83,7 +85,8 @@ def test_dataset_input_source_with_credentials_is_not_stored(tmp_path, monkeypat
 
 def test_dvc_source_with_credentials_stays_out_of_errors_and_logs(tmp_path, monkeypatch, caplog):
     """``prepare_dataset`` from a DVC repository that cannot be reached: the error names it without its token."""
-    from m2snet.common import M2SNetError, free_port
+    from m2snet.errors import M2SNetError
+    from m2snet.processes import free_port
     from m2snet.workflows.steps import prepare_dataset
 
     monkeypatch.chdir(tmp_path)
@@ -174,7 +177,7 @@ def test_redact_ends_a_query_value_at_a_quote():
 def test_cli_error_line_and_library_warnings_are_masked(tmp_path):
     """`MLFLOW_TRACKING_URI=http://alice:pw@...?token=... m2snet promote M 1`: neither urllib3's retry warnings
     nor the error line show the password or the token."""
-    from m2snet.common import free_port
+    from m2snet.processes import free_port
 
     uri = f"http://alice:pw@127.0.0.1:{free_port()}/?token=tok_x"
     proc = _cli("promote", "M", "1", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
@@ -190,7 +193,7 @@ def test_python_warnings_and_tracebacks_in_logs_are_masked(tmp_path):
     whichever handler writes them."""
     code = """
 import logging, warnings
-from m2snet.common import install_redaction
+from m2snet.redaction import install_redaction
 install_redaction()
 logging.basicConfig()
 warnings.warn("retrying https://alice:hunter7@host/d.git?token=tok_x")
@@ -210,7 +213,8 @@ except ValueError:
 
 def test_text_artifacts_are_uploaded_masked(tmp_path, monkeypatch):
     """A log file a library wrote with a secret in it reaches MLflow masked (the file itself is not changed)."""
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)
     log_file = tmp_path / "tool.log"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.models import create_model
 from m2snet.models.reference import convert_reference, load_reference_checkpoint
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
+from m2snet.mlops.promotion_gate import PromotionPolicy, decide
 from m2snet.mlops.registry import (
     PREVIOUS,
     PRODUCTION,
-    PromotionPolicy,
-    decide,
     find_version_by_key,
     promote,
     register_model_version,
@@ -49,6 +48,28 @@ def _log_trivial_model(value: float) -> str:
 def _scores(cv_dice: float) -> dict[str, float]:
     """A registered version's gate tags: its CV Dice and the no-skill predictor's on the same cases."""
     return {"cv_dice": cv_dice, "noskill_dice": 0.2}
+
+
+def test_a_missing_model_or_alias_is_none(mlflow_sqlite):
+    """What the registry answers for them (RESOURCE_DOES_NOT_EXIST, INVALID_PARAMETER_VALUE) means "none"."""
+    from m2snet.mlops.mlflow_store import mlflow_client
+
+    client = mlflow_client(mlflow_sqlite, writes=True)
+    assert version_by_alias("m2snet-nonexistent", PRODUCTION, client) is None
+    client.create_registered_model("m2snet-no-alias")
+    assert version_by_alias("m2snet-no-alias", PRODUCTION, client) is None
+
+
+def test_an_unreachable_registry_is_an_error_not_a_missing_alias(monkeypatch):
+    """A tracking server nobody answers at (a closed loopback port) is no "version without the alias":
+    MLflow's error names the .../registered-models/alias endpoint, which once read as "alias not found"."""
+    from m2snet.mlops.mlflow_store import mlflow_client
+    from m2snet.processes import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: no need to ask again
+    uri = f"http://127.0.0.1:{free_port()}"  # bound and closed again: nothing listens there
+    with pytest.raises(M2SNetError, match=r"cannot read the alias 'production'.*127\.0\.0\.1"):
+        version_by_alias("m2snet-test", PRODUCTION, mlflow_client(uri))
 
 
 def test_decide_rule():
@@ -166,7 +187,8 @@ def _promote_at_barrier(uri: str, name: str, version: str, barrier, results) -> 
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
-    from m2snet.mlops.registry import PromotionPolicy, promote
+    from m2snet.mlops.promotion_gate import PromotionPolicy
+    from m2snet.mlops.registry import promote
 
     barrier.wait(timeout=300)
     try:
@@ -204,7 +226,7 @@ def test_concurrent_promotes_serialise(registry_uri):
     import multiprocessing
     import uuid
 
-    from m2snet.mlops.tracking import mlflow_client
+    from m2snet.mlops.mlflow_store import mlflow_client
 
     client = mlflow_client(registry_uri)
     name = f"race-{uuid.uuid4().hex[:8]}"
@@ -239,8 +261,8 @@ def _hold_the_lock_forever(uri: str, name: str, held) -> None:
     import time
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    from m2snet.mlops.registry import alias_lock
-    from m2snet.mlops.tracking import mlflow_client
+    from m2snet.mlops.alias_lock import alias_lock
+    from m2snet.mlops.mlflow_store import mlflow_client
 
     with alias_lock(name, mlflow_client(uri)):
         held.set()
@@ -253,8 +275,8 @@ def test_a_killed_holder_or_a_lapsed_lease_does_not_block_the_lock(mlflow_sqlite
     import signal
     import time
 
-    from m2snet.mlops.registry import _EXPIRES_TAG, _OWNER_TAG, alias_lock
-    from m2snet.mlops.tracking import mlflow_client
+    from m2snet.mlops.alias_lock import _EXPIRES_TAG, _OWNER_TAG, alias_lock
+    from m2snet.mlops.mlflow_store import mlflow_client
 
     client = mlflow_client(mlflow_sqlite)
     name = "locked"

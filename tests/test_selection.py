@@ -120,7 +120,9 @@ def two_epoch_mean():
 def test_a_rule_registered_in_one_place_is_validated_used_and_recorded(data, tmp_path, two_epoch_mean):
     from mlflow.tracking import MlflowClient
 
-    from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import Tracker
+    from m2snet.mlops.training_run import tracking_callbacks
     from m2snet.training.trainer import train
 
     ds, split = data
@@ -141,7 +143,7 @@ def test_a_rule_registered_in_one_place_is_validated_used_and_recorded(data, tmp
 
 
 def test_an_unknown_or_twice_registered_rule_is_refused(two_epoch_mean):
-    from m2snet.common import M2SNetError
+    from m2snet.errors import M2SNetError
     from m2snet.training.selection import SelectionRule, register_selection
 
     with pytest.raises(M2SNetError, match=r"selection='best' must be one of final, inner, fold_best, toy_mean2"):

@@ -17,8 +17,9 @@ def production_model(tmp_path_factory):
     from m2snet.data.demo import make_demo_dataset
     from m2snet.data.importers import import_dataset
     from m2snet.data.split import make_split
-    from m2snet.mlops.pyfunc import log_segmentation_model
-    from m2snet.mlops.registry import PromotionPolicy, promote, register_model_version
+    from m2snet.mlops.promotion_gate import PromotionPolicy
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
+    from m2snet.mlops.registry import promote, register_model_version
     from m2snet.training.trainer import train
     from m2snet.workflows.presets import train_config
 
@@ -136,7 +137,7 @@ def test_readme_serve_command_works_without_activating_the_virtualenv(production
 
     import requests
 
-    from m2snet.common import free_port
+    from m2snet.processes import free_port
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     command = re.search(r"`([^`]*m2snet serve --model models:/m2snet-busi@production[^`]*)`", readme).group(1)
@@ -189,7 +190,7 @@ def test_scoring_server_answers_413_and_400_with_one_line(production_model, monk
     from mlflow.pyfunc import scoring_server
     from starlette.testclient import TestClient
 
-    from m2snet.mlops.pyfunc import encode_image
+    from m2snet.mlops.pyfunc_io import encode_image
     from m2snet.mlops.serving import load_model
 
     client = TestClient(scoring_server.init(load_model("models:/serve-test@production", tmp_path / "cache")))
@@ -281,11 +282,12 @@ def test_m2snet_serve_answers_as_the_version_the_alias_named_at_start_and_a_rest
     import mlflow
     import requests
 
-    from m2snet.common import find_tool, free_port
-    from m2snet.mlops.pyfunc import log_segmentation_model
-    from m2snet.mlops.registry import PromotionPolicy, promote, register_model_version, rollback
+    from m2snet.mlops.promotion_gate import PromotionPolicy
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
+    from m2snet.mlops.registry import promote, register_model_version, rollback
     from m2snet.mlops.services import ManagedProcess
     from m2snet.mlops.serving import request_predictions
+    from m2snet.processes import find_tool, free_port
 
     env = {"MLFLOW_TRACKING_URI": production_model["uri"], "M2SNET_CACHE_DIR": str(tmp_path / "cache")}
     client = mlflow.MlflowClient()
@@ -320,7 +322,7 @@ def test_m2snet_serve_answers_as_the_version_the_alias_named_at_start_and_a_rest
 
 
 def test_pixel_batches_bound_images_and_pixels():
-    from m2snet.mlops.pyfunc import pixel_batches
+    from m2snet.mlops.pyfunc_io import pixel_batches
 
     sizes = [(100, 100)] * 5 + [(7000, 7000)] + [(100, 100)] * 2
     assert pixel_batches(sizes, max_images=3, max_pixels=40_000) == [range(0, 3), range(3, 5), range(5, 6),
@@ -334,7 +336,7 @@ def test_server_refuses_a_request_over_its_pixel_budget(production_model, tmp_pa
     predict` under the same budget sends its images in batches within it."""
     import requests
 
-    from m2snet.mlops.pyfunc import encode_image
+    from m2snet.mlops.pyfunc_io import encode_image
     from m2snet.mlops.serving import predict_files, start_model_server
 
     MAX_REQUEST_PIXELS_ENV = "M2SNET_MAX_REQUEST_PIXELS"  # the server's documented setting

@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from m2snet.common import free_port
+from m2snet.processes import free_port
 from tests.fixtures.container import engine_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +50,9 @@ def two_versions(mlflow_server, tmp_path):
     from m2snet.data.demo import make_demo_dataset
     from m2snet.data.importers import import_dataset
     from m2snet.data.split import make_split
-    from m2snet.mlops.pyfunc import log_segmentation_model
-    from m2snet.mlops.registry import PromotionPolicy, promote, register_model_version
+    from m2snet.mlops.promotion_gate import PromotionPolicy
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
+    from m2snet.mlops.registry import promote, register_model_version
     from m2snet.training.trainer import train
     from m2snet.workflows.presets import train_config
 
@@ -79,7 +80,8 @@ def two_versions(mlflow_server, tmp_path):
 @pytest.mark.container
 def test_the_serving_container_answers_as_the_promoted_version_and_follows_promote_and_rollback(
         image, mlflow_server, two_versions):
-    from m2snet.mlops.registry import PromotionPolicy, promote, rollback
+    from m2snet.mlops.promotion_gate import PromotionPolicy
+    from m2snet.mlops.registry import promote, rollback
     from m2snet.mlops.serving import request_predictions
 
     engine, tag = image

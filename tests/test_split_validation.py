@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from m2snet.common import M2SNetError
 from m2snet.data.split import load_split
+from m2snet.errors import M2SNetError
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_ids_twice_on_one_side_unknown_ids_and_empty_files(tiny, tmp_path):
 def test_a_split_made_for_another_dataset_version_needs_it_named(tiny, tmp_path, monkeypatch, capsys, caplog):
     """Same ids, other bytes: refused unless the user names the split's version (recorded in the run)."""
     from m2snet.data.format import load_dataset
-    from m2snet.mlops.tracking import config_params
+    from m2snet.mlops.training_run import config_params
     from m2snet.training.cases import resolve_cases
     from m2snet.training.config import TrainConfig
 

@@ -1,4 +1,4 @@
-"""common.stop_children_on_signal: SIGTERM/SIGINT reach every process a command started, however deep,
+"""processes.stop_children_on_signal: SIGTERM/SIGINT reach every process a command started, however deep,
 including those a thread pool starts after the signal (as kfp's local runner does with its queued tasks)."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 # pool of 2 with 4 queued, the way kfp's local runner runs tasks; it says "started" once two are running.
 COMMAND = r"""
 import concurrent.futures, subprocess, sys
-from m2snet.common import Terminated, stop_children_on_signal
+from m2snet.processes import stop_children_on_signal
+from m2snet.signals import Terminated
 
 def task(i):
     return subprocess.run(["sh", "-c", "trap '' INT; sleep 300 & wait"]).returncode

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.training.config import TrainConfig
 from m2snet.training.schedule import build_scheduler, triangle_factor
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def test_shared_study_reports_epochs_and_logs_nested_runs(tiny_data, tmp_path, m
     import mlflow
     import optuna
 
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import Tracker
     from m2snet.workflows.tuning import TuningConfig, make_storage, tune
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -109,7 +110,7 @@ def test_a_storage_whose_driver_is_missing_or_server_is_down_is_one_line(monkeyp
     not the psycopg2 this package installs: the error says how to name the installed one."""
     import sys
 
-    from m2snet.common import free_port
+    from m2snet.processes import free_port
     from m2snet.workflows.tuning import make_storage
 
     url = f"postgresql+psycopg2://alice:pw@127.0.0.1:{free_port()}/test"

@@ -18,7 +18,9 @@ import traceback
 import typer
 
 from m2snet.cli import benchmark, compare, data, models, pipeline, predict, registry, serve, services, train, tune
-from m2snet.common import M2SNetError, Terminated, install_redaction, redact
+from m2snet.errors import M2SNetError
+from m2snet.redaction import install_redaction, redact
+from m2snet.signals import Terminated
 
 app = typer.Typer(
     name="m2snet",
@@ -33,7 +35,7 @@ def version_line() -> str:
     """``m2snet <version>``, with the commit when the package runs from a git checkout (``, modified``
     when it has uncommitted changes)."""
     from m2snet import __version__
-    from m2snet.common import git_commit
+    from m2snet.runtime import git_commit
 
     commit = git_commit()
     if commit.startswith("m2snet-"):  # not a checkout: git_commit fell back to the package version

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from m2snet.cli.options import NO_TRACK, SETS, TRACKING_URI
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 app = typer.Typer()
 
@@ -45,7 +45,7 @@ def benchmark_cmd(
     changed = {k: v for k, v in overrides.to_dict().items() if v != TrainConfig().to_dict()[k]}
     tracking = None
     if not no_track:
-        from m2snet.mlops.tracking import TrackingConfig
+        from m2snet.mlops.mlflow_store import TrackingConfig
 
         tracking = TrackingConfig(uri=tracking_uri, experiment=experiment)
     if train and not test:
@@ -68,7 +68,7 @@ def paper_compare_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the report to this markdown file."),
 ) -> None:
     """Ours beside the paper's M2SNet figures for a finished run, with the difference and the budget."""
-    from m2snet.common import write_text
+    from m2snet.files import write_text
     from m2snet.workflows.protocols import comparison_from_results
 
     text = comparison_from_results(protocol, results)

@@ -32,7 +32,7 @@ def compare_cmd(
     """Paired comparison of two cross-validations on their common cases: mean difference B - A with a
     bootstrap 95 % CI (cases resampled within folds), Wilcoxon p, per-fold differences, cases won.
     Refuses (exit 2) when A and B used another data version or split."""
-    from m2snet.mlops.tracking import TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
     from m2snet.workflows.comparison import compare_cv
 
     res = compare_cv(a, b, out, metrics=metric, tracking=TrackingConfig(uri=tracking_uri, experiment=experiment),

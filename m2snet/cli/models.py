@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from m2snet.cli.options import ACCEPT_SPLIT_VERSION
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 app = typer.Typer()
 
@@ -89,12 +89,12 @@ def recalibrate_bn_command(
 ) -> None:
     """Re-estimate a checkpoint's BatchNorm statistics over the fold's training cases (no augmentation,
     cumulative average; per call site for M2SNet's MSU filters) and write a new checkpoint."""
-    from m2snet.training.bn_recalibration import recalibrate_checkpoint
+    from m2snet.training.bn_recalibration import RecalibrationOptions, recalibrate_checkpoint
 
-    path, info = recalibrate_checkpoint(
-        checkpoint, out, data=data, split=split, fold=fold, accept_split_version=accept_split_version,
+    path, info = recalibrate_checkpoint(checkpoint, out, data=data, options=RecalibrationOptions(
+        split=split, fold=fold, accept_split_version=accept_split_version,
         msu_norm=None if msu_norm == "keep" else msu_norm,
-        size=size, batch_size=batch_size, max_cases=max_cases, device=device)
+        size=size, batch_size=batch_size, max_cases=max_cases, device=device))
     mode = f", msu_norm {info['msu_norm']}" if info.get("msu_norm") else ""
     typer.echo(f"recalibrated {info['norms']} BatchNorms over {info['images']} of {info['cases']} training cases "
                f"({info['batches']} batches at {info['size']} px{mode})")

@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 import typer
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, PROTOCOLS
-from m2snet.mlops import tracking
+from m2snet.mlops import mlflow_store
 from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, PRESETS, train_config
 
 # TrainConfig
@@ -32,7 +32,7 @@ TRAIN_PRESET: Optional[str] = typer.Option(
 TRACKING_URI: Optional[str] = typer.Option(
     None, "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
 NO_TRACK: bool = typer.Option(False, "--no-track", help="Do not log to MLflow.")
-PIPELINE_EXPERIMENT: str = typer.Option(tracking.PIPELINE_EXPERIMENT, "--experiment", help="MLflow experiment.")
+PIPELINE_EXPERIMENT: str = typer.Option(mlflow_store.PIPELINE_EXPERIMENT, "--experiment", help="MLflow experiment.")
 MODEL_NAME: str = typer.Option(DEFAULT_MODEL_NAME, "--model-name", help="Registered model name.")
 
 # Evaluation (m2snet.evaluation.metrics)

@@ -14,7 +14,8 @@ from typing import Any, List, Optional
 import typer
 
 from m2snet.cli.options import METRIC_PROTOCOL, MODEL_NAME, PIPELINE_EXPERIMENT, PRESET, preset_overrides
-from m2snet.common import M2SNetError, interpreter_bin
+from m2snet.errors import M2SNetError
+from m2snet.processes import interpreter_bin
 
 app = typer.Typer(help="The cross-validation pipeline: run locally, compile, submit to Kubeflow.", no_args_is_help=True)
 
@@ -60,7 +61,7 @@ def run_cmd(
 ) -> None:
     """Run the whole pipeline: data -> validate -> split -> tune -> 4 folds -> CV table -> register -> promote."""
     from m2snet.kubeflow.runner import LocalRunOptions, run_local
-    from m2snet.mlops.tracking import PIPELINE_EXPERIMENT as CV_EXPERIMENT
+    from m2snet.mlops.mlflow_store import PIPELINE_EXPERIMENT as CV_EXPERIMENT
     from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET
 
     if not local:

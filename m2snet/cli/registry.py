@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from m2snet.mlops.registry import PromotionPolicy, promote, rollback
+from m2snet.mlops.promotion_gate import PromotionPolicy
+from m2snet.mlops.registry import promote, rollback
 
 app = typer.Typer()
 

@@ -22,9 +22,9 @@ def serve_cmd(
     """Serve MODEL over REST (POST /invocations, GET /ping, GET /health): the alias's version now, downloaded
     once; every response names that version (column model_version). Promote or roll back, then restart the
     server (`kubectl rollout restart deployment/m2snet-serve` on the cluster) to answer with the new one."""
-    from m2snet.common import interpreter_bin
     from m2snet.mlops.pyfunc import SERVED_MODEL_ENV
     from m2snet.mlops.serving import serve_plan
+    from m2snet.processes import interpreter_bin
 
     plan = serve_plan(model, host, port, workers)
     typer.echo(f"serving {plan.served_as} ({model}) on http://{host}:{port} from {plan.local_dir}", err=True)

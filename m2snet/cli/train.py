@@ -22,8 +22,8 @@ from m2snet.cli.options import (
     parse_folds,
     parse_seeds,
 )
-from m2snet.common import M2SNetError
-from m2snet.mlops.tracking import CLI_EXPERIMENT
+from m2snet.errors import M2SNetError
+from m2snet.mlops.mlflow_store import CLI_EXPERIMENT
 
 app = typer.Typer()
 
@@ -89,7 +89,8 @@ def train_cmd(
     the fold's training cases); the fold's validation cases never choose it."""
     import contextlib
 
-    from m2snet.mlops.tracking import Tracker, tracking_callbacks
+    from m2snet.mlops.tracking import Tracker
+    from m2snet.mlops.training_run import tracking_callbacks
     from m2snet.training.trainer import train
     from m2snet.workflows.folds import fold_run, train_fold
 
@@ -122,7 +123,7 @@ def train_cmd(
     with tracker or contextlib.nullcontext():
         result = train(cfg, resume=resume, callbacks=tracking_callbacks(tracker))
         if tracker is not None:
-            from m2snet.mlops.pyfunc import log_segmentation_model
+            from m2snet.mlops.pyfunc_logging import log_segmentation_model
 
             tracker.log_artifact(result.checkpoint, "checkpoints")
             log_segmentation_model([result.checkpoint], run_id=tracker.run_id,
@@ -147,7 +148,7 @@ def evaluate_cmd(
     """Score checkpoint(s) at each case's original size; write per-case CSV, means and overlays.
 
     With a fixed split: every named test set (``OUT/<set>/``), one row each plus their mean (test_sets.md)."""
-    from m2snet.evaluation.evaluate import evaluate
+    from m2snet.evaluation.evaluate import EvalOptions, evaluate
 
     if no_skill:
         from m2snet.workflows.folds import noskill_cv
@@ -177,8 +178,8 @@ def evaluate_cmd(
             typer.echo(f"table: {table_md}")
             return
         case_ids = list(loaded.fold(fold or 0).val)
-    res = evaluate(checkpoint, data, case_ids=case_ids, out_dir=out, tta_flip=tta_flip, device=device,
-                   batch_size=batch_size, protocol=protocol)
+    res = evaluate(checkpoint, data, case_ids=case_ids, out_dir=out,
+                   options=EvalOptions(tta_flip=tta_flip, device=device, batch_size=batch_size, protocol=protocol))
     for k, v in res.metrics.items():
         typer.echo(f"{k:>20s}: {v:.4f}")
     typer.echo(f"per-case CSV: {res.per_case_csv}\noverlays: {res.overlay_png}")

@@ -31,7 +31,8 @@ def tune_cmd(
     experiment: str = typer.Option("m2snet-tuning", help="MLflow experiment."),
 ) -> None:
     """Tune the head learning rate and backbone/head ratio with Optuna (pruning on per-epoch Dice)."""
-    from m2snet.mlops.tracking import Tracker, TrackingConfig
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import Tracker
     from m2snet.workflows.tuning import make_storage, tune
 
     base = train_config(preset, preset_overrides(preset, set_), data=str(data), split=str(split), fold=fold,

@@ -4,7 +4,7 @@ Layout: ``<cache_dir>/<dataset version>/<size>/{images.npy, masks.npy, index.jso
 ``images.npy`` uint8 [N, S, S, 3] and ``masks.npy`` uint8 [N, S, S], opened memory-mapped so
 DataLoader workers share the pages instead of each holding a copy. Keyed by the dataset's DVC
 hash, so an edited dataset can never be served stale arrays. Built in a temporary directory and
-renamed into place (m2snet.common.atomic_directory, shared): a crash mid-build leaves no half cache,
+renamed into place (m2snet.directories.atomic_directory, shared): a crash mid-build leaves no half cache,
 and of processes building the same cache at once (parallel folds) the first to finish wins: the
 others discard their copy and use it; a finished cache is never removed or replaced.
 """
@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.format import DatasetInfo, load_dataset
 from m2snet.data.images import read_image
+from m2snet.directories import atomic_directory
+from m2snet.errors import M2SNetError
 from m2snet.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from m2snet.common import M2SNetError, atomic_directory, write_json
 from m2snet.data.format import encode_png
 from m2snet.data.importers import import_dataset
+from m2snet.directories import atomic_directory
+from m2snet.errors import M2SNetError
+from m2snet.files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 HASH_METHOD = "phash64-centre-crops"
 CROP_SCALES = (1.0, 0.9, 0.8)

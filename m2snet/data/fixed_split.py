@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from m2snet.common import M2SNetError, write_json
 from m2snet.data.format import DatasetInfo, load_dataset
 from m2snet.data.split import (
     FIXED_SPLIT_FORMAT_VERSION,
@@ -48,6 +47,8 @@ from m2snet.data.split import (
     load_split,
     resolve_group_by,
 )
+from m2snet.errors import M2SNetError
+from m2snet.files import write_json
 
 LeakPolicy = Literal["report", "refuse"]
 TRAIN, VAL = "train", "val"

@@ -42,7 +42,9 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
-from m2snet.common import M2SNetError, atomic_file, read_json, sha256_bytes, write_json
+from m2snet.errors import M2SNetError
+from m2snet.files import atomic_file, read_json, write_json
+from m2snet.hashing import sha256_bytes
 
 FORMAT_VERSION = 2
 DATASET_JSON = "dataset.json"

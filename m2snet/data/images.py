@@ -38,7 +38,7 @@ from typing import Iterator, Literal, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 Kind = Literal["image", "mask"]
 Source = Union[str, os.PathLike, bytes, bytearray]

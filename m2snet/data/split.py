@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from m2snet.common import M2SNetError, read_json, sha256_file, write_json
 from m2snet.data.duplicates import UnionFind
 from m2snet.data.format import CaseRecord, DatasetInfo, load_dataset
+from m2snet.errors import M2SNetError
+from m2snet.files import read_json, write_json
+from m2snet.hashing import sha256_file
 
 # Which duplicates stay together: "cluster" = the manifest's duplicate cluster (exact + near) and
 # the image hash; "sha256" = byte-identical images only (the first version's rule, kept so that its

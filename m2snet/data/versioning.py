@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 # Directories DVC itself never descends into (dvc/ignore.py: DvcIgnoreFilter defaults).
 _DVC_SKIP_DIRS = {".git", ".hg", ".dvc"}

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 N_RESAMPLES = 10_000
 CONFIDENCE = 0.95

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from m2snet import progress as progress_events
-from m2snet.common import M2SNetError, resolve_device, write_csv, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.images import read_mask, read_rgb
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, case_metrics, check_protocol, has_lesion, summarize_cases
 from m2snet.evaluation.plots import OverlayCase, overlay_grid
 from m2snet.evaluation.predict import Predictor
+from m2snet.files import write_csv, write_json
+from m2snet.runtime import resolve_device
 
 log = logging.getLogger("m2snet.evaluation")
 
@@ -140,25 +142,33 @@ def evaluate_predictor(
     return result
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How :func:`evaluate` runs the checkpoints (flip TTA, device, batch size), what it writes beside the
+    scores (overlays, S-measure/E-measure/MAE) and under which metric protocol it scores."""
+
+    tta_flip: bool = False
+    device: str = "auto"
+    batch_size: int = 8
+    n_overlay: int = 3  # worst / median / best cases drawn in the overlay figure
+    with_sod: bool = True  # the salient-object metrics (S-measure, E-measure, MAE) too
+    progress: bool = True
+    protocol: str = DEFAULT_PROTOCOL
+
+
 def evaluate(
     checkpoints: Sequence[str | os.PathLike],
     data: str | os.PathLike,
     case_ids: Sequence[str] | None = None,
     out_dir: str | os.PathLike | None = None,
-    tta_flip: bool = False,
-    device: str = "auto",
-    batch_size: int = 8,
-    n_overlay: int = 3,
-    with_sod: bool = True,
-    progress: bool = True,
-    protocol: str = DEFAULT_PROTOCOL,
+    options: EvalOptions = EvalOptions(),
 ) -> EvalResult:
     """Load the checkpoint(s) (averaging their probabilities) and evaluate on the dataset."""
-    check_protocol(protocol)
-    device = resolve_device(device)
-    predictor = Predictor.from_checkpoints(list(checkpoints), device=device, tta_flip=tta_flip,
-                                           batch_size=batch_size)
+    check_protocol(options.protocol)
+    device = resolve_device(options.device)
+    predictor = Predictor.from_checkpoints(list(checkpoints), device=device, tta_flip=options.tta_flip,
+                                           batch_size=options.batch_size)
     with torch.inference_mode():
-        return evaluate_predictor(predictor, data, case_ids, out_dir, n_overlay=n_overlay,
-                                  with_sod=with_sod, progress=progress, protocol=protocol,
+        return evaluate_predictor(predictor, data, case_ids, out_dir, n_overlay=options.n_overlay,
+                                  with_sod=options.with_sod, progress=options.progress, protocol=options.protocol,
                                   title=", ".join(Path(c).name for c in checkpoints))

@@ -30,7 +30,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from m2snet.common import M2SNetError, atomic_file
+from m2snet.errors import M2SNetError
+from m2snet.files import atomic_file
 
 GUARD_FILE = "input_guard.safetensors"
 DEFAULT_QUANTILE = 0.975  # of held-out in-distribution distances: ~2.5 % false flags by construction

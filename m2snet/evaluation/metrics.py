@@ -44,7 +44,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 BINARY_METRICS = ("dice", "iou", "precision", "recall", "specificity")
 SOD_METRICS = ("s_measure", "mean_e_measure", "weighted_f_measure", "mae")

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from m2snet.common import atomic_file
+from m2snet.files import atomic_file
 
 
 def _pyplot():

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m2snet.common import M2SNetError
 from m2snet.data.images import to_8bit
+from m2snet.errors import M2SNetError
 from m2snet.models.checkpoint import Checkpoint
 from m2snet.models.preprocessing import Normalization
 

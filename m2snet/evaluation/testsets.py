@@ -22,11 +22,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from m2snet.common import M2SNetError, resolve_device, write_json, write_text
 from m2snet.data.split import Split
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.evaluate import EvalResult, evaluate_predictor
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX
 from m2snet.evaluation.predict import Predictor
+from m2snet.files import write_json, write_text
+from m2snet.runtime import resolve_device
 
 # The paper's Tab. 1 columns, in its order (Sec. 4.2 names them), with our metric keys.
 POLYP_TABLE = (("mDice", "dice"), ("mIoU", "iou"), ("wFm", "weighted_f_measure"), ("Sm", "s_measure"),

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from m2snet import progress
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.kubeflow.engine_proxy import EngineProxy
 from m2snet.mlops.services import ManagedProcess
 

@@ -21,21 +21,24 @@ from urllib.parse import urlparse
 
 import yaml
 
-from m2snet.common import Interruption, M2SNetError, Terminated, redact, stop_children_on_signal
 from m2snet.data.importers import list_importers
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, check_protocol
 from m2snet.kubeflow.container import container_runner
 from m2snet.kubeflow.image import COMPONENT_IMAGE
 from m2snet.kubeflow.runview import RunView, planned_tasks
-from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
-from m2snet.mlops.tracking import (
+from m2snet.mlops.mlflow_store import (
     DEFAULT_TRACKING_URI,
     PIPELINE_EXPERIMENT,
     TrackingError,
     absolute_sqlite_uri,
     mlflow_client,
-    parent_run,
 )
+from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
+from m2snet.mlops.tracking import parent_run
+from m2snet.processes import Interruption, stop_children_on_signal
+from m2snet.redaction import redact
+from m2snet.signals import Terminated
 from m2snet.workflows.context import RunContext
 from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET, get_preset
 from m2snet.workflows.steps import finalize_step, loop_items, parse_seeds

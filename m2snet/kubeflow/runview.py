@@ -41,7 +41,7 @@ from rich.live import Live
 from rich.table import Table
 
 from m2snet import progress
-from m2snet.common import redact
+from m2snet.redaction import redact
 
 PLAIN_PROGRESS_EVERY_S = 60.0  # a non-terminal console gets a progress line at most this often per task
 LOG_TAIL_LINES = 40

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from m2snet.common import M2SNetError, write_csv, write_json
-from m2snet.mlops.tracking import mlflow_client
+from m2snet.errors import M2SNetError
+from m2snet.files import write_csv, write_json
+from m2snet.mlops.mlflow_store import mlflow_client
 
 CV_PER_CASE = "cv_per_case.csv"
 CV_LINEAGE = "cv_lineage.json"

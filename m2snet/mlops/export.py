@@ -34,8 +34,9 @@ import torch
 import yaml
 from torch import nn
 
-from m2snet.common import M2SNetError, atomic_file
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.predict import Predictor
+from m2snet.files import atomic_file
 
 log = logging.getLogger(__name__)
 

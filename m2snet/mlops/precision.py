@@ -30,12 +30,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from m2snet.common import M2SNetError, atomic_file
 from m2snet.data.format import load_dataset
 from m2snet.data.images import read_mask, read_rgb
 from m2snet.data.split import check_disjoint, load_split
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import binary_metrics
 from m2snet.evaluation.predict import Predictor
+from m2snet.files import atomic_file
 from m2snet.mlops.export import (
     DEFAULT_ATOL,
     OnnxPredictor,

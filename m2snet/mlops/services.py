@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from m2snet.common import M2SNetError, atomic_file, find_tool, free_port, redact, tool_env
+from m2snet.errors import M2SNetError
+from m2snet.files import atomic_file
+from m2snet.processes import find_tool, free_port, tool_env
+from m2snet.redaction import redact
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from m2snet.common import M2SNetError, atomic_directory, find_tool, free_port
 from m2snet.data.cache import default_cache_dir
 from m2snet.data.images import check_image, read_rgb
+from m2snet.directories import atomic_directory
+from m2snet.errors import M2SNetError
+from m2snet.mlops.mlflow_store import mlflow_client
 from m2snet.mlops.services import LOOPBACK, ManagedProcess
-from m2snet.mlops.tracking import mlflow_client
+from m2snet.processes import find_tool, free_port
 from m2snet.progress import bar as progress_bar
 
 log = logging.getLogger("m2snet.mlops.serving")
@@ -90,7 +92,7 @@ def load_model(model_uri: str, cache_dir: str | os.PathLike | None = None):
     an unknown model or alias, and for a model that would be unpickled (:func:`require_model_code`)."""
     import mlflow.pyfunc
 
-    from m2snet.mlops.pyfunc import require_model_code
+    from m2snet.mlops.pyfunc_logging import require_model_code
 
     local = local_model_dir(model_uri, cache_dir)
     require_model_code(local)
@@ -156,7 +158,7 @@ def predict_files(model_uri: str, inputs: Sequence[str | os.PathLike], out_dir: 
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from m2snet.mlops.pyfunc import decode_mask, encode_image, max_request_pixels, pixel_batches
+    from m2snet.mlops.pyfunc_io import decode_mask, encode_image, max_request_pixels, pixel_batches
 
     images = collect_images(inputs)
     stems = [p.stem for p in images]
@@ -215,7 +217,7 @@ def request_predictions(url: str, images: Sequence[str | os.PathLike | bytes],
     (decoded), ``foreground_fraction`` and the other columns as the server sent them."""
     import requests
 
-    from m2snet.mlops.pyfunc import decode_mask, encode_image
+    from m2snet.mlops.pyfunc_io import decode_mask, encode_image
 
     data = [[encode_image(i if isinstance(i, bytes) else Path(i).read_bytes())] for i in images]
     body = {"dataframe_split": {"columns": ["image"], "data": data}}
@@ -274,7 +276,7 @@ def serve_plan(model_uri: str, host: str, port: int, workers: int = 1,
     """Resolve the alias ONCE, at start, and download that version: the server then answers as that version
     until it is restarted (``kubectl rollout restart``), which is how promoting or rolling back reaches a
     running deployment; the pyfunc names the version in every response (its ``model_version`` column)."""
-    from m2snet.mlops.pyfunc import require_model_code
+    from m2snet.mlops.pyfunc_logging import require_model_code
 
     pinned = registered_version(model_uri)
     uri = f"models:/{pinned[0]}/{pinned[1]}" if pinned else model_uri

@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from m2snet.common import M2SNetError, atomic_file
+from m2snet.errors import M2SNetError
+from m2snet.files import atomic_file
 from m2snet.models.preprocessing import DEFAULT_NORMALIZATION, Normalization
 
 FORMAT_VERSION = 1
@@ -144,7 +145,7 @@ class Checkpoint:
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """torch.save through :func:`m2snet.common.atomic_file`: a kill never leaves half a file, and
+        """torch.save through :func:`m2snet.files.atomic_file`: a kill never leaves half a file, and
         the file gets the umask's mode (readable by the serving container, other users)."""
         path = Path(path)
         with atomic_file(path) as tmp:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from m2snet import progress
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 log = logging.getLogger("m2snet.models")
 

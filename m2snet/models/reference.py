@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.models.pretrained import read_state_dict, strip_prefixes, weights_from_checkpoint
 from m2snet.models.units import SITE_BUFFERS
 
@@ -83,9 +83,10 @@ def convert_reference(
     M2SNet is converted as the reference has it, ``msu_norm="shared"``; ``m2snet recalibrate-bn``
     upgrades it to per-site statistics."""
     from m2snet import __version__
-    from m2snet.common import git_commit, sha256_file
+    from m2snet.hashing import sha256_file
     from m2snet.models import create_model
     from m2snet.models.checkpoint import Checkpoint as M2SNetCheckpoint
+    from m2snet.runtime import git_commit
 
     state, where = _as_state_dict(ckpt)
     name = model or detect_reference_model(state)

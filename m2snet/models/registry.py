@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -33,11 +33,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
-from m2snet.common import M2SNetError, resolve_device
 from m2snet.data.dataset import SegmentationDataset
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import binary_metrics
 from m2snet.models.checkpoint import Checkpoint
 from m2snet.models.units import OnesFilterBN
+from m2snet.runtime import resolve_device
 from m2snet.training.cases import resolve_cases
 from m2snet.training.config import TrainConfig
 
@@ -184,59 +185,67 @@ def recalibrate_run_checkpoints(paths: Sequence[str | os.PathLike], model: nn.Mo
                  path, ckpt.bn_recalibration["images"], ckpt.bn_recalibration["batches"])
 
 
+@dataclass(frozen=True)
+class RecalibrationOptions:
+    """Over which cases and how :func:`recalibrate_checkpoint` re-estimates a checkpoint's BatchNorm statistics.
+
+    The cases: fold ``fold``'s training cases of ``split`` (all cases of the data without a split), at most
+    ``max_cases`` of them (drawn with ``seed``). ``msu_norm``: for models with MSU filters, the statistics
+    mode of the result (``per_site`` upgrades a shared / reference checkpoint; None keeps the checkpoint's).
+    ``size`` / ``batch_size`` default to the checkpoint's image size and training batch size.
+    """
+
+    split: str | os.PathLike | None = None
+    fold: int = 0
+    accept_split_version: str | None = None
+    msu_norm: str | None = "per_site"
+    size: int | None = None
+    batch_size: int | None = None
+    max_cases: int | None = None
+    device: str = "auto"
+    seed: int = 0
+
+
 def recalibrate_checkpoint(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
     *,
     data: str | os.PathLike,
-    split: str | os.PathLike | None = None,
-    fold: int = 0,
-    accept_split_version: str | None = None,
-    msu_norm: str | None = "per_site",
-    size: int | None = None,
-    batch_size: int | None = None,
-    max_cases: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
+    options: RecalibrationOptions = RecalibrationOptions(),
 ) -> tuple[Path, dict[str, Any]]:
-    """Recalibrate a checkpoint file over fold ``fold``'s training cases of ``split`` (all cases
-    of ``data`` without a split) and write a slim checkpoint to ``out``.
-
-    ``msu_norm``: for models with MSU filters, the statistics mode of the result (``per_site``
-    upgrades a shared / reference checkpoint; None keeps the checkpoint's). ``size`` / ``batch_size``
-    default to the checkpoint's image size and training batch size.
-    Returns (path written, the ``bn_recalibration`` record).
+    """Recalibrate a checkpoint file over the cases ``options`` name (:class:`RecalibrationOptions`) and
+    write a slim checkpoint to ``out``. Returns (path written, the ``bn_recalibration`` record).
     """
-
     ckpt = Checkpoint.load(checkpoint).slim()
     config = dict(ckpt.model_config)
-    if msu_norm is not None and "conv_3.norm.running_mean" in ckpt.state_dict:
+    if options.msu_norm is not None and "conv_3.norm.running_mean" in ckpt.state_dict:
         before = config.get("msu_norm", "the checkpoint's")
-        config["msu_norm"] = msu_norm
-        log.info("%s: msu_norm %s -> %s", checkpoint, before, msu_norm)
+        config["msu_norm"] = options.msu_norm
+        log.info("%s: msu_norm %s -> %s", checkpoint, before, options.msu_norm)
     ckpt.model_config = config
     try:
         model = ckpt.architecture()
     except ValueError as err:
         raise M2SNetError(f"{checkpoint}: {err}") from err
     train_cfg = ckpt.train_config or {}
-    size = size or int(ckpt.image_size or train_cfg.get("size") or 352)
-    batch_size = batch_size or int(train_cfg.get("batch_size") or 16)
-    cfg = TrainConfig(data=str(data), split=str(split) if split else None, fold=fold, max_train_cases=max_cases,
-                      seed=seed, accept_split_version=accept_split_version)
+    size = options.size or int(ckpt.image_size or train_cfg.get("size") or 352)
+    batch_size = options.batch_size or int(train_cfg.get("batch_size") or 16)
+    split = str(options.split) if options.split else None
+    cfg = TrainConfig(data=str(data), split=split, fold=options.fold, max_train_cases=options.max_cases,
+                      seed=options.seed, accept_split_version=options.accept_split_version)
     cases = resolve_cases(cfg)
     info, train_ids, split_sha = cases.info, cases.train, cases.split_sha256
     if info.n_classes != int(ckpt.n_classes):
         raise M2SNetError(f"{data}: {info.n_classes} classes, but {checkpoint} predicts {ckpt.n_classes}")
-    device = resolve_device(device)
+    device = resolve_device(options.device)
     dataset = SegmentationDataset(info, train_ids, size, augment=False, normalization=ckpt.normalization)
     try:
-        ckpt = recalibrate_into(ckpt, model, recalibration_loader(dataset, batch_size, seed), device)
+        ckpt = recalibrate_into(ckpt, model, recalibration_loader(dataset, batch_size, options.seed), device)
     except RuntimeError as err:
         raise M2SNetError(f"{checkpoint}: weights do not fit model {ckpt.model_name!r}: {err}") from err
     ckpt.bn_recalibration.update({
         "cases": len(train_ids), "source": str(checkpoint), "data": str(data), "dataset_version": info.version,
-        "split": str(split) if split else None,
-        "split_sha256": split_sha, "fold": fold if split else None, "msu_norm": config.get("msu_norm"),
+        "split": split,
+        "split_sha256": split_sha, "fold": options.fold if split else None, "msu_norm": config.get("msu_norm"),
     })
     return ckpt.save(out), ckpt.bn_recalibration

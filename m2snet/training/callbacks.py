@@ -2,8 +2,8 @@
 
 The trainer knows nothing of MLflow, Optuna or progress reporting: each is a :class:`TrainCallback`
 the caller attaches (``train(cfg, callbacks=[...])``); MLflow tracking is
-``m2snet.mlops.tracking.MlflowCallback``, attached by the workflow layer
-(``m2snet.mlops.tracking.tracking_callbacks``).
+``m2snet.mlops.training_run.MlflowCallback``, attached by the workflow layer
+(``m2snet.mlops.training_run.tracking_callbacks``).
 A callback may raise to stop the run after an epoch: the checkpoint of that epoch is already
 written, so the run stays resumable.
 """

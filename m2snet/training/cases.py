@@ -10,9 +10,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from m2snet.common import M2SNetError
 from m2snet.data.format import load_dataset
 from m2snet.data.split import groups_across, inner_split, load_split
+from m2snet.errors import M2SNetError
 from m2snet.training.config import TrainConfig
 from m2snet.training.selection import selection_rule
 

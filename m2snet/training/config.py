@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from m2snet.common import M2SNetError, write_json
 from m2snet.data.split import INNER_VAL_FRACTION
+from m2snet.errors import M2SNetError
+from m2snet.files import write_json
 from m2snet.training.selection import list_selections
 
 # The reference's multi-scale set at a 352 px base size (spec: "every batch resized to one of ...").

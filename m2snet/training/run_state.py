@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from m2snet import __version__
-from m2snet.common import M2SNetError, git_commit
+from m2snet.errors import M2SNetError
 from m2snet.models.checkpoint import Checkpoint
+from m2snet.runtime import git_commit
 from m2snet.training.cases import FoldCases
 from m2snet.training.config import LAST, TrainConfig
 

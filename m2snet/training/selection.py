@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 EpochCases = Literal["fold", "inner"]  # the fold's validation cases / an inner split of its training cases
 

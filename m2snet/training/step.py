@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.training.config import TrainConfig
 from m2snet.training.speed import step_precision
 

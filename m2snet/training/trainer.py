@@ -13,7 +13,7 @@ cases comes from a DataLoader generator seeded by (seed, epoch), so a resumed ru
 uninterrupted one exactly on CPU in deterministic mode. The loop reports to callbacks
 (:mod:`m2snet.training.callbacks`) and knows nothing of MLflow; checkpoints are
 :class:`m2snet.models.checkpoint.Checkpoint` objects, written through ``Checkpoint.save`` (one
-:func:`m2snet.common.atomic_file` each).
+:func:`m2snet.files.atomic_file` each).
 
 The parts the phases use live beside it: the epoch's batches (:mod:`.batches`), one optimisation step
 (:mod:`.step`), the validation pass (:mod:`.validate`) and the run's state on disk, resume checks and
@@ -34,12 +34,14 @@ from typing import Any
 import torch
 
 from m2snet import progress
-from m2snet.common import M2SNetError, resolve_device, seed_everything, write_json
 from m2snet.data.cache import default_cache_dir
 from m2snet.data.dataset import SegmentationDataset
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.plots import learning_curves
+from m2snet.files import write_json
 from m2snet.models import create_model
 from m2snet.models.checkpoint import Checkpoint, ResumeState, capture_rng_state, restore_rng_state
+from m2snet.runtime import resolve_device, seed_everything
 from m2snet.training.batches import MultiScaleCollate, TrainBatches, epoch_loader
 from m2snet.training.bn_recalibration import recalibrate_run_checkpoints
 from m2snet.training.callbacks import CallbackLike, EpochEnd, TrainCallback, TrainEnd, TrainStart, as_callbacks
@@ -88,7 +90,7 @@ def train(
     (:class:`m2snet.training.callbacks.TrainCallback`, or plain functions of :class:`EpochEnd`) get
     the run's start, each epoch's end once its checkpoint is written (raise to stop: the run stays
     resumable) and the end, in the order given; MLflow tracking is one of them
-    (``m2snet.mlops.tracking.tracking_callbacks``). With ``cfg.keep_last_checkpoint`` off, ``last.pt``
+    (``m2snet.mlops.training_run.tracking_callbacks``). With ``cfg.keep_last_checkpoint`` off, ``last.pt``
     is removed once the run has finished (a crash before that still leaves it to resume from).
     """
     cfg.validate()

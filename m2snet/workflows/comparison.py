@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from m2snet.common import M2SNetError, write_json, write_text
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.compare import (
     BOOTSTRAP_SEED,
     METRICS,
@@ -29,8 +29,10 @@ from m2snet.evaluation.compare import (
     pair,
 )
 from m2snet.evaluation.plots import paired_scores
+from m2snet.files import write_json, write_text
 from m2snet.mlops.cv_results import CVCases, load_cv_cases
-from m2snet.mlops.tracking import Tracker, TrackingConfig
+from m2snet.mlops.mlflow_store import TrackingConfig
+from m2snet.mlops.tracking import Tracker
 
 log = logging.getLogger("m2snet.workflows.comparison")
 

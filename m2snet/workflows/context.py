@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from m2snet.mlops.tracking import PIPELINE_EXPERIMENT, Tracker, TrackingConfig, parent_run
+from m2snet.mlops.mlflow_store import PIPELINE_EXPERIMENT, TrackingConfig
+from m2snet.mlops.tracking import Tracker, parent_run
 
 
 @dataclass(frozen=True)

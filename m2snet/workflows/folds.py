@@ -13,7 +13,7 @@ through the functions below, so each rule lives in one place:
   runs it for every fold under one parent run; :func:`aggregate_cv` turns per-fold metrics into
   mean +- std in percent (sample std, ddof=1; 0 for a single fold).
 
-Tracking is attached here, not in the trainer: :func:`m2snet.mlops.tracking.tracking_callbacks`
+Tracking is attached here, not in the trainer: :func:`m2snet.mlops.training_run.tracking_callbacks`
 gives ``train`` the MLflow callback of a fold's run. That callback records the run id in ``<fold dir>/mlflow_run.json``
 (``m2snet.mlops.tracking.write_run_file``), so a later step (the pipeline's evaluate task, a resumed
 CV) reopens the same run (:func:`fold_run`).
@@ -30,9 +30,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from m2snet.common import M2SNetError, git_commit, sha256_file, write_json, write_text
 from m2snet.data.format import load_dataset
 from m2snet.data.split import Split, load_split
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import (
     BUSI_TABLE,
     DEFAULT_PROTOCOL,
@@ -43,18 +43,13 @@ from m2snet.evaluation.metrics import (
     is_percent_metric,
 )
 from m2snet.evaluation.plots import cv_learning_curves
+from m2snet.files import write_json, write_text
+from m2snet.hashing import sha256_file
 from m2snet.mlops.cv_results import per_case_rows, write_cv_per_case
-from m2snet.mlops.tracking import (
-    PARENT_RUN_FILE,
-    RUN_FILE,
-    DatasetLineage,
-    Tracker,
-    config_params,
-    read_run_file,
-    reopen_run,
-    tracking_callbacks,
-    write_run_file,
-)
+from m2snet.mlops.lineage import DatasetLineage
+from m2snet.mlops.tracking import PARENT_RUN_FILE, RUN_FILE, Tracker, read_run_file, reopen_run, write_run_file
+from m2snet.mlops.training_run import config_params, tracking_callbacks
+from m2snet.runtime import git_commit
 from m2snet.training.config import TrainConfig
 from m2snet.workflows.context import UNTRACKED, RunContext
 from m2snet.workflows.presets import rate_params, settle_config
@@ -263,7 +258,7 @@ def log_fold_lineage(run, parent, data: str | os.PathLike, split_path: str | os.
 
 def log_fold_model(run, checkpoint: str | os.PathLike, *, tta_flip: bool = False) -> str:
     """The fold's pyfunc model (it carries model.pt as its artifact "checkpoint_0": not uploaded twice)."""
-    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
 
     info = log_segmentation_model([checkpoint], name="model", run_id=run.run_id,
                                   tracking_uri=run.cfg.resolved_uri(), tta_flip=tta_flip)
@@ -309,10 +304,11 @@ def score_fold(checkpoint: str | os.PathLike, data: str | os.PathLike, val_cases
                protocol: str = DEFAULT_PROTOCOL):
     """Evaluate ``checkpoint`` (and the no-skill predictor) on the fold's validation cases at their original
     sizes under the metric ``protocol``; log to ``tracker``."""
-    from m2snet.evaluation.evaluate import evaluate
+    from m2snet.evaluation.evaluate import EvalOptions, evaluate
 
-    ev = evaluate([checkpoint], data, case_ids=list(val_cases), out_dir=out_dir, tta_flip=tta_flip,
-                  device=device, batch_size=batch_size, with_sod=with_sod, progress=progress, protocol=protocol)
+    ev = evaluate([checkpoint], data, case_ids=list(val_cases), out_dir=out_dir, options=EvalOptions(
+        tta_flip=tta_flip, device=device, batch_size=batch_size, with_sod=with_sod, progress=progress,
+        protocol=protocol))
     if tracker is not None:
         tracker.log_params({"metric_protocol": protocol})
         log_evaluation(tracker, ev, step=step)

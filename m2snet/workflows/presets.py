@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from m2snet.common import M2SNetError
-from m2snet.mlops.registry import PromotionPolicy
+from m2snet.errors import M2SNetError
+from m2snet.mlops.promotion_gate import PromotionPolicy
 from m2snet.training.config import TrainConfig
 from m2snet.workflows.tuning import TuningConfig
 

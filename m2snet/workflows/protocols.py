@@ -28,13 +28,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from m2snet.common import M2SNetError, git_commit, read_json, sha256_file, write_json, write_text
 from m2snet.data.fixed_split import make_fixed_split
 from m2snet.data.format import DATASET_JSON, load_dataset
 from m2snet.data.split import Split, load_split, make_split
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX
 from m2snet.evaluation.testsets import TestSetReport, evaluate_split_test_sets
-from m2snet.mlops.tracking import Tracker, mlflow_client, parent_run, tracking_callbacks, write_run_file
+from m2snet.files import read_json, write_json, write_text
+from m2snet.hashing import sha256_file
+from m2snet.mlops.mlflow_store import mlflow_client
+from m2snet.mlops.tracking import Tracker, parent_run, write_run_file
+from m2snet.mlops.training_run import tracking_callbacks
+from m2snet.runtime import git_commit
 from m2snet.training.config import SELECTED, TrainConfig
 from m2snet.workflows.context import RunContext
 from m2snet.workflows.folds import log_fold_lineage, log_fold_model, log_training_artifacts
@@ -407,7 +412,7 @@ def registered_model_name(protocol: str) -> str:
 def version_tags(protocol: str, mean: Mapping[str, float]) -> dict[str, str]:
     """A protocol model version's tags: the mean row over the test sets; the promotion gate's scores are
     its Dice and the no-skill predictor's Dice on the same cases (fractions)."""
-    from m2snet.mlops.registry import NOSKILL_TAG, SCORE_TAG
+    from m2snet.mlops.promotion_gate import NOSKILL_TAG, SCORE_TAG
 
     return {"m2snet.protocol": protocol, **{f"mean_{k}": f"{v:.4f}" for k, v in mean.items()},
             SCORE_TAG: f"{mean.get('dice', float('nan')):.6f}",
@@ -579,9 +584,9 @@ def register_step(model_dir: str, report_dir: str, split_path: str, *, protocol:
                   experiment: str = "") -> tuple[str, str]:
     """Register the checkpoint as one version of ``model_name`` (default ``m2snet-<protocol>``), once per
     pipeline run, tagged with the test sets' mean row; return (name, version)."""
-    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
     from m2snet.mlops.registry import find_version_by_key, register_model_version
-    from m2snet.mlops.tracking import TrackingConfig
 
     name = model_name or registered_model_name(protocol)
     checkpoint = Path(model_dir) / SELECTED

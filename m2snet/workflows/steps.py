@@ -31,25 +31,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from m2snet.common import M2SNetError, atomic_directory, git_commit, redact, sha256_file, write_json
 from m2snet.data.demo import build_demo_dataset, make_demo_dataset
 from m2snet.data.format import DATASET_JSON, load_dataset
 from m2snet.data.importers import import_dataset
 from m2snet.data.split import grouping_note, load_split, make_split
 from m2snet.data.validation import validate_dataset
 from m2snet.data.versioning import dataset_version, tracked_version
+from m2snet.directories import atomic_directory
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
+from m2snet.files import write_json
+from m2snet.hashing import sha256_file
 from m2snet.mlops.cv_results import per_case_rows, write_cv_per_case
-from m2snet.mlops.registry import (
-    NOSKILL_TAG,
-    SCORE_TAG,
-    PromotionPolicy,
-    describe_version,
-    find_version_by_key,
-    promote,
-    register_model_version,
-)
-from m2snet.mlops.tracking import DatasetLineage, TrackingConfig, iter_child_runs
+from m2snet.mlops.lineage import DatasetLineage
+from m2snet.mlops.mlflow_store import TrackingConfig
+from m2snet.mlops.promotion_gate import NOSKILL_TAG, SCORE_TAG, PromotionPolicy
+from m2snet.mlops.registry import find_version_by_key, promote, register_model_version
+from m2snet.mlops.tracking import iter_child_runs
+from m2snet.mlops.version_description import describe_version
+from m2snet.redaction import redact
+from m2snet.runtime import git_commit
 from m2snet.training.config import SELECTED
 from m2snet.workflows.context import UNTRACKED, RunContext
 from m2snet.workflows.folds import (
@@ -442,7 +443,7 @@ def register_step(
     With ``data`` (the dataset the folds were trained on), the version carries an input guard fitted on it
     (m2snet.evaluation.guard: each fold model's training cases, thresholded on its held-out cases), and its
     description states the guard's measured false-flag rate."""
-    from m2snet.mlops.pyfunc import log_segmentation_model
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
 
     checkpoints = [_fold_checkpoint(d) for d in model_dirs]
     # The key: the pipeline run (a retried step) or, run by hand, the checkpoints themselves.

@@ -33,10 +33,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from m2snet import progress
-from m2snet.common import M2SNetError, atomic_file, database_driver_hint, redact, sha256_bytes, write_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import INNER_VAL_FRACTION, load_split, write_inner_split
-from m2snet.mlops.tracking import Tracker, TrackingConfig, tracking_callbacks
+from m2snet.errors import M2SNetError, database_driver_hint
+from m2snet.files import atomic_file, write_json
+from m2snet.hashing import sha256_bytes
+from m2snet.mlops.mlflow_store import TrackingConfig
+from m2snet.mlops.tracking import Tracker
+from m2snet.mlops.training_run import tracking_callbacks
+from m2snet.redaction import redact
 
 if TYPE_CHECKING:
     import optuna

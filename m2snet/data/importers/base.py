@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from m2snet.common import M2SNetError
 from m2snet.data.duplicates import DEFAULT_MAX_DISTANCE
 from m2snet.data.format import BINARY_MASK_CLASSES
+from m2snet.errors import M2SNetError
 
 
 @dataclass

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from m2snet.common import M2SNetError
 from m2snet.data.format import safe_case_id
 from m2snet.data.importers.base import Importer, SourceCase
 from m2snet.data.importers.layout import images_in
 from m2snet.data.importers.registry import register_importer
+from m2snet.errors import M2SNetError
 
 
 @register_importer("busi")

@@ -11,11 +11,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from m2snet.common import M2SNetError
 from m2snet.data.duplicates import perceptual_hashes
 from m2snet.data.format import IMAGES_DIR, MASKS_DIR, CaseRecord, write_png
 from m2snet.data.images import decode_image
 from m2snet.data.importers.base import Importer, SourceCase
+from m2snet.errors import M2SNetError
 
 # PIL's format names for the extensions a source may use; a file whose content is another format
 # is decoded by its content and the disagreement noted.

@@ -8,11 +8,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from m2snet.common import M2SNetError
 from m2snet.data.format import safe_case_id
 from m2snet.data.importers.base import Importer, SourceCase
 from m2snet.data.importers.layout import find_dir, pair_by_stem
 from m2snet.data.importers.registry import register_importer
+from m2snet.errors import M2SNetError
 
 # GOALS 2022 layer masks: grey level -> (class id, name). Class 0 is background, as everywhere in
 # m2snet; the three layers the challenge scores are 1..3.

@@ -2,7 +2,7 @@
 
 :func:`import_dataset` reads as its phases: scan the source, convert every case (all problems reported
 together), cluster duplicates into groups, write the manifest, validate the copy; all inside
-:func:`m2snet.common.atomic_directory`, so only a complete and valid dataset ever appears at ``dest``.
+:func:`m2snet.directories.atomic_directory`, so only a complete and valid dataset ever appears at ``dest``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from m2snet.common import M2SNetError, atomic_directory
 from m2snet.data.duplicates import NearDuplicateConfig, find_duplicates
 from m2snet.data.format import DATASET_JSON, CaseRecord, DatasetInfo, load_dataset, write_dataset
 from m2snet.data.importers.base import Importer, SourceCase
 from m2snet.data.importers.conversion import convert_case, problems_message
 from m2snet.data.importers.registry import get_importer
 from m2snet.data.validation import ValidationReport, validate_dataset
+from m2snet.directories import atomic_directory
+from m2snet.errors import M2SNetError
 from m2snet.progress import bar as progress_bar
 
 log = logging.getLogger("m2snet.data.importers")

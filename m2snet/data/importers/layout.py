@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 

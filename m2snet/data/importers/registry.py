@@ -7,8 +7,8 @@ import types
 from dataclasses import fields
 from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 
-from m2snet.common import M2SNetError
 from m2snet.data.importers.base import Importer
+from m2snet.errors import M2SNetError
 
 _IMPORTERS: dict[str, type[Importer]] = {}
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from m2snet.common import sha256_file
 from m2snet.data.duplicates import CROP_SCALES, NearDuplicateConfig, perceptual_hashes
 from m2snet.data.format import DatasetInfo
 from m2snet.data.images import ImageError, decode_image
+from m2snet.hashing import sha256_file
 
 # A binary mask covering more than this fraction of its image is listed as an outlier.
 MAX_FOREGROUND_FRACTION = 0.5

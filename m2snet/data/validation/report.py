@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2snet.common import write_json, write_text
 from m2snet.data.duplicates import DuplicateReport
 from m2snet.data.format import DatasetInfo
+from m2snet.files import write_json, write_text
 
 REPORT_JSON = "validation.json"
 REPORT_HTML = "validation.html"

@@ -18,8 +18,8 @@ def aggregate_cv(
 ):
     """The CV table (mean +- std over folds, in percent; model and no-skill rows) and the per-case scores,
     logged on the parent run."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import steps
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log

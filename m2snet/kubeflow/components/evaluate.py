@@ -17,8 +17,8 @@ def evaluate_fold(
 ):
     """Score the fold's checkpoint and the no-skill predictor on its validation cases at original size
     (per-case CSV + overlays) under the metric protocol."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import steps
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log

@@ -17,8 +17,8 @@ def prepare_dataset(
     experiment: str = "",
 ) -> str:
     """Fetch (DVC revision / path / demo set), import a raw layout with ``importer``, validate; return the version."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import steps
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log

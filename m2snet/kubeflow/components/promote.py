@@ -11,8 +11,8 @@ def promote_model(
     """Move alias `production` to the version if its CV Dice passes the floor, beats the no-skill predictor
     by ``noskill_margin`` and beats production by the margin (``require_ci``: by a paired 95 % CI above zero
     when the two are comparable, else by the margin, the reason saying so)."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import steps
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log

@@ -16,8 +16,8 @@ from m2snet.kubeflow.image import COMPONENT_IMAGE
 def split_protocol(dataset: Input[Dataset], split: Output[Dataset], protocol: str, seed: int,
                    split_options: str = "{}", pipeline_run_id: str = "", experiment: str = "") -> List[str]:
     """The protocol's fixed split (training, validation and named test sets); return the test sets' names."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import protocols
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
@@ -39,8 +39,8 @@ def train_protocol(
     experiment: str = "",
 ):
     """Train on the split's training set with the preset's recipe and the protocol's; output the checkpoint."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import protocols
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
@@ -66,8 +66,8 @@ def evaluate_test_sets(
     experiment: str = "",
 ):
     """One row per test set (+ the mean), each with the no-skill predictor's row, and the paper's figures."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import protocols
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
@@ -92,8 +92,8 @@ def register_protocol(
     experiment: str = "",
 ) -> NamedTuple("Registered", model_name=str, version=str):
     """Register the model as one version of ``model_name`` (default ``m2snet-<protocol>``); idempotent per run."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import protocols
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
@@ -106,8 +106,8 @@ def register_protocol(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def finalize_protocol(status: dsl.PipelineTaskFinalStatus, pipeline_run_id: str = "", experiment: str = "") -> str:
     """Exit handler: close the parent MLflow run (its test-set table stays its description); return the version."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import protocols
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log

@@ -20,8 +20,8 @@ def register_model(
 ) -> str:
     """Register the folds as ONE model version (ensemble pyfunc) with its input guard fitted on ``dataset``;
     idempotent per pipeline run."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import steps
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log

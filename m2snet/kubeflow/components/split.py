@@ -11,8 +11,8 @@ def split_dataset(dataset: Input[Dataset], split: Output[Dataset], n_folds: int,
                   pipeline_run_id: str = "", experiment: str = "") -> List[Dict[str, int]]:
     """Write the stratified, duplicate-grouped K-fold split file (its hash goes on the pipeline's run);
     return the fold tasks to fan out over: {"fold", "seed"} per training seed of ``seeds`` and fold."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import steps
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log

@@ -19,8 +19,8 @@ def train_fold(
     experiment: str = "",
 ):
     """Train one CV fold (a child MLflow run of the pipeline's parent run); output its checkpoint."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import steps
 
     # For the local console (a no-op on a cluster): "train-fold-2", or "train-fold-2-seed43" when seeds repeat.

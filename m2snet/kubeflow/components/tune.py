@@ -19,8 +19,8 @@ def tune_hyperparameters(
     experiment: str = "",
 ) -> str:
     """Nested tuning: an Optuna study on an inner split of fold ``fold``'s training cases; best params as JSON."""
-    from m2snet.common import install_redaction
     from m2snet.progress import task_started
+    from m2snet.redaction import install_redaction
     from m2snet.workflows import steps
 
     # For the local console (a no-op on a cluster): "...-2", or "...-2-seed43" when seeds repeat.

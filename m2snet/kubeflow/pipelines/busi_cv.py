@@ -31,7 +31,7 @@ from m2snet.kubeflow.components import (
     tune_hyperparameters,
 )
 from m2snet.kubeflow.pipelines.tasks import PipelineTasks
-from m2snet.mlops.tracking import PIPELINE_EXPERIMENT
+from m2snet.mlops.mlflow_store import PIPELINE_EXPERIMENT
 from m2snet.workflows.presets import DEFAULT_MODEL_NAME, PRESETS
 
 PIPELINE_NAME = "m2snet-busi-cv"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kfp import dsl
 
-from m2snet.common import M2SNetError
+from m2snet.errors import M2SNetError
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.kubeflow.components import promote_model
 from m2snet.kubeflow.components.protocol import (
