@@ -140,8 +140,8 @@ def compile_cmd(
     check: bool = typer.Option(False, "--check", help="Only check that the committed YAML is up to date."),
 ) -> None:
     """Compile the cluster pipeline (GPU requests, retries, Secrets) to YAML."""
+    from m2snet.kubeflow.cluster import compile_pipeline, compiled_pipeline_path
     from m2snet.kubeflow.pipelines import protocol as protocol_pipeline
-    from m2snet.kubeflow.runner import compile_pipeline, compiled_pipeline_path
 
     if check:
         with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +169,7 @@ def submit_cmd(
     ),
 ) -> None:
     """Submit the compiled pipeline to a Kubeflow Pipelines endpoint; print the run URL."""
-    from m2snet.kubeflow.runner import parse_params, submit
+    from m2snet.kubeflow.cluster import parse_params, submit
 
     params = parse_params(param, package)
     run_id, url = submit(host, params=params, experiment=experiment, run_name=run_name, namespace=namespace,
