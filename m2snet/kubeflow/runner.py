@@ -23,6 +23,7 @@ from m2snet.data.importers import list_importers
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, check_protocol
 from m2snet.kubeflow.container import container_runner
 from m2snet.kubeflow.image import COMPONENT_IMAGE
+from m2snet.kubeflow.process_state import environment, environment_defaults
 from m2snet.kubeflow.runview import RunView, planned_tasks
 from m2snet.mlops.registry import PRODUCTION, find_version_by_key, version_by_alias
 from m2snet.mlops.tracking import (
@@ -297,16 +298,21 @@ def run_local(options: LocalRunOptions) -> LocalRunResult:
     if data_path and o.runner == "container":
         data_path = str(Path(data_path).resolve())  # mounted at the same path; the step's cwd is not ours
     arguments = replace(o, data_path=data_path).arguments()
-    pipeline = o.pipeline()
     uri = _local_tracking_uri()
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    # Every task subprocess, and the MLflow calls here, use the run's store; the caller's setting is back after.
+    # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
+    with environment(MLFLOW_TRACKING_URI=uri), environment_defaults(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+        return _run_and_collect(o, arguments, data_path=data_path, uri=uri)
+
+
+def _run_and_collect(o: LocalRunOptions, arguments: dict[str, Any], *, data_path: str, uri: str) -> LocalRunResult:
+    """The run itself, in the run's environment: its console and logs, then what it registered and decided."""
+    pipeline = o.pipeline()
     work = Path(o.work_dir).resolve()
     view = RunView(_new_log_dir(work / "logs"), planned_tasks(pipeline.function, loop_items=pipeline.loop_items),
                    mode=o.display)
     root = work / "kfp" / view.log_dir.name  # this run's task outputs alone: removed after a success
     root.mkdir(parents=True)
-    # MLflow's artifact download bars (the CV table, the registered model) would cut through the console.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = time.perf_counter()
 
     interruption = Interruption()  # replaced by the block's own; what a signal stopped
