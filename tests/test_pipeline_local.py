@@ -333,6 +333,7 @@ def test_cli_console_is_short_and_says_where_to_look(runs):
     assert "Cross-validation" in out and "| CV (2 seeds): all cases" in out and "| no skill (all background)" in out
     assert "NOT promoted" in out and re.search(r"why: .*margin", out)
     assert f"model {MODEL} version {runs['second'].version}" in out and "#/models/" in out
+    assert f"m2snet serve --model models:/{MODEL}@production --port 5001" in out  # `m2snet serve`'s own options
     # Random init is true for the tiny preset's training: said once, and never by the tasks that load checkpoints.
     assert out.count("random weights") == 1
     log_dir = Path(re.search(r"^logs: (\S+)/", out, re.M)[1])
