@@ -40,15 +40,14 @@ def _private_m2snet_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _forget_the_active_mlflow_experiment():
-    """``mlflow.set_experiment`` is process-global (a module variable and MLFLOW_EXPERIMENT_ID): a module
-    that sets one against its own store would send a later module's ``start_run`` to an experiment id
-    its fresh store lacks ("No Experiment with id=1 exists"). Forget it after each module."""
+def _no_mlflow_experiment_across_modules():
+    """A test picks its MLflow experiment through MLflow's public variables (``MLFLOW_EXPERIMENT_ID`` /
+    ``MLFLOW_EXPERIMENT_NAME``, set with monkeypatch), never with ``mlflow.set_experiment``, which is
+    process-wide: a later module's ``start_run`` would look for an experiment id its fresh store lacks
+    ("No Experiment with id=1 exists"). Whatever a module leaves in those variables is cleared after it."""
     yield
-    import mlflow.tracking.fluent as fluent
-
-    fluent._active_experiment_id = None
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")

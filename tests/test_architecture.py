@@ -1,4 +1,4 @@
-"""The library's walls (README, "Architecture"): import-linter contracts and ruff, run for real.
+"""The library's walls (docs/architecture.md, "Layers"): import-linter contracts and ruff, run for real.
 
 The contracts live in pyproject.toml ([tool.importlinter]); these tests run `lint-imports` on the
 package as it is, and on a copy with one deliberate violation per wall, which must fail naming it.

@@ -194,7 +194,8 @@ def test_promote_with_the_statistical_gate_on_a_registry(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("gate-test")
+    # The experiment through its public variable, undone with the test (not process-wide set_experiment).
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.MlflowClient(uri).create_experiment("gate-test"))
     try:
         fold, a, b = _planted(0.01, n_per_fold=30, noise=0.005)
         name = "gate"

@@ -13,8 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from m2snet.errors import M2SNetError
+from m2snet.kubeflow.cluster import compile_pipeline, compiled_pipeline_path, parse_params, submit
 from m2snet.kubeflow.image import COMPONENT_IMAGE
-from m2snet.kubeflow.runner import compile_pipeline, compiled_pipeline_path, parse_params, submit
 from m2snet.processes import free_port
 from m2snet.workflows.presets import PRESETS, train_config
 

@@ -63,8 +63,10 @@ def runs(mlflow_server, tmp_path_factory):
     mp.chdir(work)
     try:
         # Its task outputs are kept (the tests below read its checkpoints and images); the second run's are not.
+        state_before = _process_state()
         first = run_local(LocalRunOptions("tiny", work_dir=work / "run1", experiment=EXPERIMENT, model_name=MODEL,
                                           keep_intermediates=True))
+        state_after = _process_state()
         gate = SimpleNamespace(promoted=first.promoted, reason=first.promotion)
         if not first.promoted:
             # 1 epoch may learn nothing: the gate refused it (checked below); the tests after it need a
@@ -84,7 +86,7 @@ def runs(mlflow_server, tmp_path_factory):
         latest = max(client.search_model_versions(f"name = '{MODEL}'"), key=lambda mv: int(mv.version))
         second = SimpleNamespace(version=str(latest.version), promoted="NOT promoted" not in cli.stdout)
         yield {"first": first, "second": second, "cli": cli, "kvasir": kvasir, "work": work,
-               "url": mlflow_server.url, "gate": gate}
+               "url": mlflow_server.url, "gate": gate, "state": (state_before, state_after)}
     finally:
         mp.undo()
 
@@ -93,6 +95,52 @@ def _client(url):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=url, registry_uri=url)
+
+
+# m2snet.mlops.tracking turns MLflow's HTTP retries down for the whole process on its first use, whichever
+# command tracks (os.environ.setdefault, the user's own values win): a library setting, not the local run's swap.
+TRACKING_PROCESS_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                             "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def _process_state() -> dict:
+    """What a local run borrows from its process (m2snet.kubeflow.process_state), as comparable values."""
+    import logging
+
+    environ = {k: v for k, v in os.environ.items() if k not in TRACKING_PROCESS_SETTINGS}
+    return {"environ": environ, "stdout": sys.stdout, "stderr": sys.stderr,
+            "root_handlers": list(logging.getLogger().handlers),
+            "warnings_captured": getattr(logging, "_warnings_showwarning", None) is not None}
+
+
+def test_a_local_run_gives_back_the_process_state(runs):
+    """After run_local: the environment (MLFLOW_TRACKING_URI, the progress file, MLflow's progress bars),
+    sys.stdout/stderr and the root logger's handlers are what they were before it."""
+    before, after = runs["state"]
+    changed = {k for k in before["environ"].keys() | after["environ"].keys()
+               if before["environ"].get(k) != after["environ"].get(k)}
+    assert changed == set() and after == before, changed
+
+
+def test_a_failed_local_run_gives_back_the_process_state(tmp_path, monkeypatch):
+    """A run that fails (an undecodable image) in this process, on the default SQLite store of its directory:
+    MLFLOW_TRACKING_URI, which it set for its tasks, is unset again, and the rest is as it was."""
+    from m2snet.data.demo import make_demo_dataset
+    from m2snet.kubeflow.runner import LocalRunOptions, PipelineTaskFailed, run_local
+
+    raw = make_demo_dataset(tmp_path / "raw", n_per_class=2, size=64)
+    sorted(raw.rglob("*).png"))[0].write_bytes(b"\x89PNG but not really")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = _process_state()
+    with pytest.raises(PipelineTaskFailed, match="prepare"):
+        run_local(LocalRunOptions("tiny", data_path=str(raw), work_dir=tmp_path / "work",
+                                  experiment="pipeline-state"))
+    after = _process_state()
+    changed = {k for k in before["environ"].keys() | after["environ"].keys()
+               if before["environ"].get(k) != after["environ"].get(k)}
+    assert changed == set() and after == before, changed
+    assert "MLFLOW_TRACKING_URI" not in os.environ and (tmp_path / "mlflow.db").is_file()
 
 
 def test_first_run_logs_parent_folds_and_trials(runs):
@@ -285,6 +333,7 @@ def test_cli_console_is_short_and_says_where_to_look(runs):
     assert "Cross-validation" in out and "| CV (2 seeds): all cases" in out and "| no skill (all background)" in out
     assert "NOT promoted" in out and re.search(r"why: .*margin", out)
     assert f"model {MODEL} version {runs['second'].version}" in out and "#/models/" in out
+    assert f"m2snet serve --model models:/{MODEL}@production --port 5001" in out  # `m2snet serve`'s own options
     # Random init is true for the tiny preset's training: said once, and never by the tasks that load checkpoints.
     assert out.count("random weights") == 1
     log_dir = Path(re.search(r"^logs: (\S+)/", out, re.M)[1])

@@ -27,7 +27,9 @@ def mlflow_sqlite(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("registry-test")
+    # The experiment through its public variable, undone with the test (mlflow.set_experiment would stay
+    # process-wide).
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.MlflowClient(uri).create_experiment("registry-test"))
     yield uri
     mlflow.set_tracking_uri(None)
 

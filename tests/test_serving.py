@@ -35,7 +35,8 @@ def production_model(tmp_path_factory):
     cfg = train_config("tiny", data=str(root / "ds"), split=str(root / "split.json"), fold=0,
                        out_dir=str(root / "fold0"))
     result = train(cfg)
-    mlflow.set_experiment("serving-test")
+    # The experiment through its public variable, undone with the fixture (not process-wide set_experiment).
+    mp.setenv("MLFLOW_EXPERIMENT_ID", mlflow.MlflowClient(uri).create_experiment("serving-test"))
     with mlflow.start_run() as run:
         info = log_segmentation_model([result.checkpoint], run_id=run.info.run_id)
     mv = register_model_version(info.model_uri, "serve-test", idempotency_key="serving-fixture",

@@ -1,7 +1,7 @@
 """Count function-level imports (Import/ImportFrom nested in a FunctionDef/AsyncFunctionDef).
 
 Lazy imports hide dependencies from a reader (import-linter sees them, a newcomer does not); the
-ones kept buy start-up time or avoid an optional dependency (README, "Architecture").
+ones kept buy start-up time or avoid an optional dependency (docs/architecture.md, "Layers").
 
 Usage: python tools/count_function_imports.py [ROOT] [--ref GITREF]
   ROOT defaults to m2snet; with --ref the files are read from that commit (git show) instead of the worktree.

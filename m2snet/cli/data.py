@@ -76,7 +76,7 @@ def _near_duplicate_config(near_duplicates: Optional[str], threshold: Optional[i
 _NEAR_HELP = "Cluster near-duplicate images (resized, slightly cropped, re-encoded copies) with exact ones: on or off."
 _THRESHOLD_HELP = (
     "Near-duplicate threshold: most differing bits of the 64-bit perceptual hash (default 8, chosen on BUSI; "
-    "4 for the endoscopy formats kvasir, pranet, cvc-clinicdb: see README 'Near duplicates')."
+    "4 for the endoscopy formats kvasir, pranet, cvc-clinicdb: docs/data-format.md)."
 )
 
 

@@ -15,7 +15,6 @@ import typer
 
 from m2snet.cli.options import METRIC_PROTOCOL, MODEL_NAME, PIPELINE_EXPERIMENT, PRESET, preset_overrides
 from m2snet.errors import M2SNetError
-from m2snet.processes import interpreter_bin
 
 app = typer.Typer(help="The cross-validation pipeline: run locally, compile, submit to Kubeflow.", no_args_is_help=True)
 
@@ -59,7 +58,9 @@ def run_cmd(
         None, "--protocol", help="polyp | polyp-video | covid | oct: the fixed-split pipeline of that paper "
         "protocol (pipelines/protocol.py); --preset and --importer then default to the protocol's."),
 ) -> None:
-    """Run the whole pipeline: data -> validate -> split -> tune -> 4 folds -> CV table -> register -> promote."""
+    """Run the whole pipeline: data -> validate -> split -> per fold (--folds; the preset's 4 by default) tune, train,
+    evaluate -> CV table -> register -> promote. With --protocol: one training on that protocol's fixed split,
+    scored on its test sets, instead of folds."""
     from m2snet.kubeflow.runner import LocalRunOptions, run_local
     from m2snet.mlops.mlflow_store import PIPELINE_EXPERIMENT as CV_EXPERIMENT
     from m2snet.workflows.presets import DEFAULT_MODEL_NAME, DEFAULT_PRESET
@@ -128,9 +129,8 @@ def _print_summary(result: Any) -> None:
     if local_store:
         echo(f"  mlflow ui --backend-store-uri {uri}    # then open the links above")
     echo(f"  m2snet predict --model models:/{result.model_name}@production IMAGE.png --out predictions/")
-    # mlflow starts uvicorn by name: put this environment's bin first, as for a non-activated virtualenv.
-    echo(f'  PATH="{interpreter_bin()}:$PATH" mlflow models serve -m models:/{result.model_name}@production '
-         "--env-manager local -p 5001")
+    # `m2snet serve` finds this environment's uvicorn itself (it puts its bin first on PATH).
+    echo(f"  m2snet serve --model models:/{result.model_name}@production --port 5001")
 
 
 @app.command("compile")
@@ -141,8 +141,8 @@ def compile_cmd(
     check: bool = typer.Option(False, "--check", help="Only check that the committed YAML is up to date."),
 ) -> None:
     """Compile the cluster pipeline (GPU requests, retries, Secrets) to YAML."""
+    from m2snet.kubeflow.cluster import compile_pipeline, compiled_pipeline_path
     from m2snet.kubeflow.pipelines import protocol as protocol_pipeline
-    from m2snet.kubeflow.runner import compile_pipeline, compiled_pipeline_path
 
     if check:
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,7 +170,7 @@ def submit_cmd(
     ),
 ) -> None:
     """Submit the compiled pipeline to a Kubeflow Pipelines endpoint; print the run URL."""
-    from m2snet.kubeflow.runner import parse_params, submit
+    from m2snet.kubeflow.cluster import parse_params, submit
 
     params = parse_params(param, package)
     run_id, url = submit(host, params=params, experiment=experiment, run_name=run_name, namespace=namespace,

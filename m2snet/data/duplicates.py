@@ -23,12 +23,12 @@ still allows a diameter of twice the threshold, and its hubs are the same proble
 scale: on Kvasir-SEG one image is within 8 bits of 18 others, which a medoid rule makes one
 cluster of 19. Complete linkage keeps only groups that are pairwise near duplicates (Kvasir-SEG:
 at most 3 cases), and on BUSI, whose copies are tight (0-4 bits), it keeps 327 of the 329 cases
-the chains held (numbers in the README). Ties are broken by case id, so the clusters do not
+the chains held (numbers in docs/data-format.md). Ties are broken by case id, so the clusters do not
 depend on the order the cases are listed in.
 
 Distances are always even: pHash sets the bits above the median, so every hash has 32 ones.
 Default ``max_distance`` = 8 bits, from the measurement on BUSI (``bench/busi_near_duplicates.py``,
-numbers in the README): the 220 pairs at <= 8 bits are the same scan on inspection, the 17 pairs at
+numbers in docs/data-format.md): the 220 pairs at <= 8 bits are the same scan on inspection, the 17 pairs at
 10 bits are half the same scene and half different lesions, and from 12 bits on unrelated pairs
 dominate (61, 275, 1121 pairs at 12, 14, 16 bits). Copies of BUSI images resized, re-encoded as
 JPEG or cropped by up to 10% per side stay within 8 bits; one-sided crops of 5% mostly do.

@@ -1,6 +1,6 @@
 """The one on-disk dataset format every importer writes and every consumer reads.
 
-Layout (nnU-Net-like; documented in the README)::
+Layout (nnU-Net-like; documented in docs/data-format.md)::
 
     DEST/dataset.json         format_version, source_format, n_classes, mask_classes, labels, ...
     DEST/manifest.csv         one row per case (columns: MANIFEST_COLUMNS)

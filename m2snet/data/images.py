@@ -45,7 +45,7 @@ Source = Union[str, os.PathLike, bytes, bytearray]
 
 MAX_PIXELS_ENV = "M2SNET_MAX_PIXELS"
 # 50 MP: 7071 x 7071, far above any public set this project reads (BUSI ~ 0.3 MP, Kvasir-SEG
-# <= 2 MP); what such images cost the server at peak: README, bench/serve_memory.py.
+# <= 2 MP); what such images cost the server at peak: docs/serving.md, bench/serve_memory.py.
 DEFAULT_MAX_PIXELS = 50_000_000
 # 16-bit images whose maximum is below this use at most 12 bits: refused (see the module docstring).
 _MIN_16BIT_MAX = 1 << 12

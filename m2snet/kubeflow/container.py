@@ -28,6 +28,7 @@ from pathlib import Path
 from m2snet import progress
 from m2snet.errors import M2SNetError
 from m2snet.kubeflow.engine_proxy import EngineProxy
+from m2snet.kubeflow.process_state import environment
 from m2snet.mlops.services import ManagedProcess
 
 log = logging.getLogger(__name__)
@@ -121,18 +122,12 @@ def container_runner(image: str, *, data_path: str = "", tracking_uri: str) -> I
         mounts.append(docker.types.Mount(target=events_dir, source=events_dir, type="bind", read_only=False))
     with docker_api() as engine, EngineProxy(engine) as url:
         _require_image(engine, image)
-        previous = os.environ.get("DOCKER_HOST")
-        os.environ["DOCKER_HOST"] = url  # kfp's handler calls docker.from_env() per task: it talks to the proxy
-        try:
+        # kfp's handler calls docker.from_env() per task: it talks to the proxy.
+        with environment(DOCKER_HOST=url):
             yield local.DockerRunner(
                 network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
                 environment={**step_environment(), "MLFLOW_TRACKING_URI": tracking_uri}, mounts=mounts,
             )
-        finally:
-            if previous is None:
-                os.environ.pop("DOCKER_HOST", None)
-            else:
-                os.environ["DOCKER_HOST"] = previous
 
 
 def _require_image(url: str, image: str) -> None:

@@ -20,27 +20,33 @@ stdout. :class:`RunView` takes that stream over for the duration of a run:
 * ``mode="stream"`` (``--verbose``) prints everything as the runner does, and still writes the logs.
 
 Nothing of kfp is replaced: the view swaps ``sys.stdout``/``sys.stderr`` and the root logger's
-handlers for the run, and restores them.
+handlers for the run, and restores them (:mod:`m2snet.kubeflow.process_state`), an exception included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import sys
 import textwrap
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from m2snet import progress
+from m2snet.kubeflow.process_state import (
+    environment,
+    root_log_handlers,
+    standard_streams,
+    warnings_through_logging,
+)
 from m2snet.redaction import redact
 
 PLAIN_PROGRESS_EVERY_S = 60.0  # a non-terminal console gets a progress line at most this often per task
@@ -202,7 +208,7 @@ class RunView:
         self._thread = threading.local()  # .task: the task whose stream this thread prints; .partial: a line
         self._files: dict[str | None, TextIO] = {}
         self._live = None
-        self._saved: list[Callable[[], None]] = []
+        self._borrowed = contextlib.ExitStack()  # the process state swapped for the run, given back on exit
         self._offset = 0
         self._stop = threading.Event()
         self._tailer: threading.Thread | None = None
@@ -384,51 +390,48 @@ class RunView:
 
     # --- hooks ---------------------------------------------------------------------------------
     def __enter__(self) -> "RunView":
-        previous = os.environ.get(progress.ENV)
-        os.environ[progress.ENV] = str(self.events.resolve())  # the task processes inherit it
-        self._saved.append(lambda: os.environ.__setitem__(progress.ENV, previous) if previous is not None
-                           else os.environ.pop(progress.ENV, None))
-        self._tailer = threading.Thread(target=self._tail_events, name="m2snet-runview-events", daemon=True)
-        self._tailer.start()
-
-        real_stdout, real_stderr = sys.stdout, sys.stderr
-        router = _ThreadRouter(self, real_stdout if self.mode == "stream" else None)
-        sys.stdout = router  # type: ignore[assignment]
-        self._saved.append(lambda: setattr(sys, "stdout", real_stdout))
-        if self.mode != "stream":
-            # The parent process's own logging and warnings: into pipeline.log (or the task's log).
-            sys.stderr = router  # type: ignore[assignment]
-            self._saved.append(lambda: setattr(sys, "stderr", real_stderr))
-            root = logging.getLogger()
-            handlers = root.handlers[:]
-            handler = logging.StreamHandler(router)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-            root.handlers[:] = [handler]
-            self._saved.append(lambda: root.handlers.__setitem__(slice(None), handlers))
-            # Warnings through logging (masked there, see install_redaction); left on if they already were.
-            if getattr(logging, "_warnings_showwarning", None) is None:
-                logging.captureWarnings(True)
-                self._saved.append(lambda: logging.captureWarnings(False))
-        if self.mode == "live":
-            console = Console(file=self.stream, force_terminal=True)
-            self._live = Live(self.table(), console=console, refresh_per_second=4, transient=False,
-                              redirect_stdout=False, redirect_stderr=False, get_renderable=self.table)
-            self._live.start()
+        with contextlib.ExitStack() as borrowed:  # a failure on the way in gives back what was taken
+            # The task processes inherit the events file's path.
+            borrowed.enter_context(environment(**{progress.ENV: str(self.events.resolve())}))
+            router = _ThreadRouter(self, sys.stdout if self.mode == "stream" else None)
+            if self.mode == "stream":
+                borrowed.enter_context(standard_streams(router))
+            else:
+                # The parent process's own logging and warnings: into pipeline.log (or the task's log).
+                borrowed.enter_context(standard_streams(router, router))
+                handler = logging.StreamHandler(router)
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                                       "%H:%M:%S"))
+                borrowed.enter_context(root_log_handlers([handler]))
+                # Warnings through logging (masked there, see install_redaction).
+                borrowed.enter_context(warnings_through_logging())
+            self._tailer = threading.Thread(target=self._tail_events, name="m2snet-runview-events", daemon=True)
+            self._tailer.start()
+            borrowed.callback(self._stop_tailer)
+            if self.mode == "live":
+                console = Console(file=self.stream, force_terminal=True)
+                self._live = Live(self.table(), console=console, refresh_per_second=4, transient=False,
+                                  redirect_stdout=False, redirect_stderr=False, get_renderable=self.table)
+                self._live.start()
+            self._borrowed = borrowed.pop_all()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def _stop_tailer(self) -> None:
         self._stop.set()
         if self._tailer is not None:
             self._tailer.join()
-        self.poll()  # the last events (a task's end) written before the runner returned
-        if self._live is not None:
-            self._live.update(self.table(), refresh=True)
-            self._live.stop()
-            self._live = None
-        for restore in reversed(self._saved):
-            restore()
-        self._saved.clear()
-        with self._lock:
-            for f in self._files.values():
-                f.close()
-            self._files.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._stop_tailer()
+            self.poll()  # the last events (a task's end) written before the runner returned
+            if self._live is not None:
+                self._live.update(self.table(), refresh=True)
+                self._live.stop()
+                self._live = None
+        finally:
+            self._borrowed.close()
+            with self._lock:
+                for f in self._files.values():
+                    f.close()
+                self._files.clear()

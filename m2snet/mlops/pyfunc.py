@@ -11,8 +11,8 @@ Several checkpoints (e.g. the folds of a cross-validation) are stored as artifac
 Set ``M2SNET_DEVICE`` (e.g. ``cuda``) to choose the device at load time (default: auto).
 
 With ``onnx=True`` the ensemble is also exported (m2snet.mlops.export) as artifact ``onnx`` and served
-through ONNX Runtime (the same pre- and post-processing; 2x+ faster on a CPU, see README
-"Benchmarks"); ``export=FILE`` serves a file written by ``m2snet export`` at any precision (fp32 / int8
+through ONNX Runtime (the same pre- and post-processing; 2x+ faster on a CPU, see
+docs/benchmarks.md); ``export=FILE`` serves a file written by ``m2snet export`` at any precision (fp32 / int8
 ONNX, bf16 bundle: the precision is in the file). Without either artifact, or with
 ``M2SNET_SERVE_BACKEND=torch``, PyTorch serves the checkpoints in fp32.
 

@@ -34,7 +34,7 @@ UnitKind = Literal["msu", "su", "au", "aspp", "denseaspp"]
 # The shared filters' initial BatchNorm scale when the encoder starts from random weights (the
 # reference's 1.0 with pretrained weights); measured on BUSI, docs/study-busi.md.
 RANDOM_INIT_MSU_GAMMA = 0.1
-# per_site: measured on BUSI (README "The model"); "shared" is the reference.
+# per_site: measured on BUSI (docs/model.md, "MSU filter statistics"); "shared" is the reference.
 DEFAULT_MSU_NORM: MSUNorm = "per_site"
 
 # The pyramid, in the order the reference registers it: (unit name, deeper input, shallower input).
@@ -66,15 +66,13 @@ class M2SNet(SegmentationModel):
             only for ``unit="msu"``; both give the same numbers.
         msu_norm: ``"per_site"`` (default: one running mean / variance per call site of the
             shared filters, 10 units x 2 inputs) or ``"shared"`` (the reference: one for all 20
-            calls); only for ``unit="msu"``. Same parameters and training; see README "The model".
+            calls); only for ``unit="msu"``. Same parameters and training; see docs/model.md.
         msu_bn_momentum: the running-statistics momentum of the shared filters' BatchNorm (0.1,
             PyTorch's default and the reference's; None = cumulative average); only for ``unit="msu"``.
         msu_gamma_init: the initial scale (BatchNorm weight) of the shared filters' outputs. None (default):
             1.0, PyTorch's and the reference's, when the encoder starts from pretrained weights, and
-            :data:`RANDOM_INIT_MSU_GAMMA` (0.1) when it starts from random weights: there the filters'
-            channel-constant terms start 1.3x as large as the units' plain difference |a - b| and, on BUSI
-            from random weights, gamma 0.1 scored +8.9 Dice points over 1.0 (95 % CI [+6.3, +11.8]; fold 0,
-            one seed, docs/study-busi.md). Only for ``unit="msu"``; init only (a checkpoint's weights win).
+            :data:`RANDOM_INIT_MSU_GAMMA` (0.1) when it starts from random weights (why, as measured on
+            BUSI: docs/study-busi.md). Only for ``unit="msu"``; init only (a checkpoint's weights win).
     """
 
     def __init__(

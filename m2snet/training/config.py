@@ -111,7 +111,7 @@ class TrainConfig:
     val_every: int = 1
     # Re-estimate the BatchNorm statistics of the saved checkpoints over the training cases after
     # the last epoch (m2snet.training.bn_recalibration). Off: on BUSI it helped at 128 px / 128
-    # cases and hurt at 352 px / 585 cases (README "The model").
+    # cases and hurt at 352 px / 585 cases (docs/model.md).
     recalibrate_bn: bool = False
     # last.pt holds optimizer + RNG state for --resume; False: removed once the run has finished
     # (written every epoch all the same, so a crash can still be resumed).
