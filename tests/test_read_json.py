@@ -7,7 +7,7 @@ import pytest
 from m2snet.common import M2SNetError, read_json
 from m2snet.data.format import load_dataset
 from m2snet.data.split import load_split
-from m2snet.workflows.protocols import comparison_from_results
+from m2snet.workflows.paper import comparison_from_results
 
 
 def test_read_json_reads_or_names_the_file(tmp_path):
