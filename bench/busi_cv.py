@@ -98,7 +98,7 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
 
     from m2snet.training.cases import resolve_cases
     from m2snet.training.config import TrainConfig
-    from m2snet.workflows.folds import aggregate_cv
+    from m2snet.workflows.cv_summary import summarize_cv
 
     area = {c.case_id: c.lesion_area for c in info.cases}
     per_fold = []
@@ -107,7 +107,7 @@ def background_baseline(info, split_path: Path, folds: list[int], val_cases: int
                                         max_val_cases=val_cases, seed=seed)).reported
         empty = float(np.mean([area[c] == 0 for c in val]))
         per_fold.append({"dice": empty, "iou": empty, "precision": empty, "recall": empty, "specificity": 1.0})
-    s = aggregate_cv(per_fold, folds)
+    s = summarize_cv(per_fold, folds)
     return {k: (s.mean[k], s.std[k]) for k in s.mean}
 
 
@@ -117,7 +117,7 @@ def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[s
     from m2snet.evaluation.predict import Predictor
     from m2snet.runtime import resolve_device
     from m2snet.training.cases import resolve_cases
-    from m2snet.workflows.folds import score_fold
+    from m2snet.workflows.folds import ScoreOptions, score_fold
 
     rows: dict[str, list[dict]] = {}
     device = resolve_device(cfg.device)  # where the runs trained
@@ -125,7 +125,7 @@ def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[s
         cases = resolve_cases(cfg.override(fold=fr.fold))
         if protocol == "old":
             ev = score_fold(fr.out_dir / "last.pt", cfg.data, cases.reported, fr.out_dir / "eval-final",
-                            device=device, batch_size=cfg.batch_size, with_sod=False)
+                            options=ScoreOptions(device=device, batch_size=cfg.batch_size, with_sod=False))
             rows.setdefault(f"{label} (old split, final epoch)", []).append(ev.metrics)
         if "batch-stats" in extras:
             from m2snet.training.bn_recalibration import filter_batch_statistics
@@ -141,8 +141,8 @@ def extra_rows(label: str, cfg, res, extras: list[str], protocol: str) -> dict[s
                                             options=RecalibrationOptions(
                                                 split=cfg.split, fold=fr.fold, msu_norm=None,
                                                 max_cases=cfg.max_train_cases, device=device, seed=cfg.seed))
-            ev = score_fold(out, cfg.data, cases.reported, fr.out_dir / "eval-recalibrated", device=device,
-                            batch_size=cfg.batch_size, with_sod=False)
+            ev = score_fold(out, cfg.data, cases.reported, fr.out_dir / "eval-recalibrated",
+                            options=ScoreOptions(device=device, batch_size=cfg.batch_size, with_sod=False))
             rows.setdefault(f"{label} + BN recalibration", []).append(ev.metrics)
     return rows
 
@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     from m2snet.evaluation.metrics import BUSI_TABLE
     from m2snet.training.config import TrainConfig
     from m2snet.workflows.context import RunContext
-    from m2snet.workflows.folds import PAPER_BUSI_M2SNET, aggregate_cv, run_cv
+    from m2snet.workflows.cv import run_cv
+    from m2snet.workflows.cv_summary import summarize_cv
+    from m2snet.workflows.folds import FoldOptions, ScoreOptions
+    from m2snet.workflows.paper import PAPER_BUSI_M2SNET
 
     pretrained: bool | str = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
     info, splits = import_busi(args.busi, args.work, args.seed, validate=not args.no_validate)
@@ -225,12 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             recalibrate_bn=False,
         )
         t0 = time.perf_counter()
-        res = run_cv(cfg, out / label, folds, ctx=RunContext(tracking), log_models=False, with_sod=False)
+        res = run_cv(cfg, out / label, folds, ctx=RunContext(tracking),
+                     options=FoldOptions(log_model=False, score=ScoreOptions(with_sod=False)))
         timings[label] = time.perf_counter() - t0
         histories[label] = [fr.history for fr in res.folds]
         add_row(label + (" (old protocol: best epoch on the fold)" if args.protocol == "old" else ""), res.summary)
         for extra_label, per_fold in extra_rows(label, cfg, res, extras, args.protocol).items():
-            add_row(extra_label, aggregate_cv(per_fold, folds))
+            add_row(extra_label, summarize_cv(per_fold, folds))
     rows["paper M2SNet (Tab. 4)"] = PAPER_BUSI_M2SNET
     rows["all-background"] = background_baseline(info, split_path, folds, args.val_cases, args.seed)
 

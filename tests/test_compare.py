@@ -217,7 +217,7 @@ def test_promote_with_the_statistical_gate_on_a_registry(tmp_path, monkeypatch):
 
 
 def test_pipeline_aggregate_joins_the_fold_reports(tmp_path):
-    from m2snet.workflows.steps import FOLD_INFO, collect_fold_reports
+    from m2snet.workflows.cv_summary import FOLD_INFO, collect_fold_reports
 
     reports = []
     for k in (0, 1):
@@ -244,7 +244,8 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
     from m2snet.mlops.tracking import iter_child_runs
     from m2snet.training.config import TrainConfig
     from m2snet.workflows.context import RunContext
-    from m2snet.workflows.folds import run_cv
+    from m2snet.workflows.cv import run_cv
+    from m2snet.workflows.folds import FoldOptions
 
     monkeypatch.chdir(tmp_path)
     make_demo_dataset(tmp_path / "raw", n_per_class=(3, 3, 2), size=64, seed=3)
@@ -254,7 +255,7 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
                       pretrained=False, lossnet_weight=0.0, lossnet_pretrained=False, device="cpu", progress=False,
                       max_train_cases=2, max_val_cases=3, cache_dir=str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res = run_cv(cfg, tmp_path / "cv", folds=[0], seeds=[3, 4], log_models=False,
+    res = run_cv(cfg, tmp_path / "cv", folds=[0], seeds=[3, 4], options=FoldOptions(log_model=False),
                  ctx=RunContext(TrackingConfig(uri=uri, experiment="seeds")))
     client = MlflowClient(uri)
     children = {r.info.run_name: r for r in iter_child_runs(client, res.parent_run_id)}
@@ -272,7 +273,7 @@ def test_cv_seeds_recorded_per_run_and_per_case(tmp_path, monkeypatch):
     assert {"cv/cv_per_case.csv", "cv/cv_lineage.json"} <= arts
     assert res.summary.n_folds == 2  # seeds x folds rows in the table
     # One seed given: that seed trains, on the same cases.
-    single = run_cv(cfg, tmp_path / "cv4", folds=[0], seeds=[4], log_models=False,
+    single = run_cv(cfg, tmp_path / "cv4", folds=[0], seeds=[4], options=FoldOptions(log_model=False),
                     ctx=RunContext(TrackingConfig(uri=uri, experiment="seeds")))
     (run,) = iter_child_runs(client, single.parent_run_id)
     assert run.data.params["seed"] == "4" and run.info.run_name == "fold-0"

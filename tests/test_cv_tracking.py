@@ -26,10 +26,10 @@ def test_flatten_params_drops_secrets_and_strips_url_passwords():
     assert flat == {"config.lr": "0.1", "config.scales": "[224, 256]", "db": "postgresql://root:***@127.0.0.1/test"}
 
 
-def test_aggregate_cv_mean_std_percent():
-    from m2snet.workflows.folds import aggregate_cv
+def test_summarize_cv_mean_std_percent():
+    from m2snet.workflows.cv_summary import summarize_cv
 
-    s = aggregate_cv([{"dice": 0.7, "iou": 0.5, "med": 2.0, "med_c1": 1.0, "dice_c1": 0.6, "n_cases": 3},
+    s = summarize_cv([{"dice": 0.7, "iou": 0.5, "med": 2.0, "med_c1": 1.0, "dice_c1": 0.6, "n_cases": 3},
                       {"dice": 0.8, "iou": 0.7, "med": 4.0, "med_c1": 3.0, "dice_c1": 0.8, "n_cases": 4}])
     assert s.mean["dice"] == pytest.approx(75.0) and s.std["dice"] == pytest.approx(np.std([70, 80], ddof=1))
     # pixel distances (the mean MED and each class's) stay in pixels; per-class Dice is a fraction
@@ -39,12 +39,12 @@ def test_aggregate_cv_mean_std_percent():
 
 
 def test_cv_table_has_noskill_and_lesion_rows_and_counts_nans():
-    from m2snet.workflows.folds import aggregate_cv
+    from m2snet.workflows.cv_summary import summarize_cv
 
     fold = {"dice": 0.6, "iou": 0.5, "mae": 0.03, "s_measure": 0.8, "lesion_dice": 0.4, "lesion_iou": 0.3,
             "noskill_dice": 0.2, "noskill_iou": 0.2, "noskill_lesion_dice": 0.0, "noskill_lesion_iou": 0.0,
             "n_cases": 10, "n_lesion_cases": 8, "n_nan_s_measure": 1}
-    s = aggregate_cv([fold, {**fold, "dice": 0.8, "n_nan_s_measure": 0}], protocol="reference")
+    s = summarize_cv([fold, {**fold, "dice": 0.8, "n_nan_s_measure": 0}], protocol="reference")
     assert s.mean["mae"] == pytest.approx(0.03)  # MAE: a fraction, as the paper reports it
     table = s.table(columns=(("Jaccard", "iou"), ("Dice", "dice")), title="m2snet")
     assert table.splitlines()[0] == "| 2 folds, reference protocol | Jaccard | Dice |"
@@ -64,11 +64,13 @@ def test_cv_reports_noskill_and_lesion_rows_on_the_parent_run(cv_data, tmp_path)
     ``cv_<metric>_noskill`` metrics and the metric protocol on the parent run."""
     from mlflow.tracking import MlflowClient
 
-    from m2snet.workflows.folds import run_cv
+    from m2snet.workflows.cv import run_cv
+    from m2snet.workflows.folds import FoldOptions, ScoreOptions
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res = run_cv(_cv_config(cv_data), tmp_path / "cv", folds=[0], log_models=False, with_sod=False,
-                 ctx=RunContext(TrackingConfig(uri=uri, experiment="cv-noskill")), protocol="reference")
+    options = FoldOptions(log_model=False, score=ScoreOptions(protocol="reference", with_sod=False))
+    res = run_cv(_cv_config(cv_data), tmp_path / "cv", folds=[0], options=options,
+                 ctx=RunContext(TrackingConfig(uri=uri, experiment="cv-noskill")))
     table = (tmp_path / "cv" / "cv_table.md").read_text()
     assert "reference protocol" in table and "no skill (all background): all cases" in table
     assert "m2snet: lesion cases" in table
@@ -220,7 +222,7 @@ def test_cv_smoke_four_folds_against_mlflow_server_sqlite_s3(cv_data, mlflow_ser
 
     from m2snet.data.split import load_split
     from m2snet.mlops.tracking import iter_child_runs
-    from m2snet.workflows.folds import run_cv
+    from m2snet.workflows.cv import run_cv
 
     res = run_cv(_cv_config(cv_data), tmp_path / "cv", ctx=RunContext(TrackingConfig(uri=mlflow_server.url,
                                                                                experiment="cv-sqlite")))
@@ -245,7 +247,7 @@ def test_cv_fold_against_mlflow_server_postgres_s3(cv_data, mlflow_server_pg, tm
     from mlflow.tracking import MlflowClient
 
     from m2snet.mlops.tracking import iter_child_runs
-    from m2snet.workflows.folds import run_cv
+    from m2snet.workflows.cv import run_cv
 
     res = run_cv(_cv_config(cv_data, lossnet_weight=0.1), tmp_path / "cv", folds=[1],
                  ctx=RunContext(TrackingConfig(uri=mlflow_server_pg.url, experiment="cv-pg")))

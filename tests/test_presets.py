@@ -37,14 +37,14 @@ def test_demo_preset_learns_on_a_fold(tmp_path):
     """``make run``'s training, on fold 0 of the tracked demo set: every lesion case is found."""
     from m2snet.data.demo import build_demo_dataset
     from m2snet.data.split import make_split
-    from m2snet.workflows.folds import fit_fold, score_fold
+    from m2snet.workflows.folds import ScoreOptions, fit_fold, score_fold
 
     data = tmp_path / "demo"
     build_demo_dataset(data)
     split = make_split(data, n_folds=4, seed=42, out=tmp_path / "split.json")
     cfg = train_config("demo", data=str(data), split=str(tmp_path / "split.json"), progress=False)
     fit = fit_fold(cfg, 0, tmp_path / "fold0")
-    ev = score_fold(fit.checkpoint, data, split.fold(0).val, tmp_path / "eval", with_sod=False)
+    ev = score_fold(fit.checkpoint, data, split.fold(0).val, tmp_path / "eval", options=ScoreOptions(with_sod=False))
     lesions = [r for r in ev.rows if r["label"] != "normal"]
     assert lesions and all(r["pred_foreground_fraction"] > 0 and r["dice"] > 0.5 for r in lesions), ev.rows
     assert ev.metrics["dice"] >= 0.8, ev.metrics

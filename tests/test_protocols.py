@@ -199,7 +199,8 @@ def test_train_and_evaluate_report_one_row_per_test_set(pranet, tmp_path):
 
 def test_paper_figures_are_the_papers(tmp_path):
     """Every figure stored is printed in the paper's text, in its M2SNet row."""
-    from m2snet.workflows.protocols import PROTOCOLS, paper_comparison, paper_results
+    from m2snet.workflows.paper import paper_comparison, paper_results
+    from m2snet.workflows.protocols import PROTOCOLS
 
     # ../shared/paper beside the checkout (a worktree sits one level deeper).
     root = Path(__file__).resolve().parents[1]
@@ -266,7 +267,7 @@ def test_benchmark_polyp_on_a_pranet_layout(pranet, tmp_path):
 
 def test_cv_refuses_a_fixed_split(pranet, tmp_path):
     from m2snet.training.config import TrainConfig
-    from m2snet.workflows.folds import run_cv
+    from m2snet.workflows.cv import run_cv
 
     split = make_fixed_split(pranet, out=tmp_path / "fixed.json")
     with pytest.raises(M2SNetError, match="a fixed split"):
@@ -275,7 +276,7 @@ def test_cv_refuses_a_fixed_split(pranet, tmp_path):
 
 def test_comparison_from_a_finished_cv_and_fixed_run(tmp_path):
     from m2snet.training.config import TrainConfig
-    from m2snet.workflows.protocols import comparison_from_results
+    from m2snet.workflows.paper import comparison_from_results
 
     cv = tmp_path / "cv"
     (cv / "fold0").mkdir(parents=True)

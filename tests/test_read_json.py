@@ -8,7 +8,7 @@ from m2snet.data.format import load_dataset
 from m2snet.data.split import load_split
 from m2snet.errors import M2SNetError
 from m2snet.files import read_json
-from m2snet.workflows.protocols import comparison_from_results
+from m2snet.workflows.paper import comparison_from_results
 
 
 def test_read_json_reads_or_names_the_file(tmp_path):

@@ -85,7 +85,7 @@ def test_cv_records_the_rule_and_scores_only_unselected_cases(data, tmp_path):
     """The fold engine reports metrics of model.pt on the fold's validation cases and records the rule."""
     import json
 
-    from m2snet.workflows.folds import run_cv
+    from m2snet.workflows.cv import run_cv
 
     ds, split = data
     res = run_cv(_cfg(ds, split, tmp_path / "unused", epochs=2, selection="inner"), tmp_path / "cv", [0, 1])

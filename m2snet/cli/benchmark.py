@@ -38,7 +38,7 @@ def benchmark_cmd(
     table and the paper's figures beside ours (OUT/paper_comparison.md)."""
     from m2snet.data.fixed_split import parse_test_sets
     from m2snet.training.config import TrainConfig
-    from m2snet.workflows.protocols import benchmark
+    from m2snet.workflows.benchmark import benchmark
 
     overrides = TrainConfig().override(epochs=epochs, size=size, batch_size=batch_size, model=model)
     overrides = overrides.override_strings(sets) if sets else overrides
@@ -69,7 +69,7 @@ def paper_compare_cmd(
 ) -> None:
     """Ours beside the paper's M2SNet figures for a finished run, with the difference and the budget."""
     from m2snet.files import write_text
-    from m2snet.workflows.protocols import comparison_from_results
+    from m2snet.workflows.paper import comparison_from_results
 
     text = comparison_from_results(protocol, results)
     if out is not None:

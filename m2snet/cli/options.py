@@ -64,6 +64,6 @@ def parse_folds(text: Optional[str]) -> Optional[list[int]]:
 
 def parse_seeds(text: Optional[str]) -> Optional[list[int]]:
     """``--seeds 42,43,44`` -> [42, 43, 44]; empty = the config's one seed."""
-    from m2snet.workflows.steps import parse_seeds as parse
+    from m2snet.workflows.fold_tasks import parse_seeds as parse
 
     return parse(text, "--seeds") or None

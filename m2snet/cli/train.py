@@ -92,7 +92,8 @@ def train_cmd(
     from m2snet.mlops.tracking import Tracker
     from m2snet.mlops.training_run import tracking_callbacks
     from m2snet.training.trainer import train
-    from m2snet.workflows.folds import fold_run, train_fold
+    from m2snet.workflows.fold_tasks import FoldTask
+    from m2snet.workflows.folds import FoldOptions, ScoreOptions, fold_run, run_fold
 
     cfg, explicit = _config(config, sets, preset, data=str(data) if data else None,
                             split=str(split) if split else None,
@@ -109,8 +110,8 @@ def train_cmd(
         typer.echo(f"table: {res.table_md}" + (f"\nmlflow run {res.run_id}" if res.run_id else ""))
         return
     if cfg.split:
-        fr = train_fold(cfg, cfg.fold, Path(cfg.out_dir).parent, ctx=ctx, explicit=explicit, resume=resume,
-                        tta_flip=tta_flip, fold_dir=cfg.out_dir)
+        fr = run_fold(cfg, FoldTask(cfg.fold), cfg.out_dir, ctx=ctx,
+                      options=FoldOptions(explicit=explicit, resume=resume, score=ScoreOptions(tta_flip=tta_flip)))
         typer.echo(f"checkpoint: {fr.checkpoint} (selection={cfg.selection}, epoch {fr.selected_epoch})")
         typer.echo("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in fr.metrics.items()))
         if fr.model_uri:
@@ -151,7 +152,7 @@ def evaluate_cmd(
     from m2snet.evaluation.evaluate import EvalOptions, evaluate
 
     if no_skill:
-        from m2snet.workflows.folds import noskill_cv
+        from m2snet.workflows.cv import noskill_cv
 
         if checkpoint:
             raise M2SNetError("evaluate: --no-skill scores the all-background predictor; drop --checkpoint")
@@ -216,7 +217,8 @@ def cv_cmd(
     no_track: bool = NO_TRACK,
 ) -> None:
     """Cross-validate: train + evaluate each fold; print Jaccard/Precision/Recall/Specificity/Dice mean ± std (%)."""
-    from m2snet.workflows.folds import run_cv
+    from m2snet.workflows.cv import run_cv
+    from m2snet.workflows.folds import FoldOptions, ScoreOptions
 
     cfg, explicit = _config(config, sets, preset, data=str(data) if data else None,
                             split=str(split) if split else None,
@@ -228,9 +230,10 @@ def cv_cmd(
         from m2snet.workflows.tuning import TuningConfig
 
         tuning = TuningConfig(n_trials=tune_trials, epochs=tune_epochs, seed=cfg.seed)
+    options = FoldOptions(explicit=explicit, resume=resume, log_model=not no_log_model, tuning=tuning,
+                          score=ScoreOptions(protocol=protocol, tta_flip=tta_flip))
     res = run_cv(cfg, out, parse_folds(folds), ctx=_context(no_track, tracking_uri, experiment, parent_run_id),
-                 explicit=explicit, resume=resume, log_models=not no_log_model, tta_flip=tta_flip,
-                 tuning=tuning, protocol=protocol, seeds=seed_list)
+                 options=options, seeds=seed_list or ())
     typer.echo(res.summary.table(title=cfg.model + (f" ({len(seed_list)} seeds)" if len(seed_list or []) > 1 else "")))
     if res.parent_run_id:
         typer.echo(f"mlflow parent run: {res.parent_run_id}")

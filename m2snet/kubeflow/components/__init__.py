@@ -1,6 +1,7 @@
 """Kubeflow Pipelines v2 components: one thin component per pipeline step.
 
-Each component body imports ``m2snet`` and calls ONE library function in ``m2snet.workflows.steps``;
+Each component body imports ``m2snet`` and calls ONE library function: the CV pipeline's in
+``m2snet.workflows.steps``, the fixed-split pipeline's (``protocol.py``) in ``m2snet.workflows.protocols``;
 all logic lives in the library (the CLI and these components are two doors onto it). The
 component's source is embedded into the compiled pipeline YAML, so bodies import inside the
 function, and the image they run in is ``m2snet.kubeflow.image.COMPONENT_IMAGE`` (docker/Dockerfile).

@@ -23,7 +23,7 @@ def split_protocol(dataset: Input[Dataset], split: Output[Dataset], protocol: st
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("split-protocol", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
     return protocols.split_step(dataset.path, split.path, protocol=protocol, seed=seed, split_options=split_options,
-                                pipeline_run_id=pipeline_run_id, experiment=experiment)
+                                ctx=protocols.RunContext.for_pipeline(pipeline_run_id, experiment))
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -46,8 +46,8 @@ def train_protocol(
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("train-protocol", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
     result = protocols.train_step(dataset.path, split.path, model.path, protocol=protocol, preset=preset,
-                                  train_overrides=train_overrides, pipeline_run_id=pipeline_run_id,
-                                  experiment=experiment)
+                                  train_overrides=train_overrides,
+                                  ctx=protocols.RunContext.for_pipeline(pipeline_run_id, experiment))
     model.metadata.update(result["model_metadata"])
     for key, value in result["metrics"].items():
         metrics.log_metric(key, value)
@@ -73,8 +73,8 @@ def evaluate_test_sets(
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("evaluate-test-sets", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
     scores = protocols.evaluate_step(dataset.path, split.path, model.path, report.path, protocol=protocol,
-                                     metric_protocol=metric_protocol, pipeline_run_id=pipeline_run_id,
-                                     experiment=experiment)
+                                     metric_protocol=metric_protocol,
+                                     ctx=protocols.RunContext.for_pipeline(pipeline_run_id, experiment))
     for key, value in scores.items():
         metrics.log_metric(key, value)
 
@@ -98,9 +98,10 @@ def register_protocol(
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("register-protocol", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
-    return protocols.register_step(model.path, report.path, split.path, protocol=protocol, model_name=model_name,
-                                   dataset_version=dataset_version, metric_protocol=metric_protocol,
-                                   pipeline_run_id=pipeline_run_id, experiment=experiment)
+    return protocols.register_protocol_step(model.path, report.path, split.path, protocol=protocol,
+                                            model_name=model_name, dataset_version=dataset_version,
+                                            metric_protocol=metric_protocol,
+                                            ctx=protocols.RunContext.for_pipeline(pipeline_run_id, experiment))
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -112,8 +113,8 @@ def finalize_protocol(status: dsl.PipelineTaskFinalStatus, pipeline_run_id: str 
 
     install_redaction()  # every line this task logs, as in the CLI: no credential in a pod log
     task_started("finalize-protocol", pipeline_run_id=pipeline_run_id)  # for the local console; no-op on a cluster
-    return protocols.finalize_step(status.state, status.error_message or "", pipeline_run_id=pipeline_run_id,
-                                   experiment=experiment)
+    return protocols.finalize_protocol_step(status.state, status.error_message or "",
+                                            ctx=protocols.RunContext.for_pipeline(pipeline_run_id, experiment))
 
 
 __all__ = ["split_protocol", "train_protocol", "evaluate_test_sets", "register_protocol", "finalize_protocol"]

@@ -15,6 +15,7 @@ def train_fold(
     metrics: Output[Metrics],
     preset: str,
     train_overrides: str = "{}",
+    seeds: str = "",  # the pipeline's seeds: with several, the seed names the task's runs
     pipeline_run_id: str = "",
     experiment: str = "",
 ):
@@ -29,7 +30,8 @@ def train_fold(
 
     result = steps.train_fold_step(
         dataset.path, split.path, fold, best_params.path, model.path, preset=preset,
-        train_overrides=train_overrides, seed=seed, ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment),
+        train_overrides=train_overrides, seed=seed, seeds=seeds,
+        ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment),
     )
     model.metadata.update(result["model_metadata"])
     for key, value in result["metrics"].items():

@@ -12,6 +12,7 @@ def tune_hyperparameters(
     preset: str,
     fold: int = 0,
     seed: int = -1,  # steps.NO_SEED: the training config's own
+    seeds: str = "",  # the pipeline's seeds: with several, the seed names the task's runs
     train_overrides: str = "{}",
     n_trials: int = -1,
     storage: str = "",
@@ -28,6 +29,7 @@ def tune_hyperparameters(
     task_started("tune-hyperparameters", steps.loop_item(fold, seed), pipeline_run_id=pipeline_run_id)
 
     return steps.tune_step(
-        dataset.path, split.path, best_params.path, preset=preset, fold=fold, train_overrides=train_overrides,
-        n_trials=n_trials, storage=storage, seed=seed, ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment),
+        dataset.path, split.path, best_params.path, preset=preset, train_overrides=train_overrides,
+        n_trials=n_trials, storage=storage, task={"fold": fold, "seed": seed, "seeds": seeds},
+        ctx=steps.RunContext.for_pipeline(pipeline_run_id, experiment),
     )

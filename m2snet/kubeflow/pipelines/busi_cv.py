@@ -83,12 +83,13 @@ def build_pipeline(cluster: bool = True, local_threads: int = 1):
                 # reported fold ever took part in choosing the learning rates it is scored with.
                 tune = step(tune_hyperparameters(
                     dataset=data.outputs["dataset"], split=split.outputs["split"], preset=preset, fold=fold,
-                    seed=task.seed, train_overrides=train_overrides, n_trials=n_trials, storage=tuning_storage,
+                    seed=task.seed, seeds=seeds, train_overrides=train_overrides, n_trials=n_trials,
+                    storage=tuning_storage,
                     pipeline_run_id=run_id, experiment=experiment,
                 ), "tune fold (Optuna)")
                 train = step.training(train_fold(
                     dataset=data.outputs["dataset"], split=split.outputs["split"],
-                    best_params=tune.outputs["best_params"], fold=fold, seed=task.seed, preset=preset,
+                    best_params=tune.outputs["best_params"], fold=fold, seed=task.seed, seeds=seeds, preset=preset,
                     train_overrides=train_overrides, pipeline_run_id=run_id, experiment=experiment,
                 ), "train fold")
                 evaluation = step(evaluate_fold(

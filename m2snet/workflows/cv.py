@@ -1,0 +1,146 @@
+"""``m2snet cv``: a cross-validation's task list run in one process, under one parent run.
+
+The list is the pipeline's (:func:`m2snet.workflows.fold_tasks.fold_tasks`) and every task goes through
+the pipeline's step functions (:func:`m2snet.workflows.folds.run_fold`: tune -> train -> evaluate), so
+``m2snet cv`` and ``m2snet pipeline run`` of the same settings record the same MLflow run tree:
+
+    parent run "cv-<model>"         params: config, data version, split hash, seeds; metrics: cv_*; cv/
+      +- "[seed-S-]tune-fold-K"     each task's Optuna study (with --tune-trials)
+      +- "[seed-S-]fold-K"          one per task: training, evaluation at original size, its model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from m2snet.data.format import load_dataset
+from m2snet.data.split import Split, load_split
+from m2snet.errors import M2SNetError
+from m2snet.evaluation.evaluate import NoSkillPredictor, evaluate_predictor
+from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX, check_protocol
+from m2snet.evaluation.plots import cv_learning_curves
+from m2snet.mlops.tracking import PARENT_RUN_FILE, read_run_file, write_run_file
+from m2snet.mlops.training_run import config_params
+from m2snet.runtime import git_commit
+from m2snet.training.config import TrainConfig
+from m2snet.workflows.context import UNTRACKED, RunContext
+from m2snet.workflows.cv_summary import CVSummary, report_cv, report_tasks
+from m2snet.workflows.fold_tasks import NO_SEED, FoldTask, fold_tasks
+from m2snet.workflows.folds import FoldOptions, FoldResult, dataset_lineage, run_fold
+
+log = logging.getLogger("m2snet.workflows.cv")
+
+
+@dataclass
+class CVResult:
+    summary: CVSummary
+    folds: list[FoldResult]
+    out_dir: Path
+    parent_run_id: str | None = None
+
+
+def split_params(split: Split, seeds: Sequence[int] | None = None,
+                 folds: Sequence[int] | None = None) -> dict[str, Any]:
+    """What a CV's parent run records of its split and code, alike from ``m2snet cv`` and the pipeline's split
+    step: the split file's hash, its folds and duplicate rule, the folds run, the repeated seeds, the commit."""
+    return {"split_sha256": split.sha256, "n_folds": split.n_folds, "split_group": split.group,
+            "folds": ",".join(map(str, range(split.n_folds) if folds is None else folds)),
+            **({"seeds": ",".join(map(str, seeds))} if seeds else {}), "git_commit": git_commit()}
+
+
+def cv_split(cfg: TrainConfig, folds: Sequence[int] | None) -> tuple[Split, list[int]]:
+    """``cfg.split``, checked to be k folds, and the folds to run (default: all), range-checked."""
+    if not cfg.split:
+        raise M2SNetError("cross-validation needs a split file (--split)")
+    split = load_split(cfg.split, load_dataset(cfg.data), accept_version=cfg.accept_split_version)
+    if split.is_fixed:
+        raise M2SNetError(f"{split.path}: a fixed split (named test sets), not k folds; "
+                          "run it with `m2snet train --split` or `m2snet benchmark`")
+    folds = list(range(split.n_folds)) if folds is None else list(folds)
+    for k in folds:
+        split.fold(k)  # range check with a clear error
+    return split, folds
+
+
+def log_cv_inputs(parent, cfg: TrainConfig, split: Split, tasks: Sequence[FoldTask], tuned: bool) -> None:
+    """The parent records the shared inputs; the children what actually happened (pretrained source,
+    device, the rates and their source)."""
+    seeds = list(dict.fromkeys(t.seed for t in tasks)) if tasks[0].seed != NO_SEED else None
+    folds = list(dict.fromkeys(t.fold for t in tasks))
+    parent.log_params({**{k: v for k, v in config_params(cfg.to_dict()).items() if k.startswith("config.")},
+                       "data_version": load_dataset(cfg.data).version, "seed": cfg.seed, "selection": cfg.selection,
+                       **split_params(split, seeds, folds), "tuning": "nested per fold" if tuned else "none"})
+    parent.log_dataset(dataset_lineage(cfg.data))
+
+
+def run_cv(cfg: TrainConfig, out_dir: str | os.PathLike, folds: Sequence[int] | None = None, *,
+           ctx: RunContext = UNTRACKED, options: FoldOptions | None = None, seeds: Sequence[int] = (),
+           run_name: str | None = None) -> CVResult:
+    """Run the CV's tasks (``folds``, default all; once per seed of ``seeds``) under one parent run; print
+    the table.
+
+    ``ctx``: where it is tracked (``ctx.parent_run_id``: attach the tasks to that CV run); ``options``: what
+    every task does (:class:`m2snet.workflows.folds.FoldOptions`: nested tuning, resume, the metric
+    protocol, ...). ``seeds``: repeat the CV once per seed (:meth:`FoldTask.config`: initialisation and data
+    order change, the cases do not), in ``out_dir/seed<s>/fold<k>`` when more than one; the table is then
+    mean +- std over seeds x folds. The per-case scores of every task go to ``cv_per_case.csv`` (``cv/``).
+    """
+    options = options or FoldOptions()
+    check_protocol(options.score.protocol)
+    split, folds = cv_split(cfg, folds)
+    tasks = fold_tasks(folds, seeds)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if ctx.tracked and ctx.parent_run_id is None and options.resume:
+        ctx = ctx.with_parent(read_run_file(out / PARENT_RUN_FILE))
+    parent = ctx.parent(run_name=run_name or f"cv-{cfg.model}", tags={"m2snet.kind": "cv"})
+    with parent or contextlib.nullcontext():
+        if parent is not None:
+            ctx = ctx.with_parent(parent.run_id)
+            write_run_file(out / PARENT_RUN_FILE, parent)
+            log_cv_inputs(parent, cfg, split, tasks, options.tuning is not None)
+        results = []
+        for i, task in enumerate(tasks, 1):
+            log.info("=== %sfold %d (%d of %d) ===", f"seed {task.seed}, " if task.seed_tag is not None else "",
+                     task.fold, i, len(tasks))
+            results.append(run_fold(cfg, task, out / task.dir_name, ctx=ctx, split=split, options=options))
+        summary = report_tasks([r.metrics for r in results], [r.out_dir / "eval" for r in results], out,
+                               name=cfg.model, protocol=options.score.protocol, parent=parent)
+        repeated = tasks[0].repeated
+        curves = cv_learning_curves({(f"{r.fold} (seed {r.seed})" if repeated else r.fold): r.history
+                                     for r in results}, out / "cv_learning_curves.png",
+                                    title=f"{cfg.model}{f' ({len(seeds)} seeds)' if repeated else ''}: "
+                                          f"{len(folds)} folds")
+        if parent is not None:
+            parent.log_artifact(curves, "cv")
+    return CVResult(summary=summary, folds=results, out_dir=out, parent_run_id=parent.run_id if parent else None)
+
+
+def noskill_cv(data: str | os.PathLike, split: str | os.PathLike | None, folds: Sequence[int] | None,
+               out_dir: str | os.PathLike, *, protocol: str = DEFAULT_PROTOCOL,
+               with_sod: bool = True, accept_split_version: str | None = None) -> CVSummary:
+    """The no-skill rows of a CV table without training: the all-background predictor scored on every
+    fold's validation cases (or on all cases without a split), through the same evaluation as a model.
+
+    Writes ``<out_dir>/fold<k>/`` (per-case CSV) and the report (``cv_table.md``, ``cv_summary.json``).
+    """
+    info = load_dataset(data)
+    out = Path(out_dir)
+    if split:
+        s = load_split(split, info, accept_version=accept_split_version)
+        folds = list(range(s.n_folds)) if folds is None else list(folds)
+        cases = {k: list(s.fold(k).val) for k in folds}
+    else:
+        folds, cases = [0], {0: None}
+    per_fold = []
+    for k in folds:
+        ev = evaluate_predictor(NoSkillPredictor(info.n_classes), data, cases[k], out / f"fold{k}", n_overlay=2,
+                                with_sod=with_sod, protocol=protocol, title="no skill")
+        # The predictor IS the no-skill one: its rows alone, not twice.
+        per_fold.append({key: v for key, v in ev.metrics.items() if not key.startswith(NOSKILL_PREFIX)})
+    return report_cv(per_fold, folds, out, title="no skill", protocol=protocol)
