@@ -175,13 +175,16 @@ def test_paper_compare_reads_a_cv_output_directory(tmp_path):
     # 8 cases, 2 folds of 4: each fold trains on the other 4.
     assert "epochs=1, size=64, train_cases=4, seeds=42, pretrained=False" in res.output
     assert "folds=2 of 2" in res.output and (tmp_path / "busi.md").read_text().strip() == res.output.strip()
-    # Only the per-case file left (a study's copy): the model's rows rebuilt, the same Dice.
+    # Only the per-case file left (a study's copy): the model's rows rebuilt, the same Dice; the no-skill
+    # column from each case's lesion flag, the same as the CV computed.
     only = tmp_path / "only"
     only.mkdir()
     shutil.copy(tmp_path / "cv" / "cv_per_case.csv", only)
     res = runner.invoke(app, ["paper-compare", str(only), "--protocol", "busi"])
     assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
-    assert f"| BUSI | dice | {dice:.2f} | n/a | 79.21 |" in res.output and "epochs=unknown" in res.output
+    assert f"| BUSI | dice | {dice:.2f} | {noskill:.2f} | 79.21 |" in res.output and "epochs=unknown" in res.output
+    fold0 = json.loads((tmp_path / "cv" / "fold0" / "fold_result.json").read_text())
+    assert fold0["pretrained_source"] == "none (random init)"  # pretrained=false: what the budget can name later
 
 
 def test_covid_takes_the_infnet_test_list_as_an_id_file(tmp_path):

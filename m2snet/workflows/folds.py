@@ -280,5 +280,6 @@ def run_fold(cfg: TrainConfig, task: FoldTask, fold_dir: str | os.PathLike, *, c
     write_json(fold_dir / "fold_result.json", {"fold": task.fold, "metrics": fr.metrics, "run_id": fr.run_id,
                                                "model_uri": fr.model_uri, "checkpoint": str(fr.checkpoint),
                                                "selection": cfg.selection, "selected_epoch": fr.selected_epoch,
-                                               "tuned": tuned})
+                                               "tuned": tuned,
+                                               "pretrained_source": result.pretrained_source or "none (random init)"})
     return fr

@@ -105,9 +105,13 @@ def paper_comparison(protocol: str, ours: Mapping[str, Mapping[str, float]], bud
     return "\n".join(lines)
 
 
+NOSKILL_METRICS = ("dice", "iou", "precision", "recall", "specificity")
+
+
 def _cv_summary_from_per_case(directory: Path) -> dict[str, Any]:
     """A CV summary rebuilt from ``cv_per_case.csv`` alone: the per-(seed, fold) case means aggregated as
-    :func:`m2snet.workflows.folds.report_cv` does (no no-skill rows: the per-case file holds the model's)."""
+    the CV report does; the no-skill (all-background) predictor's scores follow from each case's ``lesion``
+    column (1 on a case without a lesion, 0 on one with; specificity 1), as the evaluation computes them."""
     cases = load_cv_cases(str(directory))
     groups: dict[tuple[str, str], list[dict[str, float]]] = {}
     skip = {"seed", "fold", "case_id", "label", "height", "width", "lesion", "pred_foreground_fraction"}
@@ -119,6 +123,9 @@ def _cv_summary_from_per_case(directory: Path) -> dict[str, Any]:
                     values[k] = float(v)
                 except ValueError:
                     pass
+        if row.get("lesion") in ("0", "1"):
+            for metric in NOSKILL_METRICS:
+                values[NOSKILL_PREFIX + metric] = 1.0 if metric == "specificity" or row["lesion"] == "0" else 0.0
         groups.setdefault((row.get("seed", ""), row["fold"]), []).append(values)
     keys = sorted(groups, key=lambda g: (g[0], int(g[1])))
     summary = summarize_cv([mean_metrics(groups[g]) for g in keys], [int(g[1]) for g in keys])
@@ -157,8 +164,13 @@ def _cv_budget(directory: Path, summary: Mapping[str, Any]) -> dict[str, Any]:
         if train:
             budget["train_cases"] = f"{train[0]}" if len(train) == 1 else f"{train[0]}-{train[-1]} per fold"
     checkpoint = config.parent / SELECTED if config else None
+    fold_result = config.parent / "fold_result.json" if config else None
     if checkpoint is not None and checkpoint.is_file():  # what it started from, not what it asked for
         budget["pretrained_source"] = Checkpoint.load(checkpoint).pretrained_source or "none (random init)"
+    elif fold_result is not None and fold_result.is_file():
+        budget["pretrained_source"] = read_json(fold_result, "fold result").get("pretrained_source", "not recorded")
+    elif budget.get("pretrained"):
+        budget["pretrained_source"] = "not recorded (no checkpoint beside the config)"
     budget["folds"] = f"{len(summary.get('folds', []))} of {n_folds}"
     return budget
 
