@@ -102,3 +102,27 @@ def test_a_postgresql_tracking_uri_without_its_driver_names_the_package(tmp_path
     assert line == ("error: tracking URI 'postgresql://alice:***@127.0.0.1:5432/test' (--tracking-uri or "
                     "$MLFLOW_TRACKING_URI): its database driver psycopg is not installed (pip install "
                     "'psycopg[binary]'; or name the installed psycopg2: postgresql+psycopg2://...)")
+
+
+def test_a_scoped_tracking_uri_leaves_the_environment_in_charge(monkeypatch):
+    """Logging a model or registering a protocol's version points MLflow at a URI for the block; afterwards the
+    environment decides again (restoring ``get_tracking_uri()``'s answer pinned it for the rest of the process,
+    and a later caller's $MLFLOW_TRACKING_URI was ignored: a promote went to another test's store)."""
+    import mlflow
+
+    from m2snet.mlops.mlflow_store import tracking_uri_scope
+
+    mlflow.set_tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///a.db")
+    with tracking_uri_scope("sqlite:///b.db"):
+        assert mlflow.get_tracking_uri() == "sqlite:///b.db"
+    assert mlflow.get_tracking_uri() == "sqlite:///a.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///c.db")
+    assert mlflow.get_tracking_uri() == "sqlite:///c.db"  # not pinned
+    mlflow.set_tracking_uri("sqlite:///explicit.db")  # an explicit choice survives the scope
+    try:
+        with tracking_uri_scope("sqlite:///b.db"):
+            pass
+        assert mlflow.get_tracking_uri() == "sqlite:///explicit.db"
+    finally:
+        mlflow.set_tracking_uri(None)

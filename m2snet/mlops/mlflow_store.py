@@ -173,6 +173,29 @@ def check_store_writable(uri: str) -> None:
                               "another store (commands that log runs also take --no-track)")
 
 
+@contextlib.contextmanager
+def tracking_uri_scope(uri: str):
+    """MLflow's process-wide tracking URI set to ``uri`` for the block, then given back as it was.
+
+    ``mlflow.set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI``, and ``get_tracking_uri()`` answers with
+    the environment's value when none was set: restoring that answer would pin it for the rest of the
+    process (a later caller's environment no longer counts). So an explicit URI is restored, an unset one
+    unset again, and the variable put back as it was."""
+    import mlflow
+
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    explicit_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(explicit_before if explicit_before != env_before else None)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
 def mlflow_client(uri: str | None = None, *, writes: bool = False):
     """The package's one way to an ``MlflowClient``: tracking and model registry both at ``uri``.
 

@@ -22,6 +22,7 @@ from mlflow.types import ColSpec, Schema
 
 import m2snet
 from m2snet.errors import M2SNetError
+from m2snet.mlops.mlflow_store import tracking_uri_scope
 from m2snet.mlops.pyfunc import EXPORT_ARTIFACT, GUARD_ARTIFACT, MODEL_CONFIG_TTA, ONNX_ARTIFACT
 from m2snet.mlops.pyfunc_io import encode_image
 
@@ -84,13 +85,10 @@ def log_segmentation_model(
     missing = [str(p) for p in paths if not p.is_file()]
     if not paths or missing:
         raise M2SNetError(f"log_segmentation_model: checkpoint(s) not found: {missing or 'none given'}")
-    previous_uri = mlflow.get_tracking_uri()
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    active = mlflow.active_run()
-    ctx = (mlflow.start_run(run_id=run_id)
-           if run_id and (active is None or active.info.run_id != run_id) else nullcontext())
-    try:
+    with tracking_uri_scope(tracking_uri) if tracking_uri else nullcontext():
+        active = mlflow.active_run()
+        ctx = (mlflow.start_run(run_id=run_id)
+               if run_id and (active is None or active.info.run_id != run_id) else nullcontext())
         with ctx, tempfile.TemporaryDirectory(prefix="m2snet-onnx-") as tmp:
             onnx_path = None
             if onnx:
@@ -101,9 +99,6 @@ def log_segmentation_model(
                         Path(export) if export is not None else None, Path(guard) if guard is not None else None)
             _link_stored_copies(info, paths)
             return info
-    finally:
-        if tracking_uri:
-            mlflow.set_tracking_uri(previous_uri)
 
 
 def _log(paths: list[Path], name: str, registered_model_name: str | None, input_example, tta_flip: bool,

@@ -9,13 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import mlflow
-
 from m2snet.data.format import DATASET_JSON
 from m2snet.data.importers import import_dataset
 from m2snet.errors import M2SNetError
 from m2snet.files import write_text
-from m2snet.mlops.mlflow_store import mlflow_client
+from m2snet.mlops.mlflow_store import mlflow_client, tracking_uri_scope
 from m2snet.mlops.registry import register_model_version
 from m2snet.mlops.tracking import Tracker
 from m2snet.training.config import TrainConfig
@@ -49,15 +47,11 @@ def register_protocol_model(protocol: str, fr: FixedResult, tracking, descriptio
     if fr.model_uri is None or fr.run_id is None:
         raise M2SNetError(f"protocol {protocol}: the run logged no model to register")
     uri = tracking.resolved_uri()
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_uri_scope(uri):
         tags = {"run_id": fr.run_id, **version_tags(protocol, fr.report.mean)}
         mv = register_model_version(fr.model_uri, registered_model_name(protocol), idempotency_key=fr.run_id,
                                     tags=tags, description=description,
                                     client=mlflow_client(uri))
-    finally:
-        mlflow.set_tracking_uri(previous)
     return f"{registered_model_name(protocol)}/{mv.version}"
 
 
