@@ -48,8 +48,9 @@ def import_busi(src: Path, work: Path, seed: int, validate: bool = True):
     duplicate clusters each split puts across folds.
     """
     from m2snet.data.format import load_dataset
+    from m2snet.data.grouping import groups_across
     from m2snet.data.importers import import_dataset
-    from m2snet.data.split import groups_across, load_split, make_split
+    from m2snet.data.split import load_split, make_split
 
     dest = work / "busi"
     if not (dest / "manifest.csv").is_file():

@@ -115,7 +115,8 @@ def _synthetic_info(tmp_path, groups: dict[str, str], labels: dict[str, str], sh
 def test_duplicate_clusters_never_straddle_folds_or_inner_splits(tmp_path):
     """Planted clusters (the manifest's group) stay in one fold and on one side of every inner split,
     across labels too; the old sha256-only rule would have split most of them."""
-    from m2snet.data.split import groups_across, inner_split
+    from m2snet.data.grouping import groups_across
+    from m2snet.data.split import inner_split
 
     labels = {f"c{i:03d}": "a" if i % 3 else "b" for i in range(60)}
     groups = {cid: cid for cid in labels}
@@ -179,7 +180,8 @@ def test_group_by_a_column_keeps_each_value_in_one_fold_with_the_clusters(tmp_pa
     """Issue 17.5: a grouping the source knows (a user's ``patient`` column) stays on one side of every
     split and inner split, joined with the duplicate clusters (c000 ~ c031 are near duplicates of two
     patients, so those two patients share a fold)."""
-    from m2snet.data.split import groups_across, inner_split
+    from m2snet.data.grouping import groups_across
+    from m2snet.data.split import inner_split
 
     labels = {f"c{i:03d}": "a" if i % 3 else "b" for i in range(48)}
     groups = {cid: cid for cid in labels}

@@ -10,7 +10,8 @@ import typer
 
 from m2snet.data.duplicates import NearDuplicateConfig
 from m2snet.data.format import load_dataset
-from m2snet.data.split import group_by_option, grouping_note, make_split
+from m2snet.data.grouping import group_by_option, grouping_note
+from m2snet.data.split import make_split
 from m2snet.errors import M2SNetError
 
 app = typer.Typer(help="Datasets: create the demo set, import public layouts, validate, split, version.",

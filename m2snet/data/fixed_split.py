@@ -37,16 +37,8 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from m2snet.data.format import DatasetInfo, load_dataset
-from m2snet.data.split import (
-    FIXED_SPLIT_FORMAT_VERSION,
-    FROM_DATASET,
-    Split,
-    case_groups,
-    check_group_column,
-    groups_across,
-    load_split,
-    resolve_group_by,
-)
+from m2snet.data.grouping import FROM_DATASET, case_groups, check_group_column, groups_across, resolve_group_by
+from m2snet.data.split import FIXED_SPLIT_FORMAT_VERSION, Split, load_split
 from m2snet.errors import M2SNetError
 from m2snet.files import write_json
 

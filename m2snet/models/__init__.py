@@ -6,8 +6,8 @@ False = random), ``msu_impl="fast" | "dense"`` and ``msu_norm="per_site" | "shar
 ``pretrained_source``, ``backbone_parameters()`` and ``head_parameters()``.
 """
 
-# Importing zoo registers every model (zoo takes register_model from models.registry, not from here).
+# Importing zoo registers every model (zoo takes register_architecture from models.registry, not from here).
 from m2snet.models import zoo as _zoo  # noqa: F401
-from m2snet.models.registry import create_model, list_models, register_model
+from m2snet.models.registry import create_model, list_models, register_architecture
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "list_models", "register_architecture"]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from m2snet.data.format import load_dataset
-from m2snet.data.split import groups_across, inner_split, load_split
+from m2snet.data.grouping import groups_across
+from m2snet.data.split import inner_split, load_split
 from m2snet.errors import M2SNetError
 from m2snet.training.config import TrainConfig
 from m2snet.training.selection import selection_rule

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from m2snet.data.format import load_dataset
-from m2snet.data.split import grouping_note, load_split, make_split
+from m2snet.data.grouping import grouping_note
+from m2snet.data.split import load_split, make_split
 from m2snet.evaluation.guard import GUARD_FILE, MIN_CALIBRATION_CASES, calibration_sizes, fit_guard
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL
 from m2snet.evaluation.predict import Predictor
