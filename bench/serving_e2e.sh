@@ -52,11 +52,14 @@ say "m2snet promote $MODEL 1"
 "$M2SNET" promote "$MODEL" 1 || true  # the pipeline's own promote step may have moved it already
 
 say "$ENGINE run -d --name m2snet-serve-e2e --network host --memory 3g -e MLFLOW_TRACKING_URI=... $IMAGE m2snet serve --model=models:/$MODEL@production --port=$PORT"
-"$ENGINE" run -d --name m2snet-serve-e2e --network host --memory 3g --tmpfs /cache:rw,mode=1777 \
+serve() {  # a new container each time, as a rollout restart makes a new pod
+  "$ENGINE" rm -f m2snet-serve-e2e >/dev/null 2>&1 || true
+  "$ENGINE" run -d --name m2snet-serve-e2e --network host --memory 3g --tmpfs /cache:rw,mode=1777 \
   -e MLFLOW_TRACKING_URI="$MLFLOW_TRACKING_URI" -e M2SNET_DEVICE=cpu -e M2SNET_CACHE_DIR=/cache -e HOME=/tmp \
   -e M2SNET_MAX_REQUEST_PIXELS=100000000 -e M2SNET_MAX_CONCURRENT_PREDICTIONS=1 \
   "$IMAGE" m2snet serve "--model=models:/$MODEL@production" --host=0.0.0.0 "--port=$PORT" --workers=1 >/dev/null
-wait_ready; ask
+}
+serve; wait_ready; ask
 say "noise: a random image to the same endpoint"
 PICTURE_SAVED=$PICTURE PICTURE=$OUT/noise.png
 .venv/bin/python -c "import numpy as np; from PIL import Image; Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save('$PICTURE')"
@@ -65,9 +68,9 @@ ask; PICTURE=$PICTURE_SAVED
 run_pipeline tiny run2
 say "m2snet promote $MODEL 2 --force"
 "$M2SNET" promote "$MODEL" 2 --force
-say "$ENGINE restart m2snet-serve-e2e   # kubectl rollout restart deployment/m2snet-serve"
-"$ENGINE" restart m2snet-serve-e2e >/dev/null; wait_ready; ask
+say "$ENGINE rm -f m2snet-serve-e2e; $ENGINE run ... (the same)   # kubectl rollout restart deployment/m2snet-serve"
+serve; wait_ready; ask
 say "m2snet rollback $MODEL"
 "$M2SNET" rollback "$MODEL"
-say "$ENGINE restart m2snet-serve-e2e"
-"$ENGINE" restart m2snet-serve-e2e >/dev/null; wait_ready; ask
+say "$ENGINE rm -f m2snet-serve-e2e; $ENGINE run ... (the same)"
+serve; wait_ready; ask

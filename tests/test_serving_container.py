@@ -1,7 +1,7 @@
 """The production model served from the component image, as the cluster's Deployment runs it
 (k8s/overlays/serving/serving.yaml: its command, arguments, settings and memory limit), against a real
-`mlflow server` + SeaweedFS on loopback: promote v2 and restart the container (what `kubectl rollout restart`
-does to the pod) -> the endpoint answers as v2; roll back and restart -> v1.
+`mlflow server` + SeaweedFS on loopback: promote v2 and replace the container (what `kubectl rollout restart`
+does: a new pod) -> the endpoint answers as v2; roll back and replace it -> v1.
 
 Opt-in (marker ``container``, ``make test-container``): it needs podman (or a docker daemon) and builds the image.
 """
@@ -108,16 +108,21 @@ def test_the_serving_container_answers_as_the_promoted_version_and_follows_promo
         assert rows[0]["mask"].shape[:2] == (64, 64)
         return rows[0]["model_version"]
 
-    started = podman("run", "-d", "--name", name, *run)
-    assert started.returncode == 0, started.stderr
+    def rollout() -> None:
+        """What `kubectl rollout restart` does: a new pod (a new container, a fresh /cache), the old one gone."""
+        podman("rm", "-f", name)
+        started = podman("run", "-d", "--name", name, *run)
+        assert started.returncode == 0, started.stderr
+
+    rollout()
     try:
         assert answers_as() == f"{MODEL}/{v1}"
         assert promote(MODEL, v2, PromotionPolicy(floor=0.0, margin=0.0)).promoted
         assert answers_as() == f"{MODEL}/{v1}"  # resolved at start: a running server keeps its version
-        assert podman("restart", name).returncode == 0  # the rollout restart
+        rollout()
         assert answers_as() == f"{MODEL}/{v2}"
         rollback(MODEL)
-        assert podman("restart", name).returncode == 0
+        rollout()
         assert answers_as() == f"{MODEL}/{v1}"
         memory = podman("inspect", "--format", "{{.HostConfig.Memory}}", name).stdout.strip()
         assert int(memory) == 3 * 2**30  # the Deployment's limit, bounding what the request budget admits
