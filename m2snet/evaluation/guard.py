@@ -42,34 +42,52 @@ POOLED_LEVELS = (-2, -1)  # the encoder's two deepest feature maps
 MIN_CALIBRATION_CASES = 20
 
 
-class FeatureTap:
+def pooled_features(output, levels: Sequence[int]) -> torch.Tensor:
+    """A backbone's output (feature maps, deepest last) -> the guard's features [N, D]: the ``levels``
+    maps, each global-average-pooled, concatenated. The prediction's tap and the ONNX export use this."""
+    maps = list(output) if isinstance(output, (list, tuple)) else [output]
+    return torch.cat([maps[i].float().mean(dim=(2, 3)) for i in levels], dim=1)
+
+
+class FeatureBuffer:
+    """Where one ensemble member's guard features land batch by batch until :meth:`take`; the ONNX
+    predictor fills it from the graph's feature outputs, :class:`FeatureTap` from a forward hook."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.batches: list = []
+
+    def take(self):
+        """The features captured since the last take, [N, D] (numpy; torch for an exporting tap)."""
+        batches, self.batches = self.batches, []
+        if batches and isinstance(batches[0], torch.Tensor):
+            return torch.cat(batches)
+        return np.concatenate(batches) if batches else np.zeros((0, 0), np.float32)
+
+
+class FeatureTap(FeatureBuffer):
     """Captures the pooled encoder features of a model's forward passes (a forward hook on its backbone).
 
     ``armed`` gates the capture, so that a flipped TTA pass or a training step is not recorded; each
-    captured batch is a float32 [N, D] array in ``batches``.
+    captured batch is a float32 [N, D] array in ``batches`` -- or, with ``as_tensor`` (the ONNX export
+    traces through it), the tensor itself.
     """
 
-    def __init__(self, model: torch.nn.Module, levels: Sequence[int] = POOLED_LEVELS) -> None:
+    def __init__(self, model: torch.nn.Module, levels: Sequence[int] = POOLED_LEVELS, *,
+                 as_tensor: bool = False) -> None:
+        super().__init__()
         backbone = model.backbone() if hasattr(model, "backbone") else None
         if not isinstance(backbone, torch.nn.Module):
             raise M2SNetError(f"{type(model).__name__}: no backbone() to take guard features from")
         self.levels = tuple(levels)
-        self.armed = False
-        self.batches: list[np.ndarray] = []
+        self.as_tensor = as_tensor
         self._handle = backbone.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output) -> None:
         if not self.armed:
             return
-        maps = list(output) if isinstance(output, (list, tuple)) else [output]
-        pooled = [maps[i].float().mean(dim=(2, 3)) for i in self.levels]
-        self.batches.append(torch.cat(pooled, dim=1).detach().cpu().numpy().astype(np.float32))
-
-    def take(self) -> np.ndarray:
-        """The features captured since the last take, [N, D]."""
-        out = np.concatenate(self.batches) if self.batches else np.zeros((0, 0), np.float32)
-        self.batches = []
-        return out
+        pooled = pooled_features(output, self.levels)
+        self.batches.append(pooled if self.as_tensor else pooled.detach().cpu().numpy().astype(np.float32))
 
     def close(self) -> None:
         self._handle.remove()

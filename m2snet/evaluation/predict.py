@@ -55,12 +55,20 @@ class Predictor:
 
     def attach_guard(self, guard) -> None:
         """Score every image against ``guard`` from the features of the prediction's own forward pass."""
-        from m2snet.evaluation.guard import FeatureTap
-
         if len(guard.members) != len(self.models):
             raise M2SNetError(f"input guard has {len(guard.members)} members for an ensemble of {len(self.models)}")
         self.guard = guard
-        self._taps = [FeatureTap(m, guard.levels) for m in self.models]
+        self.tap_features(guard.levels)
+
+    def tap_features(self, levels: Sequence[int], *, as_tensor: bool = False) -> list:
+        """Capture each model's pooled encoder features (``levels``) from the unflipped pass of
+        :meth:`ensemble_probs` from now on: the guard's scores, and the ONNX export's feature outputs."""
+        from m2snet.evaluation.guard import FeatureTap
+
+        for tap in self._taps:
+            tap.close()
+        self._taps = [FeatureTap(m, levels, as_tensor=as_tensor) for m in self.models]
+        return self._taps
 
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | os.PathLike], device: str = "cpu",

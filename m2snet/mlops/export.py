@@ -35,6 +35,7 @@ import yaml
 from torch import nn
 
 from m2snet.errors import M2SNetError
+from m2snet.evaluation.guard import POOLED_LEVELS, FeatureBuffer
 from m2snet.evaluation.predict import Predictor
 from m2snet.files import atomic_file
 
@@ -42,22 +43,35 @@ log = logging.getLogger(__name__)
 
 META_KEY = "m2snet"
 INPUT, OUTPUT = "image", "probability"
+# Per ensemble member, its pooled encoder features (m2snet.evaluation.guard): what the input guard scores, so
+# an exported model is guarded as the PyTorch one is, from the same forward pass.
+FEATURES_OUTPUT = "guard_features_{}"
+FEATURES_RTOL = 1e-3  # ONNX Runtime vs PyTorch on the features, relative to their largest magnitude
 DEFAULT_ATOL = 1e-4  # on probabilities in [0, 1]; fp32 kernels differ by ~1e-6 here
 OPSET = 17
 PRECISIONS = ("fp32", "bf16", "int8")
 BUNDLE_FORMAT = "m2snet-export-bundle"  # the bf16 artifact: {"format", "m2snet": meta, "checkpoints": [...]}
 
 
+def feature_outputs(n_models: int) -> list[str]:
+    return [FEATURES_OUTPUT.format(i) for i in range(n_models)]
+
+
 class EnsembleProbabilities(nn.Module):
-    """The graph that is exported: a Predictor's models (registered here) and its ensemble mean."""
+    """The graph that is exported: a Predictor's models (registered here), its ensemble mean, and each
+    model's guard features from the same (unflipped) pass."""
 
     def __init__(self, predictor: Predictor) -> None:
         super().__init__()
         self.predictor = predictor
         self.models = nn.ModuleList(predictor.models)
+        self.taps = predictor.tap_features(POOLED_LEVELS, as_tensor=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predictor.ensemble_probs(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for tap in self.taps:
+            tap.take()
+        prob = self.predictor.ensemble_probs(x)
+        return (prob, *(tap.take() for tap in self.taps))
 
 
 @dataclass
@@ -74,7 +88,8 @@ def onnx_meta(predictor: Predictor, precision: str = "fp32") -> dict:
     return {"precision": precision, "image_size": predictor.size, "n_classes": predictor.n_classes,
             "normalization": meta.get("normalization"), "tta_flip": predictor.tta_flip,
             "n_models": len(predictor.models), "model_name": meta.get("model_name"),
-            "dataset_version": meta.get("dataset_version")}
+            "dataset_version": meta.get("dataset_version"),
+            "guard_features": {"levels": list(POOLED_LEVELS), "outputs": feature_outputs(len(predictor.models))}}
 
 
 def _inline_initializer_aliases(model) -> int:
@@ -122,6 +137,7 @@ def export_onnx(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike
         raise M2SNetError("export: no checkpoint given")
     predictor = Predictor.from_checkpoints(checkpoints, device="cpu", tta_flip=tta_flip)
     graph = EnsembleProbabilities(predictor).eval()
+    outputs = [OUTPUT, *feature_outputs(len(predictor.models))]
     x = torch.randn(check_batch, 3, predictor.size, predictor.size, generator=torch.Generator().manual_seed(0))
     # Written beside ``out`` and renamed into place only once ONNX Runtime agrees with PyTorch.
     with atomic_file(out) as tmp_path:
@@ -131,20 +147,25 @@ def export_onnx(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike
             # The exporter warns that a shape comparison becomes a constant: it is, at a fixed input size.
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (x,), str(tmp_path), dynamo=False, opset_version=OPSET,
-                              input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+                              input_names=[INPUT], output_names=outputs, do_constant_folding=True,
+                              dynamic_axes={name: {0: "batch"} for name in [INPUT, *outputs]})
         with torch.no_grad():
-            expected = graph(x).numpy()
+            expected, *features = (t.numpy() for t in graph(x))
         model = onnx.load(str(tmp_path))
         _inline_initializer_aliases(model)
         set_onnx_meta(model, onnx_meta(predictor))
         onnx.save(model, str(tmp_path))
         batch_norms = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
-        got = ort_session(tmp_path).run([OUTPUT], {INPUT: x.numpy()})[0]
+        got, *got_features = ort_session(tmp_path).run(outputs, {INPUT: x.numpy()})
         diff = float(np.abs(got - expected).max())
         if not diff <= atol:
             raise M2SNetError(f"{out}: ONNX Runtime differs from PyTorch by {diff:.3g} (> atol {atol:g}); "
                               "not written")
+        for name, want, have in zip(outputs[1:], features, got_features):
+            relative = float(np.abs(have - want).max() / max(float(np.abs(want).max()), 1e-12))
+            if not relative <= FEATURES_RTOL:
+                raise M2SNetError(f"{out}: ONNX Runtime's {name} differs from PyTorch's by {relative:.3g} of "
+                                  f"their scale (> {FEATURES_RTOL:g}); not written")
     log.info("exported %d model(s) to %s: max |ORT - PyTorch| %.2e, %d BatchNorm left", len(predictor.models),
              out, diff, batch_norms)
     return ExportReport(out, len(predictor.models), predictor.size, diff, batch_norms)
@@ -258,9 +279,31 @@ class OnnxPredictor(Predictor):
         self.std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1)
         self.tta_flip = bool(meta["tta_flip"])
         self.batch_size = batch_size
+        self.guard = None
+        self._taps = []
+        # Files exported before the guard features existed have none: such a model is served unguarded.
+        self.features = meta.get("guard_features") or {"levels": [], "outputs": []}
+
+    def attach_guard(self, guard) -> None:
+        """Score every image against ``guard`` from the graph's feature outputs (the same forward pass)."""
+        outputs = list(self.features["outputs"])
+        if not outputs:
+            raise M2SNetError(f"{self.path}: exported without the guard's feature outputs (an older export); "
+                              "export it again to serve it guarded")
+        if tuple(guard.levels) != tuple(self.features["levels"]) or len(guard.members) != len(outputs):
+            raise M2SNetError(f"{self.path}: its feature outputs (levels {self.features['levels']}, "
+                              f"{len(outputs)} models) do not fit the input guard (levels {list(guard.levels)}, "
+                              f"{len(guard.members)} members)")
+        self.guard = guard
+        self._taps = [FeatureBuffer() for _ in outputs]
 
     def ensemble_probs(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: x.cpu().numpy()})[0])
+        if not self._taps:
+            return torch.from_numpy(self.session.run([OUTPUT], {INPUT: x.cpu().numpy()})[0])
+        prob, *features = self.session.run([OUTPUT, *self.features["outputs"]], {INPUT: x.cpu().numpy()})
+        for tap, batch in zip(self._taps, features):
+            tap.batches.append(batch.astype(np.float32, copy=False))
+        return torch.from_numpy(prob)
 
 
 class AutocastPredictor(Predictor):

@@ -112,17 +112,17 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
             from m2snet.mlops.export import load_exported
 
             self.predictor = load_exported(exported, device=device)
-            if guard:  # the exported graph gives probabilities only: the guard's features need PyTorch
-                log.warning("input guard not applied: the %s backend has no encoder features (set %s=torch)",
-                            type(self.predictor).__name__, BACKEND_ENV)
-            return
-        self.predictor = Predictor.from_checkpoints(
-            [context.artifacts[k] for k in keys], device=device, tta_flip=bool(config.get(MODEL_CONFIG_TTA, False)),
-        )
+        else:
+            self.predictor = Predictor.from_checkpoints(
+                [context.artifacts[k] for k in keys], device=device,
+                tta_flip=bool(config.get(MODEL_CONFIG_TTA, False)))
         if guard:
             from m2snet.evaluation.guard import InputGuard
 
-            self.predictor.attach_guard(InputGuard.load(guard))
+            try:
+                self.predictor.attach_guard(InputGuard.load(guard))
+            except M2SNetError as err:  # an export older than the guard's feature outputs: served, said once
+                log.warning("input guard not applied: %s (or set %s=torch)", err, BACKEND_ENV)
 
     # The annotation tells MLflow the input is a DataFrame, a type it infers no schema from: it validates
     # nothing more (the signature logged with the model does that) and no longer warns, in colour, on every
