@@ -2,7 +2,9 @@
 # Build and tag the m2snet component image (docker/Dockerfile) with docker or podman.
 #
 #   docker/build.sh                       # ghcr.io/m2snet/m2snet:<version>, CUDA torch from PyPI
-#   TORCH="torch==2.13.0+cpu torchvision==0.28.0" TAG=ghcr.io/m2snet/m2snet:0.1.0-cpu docker/build.sh
+#   docker/build.sh tracking              # ghcr.io/m2snet/m2snet-tracking:<version>, the MLflow server's image
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu TORCH="torch==2.14.1+cpu torchvision==0.29.1+cpu" \
+#     TAG=ghcr.io/m2snet/m2snet:0.1.0-cpu docker/build.sh   # CPU-only torch (untested here: no such index)
 #
 # Environment (all optional):
 #   ENGINE      docker | podman (default: docker when its daemon answers, else podman)
@@ -24,7 +26,12 @@ PUBLIC_BASE=docker.io/library/python:3.11-slim
 LOCAL_BASE=${LOCAL_BASE:-localhost/m2snet-base:bookworm}
 PYTHON=${PYTHON:-python3}
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-TAG=${TAG:-ghcr.io/m2snet/m2snet:$VERSION}
+# Which image: the component image (docker/Dockerfile) or, with `tracking`, the tracking server's.
+case ${1:-component} in
+  component) DOCKERFILE=docker/Dockerfile; TAG=${TAG:-ghcr.io/m2snet/m2snet:$VERSION} ;;
+  tracking) DOCKERFILE=docker/tracking.Dockerfile; TAG=${TAG:-ghcr.io/m2snet/m2snet-tracking:$VERSION} ;;
+  *) echo "build.sh: unknown image '$1' (component or tracking)" >&2; exit 2 ;;
+esac
 
 if [[ -z "${ENGINE:-}" ]]; then
   if command -v docker >/dev/null && docker info >/dev/null 2>&1; then ENGINE=docker
@@ -118,5 +125,5 @@ for path in "${!mounts[@]}"; do args+=(--volume "$path:$path:ro"); done
 
 echo "build.sh: $ENGINE build $TAG from $BASE_IMAGE"
 start=$(date +%s)
-"$ENGINE" build "${args[@]}" -f docker/Dockerfile -t "$TAG" .
+"$ENGINE" build "${args[@]}" -f "$DOCKERFILE" -t "$TAG" .
 echo "build.sh: built $TAG in $(( $(date +%s) - start )) s; size $("$ENGINE" image inspect --format '{{.Size}}' "$TAG" | awk '{printf "%.2f GB", $1/1e9}')"

@@ -22,10 +22,30 @@ def _hadolint() -> str:
     return found
 
 
-def test_dockerfile_passes_hadolint():
-    proc = subprocess.run([_hadolint(), "--failure-threshold", "info", str(DOCKERFILE)],
+TRACKING_DOCKERFILE = ROOT / "docker" / "tracking.Dockerfile"
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, TRACKING_DOCKERFILE], ids=["component", "tracking"])
+def test_dockerfile_passes_hadolint(dockerfile):
+    proc = subprocess.run([_hadolint(), "--failure-threshold", "info", str(dockerfile)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_tracking_image_is_the_mlflow_pods_and_runs_as_its_user():
+    """k8s/base/mlflow.yaml runs the tracking image (not the 7.7 GB component one) as user 1000, by number."""
+    import yaml
+
+    text = TRACKING_DOCKERFILE.read_text()
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("USER ")][-1] == "1000:1000"
+    docs = [d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "mlflow.yaml").read_text()) if d]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"].startswith("ghcr.io/m2snet/m2snet-tracking:")
+    assert pod["securityContext"]["runAsUser"] == 1000
+    # Its requirements name only what the server needs; versions come from the component image's pins.
+    names = {line.split("[")[0].split("=")[0].lower() for line in
+             (ROOT / "docker" / "tracking-requirements.txt").read_text().splitlines() if line and line[0] != "#"}
+    assert names == {"mlflow", "psycopg2-binary", "boto3", "flask-wtf", "wtforms"}
 
 
 def _arg_default(text: str, name: str) -> str:

@@ -78,7 +78,7 @@ def test_mlflow_server_is_authenticated_and_uses_postgres_and_s3():
     container = mlflow["spec"]["template"]["spec"]["containers"][0]
     args = " ".join(container["args"])
     assert "--app-name=basic-auth" in args
-    assert any(e["name"] == "MLFLOW_BACKEND_STORE_URI" and e["value"].startswith("postgresql://")
+    assert any(e["name"] == "MLFLOW_BACKEND_STORE_URI" and e["value"].startswith("postgresql+psycopg2://")
                for e in container["env"])
     assert "--artifacts-destination=s3://" in args
     env = {e["name"] for e in container["env"]}
@@ -181,11 +181,11 @@ def test_mlflow_database_password_is_not_on_the_command_line():
     mlflow = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
     container = mlflow["spec"]["template"]["spec"]["containers"][0]
     argv = " ".join(container.get("command", []) + container.get("args", []))
-    assert "PASSWORD" not in argv and "postgresql://" not in argv
+    assert "PASSWORD" not in argv and "postgresql" not in argv
     env = container["env"]
     names = [e["name"] for e in env]
     uri = next(e for e in env if e["name"] == "MLFLOW_BACKEND_STORE_URI")
-    assert uri["value"].startswith("postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@postgres:5432/")
+    assert uri["value"].startswith("postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@postgres:5432/")
     # kubelet expands $(VAR) only from variables defined before it in the list.
     for var in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
         ref = next(e for e in env if e["name"] == var)
