@@ -12,9 +12,11 @@ the pipeline's step functions (:func:`m2snet.workflows.folds.run_fold`: tune -> 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +34,7 @@ from m2snet.workflows.context import UNTRACKED, RunContext
 from m2snet.workflows.cv_summary import CVSummary, report_cv, report_tasks
 from m2snet.workflows.fold_tasks import NO_SEED, FoldTask, fold_tasks
 from m2snet.workflows.folds import FoldOptions, FoldResult, dataset_lineage, run_fold
+from m2snet.workflows.presets import TUNED_RATES
 
 log = logging.getLogger("m2snet.workflows.cv")
 
@@ -104,11 +107,13 @@ def run_cv(cfg: TrainConfig, out_dir: str | os.PathLike, folds: Sequence[int] | 
             ctx = ctx.with_parent(parent.run_id)
             write_run_file(out / PARENT_RUN_FILE, parent)
             log_cv_inputs(parent, cfg, split, tasks, options.tuning is not None)
+        key = cv_key(cfg, split, seeds, options)
         results = []
         for i, task in enumerate(tasks, 1):
             log.info("=== %sfold %d (%d of %d) ===", f"seed {task.seed}, " if task.seed_tag is not None else "",
                      task.fold, i, len(tasks))
-            results.append(run_fold(cfg, task, out / task.dir_name, ctx=ctx, split=split, options=options))
+            results.append(run_fold(cfg, task, out / task.dir_name, ctx=ctx, split=split, options=options,
+                                    cv_key=key))
         summary = report_tasks([r.metrics for r in results], [r.out_dir / "eval" for r in results], out,
                                name=cfg.model, protocol=options.score.protocol, parent=parent)
         repeated = tasks[0].repeated
@@ -144,3 +149,38 @@ def noskill_cv(data: str | os.PathLike, split: str | os.PathLike | None, folds: 
         # The predictor IS the no-skill one: its rows alone, not twice.
         per_fold.append({key: v for key, v in ev.metrics.items() if not key.startswith(NOSKILL_PREFIX)})
     return report_cv(per_fold, folds, out, title="no skill", protocol=protocol)
+
+
+# --- one CV, several processes: which tasks in --out are this CV's, and its report over all of them ------------
+
+# The training config's fields that do not say WHICH CV a task belongs to: the workers of one CV may differ in
+# them (cv_key leaves them out).
+NOT_THE_CV = (
+    "out_dir",  # run_cv puts every task in <out>/<task dir>, whatever it says
+    "fold",  # each task sets its own
+    "data", "split",  # paths, which two workers may spell differently: the key holds what they name instead
+    "progress",  # a progress bar
+    "num_workers",  # loader processes: batches and augmentation come from one generator seeded by (seed, epoch)
+    "device",  # where a worker trains (a GPU box and a CPU box may share a CV), not what
+    "cache", "cache_dir",  # the preprocessed cache holds the arrays the images decode to: the same inputs
+)
+# Of the tuning config: where the study is kept and whether trial checkpoints stay; not what is searched.
+NOT_THE_TUNING = ("storage", "keep_trial_dirs")
+SCORING = ("protocol", "tta_flip", "with_sod")  # the score options that change a fold's metrics
+
+
+def cv_key(cfg: TrainConfig, split: Split, seeds: Sequence[int], options: FoldOptions) -> str:
+    """Which CV a task belongs to, as a hash that ``run_fold`` records in ``fold_result.json``: the base
+    training config (less :data:`NOT_THE_CV`), the data version, the split file's hash, the seeds, the tuning
+    (and which tuned rates the user fixed over it) and how the folds are scored. Two processes of one CV
+    (``--folds`` apart) get the same key; a report merges only tasks of its own key."""
+    tuning = None
+    if options.tuning is not None:
+        tuning = {k: v for k, v in asdict(options.tuning).items() if k not in NOT_THE_TUNING}
+        tuning["user_rates"] = sorted(set(options.explicit) & set(TUNED_RATES))  # they win over tuned ones
+    identity = {"config": {k: v for k, v in cfg.to_dict().items() if k not in NOT_THE_CV},
+                "data_version": load_dataset(cfg.data).version, "split_sha256": split.sha256,
+                "seeds": sorted(seeds), "tuning": tuning,
+                "scoring": {k: getattr(options.score, k) for k in SCORING}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
