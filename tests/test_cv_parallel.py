@@ -7,9 +7,77 @@ Concurrency is exercised with real processes (subprocess), never threads or mock
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import make_tiny_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The tiniest CV the suite trains (12 demo cases at 64 px would be the pipeline's; 6 here), untracked.
+SETTINGS = ["--preset", "tiny", "--device", "cpu", "--no-track", "--no-log-model"]
+
+# A worker that imports everything first, then waits until another worker's task directory exists (that worker
+# holds the task's lock: old code had none, and trained there all the same), then runs `m2snet` with argv[2:].
+# Without the wait the second worker could reach the task after the first had finished it.
+CV_AFTER = r"""
+import sys, time
+from pathlib import Path
+import m2snet.cli, m2snet.workflows.cv  # torch and the rest: imported before the wait
+started, deadline = Path(sys.argv[1]), time.time() + 120
+while not started.exists() and time.time() < deadline:
+    time.sleep(0.01)
+sys.argv = ["m2snet", *sys.argv[2:]]
+m2snet.cli.main()
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_cv(tmp_path_factory) -> tuple[Path, Path]:
+    """6 demo cases at 64 px in 2 folds: the dataset and its split file."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("parallel-cv"), n_per_class=(2, 2, 2))
+
+
+def _cv_args(tiny_cv: tuple[Path, Path], out: Path, folds: str) -> list[str]:
+    data, split = tiny_cv
+    return ["cv", "--data", str(data), "--split", str(split), "--folds", folds, "--out", str(out), *SETTINGS]
+
+
+def _start(args: list[str], after: Path | None = None) -> subprocess.Popen:
+    """The real CLI in a child process, one torch thread (two workers share the 2 cores, as in the bench)."""
+    head = ["-m", "m2snet.cli"] if after is None else ["-c", CV_AFTER, str(after)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *head, *args], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(*procs: subprocess.Popen) -> list[tuple[int, str]]:
+    """Each one's exit code and stderr, once all have exited."""
+    return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# About 20 s on 2 busy cores: one 1-epoch fold, and a worker that stops at once.
+def test_two_workers_on_the_same_fold_one_fails_with_the_lock_error(tiny_cv, tmp_path):
+    out = tmp_path / "cv"
+    first = _start(_cv_args(tiny_cv, out, "0"))
+    second = _start(_cv_args(tiny_cv, out, "0"), after=out / "fold0")
+    (rc1, err1), (rc2, err2) = _finish(first, second)
+    assert rc1 == 0, err1
+    lines = [line for line in err2.splitlines() if line.startswith("error: ")]
+    assert rc2 == 2 and len(lines) == 1, err2
+    assert f"{out / 'fold0'}: another m2snet process (pid {first.pid} " in lines[0], lines[0]
+    assert "Traceback" not in err2
+    assert json.loads((out / "cv_summary.json").read_text())["folds"] == [0]
 
 
 def test_the_cv_key_names_the_cv_not_the_worker(tmp_path):

@@ -26,6 +26,7 @@ from m2snet.errors import M2SNetError
 from m2snet.evaluation.evaluate import NoSkillPredictor, evaluate_predictor
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX, check_protocol
 from m2snet.evaluation.plots import cv_learning_curves
+from m2snet.locks import writer_lock
 from m2snet.mlops.tracking import PARENT_RUN_FILE, read_run_file, write_run_file
 from m2snet.mlops.training_run import config_params
 from m2snet.runtime import git_commit
@@ -112,8 +113,11 @@ def run_cv(cfg: TrainConfig, out_dir: str | os.PathLike, folds: Sequence[int] | 
         for i, task in enumerate(tasks, 1):
             log.info("=== %sfold %d (%d of %d) ===", f"seed {task.seed}, " if task.seed_tag is not None else "",
                      task.fold, i, len(tasks))
-            results.append(run_fold(cfg, task, out / task.dir_name, ctx=ctx, split=split, options=options,
-                                    cv_key=key))
+            fold_dir = out / task.dir_name
+            fold_dir.parent.mkdir(parents=True, exist_ok=True)  # seed<S>/: the lock file goes beside fold<K>
+            # Not waiting: a second process on the same task would train into the same files as the first.
+            with writer_lock(fold_dir):
+                results.append(run_fold(cfg, task, fold_dir, ctx=ctx, split=split, options=options, cv_key=key))
         summary = report_tasks([r.metrics for r in results], [r.out_dir / "eval" for r in results], out,
                                name=cfg.model, protocol=options.score.protocol, parent=parent)
         repeated = tasks[0].repeated
