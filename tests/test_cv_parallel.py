@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -66,7 +67,34 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-# About 20 s on 2 busy cores: one 1-epoch fold, and a worker that stops at once.
+# 25-50 s on 2 cores, by what else runs there: two 1-epoch folds at once.
+def test_two_workers_on_different_folds_leave_the_report_of_all_folds(tiny_cv, tmp_path):
+    from m2snet.workflows.cv_summary import summarize_cv
+
+    out = tmp_path / "cv"
+    done = _finish(_start(_cv_args(tiny_cv, out, "0")), _start(_cv_args(tiny_cv, out, "1")))
+    assert [rc for rc, _ in done] == [0, 0], "\n".join(err for _, err in done)
+
+    # Whichever finished last wrote the report of both folds: what the folds themselves recorded.
+    results = [json.loads((out / f"fold{k}" / "fold_result.json").read_text()) for k in (0, 1)]
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["folds"] == [0, 1] and summary["n_folds"] == 2
+    expected = summarize_cv([r["metrics"] for r in results], [0, 1])
+    assert summary["mean_percent"] == pytest.approx(expected.mean, nan_ok=True)
+    assert summary["std_percent"] == pytest.approx(expected.std, nan_ok=True)
+    for row, result in zip(summary["per_fold"], results):
+        assert row["fold"] == result["fold"] and row["dice"] == pytest.approx(result["metrics"]["dice"])
+    assert "| 2 folds, " in (out / "cv_table.md").read_text()
+    per_case = _rows(out / "cv_per_case.csv")
+    for k in (0, 1):  # every case each fold scored, with its scores
+        fold_rows = _rows(out / f"fold{k}" / "eval" / "per_case.csv")
+        assert [{c: r[c] for c in fold_rows[0]} for r in per_case if r["fold"] == str(k)] == fold_rows
+    assert json.loads((out / "cv_lineage.json").read_text())["folds"] == [0, 1]
+    assert any("ran in another process" in err for _, err in done), "\n".join(err for _, err in done)
+    assert not list(out.rglob(".*.lock"))  # no lock left behind
+
+
+# 20-35 s on 2 cores: one 1-epoch fold, and a worker that stops at once.
 def test_two_workers_on_the_same_fold_one_fails_with_the_lock_error(tiny_cv, tmp_path):
     out = tmp_path / "cv"
     first = _start(_cv_args(tiny_cv, out, "0"))
@@ -78,6 +106,70 @@ def test_two_workers_on_the_same_fold_one_fails_with_the_lock_error(tiny_cv, tmp
     assert f"{out / 'fold0'}: another m2snet process (pid {first.pid} " in lines[0], lines[0]
     assert "Traceback" not in err2
     assert json.loads((out / "cv_summary.json").read_text())["folds"] == [0]
+
+
+def _task(fold_dir: Path, fold: int, key: str | None, dice: float = 0.5, seed: int = 42) -> Path:
+    """A completed task's directory as run_fold leaves it (the files the CV report reads)."""
+    (fold_dir / "eval").mkdir(parents=True)
+    (fold_dir / "fold_result.json").write_text(json.dumps(
+        {"fold": fold, "seed": seed, "metrics": {"dice": dice, "n_cases": 1}, "run_id": f"run{fold}",
+         **({"cv_key": key} if key is not None else {})}))
+    (fold_dir / "eval" / "fold.json").write_text(json.dumps(
+        {"fold": fold, "seed": seed, "data_version": "v1", "split_sha256": "s1"}))
+    (fold_dir / "eval" / "per_case.csv").write_text(f"case_id,label,dice\ncase{fold},benign,{dice}\n")
+    (fold_dir / "history.json").write_text(json.dumps([{"epoch": 1, "train_loss": 1.0}]))
+    return fold_dir
+
+
+def test_the_report_merges_only_tasks_of_the_same_cv(tmp_path, caplog):
+    from m2snet.workflows.cv import other_tasks
+
+    out = tmp_path / "cv"
+    ran = _task(out / "fold0", 0, "this")  # this process's: its own result, not read back
+    _task(out / "fold1", 1, "this", dice=0.7)
+    _task(out / "fold2", 2, "another")  # same folder, another CV (e.g. other settings)
+    _task(out / "fold3", 3, None)  # an older run: no key recorded
+    (out / "fold4").mkdir()  # not finished: another worker's, in progress
+    (out / "fold1-tune").mkdir()  # a tuning study's folder, no task
+    _task(out / "seed43" / "fold0", 0, "this", seed=43)
+    with caplog.at_level(logging.INFO, logger="m2snet.workflows.cv"):
+        found = other_tasks(out, "this", ran=[ran])
+    assert [(t.fold_dir, t.fold, t.seed, t.metrics["dice"], t.here) for t in found] == \
+        [(out / "fold1", 1, 42, 0.7, False), (out / "seed43" / "fold0", 0, 43, 0.5, False)]
+    assert found[0].history == [{"epoch": 1, "train_loss": 1.0}] and found[0].run_id == "run1"
+    (skipped,) = [r.getMessage() for r in caplog.records if "leaves out" in r.getMessage()]
+    assert skipped.endswith("fold2 (another CV), fold3 (no cv_key: an older run)"), skipped
+
+
+def test_the_parent_run_names_the_tasks_another_process_ran(tmp_path, monkeypatch, caplog):
+    """The report of a worker that ran fold 1 while fold 0 (and another CV's fold 2) finished elsewhere: both
+    folds of its CV by fold, one log line and a tag on its parent run saying which ran elsewhere."""
+    from mlflow import MlflowClient
+
+    from m2snet.mlops.mlflow_store import TrackingConfig
+    from m2snet.mlops.tracking import Tracker
+    from m2snet.workflows.cv import report_cv_tasks
+    from m2snet.workflows.folds import FoldResult
+
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts (./mlruns) beside the store
+    out = tmp_path / "cv"
+    _task(out / "fold0", 0, "this", dice=0.25)
+    mine = _task(out / "fold1", 1, "this", dice=0.75)
+    _task(out / "fold2", 2, "another")
+    result = FoldResult(fold=1, metrics={"dice": 0.75, "n_cases": 1}, out_dir=mine, checkpoint=mine / "model.pt",
+                        selected_epoch=1, history=[{"epoch": 1}], run_id="mine", seed=42)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with caplog.at_level(logging.INFO, logger="m2snet.workflows.cv"), \
+            Tracker.start(TrackingConfig(uri=uri, experiment="report"), run_name="cv-m") as parent:
+        summary = report_cv_tasks([result], out, "this", title="m", parent=parent)
+    assert summary.folds == [0, 1] and summary.mean["dice"] == pytest.approx(50.0)
+    assert [r["fold"] for r in json.loads((out / "cv_summary.json").read_text())["per_fold"]] == [0, 1]
+    assert [r["case_id"] for r in _rows(out / "cv_per_case.csv")] == ["case0", "case1"]
+    assert "the report covers folds 0,1; fold 0 ran in another process" in caplog.messages
+    tag = MlflowClient(uri).get_run(parent.run_id).data.tags["m2snet.cv_report_tasks"]
+    assert json.loads(tag) == [{"fold": 0, "seed": 42, "run_id": "run0", "here": False},
+                               {"fold": 1, "seed": 42, "run_id": "mine", "here": True}]
+    assert not list(out.glob(".*.lock"))
 
 
 def test_the_cv_key_names_the_cv_not_the_worker(tmp_path):
