@@ -27,7 +27,9 @@ echo "$(date +%T) start: M2SNet folds 0,2 | 1,3, then MSNet folds $MSNET_FOLDS"
 cv m2snet 0,2 m2snet-w0 & cv m2snet 1,3 m2snet-w1 & wait
 IFS=, read -r fa fb <<< "$MSNET_FOLDS"
 cv msnet "$fa" msnet-w0 & cv msnet "$fb" msnet-w1 & wait
-# The tables over all folds (every fold is complete: --resume only re-scores), tracked in MLflow on SQLite.
+# The workers' tables already cover all folds (each writes the report of every finished fold in its --out);
+# this pass records the CV in MLflow on SQLite, one parent run with every fold as its child (the workers
+# run untracked). Every fold is complete: --resume only re-scores.
 for model in m2snet msnet; do
   folds=$([ $model = m2snet ] && echo 0,1,2,3 || echo "$MSNET_FOLDS")
   "$M2SNET" cv --preset busi-cpu --model $model --data busi --split "$SPLIT" --folds "$folds" --out "runs/$model" \

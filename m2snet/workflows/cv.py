@@ -7,14 +7,22 @@ the pipeline's step functions (:func:`m2snet.workflows.folds.run_fold`: tune -> 
     parent run "cv-<model>"         params: config, data version, split hash, seeds; metrics: cv_*; cv/
       +- "[seed-S-]tune-fold-K"     each task's Optuna study (with --tune-trials)
       +- "[seed-S-]fold-K"          one per task: training, evaluation at original size, its model
+
+Parallel workers share one ``--out`` (``--folds 0,1`` in one process, ``--folds 2,3`` in another): a task
+runs under a lock on its directory (a second process on the same task fails at once, naming the first),
+and each worker writes the CV-level report, under a lock, over every completed task of the SAME CV in
+``--out`` (:func:`cv_key`), so the last to finish leaves the report of all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,14 +32,17 @@ from m2snet.errors import M2SNetError
 from m2snet.evaluation.evaluate import NoSkillPredictor, evaluate_predictor
 from m2snet.evaluation.metrics import DEFAULT_PROTOCOL, NOSKILL_PREFIX, check_protocol
 from m2snet.evaluation.plots import cv_learning_curves
+from m2snet.files import read_json
+from m2snet.locks import writer_lock
 from m2snet.mlops.tracking import PARENT_RUN_FILE, read_run_file, write_run_file
 from m2snet.mlops.training_run import config_params
 from m2snet.runtime import git_commit
 from m2snet.training.config import TrainConfig
 from m2snet.workflows.context import UNTRACKED, RunContext
-from m2snet.workflows.cv_summary import CVSummary, report_cv, report_tasks
+from m2snet.workflows.cv_summary import FOLD_INFO, CVSummary, report_cv, report_tasks
 from m2snet.workflows.fold_tasks import NO_SEED, FoldTask, fold_tasks
 from m2snet.workflows.folds import FoldOptions, FoldResult, dataset_lineage, run_fold
+from m2snet.workflows.presets import TUNED_RATES
 
 log = logging.getLogger("m2snet.workflows.cv")
 
@@ -104,20 +115,18 @@ def run_cv(cfg: TrainConfig, out_dir: str | os.PathLike, folds: Sequence[int] | 
             ctx = ctx.with_parent(parent.run_id)
             write_run_file(out / PARENT_RUN_FILE, parent)
             log_cv_inputs(parent, cfg, split, tasks, options.tuning is not None)
+        key = cv_key(cfg, split, seeds, options)
         results = []
         for i, task in enumerate(tasks, 1):
             log.info("=== %sfold %d (%d of %d) ===", f"seed {task.seed}, " if task.seed_tag is not None else "",
                      task.fold, i, len(tasks))
-            results.append(run_fold(cfg, task, out / task.dir_name, ctx=ctx, split=split, options=options))
-        summary = report_tasks([r.metrics for r in results], [r.out_dir / "eval" for r in results], out,
-                               name=cfg.model, protocol=options.score.protocol, parent=parent)
-        repeated = tasks[0].repeated
-        curves = cv_learning_curves({(f"{r.fold} (seed {r.seed})" if repeated else r.fold): r.history
-                                     for r in results}, out / "cv_learning_curves.png",
-                                    title=f"{cfg.model}{f' ({len(seeds)} seeds)' if repeated else ''}: "
-                                          f"{len(folds)} folds")
-        if parent is not None:
-            parent.log_artifact(curves, "cv")
+            fold_dir = out / task.dir_name
+            fold_dir.parent.mkdir(parents=True, exist_ok=True)  # seed<S>/: the lock file goes beside fold<K>
+            # Not waiting: a second process on the same task would train into the same files as the first.
+            with writer_lock(fold_dir):
+                results.append(run_fold(cfg, task, fold_dir, ctx=ctx, split=split, options=options, cv_key=key))
+        summary = report_cv_tasks(results, out, key, title=cfg.model, n_seeds=tasks[0].n_seeds,
+                                  protocol=options.score.protocol, parent=parent)
     return CVResult(summary=summary, folds=results, out_dir=out, parent_run_id=parent.run_id if parent else None)
 
 
@@ -144,3 +153,117 @@ def noskill_cv(data: str | os.PathLike, split: str | os.PathLike | None, folds: 
         # The predictor IS the no-skill one: its rows alone, not twice.
         per_fold.append({key: v for key, v in ev.metrics.items() if not key.startswith(NOSKILL_PREFIX)})
     return report_cv(per_fold, folds, out, title="no skill", protocol=protocol)
+
+
+# --- one CV, several processes: which tasks in --out are this CV's, and its report over all of them ------------
+
+# The training config's fields that do not say WHICH CV a task belongs to: the workers of one CV may differ in
+# them (cv_key leaves them out).
+NOT_THE_CV = (
+    "out_dir",  # run_cv puts every task in <out>/<task dir>, whatever it says
+    "fold",  # each task sets its own
+    "data", "split",  # paths, which two workers may spell differently: the key holds what they name instead
+    "progress",  # a progress bar
+    "num_workers",  # loader processes: batches and augmentation come from one generator seeded by (seed, epoch)
+    "device",  # where a worker trains (a GPU box and a CPU box may share a CV), not what
+    "cache", "cache_dir",  # the preprocessed cache holds the arrays the images decode to: the same inputs
+)
+# Of the tuning config: where the study is kept and whether trial checkpoints stay; not what is searched.
+NOT_THE_TUNING = ("storage", "keep_trial_dirs")
+SCORING = ("protocol", "tta_flip", "with_sod")  # the score options that change a fold's metrics
+
+
+def cv_key(cfg: TrainConfig, split: Split, seeds: Sequence[int], options: FoldOptions) -> str:
+    """Which CV a task belongs to, as a hash that ``run_fold`` records in ``fold_result.json``: the base
+    training config (less :data:`NOT_THE_CV`), the data version, the split file's hash, the seeds, the tuning
+    (and which tuned rates the user fixed over it) and how the folds are scored. Two processes of one CV
+    (``--folds`` apart) get the same key; a report merges only tasks of its own key."""
+    tuning = None
+    if options.tuning is not None:
+        tuning = {k: v for k, v in asdict(options.tuning).items() if k not in NOT_THE_TUNING}
+        tuning["user_rates"] = sorted(set(options.explicit) & set(TUNED_RATES))  # they win over tuned ones
+    identity = {"config": {k: v for k, v in cfg.to_dict().items() if k not in NOT_THE_CV},
+                "data_version": load_dataset(cfg.data).version, "split_sha256": split.sha256,
+                "seeds": sorted(seeds), "tuning": tuning,
+                "scoring": {k: getattr(options.score, k) for k in SCORING}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class ReportTask:
+    """A completed task in a CV's report: its metrics, where its evaluation report and history are, and
+    whether this process ran it."""
+
+    fold: int
+    seed: int | None
+    metrics: dict[str, float]
+    fold_dir: Path
+    history: list[dict] = field(default_factory=list, repr=False)
+    run_id: str | None = None
+    here: bool = True
+
+    @classmethod
+    def of(cls, result: FoldResult) -> "ReportTask":
+        return cls(result.fold, result.seed, result.metrics, result.out_dir, result.history, result.run_id)
+
+    def label(self, repeated: bool) -> int | str:
+        """How the learning curves and the log name it: its fold, with its seed when seeds repeat."""
+        return f"{self.fold} (seed {self.seed})" if repeated else self.fold
+
+
+def task_dirs(out: Path) -> list[Path]:
+    """The task directories in a CV's output directory (:attr:`FoldTask.dir_name`), by path."""
+    found = [*out.glob("fold*"), *out.glob("seed*/fold*")]
+    return sorted(d for d in found if re.fullmatch(r"fold\d+", d.name) and d.is_dir())
+
+
+def other_tasks(out: Path, key: str, ran: Sequence[Path] = ()) -> list[ReportTask]:
+    """The completed tasks of the CV ``key`` in ``out`` (a ``fold_result.json`` of that key) but those in
+    ``ran``; one log line names the task directories left out: another CV's, an older run's (no key)."""
+    found, skipped = [], []
+    for fold_dir in task_dirs(out):
+        if fold_dir in ran or not (fold_dir / "fold_result.json").is_file():
+            continue  # ran here, or not finished (running elsewhere: its process reports it when done)
+        name = fold_dir.relative_to(out).as_posix()
+        result = read_json(fold_dir / "fold_result.json", "task result")
+        if result.get("cv_key") != key:
+            skipped.append(f"{name} ({'another CV' if result.get('cv_key') else 'no cv_key: an older run'})")
+            continue
+        history = fold_dir / "history.json"
+        read_json(fold_dir / "eval" / FOLD_INFO, "task's evaluation report")  # the report reads it: fail here
+        found.append(ReportTask(int(result["fold"]), result.get("seed"), result["metrics"], fold_dir,
+                                read_json(history, "training history") if history.is_file() else [],
+                                result.get("run_id"), here=False))
+    if skipped:
+        log.info("%s: the report leaves out %s", out, ", ".join(skipped))
+    return found
+
+
+def report_cv_tasks(results: Sequence[FoldResult], out: Path, key: str, *, title: str, n_seeds: int = 1,
+                    protocol: str = DEFAULT_PROTOCOL, parent=None) -> CVSummary:
+    """The CV's report in ``out`` (:func:`report_tasks`, the learning curves) over this process's ``results``
+    and every other completed task of the same CV there (:func:`other_tasks`: parallel workers), by seed and
+    fold. Under a lock on the report, waiting: the workers write it one after the other, so the last to
+    finish writes the report of all."""
+    repeated = n_seeds > 1
+    with writer_lock(out / "cv_summary.json", wait=True):
+        tasks = [ReportTask.of(r) for r in results] + other_tasks(out, key, [r.out_dir for r in results])
+        tasks.sort(key=lambda t: (t.seed if t.seed is not None else -1, t.fold))
+        summary = report_tasks([t.metrics for t in tasks], [t.fold_dir / "eval" for t in tasks], out,
+                               name=title, protocol=protocol, parent=parent)
+        curves = cv_learning_curves({t.label(repeated): t.history for t in tasks}, out / "cv_learning_curves.png",
+                                    title=f"{title}{f' ({n_seeds} seeds)' if repeated else ''}: "
+                                          f"{len({t.fold for t in tasks})} folds")
+    if parent is not None:
+        parent.log_artifact(curves, "cv")
+    others = [str(t.label(repeated)) for t in tasks if not t.here]
+    if others:  # else the parent's children are the report's tasks: nothing to add
+        sep = ", " if repeated else ","  # "0 (seed 42), 1 (seed 42)"; "0,1"
+        log.info("the report covers folds %s; %s %s ran in another process",
+                 sep.join(str(t.label(repeated)) for t in tasks), "folds" if len(others) > 1 else "fold",
+                 sep.join(others))
+        if parent is not None:  # compact: 8000 characters (MLflow's limit) hold some 120 tasks
+            parent.set_tags({"m2snet.cv_report_tasks": json.dumps(
+                [{"fold": t.fold, "seed": t.seed, "run_id": t.run_id, "here": t.here} for t in tasks],
+                separators=(",", ":"))})
+    return summary

@@ -255,10 +255,11 @@ def evaluate_task(model_dir: str | os.PathLike, data: str | os.PathLike, split: 
 
 
 def run_fold(cfg: TrainConfig, task: FoldTask, fold_dir: str | os.PathLike, *, ctx: RunContext = UNTRACKED,
-             split: Split | None = None, options: FoldOptions = FoldOptions()) -> FoldResult:
+             split: Split | None = None, options: FoldOptions = FoldOptions(), cv_key: str | None = None) -> FoldResult:
     """ONE task in one process, through the pipeline's step functions: tune (with ``options.tuning``) ->
     train -> evaluate, into ``fold_dir`` (``fold_result.json``: what it chose and scored). ``split``:
-    ``cfg.split``, loaded (the caller's, when it has it)."""
+    ``cfg.split``, loaded (the caller's, when it has it); ``cv_key``: the CV the task belongs to
+    (:func:`m2snet.workflows.cv.cv_key`), recorded so that a CV's report merges only its own tasks."""
     if not cfg.split:
         raise M2SNetError("cross-validation needs a split file (--split)")
     split = split or load_split(cfg.split, load_dataset(cfg.data), accept_version=cfg.accept_split_version)
@@ -277,7 +278,8 @@ def run_fold(cfg: TrainConfig, task: FoldTask, fold_dir: str | os.PathLike, *, c
                     selected_epoch=result.selected_epoch, per_case_csv=ev.per_case_csv, overlay_png=ev.overlay_png,
                     learning_curves_png=fold_dir / "learning_curves.png", history=result.history,
                     run_id=trained.run_id, model_uri=trained.model_uri, tuned=tuned, seed=result.config.seed)
-    write_json(fold_dir / "fold_result.json", {"fold": task.fold, "metrics": fr.metrics, "run_id": fr.run_id,
+    write_json(fold_dir / "fold_result.json", {"fold": task.fold, "seed": fr.seed, "cv_key": cv_key,
+                                               "metrics": fr.metrics, "run_id": fr.run_id,
                                                "model_uri": fr.model_uri, "checkpoint": str(fr.checkpoint),
                                                "selection": cfg.selection, "selected_epoch": fr.selected_epoch,
                                                "tuned": tuned,
