@@ -36,9 +36,11 @@ lint: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
-## The component image (docker/Dockerfile) with docker or podman; see docker/build.sh for its settings.
+## The images with docker or podman: the component image (docker/Dockerfile) and the MLflow server's
+## (docker/tracking.Dockerfile); see docker/build.sh for their settings.
 image:
 	docker/build.sh
+	docker/build.sh tracking
 
 ## Apply k8s/ to the current kubectl context (OVERLAY=k8s/overlays/gpu; DRY_RUN=1 prints instead). Refuses,
 ## naming each Secret and key, while k8s/base/secrets.yaml still holds a CHANGE-ME placeholder.
