@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint test-slow test-container image deploy constraints bench clean
+.PHONY: run test lint test-slow test-long test-container image deploy constraints bench clean
 
 # pip -qq: errors only. With -q, pip's warnings (one per missing folder of a pip.conf's file:// index, ~300
 # lines on a machine with a local mirror) and the build backend's notices came before the pipeline's first line.
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+## The long integration runs (marker `long`), a few minutes; CI runs them after `make test`.
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -m long
 
 ## The images with docker or podman: the component image (docker/Dockerfile) and the MLflow server's
 ## (docker/tracking.Dockerfile); see docker/build.sh for their settings.

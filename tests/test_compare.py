@@ -347,6 +347,7 @@ def test_folds_run_in_separate_sittings_join_with_plus(tmp_path):
         load_cv_cases(f"{tmp_path / 'F01'}+{tmp_path / 'ALL'}")
 
 
+@pytest.mark.long
 def test_pipeline_steps_repeat_the_cv_per_seed_on_one_split(tmp_path):
     """The pipeline's `seeds`: the split step fans out (seed, fold) tasks on ONE split; each seed's fold
     trains with its seed and the config's case seed; the aggregate step writes cv_per_case.csv with the

@@ -217,6 +217,7 @@ def _check_fold_run(client, run, url: str, n_val: int, load_model: bool = True):
     assert decode_mask(out["mask"][0]).shape == (45, 75)
 
 
+@pytest.mark.long
 def test_cv_smoke_four_folds_against_mlflow_server_sqlite_s3(cv_data, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 

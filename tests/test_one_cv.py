@@ -5,6 +5,7 @@ names, kinds, folds, seeds and trial runs."""
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from m2snet.mlops.tracking import iter_child_runs
@@ -25,6 +26,7 @@ def _tree(client, run_id: str) -> list[tuple]:
 
 
 # About two minutes on 2 CPU cores: 2 folds x (tune + train + evaluate), twice.
+@pytest.mark.long
 def test_cli_cv_and_the_pipeline_record_the_same_run_tree(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

@@ -100,6 +100,7 @@ def pranet_two_tests(tmp_path) -> Path:
     return tmp_path / "src"
 
 
+@pytest.mark.long
 def test_local_protocol_pipeline_logs_one_row_per_test_set_and_no_skill(pranet_two_tests, tmp_path, monkeypatch):
     """`m2snet pipeline run --local --protocol polyp --preset tiny` on the kfp local runner: import, the
     PraNet split, 1 epoch at 64 px, both test sets and their no-skill rows on the parent run, a version of
