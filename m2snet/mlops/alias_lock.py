@@ -76,7 +76,10 @@ class AliasLock:
     def _take_ticket(self) -> None:
         mv = retrying(lambda: self.client.create_model_version(
             self.model, _LOCK_SOURCE, tags={_OWNER_TAG: self.owner, _EXPIRES_TAG: self._expiry()},
-            description=f"ticket of {self.owner}"), f"take a ticket of {self.model}")
+            description=f"ticket of {self.owner}",
+            # Only its number and tags matter; waiting for READY printed MLflow's "Waiting up to 300 seconds for
+            # model version to finish creation" on every promote.
+            await_creation_for=0), f"take a ticket of {self.model}")
         self.ticket = str(mv.version)
 
     def _stale(self, mv: "ModelVersion") -> bool:
