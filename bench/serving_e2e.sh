@@ -3,6 +3,12 @@
 # the serving container (the image, run as k8s/overlays/serving/serving.yaml runs it) -> requests -> a second
 # pipeline run (v2) -> promote v2 -> restart (the rollout restart) -> the answers change -> rollback -> v1.
 # Needs the component image (docker/build.sh) and podman (or docker). Prints each command, then what it answered.
+#
+# DATA: a raw BUSI folder (default ../shared/data/busi when present): both versions train on it at the tiny
+# preset's budget (1 epoch, 64 px) -- few skills, but ~195 held-out cases a fold, enough for the registration
+# to fit the input guard, so the answers carry ood_score / ood_flag. Without it the demo set is used, whose
+# folds are too small for a guard (the answers then have no ood columns). OOD: an image from another domain
+# (default: the first Kvasir-SEG frame in ../shared/data/kvasir-seg when present).
 # Usage (repo root): OUT=/tmp/serving-e2e bash bench/serving_e2e.sh
 set -euo pipefail
 M2SNET=${M2SNET:-$PWD/.venv/bin/m2snet}
@@ -12,12 +18,17 @@ OUT=${OUT:-/tmp/serving-e2e}
 MODEL=${MODEL:-m2snet-busi}
 PORT=${PORT:-8080}
 PICTURE=${PICTURE:-}
+DATA=${DATA:-$( [ -d ../shared/data/busi ] && cd ../shared/data/busi && pwd )}
+# (find -print -quit, not `ls | head`: under pipefail a SIGPIPEd ls ends the script)
+OOD=${OOD:-$(find ../shared/data/kvasir-seg/images -maxdepth 1 -type f -print -quit 2>/dev/null || true)}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/docker/containers.conf} M2SNET_OFFLINE=1
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 say() { printf '\n$ %s\n' "$*"; }
 cleanup() {
   "$ENGINE" rm -f m2snet-serve-e2e >/dev/null 2>&1 || true
-  [ -n "${SERVICES_PID:-}" ] && kill -INT "$SERVICES_PID" 2>/dev/null && wait "$SERVICES_PID" 2>/dev/null || true
+  # TERM, not INT: a background job of a non-interactive shell starts with SIGINT ignored, so an INT left the
+  # services running and this script waiting on them (its first full run did).
+  [ -n "${SERVICES_PID:-}" ] && kill -TERM "$SERVICES_PID" 2>/dev/null && wait "$SERVICES_PID" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -26,13 +37,15 @@ say "m2snet services up --dir $OUT/services &"
 SERVICES_PID=$!
 for _ in $(seq 120); do grep -q "^export MLFLOW_TRACKING_URI" "$OUT/services.log" && break; sleep 1; done
 eval "$(grep '^export ' "$OUT/services.log")"
-grep '^export ' "$OUT/services.log" | sed 's/\(SECRET[A-Z_]*=\).*/\1***/'
+grep '^export ' "$OUT/services.log" | sed 's/\(KEY_ID=\|SECRET[A-Z_]*=\).*/\1***/'
 
-run_pipeline() {  # preset, work dir
-  say "m2snet pipeline run --local --preset $1 --model-name $MODEL --work-dir $OUT/$2"
-  "$M2SNET" pipeline run --local --preset "$1" --model-name "$MODEL" --work-dir "$OUT/$2" > "$OUT/$2.log" 2>&1 \
-    || { tail -n 20 "$OUT/$2.log"; exit 1; }
-  grep -E "registered|promot" "$OUT/$2.log" | tail -n 3
+run_pipeline() {  # work dir, split seed
+  local data=()
+  [ -n "$DATA" ] && data=(--preset tiny --data "$DATA" --importer busi) || data=(--preset demo)
+  say "m2snet pipeline run --local ${data[*]} --seed $2 --model-name $MODEL --work-dir $OUT/$1"
+  "$M2SNET" pipeline run --local "${data[@]}" --seed "$2" --model-name "$MODEL" --work-dir "$OUT/$1" \
+    > "$OUT/$1.log" 2>&1 || { tail -n 20 "$OUT/$1.log"; exit 1; }
+  grep -E "registered|promot|guard|CV Dice|cv_dice" "$OUT/$1.log" | tail -n 5
 }
 ask() {  # one request with a picture; prints the columns the server answered with, but the mask
   local body
@@ -46,8 +59,10 @@ wait_ready() {
   "$ENGINE" logs m2snet-serve-e2e | tail -n 20; exit 1
 }
 
-run_pipeline demo run1
-[ -n "$PICTURE" ] || PICTURE=$(find "$OUT/run1" -path '*benign*' -name '*.png' ! -name '*mask*' | head -n 1)
+run_pipeline run1 1
+if [ -z "$PICTURE" ]; then
+  PICTURE=$(find "${DATA:-$OUT/run1}" -path '*benign*' -name '*.png' ! -name '*mask*' -print -quit)
+fi
 say "m2snet promote $MODEL 1"
 "$M2SNET" promote "$MODEL" 1 || true  # the pipeline's own promote step may have moved it already
 
@@ -59,18 +74,26 @@ serve() {  # a new container each time, as a rollout restart makes a new pod
   -e M2SNET_MAX_REQUEST_PIXELS=100000000 -e M2SNET_MAX_CONCURRENT_PREDICTIONS=1 \
   "$IMAGE" m2snet serve "--model=models:/$MODEL@production" --host=0.0.0.0 "--port=$PORT" --workers=1 >/dev/null
 }
-serve; wait_ready; ask
-say "noise: a random image to the same endpoint"
-PICTURE_SAVED=$PICTURE PICTURE=$OUT/noise.png
-.venv/bin/python -c "import numpy as np; from PIL import Image; Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save('$PICTURE')"
-ask; PICTURE=$PICTURE_SAVED
+ask_all() {  # the in-distribution picture, then what the guard should flag
+  echo "# $PICTURE"; ask
+  local saved=$PICTURE
+  if [ -n "$OOD" ]; then PICTURE=$OOD; echo "# another domain: $OOD"; ask; fi
+  PICTURE=$OUT/noise.png; echo "# uniform noise"; ask
+  PICTURE=$saved
+}
+.venv/bin/python -c "import numpy as np; from PIL import Image; Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save('$OUT/noise.png')"
+serve; wait_ready; ask_all
 
-run_pipeline tiny run2
+run_pipeline run2 2
 say "m2snet promote $MODEL 2 --force"
 "$M2SNET" promote "$MODEL" 2 --force
+say "curl (the running server, before the restart: it resolved the alias at start)"
+ask
 say "$ENGINE rm -f m2snet-serve-e2e; $ENGINE run ... (the same)   # kubectl rollout restart deployment/m2snet-serve"
-serve; wait_ready; ask
+serve; wait_ready; ask_all
 say "m2snet rollback $MODEL"
 "$M2SNET" rollback "$MODEL"
 say "$ENGINE rm -f m2snet-serve-e2e; $ENGINE run ... (the same)"
 serve; wait_ready; ask
+say "the registry's description of version 1 (the input guard's measured rates)"
+.venv/bin/python -c "from mlflow import MlflowClient; print(MlflowClient().get_model_version('$MODEL', '1').description)"
