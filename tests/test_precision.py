@@ -211,7 +211,8 @@ def test_every_precision_scores_the_input_guard_from_its_own_forward_pass(export
         assert (scores > 1).tolist() == (expected > 1).tolist()
 
 
-def test_an_export_without_guard_features_is_served_unguarded_and_says_so(exports, guard, tmp_path) -> None:
+def test_an_export_without_guard_features_is_served_unguarded_and_says_so(exports, fold, guard, tmp_path,
+                                                                        monkeypatch, caplog) -> None:
     """An ONNX file from before the feature outputs: attaching the guard is refused by name (the pyfunc then
     serves the masks and logs one warning), never a silent wrong score."""
     from m2snet.errors import M2SNetError
@@ -226,3 +227,25 @@ def test_an_export_without_guard_features_is_served_unguarded_and_says_so(export
     with pytest.raises(M2SNetError, match=r"old\.onnx: exported without the guard's feature outputs"):
         predictor.attach_guard(guard)
     assert predictor.guard is None and len(predictor.predict_proba([np.zeros((8, 8, 3), np.uint8)])) == 1
+    assert not predictor.guardable
+    # The pyfunc serves it, without ood columns, and says why once; a bad guard file is still an error.
+    import mlflow
+    import pandas as pd
+
+    from m2snet.mlops.pyfunc_io import encode_image
+    from m2snet.mlops.pyfunc_logging import log_segmentation_model
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run():
+            info = log_segmentation_model([fold[2]], name="model", export=tmp_path / "old.onnx",
+                                          guard=guard.save(tmp_path / "guard.safetensors"))
+        (tmp_path / "served").mkdir()
+        with caplog.at_level("WARNING", logger="m2snet.mlops.pyfunc"):
+            served = mlflow.pyfunc.load_model(info.model_uri, dst_path=str(tmp_path / "served"))
+        out = served.predict(pd.DataFrame({"image": [encode_image(np.zeros((8, 8, 3), np.uint8))]}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert "ood_score" not in out.columns
+    assert [r.getMessage() for r in caplog.records if "input guard not applied" in r.getMessage()], caplog.text

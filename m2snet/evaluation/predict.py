@@ -53,6 +53,10 @@ class Predictor:
         self.guard = None  # an InputGuard (m2snet.evaluation.guard): set by attach_guard
         self._taps: list = []
 
+    # Whether this predictor can score an input guard (an ONNX file exported before the guard's feature
+    # outputs cannot).
+    guardable = True
+
     def attach_guard(self, guard) -> None:
         """Score every image against ``guard`` from the features of the prediction's own forward pass."""
         if len(guard.members) != len(self.models):

@@ -284,10 +284,14 @@ class OnnxPredictor(Predictor):
         # Files exported before the guard features existed have none: such a model is served unguarded.
         self.features = meta.get("guard_features") or {"levels": [], "outputs": []}
 
+    @property
+    def guardable(self) -> bool:
+        return bool(self.features["outputs"])
+
     def attach_guard(self, guard) -> None:
         """Score every image against ``guard`` from the graph's feature outputs (the same forward pass)."""
         outputs = list(self.features["outputs"])
-        if not outputs:
+        if not self.guardable:
             raise M2SNetError(f"{self.path}: exported without the guard's feature outputs (an older export); "
                               "export it again to serve it guarded")
         if tuple(guard.levels) != tuple(self.features["levels"]) or len(guard.members) != len(outputs):
@@ -298,9 +302,9 @@ class OnnxPredictor(Predictor):
         self._taps = [FeatureBuffer() for _ in outputs]
 
     def ensemble_probs(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._taps:
-            return torch.from_numpy(self.session.run([OUTPUT], {INPUT: x.cpu().numpy()})[0])
-        prob, *features = self.session.run([OUTPUT, *self.features["outputs"]], {INPUT: x.cpu().numpy()})
+        # The feature outputs are asked for (and computed) only while a guard is attached.
+        names = [OUTPUT, *(self.features["outputs"] if self._taps else [])]
+        prob, *features = self.session.run(names, {INPUT: x.cpu().numpy()})
         for tap, batch in zip(self._taps, features):
             tap.batches.append(batch.astype(np.float32, copy=False))
         return torch.from_numpy(prob)

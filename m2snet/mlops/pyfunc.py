@@ -119,10 +119,14 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         if guard:
             from m2snet.evaluation.guard import InputGuard
 
-            try:
-                self.predictor.attach_guard(InputGuard.load(guard))
-            except M2SNetError as err:  # an export older than the guard's feature outputs: served, said once
-                log.warning("input guard not applied: %s (or set %s=torch)", err, BACKEND_ENV)
+            # A bad guard file or one for another ensemble is an error, as before; only an export older than the
+            # guard's feature outputs is served unguarded, said once.
+            input_guard = InputGuard.load(guard)
+            if self.predictor.guardable:
+                self.predictor.attach_guard(input_guard)
+            else:
+                log.warning("input guard not applied: %s was exported without the guard's feature outputs (an "
+                            "older export); export it again, or set %s=torch", exported, BACKEND_ENV)
 
     # The annotation tells MLflow the input is a DataFrame, a type it infers no schema from: it validates
     # nothing more (the signature logged with the model does that) and no longer warns, in colour, on every
